@@ -1,0 +1,342 @@
+//! Types, map names, limits and flag bits shared by the BPF programs and the loader.
+//!
+//! Everything here is `#[repr(C)]` without implicit padding so that both sides read the
+//! same bytes (explicit `_pad` fields, `u32` flags instead of `bool`).
+#![no_std]
+
+use bytemuck::{Pod, Zeroable};
+
+/// Map names as they appear in the object file, in `bpftool map` and under the pin dir.
+pub mod maps {
+    /// `Config` at index 0: what the policy switched on.
+    pub const CONFIG: &str = "CONFIG";
+    /// Exact IPv4 whitelist addresses (hash: flat cost at 1M entries).
+    pub const WL_V4: &str = "WL_V4";
+    /// IPv4 whitelist CIDRs (LPM trie); /32s live in `WL_V4`.
+    pub const WL_V4_LPM: &str = "WL_V4_LPM";
+    /// Exact IPv6 whitelist addresses.
+    pub const WL_V6: &str = "WL_V6";
+    /// IPv6 whitelist CIDRs; /128s live in `WL_V6`.
+    pub const WL_V6_LPM: &str = "WL_V6_LPM";
+    /// Connections seen leaving an attached interface, in their original direction.
+    pub const CONNTRACK: &str = "CONNTRACK";
+    /// Fragments of an admitted datagram whose first fragment passed conntrack.
+    pub const FRAGS: &str = "FRAGS";
+    /// Per-CPU packet/byte counters indexed by `Reason`.
+    pub const COUNTERS: &str = "COUNTERS";
+    /// Per-CPU counters of the log path, indexed by `LogStat`.
+    pub const LOG_STATS: &str = "LOG_STATS";
+    /// Per-CPU token bucket of the log rate limit.
+    pub const LOG_BUCKET: &str = "LOG_BUCKET";
+    /// Ring buffer of `LogEvent`s read by `trace`.
+    pub const EVENTS: &str = "EVENTS";
+
+    /// Every map the loader pins, in the order `status` reports them.
+    pub const ALL: &[&str] = &[
+        CONFIG, WL_V4, WL_V4_LPM, WL_V6, WL_V6_LPM, CONNTRACK, FRAGS, COUNTERS, LOG_STATS,
+        LOG_BUCKET, EVENTS,
+    ];
+}
+
+/// Program names in the object file.
+pub mod progs {
+    pub const XDP_INGRESS: &str = "isolation_xdp";
+    pub const TC_EGRESS: &str = "isolation_tc_egress";
+}
+
+/// Map sizes. The policy validator refuses a policy that would not fit.
+pub mod limits {
+    /// Exact addresses per family (hash maps, allocated on demand).
+    pub const WL_EXACT: u32 = 1 << 21;
+    /// CIDRs per family (LPM tries are always allocated on demand).
+    pub const WL_LPM: u32 = 1 << 20;
+    pub const CONNTRACK: u32 = 1 << 18;
+    pub const FRAGS: u32 = 1 << 14;
+    /// Bytes of the trace ring buffer (a power of two, a multiple of the page size).
+    pub const EVENTS_BYTES: u32 = 1 << 20;
+    /// Bound on the IPv6 extension headers walked before giving up on the L4 header.
+    pub const IPV6_EXT_HEADERS: u32 = 6;
+}
+
+/// Timeouts and the log rate limit, in nanoseconds of `bpf_ktime_get_ns`.
+pub mod timing {
+    pub const NS: u64 = 1_000_000_000;
+    /// As the kernel's conntrack for an established TCP connection.
+    pub const TCP_TIMEOUT_NS: u64 = 432_000 * NS;
+    pub const UDP_TIMEOUT_NS: u64 = 180 * NS;
+    pub const OTHER_TIMEOUT_NS: u64 = 60 * NS;
+    pub const ICMP_TIMEOUT_NS: u64 = 30 * NS;
+    pub const FRAG_TIMEOUT_NS: u64 = 30 * NS;
+    /// The egress path rewrites `last_seen` at most this often per flow (saves writes).
+    pub const REFRESH_NS: u64 = NS;
+    /// Log events per second per CPU, and the burst.
+    pub const LOG_RATE_PER_SEC: u64 = 20;
+    pub const LOG_BURST: u64 = 100;
+}
+
+/// Bits of `Config::flags`.
+pub mod flags {
+    /// The whitelist is enforced; off, every IP packet goes on to isolation.
+    pub const WHITELIST_ENABLED: u32 = 1 << 0;
+    /// Log whitelist drops to the event ring buffer.
+    pub const LOG: u32 = 1 << 1;
+}
+
+/// Written by the loader at index 0 of `CONFIG`. A zeroed config (before any policy
+/// is applied) lets everything through, so attaching can never lock anyone out.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable, PartialEq, Eq)]
+pub struct Config {
+    pub flags: u32,
+    /// Bumped by every policy change; shown by `status`.
+    pub generation: u32,
+}
+
+/// Value of the whitelist maps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable, PartialEq, Eq)]
+pub struct WlEntry {
+    pub flags: u32,
+}
+
+/// LPM-trie key layout, identical to `bpf_lpm_trie_key`: prefix length first, then the
+/// address in network byte order. Written out here so userspace can build keys without aya.
+#[repr(C, packed)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub struct LpmKeyV4 {
+    pub prefix_len: u32,
+    pub addr: [u8; 4],
+}
+
+#[repr(C, packed)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub struct LpmKeyV6 {
+    pub prefix_len: u32,
+    pub addr: [u8; 16],
+}
+
+pub const AF_INET: u8 = 4;
+pub const AF_INET6: u8 = 6;
+
+/// A connection in its original direction: `src`/`sport` are the side that sent the first
+/// packet out of an attached interface. IPv4 addresses use the first 4 bytes, the rest zero.
+/// For ICMP echo, `sport` is the identifier of a request and `dport` 0 (a reply carries
+/// them swapped), so reversing a reply's key finds the request.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Network byte order, as on the wire.
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Where a flow entry came from.
+pub mod flow_origin {
+    /// Seen by the TC egress program.
+    pub const EGRESS: u32 = 1;
+    /// Seeded by `load` from the kernel's socket table (connections open before load).
+    pub const SEEDED: u32 = 2;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable, PartialEq, Eq)]
+pub struct FlowValue {
+    pub last_seen_ns: u64,
+    pub origin: u32,
+    pub _pad: u32,
+}
+
+/// Fragments: (src, dst, IP id, proto) of a datagram whose first fragment was admitted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub id: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Why a packet got its verdict. Append-only: the counters, `trace`, `stats --json` and the
+/// metrics index by these numbers, so a retired reason keeps its number forever.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Not IPv4/IPv6 (ARP, LLDP, ...): never filtered.
+    PassNonIp = 0,
+    /// ICMPv6 neighbour discovery / MLD: never filtered.
+    PassNeighbour = 1,
+    /// The whitelist is disabled.
+    PassWhitelistOff = 2,
+    /// Source address in the whitelist.
+    PassWhitelist = 3,
+    /// Reply of a connection seen leaving (or seeded at load).
+    PassEstablished = 4,
+    /// ICMP error about a connection seen leaving.
+    PassRelated = 5,
+    /// Later fragment of an admitted datagram.
+    PassFragment = 6,
+    /// Source not whitelisted and no connection: dropped.
+    DropNotWhitelisted = 7,
+    /// An IP header too short or inconsistent to read a source from: dropped.
+    DropMalformed = 8,
+    /// More VLAN tags than the parser reads: dropped rather than guessed.
+    DropTooManyVlans = 9,
+    /// Egress: packet recorded in (or refreshed) the connection table.
+    EgressTracked = 10,
+    /// Egress: packet not tracked (non-IP, TCP RST, unparsable).
+    EgressIgnored = 11,
+}
+
+impl Reason {
+    pub const COUNT: u32 = 12;
+    pub const ALL: [Reason; Self::COUNT as usize] = [
+        Reason::PassNonIp,
+        Reason::PassNeighbour,
+        Reason::PassWhitelistOff,
+        Reason::PassWhitelist,
+        Reason::PassEstablished,
+        Reason::PassRelated,
+        Reason::PassFragment,
+        Reason::DropNotWhitelisted,
+        Reason::DropMalformed,
+        Reason::DropTooManyVlans,
+        Reason::EgressTracked,
+        Reason::EgressIgnored,
+    ];
+
+    pub fn from_u32(v: u32) -> Option<Reason> {
+        Self::ALL.get(v as usize).copied()
+    }
+
+    /// Short stable name used by `stats`, `trace` and the metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::PassNonIp => "non-ip",
+            Reason::PassNeighbour => "neighbour-discovery",
+            Reason::PassWhitelistOff => "whitelist-off",
+            Reason::PassWhitelist => "whitelisted",
+            Reason::PassEstablished => "established",
+            Reason::PassRelated => "related",
+            Reason::PassFragment => "fragment",
+            Reason::DropNotWhitelisted => "not-whitelisted",
+            Reason::DropMalformed => "malformed",
+            Reason::DropTooManyVlans => "too-many-vlans",
+            Reason::EgressTracked => "egress-tracked",
+            Reason::EgressIgnored => "egress-ignored",
+        }
+    }
+
+    pub const fn is_drop(self) -> bool {
+        matches!(
+            self,
+            Reason::DropNotWhitelisted | Reason::DropMalformed | Reason::DropTooManyVlans
+        )
+    }
+
+    pub const fn is_egress(self) -> bool {
+        matches!(self, Reason::EgressTracked | Reason::EgressIgnored)
+    }
+}
+
+/// Indexes of `LOG_STATS`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogStat {
+    /// Events written to the ring buffer.
+    Written = 0,
+    /// Events not written because of the rate limit.
+    Suppressed = 1,
+    /// Events lost because the ring buffer was full (the reader is slow or absent).
+    Lost = 2,
+}
+
+impl LogStat {
+    pub const COUNT: u32 = 3;
+}
+
+/// Token bucket state of the log rate limit, one per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct LogBucket {
+    pub tokens: u64,
+    pub last_ns: u64,
+}
+
+/// One logged packet, as `trace` prints it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable, PartialEq, Eq)]
+pub struct LogEvent {
+    pub ts_ns: u64,
+    pub ifindex: u32,
+    pub reason: u32,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Host byte order.
+    pub sport: u16,
+    pub dport: u16,
+    /// Length of the frame on the wire.
+    pub len: u16,
+    /// 802.1Q VLAN id, or 0.
+    pub vlan: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub ttl: u8,
+    /// TCP flags byte, or ICMP type.
+    pub tcp_flags: u8,
+    pub icmp_code: u8,
+    pub _pad: [u8; 3],
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for LpmKeyV4 {}
+    unsafe impl aya::Pod for LpmKeyV6 {}
+    unsafe impl aya::Pod for WlEntry {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for LogBucket {}
+    unsafe impl aya::Pod for LogEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        // Pod derive already refuses padding; these pin the sizes the BPF side assumes.
+        assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(size_of::<FragKey>(), 40);
+        assert_eq!(size_of::<LogEvent>(), 64);
+        assert_eq!(size_of::<LpmKeyV4>(), 8);
+        assert_eq!(size_of::<LpmKeyV6>(), 20);
+    }
+
+    #[test]
+    fn reasons_round_trip() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as u32, i as u32);
+            assert_eq!(Reason::from_u32(i as u32), Some(*r));
+        }
+        assert_eq!(Reason::from_u32(Reason::COUNT), None);
+    }
+}

@@ -1,0 +1,119 @@
+//! The isolation datapath. A packet's journey, top to bottom:
+//!
+//! XDP ingress: parse → non-IP / neighbour discovery pass → whitelist (exact hash, then
+//! CIDR trie) → reply of a flow that left us → ICMP error about one → later fragment of an
+//! admitted datagram → otherwise drop and log. Every exit is counted once, in `finish`.
+//!
+//! TC egress: parse → record the flow so its replies pass → always let the packet go.
+#![cfg_attr(target_arch = "bpf", no_std, no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod conntrack;
+#[cfg(target_arch = "bpf")]
+mod parse;
+#[cfg(target_arch = "bpf")]
+mod stats;
+#[cfg(target_arch = "bpf")]
+mod trace;
+#[cfg(target_arch = "bpf")]
+mod whitelist;
+
+#[cfg(target_arch = "bpf")]
+mod programs {
+    use aya_ebpf::{
+        bindings::xdp_action,
+        btf_maps::Array,
+        macros::{btf_map, classifier, xdp},
+        programs::{TcContext, XdpContext},
+    };
+    use isolation_common::{Config, Reason, flags};
+
+    use crate::{
+        conntrack,
+        parse::{self, Parsed},
+        stats, trace, whitelist,
+    };
+
+    /// The policy switches, at index 0. Zeroed until a policy is applied: all pass.
+    #[btf_map]
+    static CONFIG: Array<Config, 1> = Array::new();
+
+    /// TCX: hand the packet to the next program (or the stack) untouched.
+    const TCX_NEXT: i32 = -1;
+
+    #[xdp]
+    pub fn isolation_xdp(ctx: XdpContext) -> u32 {
+        let (start, end) = (ctx.data(), ctx.data_end());
+        let len = (end - start) as u64;
+        let reason = ingress_verdict(&ctx, start, end, len);
+        stats::count(reason, len);
+        if reason.is_drop() { xdp_action::XDP_DROP } else { xdp_action::XDP_PASS }
+    }
+
+    #[inline(always)]
+    fn ingress_verdict(ctx: &XdpContext, start: usize, end: usize, len: u64) -> Reason {
+        let cfg = match CONFIG.get(0) {
+            Some(c) => c.flags,
+            None => 0,
+        };
+        let enforce = cfg & flags::WHITELIST_ENABLED != 0;
+        let pkt = match parse::parse(start, end) {
+            Parsed::NonIp => return Reason::PassNonIp,
+            Parsed::Ip(pkt) => pkt,
+            _ if !enforce => return Reason::PassWhitelistOff,
+            Parsed::TooManyVlans => return Reason::DropTooManyVlans,
+            Parsed::Malformed => return Reason::DropMalformed,
+        };
+        if parse::is_neighbour_discovery(&pkt) {
+            return Reason::PassNeighbour;
+        }
+        if !enforce {
+            return Reason::PassWhitelistOff;
+        }
+        if whitelist::whitelisted(&pkt) {
+            return Reason::PassWhitelist;
+        }
+        if conntrack::is_reply(&pkt) {
+            conntrack::remember_fragment(&pkt);
+            return Reason::PassEstablished;
+        }
+        if conntrack::is_related(start, end, &pkt) {
+            return Reason::PassRelated;
+        }
+        if conntrack::is_admitted_fragment(&pkt) {
+            return Reason::PassFragment;
+        }
+        if cfg & flags::LOG != 0 {
+            let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+            trace::log(&pkt, Reason::DropNotWhitelisted as u32, ifindex, len);
+        }
+        Reason::DropNotWhitelisted
+    }
+
+    #[classifier]
+    pub fn isolation_tc_egress(ctx: TcContext) -> i32 {
+        let (start, end) = (ctx.data(), ctx.data_end());
+        let reason = match parse::parse(start, end) {
+            Parsed::Ip(pkt) if conntrack::track(&pkt) => Reason::EgressTracked,
+            _ => Reason::EgressIgnored,
+        };
+        stats::count(reason, ctx.len() as u64);
+        TCX_NEXT
+    }
+}
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
+
+/// Host builds (clippy, `cargo build --workspace`) get an empty binary; the real object is
+/// built for `bpfel-unknown-none` by `cargo xtask build-ebpf`.
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

@@ -1,0 +1,81 @@
+//! The LOG replacement: dropped packets go to a ring buffer of our own, behind a per-CPU
+//! token bucket, with counters of what was suppressed and what the full ring lost (aya-log
+//! would lose lines silently).
+
+use aya_ebpf::{
+    btf_maps::{PerCpuArray, RingBuf},
+    helpers::bpf_ktime_get_ns,
+    macros::btf_map,
+};
+use isolation_common::{LogBucket, LogEvent, LogStat, limits, timing};
+
+use crate::parse::Packet;
+
+/// Events for `trace`.
+#[btf_map]
+static EVENTS: RingBuf<LogEvent, { limits::EVENTS_BYTES as usize }> = RingBuf::new();
+
+/// Written / suppressed / lost, per CPU.
+#[btf_map]
+static LOG_STATS: PerCpuArray<u64, { LogStat::COUNT as usize }> = PerCpuArray::new();
+
+/// Token bucket per CPU: no lock, and a flood on one CPU cannot starve the others.
+#[btf_map]
+static LOG_BUCKET: PerCpuArray<LogBucket, 1> = PerCpuArray::new();
+
+#[inline(always)]
+fn bump(stat: LogStat) {
+    if let Some(c) = LOG_STATS.get_ptr_mut(stat as u32) {
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+fn take_token(now: u64) -> bool {
+    let Some(b) = LOG_BUCKET.get_ptr_mut(0) else {
+        return false;
+    };
+    let b = unsafe { &mut *b };
+    let refill = now.wrapping_sub(b.last_ns) / (timing::NS / timing::LOG_RATE_PER_SEC);
+    if refill > 0 {
+        b.tokens = core::cmp::min(b.tokens + refill, timing::LOG_BURST);
+        b.last_ns = now;
+    }
+    if b.tokens == 0 {
+        return false;
+    }
+    b.tokens -= 1;
+    true
+}
+
+#[inline(always)]
+pub fn log(pkt: &Packet, reason: u32, ifindex: u32, len: u64) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    if !take_token(now) {
+        bump(LogStat::Suppressed);
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve(0) else {
+        bump(LogStat::Lost);
+        return;
+    };
+    entry.write(LogEvent {
+        ts_ns: now,
+        ifindex,
+        reason,
+        src: pkt.src,
+        dst: pkt.dst,
+        sport: u16::from_be(pkt.sport),
+        dport: u16::from_be(pkt.dport),
+        len: len as u16,
+        vlan: pkt.vlan,
+        proto: pkt.proto,
+        family: pkt.family,
+        ttl: pkt.ttl,
+        tcp_flags: pkt.tcp_flags,
+        icmp_code: pkt.icmp_code,
+        _pad: [0; 3],
+    });
+    entry.submit(0);
+    bump(LogStat::Written);
+}

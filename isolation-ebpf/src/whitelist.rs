@@ -1,0 +1,45 @@
+//! Host whitelist: exact addresses in hashes (one lookup, flat cost at 1M entries), CIDRs in
+//! LPM tries. The exact hash is looked up first: it is the cheapest and decides most packets.
+
+use aya_ebpf::{
+    btf_maps::{HashMap, LpmTrie, lpm_trie::Key},
+    macros::btf_map,
+};
+use isolation_common::{AF_INET, WlEntry, limits};
+
+use crate::parse::Packet;
+
+const NO_PREALLOC: usize = 1;
+
+/// Exact IPv4 sources, key = address bytes in network order read as a u32.
+#[btf_map]
+static WL_V4: HashMap<u32, WlEntry, { limits::WL_EXACT as usize }, NO_PREALLOC> = HashMap::new();
+
+/// IPv4 CIDRs. LPM keys are (prefix length, address in network order); /32s go to `WL_V4`.
+#[btf_map]
+static WL_V4_LPM: LpmTrie<[u8; 4], WlEntry, { limits::WL_LPM as usize }> = LpmTrie::new();
+
+/// Exact IPv6 sources.
+#[btf_map]
+static WL_V6: HashMap<[u8; 16], WlEntry, { limits::WL_EXACT as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+/// IPv6 CIDRs; /128s go to `WL_V6`.
+#[btf_map]
+static WL_V6_LPM: LpmTrie<[u8; 16], WlEntry, { limits::WL_LPM as usize }> = LpmTrie::new();
+
+#[inline(always)]
+pub fn whitelisted(pkt: &Packet) -> bool {
+    if pkt.family == AF_INET {
+        let a = [pkt.src[0], pkt.src[1], pkt.src[2], pkt.src[3]];
+        if WL_V4.get_ptr(&u32::from_ne_bytes(a)).is_some() {
+            return true;
+        }
+        WL_V4_LPM.get(&Key::new(32, a)).is_some()
+    } else {
+        if WL_V6.get_ptr(&pkt.src).is_some() {
+            return true;
+        }
+        WL_V6_LPM.get(&Key::new(128, pkt.src)).is_some()
+    }
+}

@@ -1,0 +1,460 @@
+//! The eBPF backend: loads the embedded object, pins maps, programs and links under the
+//! pin dir (so the datapath outlives this process), and reads/writes the pinned maps.
+
+use std::{
+    collections::HashSet,
+    ffi::CString,
+    fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
+    programs::{
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+    },
+};
+use ipnet::IpNet;
+use isolation_common::{
+    Config, Counter, FlowKey, FlowValue, LogStat, Reason, WlEntry, flags, flow_origin, maps, progs,
+};
+
+use crate::{
+    policy::{Policy, Whitelist},
+    state::{IfaceState, Paths},
+};
+
+/// The BPF object, built by build.rs from `isolation-ebpf`.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/isolation-bpf"));
+
+/// FNV-1a of the object: tells whether the pinned datapath came from this build.
+pub fn object_hash() -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in OBJECT {
+        h = (h ^ *b as u64).wrapping_mul(0x100000001b3);
+    }
+    format!("{h:016x}")
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+fn is_bpffs(p: &Path) -> bool {
+    let Ok(c) = CString::new(p.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+}
+
+/// Creates the pin dir, mounting a bpffs on it if it is not on one already.
+pub fn ensure_pin_dir(paths: &Paths) -> Result<()> {
+    let dir = &paths.pin_dir;
+    fs::create_dir_all(dir).with_context(|| format!("cannot create pin dir {}", dir.display()))?;
+    if !is_bpffs(dir) {
+        let out = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(dir).output();
+        match out {
+            Ok(o) if o.status.success() && is_bpffs(dir) => {}
+            Ok(o) => bail!(
+                "{} is not on a BPF filesystem and mounting one failed: {}",
+                dir.display(),
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+            Err(e) => bail!("{} is not on a BPF filesystem and `mount` failed: {e}", dir.display()),
+        }
+    }
+    fs::create_dir_all(paths.links_dir())?;
+    Ok(())
+}
+
+/// Is a datapath pinned under this pin dir?
+pub fn is_loaded(paths: &Paths) -> bool {
+    paths.prog("xdp").exists() && paths.map(maps::CONFIG).exists()
+}
+
+/// Loads the object into the kernel and pins its maps and programs. Nothing is attached.
+pub fn load_and_pin(paths: &Paths) -> Result<()> {
+    let mut ebpf: Ebpf = EbpfLoader::new().load(OBJECT).map_err(|e| {
+        anyhow!("the kernel refused the isolation BPF object: {}", error_chain(&e))
+    })?;
+    let result = (|| -> Result<()> {
+        for name in maps::ALL {
+            let map = ebpf.map(name).ok_or_else(|| anyhow!("BPF object has no map {name}"))?;
+            map.pin(paths.map(name)).with_context(|| format!("cannot pin map {name}"))?;
+        }
+        let xdp: &mut Xdp = prog_mut(&mut ebpf, progs::XDP_INGRESS)?;
+        xdp.load().map_err(|e| anyhow!("the kernel refused the XDP program: {}", error_chain(&e)))?;
+        xdp.pin(paths.prog("xdp")).context("cannot pin the XDP program")?;
+        let tc: &mut SchedClassifier = prog_mut(&mut ebpf, progs::TC_EGRESS)?;
+        tc.load().map_err(|e| anyhow!("the kernel refused the TC program: {}", error_chain(&e)))?;
+        tc.pin(paths.prog("tc")).context("cannot pin the TC program")?;
+        Ok(())
+    })();
+    if result.is_err() {
+        remove_pins(paths);
+    }
+    result
+}
+
+fn prog_mut<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| anyhow!("BPF object has no program {name}"))?
+        .try_into()
+        .map_err(|e| anyhow!("program {name}: {e}"))
+}
+
+pub fn xdp_mode(mode: &str) -> XdpMode {
+    match mode {
+        "native" => XdpMode::Driver,
+        "skb" => XdpMode::Skb,
+        _ => XdpMode::Default,
+    }
+}
+
+/// What `ip -d link` says is attached at XDP on an interface: (program id, name, mode).
+pub fn attached_xdp(iface: &str) -> Result<Option<(u32, String, String)>> {
+    let out = Command::new("ip").args(["-j", "-d", "link", "show", "dev", iface]).output()
+        .context("cannot run `ip` (iproute2) to inspect the interface")?;
+    if !out.status.success() {
+        bail!("no interface named '{iface}' in this network namespace");
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("cannot parse `ip -j link` output")?;
+    let Some(xdp) = v.get(0).and_then(|l| l.get("xdp")) else {
+        return Ok(None);
+    };
+    let mode = match xdp.get("mode").and_then(|m| m.as_u64()) {
+        Some(1) => "native",
+        Some(2) => "skb",
+        Some(3) => "offload",
+        _ => "unknown",
+    };
+    let prog = xdp.get("prog").or_else(|| xdp.get("attached").and_then(|a| a.get(0)).and_then(|a| a.get("prog")));
+    Ok(prog.map(|p| {
+        let id = p.get("id").and_then(|i| i.as_u64()).unwrap_or(0) as u32;
+        let name = p.get("name").and_then(|n| n.as_str()).unwrap_or("").to_string();
+        (id, name, mode.to_string())
+    }))
+}
+
+pub fn pinned_xdp_id(paths: &Paths) -> Result<u32> {
+    let p = Xdp::from_pin(paths.prog("xdp"), aya_obj::programs::XdpAttachType::Interface)
+        .context("cannot open the pinned XDP program")?;
+    Ok(p.info()?.id())
+}
+
+pub fn pinned_tc_id(paths: &Paths) -> Result<u32> {
+    let p = SchedClassifier::from_pin(paths.prog("tc")).context("cannot open the pinned TC program")?;
+    Ok(p.info()?.id())
+}
+
+/// Is our XDP link for this interface pinned and still attached?
+pub fn is_attached(paths: &Paths, iface: &str) -> bool {
+    PinnedLink::from_pin(paths.link("xdp", iface)).is_ok()
+}
+
+/// Refuses an interface that carries an XDP program isolation did not attach: replacing
+/// someone's XDP program silently would remove their filter (or ours, later, theirs).
+pub fn check_foreign_xdp(paths: &Paths, iface: &str) -> Result<()> {
+    if let Some((id, name, _)) = attached_xdp(iface)? {
+        let ours = if is_loaded(paths) { pinned_xdp_id(paths).ok() } else { None };
+        if Some(id) != ours {
+            bail!(
+                "interface {iface} already has an XDP program that isolation did not attach \
+                 ({name}, id {id}); it was left in place. Remove it first \
+                 (e.g. `ip link set dev {iface} xdp off`) if isolation should replace it"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Attaches the pinned programs to an interface and pins the links.
+pub fn attach(paths: &Paths, iface: &IfaceState) -> Result<()> {
+    let mut xdp = Xdp::from_pin(paths.prog("xdp"), aya_obj::programs::XdpAttachType::Interface)?;
+    let id = xdp.attach(iface.ifindex, xdp_mode(&iface.mode)).map_err(|e| {
+        anyhow!("cannot attach XDP ({} mode) to {}: {}", iface.mode, iface.name, error_chain(&e))
+    })?;
+    let link = FdLink::try_from(xdp.take_link(id)?).context("XDP attached without a BPF link")?;
+    link.pin(paths.link("xdp", &iface.name)).context("cannot pin the XDP link")?;
+
+    let mut tc = SchedClassifier::from_pin(paths.prog("tc"))?;
+    let res = (|| -> Result<()> {
+        let id = tc.attach(iface.ifindex, TcAttachType::Egress).map_err(|e| {
+            anyhow!("cannot attach TC egress to {}: {}", iface.name, error_chain(&e))
+        })?;
+        let link = FdLink::try_from(tc.take_link(id)?).context("TC attached without a BPF link")?;
+        link.pin(paths.link("tc", &iface.name)).context("cannot pin the TC link")?;
+        Ok(())
+    })();
+    if res.is_err() {
+        detach(paths, &iface.name);
+    }
+    res
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// Removing a link's pin drops the last reference: the program detaches.
+pub fn detach(paths: &Paths, iface: &str) -> Vec<String> {
+    let mut errs = Vec::new();
+    for kind in ["xdp", "tc"] {
+        let p = paths.link(kind, iface);
+        if let Err(e) = fs::remove_file(&p)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            errs.push(format!("cannot remove {}: {e}", p.display()));
+        }
+    }
+    errs
+}
+
+/// Removes every pin (links first, so programs detach), going on past errors.
+pub fn remove_pins(paths: &Paths) -> Vec<String> {
+    let mut errs = Vec::new();
+    if let Ok(rd) = fs::read_dir(paths.links_dir()) {
+        for e in rd.flatten() {
+            if let Err(err) = fs::remove_file(e.path()) {
+                errs.push(format!("cannot remove {}: {err}", e.path().display()));
+            }
+        }
+    }
+    let _ = fs::remove_dir(paths.links_dir());
+    let mut files: Vec<_> = maps::ALL.iter().map(|m| paths.map(m)).collect();
+    files.push(paths.prog("xdp"));
+    files.push(paths.prog("tc"));
+    for f in files {
+        if let Err(e) = fs::remove_file(&f)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            errs.push(format!("cannot remove {}: {e}", f.display()));
+        }
+    }
+    errs
+}
+
+pub fn open_map(paths: &Paths, name: &str) -> Result<Map> {
+    let p = paths.map(name);
+    let data = MapData::from_pin(&p).with_context(|| {
+        format!("no isolation datapath pinned at {} (run `isolation-user load` first)", paths.pin_dir.display())
+    })?;
+    Ok(Map::from_map_data(data)?)
+}
+
+pub fn write_config(paths: &Paths, cfg: &Config) -> Result<()> {
+    let mut a: Array<MapData, Config> = open_map(paths, maps::CONFIG)?.try_into()?;
+    a.set(0, cfg, 0)?;
+    Ok(())
+}
+
+pub fn read_config(paths: &Paths) -> Result<Config> {
+    let a: Array<MapData, Config> = open_map(paths, maps::CONFIG)?.try_into()?;
+    Ok(a.get(&0, 0)?)
+}
+
+pub fn config_for(policy: &Policy, generation: u32) -> Config {
+    let mut f = 0;
+    if policy.whitelist.enabled {
+        f |= flags::WHITELIST_ENABLED;
+    }
+    if policy.whitelist.log {
+        f |= flags::LOG;
+    }
+    Config { flags: f, generation }
+}
+
+/// Clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+pub fn seed_flows(paths: &Paths, flows: &[FlowKey]) -> Result<usize> {
+    let mut m: HashMap<MapData, FlowKey, FlowValue> = open_map(paths, maps::CONNTRACK)?.try_into()?;
+    let v = FlowValue { last_seen_ns: monotonic_ns(), origin: flow_origin::SEEDED, _pad: 0 };
+    let mut n = 0;
+    for k in flows {
+        m.insert(k, &v, 0)?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// The four whitelist maps, opened.
+pub struct WhitelistMaps {
+    v4: HashMap<MapData, u32, WlEntry>,
+    v4_lpm: LpmTrie<MapData, [u8; 4], WlEntry>,
+    v6: HashMap<MapData, [u8; 16], WlEntry>,
+    v6_lpm: LpmTrie<MapData, [u8; 16], WlEntry>,
+}
+
+impl WhitelistMaps {
+    pub fn open(paths: &Paths) -> Result<Self> {
+        Ok(WhitelistMaps {
+            v4: open_map(paths, maps::WL_V4)?.try_into()?,
+            v4_lpm: open_map(paths, maps::WL_V4_LPM)?.try_into()?,
+            v6: open_map(paths, maps::WL_V6)?.try_into()?,
+            v6_lpm: open_map(paths, maps::WL_V6_LPM)?.try_into()?,
+        })
+    }
+
+    /// Everything in the maps, as CIDRs (host routes for exact entries).
+    pub fn entries(&self) -> Result<Vec<IpNet>> {
+        let mut out = Vec::new();
+        for k in self.v4.keys() {
+            out.push(IpNet::from(IpAddr::V4(Ipv4Addr::from(k?.to_ne_bytes()))));
+        }
+        for k in self.v6.keys() {
+            out.push(IpNet::from(IpAddr::V6(Ipv6Addr::from(k?))));
+        }
+        for k in self.v4_lpm.keys() {
+            let k = k?;
+            out.push(IpNet::new(IpAddr::V4(Ipv4Addr::from(k.data())), k.prefix_len() as u8)?);
+        }
+        for k in self.v6_lpm.keys() {
+            let k = k?;
+            out.push(IpNet::new(IpAddr::V6(Ipv6Addr::from(k.data())), k.prefix_len() as u8)?);
+        }
+        Ok(out)
+    }
+
+    pub fn insert(&mut self, n: &IpNet) -> Result<()> {
+        let v = WlEntry::default();
+        let r = match n {
+            IpNet::V4(n) if n.prefix_len() == 32 => self.v4.insert(&u32::from_ne_bytes(n.addr().octets()), &v, 0),
+            IpNet::V4(n) => self.v4_lpm.insert(&Key::new(n.prefix_len() as u32, n.addr().octets()), &v, 0),
+            IpNet::V6(n) if n.prefix_len() == 128 => self.v6.insert(&n.addr().octets(), &v, 0),
+            IpNet::V6(n) => self.v6_lpm.insert(&Key::new(n.prefix_len() as u32, n.addr().octets()), &v, 0),
+        };
+        r.with_context(|| format!("cannot add {n} to the whitelist maps (full?)"))
+    }
+
+    pub fn remove(&mut self, n: &IpNet) -> Result<()> {
+        let r = match n {
+            IpNet::V4(n) if n.prefix_len() == 32 => self.v4.remove(&u32::from_ne_bytes(n.addr().octets())),
+            IpNet::V4(n) => self.v4_lpm.remove(&Key::new(n.prefix_len() as u32, n.addr().octets())),
+            IpNet::V6(n) if n.prefix_len() == 128 => self.v6.remove(&n.addr().octets()),
+            IpNet::V6(n) => self.v6_lpm.remove(&Key::new(n.prefix_len() as u32, n.addr().octets())),
+        };
+        match r {
+            Ok(()) => Ok(()),
+            // Already gone: removal is idempotent.
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("cannot remove {n} from the whitelist maps")),
+        }
+    }
+}
+
+/// Makes the maps hold exactly `wl.allow`: new entries are added before old ones are
+/// removed, so an address in both the old and the new whitelist is never dropped.
+pub fn sync_whitelist(paths: &Paths, wl: &Whitelist, mut progress: impl FnMut(u64)) -> Result<()> {
+    let mut m = WhitelistMaps::open(paths)?;
+    let current: HashSet<IpNet> = m.entries()?.into_iter().collect();
+    let wanted: HashSet<IpNet> = wl.allow.iter().copied().collect();
+    for n in &wl.allow {
+        if !current.contains(n) {
+            m.insert(n)?;
+        }
+        progress(1);
+    }
+    for n in current.difference(&wanted) {
+        m.remove(n)?;
+    }
+    Ok(())
+}
+
+/// Sums of the per-CPU counters, by reason.
+pub fn counters(paths: &Paths) -> Result<Vec<(Reason, Counter)>> {
+    let a: PerCpuArray<MapData, Counter> = open_map(paths, maps::COUNTERS)?.try_into()?;
+    let mut out = Vec::new();
+    for r in Reason::ALL {
+        let per_cpu = a.get(&(r as u32), 0)?;
+        let mut c = Counter::default();
+        for v in per_cpu.iter() {
+            c.packets += v.packets;
+            c.bytes += v.bytes;
+        }
+        out.push((r, c));
+    }
+    Ok(out)
+}
+
+/// Written / suppressed / lost log events.
+pub fn log_stats(paths: &Paths) -> Result<[u64; LogStat::COUNT as usize]> {
+    let a: PerCpuArray<MapData, u64> = open_map(paths, maps::LOG_STATS)?.try_into()?;
+    let mut out = [0u64; LogStat::COUNT as usize];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = a.get(&(i as u32), 0)?.iter().sum();
+    }
+    Ok(out)
+}
+
+/// Entries per map, and its capacity.
+pub fn fill_levels(paths: &Paths) -> Result<Vec<(&'static str, u64, u32)>> {
+    let mut out = Vec::new();
+    for name in [maps::WL_V4, maps::WL_V4_LPM, maps::WL_V6, maps::WL_V6_LPM, maps::CONNTRACK, maps::FRAGS] {
+        let p = paths.map(name);
+        let data = MapData::from_pin(&p)?;
+        let max = data.info()?.max_entries();
+        let fd = std::os::fd::AsFd::as_fd(data.fd());
+        let n = count_keys(fd, data.info()?.key_size())?;
+        out.push((name, n, max));
+    }
+    Ok(out)
+}
+
+fn count_keys(fd: std::os::fd::BorrowedFd<'_>, key_size: u32) -> Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    // BPF_MAP_GET_NEXT_KEY walks keys of any map type without knowing their Rust type.
+    #[repr(C)]
+    struct Attr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        next_key: u64,
+        _rest: [u64; 12],
+    }
+    let mut cur = vec![0u8; key_size as usize];
+    let mut next = vec![0u8; key_size as usize];
+    let mut first = true;
+    let mut n = 0;
+    loop {
+        let attr = Attr {
+            map_fd: fd.as_raw_fd() as u32,
+            _pad: 0,
+            key: if first { 0 } else { cur.as_ptr() as u64 },
+            next_key: next.as_mut_ptr() as u64,
+            _rest: [0; 12],
+        };
+        const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+        let r = unsafe {
+            libc::syscall(libc::SYS_bpf, BPF_MAP_GET_NEXT_KEY, &attr as *const Attr, std::mem::size_of::<Attr>())
+        };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENOENT) {
+                return Ok(n);
+            }
+            return Err(e).context("BPF_MAP_GET_NEXT_KEY");
+        }
+        n += 1;
+        first = false;
+        std::mem::swap(&mut cur, &mut next);
+    }
+}

@@ -1,0 +1,57 @@
+//! isolation-user: turns a policy file into map entries of the isolation XDP/TC datapath,
+//! loads and attaches it, and edits it live.
+
+pub mod commands;
+pub mod datapath;
+pub mod lockout;
+pub mod policy;
+pub mod seed;
+pub mod state;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::state::Paths;
+
+#[derive(Parser, Debug)]
+#[command(name = "isolation-user", version, about = "Host whitelist and virtual-network isolation in XDP/TC", long_about = None)]
+pub struct Cli {
+    /// Where BPF objects are pinned (a bpffs is mounted there if needed).
+    #[arg(long, global = true, env = "ISOLATION_PIN_DIR", default_value = state::DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// Where the live policy and bookkeeping are kept.
+    #[arg(long, global = true, env = "ISOLATION_STATE_DIR", default_value = state::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Load and attach the datapath (XDP ingress + TC egress) and apply a policy. Idempotent.
+    Load(commands::load::LoadArgs),
+    /// Detach and remove everything `load` created.
+    Unload(commands::load::UnloadArgs),
+    /// Backend, interfaces, attach mode, program ids, policy generation, map fill levels.
+    Status(commands::status::StatusArgs),
+    /// Live edits of the host whitelist.
+    #[command(subcommand)]
+    Whitelist(commands::whitelist::WhitelistCmd),
+    /// Packets and bytes per verdict reason, like `iptables -L -v -n`.
+    Stats(commands::stats::StatsArgs),
+    /// Stream logged drops as they happen, like iptables LOG lines.
+    Trace(commands::trace::TraceArgs),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let paths = Paths { pin_dir: cli.pin_dir, state_dir: cli.state_dir };
+    match cli.command {
+        Cmd::Load(a) => commands::load::load(&paths, a),
+        Cmd::Unload(a) => commands::load::unload(&paths, a),
+        Cmd::Status(a) => commands::status::run(&paths, a),
+        Cmd::Whitelist(c) => commands::whitelist::run(&paths, c),
+        Cmd::Stats(a) => commands::stats::run(&paths, a),
+        Cmd::Trace(a) => commands::trace::run(&paths, a),
+    }
+}

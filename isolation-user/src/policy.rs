@@ -1,0 +1,519 @@
+//! The policy file (PRODUCT.md): parsing and validation, pure and without I/O.
+//!
+//! A policy is refused whole on its first error, which names the file, the line and the
+//! reason; nothing is applied from a policy that did not validate.
+
+use std::{collections::BTreeMap, fmt, net::IpAddr, str::FromStr};
+
+use ipnet::IpNet;
+use isolation_common::limits;
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{file}:{line}: {reason}")]
+pub struct PolicyError {
+    pub file: String,
+    pub line: usize,
+    pub reason: String,
+}
+
+/// What a denied packet gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DefaultAction {
+    #[default]
+    Accept,
+    Deny,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Network(String),
+    Cidr(IpNet),
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Network(n) => f.write_str(n),
+            Endpoint::Cidr(c) => write!(f, "{c}"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortSpec {
+    Tcp(u16, u16),
+    Udp(u16, u16),
+    Icmp,
+}
+
+impl fmt::Display for PortSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (proto, lo, hi) = match *self {
+            PortSpec::Icmp => return f.write_str("icmp"),
+            PortSpec::Tcp(lo, hi) => ("tcp", lo, hi),
+            PortSpec::Udp(lo, hi) => ("udp", lo, hi),
+        };
+        if lo == hi { write!(f, "{proto}:{lo}") } else { write!(f, "{proto}:{lo}-{hi}") }
+    }
+}
+
+impl FromStr for PortSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("bad port '{s}': expected tcp:80, udp:53, tcp:8000-8100 or icmp");
+        if s == "icmp" {
+            return Ok(PortSpec::Icmp);
+        }
+        let (proto, range) = s.split_once(':').ok_or_else(bad)?;
+        let (lo, hi) = match range.split_once('-') {
+            Some((a, b)) => (a, b),
+            None => (range, range),
+        };
+        let port = |p: &str| p.parse::<u16>().ok().filter(|&p| p != 0);
+        let (lo, hi) = (port(lo).ok_or_else(bad)?, port(hi).ok_or_else(bad)?);
+        if lo > hi {
+            return Err(format!("bad port range '{s}': {lo} is above {hi}"));
+        }
+        match proto {
+            "tcp" => Ok(PortSpec::Tcp(lo, hi)),
+            "udp" => Ok(PortSpec::Udp(lo, hi)),
+            _ => Err(bad()),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AllowRule {
+    pub from: Endpoint,
+    pub to: Endpoint,
+    /// Empty: any protocol and port.
+    pub ports: Vec<PortSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExceptRule {
+    pub from: Endpoint,
+    pub to: Endpoint,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Isolation {
+    pub default: DefaultAction,
+    pub reject: bool,
+    pub vxlan_ports: Vec<u16>,
+    pub allow: Vec<AllowRule>,
+    pub except: Vec<ExceptRule>,
+}
+
+impl Default for Isolation {
+    fn default() -> Self {
+        Isolation {
+            default: DefaultAction::Accept,
+            reject: true,
+            vxlan_ports: vec![],
+            allow: vec![],
+            except: vec![],
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Whitelist {
+    pub enabled: bool,
+    pub log: bool,
+    pub allow: Vec<IpNet>,
+}
+
+/// A validated policy. `Policy::default()` is the built-in allow-all.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    pub isolation: Isolation,
+    pub networks: BTreeMap<String, Vec<IpNet>>,
+    pub whitelist: Whitelist,
+}
+
+// --- the file as written, with spans for error lines ---
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    isolation: Option<Spanned<RawIsolation>>,
+    #[serde(default)]
+    networks: BTreeMap<Spanned<String>, Spanned<RawNetwork>>,
+    whitelist: Option<Spanned<RawWhitelist>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIsolation {
+    default: Option<Spanned<String>>,
+    reject: Option<bool>,
+    #[serde(default)]
+    vxlan_ports: Vec<Spanned<i64>>,
+    #[serde(default)]
+    allow: Vec<Spanned<RawRule>>,
+    #[serde(default)]
+    except: Vec<Spanned<RawRule>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    from: Spanned<String>,
+    to: Spanned<String>,
+    ports: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    subnets: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWhitelist {
+    enabled: Option<bool>,
+    log: Option<bool>,
+    #[serde(default)]
+    allow: Vec<Spanned<String>>,
+}
+
+/// Parses an address ("203.0.113.7", a host route) or a CIDR ("192.0.2.0/24"). A CIDR with
+/// host bits set is refused: "192.0.2.5/24" is more likely a typo than a wish for the /24.
+pub fn parse_net(s: &str) -> Result<IpNet, String> {
+    let s = s.trim();
+    if let Ok(a) = IpAddr::from_str(s) {
+        return Ok(IpNet::from(a));
+    }
+    let net = IpNet::from_str(s).map_err(|_| format!("'{s}' is not an IP address or CIDR"))?;
+    if net.trunc() != net {
+        return Err(format!(
+            "'{s}' has host bits set beyond its /{}: did you mean {}?",
+            net.prefix_len(),
+            net.trunc()
+        ));
+    }
+    Ok(net)
+}
+
+const RESERVED_PREFIXES: [&str; 2] = ["dcos-", "mesos-"];
+/// Network names become ipset names in the iptables backend, which allows 31 bytes.
+const MAX_NAME_LEN: usize = 24;
+
+fn check_network_name(name: &str) -> Result<(), String> {
+    if let Some(p) = RESERVED_PREFIXES.iter().find(|p| name.starts_with(*p)) {
+        return Err(format!("network name '{name}' is reserved (names beginning with '{p}' belong to DC/OS)"));
+    }
+    if name.is_empty()
+        || name.len() > MAX_NAME_LEN
+        || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(format!(
+            "bad network name '{name}': use 1 to {MAX_NAME_LEN} letters, digits, '-' or '_'"
+        ));
+    }
+    Ok(())
+}
+
+struct Ctx<'a> {
+    file: &'a str,
+    text: &'a str,
+}
+
+impl Ctx<'_> {
+    fn line(&self, offset: usize) -> usize {
+        self.text[..offset.min(self.text.len())].matches('\n').count() + 1
+    }
+    fn err<T>(&self, span: std::ops::Range<usize>, reason: impl Into<String>) -> Result<T, PolicyError> {
+        Err(PolicyError { file: self.file.to_string(), line: self.line(span.start), reason: reason.into() })
+    }
+}
+
+/// Parses and validates a policy file's text. `file` is only used in error messages.
+pub fn parse(file: &str, text: &str) -> Result<Policy, PolicyError> {
+    let cx = Ctx { file, text };
+    let raw: RawPolicy = toml::from_str(text).map_err(|e| {
+        let line = e.span().map(|s| cx.line(s.start)).unwrap_or(1);
+        PolicyError { file: file.to_string(), line, reason: e.message().trim().to_string() }
+    })?;
+
+    let mut policy = Policy::default();
+
+    for (name, net) in &raw.networks {
+        if let Err(reason) = check_network_name(name.get_ref()) {
+            return cx.err(name.span(), reason);
+        }
+        let mut subnets = Vec::new();
+        for s in &net.get_ref().subnets {
+            match parse_net(s.get_ref()) {
+                Ok(n) => subnets.push(n),
+                Err(reason) => return cx.err(s.span(), format!("network '{}': {reason}", name.get_ref())),
+            }
+        }
+        if subnets.is_empty() {
+            return cx.err(net.span(), format!("network '{}' has no subnets", name.get_ref()));
+        }
+        policy.networks.insert(name.get_ref().clone(), subnets);
+    }
+
+    let endpoint = |s: &Spanned<String>| -> Result<Endpoint, PolicyError> {
+        let v = s.get_ref().trim();
+        if v.contains('/') || v.parse::<IpAddr>().is_ok() {
+            return parse_net(v).map(Endpoint::Cidr).or_else(|r| cx.err(s.span(), r));
+        }
+        if policy.networks.contains_key(v) {
+            Ok(Endpoint::Network(v.to_string()))
+        } else if RESERVED_PREFIXES.iter().any(|p| v.starts_with(p)) {
+            cx.err(s.span(), format!("network name '{v}' is reserved"))
+        } else {
+            cx.err(s.span(), format!("unknown network '{v}' (not a [networks.{v}] section, nor a CIDR)"))
+        }
+    };
+
+    if let Some(iso) = &raw.isolation {
+        let iso = iso.get_ref();
+        let mut out = Isolation { default: DefaultAction::Deny, ..Isolation::default() };
+        if let Some(d) = &iso.default {
+            out.default = match d.get_ref().as_str() {
+                "deny" => DefaultAction::Deny,
+                "accept" => DefaultAction::Accept,
+                other => return cx.err(d.span(), format!("default = \"{other}\": expected \"deny\" or \"accept\"")),
+            };
+        }
+        out.reject = iso.reject.unwrap_or(true);
+        for p in &iso.vxlan_ports {
+            match u16::try_from(*p.get_ref()) {
+                Ok(v) if v != 0 => out.vxlan_ports.push(v),
+                _ => return cx.err(p.span(), format!("bad vxlan port {}: expected 1 to 65535", p.get_ref())),
+            }
+        }
+        for r in &iso.allow {
+            let r = r.get_ref();
+            let mut ports = Vec::new();
+            for p in r.ports.iter().flatten() {
+                ports.push(p.get_ref().parse::<PortSpec>().or_else(|e| cx.err(p.span(), e))?);
+            }
+            out.allow.push(AllowRule { from: endpoint(&r.from)?, to: endpoint(&r.to)?, ports });
+        }
+        for r in &iso.except {
+            let rr = r.get_ref();
+            if let Some(p) = rr.ports.as_ref().and_then(|p| p.first()) {
+                return cx.err(p.span(), "an except entry takes no ports: it exempts the whole pair");
+            }
+            out.except.push(ExceptRule { from: endpoint(&rr.from)?, to: endpoint(&rr.to)? });
+        }
+        policy.isolation = out;
+    }
+
+    if let Some(wl) = &raw.whitelist {
+        let span = wl.span();
+        let wl = wl.get_ref();
+        // A [whitelist] section is meant to be enforced unless it says otherwise.
+        policy.whitelist.enabled = wl.enabled.unwrap_or(true);
+        policy.whitelist.log = wl.log.unwrap_or(true);
+        let mut seen = std::collections::HashSet::new();
+        for a in &wl.allow {
+            let net = parse_net(a.get_ref()).or_else(|r| cx.err(a.span(), format!("whitelist: {r}")))?;
+            if seen.insert(net) {
+                policy.whitelist.allow.push(net);
+            }
+        }
+        let sizes = WhitelistSizes::of(&policy.whitelist.allow);
+        if let Err(reason) = sizes.check() {
+            return cx.err(span, reason);
+        }
+    }
+    Ok(policy)
+}
+
+/// How many entries a whitelist puts in each map.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WhitelistSizes {
+    pub exact_v4: usize,
+    pub lpm_v4: usize,
+    pub exact_v6: usize,
+    pub lpm_v6: usize,
+}
+
+impl WhitelistSizes {
+    pub fn of<'a>(nets: impl IntoIterator<Item = &'a IpNet>) -> Self {
+        let mut s = WhitelistSizes::default();
+        for n in nets {
+            match n {
+                IpNet::V4(n) if n.prefix_len() == 32 => s.exact_v4 += 1,
+                IpNet::V4(_) => s.lpm_v4 += 1,
+                IpNet::V6(n) if n.prefix_len() == 128 => s.exact_v6 += 1,
+                IpNet::V6(_) => s.lpm_v6 += 1,
+            }
+        }
+        s
+    }
+
+    pub fn check(&self) -> Result<(), String> {
+        let (e, l) = (limits::WL_EXACT as usize, limits::WL_LPM as usize);
+        for (n, max, what) in [
+            (self.exact_v4, e, "IPv4 addresses"),
+            (self.lpm_v4, l, "IPv4 CIDRs"),
+            (self.exact_v6, e, "IPv6 addresses"),
+            (self.lpm_v6, l, "IPv6 CIDRs"),
+        ] {
+            if n > max {
+                return Err(format!("whitelist has {n} {what}; the maps hold at most {max}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn quote(s: impl fmt::Display) -> String {
+    format!("\"{s}\"")
+}
+
+fn list(items: impl IntoIterator<Item = String>) -> String {
+    format!("[{}]", items.into_iter().collect::<Vec<_>>().join(", "))
+}
+
+/// The policy as a policy file (the same text `save` prints); `parse` reads it back equal.
+pub fn to_toml(p: &Policy) -> String {
+    let mut out = String::new();
+    let iso = &p.isolation;
+    out.push_str("[isolation]\n");
+    let d = if iso.default == DefaultAction::Deny { "deny" } else { "accept" };
+    out.push_str(&format!("default = \"{d}\"\nreject = {}\n", iso.reject));
+    if !iso.vxlan_ports.is_empty() {
+        out.push_str(&format!("vxlan_ports = {}\n", list(iso.vxlan_ports.iter().map(|p| p.to_string()))));
+    }
+    for (name, subnets) in &p.networks {
+        out.push_str(&format!("\n[networks.{name}]\nsubnets = {}\n", list(subnets.iter().map(quote))));
+    }
+    for r in &iso.allow {
+        out.push_str(&format!("\n[[isolation.allow]]\nfrom = {}\nto = {}\n", quote(&r.from), quote(&r.to)));
+        if !r.ports.is_empty() {
+            out.push_str(&format!("ports = {}\n", list(r.ports.iter().map(quote))));
+        }
+    }
+    for r in &iso.except {
+        out.push_str(&format!("\n[[isolation.except]]\nfrom = {}\nto = {}\n", quote(&r.from), quote(&r.to)));
+    }
+    let wl = &p.whitelist;
+    out.push_str(&format!("\n[whitelist]\nenabled = {}\nlog = {}\n", wl.enabled, wl.log));
+    out.push_str("allow = [\n");
+    for a in &wl.allow {
+        // Host routes are written as plain addresses, as operators write them.
+        let s = if a.prefix_len() == a.max_prefix_len() { a.addr().to_string() } else { a.to_string() };
+        out.push_str(&format!("  \"{s}\",\n"));
+    }
+    out.push_str("]\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rstest::rstest;
+
+    const EXAMPLE: &str = r#"[isolation]
+default = "deny"            # "deny" | "accept"
+reject = true
+vxlan_ports = [4789]
+
+[networks.it]
+subnets = ["198.51.100.0/25"]
+[networks.hr]
+subnets = ["198.51.100.128/25", "2001:db8:100::/64"]
+
+[[isolation.allow]]
+from = "hr"
+to = "it"
+ports = ["tcp:80"]
+
+[[isolation.except]]
+from = "198.51.100.10/32"
+to = "198.51.100.20/32"
+
+[whitelist]
+enabled = true
+log = true
+allow = ["203.0.113.7", "192.0.2.0/24", "2001:db8::/32", "127.0.0.1"]
+"#;
+
+    #[test]
+    fn parses_the_product_example() {
+        let p = parse("policy.toml", EXAMPLE).unwrap();
+        assert_eq!(p.isolation.default, DefaultAction::Deny);
+        assert!(p.isolation.reject);
+        assert_eq!(p.isolation.vxlan_ports, vec![4789]);
+        assert_eq!(p.networks["hr"].len(), 2);
+        assert_eq!(p.isolation.allow[0].from, Endpoint::Network("hr".into()));
+        assert_eq!(p.isolation.allow[0].ports, vec![PortSpec::Tcp(80, 80)]);
+        assert_eq!(p.isolation.except[0].to, Endpoint::Cidr("198.51.100.20/32".parse().unwrap()));
+        assert!(p.whitelist.enabled && p.whitelist.log);
+        assert_eq!(p.whitelist.allow.len(), 4);
+        assert_eq!(
+            WhitelistSizes::of(&p.whitelist.allow),
+            WhitelistSizes { exact_v4: 2, lpm_v4: 1, exact_v6: 0, lpm_v6: 1 }
+        );
+    }
+
+    #[test]
+    fn save_round_trips() {
+        let p = parse("policy.toml", EXAMPLE).unwrap();
+        let again = parse("saved", &to_toml(&p)).unwrap();
+        assert_eq!(p, again);
+    }
+
+    #[test]
+    fn empty_file_is_allow_all() {
+        let p = parse("p", "").unwrap();
+        assert_eq!(p, Policy::default());
+        assert!(!p.whitelist.enabled);
+    }
+
+    #[rstest]
+    #[case::bad_cidr("[whitelist]\nallow = [\"192.0.2.0/33\"]\n", 2, "not an IP address or CIDR")]
+    #[case::host_bits("[whitelist]\nallow = [\n \"203.0.113.7\",\n \"192.0.2.5/24\"]\n", 4, "did you mean 192.0.2.0/24")]
+    #[case::garbage_addr("[whitelist]\nallow = [\"bogus\"]\n", 2, "'bogus' is not an IP address")]
+    #[case::unknown_network("[networks.a]\nsubnets=[\"192.0.2.0/24\"]\n[[isolation.allow]]\nfrom = \"a\"\nto = \"b\"\n", 5, "unknown network 'b'")]
+    #[case::reserved_name("[networks.dcos-x]\nsubnets=[\"192.0.2.0/24\"]\n", 1, "reserved")]
+    #[case::reserved_mesos("\n[networks.mesos-1]\nsubnets=[\"192.0.2.0/24\"]\n", 2, "reserved")]
+    #[case::bad_port("[networks.a]\nsubnets=[\"192.0.2.0/24\"]\n[[isolation.allow]]\nfrom=\"a\"\nto=\"a\"\nports=[\"tcp:99999\"]\n", 6, "bad port 'tcp:99999'")]
+    #[case::bad_proto("[networks.a]\nsubnets=[\"192.0.2.0/24\"]\n[[isolation.allow]]\nfrom=\"a\"\nto=\"a\"\nports=[\"sctp:1\"]\n", 6, "bad port 'sctp:1'")]
+    #[case::reversed_range("[networks.a]\nsubnets=[\"192.0.2.0/24\"]\n[[isolation.allow]]\nfrom=\"a\"\nto=\"a\"\nports=[\"tcp:90-80\"]\n", 6, "90 is above 80")]
+    #[case::bad_default("[isolation]\ndefault = \"maybe\"\n", 2, "expected \"deny\" or \"accept\"")]
+    #[case::unknown_key("[whitelist]\nenabeld = true\n", 2, "unknown field `enabeld`")]
+    #[case::not_toml("[whitelist\n", 1, "")]
+    #[case::bad_vxlan("[isolation]\nvxlan_ports = [0]\n", 2, "bad vxlan port 0")]
+    #[case::empty_network("[networks.a]\nsubnets = []\n", 1, "has no subnets")]
+    #[case::bad_subnet("[networks.a]\nsubnets = [\"198.51.100.0/25\",\n\"x\"]\n", 3, "network 'a': 'x'")]
+    fn errors_name_file_line_and_reason(#[case] text: &str, #[case] line: usize, #[case] reason: &str) {
+        let e = parse("/etc/isolation/policy.toml", text).unwrap_err();
+        assert_eq!(e.line, line, "{e}");
+        assert!(e.reason.contains(reason), "{e}");
+        assert!(e.to_string().starts_with(&format!("/etc/isolation/policy.toml:{line}: ")), "{e}");
+    }
+
+    #[test]
+    fn too_many_entries_is_refused() {
+        let s = WhitelistSizes { exact_v4: limits::WL_EXACT as usize + 1, ..Default::default() };
+        assert!(s.check().unwrap_err().contains("at most"));
+    }
+
+    #[rstest]
+    #[case("tcp:80", PortSpec::Tcp(80, 80))]
+    #[case("udp:53", PortSpec::Udp(53, 53))]
+    #[case("tcp:8000-8100", PortSpec::Tcp(8000, 8100))]
+    #[case("icmp", PortSpec::Icmp)]
+    fn ports_parse_and_print(#[case] s: &str, #[case] want: PortSpec) {
+        assert_eq!(s.parse::<PortSpec>().unwrap(), want);
+        assert_eq!(want.to_string(), s);
+    }
+
+    #[test]
+    fn duplicate_whitelist_entries_collapse() {
+        let p = parse("p", "[whitelist]\nallow = [\"192.0.2.1\", \"192.0.2.1/32\"]\n").unwrap();
+        assert_eq!(p.whitelist.allow.len(), 1);
+    }
+}

@@ -1,0 +1,116 @@
+//! Where things live: the pin dir (BPF objects) and the state dir (live policy, bookkeeping).
+
+use std::{
+    fs,
+    io::Write as _,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::policy::{self, Policy};
+
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/isolation";
+pub const DEFAULT_STATE_DIR: &str = "/run/isolation";
+pub const DEFAULT_POLICY: &str = "/etc/isolation/policy.toml";
+
+#[derive(Clone, Debug)]
+pub struct Paths {
+    pub pin_dir: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+impl Paths {
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.pin_dir.join(name)
+    }
+    pub fn prog(&self, name: &str) -> PathBuf {
+        self.pin_dir.join(format!("prog_{name}"))
+    }
+    pub fn links_dir(&self) -> PathBuf {
+        self.pin_dir.join("links")
+    }
+    pub fn link(&self, kind: &str, iface: &str) -> PathBuf {
+        self.links_dir().join(format!("{kind}_{iface}"))
+    }
+    pub fn state_file(&self) -> PathBuf {
+        self.state_dir.join("state.json")
+    }
+    pub fn policy_file(&self) -> PathBuf {
+        self.state_dir.join("policy.toml")
+    }
+
+    /// Serialises commands that change the datapath (two `whitelist add` at once would
+    /// otherwise race on the live policy file). Released when the returned file is dropped.
+    pub fn lock(&self) -> Result<fs::File> {
+        fs::create_dir_all(&self.state_dir)
+            .with_context(|| format!("cannot create state dir {}", self.state_dir.display()))?;
+        let path = self.state_dir.join("lock");
+        let f = fs::File::create(&path).with_context(|| format!("cannot open {}", path.display()))?;
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            anyhow::bail!("cannot lock {}: {}", path.display(), std::io::Error::last_os_error());
+        }
+        Ok(f)
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IfaceState {
+    pub name: String,
+    pub ifindex: u32,
+    /// What the operator asked for: auto, native or skb.
+    pub mode: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct State {
+    pub backend: String,
+    /// Hash of the BPF object that is pinned, to refuse mixing builds.
+    pub object_hash: String,
+    pub interfaces: Vec<IfaceState>,
+    pub generation: u32,
+}
+
+impl State {
+    pub fn load(paths: &Paths) -> Result<Option<State>> {
+        let f = paths.state_file();
+        match fs::read_to_string(&f) {
+            Ok(s) => Ok(Some(
+                serde_json::from_str(&s).with_context(|| format!("{} is corrupt", f.display()))?,
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", f.display())),
+        }
+    }
+
+    pub fn save(&self, paths: &Paths) -> Result<()> {
+        write_atomic(&paths.state_file(), serde_json::to_string_pretty(self)?.as_bytes())
+    }
+}
+
+/// The live policy as last applied (what `save` prints and live edits start from).
+pub fn live_policy(paths: &Paths) -> Result<Policy> {
+    let f = paths.policy_file();
+    match fs::read_to_string(&f) {
+        Ok(s) => Ok(policy::parse(&f.display().to_string(), &s)?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Policy::default()),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", f.display())),
+    }
+}
+
+pub fn save_policy(paths: &Paths, p: &Policy) -> Result<()> {
+    write_atomic(&paths.policy_file(), policy::to_toml(p).as_bytes())
+}
+
+/// Write-then-rename, so a crash never leaves half a file behind.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}
