@@ -54,6 +54,14 @@ fn is_bpffs(p: &Path) -> bool {
 /// Creates the pin dir, mounting a bpffs on it if it is not on one already.
 pub fn ensure_pin_dir(paths: &Paths) -> Result<()> {
     let dir = &paths.pin_dir;
+    // The usual place: mount the bpffs at /sys/fs/bpf itself, as systemd would.
+    let sys = Path::new("/sys/fs/bpf");
+    if dir.starts_with(sys) && sys.is_dir() && !is_bpffs(sys) {
+        let ok = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(sys).status();
+        if !matches!(ok, Ok(s) if s.success()) || !is_bpffs(sys) {
+            bail!("/sys/fs/bpf is not a BPF filesystem and mounting one there failed");
+        }
+    }
     fs::create_dir_all(dir).with_context(|| format!("cannot create pin dir {}", dir.display()))?;
     if !is_bpffs(dir) {
         let out = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(dir).output();
