@@ -1,0 +1,68 @@
+//! Network namespaces joined by veth pairs, deleted on drop (even when a test panics).
+
+use std::process::{Command, Output};
+
+pub fn sh(args: &[&str]) -> Output {
+    Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"))
+}
+
+/// Runs a command and panics with its output if it fails.
+pub fn ok(args: &[&str]) -> String {
+    let o = sh(args);
+    assert!(
+        o.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A set of namespaces owned by one test.
+pub struct Netns {
+    pub names: Vec<String>,
+}
+
+impl Netns {
+    pub fn new(names: &[&str]) -> Netns {
+        let ns = Netns { names: names.iter().map(|s| s.to_string()).collect() };
+        for n in names {
+            let _ = sh(&["ip", "netns", "del", n]);
+            ok(&["ip", "netns", "add", n]);
+            ok(&["ip", "-n", n, "link", "set", "lo", "up"]);
+        }
+        ns
+    }
+
+    /// veth pair `a_if`@`a` <-> `b_if`@`b`, with addresses (CIDR strings) on each end.
+    pub fn link(&self, a: &str, a_if: &str, a_addrs: &[&str], b: &str, b_if: &str, b_addrs: &[&str]) {
+        ok(&["ip", "-n", a, "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b]);
+        for (ns, ifn, addrs) in [(a, a_if, a_addrs), (b, b_if, b_addrs)] {
+            for addr in addrs {
+                // nodad: IPv6 addresses usable at once, no 2 s wait.
+                if addr.contains(':') {
+                    ok(&["ip", "-n", ns, "addr", "add", addr, "dev", ifn, "nodad"]);
+                } else {
+                    ok(&["ip", "-n", ns, "addr", "add", addr, "dev", ifn]);
+                }
+            }
+            ok(&["ip", "-n", ns, "link", "set", ifn, "up"]);
+        }
+    }
+
+    /// Runs a command inside a namespace (nsenter, so /sys stays the host's: pins survive).
+    pub fn exec(&self, ns: &str, args: &[&str]) -> Output {
+        let path = format!("--net=/run/netns/{ns}");
+        let mut full = vec!["nsenter", path.as_str()];
+        full.extend_from_slice(args);
+        sh(&full)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = sh(&["ip", "netns", "del", n]);
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! BPF verdict tests: the real programs, loaded and pinned by the loader's own code, run on
+//! crafted frames through BPF_PROG_TEST_RUN. Fast and exact.
+
+use std::fs;
+
+use aya::{
+    maps::{MapData, RingBuf},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+};
+use isolation_common::{LogEvent, LogStat, Reason, maps};
+use isolation_user::{
+    datapath,
+    policy::{Policy, Whitelist},
+    state::Paths,
+};
+use rstest::rstest;
+use tests::pkt::{self, *};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const TCX_NEXT: i32 = -1;
+
+/// A private datapath: its own pin dir, removed on drop.
+struct Dp {
+    paths: Paths,
+    xdp: Xdp,
+    tc: SchedClassifier,
+}
+
+impl Dp {
+    fn new(allow: &[&str]) -> Option<Dp> {
+        Self::with(allow, true, true)
+    }
+
+    fn with(allow: &[&str], enabled: bool, log: bool) -> Option<Dp> {
+        if !tests::can_run("BPF verdict test") {
+            return None;
+        }
+        let id = tests::unique("isov");
+        let paths = Paths {
+            pin_dir: format!("/sys/fs/bpf/{id}").into(),
+            state_dir: std::env::temp_dir().join(&id),
+        };
+        datapath::ensure_pin_dir(&paths).unwrap();
+        datapath::load_and_pin(&paths).unwrap();
+        let mut policy = Policy::default();
+        policy.whitelist = Whitelist {
+            enabled,
+            log,
+            allow: allow.iter().map(|a| isolation_user::policy::parse_net(a).unwrap()).collect(),
+        };
+        datapath::sync_whitelist(&paths, &policy.whitelist, |_| {}).unwrap();
+        datapath::write_config(&paths, &datapath::config_for(&policy, 1)).unwrap();
+        let xdp = Xdp::from_pin(paths.prog("xdp"), aya_obj::programs::XdpAttachType::Interface).unwrap();
+        let tc = SchedClassifier::from_pin(paths.prog("tc")).unwrap();
+        Some(Dp { paths, xdp, tc })
+    }
+
+    fn ingress(&self, frame: &[u8]) -> u32 {
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), repeat: 1, ..Default::default() };
+        self.xdp.test_run(opts).expect("XDP test run").return_value
+    }
+
+    fn egress(&self, frame: &[u8]) -> i32 {
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), repeat: 1, ..Default::default() };
+        self.tc.test_run(opts).expect("TC test run").return_value as i32
+    }
+
+    fn count(&self, r: Reason) -> u64 {
+        datapath::counters(&self.paths).unwrap().iter().find(|(x, _)| *x == r).unwrap().1.packets
+    }
+
+    /// Asserts the verdict and that exactly this reason's counter moved by one.
+    fn expect(&self, frame: &[u8], action: u32, reason: Reason, what: &str) {
+        let before = self.count(reason);
+        let got = self.ingress(frame);
+        assert_eq!(got, action, "{what}: wanted {}, got {}", name(action), name(got));
+        assert_eq!(self.count(reason), before + 1, "{what}: counted under another reason than {reason:?}");
+    }
+}
+
+impl Drop for Dp {
+    fn drop(&mut self) {
+        datapath::remove_pins(&self.paths);
+        let _ = fs::remove_dir(&self.paths.pin_dir);
+        let _ = fs::remove_dir_all(&self.paths.state_dir);
+    }
+}
+
+fn name(a: u32) -> &'static str {
+    match a {
+        XDP_DROP => "DROP",
+        XDP_PASS => "PASS",
+        _ => "other",
+    }
+}
+
+const LOCAL4: &str = "192.0.2.1";
+const FRIEND4: &str = "203.0.113.7";
+const STRANGER4: &str = "198.51.100.9";
+const LOCAL6: &str = "2001:db8::1";
+const FRIEND6: &str = "2001:db8:7::7";
+const STRANGER6: &str = "2001:db8:9::9";
+const WL: &[&str] = &[FRIEND4, "203.0.113.128/25", "2001:db8:7::/48"];
+
+fn v4_tcp(src: &str, dst: &str, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    V4::new(src, dst, TCP).frame(&tcp(sport, dport, flags))
+}
+
+fn v6_tcp(src: &str, dst: &str, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    V6::new(src, dst, TCP).frame(&tcp(sport, dport, flags))
+}
+
+#[rstest]
+#[case::v4_exact_hit(v4_tcp(FRIEND4, LOCAL4, 40000, 22, SYN), XDP_PASS, Reason::PassWhitelist)]
+#[case::v4_cidr_hit(v4_tcp("203.0.113.200", LOCAL4, 40000, 22, SYN), XDP_PASS, Reason::PassWhitelist)]
+#[case::v4_miss(v4_tcp(STRANGER4, LOCAL4, 40000, 22, SYN), XDP_DROP, Reason::DropNotWhitelisted)]
+#[case::v4_next_to_cidr(v4_tcp("203.0.113.127", LOCAL4, 40000, 22, SYN), XDP_DROP, Reason::DropNotWhitelisted)]
+#[case::v6_cidr_hit(v6_tcp(FRIEND6, LOCAL6, 40000, 22, SYN), XDP_PASS, Reason::PassWhitelist)]
+#[case::v6_miss(v6_tcp(STRANGER6, LOCAL6, 40000, 22, SYN), XDP_DROP, Reason::DropNotWhitelisted)]
+#[case::udp_miss(V4::new(STRANGER4, LOCAL4, UDP).frame(&udp(5353, 53, b"q")), XDP_DROP, Reason::DropNotWhitelisted)]
+#[case::ping_miss(V4::new(STRANGER4, LOCAL4, ICMP).frame(&icmp(8, 0, 7, 1, b"")), XDP_DROP, Reason::DropNotWhitelisted)]
+#[case::ping_hit(V4::new(FRIEND4, LOCAL4, ICMP).frame(&icmp(8, 0, 7, 1, b"")), XDP_PASS, Reason::PassWhitelist)]
+#[case::vlan_hit(vlan_eth(&[10], 0x0800, &V4::new(FRIEND4, LOCAL4, TCP).build(&tcp(1, 22, SYN))), XDP_PASS, Reason::PassWhitelist)]
+#[case::vlan_miss(vlan_eth(&[10], 0x0800, &V4::new(STRANGER4, LOCAL4, TCP).build(&tcp(1, 22, SYN))), XDP_DROP, Reason::DropNotWhitelisted)]
+#[case::vlan_v6_hit(vlan_eth(&[10], 0x86dd, &V6::new(FRIEND6, LOCAL6, TCP).build(&tcp(1, 22, SYN))), XDP_PASS, Reason::PassWhitelist)]
+#[case::qinq_miss(vlan_eth(&[10, 20], 0x0800, &V4::new(STRANGER4, LOCAL4, TCP).build(&tcp(1, 22, SYN))), XDP_DROP, Reason::DropNotWhitelisted)]
+#[case::three_tags(vlan_eth(&[10, 20, 30], 0x0800, &V4::new(FRIEND4, LOCAL4, TCP).build(&tcp(1, 22, SYN))), XDP_DROP, Reason::DropTooManyVlans)]
+#[case::arp(pkt::arp(), XDP_PASS, Reason::PassNonIp)]
+#[case::vlan_arp(vlan_eth(&[10], 0x0806, &[0; 28]), XDP_PASS, Reason::PassNonIp)]
+#[case::lldp(eth(0x88cc, &[0; 32]), XDP_PASS, Reason::PassNonIp)]
+#[case::neighbour_solicitation(V6::new(STRANGER6, "ff02::1:ff00:1", ICMPV6).frame(&icmp(135, 0, 0, 0, &[0; 16])), XDP_PASS, Reason::PassNeighbour)]
+#[case::router_advert(V6::new("fe80::1", "ff02::1", ICMPV6).frame(&icmp(134, 0, 0, 0, &[0; 8])), XDP_PASS, Reason::PassNeighbour)]
+#[case::v6_echo_miss(V6::new(STRANGER6, LOCAL6, ICMPV6).frame(&icmp(128, 0, 1, 1, b"")), XDP_DROP, Reason::DropNotWhitelisted)]
+#[case::v4_options_hit({ let mut h = V4::new(FRIEND4, LOCAL4, TCP); h.options = vec![1, 1, 1, 0, 0x44, 4, 5, 0]; h.frame(&tcp(1, 22, SYN)) }, XDP_PASS, Reason::PassWhitelist)]
+#[case::v4_options_miss({ let mut h = V4::new(STRANGER4, LOCAL4, TCP); h.options = vec![1; 40]; h.frame(&tcp(1, 22, SYN)) }, XDP_DROP, Reason::DropNotWhitelisted)]
+#[case::truncated_ipv4(eth(0x0800, &V4::new(FRIEND4, LOCAL4, TCP).build(&[])[..12]), XDP_DROP, Reason::DropMalformed)]
+#[case::truncated_ipv6(eth(0x86dd, &V6::new(FRIEND6, LOCAL6, TCP).build(&[])[..30]), XDP_DROP, Reason::DropMalformed)]
+#[case::ihl_too_small({ let mut b = V4::new(FRIEND4, LOCAL4, TCP).build(&tcp(1, 22, SYN)); b[0] = 0x44; eth(0x0800, &b) }, XDP_DROP, Reason::DropMalformed)]
+#[case::options_past_end({ let mut b = V4::new(FRIEND4, LOCAL4, TCP).build(&[]); b[0] = 0x4f; eth(0x0800, &b) }, XDP_DROP, Reason::DropMalformed)]
+#[case::wrong_version({ let mut b = V4::new(FRIEND4, LOCAL4, TCP).build(&tcp(1, 22, SYN)); b[0] = 0x65; eth(0x0800, &b) }, XDP_DROP, Reason::DropMalformed)]
+#[case::vlan_cut_short(eth(0x8100, &[0, 10]), XDP_DROP, Reason::DropMalformed)]
+#[case::later_fragment_miss({ let mut h = V4::new(STRANGER4, LOCAL4, UDP); h.frag_offset = 185; h.frame(&[0; 64]) }, XDP_DROP, Reason::DropNotWhitelisted)]
+#[case::later_fragment_hit({ let mut h = V4::new(FRIEND4, LOCAL4, UDP); h.frag_offset = 185; h.frame(&[0; 64]) }, XDP_PASS, Reason::PassWhitelist)]
+#[case::too_many_v6_ext_miss({ let mut h = V6::new(STRANGER6, LOCAL6, TCP); h.ext = (0..7).map(|_| (60u8, vec![0; 6])).collect(); h.frame(&tcp(1, 22, SYN)) }, XDP_DROP, Reason::DropNotWhitelisted)]
+#[case::too_many_v6_ext_hit({ let mut h = V6::new(FRIEND6, LOCAL6, TCP); h.ext = (0..7).map(|_| (60u8, vec![0; 6])).collect(); h.frame(&tcp(1, 22, SYN)) }, XDP_PASS, Reason::PassWhitelist)]
+fn whitelist_verdicts(#[case] frame: Vec<u8>, #[case] action: u32, #[case] reason: Reason) {
+    let Some(dp) = Dp::new(WL) else { return };
+    dp.expect(&frame, action, reason, &format!("{reason:?}"));
+}
+
+#[test]
+fn disabled_whitelist_passes_everything_even_garbage() {
+    let Some(dp) = Dp::with(&[], false, false) else { return };
+    dp.expect(&v4_tcp(STRANGER4, LOCAL4, 1, 22, SYN), XDP_PASS, Reason::PassWhitelistOff, "stranger");
+    dp.expect(&eth(0x0800, &[0x45; 8]), XDP_PASS, Reason::PassWhitelistOff, "truncated");
+}
+
+/// An outgoing packet through TC egress, then its reply through XDP ingress.
+#[rstest]
+#[case::tcp(v4_tcp(LOCAL4, STRANGER4, 50000, 443, SYN), v4_tcp(STRANGER4, LOCAL4, 443, 50000, SYN | ACK), v4_tcp(STRANGER4, LOCAL4, 443, 50001, SYN | ACK))]
+#[case::tcp_v6(v6_tcp(LOCAL6, STRANGER6, 50000, 443, SYN), v6_tcp(STRANGER6, LOCAL6, 443, 50000, SYN | ACK), v6_tcp(STRANGER6, LOCAL6, 444, 50000, SYN | ACK))]
+#[case::udp(V4::new(LOCAL4, STRANGER4, UDP).frame(&udp(40000, 53, b"q")), V4::new(STRANGER4, LOCAL4, UDP).frame(&udp(53, 40000, b"a")), V4::new(STRANGER4, LOCAL4, UDP).frame(&udp(53, 40001, b"a")))]
+#[case::ping(V4::new(LOCAL4, STRANGER4, ICMP).frame(&icmp(8, 0, 77, 1, b"")), V4::new(STRANGER4, LOCAL4, ICMP).frame(&icmp(0, 0, 77, 1, b"")), V4::new(STRANGER4, LOCAL4, ICMP).frame(&icmp(0, 0, 78, 1, b"")))]
+#[case::ping6(V6::new(LOCAL6, STRANGER6, ICMPV6).frame(&icmp(128, 0, 77, 1, b"")), V6::new(STRANGER6, LOCAL6, ICMPV6).frame(&icmp(129, 0, 77, 1, b"")), V6::new(STRANGER6, LOCAL6, ICMPV6).frame(&icmp(129, 0, 78, 1, b"")))]
+#[case::reply_with_v4_options(v4_tcp(LOCAL4, STRANGER4, 50000, 443, SYN), { let mut h = V4::new(STRANGER4, LOCAL4, TCP); h.options = vec![1; 8]; h.frame(&tcp(443, 50000, ACK)) }, { let mut h = V4::new(STRANGER4, LOCAL4, TCP); h.options = vec![1; 8]; h.frame(&tcp(443, 50002, ACK)) })]
+#[case::reply_with_v6_ext_headers(v6_tcp(LOCAL6, STRANGER6, 50000, 443, SYN), { let mut h = V6::new(STRANGER6, LOCAL6, TCP); h.ext = vec![(0, vec![1, 4, 0, 0, 0, 0]), (43, vec![0; 14]), (60, vec![0; 6])]; h.frame(&tcp(443, 50000, ACK)) }, { let mut h = V6::new(STRANGER6, LOCAL6, TCP); h.ext = vec![(0, vec![1, 4, 0, 0, 0, 0]), (60, vec![0; 6])]; h.frame(&tcp(443, 50003, ACK)) })]
+#[case::reply_vlan(vlan_eth(&[7], 0x0800, &V4::new(LOCAL4, STRANGER4, UDP).build(&udp(40000, 53, b""))), vlan_eth(&[7], 0x0800, &V4::new(STRANGER4, LOCAL4, UDP).build(&udp(53, 40000, b""))), vlan_eth(&[7], 0x0800, &V4::new(STRANGER4, LOCAL4, UDP).build(&udp(54, 40000, b""))))]
+fn replies_of_outgoing_flows_pass(#[case] out: Vec<u8>, #[case] reply: Vec<u8>, #[case] unrelated: Vec<u8>) {
+    let Some(dp) = Dp::new(WL) else { return };
+    dp.expect(&reply, XDP_DROP, Reason::DropNotWhitelisted, "reply before any outgoing packet");
+    assert_eq!(dp.egress(&out), TCX_NEXT, "egress never blocks");
+    assert_eq!(dp.count(Reason::EgressTracked), 1);
+    dp.expect(&reply, XDP_PASS, Reason::PassEstablished, "reply");
+    dp.expect(&unrelated, XDP_DROP, Reason::DropNotWhitelisted, "same hosts, other flow");
+}
+
+#[test]
+fn outgoing_rst_opens_nothing() {
+    let Some(dp) = Dp::new(WL) else { return };
+    assert_eq!(dp.egress(&v4_tcp(LOCAL4, STRANGER4, 22, 40000, RST | ACK)), TCX_NEXT);
+    assert_eq!(dp.count(Reason::EgressIgnored), 1);
+    dp.expect(&v4_tcp(STRANGER4, LOCAL4, 40000, 22, SYN), XDP_DROP, Reason::DropNotWhitelisted, "after RST");
+}
+
+#[test]
+fn truncated_reply_gets_no_verdict_from_garbage() {
+    let Some(dp) = Dp::new(WL) else { return };
+    dp.egress(&v4_tcp(LOCAL4, STRANGER4, 50000, 443, SYN));
+    // The reply cut inside the TCP header: its ports cannot be read, so it is not a reply.
+    let full = v4_tcp(STRANGER4, LOCAL4, 443, 50000, ACK);
+    let cut = &full[..14 + 20 + 10];
+    dp.expect(cut, XDP_DROP, Reason::DropNotWhitelisted, "cut reply");
+    dp.expect(&full, XDP_PASS, Reason::PassEstablished, "whole reply");
+}
+
+fn icmp_error_quoting(outgoing_l3: &[u8], v6: bool, from: &str) -> Vec<u8> {
+    // Errors quote the offending IP header and at least 8 bytes of what follows.
+    let quote = &outgoing_l3[..outgoing_l3.len().min(if v6 { 40 + 8 } else { 20 + 8 })];
+    if v6 {
+        V6::new(from, LOCAL6, ICMPV6).frame(&icmp(1, 1, 0, 0, quote))
+    } else {
+        V4::new(from, LOCAL4, ICMP).frame(&icmp(3, 3, 0, 0, quote))
+    }
+}
+
+#[test]
+fn icmp_errors_about_outgoing_flows_are_related() {
+    let Some(dp) = Dp::new(WL) else { return };
+    let out4 = V4::new(LOCAL4, STRANGER4, UDP).build(&udp(40000, 9999, b"x"));
+    let out6 = V6::new(LOCAL6, STRANGER6, TCP).build(&tcp(50000, 80, SYN));
+    let router = "198.51.100.1";
+    dp.expect(&icmp_error_quoting(&out4, false, router), XDP_DROP, Reason::DropNotWhitelisted, "before");
+    dp.egress(&eth(0x0800, &out4));
+    dp.egress(&eth(0x86dd, &out6));
+    dp.expect(&icmp_error_quoting(&out4, false, router), XDP_PASS, Reason::PassRelated, "v4 port unreachable");
+    dp.expect(&icmp_error_quoting(&out6, true, "2001:db8:ff::1"), XDP_PASS, Reason::PassRelated, "v6 unreachable");
+    // An error quoting a flow we never sent, and one whose quote is cut short.
+    let other = V4::new(LOCAL4, STRANGER4, UDP).build(&udp(40001, 9999, b"x"));
+    dp.expect(&icmp_error_quoting(&other, false, router), XDP_DROP, Reason::DropNotWhitelisted, "unknown flow");
+    let cut = V4::new(router, LOCAL4, ICMP).frame(&icmp(3, 3, 0, 0, &out4[..22]));
+    dp.expect(&cut, XDP_DROP, Reason::DropNotWhitelisted, "quote cut short");
+}
+
+#[test]
+fn fragments_of_an_admitted_reply_follow_the_first() {
+    let Some(dp) = Dp::new(WL) else { return };
+    dp.egress(&V4::new(LOCAL4, STRANGER4, UDP).frame(&udp(40000, 53, b"q")));
+    let mut first = V4::new(STRANGER4, LOCAL4, UDP);
+    first.id = 999;
+    first.more_frags = true;
+    dp.expect(&first.frame(&udp(53, 40000, &[0; 64])), XDP_PASS, Reason::PassEstablished, "first fragment");
+    let mut later = first.clone();
+    later.more_frags = false;
+    later.frag_offset = 9;
+    dp.expect(&later.frame(&[0; 32]), XDP_PASS, Reason::PassFragment, "later fragment");
+    later.id = 1000;
+    dp.expect(&later.frame(&[0; 32]), XDP_DROP, Reason::DropNotWhitelisted, "fragment of another datagram");
+
+    // IPv6: the fragment header carries the id.
+    dp.egress(&V6::new(LOCAL6, STRANGER6, UDP).frame(&udp(40000, 53, b"q")));
+    let mut f6 = V6::new(STRANGER6, LOCAL6, UDP);
+    f6.ext = vec![(44, v6_frag_body(0, true, 0xabcd)[..].to_vec())];
+    dp.expect(&f6.frame(&udp(53, 40000, &[0; 64])), XDP_PASS, Reason::PassEstablished, "v6 first fragment");
+    f6.ext = vec![(44, v6_frag_body(9, false, 0xabcd))];
+    dp.expect(&f6.frame(&[0; 32]), XDP_PASS, Reason::PassFragment, "v6 later fragment");
+    f6.ext = vec![(44, v6_frag_body(9, false, 0xabce))];
+    dp.expect(&f6.frame(&[0; 32]), XDP_DROP, Reason::DropNotWhitelisted, "v6 fragment of another datagram");
+}
+
+#[test]
+fn live_whitelist_edits_take_effect() {
+    let Some(dp) = Dp::new(&[]) else { return };
+    let f = v4_tcp(STRANGER4, LOCAL4, 1, 22, SYN);
+    dp.expect(&f, XDP_DROP, Reason::DropNotWhitelisted, "before add");
+    let mut m = datapath::WhitelistMaps::open(&dp.paths).unwrap();
+    m.insert(&"198.51.100.0/24".parse().unwrap()).unwrap();
+    dp.expect(&f, XDP_PASS, Reason::PassWhitelist, "after add");
+    m.remove(&"198.51.100.0/24".parse().unwrap()).unwrap();
+    dp.expect(&f, XDP_DROP, Reason::DropNotWhitelisted, "after del");
+}
+
+#[test]
+fn drops_are_logged_with_a_rate_limit() {
+    let Some(dp) = Dp::new(WL) else { return };
+    let f = V4::new(STRANGER4, LOCAL4, TCP).frame(&tcp(41000, 22, SYN));
+    for _ in 0..300 {
+        assert_eq!(dp.ingress(&f), XDP_DROP);
+    }
+    let stats = datapath::log_stats(&dp.paths).unwrap();
+    let written = stats[LogStat::Written as usize];
+    let suppressed = stats[LogStat::Suppressed as usize];
+    assert!(written >= 1 && written <= 130, "burst bounds the log: {written} written");
+    assert_eq!(written + suppressed + stats[LogStat::Lost as usize], 300);
+    let mut rb: RingBuf<MapData> = datapath::open_map(&dp.paths, maps::EVENTS).unwrap().try_into().unwrap();
+    let item = rb.next().expect("an event in the ring buffer");
+    let e: LogEvent = *bytemuck::from_bytes(&item[..std::mem::size_of::<LogEvent>()]);
+    let line = isolation_user::commands::trace::format_line(&e, "eth0");
+    assert_eq!(
+        line,
+        "isolation DROP not-whitelisted: IN=eth0 SRC=198.51.100.9 DST=192.0.2.1 LEN=54 TTL=64 PROTO=TCP SPT=41000 DPT=22 SYN"
+    );
+}
+
+#[test]
+fn no_log_when_logging_is_off() {
+    let Some(dp) = Dp::with(WL, true, false) else { return };
+    assert_eq!(dp.ingress(&v4_tcp(STRANGER4, LOCAL4, 1, 22, SYN)), XDP_DROP);
+    assert_eq!(datapath::log_stats(&dp.paths).unwrap(), [0, 0, 0]);
+}
