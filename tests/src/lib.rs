@@ -5,6 +5,7 @@
 
 pub mod netns;
 pub mod pkt;
+pub mod traffic;
 
 use std::path::PathBuf;
 
