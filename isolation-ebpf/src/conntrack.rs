@@ -2,11 +2,7 @@
 //! interface in its original direction; ingress lets its replies and the ICMP errors
 //! about it through. Keys are symmetric to build: a reply's key is the reverse of its own.
 
-use aya_ebpf::{
-    btf_maps::{LruHashMap},
-    helpers::bpf_ktime_get_ns,
-    macros::btf_map,
-};
+use aya_ebpf::{btf_maps::LruHashMap, helpers::bpf_ktime_get_ns, macros::btf_map};
 use isolation_common::{FlowKey, FlowValue, FragKey, flow_origin, limits, timing};
 
 use crate::parse::{
@@ -73,7 +69,13 @@ pub fn is_related(start: usize, end: usize, pkt: &Packet) -> bool {
     {
         return false;
     }
-    let mut q = QuotedFlow { src: [0; 16], dst: [0; 16], sport: 0, dport: 0, proto: 0 };
+    let mut q = QuotedFlow {
+        src: [0; 16],
+        dst: [0; 16],
+        sport: 0,
+        dport: 0,
+        proto: 0,
+    };
     if !parse::parse_quoted(start, end, pkt, &mut q) {
         return false;
     }
@@ -140,7 +142,8 @@ pub fn track(pkt: &Packet) -> bool {
         IPPROTO_TCP if pkt.tcp_flags & 0x04 != 0 => return false,
         // Only echo requests expect a reply; errors and replies we send open nothing.
         IPPROTO_ICMP | IPPROTO_ICMPV6
-            if !(pkt.tcp_flags == parse::ICMP_ECHO || pkt.tcp_flags == parse::ICMPV6_ECHO_REQUEST) =>
+            if !(pkt.tcp_flags == parse::ICMP_ECHO
+                || pkt.tcp_flags == parse::ICMPV6_ECHO_REQUEST) =>
         {
             return false;
         }
@@ -163,7 +166,11 @@ pub fn track(pkt: &Packet) -> bool {
             }
         },
         None => {
-            let v = FlowValue { last_seen_ns: now, origin: flow_origin::EGRESS, _pad: 0 };
+            let v = FlowValue {
+                last_seen_ns: now,
+                origin: flow_origin::EGRESS,
+                _pad: 0,
+            };
             let _ = CONNTRACK.insert(&key, &v, 0);
         }
     }

@@ -47,7 +47,11 @@ mod programs {
         let len = (end - start) as u64;
         let reason = ingress_verdict(&ctx, start, end, len);
         stats::count(reason, len);
-        if reason.is_drop() { xdp_action::XDP_DROP } else { xdp_action::XDP_PASS }
+        if reason.is_drop() {
+            xdp_action::XDP_DROP
+        } else {
+            xdp_action::XDP_PASS
+        }
     }
 
     #[inline(always)]

@@ -346,8 +346,7 @@ pub fn parse_quoted(start: usize, end: usize, pkt: &Packet, out: &mut QuotedFlow
     if off > MAX_L4_OFFSET {
         return false;
     }
-    let l4off;
-    if pkt.family == AF_INET {
+    let l4off = if pkt.family == AF_INET {
         let Ok(ip) = ptr_at::<Ipv4Hdr>(start, end, off) else {
             return false;
         };
@@ -359,7 +358,7 @@ pub fn parse_quoted(start: usize, end: usize, pkt: &Packet, out: &mut QuotedFlow
         out.proto = ip.proto;
         out.src[..4].copy_from_slice(&ip.src_addr);
         out.dst[..4].copy_from_slice(&ip.dst_addr);
-        l4off = off + ihl;
+        off + ihl
     } else {
         let Ok(ip) = ptr_at::<Ipv6Hdr>(start, end, off) else {
             return false;
@@ -368,8 +367,8 @@ pub fn parse_quoted(start: usize, end: usize, pkt: &Packet, out: &mut QuotedFlow
         out.proto = ip.next_hdr;
         out.src = ip.src_addr;
         out.dst = ip.dst_addr;
-        l4off = off + Ipv6Hdr::LEN;
-    }
+        off + Ipv6Hdr::LEN
+    };
     if l4off > MAX_L4_OFFSET {
         return false;
     }

@@ -57,14 +57,20 @@ pub fn ensure_pin_dir(paths: &Paths) -> Result<()> {
     // The usual place: mount the bpffs at /sys/fs/bpf itself, as systemd would.
     let sys = Path::new("/sys/fs/bpf");
     if dir.starts_with(sys) && sys.is_dir() && !is_bpffs(sys) {
-        let ok = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(sys).status();
+        let ok = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(sys)
+            .status();
         if !matches!(ok, Ok(s) if s.success()) || !is_bpffs(sys) {
             bail!("/sys/fs/bpf is not a BPF filesystem and mounting one there failed");
         }
     }
     fs::create_dir_all(dir).with_context(|| format!("cannot create pin dir {}", dir.display()))?;
     if !is_bpffs(dir) {
-        let out = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(dir).output();
+        let out = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(dir)
+            .output();
         match out {
             Ok(o) if o.status.success() && is_bpffs(dir) => {}
             Ok(o) => bail!(
@@ -72,7 +78,10 @@ pub fn ensure_pin_dir(paths: &Paths) -> Result<()> {
                 dir.display(),
                 String::from_utf8_lossy(&o.stderr).trim()
             ),
-            Err(e) => bail!("{} is not on a BPF filesystem and `mount` failed: {e}", dir.display()),
+            Err(e) => bail!(
+                "{} is not on a BPF filesystem and `mount` failed: {e}",
+                dir.display()
+            ),
         }
     }
     fs::create_dir_all(paths.links_dir())?;
@@ -87,19 +96,29 @@ pub fn is_loaded(paths: &Paths) -> bool {
 /// Loads the object into the kernel and pins its maps and programs. Nothing is attached.
 pub fn load_and_pin(paths: &Paths) -> Result<()> {
     let mut ebpf: Ebpf = EbpfLoader::new().load(OBJECT).map_err(|e| {
-        anyhow!("the kernel refused the isolation BPF object: {}", error_chain(&e))
+        anyhow!(
+            "the kernel refused the isolation BPF object: {}",
+            error_chain(&e)
+        )
     })?;
     let result = (|| -> Result<()> {
         for name in maps::ALL {
-            let map = ebpf.map(name).ok_or_else(|| anyhow!("BPF object has no map {name}"))?;
-            map.pin(paths.map(name)).with_context(|| format!("cannot pin map {name}"))?;
+            let map = ebpf
+                .map(name)
+                .ok_or_else(|| anyhow!("BPF object has no map {name}"))?;
+            map.pin(paths.map(name))
+                .with_context(|| format!("cannot pin map {name}"))?;
         }
         let xdp: &mut Xdp = prog_mut(&mut ebpf, progs::XDP_INGRESS)?;
-        xdp.load().map_err(|e| anyhow!("the kernel refused the XDP program: {}", error_chain(&e)))?;
-        xdp.pin(paths.prog("xdp")).context("cannot pin the XDP program")?;
+        xdp.load()
+            .map_err(|e| anyhow!("the kernel refused the XDP program: {}", error_chain(&e)))?;
+        xdp.pin(paths.prog("xdp"))
+            .context("cannot pin the XDP program")?;
         let tc: &mut SchedClassifier = prog_mut(&mut ebpf, progs::TC_EGRESS)?;
-        tc.load().map_err(|e| anyhow!("the kernel refused the TC program: {}", error_chain(&e)))?;
-        tc.pin(paths.prog("tc")).context("cannot pin the TC program")?;
+        tc.load()
+            .map_err(|e| anyhow!("the kernel refused the TC program: {}", error_chain(&e)))?;
+        tc.pin(paths.prog("tc"))
+            .context("cannot pin the TC program")?;
         Ok(())
     })();
     if result.is_err() {
@@ -128,12 +147,15 @@ pub fn xdp_mode(mode: &str) -> XdpMode {
 
 /// What `ip -d link` says is attached at XDP on an interface: (program id, name, mode).
 pub fn attached_xdp(iface: &str) -> Result<Option<(u32, String, String)>> {
-    let out = Command::new("ip").args(["-j", "-d", "link", "show", "dev", iface]).output()
+    let out = Command::new("ip")
+        .args(["-j", "-d", "link", "show", "dev", iface])
+        .output()
         .context("cannot run `ip` (iproute2) to inspect the interface")?;
     if !out.status.success() {
         bail!("no interface named '{iface}' in this network namespace");
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("cannot parse `ip -j link` output")?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("cannot parse `ip -j link` output")?;
     let Some(xdp) = v.get(0).and_then(|l| l.get("xdp")) else {
         return Ok(None);
     };
@@ -143,22 +165,34 @@ pub fn attached_xdp(iface: &str) -> Result<Option<(u32, String, String)>> {
         Some(3) => "offload",
         _ => "unknown",
     };
-    let prog = xdp.get("prog").or_else(|| xdp.get("attached").and_then(|a| a.get(0)).and_then(|a| a.get("prog")));
+    let prog = xdp.get("prog").or_else(|| {
+        xdp.get("attached")
+            .and_then(|a| a.get(0))
+            .and_then(|a| a.get("prog"))
+    });
     Ok(prog.map(|p| {
         let id = p.get("id").and_then(|i| i.as_u64()).unwrap_or(0) as u32;
-        let name = p.get("name").and_then(|n| n.as_str()).unwrap_or("").to_string();
+        let name = p
+            .get("name")
+            .and_then(|n| n.as_str())
+            .unwrap_or("")
+            .to_string();
         (id, name, mode.to_string())
     }))
 }
 
 pub fn pinned_xdp_id(paths: &Paths) -> Result<u32> {
-    let p = Xdp::from_pin(paths.prog("xdp"), aya_obj::programs::XdpAttachType::Interface)
-        .context("cannot open the pinned XDP program")?;
+    let p = Xdp::from_pin(
+        paths.prog("xdp"),
+        aya_obj::programs::XdpAttachType::Interface,
+    )
+    .context("cannot open the pinned XDP program")?;
     Ok(p.info()?.id())
 }
 
 pub fn pinned_tc_id(paths: &Paths) -> Result<u32> {
-    let p = SchedClassifier::from_pin(paths.prog("tc")).context("cannot open the pinned TC program")?;
+    let p =
+        SchedClassifier::from_pin(paths.prog("tc")).context("cannot open the pinned TC program")?;
     Ok(p.info()?.id())
 }
 
@@ -171,7 +205,11 @@ pub fn is_attached(paths: &Paths, iface: &str) -> bool {
 /// someone's XDP program silently would remove their filter (or ours, later, theirs).
 pub fn check_foreign_xdp(paths: &Paths, iface: &str) -> Result<()> {
     if let Some((id, name, _)) = attached_xdp(iface)? {
-        let ours = if is_loaded(paths) { pinned_xdp_id(paths).ok() } else { None };
+        let ours = if is_loaded(paths) {
+            pinned_xdp_id(paths).ok()
+        } else {
+            None
+        };
         if Some(id) != ours {
             bail!(
                 "interface {iface} already has an XDP program that isolation did not attach \
@@ -185,20 +223,38 @@ pub fn check_foreign_xdp(paths: &Paths, iface: &str) -> Result<()> {
 
 /// Attaches the pinned programs to an interface and pins the links.
 pub fn attach(paths: &Paths, iface: &IfaceState) -> Result<()> {
-    let mut xdp = Xdp::from_pin(paths.prog("xdp"), aya_obj::programs::XdpAttachType::Interface)?;
-    let id = xdp.attach(iface.ifindex, xdp_mode(&iface.mode)).map_err(|e| {
-        anyhow!("cannot attach XDP ({} mode) to {}: {}", iface.mode, iface.name, error_chain(&e))
-    })?;
+    let mut xdp = Xdp::from_pin(
+        paths.prog("xdp"),
+        aya_obj::programs::XdpAttachType::Interface,
+    )?;
+    let id = xdp
+        .attach(iface.ifindex, xdp_mode(&iface.mode))
+        .map_err(|e| {
+            anyhow!(
+                "cannot attach XDP ({} mode) to {}: {}",
+                iface.mode,
+                iface.name,
+                error_chain(&e)
+            )
+        })?;
     let link = FdLink::try_from(xdp.take_link(id)?).context("XDP attached without a BPF link")?;
-    link.pin(paths.link("xdp", &iface.name)).context("cannot pin the XDP link")?;
+    link.pin(paths.link("xdp", &iface.name))
+        .context("cannot pin the XDP link")?;
 
     let mut tc = SchedClassifier::from_pin(paths.prog("tc"))?;
     let res = (|| -> Result<()> {
-        let id = tc.attach(iface.ifindex, TcAttachType::Egress).map_err(|e| {
-            anyhow!("cannot attach TC egress to {}: {}", iface.name, error_chain(&e))
-        })?;
+        let id = tc
+            .attach(iface.ifindex, TcAttachType::Egress)
+            .map_err(|e| {
+                anyhow!(
+                    "cannot attach TC egress to {}: {}",
+                    iface.name,
+                    error_chain(&e)
+                )
+            })?;
         let link = FdLink::try_from(tc.take_link(id)?).context("TC attached without a BPF link")?;
-        link.pin(paths.link("tc", &iface.name)).context("cannot pin the TC link")?;
+        link.pin(paths.link("tc", &iface.name))
+            .context("cannot pin the TC link")?;
         Ok(())
     })();
     if res.is_err() {
@@ -259,7 +315,10 @@ pub fn remove_pins(paths: &Paths) -> Vec<String> {
 pub fn open_map(paths: &Paths, name: &str) -> Result<Map> {
     let p = paths.map(name);
     let data = MapData::from_pin(&p).with_context(|| {
-        format!("no isolation datapath pinned at {} (run `isolation-user load` first)", paths.pin_dir.display())
+        format!(
+            "no isolation datapath pinned at {} (run `isolation-user load` first)",
+            paths.pin_dir.display()
+        )
     })?;
     Ok(Map::from_map_data(data)?)
 }
@@ -283,7 +342,10 @@ pub fn config_for(policy: &Policy, generation: u32) -> Config {
     if policy.whitelist.log {
         f |= flags::LOG;
     }
-    Config { flags: f, generation }
+    Config {
+        flags: f,
+        generation,
+    }
 }
 
 /// Clock of `bpf_ktime_get_ns`.
@@ -294,8 +356,13 @@ pub fn monotonic_ns() -> u64 {
 }
 
 pub fn seed_flows(paths: &Paths, flows: &[FlowKey]) -> Result<usize> {
-    let mut m: HashMap<MapData, FlowKey, FlowValue> = open_map(paths, maps::CONNTRACK)?.try_into()?;
-    let v = FlowValue { last_seen_ns: monotonic_ns(), origin: flow_origin::SEEDED, _pad: 0 };
+    let mut m: HashMap<MapData, FlowKey, FlowValue> =
+        open_map(paths, maps::CONNTRACK)?.try_into()?;
+    let v = FlowValue {
+        last_seen_ns: monotonic_ns(),
+        origin: flow_origin::SEEDED,
+        _pad: 0,
+    };
     let mut n = 0;
     for k in flows {
         m.insert(k, &v, 0)?;
@@ -333,11 +400,17 @@ impl WhitelistMaps {
         }
         for k in self.v4_lpm.keys() {
             let k = k?;
-            out.push(IpNet::new(IpAddr::V4(Ipv4Addr::from(k.data())), k.prefix_len() as u8)?);
+            out.push(IpNet::new(
+                IpAddr::V4(Ipv4Addr::from(k.data())),
+                k.prefix_len() as u8,
+            )?);
         }
         for k in self.v6_lpm.keys() {
             let k = k?;
-            out.push(IpNet::new(IpAddr::V6(Ipv6Addr::from(k.data())), k.prefix_len() as u8)?);
+            out.push(IpNet::new(
+                IpAddr::V6(Ipv6Addr::from(k.data())),
+                k.prefix_len() as u8,
+            )?);
         }
         Ok(out)
     }
@@ -345,20 +418,35 @@ impl WhitelistMaps {
     pub fn insert(&mut self, n: &IpNet) -> Result<()> {
         let v = WlEntry::default();
         let r = match n {
-            IpNet::V4(n) if n.prefix_len() == 32 => self.v4.insert(&u32::from_ne_bytes(n.addr().octets()), &v, 0),
-            IpNet::V4(n) => self.v4_lpm.insert(&Key::new(n.prefix_len() as u32, n.addr().octets()), &v, 0),
+            IpNet::V4(n) if n.prefix_len() == 32 => {
+                self.v4
+                    .insert(&u32::from_ne_bytes(n.addr().octets()), &v, 0)
+            }
+            IpNet::V4(n) => {
+                self.v4_lpm
+                    .insert(&Key::new(n.prefix_len() as u32, n.addr().octets()), &v, 0)
+            }
             IpNet::V6(n) if n.prefix_len() == 128 => self.v6.insert(&n.addr().octets(), &v, 0),
-            IpNet::V6(n) => self.v6_lpm.insert(&Key::new(n.prefix_len() as u32, n.addr().octets()), &v, 0),
+            IpNet::V6(n) => {
+                self.v6_lpm
+                    .insert(&Key::new(n.prefix_len() as u32, n.addr().octets()), &v, 0)
+            }
         };
         r.with_context(|| format!("cannot add {n} to the whitelist maps (full?)"))
     }
 
     pub fn remove(&mut self, n: &IpNet) -> Result<()> {
         let r = match n {
-            IpNet::V4(n) if n.prefix_len() == 32 => self.v4.remove(&u32::from_ne_bytes(n.addr().octets())),
-            IpNet::V4(n) => self.v4_lpm.remove(&Key::new(n.prefix_len() as u32, n.addr().octets())),
+            IpNet::V4(n) if n.prefix_len() == 32 => {
+                self.v4.remove(&u32::from_ne_bytes(n.addr().octets()))
+            }
+            IpNet::V4(n) => self
+                .v4_lpm
+                .remove(&Key::new(n.prefix_len() as u32, n.addr().octets())),
             IpNet::V6(n) if n.prefix_len() == 128 => self.v6.remove(&n.addr().octets()),
-            IpNet::V6(n) => self.v6_lpm.remove(&Key::new(n.prefix_len() as u32, n.addr().octets())),
+            IpNet::V6(n) => self
+                .v6_lpm
+                .remove(&Key::new(n.prefix_len() as u32, n.addr().octets())),
         };
         match r {
             Ok(()) => Ok(()),
@@ -416,7 +504,14 @@ pub fn log_stats(paths: &Paths) -> Result<[u64; LogStat::COUNT as usize]> {
 /// Entries per map, and its capacity.
 pub fn fill_levels(paths: &Paths) -> Result<Vec<(&'static str, u64, u32)>> {
     let mut out = Vec::new();
-    for name in [maps::WL_V4, maps::WL_V4_LPM, maps::WL_V6, maps::WL_V6_LPM, maps::CONNTRACK, maps::FRAGS] {
+    for name in [
+        maps::WL_V4,
+        maps::WL_V4_LPM,
+        maps::WL_V6,
+        maps::WL_V6_LPM,
+        maps::CONNTRACK,
+        maps::FRAGS,
+    ] {
         let p = paths.map(name);
         let data = MapData::from_pin(&p)?;
         let max = data.info()?.max_entries();
@@ -452,7 +547,12 @@ fn count_keys(fd: std::os::fd::BorrowedFd<'_>, key_size: u32) -> Result<u64> {
         };
         const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
         let r = unsafe {
-            libc::syscall(libc::SYS_bpf, BPF_MAP_GET_NEXT_KEY, &attr as *const Attr, std::mem::size_of::<Attr>())
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_GET_NEXT_KEY,
+                &attr as *const Attr,
+                std::mem::size_of::<Attr>(),
+            )
         };
         if r != 0 {
             let e = std::io::Error::last_os_error();

@@ -45,7 +45,10 @@ pub enum Cmd {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    let paths = Paths { pin_dir: cli.pin_dir, state_dir: cli.state_dir };
+    let paths = Paths {
+        pin_dir: cli.pin_dir,
+        state_dir: cli.state_dir,
+    };
     match cli.command {
         Cmd::Load(a) => commands::load::load(&paths, a),
         Cmd::Unload(a) => commands::load::unload(&paths, a),

@@ -40,7 +40,11 @@ mod tests {
     use super::*;
 
     fn wl(enabled: bool, allow: &[&str]) -> Whitelist {
-        Whitelist { enabled, log: true, allow: allow.iter().map(|a| a.parse().unwrap()).collect() }
+        Whitelist {
+            enabled,
+            log: true,
+            allow: allow.iter().map(|a| a.parse().unwrap()).collect(),
+        }
     }
 
     #[test]

@@ -55,7 +55,11 @@ impl fmt::Display for PortSpec {
             PortSpec::Tcp(lo, hi) => ("tcp", lo, hi),
             PortSpec::Udp(lo, hi) => ("udp", lo, hi),
         };
-        if lo == hi { write!(f, "{proto}:{lo}") } else { write!(f, "{proto}:{lo}-{hi}") }
+        if lo == hi {
+            write!(f, "{proto}:{lo}")
+        } else {
+            write!(f, "{proto}:{lo}-{hi}")
+        }
     }
 }
 
@@ -205,11 +209,15 @@ const MAX_NAME_LEN: usize = 24;
 
 fn check_network_name(name: &str) -> Result<(), String> {
     if let Some(p) = RESERVED_PREFIXES.iter().find(|p| name.starts_with(*p)) {
-        return Err(format!("network name '{name}' is reserved (names beginning with '{p}' belong to DC/OS)"));
+        return Err(format!(
+            "network name '{name}' is reserved (names beginning with '{p}' belong to DC/OS)"
+        ));
     }
     if name.is_empty()
         || name.len() > MAX_NAME_LEN
-        || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
     {
         return Err(format!(
             "bad network name '{name}': use 1 to {MAX_NAME_LEN} letters, digits, '-' or '_'"
@@ -225,10 +233,21 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn line(&self, offset: usize) -> usize {
-        self.text[..offset.min(self.text.len())].matches('\n').count() + 1
+        self.text[..offset.min(self.text.len())]
+            .matches('\n')
+            .count()
+            + 1
     }
-    fn err<T>(&self, span: std::ops::Range<usize>, reason: impl Into<String>) -> Result<T, PolicyError> {
-        Err(PolicyError { file: self.file.to_string(), line: self.line(span.start), reason: reason.into() })
+    fn err<T>(
+        &self,
+        span: std::ops::Range<usize>,
+        reason: impl Into<String>,
+    ) -> Result<T, PolicyError> {
+        Err(PolicyError {
+            file: self.file.to_string(),
+            line: self.line(span.start),
+            reason: reason.into(),
+        })
     }
 }
 
@@ -237,7 +256,11 @@ pub fn parse(file: &str, text: &str) -> Result<Policy, PolicyError> {
     let cx = Ctx { file, text };
     let raw: RawPolicy = toml::from_str(text).map_err(|e| {
         let line = e.span().map(|s| cx.line(s.start)).unwrap_or(1);
-        PolicyError { file: file.to_string(), line, reason: e.message().trim().to_string() }
+        PolicyError {
+            file: file.to_string(),
+            line,
+            reason: e.message().trim().to_string(),
+        }
     })?;
 
     let mut policy = Policy::default();
@@ -250,11 +273,16 @@ pub fn parse(file: &str, text: &str) -> Result<Policy, PolicyError> {
         for s in &net.get_ref().subnets {
             match parse_net(s.get_ref()) {
                 Ok(n) => subnets.push(n),
-                Err(reason) => return cx.err(s.span(), format!("network '{}': {reason}", name.get_ref())),
+                Err(reason) => {
+                    return cx.err(s.span(), format!("network '{}': {reason}", name.get_ref()));
+                }
             }
         }
         if subnets.is_empty() {
-            return cx.err(net.span(), format!("network '{}' has no subnets", name.get_ref()));
+            return cx.err(
+                net.span(),
+                format!("network '{}' has no subnets", name.get_ref()),
+            );
         }
         policy.networks.insert(name.get_ref().clone(), subnets);
     }
@@ -262,48 +290,80 @@ pub fn parse(file: &str, text: &str) -> Result<Policy, PolicyError> {
     let endpoint = |s: &Spanned<String>| -> Result<Endpoint, PolicyError> {
         let v = s.get_ref().trim();
         if v.contains('/') || v.parse::<IpAddr>().is_ok() {
-            return parse_net(v).map(Endpoint::Cidr).or_else(|r| cx.err(s.span(), r));
+            return parse_net(v)
+                .map(Endpoint::Cidr)
+                .or_else(|r| cx.err(s.span(), r));
         }
         if policy.networks.contains_key(v) {
             Ok(Endpoint::Network(v.to_string()))
         } else if RESERVED_PREFIXES.iter().any(|p| v.starts_with(p)) {
             cx.err(s.span(), format!("network name '{v}' is reserved"))
         } else {
-            cx.err(s.span(), format!("unknown network '{v}' (not a [networks.{v}] section, nor a CIDR)"))
+            cx.err(
+                s.span(),
+                format!("unknown network '{v}' (not a [networks.{v}] section, nor a CIDR)"),
+            )
         }
     };
 
     if let Some(iso) = &raw.isolation {
         let iso = iso.get_ref();
-        let mut out = Isolation { default: DefaultAction::Deny, ..Isolation::default() };
+        let mut out = Isolation {
+            default: DefaultAction::Deny,
+            ..Isolation::default()
+        };
         if let Some(d) = &iso.default {
             out.default = match d.get_ref().as_str() {
                 "deny" => DefaultAction::Deny,
                 "accept" => DefaultAction::Accept,
-                other => return cx.err(d.span(), format!("default = \"{other}\": expected \"deny\" or \"accept\"")),
+                other => {
+                    return cx.err(
+                        d.span(),
+                        format!("default = \"{other}\": expected \"deny\" or \"accept\""),
+                    );
+                }
             };
         }
         out.reject = iso.reject.unwrap_or(true);
         for p in &iso.vxlan_ports {
             match u16::try_from(*p.get_ref()) {
                 Ok(v) if v != 0 => out.vxlan_ports.push(v),
-                _ => return cx.err(p.span(), format!("bad vxlan port {}: expected 1 to 65535", p.get_ref())),
+                _ => {
+                    return cx.err(
+                        p.span(),
+                        format!("bad vxlan port {}: expected 1 to 65535", p.get_ref()),
+                    );
+                }
             }
         }
         for r in &iso.allow {
             let r = r.get_ref();
             let mut ports = Vec::new();
             for p in r.ports.iter().flatten() {
-                ports.push(p.get_ref().parse::<PortSpec>().or_else(|e| cx.err(p.span(), e))?);
+                ports.push(
+                    p.get_ref()
+                        .parse::<PortSpec>()
+                        .or_else(|e| cx.err(p.span(), e))?,
+                );
             }
-            out.allow.push(AllowRule { from: endpoint(&r.from)?, to: endpoint(&r.to)?, ports });
+            out.allow.push(AllowRule {
+                from: endpoint(&r.from)?,
+                to: endpoint(&r.to)?,
+                ports,
+            });
         }
         for r in &iso.except {
             let rr = r.get_ref();
             if let Some(p) = rr.ports.as_ref().and_then(|p| p.first()) {
-                return cx.err(p.span(), "an except entry takes no ports: it exempts the whole pair");
+                return cx.err(
+                    p.span(),
+                    "an except entry takes no ports: it exempts the whole pair",
+                );
             }
-            out.except.push(ExceptRule { from: endpoint(&rr.from)?, to: endpoint(&rr.to)? });
+            out.except.push(ExceptRule {
+                from: endpoint(&rr.from)?,
+                to: endpoint(&rr.to)?,
+            });
         }
         policy.isolation = out;
     }
@@ -316,7 +376,8 @@ pub fn parse(file: &str, text: &str) -> Result<Policy, PolicyError> {
         policy.whitelist.log = wl.log.unwrap_or(true);
         let mut seen = std::collections::HashSet::new();
         for a in &wl.allow {
-            let net = parse_net(a.get_ref()).or_else(|r| cx.err(a.span(), format!("whitelist: {r}")))?;
+            let net =
+                parse_net(a.get_ref()).or_else(|r| cx.err(a.span(), format!("whitelist: {r}")))?;
             if seen.insert(net) {
                 policy.whitelist.allow.push(net);
             }
@@ -361,7 +422,9 @@ impl WhitelistSizes {
             (self.lpm_v6, l, "IPv6 CIDRs"),
         ] {
             if n > max {
-                return Err(format!("whitelist has {n} {what}; the maps hold at most {max}"));
+                return Err(format!(
+                    "whitelist has {n} {what}; the maps hold at most {max}"
+                ));
             }
         }
         Ok(())
@@ -381,29 +444,54 @@ pub fn to_toml(p: &Policy) -> String {
     let mut out = String::new();
     let iso = &p.isolation;
     out.push_str("[isolation]\n");
-    let d = if iso.default == DefaultAction::Deny { "deny" } else { "accept" };
+    let d = if iso.default == DefaultAction::Deny {
+        "deny"
+    } else {
+        "accept"
+    };
     out.push_str(&format!("default = \"{d}\"\nreject = {}\n", iso.reject));
     if !iso.vxlan_ports.is_empty() {
-        out.push_str(&format!("vxlan_ports = {}\n", list(iso.vxlan_ports.iter().map(|p| p.to_string()))));
+        out.push_str(&format!(
+            "vxlan_ports = {}\n",
+            list(iso.vxlan_ports.iter().map(|p| p.to_string()))
+        ));
     }
     for (name, subnets) in &p.networks {
-        out.push_str(&format!("\n[networks.{name}]\nsubnets = {}\n", list(subnets.iter().map(quote))));
+        out.push_str(&format!(
+            "\n[networks.{name}]\nsubnets = {}\n",
+            list(subnets.iter().map(quote))
+        ));
     }
     for r in &iso.allow {
-        out.push_str(&format!("\n[[isolation.allow]]\nfrom = {}\nto = {}\n", quote(&r.from), quote(&r.to)));
+        out.push_str(&format!(
+            "\n[[isolation.allow]]\nfrom = {}\nto = {}\n",
+            quote(&r.from),
+            quote(&r.to)
+        ));
         if !r.ports.is_empty() {
             out.push_str(&format!("ports = {}\n", list(r.ports.iter().map(quote))));
         }
     }
     for r in &iso.except {
-        out.push_str(&format!("\n[[isolation.except]]\nfrom = {}\nto = {}\n", quote(&r.from), quote(&r.to)));
+        out.push_str(&format!(
+            "\n[[isolation.except]]\nfrom = {}\nto = {}\n",
+            quote(&r.from),
+            quote(&r.to)
+        ));
     }
     let wl = &p.whitelist;
-    out.push_str(&format!("\n[whitelist]\nenabled = {}\nlog = {}\n", wl.enabled, wl.log));
+    out.push_str(&format!(
+        "\n[whitelist]\nenabled = {}\nlog = {}\n",
+        wl.enabled, wl.log
+    ));
     out.push_str("allow = [\n");
     for a in &wl.allow {
         // Host routes are written as plain addresses, as operators write them.
-        let s = if a.prefix_len() == a.max_prefix_len() { a.addr().to_string() } else { a.to_string() };
+        let s = if a.prefix_len() == a.max_prefix_len() {
+            a.addr().to_string()
+        } else {
+            a.to_string()
+        };
         out.push_str(&format!("  \"{s}\",\n"));
     }
     out.push_str("]\n");
@@ -449,12 +537,20 @@ allow = ["203.0.113.7", "192.0.2.0/24", "2001:db8::/32", "127.0.0.1"]
         assert_eq!(p.networks["hr"].len(), 2);
         assert_eq!(p.isolation.allow[0].from, Endpoint::Network("hr".into()));
         assert_eq!(p.isolation.allow[0].ports, vec![PortSpec::Tcp(80, 80)]);
-        assert_eq!(p.isolation.except[0].to, Endpoint::Cidr("198.51.100.20/32".parse().unwrap()));
+        assert_eq!(
+            p.isolation.except[0].to,
+            Endpoint::Cidr("198.51.100.20/32".parse().unwrap())
+        );
         assert!(p.whitelist.enabled && p.whitelist.log);
         assert_eq!(p.whitelist.allow.len(), 4);
         assert_eq!(
             WhitelistSizes::of(&p.whitelist.allow),
-            WhitelistSizes { exact_v4: 2, lpm_v4: 1, exact_v6: 0, lpm_v6: 1 }
+            WhitelistSizes {
+                exact_v4: 2,
+                lpm_v4: 1,
+                exact_v6: 0,
+                lpm_v6: 1
+            }
         );
     }
 
@@ -473,31 +569,78 @@ allow = ["203.0.113.7", "192.0.2.0/24", "2001:db8::/32", "127.0.0.1"]
     }
 
     #[rstest]
-    #[case::bad_cidr("[whitelist]\nallow = [\"192.0.2.0/33\"]\n", 2, "not an IP address or CIDR")]
-    #[case::host_bits("[whitelist]\nallow = [\n \"203.0.113.7\",\n \"192.0.2.5/24\"]\n", 4, "did you mean 192.0.2.0/24")]
-    #[case::garbage_addr("[whitelist]\nallow = [\"bogus\"]\n", 2, "'bogus' is not an IP address")]
-    #[case::unknown_network("[networks.a]\nsubnets=[\"192.0.2.0/24\"]\n[[isolation.allow]]\nfrom = \"a\"\nto = \"b\"\n", 5, "unknown network 'b'")]
+    #[case::bad_cidr(
+        "[whitelist]\nallow = [\"192.0.2.0/33\"]\n",
+        2,
+        "not an IP address or CIDR"
+    )]
+    #[case::host_bits(
+        "[whitelist]\nallow = [\n \"203.0.113.7\",\n \"192.0.2.5/24\"]\n",
+        4,
+        "did you mean 192.0.2.0/24"
+    )]
+    #[case::garbage_addr(
+        "[whitelist]\nallow = [\"bogus\"]\n",
+        2,
+        "'bogus' is not an IP address"
+    )]
+    #[case::unknown_network(
+        "[networks.a]\nsubnets=[\"192.0.2.0/24\"]\n[[isolation.allow]]\nfrom = \"a\"\nto = \"b\"\n",
+        5,
+        "unknown network 'b'"
+    )]
     #[case::reserved_name("[networks.dcos-x]\nsubnets=[\"192.0.2.0/24\"]\n", 1, "reserved")]
     #[case::reserved_mesos("\n[networks.mesos-1]\nsubnets=[\"192.0.2.0/24\"]\n", 2, "reserved")]
-    #[case::bad_port("[networks.a]\nsubnets=[\"192.0.2.0/24\"]\n[[isolation.allow]]\nfrom=\"a\"\nto=\"a\"\nports=[\"tcp:99999\"]\n", 6, "bad port 'tcp:99999'")]
-    #[case::bad_proto("[networks.a]\nsubnets=[\"192.0.2.0/24\"]\n[[isolation.allow]]\nfrom=\"a\"\nto=\"a\"\nports=[\"sctp:1\"]\n", 6, "bad port 'sctp:1'")]
-    #[case::reversed_range("[networks.a]\nsubnets=[\"192.0.2.0/24\"]\n[[isolation.allow]]\nfrom=\"a\"\nto=\"a\"\nports=[\"tcp:90-80\"]\n", 6, "90 is above 80")]
-    #[case::bad_default("[isolation]\ndefault = \"maybe\"\n", 2, "expected \"deny\" or \"accept\"")]
+    #[case::bad_port(
+        "[networks.a]\nsubnets=[\"192.0.2.0/24\"]\n[[isolation.allow]]\nfrom=\"a\"\nto=\"a\"\nports=[\"tcp:99999\"]\n",
+        6,
+        "bad port 'tcp:99999'"
+    )]
+    #[case::bad_proto(
+        "[networks.a]\nsubnets=[\"192.0.2.0/24\"]\n[[isolation.allow]]\nfrom=\"a\"\nto=\"a\"\nports=[\"sctp:1\"]\n",
+        6,
+        "bad port 'sctp:1'"
+    )]
+    #[case::reversed_range(
+        "[networks.a]\nsubnets=[\"192.0.2.0/24\"]\n[[isolation.allow]]\nfrom=\"a\"\nto=\"a\"\nports=[\"tcp:90-80\"]\n",
+        6,
+        "90 is above 80"
+    )]
+    #[case::bad_default(
+        "[isolation]\ndefault = \"maybe\"\n",
+        2,
+        "expected \"deny\" or \"accept\""
+    )]
     #[case::unknown_key("[whitelist]\nenabeld = true\n", 2, "unknown field `enabeld`")]
     #[case::not_toml("[whitelist\n", 1, "")]
     #[case::bad_vxlan("[isolation]\nvxlan_ports = [0]\n", 2, "bad vxlan port 0")]
     #[case::empty_network("[networks.a]\nsubnets = []\n", 1, "has no subnets")]
-    #[case::bad_subnet("[networks.a]\nsubnets = [\"198.51.100.0/25\",\n\"x\"]\n", 3, "network 'a': 'x'")]
-    fn errors_name_file_line_and_reason(#[case] text: &str, #[case] line: usize, #[case] reason: &str) {
+    #[case::bad_subnet(
+        "[networks.a]\nsubnets = [\"198.51.100.0/25\",\n\"x\"]\n",
+        3,
+        "network 'a': 'x'"
+    )]
+    fn errors_name_file_line_and_reason(
+        #[case] text: &str,
+        #[case] line: usize,
+        #[case] reason: &str,
+    ) {
         let e = parse("/etc/isolation/policy.toml", text).unwrap_err();
         assert_eq!(e.line, line, "{e}");
         assert!(e.reason.contains(reason), "{e}");
-        assert!(e.to_string().starts_with(&format!("/etc/isolation/policy.toml:{line}: ")), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with(&format!("/etc/isolation/policy.toml:{line}: ")),
+            "{e}"
+        );
     }
 
     #[test]
     fn too_many_entries_is_refused() {
-        let s = WhitelistSizes { exact_v4: limits::WL_EXACT as usize + 1, ..Default::default() };
+        let s = WhitelistSizes {
+            exact_v4: limits::WL_EXACT as usize + 1,
+            ..Default::default()
+        };
         assert!(s.check().unwrap_err().contains("at most"));
     }
 
@@ -513,7 +656,11 @@ allow = ["203.0.113.7", "192.0.2.0/24", "2001:db8::/32", "127.0.0.1"]
 
     #[test]
     fn duplicate_whitelist_entries_collapse() {
-        let p = parse("p", "[whitelist]\nallow = [\"192.0.2.1\", \"192.0.2.1/32\"]\n").unwrap();
+        let p = parse(
+            "p",
+            "[whitelist]\nallow = [\"192.0.2.1\", \"192.0.2.1/32\"]\n",
+        )
+        .unwrap();
         assert_eq!(p.whitelist.allow.len(), 1);
     }
 }

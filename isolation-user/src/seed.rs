@@ -27,7 +27,12 @@ fn parse_addr(field: &str) -> Option<(IpAddr, u16)> {
 }
 
 pub fn flow_key(proto: u8, local: (IpAddr, u16), remote: (IpAddr, u16)) -> Option<FlowKey> {
-    let mut k = FlowKey { proto, sport: local.1.to_be(), dport: remote.1.to_be(), ..Default::default() };
+    let mut k = FlowKey {
+        proto,
+        sport: local.1.to_be(),
+        dport: remote.1.to_be(),
+        ..Default::default()
+    };
     match (local.0.to_canonical(), remote.0.to_canonical()) {
         (IpAddr::V4(l), IpAddr::V4(r)) => {
             k.family = AF_INET;
@@ -55,7 +60,11 @@ pub fn parse_table(text: &str, proto: u8) -> Vec<FlowKey> {
         let (Some(local), Some(remote)) = (parse_addr(f[1]), parse_addr(f[2])) else {
             continue;
         };
-        let connected = if proto == 6 { f[3] == TCP_ESTABLISHED } else { remote.1 != 0 };
+        let connected = if proto == 6 {
+            f[3] == TCP_ESTABLISHED
+        } else {
+            remote.1 != 0
+        };
         if connected && let Some(k) = flow_key(proto, local, remote) {
             out.push(k);
         }

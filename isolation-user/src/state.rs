@@ -48,9 +48,14 @@ impl Paths {
         fs::create_dir_all(&self.state_dir)
             .with_context(|| format!("cannot create state dir {}", self.state_dir.display()))?;
         let path = self.state_dir.join("lock");
-        let f = fs::File::create(&path).with_context(|| format!("cannot open {}", path.display()))?;
+        let f =
+            fs::File::create(&path).with_context(|| format!("cannot open {}", path.display()))?;
         if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            anyhow::bail!("cannot lock {}: {}", path.display(), std::io::Error::last_os_error());
+            anyhow::bail!(
+                "cannot lock {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
         }
         Ok(f)
     }
@@ -86,7 +91,10 @@ impl State {
     }
 
     pub fn save(&self, paths: &Paths) -> Result<()> {
-        write_atomic(&paths.state_file(), serde_json::to_string_pretty(self)?.as_bytes())
+        write_atomic(
+            &paths.state_file(),
+            serde_json::to_string_pretty(self)?.as_bytes(),
+        )
     }
 }
 
@@ -109,7 +117,8 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let tmp = path.with_extension("tmp");
-    let mut f = fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    let mut f =
+        fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
     f.write_all(data)?;
     f.sync_all()?;
     fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))

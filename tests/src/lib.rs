@@ -29,7 +29,11 @@ pub fn bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/isolation-user");
-    assert!(p.exists(), "{} not built: run `cargo build -p isolation-user` (cargo xtask test does)", p.display());
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo build -p isolation-user` (cargo xtask test does)",
+        p.display()
+    );
     p
 }
 
@@ -37,5 +41,9 @@ pub fn bin() -> PathBuf {
 pub fn unique(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("{prefix}{}-{}", std::process::id() % 100_000, N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}{}-{}",
+        std::process::id() % 100_000,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }

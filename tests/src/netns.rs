@@ -3,7 +3,10 @@
 use std::process::{Command, Output};
 
 pub fn sh(args: &[&str]) -> Output {
-    Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"))
+    Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"))
 }
 
 /// Runs a command and panics with its output if it fails.
@@ -25,7 +28,9 @@ pub struct Netns {
 
 impl Netns {
     pub fn new(names: &[&str]) -> Netns {
-        let ns = Netns { names: names.iter().map(|s| s.to_string()).collect() };
+        let ns = Netns {
+            names: names.iter().map(|s| s.to_string()).collect(),
+        };
         for n in names {
             let _ = sh(&["ip", "netns", "del", n]);
             ok(&["ip", "netns", "add", n]);
@@ -35,8 +40,18 @@ impl Netns {
     }
 
     /// veth pair `a_if`@`a` <-> `b_if`@`b`, with addresses (CIDR strings) on each end.
-    pub fn link(&self, a: &str, a_if: &str, a_addrs: &[&str], b: &str, b_if: &str, b_addrs: &[&str]) {
-        ok(&["ip", "-n", a, "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b]);
+    pub fn link(
+        &self,
+        a: &str,
+        a_if: &str,
+        a_addrs: &[&str],
+        b: &str,
+        b_if: &str,
+        b_addrs: &[&str],
+    ) {
+        ok(&[
+            "ip", "-n", a, "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b,
+        ]);
         for (ns, ifn, addrs) in [(a, a_if, a_addrs), (b, b_if, b_addrs)] {
             for addr in addrs {
                 // nodad: IPv6 addresses usable at once, no 2 s wait.

@@ -52,7 +52,7 @@ impl V4 {
     }
 
     pub fn build(&self, payload: &[u8]) -> Vec<u8> {
-        assert!(self.options.len() % 4 == 0 && self.options.len() <= 40);
+        assert!(self.options.len().is_multiple_of(4) && self.options.len() <= 40);
         let ihl = 5 + self.options.len() / 4;
         let total = ihl * 4 + payload.len();
         let mut h = vec![(4 << 4) | ihl as u8, 0];
@@ -85,7 +85,13 @@ pub struct V6 {
 
 impl V6 {
     pub fn new(src: &str, dst: &str, next: u8) -> V6 {
-        V6 { src: src.parse().unwrap(), dst: dst.parse().unwrap(), next, ext: vec![], hop_limit: 64 }
+        V6 {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            next,
+            ext: vec![],
+            hop_limit: 64,
+        }
     }
 
     pub fn build(&self, payload: &[u8]) -> Vec<u8> {
@@ -95,7 +101,7 @@ impl V6 {
             let next = self.ext.get(i + 1).map(|e| e.0).unwrap_or(self.next);
             let mut b = vec![next, 0];
             b.extend_from_slice(body);
-            while b.len() % 8 != 0 {
+            while !b.len().is_multiple_of(8) {
                 b.push(0);
             }
             b[1] = (b.len() / 8 - 1) as u8;

@@ -17,7 +17,11 @@ use std::{
 /// Moves this thread into namespace `ns`.
 pub fn enter(ns: &str) {
     let f = File::open(format!("/run/netns/{ns}")).unwrap_or_else(|e| panic!("netns {ns}: {e}"));
-    assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns {ns}");
+    assert_eq!(
+        unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) },
+        0,
+        "setns {ns}"
+    );
 }
 
 /// Runs `f` on a thread inside `ns` and returns its result.
@@ -78,8 +82,10 @@ impl Echo {
                     }
                 }
             }));
-            rx.recv_timeout(Duration::from_secs(5)).expect("tcp server up");
-            rx.recv_timeout(Duration::from_secs(5)).expect("udp server up");
+            rx.recv_timeout(Duration::from_secs(5))
+                .expect("tcp server up");
+            rx.recv_timeout(Duration::from_secs(5))
+                .expect("udp server up");
         }
         Echo { stop, threads }
     }
@@ -130,13 +136,21 @@ pub fn round_trip(s: &mut TcpStream, timeout: Duration) -> bool {
 
 /// A TCP connection opened from `ns` and kept open (the "SSH session" of a test).
 pub fn tcp_open(ns: &str, addr: SocketAddr) -> TcpStream {
-    in_ns(ns, move || TcpStream::connect_timeout(&addr, Duration::from_secs(3)).expect("connect"))
+    in_ns(ns, move || {
+        TcpStream::connect_timeout(&addr, Duration::from_secs(3)).expect("connect")
+    })
 }
 
 /// Does a UDP echo come back within `timeout` (a few tries: UDP may lose the first to ARP)?
 pub fn udp_ok(ns: &str, addr: SocketAddr, timeout: Duration) -> bool {
     in_ns(ns, move || {
-        let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
+        let bind: SocketAddr = if addr.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        }
+        .parse()
+        .unwrap();
         let u = UdpSocket::bind(bind).unwrap();
         u.set_read_timeout(Some(timeout / 3)).unwrap();
         let mut buf = [0u8; 64];

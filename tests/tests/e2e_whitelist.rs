@@ -39,13 +39,20 @@ struct Iso {
 impl Iso {
     fn new(ns: &str) -> Iso {
         let id = unique("isoe");
-        Iso { pin: format!("/sys/fs/bpf/{id}").into(), state: std::env::temp_dir().join(id), ns: ns.into() }
+        Iso {
+            pin: format!("/sys/fs/bpf/{id}").into(),
+            state: std::env::temp_dir().join(id),
+            ns: ns.into(),
+        }
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new("nsenter");
-        c.arg(format!("--net=/run/netns/{}", self.ns)).arg(tests::bin()).args(args);
-        c.env("ISOLATION_PIN_DIR", &self.pin).env("ISOLATION_STATE_DIR", &self.state);
+        c.arg(format!("--net=/run/netns/{}", self.ns))
+            .arg(tests::bin())
+            .args(args);
+        c.env("ISOLATION_PIN_DIR", &self.pin)
+            .env("ISOLATION_STATE_DIR", &self.state);
         c.env_remove("SSH_CONNECTION");
         c
     }
@@ -57,17 +64,31 @@ impl Iso {
     /// Runs and asserts success; returns stdout.
     fn ok(&self, args: &[&str]) -> String {
         let o = self.run(args);
-        assert!(o.status.success(), "isolation-user {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "isolation-user {args:?} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
     /// Runs and asserts failure; returns stderr.
     fn fails(&self, args: &[&str]) -> String {
         let o = self.run(args);
-        assert!(!o.status.success(), "isolation-user {args:?} should have failed");
+        assert!(
+            !o.status.success(),
+            "isolation-user {args:?} should have failed"
+        );
         let err = String::from_utf8_lossy(&o.stderr).into_owned();
-        assert_eq!(err.trim().lines().count(), 1, "one sentence on stderr, got: {err}");
-        assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "{err}");
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "one sentence on stderr, got: {err}"
+        );
+        assert!(
+            !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+            "{err}"
+        );
         err
     }
 
@@ -84,7 +105,12 @@ impl Iso {
 
     fn packets(&self, reason: &str) -> u64 {
         let s = self.stats();
-        s["reasons"].as_array().unwrap().iter().find(|r| r["reason"] == reason).unwrap()["packets"]
+        s["reasons"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["reason"] == reason)
+            .unwrap()["packets"]
             .as_u64()
             .unwrap()
     }
@@ -114,14 +140,35 @@ impl Lab {
         }
         let (srv, cw, cx) = (unique("srv"), unique("cw"), unique("cx"));
         let ns = Netns::new(&[&srv, &cw, &cx]);
-        ns.link(&srv, "s1", &["192.0.2.1/24", "2001:db8:1::1/64"], &cw, "e0", &["192.0.2.2/24", "2001:db8:1::2/64"]);
-        ns.link(&srv, "s2", &["198.51.100.1/24", "2001:db8:2::1/64"], &cx, "e0", &["198.51.100.2/24", "2001:db8:2::2/64"]);
-        Some(Lab { iso: Iso::new(&srv), _ns: ns, srv, cw, cx })
+        ns.link(
+            &srv,
+            "s1",
+            &["192.0.2.1/24", "2001:db8:1::1/64"],
+            &cw,
+            "e0",
+            &["192.0.2.2/24", "2001:db8:1::2/64"],
+        );
+        ns.link(
+            &srv,
+            "s2",
+            &["198.51.100.1/24", "2001:db8:2::1/64"],
+            &cx,
+            "e0",
+            &["198.51.100.2/24", "2001:db8:2::2/64"],
+        );
+        Some(Lab {
+            iso: Iso::new(&srv),
+            _ns: ns,
+            srv,
+            cw,
+            cx,
+        })
     }
 
     fn load(&self, policy: &str) -> String {
         let p = self.iso.policy(policy);
-        self.iso.ok(&["load", "--iface", "s1", "--iface", "s2", "--policy", &p])
+        self.iso
+            .ok(&["load", "--iface", "s1", "--iface", "s2", "--policy", &p])
     }
 }
 
@@ -149,12 +196,20 @@ fn stranger_reaches(lab: &Lab, wait: Duration) -> [bool; 5] {
 fn whitelist_end_to_end() {
     let Some(lab) = Lab::new() else { return };
     let _srv = Echo::start(&lab.srv, &[sa("0.0.0.0:8080"), sa("[::]:8081")]);
-    let _srv6 = Echo::start(&lab.srv, &[sa("[2001:db8:1::1]:8080"), sa("[2001:db8:2::1]:8080")]);
-    assert_eq!(stranger_reaches(&lab, PASS_WAIT), [true; 5], "before load everything flows");
+    let _srv6 = Echo::start(
+        &lab.srv,
+        &[sa("[2001:db8:1::1]:8080"), sa("[2001:db8:2::1]:8080")],
+    );
+    assert_eq!(
+        stranger_reaches(&lab, PASS_WAIT),
+        [true; 5],
+        "before load everything flows"
+    );
 
     let out = lab.load(POLICY);
     assert!(out.contains("loaded on s1, s2"), "{out}");
-    let status: serde_json::Value = serde_json::from_str(&lab.iso.ok(&["status", "--json"])).unwrap();
+    let status: serde_json::Value =
+        serde_json::from_str(&lab.iso.ok(&["status", "--json"])).unwrap();
     assert_eq!(status["backend"], "ebpf");
     assert_eq!(status["whitelist_enabled"], true);
     for i in status["interfaces"].as_array().unwrap() {
@@ -170,12 +225,27 @@ fn whitelist_end_to_end() {
     assert!(ping_ok(&lab.cw, "2001:db8:1::1"), "whitelisted ping6");
 
     // The stranger: nothing gets through, and the drops are counted and traced.
-    let tracer = lab.iso.cmd(&["trace", "--json", "--count", "1", "--timeout", "10"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let tracer = lab
+        .iso
+        .cmd(&["trace", "--json", "--count", "1", "--timeout", "10"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(stranger_reaches(&lab, DROP_WAIT), [false; 5], "stranger blocked (tcp, tcp6, udp, ping, ping6)");
+    assert_eq!(
+        stranger_reaches(&lab, DROP_WAIT),
+        [false; 5],
+        "stranger blocked (tcp, tcp6, udp, ping, ping6)"
+    );
     let traced = tracer.wait_with_output().unwrap();
-    let line: serde_json::Value = serde_json::from_slice(traced.stdout.split(|b| *b == b'\n').next().unwrap())
-        .unwrap_or_else(|e| panic!("trace printed no JSON line ({e}): {}", String::from_utf8_lossy(&traced.stdout)));
+    let line: serde_json::Value =
+        serde_json::from_slice(traced.stdout.split(|b| *b == b'\n').next().unwrap())
+            .unwrap_or_else(|e| {
+                panic!(
+                    "trace printed no JSON line ({e}): {}",
+                    String::from_utf8_lossy(&traced.stdout)
+                )
+            });
     assert_eq!(line["action"], "drop");
     assert_eq!(line["reason"], "not-whitelisted");
     assert_eq!(line["in"], "s2");
@@ -187,32 +257,81 @@ fn whitelist_end_to_end() {
 
     // The server's own connections to the stranger work: their replies pass.
     let _cx = Echo::start(&lab.cx, &[sa("0.0.0.0:9090"), sa("[::]:9091")]);
-    assert!(tcp_ok(&lab.srv, sa("198.51.100.2:9090"), PASS_WAIT), "server -> stranger tcp");
-    assert!(tcp_ok(&lab.srv, sa("[2001:db8:2::2]:9091"), PASS_WAIT), "server -> stranger tcp6");
-    assert!(udp_ok(&lab.srv, sa("198.51.100.2:9090"), PASS_WAIT), "server -> stranger udp");
+    assert!(
+        tcp_ok(&lab.srv, sa("198.51.100.2:9090"), PASS_WAIT),
+        "server -> stranger tcp"
+    );
+    assert!(
+        tcp_ok(&lab.srv, sa("[2001:db8:2::2]:9091"), PASS_WAIT),
+        "server -> stranger tcp6"
+    );
+    assert!(
+        udp_ok(&lab.srv, sa("198.51.100.2:9090"), PASS_WAIT),
+        "server -> stranger udp"
+    );
     assert!(ping_ok(&lab.srv, "198.51.100.2"), "server -> stranger ping");
-    assert!(ping_ok(&lab.srv, "2001:db8:2::2"), "server -> stranger ping6");
+    assert!(
+        ping_ok(&lab.srv, "2001:db8:2::2"),
+        "server -> stranger ping6"
+    );
     assert!(lab.iso.packets("established") > 0);
     // ...which opens nothing for the stranger's own connections.
-    assert!(!tcp_ok(&lab.cx, sa(SRV4_X), DROP_WAIT), "stranger still blocked");
+    assert!(
+        !tcp_ok(&lab.cx, sa(SRV4_X), DROP_WAIT),
+        "stranger still blocked"
+    );
 
     // Live edits take effect at once.
-    lab.iso.ok(&["whitelist", "add", "198.51.100.2", "2001:db8:2::/64"]);
-    assert_eq!(stranger_reaches(&lab, PASS_WAIT), [true; 5], "after whitelist add");
-    let list: Vec<String> = serde_json::from_str(&lab.iso.ok(&["whitelist", "list", "--json"])).unwrap();
-    assert_eq!(list, ["192.0.2.2", "198.51.100.2", "2001:db8:1::/64", "2001:db8:2::/64"]);
-    lab.iso.ok(&["whitelist", "del", "198.51.100.2", "2001:db8:2::/64"]);
-    assert_eq!(stranger_reaches(&lab, DROP_WAIT), [false; 5], "after whitelist del");
+    lab.iso
+        .ok(&["whitelist", "add", "198.51.100.2", "2001:db8:2::/64"]);
+    assert_eq!(
+        stranger_reaches(&lab, PASS_WAIT),
+        [true; 5],
+        "after whitelist add"
+    );
+    let list: Vec<String> =
+        serde_json::from_str(&lab.iso.ok(&["whitelist", "list", "--json"])).unwrap();
+    assert_eq!(
+        list,
+        [
+            "192.0.2.2",
+            "198.51.100.2",
+            "2001:db8:1::/64",
+            "2001:db8:2::/64"
+        ]
+    );
+    lab.iso
+        .ok(&["whitelist", "del", "198.51.100.2", "2001:db8:2::/64"]);
+    assert_eq!(
+        stranger_reaches(&lab, DROP_WAIT),
+        [false; 5],
+        "after whitelist del"
+    );
 
     // Batch add from a file (and stdin): comments and blank lines allowed.
-    let f = lab.iso.policy("# operators' list\n198.51.100.2\n\n2001:db8:2::2  # v6\n");
+    let f = lab
+        .iso
+        .policy("# operators' list\n198.51.100.2\n\n2001:db8:2::2  # v6\n");
     lab.iso.ok(&["whitelist", "add", "--file", &f]);
     assert!(tcp_ok(&lab.cx, sa(SRV4_X), PASS_WAIT) && tcp_ok(&lab.cx, sa(SRV6_X), PASS_WAIT));
     lab.iso.ok(&["whitelist", "flush"]);
-    assert!(!tcp_ok(&lab.cw, sa(SRV4_W), DROP_WAIT), "flush empties the whitelist");
-    let mut child = lab.iso.cmd(&["whitelist", "add", "--file", "-"]).stdin(std::process::Stdio::piped()).spawn().unwrap();
+    assert!(
+        !tcp_ok(&lab.cw, sa(SRV4_W), DROP_WAIT),
+        "flush empties the whitelist"
+    );
+    let mut child = lab
+        .iso
+        .cmd(&["whitelist", "add", "--file", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     use std::io::Write as _;
-    child.stdin.take().unwrap().write_all(b"192.0.2.2\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"192.0.2.2\n")
+        .unwrap();
     assert!(child.wait().unwrap().success());
     assert!(tcp_ok(&lab.cw, sa(SRV4_W), PASS_WAIT), "added from stdin");
 
@@ -221,7 +340,10 @@ fn whitelist_end_to_end() {
     assert_eq!(stranger_reaches(&lab, PASS_WAIT), [true; 5], "after unload");
     assert!(!lab.iso.pin.join("prog_xdp").exists());
     assert!(lab.iso.ok(&["status"]).contains("not loaded"));
-    assert!(lab.iso.ok(&["unload"]).contains("nothing loaded"), "unload is idempotent");
+    assert!(
+        lab.iso.ok(&["unload"]).contains("nothing loaded"),
+        "unload is idempotent"
+    );
 }
 
 #[test]
@@ -232,11 +354,23 @@ fn established_connections_survive_load() {
     let mut session = tcp_open(&lab.cx, sa(SRV4_X));
     assert!(round_trip(&mut session, PASS_WAIT));
     let out = lab.load(POLICY);
-    assert!(out.contains("established connection(s) kept") && !out.contains(" 0 established"), "{out}");
+    assert!(
+        out.contains("established connection(s) kept") && !out.contains(" 0 established"),
+        "{out}"
+    );
     // The client speaks first after load: only the seeded entry can let it in.
-    assert!(round_trip(&mut session, PASS_WAIT), "existing session keeps working");
-    assert!(!tcp_ok(&lab.cx, sa(SRV4_X), DROP_WAIT), "but a new session from it is dropped");
-    assert!(round_trip(&mut session, PASS_WAIT), "and the old one still works");
+    assert!(
+        round_trip(&mut session, PASS_WAIT),
+        "existing session keeps working"
+    );
+    assert!(
+        !tcp_ok(&lab.cx, sa(SRV4_X), DROP_WAIT),
+        "but a new session from it is dropped"
+    );
+    assert!(
+        round_trip(&mut session, PASS_WAIT),
+        "and the old one still works"
+    );
 }
 
 #[test]
@@ -244,25 +378,57 @@ fn whitelist_that_locks_out_the_ssh_client_is_refused() {
     let Some(lab) = Lab::new() else { return };
     let p = lab.iso.policy(POLICY);
     let ssh = "198.51.100.2 50022 198.51.100.1 22";
-    let o = lab.iso.cmd(&["load", "--iface", "s2", "--policy", &p]).env("SSH_CONNECTION", ssh).output().unwrap();
+    let o = lab
+        .iso
+        .cmd(&["load", "--iface", "s2", "--policy", &p])
+        .env("SSH_CONNECTION", ssh)
+        .output()
+        .unwrap();
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("would not admit 198.51.100.2") && err.contains("--force"), "{err}");
-    assert!(lab.iso.ok(&["status"]).contains("not loaded"), "nothing was loaded");
+    assert!(
+        err.contains("would not admit 198.51.100.2") && err.contains("--force"),
+        "{err}"
+    );
+    assert!(
+        lab.iso.ok(&["status"]).contains("not loaded"),
+        "nothing was loaded"
+    );
 
     // Admitted client: fine. Then deleting or flushing the client's entry is refused too.
     let ssh_ok = "192.0.2.2 50022 192.0.2.1 22";
-    let o = lab.iso.cmd(&["load", "--iface", "s1", "--policy", &p]).env("SSH_CONNECTION", ssh_ok).output().unwrap();
+    let o = lab
+        .iso
+        .cmd(&["load", "--iface", "s1", "--policy", &p])
+        .env("SSH_CONNECTION", ssh_ok)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    for args in [&["whitelist", "del", "192.0.2.2"][..], &["whitelist", "flush"][..]] {
-        let o = lab.iso.cmd(args).env("SSH_CONNECTION", ssh_ok).output().unwrap();
+    for args in [
+        &["whitelist", "del", "192.0.2.2"][..],
+        &["whitelist", "flush"][..],
+    ] {
+        let o = lab
+            .iso
+            .cmd(args)
+            .env("SSH_CONNECTION", ssh_ok)
+            .output()
+            .unwrap();
         assert!(!o.status.success(), "{args:?} must be refused");
         assert!(String::from_utf8_lossy(&o.stderr).contains("would not admit 192.0.2.2"));
     }
     let list = lab.iso.ok(&["whitelist", "list"]);
-    assert!(list.contains("192.0.2.2"), "refused edits changed nothing: {list}");
+    assert!(
+        list.contains("192.0.2.2"),
+        "refused edits changed nothing: {list}"
+    );
     // --force overrides.
-    let o = lab.iso.cmd(&["whitelist", "del", "--force", "192.0.2.2"]).env("SSH_CONNECTION", ssh_ok).output().unwrap();
+    let o = lab
+        .iso
+        .cmd(&["whitelist", "del", "--force", "192.0.2.2"])
+        .env("SSH_CONNECTION", ssh_ok)
+        .output()
+        .unwrap();
     assert!(o.status.success());
 }
 
@@ -275,21 +441,47 @@ fn bad_input_changes_nothing_live() {
 
     let err = lab.iso.fails(&["load", "--iface", "nosuch0"]);
     assert!(err.contains("no interface named 'nosuch0'"), "{err}");
-    let bad = lab.iso.policy("[whitelist]\nallow = [\n  \"192.0.2.2\",\n  \"192.0.2.300\",\n]\n");
+    let bad = lab
+        .iso
+        .policy("[whitelist]\nallow = [\n  \"192.0.2.2\",\n  \"192.0.2.300\",\n]\n");
     let err = lab.iso.fails(&["load", "--iface", "s1", "--policy", &bad]);
-    assert!(err.contains(&format!("{bad}:4:")) && err.contains("192.0.2.300"), "{err}");
-    let err = lab.iso.fails(&["load", "--iface", "s1", "--policy", "/nonexistent/policy.toml"]);
-    assert!(err.contains("cannot read policy /nonexistent/policy.toml"), "{err}");
-    let err = lab.iso.fails(&["whitelist", "add", "198.51.100.2", "not-an-ip"]);
-    assert!(err.contains("'not-an-ip' is not an IP address or CIDR"), "{err}");
+    assert!(
+        err.contains(&format!("{bad}:4:")) && err.contains("192.0.2.300"),
+        "{err}"
+    );
+    let err = lab.iso.fails(&[
+        "load",
+        "--iface",
+        "s1",
+        "--policy",
+        "/nonexistent/policy.toml",
+    ]);
+    assert!(
+        err.contains("cannot read policy /nonexistent/policy.toml"),
+        "{err}"
+    );
+    let err = lab
+        .iso
+        .fails(&["whitelist", "add", "198.51.100.2", "not-an-ip"]);
+    assert!(
+        err.contains("'not-an-ip' is not an IP address or CIDR"),
+        "{err}"
+    );
     let err = lab.iso.fails(&["whitelist", "add", "198.51.100.0/16"]);
     assert!(err.contains("did you mean 198.51.0.0/16"), "{err}");
     let f = lab.iso.policy("198.51.100.2\nbogus\n");
     let err = lab.iso.fails(&["whitelist", "add", "--file", &f]);
     assert!(err.contains(&format!("{f}:2:")), "{err}");
-    assert_eq!(lab.iso.ok(&["whitelist", "list"]), before, "whitelist unchanged after bad input");
+    assert_eq!(
+        lab.iso.ok(&["whitelist", "list"]),
+        before,
+        "whitelist unchanged after bad input"
+    );
     assert!(!tcp_ok(&lab.cx, sa(SRV4_X), DROP_WAIT), "still enforced");
-    assert!(tcp_ok(&lab.cw, sa(SRV4_W), PASS_WAIT), "still admits the whitelisted");
+    assert!(
+        tcp_ok(&lab.cw, sa(SRV4_W), PASS_WAIT),
+        "still admits the whitelisted"
+    );
 
     // Another XDP program (here: a second, independent instance) owns s2's XDP hook.
     let other = Iso::new(&lab.srv);
@@ -297,10 +489,19 @@ fn bad_input_changes_nothing_live() {
     lab.iso.ok(&["unload", "--iface", "s2"]);
     other.ok(&["load", "--iface", "s2", "--policy", &p]);
     let err = lab.iso.fails(&["load", "--iface", "s1", "--iface", "s2"]);
-    assert!(err.contains("s2 already has an XDP program that isolation did not attach"), "{err}");
+    assert!(
+        err.contains("s2 already has an XDP program that isolation did not attach"),
+        "{err}"
+    );
     let st: serde_json::Value = serde_json::from_str(&other.ok(&["status", "--json"])).unwrap();
-    assert_eq!(st["interfaces"][0]["attached"], true, "the other program was left in place");
-    assert!(tcp_ok(&lab.cw, sa(SRV4_W), PASS_WAIT), "our datapath on s1 untouched");
+    assert_eq!(
+        st["interfaces"][0]["attached"], true,
+        "the other program was left in place"
+    );
+    assert!(
+        tcp_ok(&lab.cw, sa(SRV4_W), PASS_WAIT),
+        "our datapath on s1 untouched"
+    );
 }
 
 #[test]

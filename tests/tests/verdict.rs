@@ -47,37 +47,70 @@ impl Dp {
         policy.whitelist = Whitelist {
             enabled,
             log,
-            allow: allow.iter().map(|a| isolation_user::policy::parse_net(a).unwrap()).collect(),
+            allow: allow
+                .iter()
+                .map(|a| isolation_user::policy::parse_net(a).unwrap())
+                .collect(),
         };
         datapath::sync_whitelist(&paths, &policy.whitelist, |_| {}).unwrap();
         datapath::write_config(&paths, &datapath::config_for(&policy, 1)).unwrap();
-        let xdp = Xdp::from_pin(paths.prog("xdp"), aya_obj::programs::XdpAttachType::Interface).unwrap();
+        let xdp = Xdp::from_pin(
+            paths.prog("xdp"),
+            aya_obj::programs::XdpAttachType::Interface,
+        )
+        .unwrap();
         let tc = SchedClassifier::from_pin(paths.prog("tc")).unwrap();
         Some(Dp { paths, xdp, tc })
     }
 
     fn ingress(&self, frame: &[u8]) -> u32 {
         let mut out = vec![0u8; frame.len() + 256];
-        let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), repeat: 1, ..Default::default() };
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..Default::default()
+        };
         self.xdp.test_run(opts).expect("XDP test run").return_value
     }
 
     fn egress(&self, frame: &[u8]) -> i32 {
         let mut out = vec![0u8; frame.len() + 256];
-        let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), repeat: 1, ..Default::default() };
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..Default::default()
+        };
         self.tc.test_run(opts).expect("TC test run").return_value as i32
     }
 
     fn count(&self, r: Reason) -> u64 {
-        datapath::counters(&self.paths).unwrap().iter().find(|(x, _)| *x == r).unwrap().1.packets
+        datapath::counters(&self.paths)
+            .unwrap()
+            .iter()
+            .find(|(x, _)| *x == r)
+            .unwrap()
+            .1
+            .packets
     }
 
     /// Asserts the verdict and that exactly this reason's counter moved by one.
     fn expect(&self, frame: &[u8], action: u32, reason: Reason, what: &str) {
         let before = self.count(reason);
         let got = self.ingress(frame);
-        assert_eq!(got, action, "{what}: wanted {}, got {}", name(action), name(got));
-        assert_eq!(self.count(reason), before + 1, "{what}: counted under another reason than {reason:?}");
+        assert_eq!(
+            got,
+            action,
+            "{what}: wanted {}, got {}",
+            name(action),
+            name(got)
+        );
+        assert_eq!(
+            self.count(reason),
+            before + 1,
+            "{what}: counted under another reason than {reason:?}"
+        );
     }
 }
 
@@ -114,12 +147,36 @@ fn v6_tcp(src: &str, dst: &str, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
 }
 
 #[rstest]
-#[case::v4_exact_hit(v4_tcp(FRIEND4, LOCAL4, 40000, 22, SYN), XDP_PASS, Reason::PassWhitelist)]
-#[case::v4_cidr_hit(v4_tcp("203.0.113.200", LOCAL4, 40000, 22, SYN), XDP_PASS, Reason::PassWhitelist)]
-#[case::v4_miss(v4_tcp(STRANGER4, LOCAL4, 40000, 22, SYN), XDP_DROP, Reason::DropNotWhitelisted)]
-#[case::v4_next_to_cidr(v4_tcp("203.0.113.127", LOCAL4, 40000, 22, SYN), XDP_DROP, Reason::DropNotWhitelisted)]
-#[case::v6_cidr_hit(v6_tcp(FRIEND6, LOCAL6, 40000, 22, SYN), XDP_PASS, Reason::PassWhitelist)]
-#[case::v6_miss(v6_tcp(STRANGER6, LOCAL6, 40000, 22, SYN), XDP_DROP, Reason::DropNotWhitelisted)]
+#[case::v4_exact_hit(
+    v4_tcp(FRIEND4, LOCAL4, 40000, 22, SYN),
+    XDP_PASS,
+    Reason::PassWhitelist
+)]
+#[case::v4_cidr_hit(
+    v4_tcp("203.0.113.200", LOCAL4, 40000, 22, SYN),
+    XDP_PASS,
+    Reason::PassWhitelist
+)]
+#[case::v4_miss(
+    v4_tcp(STRANGER4, LOCAL4, 40000, 22, SYN),
+    XDP_DROP,
+    Reason::DropNotWhitelisted
+)]
+#[case::v4_next_to_cidr(
+    v4_tcp("203.0.113.127", LOCAL4, 40000, 22, SYN),
+    XDP_DROP,
+    Reason::DropNotWhitelisted
+)]
+#[case::v6_cidr_hit(
+    v6_tcp(FRIEND6, LOCAL6, 40000, 22, SYN),
+    XDP_PASS,
+    Reason::PassWhitelist
+)]
+#[case::v6_miss(
+    v6_tcp(STRANGER6, LOCAL6, 40000, 22, SYN),
+    XDP_DROP,
+    Reason::DropNotWhitelisted
+)]
 #[case::udp_miss(V4::new(STRANGER4, LOCAL4, UDP).frame(&udp(5353, 53, b"q")), XDP_DROP, Reason::DropNotWhitelisted)]
 #[case::ping_miss(V4::new(STRANGER4, LOCAL4, ICMP).frame(&icmp(8, 0, 7, 1, b"")), XDP_DROP, Reason::DropNotWhitelisted)]
 #[case::ping_hit(V4::new(FRIEND4, LOCAL4, ICMP).frame(&icmp(8, 0, 7, 1, b"")), XDP_PASS, Reason::PassWhitelist)]
@@ -153,9 +210,21 @@ fn whitelist_verdicts(#[case] frame: Vec<u8>, #[case] action: u32, #[case] reaso
 
 #[test]
 fn disabled_whitelist_passes_everything_even_garbage() {
-    let Some(dp) = Dp::with(&[], false, false) else { return };
-    dp.expect(&v4_tcp(STRANGER4, LOCAL4, 1, 22, SYN), XDP_PASS, Reason::PassWhitelistOff, "stranger");
-    dp.expect(&eth(0x0800, &[0x45; 8]), XDP_PASS, Reason::PassWhitelistOff, "truncated");
+    let Some(dp) = Dp::with(&[], false, false) else {
+        return;
+    };
+    dp.expect(
+        &v4_tcp(STRANGER4, LOCAL4, 1, 22, SYN),
+        XDP_PASS,
+        Reason::PassWhitelistOff,
+        "stranger",
+    );
+    dp.expect(
+        &eth(0x0800, &[0x45; 8]),
+        XDP_PASS,
+        Reason::PassWhitelistOff,
+        "truncated",
+    );
 }
 
 /// An outgoing packet through TC egress, then its reply through XDP ingress.
@@ -168,21 +237,43 @@ fn disabled_whitelist_passes_everything_even_garbage() {
 #[case::reply_with_v4_options(v4_tcp(LOCAL4, STRANGER4, 50000, 443, SYN), { let mut h = V4::new(STRANGER4, LOCAL4, TCP); h.options = vec![1; 8]; h.frame(&tcp(443, 50000, ACK)) }, { let mut h = V4::new(STRANGER4, LOCAL4, TCP); h.options = vec![1; 8]; h.frame(&tcp(443, 50002, ACK)) })]
 #[case::reply_with_v6_ext_headers(v6_tcp(LOCAL6, STRANGER6, 50000, 443, SYN), { let mut h = V6::new(STRANGER6, LOCAL6, TCP); h.ext = vec![(0, vec![1, 4, 0, 0, 0, 0]), (43, vec![0; 14]), (60, vec![0; 6])]; h.frame(&tcp(443, 50000, ACK)) }, { let mut h = V6::new(STRANGER6, LOCAL6, TCP); h.ext = vec![(0, vec![1, 4, 0, 0, 0, 0]), (60, vec![0; 6])]; h.frame(&tcp(443, 50003, ACK)) })]
 #[case::reply_vlan(vlan_eth(&[7], 0x0800, &V4::new(LOCAL4, STRANGER4, UDP).build(&udp(40000, 53, b""))), vlan_eth(&[7], 0x0800, &V4::new(STRANGER4, LOCAL4, UDP).build(&udp(53, 40000, b""))), vlan_eth(&[7], 0x0800, &V4::new(STRANGER4, LOCAL4, UDP).build(&udp(54, 40000, b""))))]
-fn replies_of_outgoing_flows_pass(#[case] out: Vec<u8>, #[case] reply: Vec<u8>, #[case] unrelated: Vec<u8>) {
+fn replies_of_outgoing_flows_pass(
+    #[case] out: Vec<u8>,
+    #[case] reply: Vec<u8>,
+    #[case] unrelated: Vec<u8>,
+) {
     let Some(dp) = Dp::new(WL) else { return };
-    dp.expect(&reply, XDP_DROP, Reason::DropNotWhitelisted, "reply before any outgoing packet");
+    dp.expect(
+        &reply,
+        XDP_DROP,
+        Reason::DropNotWhitelisted,
+        "reply before any outgoing packet",
+    );
     assert_eq!(dp.egress(&out), TCX_NEXT, "egress never blocks");
     assert_eq!(dp.count(Reason::EgressTracked), 1);
     dp.expect(&reply, XDP_PASS, Reason::PassEstablished, "reply");
-    dp.expect(&unrelated, XDP_DROP, Reason::DropNotWhitelisted, "same hosts, other flow");
+    dp.expect(
+        &unrelated,
+        XDP_DROP,
+        Reason::DropNotWhitelisted,
+        "same hosts, other flow",
+    );
 }
 
 #[test]
 fn outgoing_rst_opens_nothing() {
     let Some(dp) = Dp::new(WL) else { return };
-    assert_eq!(dp.egress(&v4_tcp(LOCAL4, STRANGER4, 22, 40000, RST | ACK)), TCX_NEXT);
+    assert_eq!(
+        dp.egress(&v4_tcp(LOCAL4, STRANGER4, 22, 40000, RST | ACK)),
+        TCX_NEXT
+    );
     assert_eq!(dp.count(Reason::EgressIgnored), 1);
-    dp.expect(&v4_tcp(STRANGER4, LOCAL4, 40000, 22, SYN), XDP_DROP, Reason::DropNotWhitelisted, "after RST");
+    dp.expect(
+        &v4_tcp(STRANGER4, LOCAL4, 40000, 22, SYN),
+        XDP_DROP,
+        Reason::DropNotWhitelisted,
+        "after RST",
+    );
 }
 
 #[test]
@@ -212,16 +303,41 @@ fn icmp_errors_about_outgoing_flows_are_related() {
     let out4 = V4::new(LOCAL4, STRANGER4, UDP).build(&udp(40000, 9999, b"x"));
     let out6 = V6::new(LOCAL6, STRANGER6, TCP).build(&tcp(50000, 80, SYN));
     let router = "198.51.100.1";
-    dp.expect(&icmp_error_quoting(&out4, false, router), XDP_DROP, Reason::DropNotWhitelisted, "before");
+    dp.expect(
+        &icmp_error_quoting(&out4, false, router),
+        XDP_DROP,
+        Reason::DropNotWhitelisted,
+        "before",
+    );
     dp.egress(&eth(0x0800, &out4));
     dp.egress(&eth(0x86dd, &out6));
-    dp.expect(&icmp_error_quoting(&out4, false, router), XDP_PASS, Reason::PassRelated, "v4 port unreachable");
-    dp.expect(&icmp_error_quoting(&out6, true, "2001:db8:ff::1"), XDP_PASS, Reason::PassRelated, "v6 unreachable");
+    dp.expect(
+        &icmp_error_quoting(&out4, false, router),
+        XDP_PASS,
+        Reason::PassRelated,
+        "v4 port unreachable",
+    );
+    dp.expect(
+        &icmp_error_quoting(&out6, true, "2001:db8:ff::1"),
+        XDP_PASS,
+        Reason::PassRelated,
+        "v6 unreachable",
+    );
     // An error quoting a flow we never sent, and one whose quote is cut short.
     let other = V4::new(LOCAL4, STRANGER4, UDP).build(&udp(40001, 9999, b"x"));
-    dp.expect(&icmp_error_quoting(&other, false, router), XDP_DROP, Reason::DropNotWhitelisted, "unknown flow");
+    dp.expect(
+        &icmp_error_quoting(&other, false, router),
+        XDP_DROP,
+        Reason::DropNotWhitelisted,
+        "unknown flow",
+    );
     let cut = V4::new(router, LOCAL4, ICMP).frame(&icmp(3, 3, 0, 0, &out4[..22]));
-    dp.expect(&cut, XDP_DROP, Reason::DropNotWhitelisted, "quote cut short");
+    dp.expect(
+        &cut,
+        XDP_DROP,
+        Reason::DropNotWhitelisted,
+        "quote cut short",
+    );
 }
 
 #[test]
@@ -231,23 +347,53 @@ fn fragments_of_an_admitted_reply_follow_the_first() {
     let mut first = V4::new(STRANGER4, LOCAL4, UDP);
     first.id = 999;
     first.more_frags = true;
-    dp.expect(&first.frame(&udp(53, 40000, &[0; 64])), XDP_PASS, Reason::PassEstablished, "first fragment");
+    dp.expect(
+        &first.frame(&udp(53, 40000, &[0; 64])),
+        XDP_PASS,
+        Reason::PassEstablished,
+        "first fragment",
+    );
     let mut later = first.clone();
     later.more_frags = false;
     later.frag_offset = 9;
-    dp.expect(&later.frame(&[0; 32]), XDP_PASS, Reason::PassFragment, "later fragment");
+    dp.expect(
+        &later.frame(&[0; 32]),
+        XDP_PASS,
+        Reason::PassFragment,
+        "later fragment",
+    );
     later.id = 1000;
-    dp.expect(&later.frame(&[0; 32]), XDP_DROP, Reason::DropNotWhitelisted, "fragment of another datagram");
+    dp.expect(
+        &later.frame(&[0; 32]),
+        XDP_DROP,
+        Reason::DropNotWhitelisted,
+        "fragment of another datagram",
+    );
 
     // IPv6: the fragment header carries the id.
     dp.egress(&V6::new(LOCAL6, STRANGER6, UDP).frame(&udp(40000, 53, b"q")));
     let mut f6 = V6::new(STRANGER6, LOCAL6, UDP);
     f6.ext = vec![(44, v6_frag_body(0, true, 0xabcd)[..].to_vec())];
-    dp.expect(&f6.frame(&udp(53, 40000, &[0; 64])), XDP_PASS, Reason::PassEstablished, "v6 first fragment");
+    dp.expect(
+        &f6.frame(&udp(53, 40000, &[0; 64])),
+        XDP_PASS,
+        Reason::PassEstablished,
+        "v6 first fragment",
+    );
     f6.ext = vec![(44, v6_frag_body(9, false, 0xabcd))];
-    dp.expect(&f6.frame(&[0; 32]), XDP_PASS, Reason::PassFragment, "v6 later fragment");
+    dp.expect(
+        &f6.frame(&[0; 32]),
+        XDP_PASS,
+        Reason::PassFragment,
+        "v6 later fragment",
+    );
     f6.ext = vec![(44, v6_frag_body(9, false, 0xabce))];
-    dp.expect(&f6.frame(&[0; 32]), XDP_DROP, Reason::DropNotWhitelisted, "v6 fragment of another datagram");
+    dp.expect(
+        &f6.frame(&[0; 32]),
+        XDP_DROP,
+        Reason::DropNotWhitelisted,
+        "v6 fragment of another datagram",
+    );
 }
 
 #[test]
@@ -272,9 +418,15 @@ fn drops_are_logged_with_a_rate_limit() {
     let stats = datapath::log_stats(&dp.paths).unwrap();
     let written = stats[LogStat::Written as usize];
     let suppressed = stats[LogStat::Suppressed as usize];
-    assert!(written >= 1 && written <= 130, "burst bounds the log: {written} written");
+    assert!(
+        (1..=130).contains(&written),
+        "burst bounds the log: {written} written"
+    );
     assert_eq!(written + suppressed + stats[LogStat::Lost as usize], 300);
-    let mut rb: RingBuf<MapData> = datapath::open_map(&dp.paths, maps::EVENTS).unwrap().try_into().unwrap();
+    let mut rb: RingBuf<MapData> = datapath::open_map(&dp.paths, maps::EVENTS)
+        .unwrap()
+        .try_into()
+        .unwrap();
     let item = rb.next().expect("an event in the ring buffer");
     let e: LogEvent = *bytemuck::from_bytes(&item[..std::mem::size_of::<LogEvent>()]);
     let line = isolation_user::commands::trace::format_line(&e, "eth0");
@@ -286,7 +438,9 @@ fn drops_are_logged_with_a_rate_limit() {
 
 #[test]
 fn no_log_when_logging_is_off() {
-    let Some(dp) = Dp::with(WL, true, false) else { return };
+    let Some(dp) = Dp::with(WL, true, false) else {
+        return;
+    };
     assert_eq!(dp.ingress(&v4_tcp(STRANGER4, LOCAL4, 1, 22, SYN)), XDP_DROP);
     assert_eq!(datapath::log_stats(&dp.paths).unwrap(), [0, 0, 0]);
 }

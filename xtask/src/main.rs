@@ -1,1 +1,45 @@
-fn main() {}
+//! `cargo xtask <command>`: the project's own automation, so a fresh machine needs nothing
+//! by hand. Each command is a module with its options and a `run`.
+
+mod build;
+mod demo;
+mod setup;
+mod test;
+mod util;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what a fresh machine lacks: rust-src, bpf-linker, Debian packages. Idempotent.
+    Setup(setup::Options),
+    /// Build the BPF object (embedded in isolation-user) and copy it to target/bpf/.
+    BuildEbpf(build::Options),
+    /// Lints, unit tests, BPF verdict tests and end-to-end tests in network namespaces.
+    Test(test::Options),
+    /// Build a small network of namespaces, load a policy, show traffic allowed and denied.
+    Demo(demo::Options),
+}
+
+fn main() -> std::process::ExitCode {
+    let r = match Cli::parse().cmd {
+        Cmd::Setup(o) => setup::run(o),
+        Cmd::BuildEbpf(o) => build::run(o).map(|_| ()),
+        Cmd::Test(o) => test::run(o),
+        Cmd::Demo(o) => demo::run(o),
+    };
+    match r {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

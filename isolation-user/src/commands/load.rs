@@ -75,8 +75,12 @@ pub fn read_policy(file: Option<&PathBuf>) -> Result<(Policy, String)> {
             d
         }
     };
-    let text = fs::read_to_string(&path).with_context(|| format!("cannot read policy {}", path.display()))?;
-    Ok((policy::parse(&path.display().to_string(), &text)?, path.display().to_string()))
+    let text = fs::read_to_string(&path)
+        .with_context(|| format!("cannot read policy {}", path.display()))?;
+    Ok((
+        policy::parse(&path.display().to_string(), &text)?,
+        path.display().to_string(),
+    ))
 }
 
 pub fn load(paths: &Paths, a: LoadArgs) -> Result<()> {
@@ -90,7 +94,11 @@ pub fn load(paths: &Paths, a: LoadArgs) -> Result<()> {
     for name in &a.ifaces {
         let ifindex = super::ifindex(name)?;
         if !wanted.iter().any(|w: &IfaceState| w.name == *name) {
-            wanted.push(IfaceState { name: name.clone(), ifindex, mode: a.mode.as_str().into() });
+            wanted.push(IfaceState {
+                name: name.clone(),
+                ifindex,
+                mode: a.mode.as_str().into(),
+            });
         }
     }
     let _lock = paths.lock()?;
@@ -114,7 +122,9 @@ pub fn load(paths: &Paths, a: LoadArgs) -> Result<()> {
             {
                 bail!(
                     "{} is already attached in {} mode; run `isolation-user unload --iface {}` to change it",
-                    w.name, cur.mode, w.name
+                    w.name,
+                    cur.mode,
+                    w.name
                 );
             }
             continue;

@@ -12,11 +12,14 @@ pub fn ifname(ifindex: u32) -> String {
     if p.is_null() {
         return format!("if{ifindex}");
     }
-    unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned()
+    unsafe { std::ffi::CStr::from_ptr(p) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 pub fn ifindex(name: &str) -> anyhow::Result<u32> {
-    let c = std::ffi::CString::new(name).map_err(|_| anyhow::anyhow!("bad interface name '{name}'"))?;
+    let c =
+        std::ffi::CString::new(name).map_err(|_| anyhow::anyhow!("bad interface name '{name}'"))?;
     match unsafe { libc::if_nametoindex(c.as_ptr()) } {
         0 => anyhow::bail!("no interface named '{name}' in this network namespace"),
         i => Ok(i),

@@ -69,7 +69,13 @@ fn print_once(paths: &Paths, as_json: bool) -> Result<()> {
         println!("{title}");
         println!("{:>8} {:>8}  {:<6} reason", "pkts", "bytes", "target");
         for (r, c) in counters.iter().filter(|(r, _)| r.is_egress() == egress) {
-            println!("{:>8} {:>8}  {:<6} {}", human(c.packets), human(c.bytes), verdict(*r), r.name());
+            println!(
+                "{:>8} {:>8}  {:<6} {}",
+                human(c.packets),
+                human(c.bytes),
+                verdict(*r),
+                r.name()
+            );
         }
         println!();
     }

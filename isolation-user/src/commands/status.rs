@@ -4,7 +4,10 @@ use anyhow::Result;
 use clap::Args;
 use serde_json::json;
 
-use crate::{datapath, state::{Paths, State}};
+use crate::{
+    datapath,
+    state::{Paths, State},
+};
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
@@ -19,7 +22,10 @@ pub fn run(paths: &Paths, a: StatusArgs) -> Result<()> {
         if a.json {
             println!("{}", json!({ "loaded": false }));
         } else {
-            println!("isolation: not loaded (pin dir {})", paths.pin_dir.display());
+            println!(
+                "isolation: not loaded (pin dir {})",
+                paths.pin_dir.display()
+            );
         }
         return Ok(());
     };
@@ -30,7 +36,10 @@ pub fn run(paths: &Paths, a: StatusArgs) -> Result<()> {
     for i in &st.interfaces {
         let attached = datapath::attached_xdp(&i.name).ok().flatten();
         let (mode, ok) = match &attached {
-            Some((id, _, mode)) => (mode.clone(), *id == xdp_id && datapath::is_attached(paths, &i.name)),
+            Some((id, _, mode)) => (
+                mode.clone(),
+                *id == xdp_id && datapath::is_attached(paths, &i.name),
+            ),
             None => ("none".to_string(), false),
         };
         ifaces.push(json!({
@@ -60,7 +69,11 @@ pub fn run(paths: &Paths, a: StatusArgs) -> Result<()> {
     println!("backend:     {}", st.backend);
     println!("pin dir:     {}", paths.pin_dir.display());
     println!("programs:    xdp id {xdp_id}, tc egress id {tc_id}");
-    println!("policy:      generation {}, whitelist {}", cfg.generation, if wl_enabled { "enforced" } else { "off" });
+    println!(
+        "policy:      generation {}, whitelist {}",
+        cfg.generation,
+        if wl_enabled { "enforced" } else { "off" }
+    );
     println!("interfaces:");
     for i in &ifaces {
         println!(
@@ -68,7 +81,11 @@ pub fn run(paths: &Paths, a: StatusArgs) -> Result<()> {
             i["name"].as_str().unwrap_or(""),
             i["xdp_mode"].as_str().unwrap_or(""),
             i["requested_mode"].as_str().unwrap_or(""),
-            if i["attached"].as_bool() == Some(true) { "" } else { "  NOT ATTACHED" }
+            if i["attached"].as_bool() == Some(true) {
+                ""
+            } else {
+                "  NOT ATTACHED"
+            }
         );
     }
     println!("maps:");

@@ -46,13 +46,27 @@ fn proto_name(p: u8) -> String {
 }
 
 fn tcp_flags(f: u8) -> String {
-    let names = [(0x01, "FIN"), (0x02, "SYN"), (0x04, "RST"), (0x08, "PSH"), (0x10, "ACK"), (0x20, "URG")];
-    names.iter().filter(|(b, _)| f & b != 0).map(|(_, n)| *n).collect::<Vec<_>>().join(" ")
+    let names = [
+        (0x01, "FIN"),
+        (0x02, "SYN"),
+        (0x04, "RST"),
+        (0x08, "PSH"),
+        (0x10, "ACK"),
+        (0x20, "URG"),
+    ];
+    names
+        .iter()
+        .filter(|(b, _)| f & b != 0)
+        .map(|(_, n)| *n)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// `IN=eth0 SRC=... DST=... LEN=60 TTL=64 PROTO=TCP SPT=1 DPT=2 SYN`, as iptables LOG.
 pub fn format_line(e: &LogEvent, ifname: &str) -> String {
-    let reason = Reason::from_u32(e.reason).map(|r| r.name()).unwrap_or("unknown");
+    let reason = Reason::from_u32(e.reason)
+        .map(|r| r.name())
+        .unwrap_or("unknown");
     let mut s = format!(
         "isolation DROP {reason}: IN={ifname} SRC={} DST={} LEN={} TTL={} PROTO={}",
         addr(e.family, &e.src),
@@ -65,7 +79,12 @@ pub fn format_line(e: &LogEvent, ifname: &str) -> String {
         s = s.replacen(" SRC=", &format!(" VLAN={} SRC=", e.vlan), 1);
     }
     match e.proto {
-        6 => s.push_str(&format!(" SPT={} DPT={} {}", e.sport, e.dport, tcp_flags(e.tcp_flags))),
+        6 => s.push_str(&format!(
+            " SPT={} DPT={} {}",
+            e.sport,
+            e.dport,
+            tcp_flags(e.tcp_flags)
+        )),
         17 => s.push_str(&format!(" SPT={} DPT={}", e.sport, e.dport)),
         1 | 58 => s.push_str(&format!(" TYPE={} CODE={}", e.tcp_flags, e.icmp_code)),
         _ => {}
@@ -89,9 +108,13 @@ pub fn run(paths: &Paths, a: TraceArgs) -> Result<()> {
     let mut rb: RingBuf<MapData> = datapath::open_map(paths, maps::EVENTS)?.try_into()?;
     let fd = rb.as_raw_fd();
     // Monotonic event clock to wall clock.
-    let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos();
     let offset = wall - datapath::monotonic_ns() as u128;
-    let deadline = a.timeout.map(|t| Instant::now() + Duration::from_secs_f64(t));
+    let deadline = a
+        .timeout
+        .map(|t| Instant::now() + Duration::from_secs_f64(t));
     let mut seen = 0u64;
     let mut last_stats = datapath::log_stats(paths)?;
     loop {
@@ -124,7 +147,11 @@ pub fn run(paths: &Paths, a: TraceArgs) -> Result<()> {
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return Ok(());
         }
-        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
         unsafe { libc::poll(&mut pfd, 1, 200) };
     }
 }

@@ -58,8 +58,12 @@ fn collect(a: &EditArgs) -> Result<Vec<IpNet>> {
         let (name, reader): (String, Box<dyn std::io::BufRead>) = if f.as_os_str() == "-" {
             ("<stdin>".into(), Box::new(std::io::stdin().lock()))
         } else {
-            let file = std::fs::File::open(f).with_context(|| format!("cannot read {}", f.display()))?;
-            (f.display().to_string(), Box::new(std::io::BufReader::new(file)))
+            let file =
+                std::fs::File::open(f).with_context(|| format!("cannot read {}", f.display()))?;
+            (
+                f.display().to_string(),
+                Box::new(std::io::BufReader::new(file)),
+            )
         };
         for (i, line) in reader.lines().enumerate() {
             let line = line.with_context(|| format!("cannot read {name}"))?;
@@ -67,7 +71,9 @@ fn collect(a: &EditArgs) -> Result<Vec<IpNet>> {
             if entry.is_empty() {
                 continue;
             }
-            out.push(policy::parse_net(entry).map_err(|r| anyhow::anyhow!("{name}:{}: {r}", i + 1))?);
+            out.push(
+                policy::parse_net(entry).map_err(|r| anyhow::anyhow!("{name}:{}: {r}", i + 1))?,
+            );
         }
     }
     if out.is_empty() {
@@ -115,7 +121,9 @@ pub fn run(paths: &Paths, cmd: WhitelistCmd) -> Result<()> {
             }
             let mut next = p.whitelist.allow.clone();
             next.extend(&fresh);
-            WhitelistSizes::of(&next).check().map_err(anyhow::Error::msg)?;
+            WhitelistSizes::of(&next)
+                .check()
+                .map_err(anyhow::Error::msg)?;
             let pb = progress(fresh.len());
             for n in &fresh {
                 maps.insert(n)?;
@@ -124,7 +132,11 @@ pub fn run(paths: &Paths, cmd: WhitelistCmd) -> Result<()> {
             pb.finish_and_clear();
             p.whitelist.allow = next;
             bump(paths, &p)?;
-            println!("isolation: whitelisted {} new entr{}", fresh.len(), if fresh.len() == 1 { "y" } else { "ies" });
+            println!(
+                "isolation: whitelisted {} new entr{}",
+                fresh.len(),
+                if fresh.len() == 1 { "y" } else { "ies" }
+            );
             Ok(())
         }
         WhitelistCmd::Del(a) => {
@@ -148,7 +160,10 @@ pub fn run(paths: &Paths, cmd: WhitelistCmd) -> Result<()> {
             }
             p.whitelist = next;
             bump(paths, &p)?;
-            println!("isolation: removed {removed} entr{}", if removed == 1 { "y" } else { "ies" });
+            println!(
+                "isolation: removed {removed} entr{}",
+                if removed == 1 { "y" } else { "ies" }
+            );
             Ok(())
         }
         WhitelistCmd::Flush { force } => {
@@ -172,7 +187,13 @@ pub fn run(paths: &Paths, cmd: WhitelistCmd) -> Result<()> {
             entries.sort();
             let shown: Vec<String> = entries
                 .iter()
-                .map(|n| if n.prefix_len() == n.max_prefix_len() { n.addr().to_string() } else { n.to_string() })
+                .map(|n| {
+                    if n.prefix_len() == n.max_prefix_len() {
+                        n.addr().to_string()
+                    } else {
+                        n.to_string()
+                    }
+                })
                 .collect();
             if json {
                 println!("{}", serde_json::to_string(&shown)?);

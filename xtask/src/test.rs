@@ -1,0 +1,47 @@
+//! `test`: the whole suite, as CI runs it. End-to-end and BPF tests need root; they fail
+//! rather than skip (ISOLATION_REQUIRE_E2E=1) unless --allow-skip is given.
+
+use anyhow::Result;
+
+use crate::{
+    build, setup,
+    util::{cmd, exec},
+};
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Let root-only tests skip instead of fail (for a quick non-root run).
+    #[arg(long)]
+    allow_skip: bool,
+    /// Skip `cargo fmt --check` and clippy.
+    #[arg(long)]
+    no_lint: bool,
+    /// Extra arguments for `cargo test` (e.g. a test name filter), after `--`.
+    #[arg(last = true)]
+    rest: Vec<String>,
+}
+
+pub fn run(o: Options) -> Result<()> {
+    setup::run(setup::Options::quiet())?;
+    if !o.no_lint {
+        exec(cmd("cargo").args(["fmt", "--all", "--check"]))?;
+        exec(cmd("cargo").args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+    }
+    build::run(build::Options::debug())?;
+    let mut c = cmd("cargo");
+    c.args(["test", "--workspace"]);
+    if !o.rest.is_empty() {
+        c.arg("--").args(&o.rest);
+    }
+    if !o.allow_skip {
+        c.env("ISOLATION_REQUIRE_E2E", "1");
+    }
+    exec(&mut c)
+}
