@@ -92,11 +92,12 @@ pub struct Config {
     pub generation: u32,
 }
 
-/// Value of the whitelist maps.
+/// Value of the whitelist maps. The datapath only tests presence; the prefix length lets
+/// userspace tell which trie entry an LPM lookup matched (for the SSH lockout check).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable, PartialEq, Eq)]
 pub struct WlEntry {
-    pub flags: u32,
+    pub prefix_len: u32,
 }
 
 /// LPM-trie key layout, identical to `bpf_lpm_trie_key`: prefix length first, then the

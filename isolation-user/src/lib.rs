@@ -1,6 +1,7 @@
 //! isolation-user: turns a policy file into map entries of the isolation XDP/TC datapath,
 //! loads and attaches it, and edits it live.
 
+mod bpf_batch;
 pub mod commands;
 pub mod datapath;
 pub mod lockout;

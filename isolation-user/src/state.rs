@@ -108,8 +108,17 @@ pub fn live_policy(paths: &Paths) -> Result<Policy> {
     }
 }
 
+/// Saves the live policy without the whitelist entries: those live in the BPF maps (the
+/// one source of truth), so a live edit at 1M entries rewrites no file.
 pub fn save_policy(paths: &Paths, p: &Policy) -> Result<()> {
-    write_atomic(&paths.policy_file(), policy::to_toml(p).as_bytes())
+    let mut p = p.clone();
+    p.whitelist.allow.clear();
+    let text = format!(
+        "# The live policy of isolation-user. Whitelist entries are in the BPF maps:\n\
+         # `isolation-user whitelist list` prints them.\n{}",
+        policy::to_toml(&p)
+    );
+    write_atomic(&paths.policy_file(), text.as_bytes())
 }
 
 /// Write-then-rename, so a crash never leaves half a file behind.

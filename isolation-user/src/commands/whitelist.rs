@@ -1,4 +1,5 @@
-//! `whitelist add|del|list|flush`: live edits, no reload.
+//! `whitelist add|del|list|flush`: live edits, no reload. The maps are the source of truth
+//! for the entries, so an edit costs the same at 10 and at 1M entries.
 
 use std::{
     collections::HashSet,
@@ -12,8 +13,7 @@ use ipnet::IpNet;
 
 use crate::{
     datapath::{self, WhitelistMaps},
-    lockout,
-    policy::{self, WhitelistSizes},
+    lockout, policy,
     state::{self, Paths, State},
 };
 
@@ -30,6 +30,7 @@ pub enum WhitelistCmd {
     },
     /// Remove every entry (the whitelist stays enforced: only replies get in).
     Flush {
+        /// Flush even if this SSH session's client would no longer be admitted.
         #[arg(long)]
         force: bool,
     },
@@ -79,12 +80,14 @@ fn collect(a: &EditArgs) -> Result<Vec<IpNet>> {
     if out.is_empty() {
         bail!("no addresses given (name some, or use --file FILE)");
     }
+    let mut seen = HashSet::new();
+    out.retain(|n| seen.insert(*n));
     Ok(out)
 }
 
 /// A progress bar on a terminal for big edits; nothing otherwise.
 fn progress(len: usize) -> indicatif::ProgressBar {
-    if len < 10_000 || !std::io::stderr().is_terminal() {
+    if len < 50_000 || !std::io::stderr().is_terminal() {
         return indicatif::ProgressBar::hidden();
     }
     let pb = indicatif::ProgressBar::new(len as u64);
@@ -96,12 +99,42 @@ fn progress(len: usize) -> indicatif::ProgressBar {
 }
 
 /// Bumps the policy generation after a live edit.
-fn bump(paths: &Paths, p: &policy::Policy) -> Result<()> {
+fn bump(paths: &Paths) -> Result<()> {
+    let p = state::live_policy(paths)?;
     let mut st = State::load(paths)?.unwrap_or_default();
     st.generation += 1;
-    datapath::write_config(paths, &datapath::config_for(p, st.generation))?;
-    state::save_policy(paths, p)?;
+    datapath::write_config(paths, &datapath::config_for(&p, st.generation))?;
     st.save(paths)
+}
+
+/// Refuses an edit after which the whitelist would not admit this SSH session's client.
+fn check_lockout(
+    paths: &Paths,
+    maps: &WhitelistMaps,
+    removing: Option<&HashSet<IpNet>>,
+    force: bool,
+) -> Result<()> {
+    let Some(client) = lockout::ssh_client() else {
+        return Ok(());
+    };
+    let p = state::live_policy(paths)?;
+    if force || !p.whitelist.enabled {
+        return Ok(());
+    }
+    let still = maps
+        .admitting(client)?
+        .into_iter()
+        .filter(|n| removing.is_some_and(|r| !r.contains(n)));
+    let wl = policy::Whitelist {
+        enabled: true,
+        log: false,
+        allow: still.collect(),
+    };
+    lockout::check_client(&wl, Some(client), false)
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "entry" } else { "entries" }
 }
 
 pub fn run(paths: &Paths, cmd: WhitelistCmd) -> Result<()> {
@@ -110,75 +143,49 @@ pub fn run(paths: &Paths, cmd: WhitelistCmd) -> Result<()> {
             let add = collect(&a)?;
             let _lock = paths.lock()?;
             let mut maps = WhitelistMaps::open(paths)?;
-            let mut p = state::live_policy(paths)?;
-            let have: HashSet<IpNet> = p.whitelist.allow.iter().copied().collect();
-            let mut fresh = Vec::new();
-            let mut seen = HashSet::new();
-            for n in add {
-                if !have.contains(&n) && seen.insert(n) {
-                    fresh.push(n);
-                }
-            }
-            let mut next = p.whitelist.allow.clone();
-            next.extend(&fresh);
-            WhitelistSizes::of(&next)
-                .check()
-                .map_err(anyhow::Error::msg)?;
-            let pb = progress(fresh.len());
-            for n in &fresh {
-                maps.insert(n)?;
-                pb.inc(1);
-            }
+            let pb = progress(add.len());
+            let new = maps.insert_many(&add, |n| pb.inc(n))?;
             pb.finish_and_clear();
-            p.whitelist.allow = next;
-            bump(paths, &p)?;
+            bump(paths)?;
             println!(
-                "isolation: whitelisted {} new entr{}",
-                fresh.len(),
-                if fresh.len() == 1 { "y" } else { "ies" }
+                "isolation: whitelisted {new} new {} ({} already there)",
+                plural(new),
+                add.len() - new
             );
             Ok(())
         }
         WhitelistCmd::Del(a) => {
-            let del: HashSet<IpNet> = collect(&a)?.into_iter().collect();
+            let del = collect(&a)?;
             let _lock = paths.lock()?;
             let mut maps = WhitelistMaps::open(paths)?;
-            let mut p = state::live_policy(paths)?;
-            let before = p.whitelist.allow.len();
-            let mut next = p.whitelist.clone();
-            next.allow.retain(|n| !del.contains(n));
-            lockout::check(&next, a.force)?;
+            check_lockout(paths, &maps, Some(&del.iter().copied().collect()), a.force)?;
             let pb = progress(del.len());
-            for n in &del {
-                maps.remove(n)?;
-                pb.inc(1);
-            }
+            let removed = maps.remove_many(&del, |n| pb.inc(n))?;
             pb.finish_and_clear();
-            let removed = before - next.allow.len();
-            for n in del.iter().filter(|n| !p.whitelist.allow.contains(n)) {
-                eprintln!("isolation: {n} was not in the whitelist");
+            bump(paths)?;
+            if removed < del.len() {
+                eprintln!(
+                    "isolation: {} of the given entries were not in the whitelist",
+                    del.len() - removed
+                );
             }
-            p.whitelist = next;
-            bump(paths, &p)?;
-            println!(
-                "isolation: removed {removed} entr{}",
-                if removed == 1 { "y" } else { "ies" }
-            );
+            println!("isolation: removed {removed} {}", plural(removed));
             Ok(())
         }
         WhitelistCmd::Flush { force } => {
             let _lock = paths.lock()?;
             let mut maps = WhitelistMaps::open(paths)?;
-            let mut p = state::live_policy(paths)?;
-            let mut next = p.whitelist.clone();
-            next.allow.clear();
-            lockout::check(&next, force)?;
-            for n in maps.entries()? {
-                maps.remove(&n)?;
-            }
-            p.whitelist = next;
-            bump(paths, &p)?;
-            println!("isolation: whitelist flushed");
+            check_lockout(paths, &maps, None, force)?;
+            let all = maps.entries()?;
+            let pb = progress(all.len());
+            maps.remove_many(&all, |n| pb.inc(n))?;
+            pb.finish_and_clear();
+            bump(paths)?;
+            println!(
+                "isolation: whitelist flushed ({} {})",
+                all.len(),
+                plural(all.len())
+            );
             Ok(())
         }
         WhitelistCmd::List { json } => {
@@ -198,8 +205,10 @@ pub fn run(paths: &Paths, cmd: WhitelistCmd) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string(&shown)?);
             } else {
+                let mut out = std::io::BufWriter::new(std::io::stdout().lock());
                 for s in shown {
-                    println!("{s}");
+                    use std::io::Write as _;
+                    writeln!(out, "{s}")?;
                 }
             }
             Ok(())
