@@ -26,6 +26,7 @@ mod programs {
         macros::{btf_map, classifier, xdp},
         programs::{TcContext, XdpContext},
     };
+    use aya_log_ebpf::debug;
     use isolation_common::{Config, Reason, flags};
 
     use crate::{
@@ -65,8 +66,15 @@ mod programs {
             Parsed::NonIp => return Reason::PassNonIp,
             Parsed::Ip(pkt) => pkt,
             _ if !enforce => return Reason::PassWhitelistOff,
-            Parsed::TooManyVlans => return Reason::DropTooManyVlans,
-            Parsed::Malformed => return Reason::DropMalformed,
+            // Rare paths only: debug logs (aya-log, `trace --debug`) never touch the hot path.
+            Parsed::TooManyVlans => {
+                debug!(ctx, "dropped a frame of {} bytes with more than two VLAN tags", len);
+                return Reason::DropTooManyVlans;
+            }
+            Parsed::Malformed => {
+                debug!(ctx, "dropped a malformed frame of {} bytes", len);
+                return Reason::DropMalformed;
+            }
         };
         if parse::is_neighbour_discovery(&pkt) {
             return Reason::PassNeighbour;

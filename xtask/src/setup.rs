@@ -99,10 +99,13 @@ fn rust_src(verbose: bool) -> Result<()> {
 /// toolchain ships, found at run time through a directory of symlinks that stays put.
 fn bpf_linker(verbose: bool) -> Result<()> {
     let sysroot = PathBuf::from(output(cmd("rustc").args(["--print", "sysroot"]))?.trim());
+    // The library itself is the largest libLLVM* file: the small ones beside it are
+    // linker scripts naming it, which would not resolve through our symlink directory.
     let lib = std::fs::read_dir(sysroot.join("lib"))?
         .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("libLLVM"))
+        .max_by_key(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .find(|n| n.starts_with("libLLVM.so") || n.starts_with("libLLVM-"))
         .context("the pinned toolchain ships no libLLVM")?;
     let vv = output(cmd("rustc").arg("-vV"))?;
     let major = vv

@@ -25,6 +25,22 @@ pub struct TraceArgs {
     /// Stop after this many seconds.
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<f64>,
+    /// Also print the programs' debug log (aya-log) on stderr: why frames were malformed.
+    #[arg(long)]
+    pub debug: bool,
+}
+
+/// Prints the programs' aya-log lines on stderr.
+struct StderrLog;
+
+impl log::Log for StderrLog {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        eprintln!("isolation bpf {}: {}", r.level().as_str().to_lowercase(), r.args());
+    }
+    fn flush(&self) {}
 }
 
 fn addr(family: u8, b: &[u8; 16]) -> IpAddr {
@@ -117,7 +133,19 @@ pub fn run(paths: &Paths, a: TraceArgs) -> Result<()> {
         .map(|t| Instant::now() + Duration::from_secs_f64(t));
     let mut seen = 0u64;
     let mut last_stats = datapath::log_stats(paths)?;
+    let mut bpf_log = if a.debug {
+        let id = datapath::pinned_xdp_id(paths)?;
+        Some(
+            aya_log::EbpfLogger::init_from_id_with_logger(id, StderrLog)
+                .map_err(|e| anyhow::anyhow!("cannot read the programs' debug log: {e}"))?,
+        )
+    } else {
+        None
+    };
     loop {
+        if let Some(l) = bpf_log.as_mut() {
+            l.flush();
+        }
         while let Some(item) = rb.next() {
             if item.len() < std::mem::size_of::<LogEvent>() {
                 continue;
