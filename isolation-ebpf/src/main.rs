@@ -68,7 +68,10 @@ mod programs {
             _ if !enforce => return Reason::PassWhitelistOff,
             // Rare paths only: debug logs (aya-log, `trace --debug`) never touch the hot path.
             Parsed::TooManyVlans => {
-                debug!(ctx, "dropped a frame of {} bytes with more than two VLAN tags", len);
+                debug!(
+                    ctx,
+                    "dropped a frame of {} bytes with more than two VLAN tags", len
+                );
                 return Reason::DropTooManyVlans;
             }
             Parsed::Malformed => {

@@ -54,6 +54,23 @@ fn is_bpffs(p: &Path) -> bool {
 /// Creates the pin dir, mounting a bpffs on it if it is not on one already.
 pub fn ensure_pin_dir(paths: &Paths) -> Result<()> {
     let dir = &paths.pin_dir;
+    // Two loaders mounting at once would stack two bpffs, the second hiding the first's
+    // pins: check and mount under a machine-wide lock.
+    let lock_dir = if Path::new("/run/lock").is_dir() {
+        "/run/lock"
+    } else {
+        "/tmp"
+    };
+    let lock_path = Path::new(lock_dir).join("isolation-bpffs.lock");
+    let lock = fs::File::create(&lock_path)
+        .with_context(|| format!("cannot open {}", lock_path.display()))?;
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
+        bail!(
+            "cannot lock {}: {}",
+            lock_path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
     // The usual place: mount the bpffs at /sys/fs/bpf itself, as systemd would.
     let sys = Path::new("/sys/fs/bpf");
     if dir.starts_with(sys) && sys.is_dir() && !is_bpffs(sys) {

@@ -461,10 +461,19 @@ fn bad_input_changes_nothing_live() {
         "{err}"
     );
     // The kernel refuses: loopback has no native (driver) XDP.
-    let err = lab.iso.fails(&["load", "--iface", "lo", "--mode", "native"]);
-    assert!(err.contains("cannot attach XDP (native mode) to lo"), "{err}");
+    let err = lab
+        .iso
+        .fails(&["load", "--iface", "lo", "--mode", "native"]);
+    assert!(
+        err.contains("cannot attach XDP (native mode) to lo"),
+        "{err}"
+    );
     let st: serde_json::Value = serde_json::from_str(&lab.iso.ok(&["status", "--json"])).unwrap();
-    assert_eq!(st["interfaces"].as_array().unwrap().len(), 2, "lo not recorded: {st}");
+    assert_eq!(
+        st["interfaces"].as_array().unwrap().len(),
+        2,
+        "lo not recorded: {st}"
+    );
     assert!(!lab.iso.pin.join("links/xdp_lo").exists());
     assert!(!lab.iso.pin.join("links/tc_lo").exists());
     let err = lab

@@ -139,9 +139,15 @@ pub fn load(paths: &Paths, a: LoadArgs) -> Result<()> {
     }
     // Connections already open (the operator's SSH session) are remembered before the
     // programs can see a packet, so they keep working whatever the whitelist says.
-    let seeded = datapath::seed_flows(paths, &seed::established_flows())?;
+    let flows = seed::established_flows();
+    tracing::debug!(
+        count = flows.len(),
+        "seeding established flows from /proc/self/net"
+    );
+    let seeded = datapath::seed_flows(paths, &flows)?;
     let mut attached: Vec<IfaceState> = Vec::new();
     for w in &new {
+        tracing::debug!(iface = %w.name, mode = %w.mode, "attaching XDP ingress and TC egress");
         if let Err(e) = datapath::attach(paths, w) {
             // Leave things as they were: undo this run's attachments (and the load).
             for done in &attached {

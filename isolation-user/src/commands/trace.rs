@@ -38,7 +38,11 @@ impl log::Log for StderrLog {
         true
     }
     fn log(&self, r: &log::Record<'_>) {
-        eprintln!("isolation bpf {}: {}", r.level().as_str().to_lowercase(), r.args());
+        eprintln!(
+            "isolation bpf {}: {}",
+            r.level().as_str().to_lowercase(),
+            r.args()
+        );
     }
     fn flush(&self) {}
 }
