@@ -1,8 +1,19 @@
-//! The kernel's batch map operations (BPF_MAP_UPDATE_BATCH / DELETE_BATCH), which aya does
-//! not wrap: one syscall for thousands of hash entries instead of one each.
+//! Raw map syscalls that aya does not wrap: the kernel's batch operations (one syscall for
+//! thousands of hash entries instead of one each), NOEXIST updates, and key counting.
 
 use std::os::fd::{AsRawFd as _, BorrowedFd};
 
+/// The `bpf(2)` syscall with one attribute struct; Err carries errno.
+fn sys_bpf<A>(cmd: libc::c_long, attr: &mut A) -> std::io::Result<()> {
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut A, std::mem::size_of::<A>()) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
@@ -38,21 +49,9 @@ fn batch(
         elem_flags,
         ..Default::default()
     };
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            &mut attr as *mut BatchAttr,
-            std::mem::size_of::<BatchAttr>(),
-        )
-    };
+    let r = sys_bpf(cmd, &mut attr);
     // On error the kernel reports in `count` how many elements it processed.
-    let done = attr.count as usize;
-    if r == 0 {
-        (done, Ok(()))
-    } else {
-        (done, Err(std::io::Error::last_os_error()))
-    }
+    (attr.count as usize, r)
 }
 
 /// Updates `count` entries (`keys` and `values` packed back to back). Returns how many were
@@ -101,18 +100,10 @@ pub fn keys<K: bytemuck::Pod>(fd: BorrowedFd<'_>, value_size: usize) -> std::io:
             map_fd: fd.as_raw_fd() as u32,
             ..Default::default()
         };
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>(),
-            )
-        };
+        let r = sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
         let n = attr.count as usize;
         out.extend_from_slice(&keys[..n.min(CHUNK)]);
-        if r != 0 {
-            let e = std::io::Error::last_os_error();
+        if let Err(e) = r {
             // ENOENT: the walk is over (the last keys came with it).
             return if e.raw_os_error() == Some(libc::ENOENT) {
                 Ok(out)
@@ -142,24 +133,44 @@ pub fn update_one<K: bytemuck::Pod, V: bytemuck::Pod>(
         value: u64,
         flags: u64,
     }
-    let attr = ElemAttr {
+    let mut attr = ElemAttr {
         map_fd: fd.as_raw_fd() as u32,
         _pad: 0,
         key: key as *const K as u64,
         value: value as *const V as u64,
         flags,
     };
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_UPDATE_ELEM,
-            &attr as *const ElemAttr,
-            std::mem::size_of::<ElemAttr>(),
-        )
-    };
-    if r == 0 {
-        (1, Ok(()))
-    } else {
-        (0, Err(std::io::Error::last_os_error()))
+    match sys_bpf(BPF_MAP_UPDATE_ELEM, &mut attr) {
+        Ok(()) => (1, Ok(())),
+        Err(e) => (0, Err(e)),
+    }
+}
+
+/// How many keys a map holds, walked with BPF_MAP_GET_NEXT_KEY (works for every map type).
+pub fn count_keys(fd: BorrowedFd<'_>, key_size: usize) -> std::io::Result<u64> {
+    #[repr(C)]
+    struct NextKeyAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        next_key: u64,
+    }
+    let mut cur = vec![0u8; key_size];
+    let mut next = vec![0u8; key_size];
+    let mut n = 0;
+    loop {
+        let mut attr = NextKeyAttr {
+            map_fd: fd.as_raw_fd() as u32,
+            _pad: 0,
+            key: if n == 0 { 0 } else { cur.as_ptr() as u64 },
+            next_key: next.as_mut_ptr() as u64,
+        };
+        match sys_bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(n),
+            Err(e) => return Err(e),
+        }
+        n += 1;
+        std::mem::swap(&mut cur, &mut next);
     }
 }

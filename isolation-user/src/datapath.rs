@@ -781,53 +781,9 @@ pub fn fill_levels(paths: &Paths) -> Result<Vec<(&'static str, u64, u32)>> {
         let data = MapData::from_pin(&p)?;
         let max = data.info()?.max_entries();
         let fd = std::os::fd::AsFd::as_fd(data.fd());
-        let n = count_keys(fd, data.info()?.key_size())?;
+        let n = crate::bpf_batch::count_keys(fd, data.info()?.key_size() as usize)
+            .with_context(|| format!("cannot count the entries of {name}"))?;
         out.push((name, n, max));
     }
     Ok(out)
-}
-
-fn count_keys(fd: std::os::fd::BorrowedFd<'_>, key_size: u32) -> Result<u64> {
-    use std::os::fd::AsRawFd as _;
-    // BPF_MAP_GET_NEXT_KEY walks keys of any map type without knowing their Rust type.
-    #[repr(C)]
-    struct Attr {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        next_key: u64,
-        _rest: [u64; 12],
-    }
-    let mut cur = vec![0u8; key_size as usize];
-    let mut next = vec![0u8; key_size as usize];
-    let mut first = true;
-    let mut n = 0;
-    loop {
-        let attr = Attr {
-            map_fd: fd.as_raw_fd() as u32,
-            _pad: 0,
-            key: if first { 0 } else { cur.as_ptr() as u64 },
-            next_key: next.as_mut_ptr() as u64,
-            _rest: [0; 12],
-        };
-        const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_GET_NEXT_KEY,
-                &attr as *const Attr,
-                std::mem::size_of::<Attr>(),
-            )
-        };
-        if r != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENOENT) {
-                return Ok(n);
-            }
-            return Err(e).context("BPF_MAP_GET_NEXT_KEY");
-        }
-        n += 1;
-        first = false;
-        std::mem::swap(&mut cur, &mut next);
-    }
 }
