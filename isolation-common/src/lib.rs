@@ -30,11 +30,39 @@ pub mod maps {
     pub const LOG_BUCKET: &str = "LOG_BUCKET";
     /// Ring buffer of `LogEvent`s read by `trace`.
     pub const EVENTS: &str = "EVENTS";
+    /// Isolation, in two slots (0 and 1) so that a whole policy swaps in one step: the
+    /// loader fills the slot not in use, then flips `Config::slot`.
+    /// Prefix → `NetEntry` (LPM tries, one per family and slot).
+    pub const NET_V4: [&str; 2] = ["NET_V4_0", "NET_V4_1"];
+    pub const NET_V6: [&str; 2] = ["NET_V6_0", "NET_V6_1"];
+    /// (protocol, destination port) → mask of allow rules that admit it (`port_index`).
+    pub const PORTS: [&str; 2] = ["PORTS_0", "PORTS_1"];
+    /// `PolicyMeta` of each slot (index = slot).
+    pub const META: &str = "META";
+    /// Per-CPU counters per allow rule (index = rule bit) and per except rule (64 + bit).
+    pub const RULE_COUNTERS: &str = "RULE_COUNTERS";
 
     /// Every map the loader pins, in the order `status` reports them.
     pub const ALL: &[&str] = &[
-        CONFIG, WL_V4, WL_V4_LPM, WL_V6, WL_V6_LPM, CONNTRACK, FRAGS, COUNTERS, LOG_STATS,
-        LOG_BUCKET, EVENTS,
+        CONFIG,
+        WL_V4,
+        WL_V4_LPM,
+        WL_V6,
+        WL_V6_LPM,
+        CONNTRACK,
+        FRAGS,
+        COUNTERS,
+        LOG_STATS,
+        LOG_BUCKET,
+        EVENTS,
+        NET_V4[0],
+        NET_V4[1],
+        NET_V6[0],
+        NET_V6[1],
+        PORTS[0],
+        PORTS[1],
+        META,
+        RULE_COUNTERS,
     ];
 }
 
@@ -56,6 +84,25 @@ pub mod limits {
     pub const EVENTS_BYTES: u32 = 1 << 20;
     /// Bound on the IPv6 extension headers walked before giving up on the L4 header.
     pub const IPV6_EXT_HEADERS: u32 = 6;
+    /// Networks, allow rules and except rules are bits of a u64 each.
+    pub const NETWORKS: usize = 64;
+    pub const ALLOW_RULES: usize = 64;
+    pub const EXCEPT_RULES: usize = 64;
+    /// Distinct prefixes per family in the isolation tries (networks and rule CIDRs).
+    pub const NET_PREFIXES: u32 = 1 << 16;
+}
+
+/// Index of `PORTS` for a protocol and destination port (host order).
+pub mod ports {
+    pub const TCP_BASE: u32 = 0;
+    pub const UDP_BASE: u32 = 65536;
+    /// ICMP and ICMPv6, whatever the type.
+    pub const ICMP: u32 = 2 * 65536;
+    /// Any other protocol (port-less rules only).
+    pub const OTHER: u32 = 2 * 65536 + 1;
+    /// A packet whose ports cannot be read (a later fragment): port-less rules only.
+    pub const NO_PORT: u32 = 2 * 65536 + 2;
+    pub const LEN: u32 = 2 * 65536 + 3;
 }
 
 /// Timeouts and the log rate limit, in nanoseconds of `bpf_ktime_get_ns`.
@@ -87,9 +134,51 @@ pub mod flags {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable, PartialEq, Eq)]
 pub struct Config {
+    /// Whitelist switches (`flags::*`): live, not part of a slot.
     pub flags: u32,
     /// Bumped by every policy change; shown by `status`.
     pub generation: u32,
+    /// The isolation slot in use (0 or 1).
+    pub slot: u32,
+    pub _pad: u32,
+}
+
+/// Bits of `PolicyMeta::flags`.
+pub mod iso_flags {
+    /// Some network exists: isolation judges packets.
+    pub const ENABLED: u32 = 1 << 0;
+    /// Default deny (else accept).
+    pub const DENY: u32 = 1 << 1;
+    /// Deny answers with RST / ICMP admin-prohibited (else silent drop).
+    pub const REJECT: u32 = 1 << 2;
+}
+
+/// The isolation switches of one slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable, PartialEq, Eq)]
+pub struct PolicyMeta {
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Value of the isolation tries: everything the policy says about the addresses under one
+/// prefix, already merged with every shorter prefix that contains it (an LPM lookup returns
+/// only the longest match, so containment is resolved at compile time).
+/// 4-byte aligned: an LPM trie stores the value right after a 4-byte IPv4 key.
+#[repr(C, packed(4))]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable, PartialEq, Eq)]
+pub struct NetEntry {
+    /// Networks containing the prefix: subject to isolation when non-zero; hairpin when
+    /// source and destination share a bit.
+    pub nets: u64,
+    /// Allow rules whose `from` contains the prefix.
+    pub allow_from: u64,
+    /// Allow rules whose `to` contains the prefix.
+    pub allow_to: u64,
+    /// Except rules whose `from` contains the prefix.
+    pub except_from: u64,
+    /// Except rules whose `to` contains the prefix.
+    pub except_to: u64,
 }
 
 /// Value of the whitelist maps. The datapath only tests presence; the prefix length lets
@@ -142,6 +231,8 @@ pub mod flow_origin {
     pub const EGRESS: u32 = 1;
     /// Seeded by `load` from the kernel's socket table (connections open before load).
     pub const SEEDED: u32 = 2;
+    /// Admitted by an isolation allow rule.
+    pub const ALLOWED: u32 = 3;
 }
 
 #[repr(C)]
@@ -200,10 +291,24 @@ pub enum Reason {
     EgressTracked = 10,
     /// Egress: packet not tracked (non-IP, TCP RST, unparsable).
     EgressIgnored = 11,
+    /// Isolation: source or destination in no network.
+    PassNotSubject = 12,
+    /// Isolation: an except entry covers the pair.
+    PassExcept = 13,
+    /// Isolation: source and destination share a network.
+    PassHairpin = 14,
+    /// Isolation: an allow rule admits it (its replies are remembered).
+    PassAllow = 15,
+    /// Isolation: no rule, default accept.
+    PassDefault = 16,
+    /// Isolation: no rule, default deny, silent drop.
+    DropIsolated = 17,
+    /// Isolation: no rule, default deny, answered with RST / ICMP admin-prohibited.
+    RejectIsolated = 18,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 19;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::PassNonIp,
         Reason::PassNeighbour,
@@ -217,6 +322,13 @@ impl Reason {
         Reason::DropTooManyVlans,
         Reason::EgressTracked,
         Reason::EgressIgnored,
+        Reason::PassNotSubject,
+        Reason::PassExcept,
+        Reason::PassHairpin,
+        Reason::PassAllow,
+        Reason::PassDefault,
+        Reason::DropIsolated,
+        Reason::RejectIsolated,
     ];
 
     pub fn from_u32(v: u32) -> Option<Reason> {
@@ -238,13 +350,24 @@ impl Reason {
             Reason::DropTooManyVlans => "too-many-vlans",
             Reason::EgressTracked => "egress-tracked",
             Reason::EgressIgnored => "egress-ignored",
+            Reason::PassNotSubject => "not-isolated",
+            Reason::PassExcept => "except",
+            Reason::PassHairpin => "hairpin",
+            Reason::PassAllow => "allow-rule",
+            Reason::PassDefault => "default-accept",
+            Reason::DropIsolated => "isolated-drop",
+            Reason::RejectIsolated => "isolated-reject",
         }
     }
 
     pub const fn is_drop(self) -> bool {
         matches!(
             self,
-            Reason::DropNotWhitelisted | Reason::DropMalformed | Reason::DropTooManyVlans
+            Reason::DropNotWhitelisted
+                | Reason::DropMalformed
+                | Reason::DropTooManyVlans
+                | Reason::DropIsolated
+                | Reason::RejectIsolated
         )
     }
 
@@ -306,6 +429,8 @@ pub struct LogEvent {
 mod user {
     use super::*;
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for PolicyMeta {}
+    unsafe impl aya::Pod for NetEntry {}
     unsafe impl aya::Pod for LpmKeyV4 {}
     unsafe impl aya::Pod for LpmKeyV6 {}
     unsafe impl aya::Pod for WlEntry {}

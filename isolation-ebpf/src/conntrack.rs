@@ -130,6 +130,30 @@ pub fn is_admitted_fragment(pkt: &Packet) -> bool {
     }
 }
 
+/// Isolation: an allow rule admitted this packet; remember its flow (original direction =
+/// this packet) so replies pass.
+#[inline(always)]
+pub fn remember(pkt: &Packet) {
+    if pkt.l4 != L4::Ok {
+        return;
+    }
+    let key = FlowKey {
+        src: pkt.src,
+        dst: pkt.dst,
+        sport: pkt.sport,
+        dport: pkt.dport,
+        proto: pkt.proto,
+        family: pkt.family,
+        _pad: [0; 2],
+    };
+    let v = FlowValue {
+        last_seen_ns: unsafe { bpf_ktime_get_ns() },
+        origin: flow_origin::ALLOWED,
+        _pad: 0,
+    };
+    let _ = CONNTRACK.insert(&key, &v, 0);
+}
+
 /// Egress: record (or refresh, at most once a second) the flow of an outgoing packet.
 /// Returns false when the packet is not worth tracking.
 #[inline(always)]

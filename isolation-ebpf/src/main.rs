@@ -2,13 +2,17 @@
 //!
 //! XDP ingress: parse → non-IP / neighbour discovery pass → whitelist (exact hash, then
 //! CIDR trie) → reply of a flow that left us → ICMP error about one → later fragment of an
-//! admitted datagram → otherwise drop and log. Every exit is counted once, in `finish`.
+//! admitted datagram → otherwise drop and log. Then isolation: source and destination
+//! networks → except → hairpin → established → allow rules → default. Every exit is
+//! counted once, at the program's exit.
 //!
 //! TC egress: parse → record the flow so its replies pass → always let the packet go.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
 #[cfg(target_arch = "bpf")]
 mod conntrack;
+#[cfg(target_arch = "bpf")]
+mod isolation;
 #[cfg(target_arch = "bpf")]
 mod parse;
 #[cfg(target_arch = "bpf")]
@@ -30,7 +34,7 @@ mod programs {
     use isolation_common::{Config, Reason, flags};
 
     use crate::{
-        conntrack,
+        conntrack, isolation,
         parse::{self, Parsed},
         stats, trace, whitelist,
     };
@@ -57,11 +61,8 @@ mod programs {
 
     #[inline(always)]
     fn ingress_verdict(ctx: &XdpContext, start: usize, end: usize, len: u64) -> Reason {
-        let cfg = match CONFIG.get(0) {
-            Some(c) => c.flags,
-            None => 0,
-        };
-        let enforce = cfg & flags::WHITELIST_ENABLED != 0;
+        let cfg = CONFIG.get(0).copied().unwrap_or_default();
+        let enforce = cfg.flags & flags::WHITELIST_ENABLED != 0;
         let pkt = match parse::parse(start, end) {
             Parsed::NonIp => return Reason::PassNonIp,
             Parsed::Ip(pkt) => pkt,
@@ -82,27 +83,35 @@ mod programs {
         if parse::is_neighbour_discovery(&pkt) {
             return Reason::PassNeighbour;
         }
-        if !enforce {
-            return Reason::PassWhitelistOff;
-        }
-        if whitelist::whitelisted(&pkt) {
-            return Reason::PassWhitelist;
-        }
-        if conntrack::is_reply(&pkt) {
+        let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+        // Stage 1, the host whitelist: who may reach this host at all.
+        let admitted = if !enforce {
+            Reason::PassWhitelistOff
+        } else if whitelist::whitelisted(&pkt) {
+            Reason::PassWhitelist
+        } else if conntrack::is_reply(&pkt) {
             conntrack::remember_fragment(&pkt);
-            return Reason::PassEstablished;
+            Reason::PassEstablished
+        } else if conntrack::is_related(start, end, &pkt) {
+            Reason::PassRelated
+        } else if conntrack::is_admitted_fragment(&pkt) {
+            Reason::PassFragment
+        } else {
+            if cfg.flags & flags::LOG != 0 {
+                trace::log(&pkt, Reason::DropNotWhitelisted as u32, ifindex, len);
+            }
+            return Reason::DropNotWhitelisted;
+        };
+        // Stage 2, isolation between virtual networks.
+        match isolation::judge(cfg.slot, start, end, &pkt, len) {
+            None => admitted,
+            Some(r) => {
+                if r.is_drop() {
+                    trace::log(&pkt, r as u32, ifindex, len);
+                }
+                r
+            }
         }
-        if conntrack::is_related(start, end, &pkt) {
-            return Reason::PassRelated;
-        }
-        if conntrack::is_admitted_fragment(&pkt) {
-            return Reason::PassFragment;
-        }
-        if cfg & flags::LOG != 0 {
-            let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
-            trace::log(&pkt, Reason::DropNotWhitelisted as u32, ifindex, len);
-        }
-        Reason::DropNotWhitelisted
     }
 
     #[classifier]

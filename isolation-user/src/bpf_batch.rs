@@ -174,3 +174,53 @@ pub fn count_keys(fd: BorrowedFd<'_>, key_size: usize) -> std::io::Result<u64> {
         std::mem::swap(&mut cur, &mut next);
     }
 }
+
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+
+/// Up to 4096 keys of any map, as raw bytes (walked with GET_NEXT_KEY from the start).
+pub fn raw_keys(fd: BorrowedFd<'_>, key_size: usize) -> std::io::Result<Vec<u8>> {
+    #[repr(C)]
+    struct NextKeyAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        next_key: u64,
+    }
+    let mut out = Vec::new();
+    let mut cur = vec![0u8; key_size];
+    let mut next = vec![0u8; key_size];
+    for n in 0..4096 {
+        let mut attr = NextKeyAttr {
+            map_fd: fd.as_raw_fd() as u32,
+            _pad: 0,
+            key: if n == 0 { 0 } else { cur.as_ptr() as u64 },
+            next_key: next.as_mut_ptr() as u64,
+        };
+        match sys_bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(()) => out.extend_from_slice(&next),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Err(e) => return Err(e),
+        }
+        std::mem::swap(&mut cur, &mut next);
+    }
+    Ok(out)
+}
+
+/// Deletes one key given as raw bytes; a missing key is not an error.
+pub fn delete_raw(fd: BorrowedFd<'_>, key: &[u8]) -> std::io::Result<()> {
+    #[repr(C)]
+    struct DelAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+    }
+    let mut attr = DelAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        _pad: 0,
+        key: key.as_ptr() as u64,
+    };
+    match sys_bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
+        Err(e) if e.raw_os_error() != Some(libc::ENOENT) => Err(e),
+        _ => Ok(()),
+    }
+}

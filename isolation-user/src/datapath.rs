@@ -21,7 +21,8 @@ use aya::{
 };
 use ipnet::IpNet;
 use isolation_common::{
-    Config, Counter, FlowKey, FlowValue, LogStat, Reason, WlEntry, flags, flow_origin, maps, progs,
+    Config, Counter, FlowKey, FlowValue, LogStat, NetEntry, PolicyMeta, Reason, WlEntry, flags,
+    flow_origin, maps, progs,
 };
 
 use crate::{
@@ -340,10 +341,13 @@ pub fn open_map(paths: &Paths, name: &str) -> Result<Map> {
     Ok(Map::from_map_data(data)?)
 }
 
-pub fn write_config(paths: &Paths, cfg: &Config) -> Result<()> {
+/// Read-modify-write of the config word (the slot must survive whitelist edits).
+pub fn update_config(paths: &Paths, f: impl FnOnce(&mut Config)) -> Result<Config> {
     let mut a: Array<MapData, Config> = open_map(paths, maps::CONFIG)?.try_into()?;
-    a.set(0, cfg, 0)?;
-    Ok(())
+    let mut c = a.get(&0, 0)?;
+    f(&mut c);
+    a.set(0, &c, 0)?;
+    Ok(c)
 }
 
 pub fn read_config(paths: &Paths) -> Result<Config> {
@@ -351,7 +355,8 @@ pub fn read_config(paths: &Paths) -> Result<Config> {
     Ok(a.get(&0, 0)?)
 }
 
-pub fn config_for(policy: &Policy, generation: u32) -> Config {
+/// The whitelist switches of a policy (`Config::flags`).
+pub fn whitelist_flags(policy: &Policy) -> u32 {
     let mut f = 0;
     if policy.whitelist.enabled {
         f |= flags::WHITELIST_ENABLED;
@@ -359,10 +364,65 @@ pub fn config_for(policy: &Policy, generation: u32) -> Config {
     if policy.whitelist.log {
         f |= flags::LOG;
     }
-    Config {
-        flags: f,
-        generation,
+    f
+}
+
+/// Applies a policy's whitelist switches and isolation: the isolation maps of the slot not
+/// in use are filled, then one config write flips to it. Packets see the old policy or the
+/// new one, never a mix. The old slot is left as it was (a rollback is one flip back).
+pub fn apply_policy(paths: &Paths, policy: &Policy, generation: u32) -> Result<()> {
+    let compiled = crate::compile::compile(policy).map_err(anyhow::Error::msg)?;
+    let cur = read_config(paths)?;
+    let next = 1 - (cur.slot & 1);
+    fill_slot(paths, next as usize, &compiled)?;
+    update_config(paths, |c| {
+        c.flags = whitelist_flags(policy);
+        c.generation = generation;
+        c.slot = next;
+    })?;
+    Ok(())
+}
+
+fn fill_slot(paths: &Paths, slot: usize, c: &crate::compile::Compiled) -> Result<()> {
+    let mut v4: LpmTrie<MapData, [u8; 4], NetEntry> =
+        open_map(paths, maps::NET_V4[slot])?.try_into()?;
+    let mut v6: LpmTrie<MapData, [u8; 16], NetEntry> =
+        open_map(paths, maps::NET_V6[slot])?.try_into()?;
+    // Empty the slot: it may hold the policy before last.
+    let old4: Vec<_> = v4.keys().collect::<Result<_, _>>()?;
+    for k in old4 {
+        v4.remove(&k)?;
     }
+    let old6: Vec<_> = v6.keys().collect::<Result<_, _>>()?;
+    for k in old6 {
+        v6.remove(&k)?;
+    }
+    for (net, e) in &c.prefixes {
+        match net {
+            IpNet::V4(n) => v4.insert(&Key::new(n.prefix_len() as u32, n.addr().octets()), e, 0)?,
+            IpNet::V6(n) => v6.insert(&Key::new(n.prefix_len() as u32, n.addr().octets()), e, 0)?,
+        }
+    }
+    let ports = MapData::from_pin(paths.map(maps::PORTS[slot]))?;
+    let fd = std::os::fd::AsFd::as_fd(ports.fd());
+    let idx: Vec<u32> = (0..c.ports.len() as u32).collect();
+    let (done, r) = crate::bpf_batch::update(
+        fd,
+        bytemuck::cast_slice(&idx),
+        bytemuck::cast_slice(&c.ports),
+        idx.len(),
+        0,
+    );
+    r.with_context(|| {
+        format!(
+            "cannot fill {} ({done} of {} written)",
+            maps::PORTS[slot],
+            idx.len()
+        )
+    })?;
+    let mut meta: Array<MapData, PolicyMeta> = open_map(paths, maps::META)?.try_into()?;
+    meta.set(slot as u32, &c.meta, 0)?;
+    Ok(())
 }
 
 /// Clock of `bpf_ktime_get_ns`.
@@ -754,6 +814,37 @@ pub fn counters(paths: &Paths) -> Result<Vec<(Reason, Counter)>> {
         out.push((r, c));
     }
     Ok(out)
+}
+
+/// Per-rule counters: allow rules at 0..64, except rules at 64..128.
+pub fn rule_counters(paths: &Paths) -> Result<Vec<Counter>> {
+    let a: PerCpuArray<MapData, Counter> = open_map(paths, maps::RULE_COUNTERS)?.try_into()?;
+    let mut out = Vec::with_capacity(128);
+    for i in 0..128u32 {
+        let mut c = Counter::default();
+        for v in a.get(&i, 0)?.iter() {
+            c.packets += v.packets;
+            c.bytes += v.bytes;
+        }
+        out.push(c);
+    }
+    Ok(out)
+}
+
+/// Deletes every entry of a hash-type map (connection tables).
+pub fn clear_map(paths: &Paths, name: &str) -> Result<()> {
+    let data = MapData::from_pin(paths.map(name))?;
+    let key_size = data.info()?.key_size() as usize;
+    let fd = std::os::fd::AsFd::as_fd(data.fd());
+    loop {
+        let keys = crate::bpf_batch::raw_keys(fd, key_size)?;
+        if keys.is_empty() {
+            return Ok(());
+        }
+        for k in keys.chunks(key_size) {
+            crate::bpf_batch::delete_raw(fd, k)?;
+        }
+    }
 }
 
 /// Written / suppressed / lost log events.

@@ -3,6 +3,7 @@
 
 mod bpf_batch;
 pub mod commands;
+pub mod compile;
 pub mod datapath;
 pub mod lockout;
 pub mod policy;

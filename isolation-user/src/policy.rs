@@ -367,6 +367,9 @@ pub fn parse(file: &str, text: &str) -> Result<Policy, PolicyError> {
         }
         policy.isolation = out;
     }
+    if let Err(reason) = crate::compile::check_limits(&policy) {
+        return cx.err(0..0, reason);
+    }
 
     if let Some(wl) = &raw.whitelist {
         let span = wl.span();

@@ -53,7 +53,7 @@ impl Dp {
                 .collect(),
         };
         datapath::sync_whitelist(&paths, &policy.whitelist, |_| {}).unwrap();
-        datapath::write_config(&paths, &datapath::config_for(&policy, 1)).unwrap();
+        datapath::apply_policy(&paths, &policy, 1).unwrap();
         let xdp = Xdp::from_pin(
             paths.prog("xdp"),
             aya_obj::programs::XdpAttachType::Interface,

@@ -16,6 +16,9 @@ pub struct Options {
     /// Skip `cargo fmt --check` and clippy.
     #[arg(long)]
     no_lint: bool,
+    /// Seed of the randomized differential test (default: a fixed one).
+    #[arg(long)]
+    seed: Option<u64>,
     /// Extra arguments for `cargo test` (e.g. a test name filter), after `--`.
     #[arg(last = true)]
     rest: Vec<String>,
@@ -39,6 +42,9 @@ pub fn run(o: Options) -> Result<()> {
     c.args(["test", "--workspace"]);
     if !o.rest.is_empty() {
         c.arg("--").args(&o.rest);
+    }
+    if let Some(seed) = o.seed {
+        c.env("ISOLATION_SEED", seed.to_string());
     }
     if !o.allow_skip {
         c.env("ISOLATION_REQUIRE_E2E", "1");

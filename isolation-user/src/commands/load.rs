@@ -162,7 +162,7 @@ pub fn load(paths: &Paths, a: LoadArgs) -> Result<()> {
     }
     datapath::sync_whitelist(paths, &policy.whitelist, |_| {})?;
     st.generation += 1;
-    datapath::write_config(paths, &datapath::config_for(&policy, st.generation))?;
+    datapath::apply_policy(paths, &policy, st.generation)?;
     st.backend = "ebpf".into();
     st.object_hash = datapath::object_hash();
     for w in attached.iter() {

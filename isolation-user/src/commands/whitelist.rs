@@ -103,7 +103,11 @@ fn bump(paths: &Paths) -> Result<()> {
     let p = state::live_policy(paths)?;
     let mut st = State::load(paths)?.unwrap_or_default();
     st.generation += 1;
-    datapath::write_config(paths, &datapath::config_for(&p, st.generation))?;
+    let flags = datapath::whitelist_flags(&p);
+    datapath::update_config(paths, |c| {
+        c.flags = flags;
+        c.generation = st.generation;
+    })?;
     st.save(paths)
 }
 

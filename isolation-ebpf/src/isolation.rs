@@ -1,0 +1,165 @@
+//! Virtual-network isolation: two LPM lookups (source, destination) give every network
+//! and rule that applies to each side as bitmasks (compiled in userspace, containment
+//! already merged), then the verdict in PRODUCT.md's order: except, hairpin, established,
+//! allow rules, default.
+//!
+//! The maps come in two slots; `Config::slot` says which one is live, so a whole policy
+//! swaps with one config write.
+
+use aya_ebpf::{
+    btf_maps::{Array, LpmTrie, PerCpuArray, lpm_trie::Key},
+    macros::btf_map,
+};
+use isolation_common::{AF_INET, Counter, NetEntry, PolicyMeta, Reason, iso_flags, limits, ports};
+
+use crate::{
+    conntrack,
+    parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, L4, Packet},
+};
+
+/// IPv4 prefix → what applies under it, slot 0 and 1.
+#[btf_map]
+static NET_V4_0: LpmTrie<[u8; 4], NetEntry, { limits::NET_PREFIXES as usize }> = LpmTrie::new();
+#[btf_map]
+static NET_V4_1: LpmTrie<[u8; 4], NetEntry, { limits::NET_PREFIXES as usize }> = LpmTrie::new();
+/// IPv6 prefix → what applies under it, slot 0 and 1.
+#[btf_map]
+static NET_V6_0: LpmTrie<[u8; 16], NetEntry, { limits::NET_PREFIXES as usize }> = LpmTrie::new();
+#[btf_map]
+static NET_V6_1: LpmTrie<[u8; 16], NetEntry, { limits::NET_PREFIXES as usize }> = LpmTrie::new();
+
+/// (protocol, destination port) → allow rules that admit it; see `ports::*` for the index.
+#[btf_map]
+static PORTS_0: Array<u64, { ports::LEN as usize }> = Array::new();
+#[btf_map]
+static PORTS_1: Array<u64, { ports::LEN as usize }> = Array::new();
+
+/// Default action and reject switch of each slot.
+#[btf_map]
+static META: Array<PolicyMeta, 2> = Array::new();
+
+/// Packets and bytes per allow rule (0..64) and per except rule (64..128).
+#[btf_map]
+static RULE_COUNTERS: PerCpuArray<Counter, 128> = PerCpuArray::new();
+
+#[inline(always)]
+fn net(slot: u32, pkt: &Packet, src: bool) -> Option<&'static NetEntry> {
+    let a = if src { &pkt.src } else { &pkt.dst };
+    if pkt.family == AF_INET {
+        let k = Key::new(32, [a[0], a[1], a[2], a[3]]);
+        if slot == 0 {
+            NET_V4_0.get(&k)
+        } else {
+            NET_V4_1.get(&k)
+        }
+    } else {
+        let k = Key::new(128, *a);
+        if slot == 0 {
+            NET_V6_0.get(&k)
+        } else {
+            NET_V6_1.get(&k)
+        }
+    }
+}
+
+#[inline(always)]
+fn port_index(pkt: &Packet) -> u32 {
+    if pkt.l4 != L4::Ok {
+        return ports::NO_PORT;
+    }
+    match pkt.proto {
+        IPPROTO_TCP => ports::TCP_BASE + u16::from_be(pkt.dport) as u32,
+        IPPROTO_UDP => ports::UDP_BASE + u16::from_be(pkt.dport) as u32,
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => ports::ICMP,
+        _ => ports::OTHER,
+    }
+}
+
+/// Index of the lowest set bit (BPF has no count-trailing-zeros instruction).
+#[inline(always)]
+fn lowest_bit(m: u64) -> u32 {
+    let b = m.isolate_lowest_one();
+    let mut i = 0;
+    if b & 0xFFFF_FFFF_0000_0000 != 0 {
+        i += 32;
+    }
+    if b & 0xFFFF_0000_FFFF_0000 != 0 {
+        i += 16;
+    }
+    if b & 0xFF00_FF00_FF00_FF00 != 0 {
+        i += 8;
+    }
+    if b & 0xF0F0_F0F0_F0F0_F0F0 != 0 {
+        i += 4;
+    }
+    if b & 0xCCCC_CCCC_CCCC_CCCC != 0 {
+        i += 2;
+    }
+    if b & 0xAAAA_AAAA_AAAA_AAAA != 0 {
+        i += 1;
+    }
+    i
+}
+
+#[inline(always)]
+fn count_rule(index: u32, len: u64) {
+    if let Some(c) = RULE_COUNTERS.get_ptr_mut(index & 127) {
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += len;
+        }
+    }
+}
+
+/// The isolation verdict, or None when the packet is not subject to isolation (then the
+/// whitelist's verdict stands).
+#[inline(always)]
+pub fn judge(slot: u32, start: usize, end: usize, pkt: &Packet, len: u64) -> Option<Reason> {
+    let slot = slot & 1;
+    let flags = META.get(slot)?.flags;
+    if flags & iso_flags::ENABLED == 0 {
+        return None;
+    }
+    let s = net(slot, pkt, true)?;
+    let d = net(slot, pkt, false)?;
+    if s.nets == 0 || d.nets == 0 {
+        return None;
+    }
+    let ex = (s.except_from & d.except_to) | (s.except_to & d.except_from);
+    if ex != 0 {
+        count_rule(64 + lowest_bit(ex), len);
+        return Some(Reason::PassExcept);
+    }
+    if s.nets & d.nets != 0 {
+        return Some(Reason::PassHairpin);
+    }
+    if conntrack::is_reply(pkt) {
+        conntrack::remember_fragment(pkt);
+        return Some(Reason::PassEstablished);
+    }
+    if conntrack::is_related(start, end, pkt) {
+        return Some(Reason::PassRelated);
+    }
+    if conntrack::is_admitted_fragment(pkt) {
+        return Some(Reason::PassFragment);
+    }
+    let table = if slot == 0 {
+        PORTS_0.get(port_index(pkt))
+    } else {
+        PORTS_1.get(port_index(pkt))
+    };
+    let m = s.allow_from & d.allow_to & table.copied().unwrap_or(0);
+    if m != 0 {
+        count_rule(lowest_bit(m), len);
+        // Remember the flow so that its replies pass, on whichever interface they return.
+        conntrack::remember(pkt);
+        return Some(Reason::PassAllow);
+    }
+    Some(if flags & iso_flags::DENY == 0 {
+        Reason::PassDefault
+    } else if flags & iso_flags::REJECT != 0 {
+        Reason::RejectIsolated
+    } else {
+        Reason::DropIsolated
+    })
+}
