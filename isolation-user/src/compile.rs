@@ -299,10 +299,29 @@ pub fn lookup(c: &Compiled, a: &IpAddr) -> Option<NetEntry> {
 /// plain Rust (tested against `reference` without root; the BPF program is tested against
 /// `reference` through BPF_PROG_TEST_RUN).
 pub fn evaluate(c: &Compiled, pkt: &Pkt, established: bool) -> Decision {
-    if c.meta.flags & iso_flags::ENABLED == 0 {
+    let mask = c.ports[port_index(pkt.proto, pkt.ports) as usize];
+    decide(
+        c.meta.flags,
+        lookup(c, &pkt.src),
+        lookup(c, &pkt.dst),
+        mask,
+        established,
+    )
+}
+
+/// The decision from what the maps answer: the slot's flags, the trie entries of source and
+/// destination, and the port table's mask for the packet. `check` feeds it the live maps.
+pub fn decide(
+    flags: u32,
+    s: Option<NetEntry>,
+    d: Option<NetEntry>,
+    port_mask: u64,
+    established: bool,
+) -> Decision {
+    if flags & iso_flags::ENABLED == 0 {
         return Decision::NotSubject;
     }
-    let (Some(s), Some(d)) = (lookup(c, &pkt.src), lookup(c, &pkt.dst)) else {
+    let (Some(s), Some(d)) = (s, d) else {
         return Decision::NotSubject;
     };
     if s.nets == 0 || d.nets == 0 {
@@ -318,11 +337,11 @@ pub fn evaluate(c: &Compiled, pkt: &Pkt, established: bool) -> Decision {
     if established {
         return Decision::Established;
     }
-    let m = s.allow_from & d.allow_to & c.ports[port_index(pkt.proto, pkt.ports) as usize];
+    let m = s.allow_from & d.allow_to & port_mask;
     if m != 0 {
         return Decision::Allow(lowest_bit(m));
     }
-    if c.meta.flags & iso_flags::DENY != 0 {
+    if flags & iso_flags::DENY != 0 {
         Decision::Deny
     } else {
         Decision::DefaultAccept

@@ -816,6 +816,38 @@ pub fn counters(paths: &Paths) -> Result<Vec<(Reason, Counter)>> {
     Ok(out)
 }
 
+/// What the live slot's trie answers for an address (LPM, as the datapath looks it up).
+pub fn live_net_entry(paths: &Paths, slot: u32, addr: IpAddr) -> Result<Option<NetEntry>> {
+    let slot = (slot & 1) as usize;
+    let r = match addr.to_canonical() {
+        IpAddr::V4(a) => {
+            let t: LpmTrie<MapData, [u8; 4], NetEntry> =
+                open_map(paths, maps::NET_V4[slot])?.try_into()?;
+            t.get(&Key::new(32, a.octets()), 0)
+        }
+        IpAddr::V6(a) => {
+            let t: LpmTrie<MapData, [u8; 16], NetEntry> =
+                open_map(paths, maps::NET_V6[slot])?.try_into()?;
+            t.get(&Key::new(128, a.octets()), 0)
+        }
+    };
+    match r {
+        Ok(e) => Ok(Some(e)),
+        Err(e) if not_found(&e) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub fn live_port_mask(paths: &Paths, slot: u32, index: u32) -> Result<u64> {
+    let a: Array<MapData, u64> = open_map(paths, maps::PORTS[(slot & 1) as usize])?.try_into()?;
+    Ok(a.get(&index, 0)?)
+}
+
+pub fn live_meta(paths: &Paths, slot: u32) -> Result<PolicyMeta> {
+    let a: Array<MapData, PolicyMeta> = open_map(paths, maps::META)?.try_into()?;
+    Ok(a.get(&(slot & 1), 0)?)
+}
+
 /// Per-rule counters: allow rules at 0..64, except rules at 64..128.
 pub fn rule_counters(paths: &Paths) -> Result<Vec<Counter>> {
     let a: PerCpuArray<MapData, Counter> = open_map(paths, maps::RULE_COUNTERS)?.try_into()?;

@@ -44,6 +44,18 @@ pub enum Cmd {
     Stats(commands::stats::StatsArgs),
     /// Stream logged drops as they happen, like iptables LOG lines.
     Trace(commands::trace::TraceArgs),
+    /// Live edits of the virtual networks.
+    #[command(subcommand)]
+    Network(commands::edit::NetworkCmd),
+    /// Let FROM open connections to TO (optionally only on some ports).
+    Allow(commands::edit::RuleArgs),
+    /// Remove allow rules from FROM to TO (or only some of their ports).
+    Disallow(commands::edit::RuleArgs),
+    /// Live edits of the pairs never filtered.
+    #[command(subcommand)]
+    Except(commands::edit::ExceptCmd),
+    /// The verdict the live datapath gives a new connection, and what decides it.
+    Check(commands::check::CheckArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -58,5 +70,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Whitelist(c) => commands::whitelist::run(&paths, c),
         Cmd::Stats(a) => commands::stats::run(&paths, a),
         Cmd::Trace(a) => commands::trace::run(&paths, a),
+        Cmd::Network(c) => commands::edit::network(&paths, c),
+        Cmd::Allow(a) => commands::edit::allow(&paths, a),
+        Cmd::Disallow(a) => commands::edit::disallow(&paths, a),
+        Cmd::Except(c) => commands::edit::except(&paths, c),
+        Cmd::Check(a) => commands::check::run(&paths, a),
     }
 }

@@ -203,6 +203,55 @@ pub fn parse_net(s: &str) -> Result<IpNet, String> {
     Ok(net)
 }
 
+/// A rule endpoint: a CIDR or address, or the name of a defined network.
+pub fn parse_endpoint(
+    s: &str,
+    networks: &BTreeMap<String, Vec<IpNet>>,
+) -> Result<Endpoint, String> {
+    let v = s.trim();
+    if v.contains('/') || v.parse::<IpAddr>().is_ok() {
+        return parse_net(v).map(Endpoint::Cidr);
+    }
+    if networks.contains_key(v) {
+        Ok(Endpoint::Network(v.to_string()))
+    } else if RESERVED_PREFIXES.iter().any(|p| v.starts_with(p)) {
+        Err(format!("network name '{v}' is reserved"))
+    } else {
+        Err(format!(
+            "unknown network '{v}' (not a [networks.{v}] section, nor a CIDR)"
+        ))
+    }
+}
+
+/// Checks a policy built in code (live edits) as `parse` checks a file.
+pub fn validate(p: &Policy) -> Result<(), String> {
+    for (name, subnets) in &p.networks {
+        check_network_name(name)?;
+        if subnets.is_empty() {
+            return Err(format!("network '{name}' has no subnets"));
+        }
+    }
+    let known = |e: &Endpoint| match e {
+        Endpoint::Network(n) if !p.networks.contains_key(n) => {
+            Err(format!("unknown network '{n}'"))
+        }
+        _ => Ok(()),
+    };
+    for r in &p.isolation.allow {
+        known(&r.from)?;
+        known(&r.to)?;
+    }
+    for r in &p.isolation.except {
+        known(&r.from)?;
+        known(&r.to)?;
+    }
+    crate::compile::compile(p).map(|_| ())
+}
+
+pub fn check_name(name: &str) -> Result<(), String> {
+    check_network_name(name)
+}
+
 const RESERVED_PREFIXES: [&str; 2] = ["dcos-", "mesos-"];
 /// Network names become ipset names in the iptables backend, which allows 31 bytes.
 const MAX_NAME_LEN: usize = 24;
@@ -288,22 +337,7 @@ pub fn parse(file: &str, text: &str) -> Result<Policy, PolicyError> {
     }
 
     let endpoint = |s: &Spanned<String>| -> Result<Endpoint, PolicyError> {
-        let v = s.get_ref().trim();
-        if v.contains('/') || v.parse::<IpAddr>().is_ok() {
-            return parse_net(v)
-                .map(Endpoint::Cidr)
-                .or_else(|r| cx.err(s.span(), r));
-        }
-        if policy.networks.contains_key(v) {
-            Ok(Endpoint::Network(v.to_string()))
-        } else if RESERVED_PREFIXES.iter().any(|p| v.starts_with(p)) {
-            cx.err(s.span(), format!("network name '{v}' is reserved"))
-        } else {
-            cx.err(
-                s.span(),
-                format!("unknown network '{v}' (not a [networks.{v}] section, nor a CIDR)"),
-            )
-        }
+        parse_endpoint(s.get_ref(), &policy.networks).or_else(|r| cx.err(s.span(), r))
     };
 
     if let Some(iso) = &raw.isolation {

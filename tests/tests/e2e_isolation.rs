@@ -290,3 +290,158 @@ fn isolation_end_to_end() {
         "unload restores everything: {after:?}"
     );
 }
+
+#[test]
+fn live_edits_check_and_overlaps() {
+    let Some(lab) = Lab::new() else { return };
+    let _it1 = Echo::start(&lab.it1, &[sa("0.0.0.0:80")]);
+    let _it2 = Echo::start(&lab.it2, &[sa("0.0.0.0:80")]);
+    let _hr1 = Echo::start(&lab.hr1, &[sa("0.0.0.0:80"), sa("[2001:db8:2:1::2]:80")]);
+    lab.load(POLICY);
+    let check = |args: &[&str]| -> serde_json::Value {
+        let mut full = vec!["check", "--json"];
+        full.extend_from_slice(args);
+        serde_json::from_str(&lab.iso_ok(&full)).unwrap()
+    };
+    let c = check(&[
+        "198.51.100.130",
+        "198.51.100.2",
+        "--proto",
+        "tcp",
+        "--dport",
+        "80",
+    ]);
+    assert_eq!(c["verdict"], "pass", "{c}");
+    assert!(
+        c["reason"]
+            .as_str()
+            .unwrap()
+            .contains("allow hr -> it tcp:80"),
+        "{c}"
+    );
+    let c = check(&[
+        "198.51.100.2",
+        "198.51.100.130",
+        "--proto",
+        "tcp",
+        "--dport",
+        "80",
+    ]);
+    assert_eq!(c["verdict"], "drop", "{c}");
+    let c = check(&[
+        "198.51.100.2",
+        "198.51.100.18",
+        "--proto",
+        "udp",
+        "--dport",
+        "9",
+    ]);
+    assert!(c["reason"].as_str().unwrap().contains("hairpin"), "{c}");
+    let c = check(&["192.0.2.1", "198.51.100.2"]);
+    assert!(c["reason"].as_str().unwrap().contains("not subject"), "{c}");
+    let text = lab.iso_ok(&[
+        "check",
+        "198.51.100.2",
+        "198.51.100.130",
+        "--proto",
+        "tcp",
+        "--dport",
+        "80",
+    ]);
+    assert!(text.starts_with("DROP: "), "{text}");
+
+    // allow / disallow take effect at once.
+    assert!(!tcp_ok(&lab.it1, sa("198.51.100.130:80"), DROP_WAIT));
+    lab.iso_ok(&["allow", "it", "hr", "--port", "tcp:80"]);
+    assert!(
+        tcp_ok(&lab.it1, sa("198.51.100.130:80"), PASS_WAIT),
+        "after allow"
+    );
+    assert!(
+        tcp_ok(&lab.it1, sa("[2001:db8:2:1::2]:80"), PASS_WAIT),
+        "after allow, v6"
+    );
+    lab.iso_ok(&["disallow", "it", "hr"]);
+    assert!(
+        !tcp_ok(&lab.it1, sa("198.51.100.130:80"), DROP_WAIT),
+        "after disallow"
+    );
+
+    // except: never filtered, either direction.
+    lab.iso_ok(&["except", "add", "198.51.100.2", "198.51.100.130"]);
+    assert!(
+        tcp_ok(&lab.it1, sa("198.51.100.130:80"), PASS_WAIT),
+        "except it1 -> hr1"
+    );
+    assert!(ping_ok(&lab.hr1, "198.51.100.2"), "except hr1 -> it1");
+    assert!(
+        !tcp_ok(&lab.it2, sa("198.51.100.130:80"), DROP_WAIT),
+        "it2 is not excepted"
+    );
+    lab.iso_ok(&["except", "del", "198.51.100.2", "198.51.100.130"]);
+    assert!(
+        !tcp_ok(&lab.it1, sa("198.51.100.130:80"), DROP_WAIT),
+        "after except del"
+    );
+
+    // Overlap: ops is a /28 inside it. A rule about ops reaches it1 only; it1 stays in it.
+    lab.iso_ok(&["network", "add", "ops", "198.51.100.0/28"]);
+    lab.iso_ok(&["allow", "ops", "hr"]);
+    assert!(
+        tcp_ok(&lab.it1, sa("198.51.100.130:80"), PASS_WAIT),
+        "it1 is in ops"
+    );
+    assert!(
+        !tcp_ok(&lab.it2, sa("198.51.100.130:80"), DROP_WAIT),
+        "it2 is not in ops"
+    );
+    assert!(
+        tcp_ok(&lab.it1, sa("198.51.100.18:80"), PASS_WAIT),
+        "it1 and it2 still share it"
+    );
+    assert!(
+        tcp_ok(&lab.hr1, sa("198.51.100.2:80"), PASS_WAIT),
+        "hr -> it still applies inside ops"
+    );
+    let nets: serde_json::Value =
+        serde_json::from_str(&lab.iso_ok(&["network", "list", "--json"])).unwrap();
+    assert_eq!(nets["ops"][0], "198.51.100.0/28");
+
+    // Bad edits are refused whole; nothing live changes.
+    let generation = |l: &Lab| -> u64 {
+        let s: serde_json::Value = serde_json::from_str(&l.iso_ok(&["status", "--json"])).unwrap();
+        s["generation"].as_u64().unwrap()
+    };
+    let g = generation(&lab);
+    for (args, msg) in [
+        (&["allow", "nosuch", "hr"][..], "unknown network 'nosuch'"),
+        (
+            &["network", "add", "dcos-x", "192.0.2.0/24"][..],
+            "reserved",
+        ),
+        (
+            &["network", "add", "x", "192.0.2.1/24"][..],
+            "did you mean 192.0.2.0/24",
+        ),
+        (&["network", "del", "ops"][..], "used by `allow ops -> hr`"),
+        (
+            &["allow", "it", "hr", "--port", "tcp:0"][..],
+            "bad port 'tcp:0'",
+        ),
+        (
+            &["disallow", "hr", "ops"][..],
+            "no allow rule from hr to ops",
+        ),
+    ] {
+        let o = lab.iso(args);
+        assert!(!o.status.success(), "{args:?} must fail");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(msg), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    assert_eq!(generation(&lab), g, "refused edits changed nothing");
+    assert!(
+        tcp_ok(&lab.it1, sa("198.51.100.130:80"), PASS_WAIT),
+        "policy still live"
+    );
+}

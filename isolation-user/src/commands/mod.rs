@@ -1,4 +1,6 @@
 //! One module per verb, each with its clap arguments and a `run`.
+pub mod check;
+pub mod edit;
 pub mod load;
 pub mod stats;
 pub mod status;
