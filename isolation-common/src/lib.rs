@@ -41,6 +41,10 @@ pub mod maps {
     pub const META: &str = "META";
     /// Per-CPU counters per allow rule (index = rule bit) and per except rule (64 + bit).
     pub const RULE_COUNTERS: &str = "RULE_COUNTERS";
+    /// Per-CPU token bucket of the REJECT answers.
+    pub const REJECT_BUCKET: &str = "REJECT_BUCKET";
+    /// Per-CPU scratch buffer for the bytes a REJECT answer quotes.
+    pub const REJECT_SCRATCH: &str = "REJECT_SCRATCH";
 
     /// Every map the loader pins, in the order `status` reports them.
     pub const ALL: &[&str] = &[
@@ -63,6 +67,8 @@ pub mod maps {
         PORTS[1],
         META,
         RULE_COUNTERS,
+        REJECT_BUCKET,
+        REJECT_SCRATCH,
     ];
 }
 
@@ -70,6 +76,8 @@ pub mod maps {
 pub mod progs {
     pub const XDP_INGRESS: &str = "isolation_xdp";
     pub const TC_EGRESS: &str = "isolation_tc_egress";
+    /// Answers packets XDP tagged for REJECT.
+    pub const TC_INGRESS: &str = "isolation_tc_ingress";
 }
 
 /// Map sizes. The policy validator refuses a policy that would not fit.
@@ -305,10 +313,12 @@ pub enum Reason {
     DropIsolated = 17,
     /// Isolation: no rule, default deny, answered with RST / ICMP admin-prohibited.
     RejectIsolated = 18,
+    /// Isolation: to be rejected, but the answer rate limit was reached: dropped silently.
+    DropRejectLimited = 19,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 20;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::PassNonIp,
         Reason::PassNeighbour,
@@ -329,6 +339,7 @@ impl Reason {
         Reason::PassDefault,
         Reason::DropIsolated,
         Reason::RejectIsolated,
+        Reason::DropRejectLimited,
     ];
 
     pub fn from_u32(v: u32) -> Option<Reason> {
@@ -357,6 +368,7 @@ impl Reason {
             Reason::PassDefault => "default-accept",
             Reason::DropIsolated => "isolated-drop",
             Reason::RejectIsolated => "isolated-reject",
+            Reason::DropRejectLimited => "isolated-reject-limited",
         }
     }
 
@@ -368,6 +380,7 @@ impl Reason {
                 | Reason::DropTooManyVlans
                 | Reason::DropIsolated
                 | Reason::RejectIsolated
+                | Reason::DropRejectLimited
         )
     }
 

@@ -16,6 +16,8 @@ mod isolation;
 #[cfg(target_arch = "bpf")]
 mod parse;
 #[cfg(target_arch = "bpf")]
+mod reject;
+#[cfg(target_arch = "bpf")]
 mod stats;
 #[cfg(target_arch = "bpf")]
 mod trace;
@@ -36,7 +38,7 @@ mod programs {
     use crate::{
         conntrack, isolation,
         parse::{self, Parsed},
-        stats, trace, whitelist,
+        reject, stats, trace, whitelist,
     };
 
     /// The policy switches, at index 0. Zeroed until a policy is applied: all pass.
@@ -50,12 +52,16 @@ mod programs {
     pub fn isolation_xdp(ctx: XdpContext) -> u32 {
         let (start, end) = (ctx.data(), ctx.data_end());
         let len = (end - start) as u64;
-        let reason = ingress_verdict(&ctx, start, end, len);
+        let mut reason = ingress_verdict(&ctx, start, end, len);
+        // REJECT: TC ingress answers; XDP only tags the packet (rate-limited).
+        if reason == Reason::RejectIsolated && !reject::hand_over(&ctx) {
+            reason = Reason::DropRejectLimited;
+        }
         stats::count(reason, len);
-        if reason.is_drop() {
-            xdp_action::XDP_DROP
-        } else {
-            xdp_action::XDP_PASS
+        match reason {
+            Reason::RejectIsolated => xdp_action::XDP_PASS,
+            r if r.is_drop() => xdp_action::XDP_DROP,
+            _ => xdp_action::XDP_PASS,
         }
     }
 
@@ -123,6 +129,19 @@ mod programs {
         };
         stats::count(reason, ctx.len() as u64);
         TCX_NEXT
+    }
+}
+
+#[cfg(target_arch = "bpf")]
+mod answer {
+    use aya_ebpf::{macros::classifier, programs::TcContext};
+
+    use crate::reject;
+
+    /// TC ingress: turns packets XDP tagged for REJECT into their answer; all others go on.
+    #[classifier]
+    pub fn isolation_tc_ingress(ctx: TcContext) -> i32 {
+        reject::answer(&ctx).unwrap_or(-1)
     }
 }
 

@@ -15,8 +15,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
     programs::{
-        SchedClassifier, TcAttachType, Xdp, XdpMode,
-        links::{FdLink, PinnedLink},
+        SchedClassifier, TcAttach, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, LinkOrder, PinnedLink},
     },
 };
 use ipnet::IpNet;
@@ -132,6 +132,15 @@ pub fn load_and_pin(paths: &Paths) -> Result<()> {
             .map_err(|e| anyhow!("the kernel refused the XDP program: {}", error_chain(&e)))?;
         xdp.pin(paths.prog("xdp"))
             .context("cannot pin the XDP program")?;
+        let tci: &mut SchedClassifier = prog_mut(&mut ebpf, progs::TC_INGRESS)?;
+        tci.load().map_err(|e| {
+            anyhow!(
+                "the kernel refused the TC ingress program: {}",
+                error_chain(&e)
+            )
+        })?;
+        tci.pin(paths.prog("tci"))
+            .context("cannot pin the TC ingress program")?;
         let tc: &mut SchedClassifier = prog_mut(&mut ebpf, progs::TC_EGRESS)?;
         tc.load()
             .map_err(|e| anyhow!("the kernel refused the TC program: {}", error_chain(&e)))?;
@@ -208,9 +217,9 @@ pub fn pinned_xdp_id(paths: &Paths) -> Result<u32> {
     Ok(p.info()?.id())
 }
 
-pub fn pinned_tc_id(paths: &Paths) -> Result<u32> {
-    let p =
-        SchedClassifier::from_pin(paths.prog("tc")).context("cannot open the pinned TC program")?;
+pub fn pinned_tc_id(paths: &Paths, which: &str) -> Result<u32> {
+    let p = SchedClassifier::from_pin(paths.prog(which))
+        .context("cannot open the pinned TC program")?;
     Ok(p.info()?.id())
 }
 
@@ -260,7 +269,25 @@ pub fn attach(paths: &Paths, iface: &IfaceState) -> Result<()> {
         .context("cannot pin the XDP link")?;
 
     let mut tc = SchedClassifier::from_pin(paths.prog("tc"))?;
+    let mut tci = SchedClassifier::from_pin(paths.prog("tci"))?;
     let res = (|| -> Result<()> {
+        // First in the ingress chain: a packet tagged for REJECT must be answered before
+        // any other program could let it into the stack.
+        let order = TcAttach::Tcx {
+            attach_type: TcAttachType::Ingress,
+            order: LinkOrder::first(),
+        };
+        let id = tci.attach(iface.ifindex, order).map_err(|e| {
+            anyhow!(
+                "cannot attach TC ingress to {}: {}",
+                iface.name,
+                error_chain(&e)
+            )
+        })?;
+        let link = FdLink::try_from(tci.take_link(id)?)
+            .context("TC ingress attached without a BPF link")?;
+        link.pin(paths.link("tci", &iface.name))
+            .context("cannot pin the TC ingress link")?;
         let id = tc
             .attach(iface.ifindex, TcAttachType::Egress)
             .map_err(|e| {
@@ -295,7 +322,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// Removing a link's pin drops the last reference: the program detaches.
 pub fn detach(paths: &Paths, iface: &str) -> Vec<String> {
     let mut errs = Vec::new();
-    for kind in ["xdp", "tc"] {
+    for kind in ["xdp", "tc", "tci"] {
         let p = paths.link(kind, iface);
         if let Err(e) = fs::remove_file(&p)
             && e.kind() != std::io::ErrorKind::NotFound
@@ -320,6 +347,8 @@ pub fn remove_pins(paths: &Paths) -> Vec<String> {
     let mut files: Vec<_> = maps::ALL.iter().map(|m| paths.map(m)).collect();
     files.push(paths.prog("xdp"));
     files.push(paths.prog("tc"));
+    files.push(paths.prog("tci"));
+    files.push(paths.prog("tci"));
     for f in files {
         if let Err(e) = fs::remove_file(&f)
             && e.kind() != std::io::ErrorKind::NotFound

@@ -445,3 +445,96 @@ fn live_edits_check_and_overlaps() {
         "policy still live"
     );
 }
+
+/// How a TCP connect from `ns` ends, and how long it took.
+fn connect_outcome(ns: &str, addr: SocketAddr) -> (std::io::ErrorKind, Duration) {
+    tests::traffic::in_ns(ns, move || {
+        let t = std::time::Instant::now();
+        let r = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3));
+        (
+            r.err()
+                .map(|e| e.kind())
+                .unwrap_or(std::io::ErrorKind::Other),
+            t.elapsed(),
+        )
+    })
+}
+
+/// The error a connected UDP socket in `ns` gets after sending to `addr`.
+fn udp_error(ns: &str, addr: SocketAddr) -> Option<i32> {
+    tests::traffic::in_ns(ns, move || {
+        let bind: SocketAddr = if addr.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        }
+        .parse()
+        .unwrap();
+        let u = std::net::UdpSocket::bind(bind).unwrap();
+        u.connect(addr).unwrap();
+        u.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let _ = u.send(b"x");
+        let mut b = [0u8; 16];
+        match u.recv(&mut b) {
+            Ok(_) => None,
+            Err(e) => e.raw_os_error(),
+        }
+    })
+}
+
+#[test]
+fn denied_connections_are_rejected_at_once() {
+    let Some(lab) = Lab::new() else { return };
+    let _it1 = Echo::start(
+        &lab.it1,
+        &[
+            sa("0.0.0.0:80"),
+            sa("0.0.0.0:81"),
+            sa("[2001:db8:1:1::2]:81"),
+        ],
+    );
+    lab.load(&POLICY.replace("reject = false", "reject = true"));
+    for target in ["198.51.100.2:81", "[2001:db8:1:1::2]:81"] {
+        let (kind, took) = connect_outcome(&lab.hr1, sa(target));
+        assert_eq!(
+            kind,
+            std::io::ErrorKind::ConnectionRefused,
+            "{target}: a RST, not a timeout ({took:?})"
+        );
+        assert!(
+            took < Duration::from_secs(1),
+            "{target}: refused at once, took {took:?}"
+        );
+    }
+    assert!(
+        tcp_ok(&lab.hr1, sa("198.51.100.2:80"), PASS_WAIT),
+        "the allowed port still works"
+    );
+    // UDP: ICMP administratively prohibited reaches the socket (EHOSTUNREACH for v4 code 13,
+    // EACCES for ICMPv6 code 1).
+    assert_eq!(
+        udp_error(&lab.hr1, sa("198.51.100.2:80")),
+        Some(libc::EHOSTUNREACH)
+    );
+    assert_eq!(
+        udp_error(&lab.hr1, sa("[2001:db8:1:1::2]:80")),
+        Some(libc::EACCES)
+    );
+    let ping = |addr: &str| {
+        let o = lab.ns.exec(&lab.hr1, &["ping", "-c", "1", "-W", "2", addr]);
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let p4 = ping("198.51.100.2");
+    assert!(p4.contains("Packet filtered"), "{p4}");
+    let p6 = ping("2001:db8:1:1::2");
+    assert!(
+        p6.to_lowercase().contains("administratively prohibited"),
+        "{p6}"
+    );
+    assert!(lab.packets("isolated-reject") >= 6);
+
+    // reject = false: the same connection now times out (silent drop).
+    lab.load(POLICY);
+    let (kind, took) = connect_outcome(&lab.hr1, sa("198.51.100.2:81"));
+    assert_eq!(kind, std::io::ErrorKind::TimedOut, "silent drop ({took:?})");
+}

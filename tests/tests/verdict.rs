@@ -444,3 +444,32 @@ fn no_log_when_logging_is_off() {
     assert_eq!(dp.ingress(&v4_tcp(STRANGER4, LOCAL4, 1, 22, SYN)), XDP_DROP);
     assert_eq!(datapath::log_stats(&dp.paths).unwrap(), [0, 0, 0]);
 }
+
+#[test]
+fn rejects_are_rate_limited() {
+    if !tests::can_run("BPF verdict test") {
+        return;
+    }
+    let Some(dp) = Dp::new(&[]) else { return };
+    let text = "[isolation]\ndefault = \"deny\"\nreject = true\n[networks.a]\nsubnets = [\"198.51.100.0/25\"]\n[networks.b]\nsubnets = [\"198.51.100.128/25\"]\n";
+    let mut policy = isolation_user::policy::parse("p", text).unwrap();
+    policy.whitelist.enabled = false;
+    datapath::apply_policy(&dp.paths, &policy, 2).unwrap();
+    let f = v4_tcp("198.51.100.1", "198.51.100.200", 40000, 22, SYN);
+    let mut passed = 0;
+    for _ in 0..1000 {
+        // Tagged for TC ingress to answer (PASS), or dropped once the bucket is empty.
+        if dp.ingress(&f) == XDP_PASS {
+            passed += 1;
+        }
+    }
+    let answered = dp.count(Reason::RejectIsolated);
+    let limited = dp.count(Reason::DropRejectLimited);
+    assert_eq!(answered, passed);
+    assert_eq!(answered + limited, 1000);
+    assert!(
+        (1..=260).contains(&answered),
+        "a burst of about 200, then the rate: {answered}"
+    );
+    assert!(limited >= 700, "{limited}");
+}

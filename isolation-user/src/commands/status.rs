@@ -30,7 +30,8 @@ pub fn run(paths: &Paths, a: StatusArgs) -> Result<()> {
         return Ok(());
     };
     let xdp_id = datapath::pinned_xdp_id(paths)?;
-    let tc_id = datapath::pinned_tc_id(paths)?;
+    let tc_id = datapath::pinned_tc_id(paths, "tc")?;
+    let tci_id = datapath::pinned_tc_id(paths, "tci")?;
     let cfg = datapath::read_config(paths)?;
     let mut ifaces = Vec::new();
     for i in &st.interfaces {
@@ -60,7 +61,7 @@ pub fn run(paths: &Paths, a: StatusArgs) -> Result<()> {
                 "loaded": true, "backend": st.backend, "pin_dir": paths.pin_dir,
                 "state_dir": paths.state_dir, "generation": cfg.generation,
                 "whitelist_enabled": wl_enabled,
-                "programs": { "xdp": xdp_id, "tc_egress": tc_id },
+                "programs": { "xdp": xdp_id, "tc_egress": tc_id, "tc_ingress": tci_id },
                 "interfaces": ifaces, "maps": maps,
             }))?
         );
@@ -68,7 +69,7 @@ pub fn run(paths: &Paths, a: StatusArgs) -> Result<()> {
     }
     println!("backend:     {}", st.backend);
     println!("pin dir:     {}", paths.pin_dir.display());
-    println!("programs:    xdp id {xdp_id}, tc egress id {tc_id}");
+    println!("programs:    xdp id {xdp_id}, tc egress id {tc_id}, tc ingress (reject) id {tci_id}");
     println!(
         "policy:      generation {}, whitelist {}",
         cfg.generation,
