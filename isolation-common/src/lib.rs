@@ -45,6 +45,10 @@ pub mod maps {
     pub const REJECT_BUCKET: &str = "REJECT_BUCKET";
     /// Per-CPU scratch buffer for the bytes a REJECT answer quotes.
     pub const REJECT_SCRATCH: &str = "REJECT_SCRATCH";
+    /// Tail calls of the XDP program (index 0: the VXLAN inner-packet program).
+    pub const JUMP: &str = "JUMP";
+    /// What the XDP program hands to the VXLAN program, per CPU.
+    pub const VXLAN_HANDOFF: &str = "VXLAN_HANDOFF";
 
     /// Every map the loader pins, in the order `status` reports them.
     pub const ALL: &[&str] = &[
@@ -69,6 +73,8 @@ pub mod maps {
         RULE_COUNTERS,
         REJECT_BUCKET,
         REJECT_SCRATCH,
+        JUMP,
+        VXLAN_HANDOFF,
     ];
 }
 
@@ -76,6 +82,8 @@ pub mod maps {
 pub mod progs {
     pub const XDP_INGRESS: &str = "isolation_xdp";
     pub const TC_EGRESS: &str = "isolation_tc_egress";
+    /// Judges the packet inside a VXLAN datagram (tail-called by the XDP program).
+    pub const XDP_VXLAN: &str = "isolation_xdp_vxlan";
     /// Answers packets XDP tagged for REJECT.
     pub const TC_INGRESS: &str = "isolation_tc_ingress";
 }
@@ -98,6 +106,8 @@ pub mod limits {
     pub const EXCEPT_RULES: usize = 64;
     /// Distinct prefixes per family in the isolation tries (networks and rule CIDRs).
     pub const NET_PREFIXES: u32 = 1 << 16;
+    /// VXLAN ports a policy may name.
+    pub const VXLAN_PORTS: usize = 4;
 }
 
 /// Index of `PORTS` for a protocol and destination port (host order).
@@ -167,6 +177,9 @@ pub mod iso_flags {
 pub struct PolicyMeta {
     pub flags: u32,
     pub _pad: u32,
+    /// UDP destination ports carrying VXLAN (0 = unused), host order: the outer packet is
+    /// judged by the whitelist, the inner one by isolation.
+    pub vxlan_ports: [u16; limits::VXLAN_PORTS],
 }
 
 /// Value of the isolation tries: everything the policy says about the addresses under one

@@ -111,12 +111,37 @@ fn count_rule(index: u32, len: u64) {
     }
 }
 
-/// The isolation verdict, or None when the packet is not subject to isolation (then the
-/// whitelist's verdict stands).
+/// The switches of the live slot.
 #[inline(always)]
-pub fn judge(slot: u32, start: usize, end: usize, pkt: &Packet, len: u64) -> Option<Reason> {
+pub fn meta(slot: u32) -> Option<&'static PolicyMeta> {
+    META.get(slot & 1)
+}
+
+/// Is this UDP packet VXLAN, by the policy's ports?
+#[inline(always)]
+pub fn is_vxlan(meta: &PolicyMeta, pkt: &Packet) -> bool {
+    if pkt.proto != IPPROTO_UDP || pkt.l4 != L4::Ok {
+        return false;
+    }
+    let port = u16::from_be(pkt.dport);
+    let p = &meta.vxlan_ports;
+    port != 0 && (p[0] == port || p[1] == port || p[2] == port || p[3] == port)
+}
+
+/// The isolation verdict, or None when the packet is not subject to isolation (then the
+/// whitelist's verdict stands). `can_reject`: false for packets inside a tunnel, which are
+/// dropped rather than answered.
+#[inline(always)]
+pub fn judge(
+    slot: u32,
+    flags: u32,
+    start: usize,
+    end: usize,
+    pkt: &Packet,
+    len: u64,
+    can_reject: bool,
+) -> Option<Reason> {
     let slot = slot & 1;
-    let flags = META.get(slot)?.flags;
     if flags & iso_flags::ENABLED == 0 {
         return None;
     }
@@ -157,7 +182,7 @@ pub fn judge(slot: u32, start: usize, end: usize, pkt: &Packet, len: u64) -> Opt
     }
     Some(if flags & iso_flags::DENY == 0 {
         Reason::PassDefault
-    } else if flags & iso_flags::REJECT != 0 {
+    } else if flags & iso_flags::REJECT != 0 && can_reject {
         Reason::RejectIsolated
     } else {
         Reason::DropIsolated

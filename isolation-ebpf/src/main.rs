@@ -28,7 +28,7 @@ mod whitelist;
 mod programs {
     use aya_ebpf::{
         bindings::xdp_action,
-        btf_maps::Array,
+        btf_maps::{Array, PerCpuArray, ProgramArray},
         macros::{btf_map, classifier, xdp},
         programs::{TcContext, XdpContext},
     };
@@ -109,14 +109,113 @@ mod programs {
             return Reason::DropNotWhitelisted;
         };
         // Stage 2, isolation between virtual networks.
-        match isolation::judge(cfg.slot, start, end, &pkt, len) {
-            None => admitted,
-            Some(r) => {
-                if r.is_drop() {
-                    trace::log(&pkt, r as u32, ifindex, len);
-                }
-                r
+        let Some(meta) = isolation::meta(cfg.slot) else {
+            return admitted;
+        };
+        let verdict = if isolation::is_vxlan(meta, &pkt) {
+            // VXLAN: the outer header passed the whitelist; the inner packet is judged by
+            // its own program (verified on its own: inline, it would not fit the verifier's
+            // budget), which counts and answers for the packet. Only a failed tail call
+            // comes back here: drop rather than let the inner packet skip isolation.
+            vxlan_hand_off(ctx, pkt.l4_off as u32, admitted);
+            Some(Reason::DropIsolated)
+        } else {
+            let v = isolation::judge(cfg.slot, meta.flags, start, end, &pkt, len, true);
+            if let Some(r) = v
+                && r.is_drop()
+            {
+                trace::log(&pkt, r as u32, ifindex, len);
             }
+            v
+        };
+        verdict.unwrap_or(admitted)
+    }
+
+    /// What the main program hands to the VXLAN program through the tail call.
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct VxlanHandOff {
+        /// Offset of the outer UDP header.
+        udp_off: u32,
+        /// The whitelist's verdict, which stands if the inner packet is not subject.
+        admitted: u32,
+    }
+
+    /// Per-CPU: a tail call runs on the CPU that made it.
+    #[btf_map]
+    static VXLAN_HANDOFF: PerCpuArray<VxlanHandOff, 1> = PerCpuArray::new();
+
+    /// Index 0: `isolation_xdp_vxlan`, set by the loader.
+    #[btf_map]
+    static JUMP: ProgramArray<1> = ProgramArray::new();
+
+    #[inline(always)]
+    fn vxlan_hand_off(ctx: &XdpContext, udp_off: u32, admitted: Reason) {
+        if let Some(h) = VXLAN_HANDOFF.get_ptr_mut(0) {
+            unsafe {
+                *h = VxlanHandOff {
+                    udp_off,
+                    admitted: admitted as u32,
+                }
+            };
+            unsafe { JUMP.tail_call(ctx, 0) };
+        }
+    }
+
+    /// The packet inside a VXLAN datagram, reached by tail call from `isolation_xdp`.
+    #[xdp]
+    pub fn isolation_xdp_vxlan(ctx: XdpContext) -> u32 {
+        let (start, end) = (ctx.data(), ctx.data_end());
+        let len = (end - start) as u64;
+        let reason = vxlan_verdict(&ctx, start, end, len);
+        stats::count(reason, len);
+        if reason.is_drop() {
+            xdp_action::XDP_DROP
+        } else {
+            xdp_action::XDP_PASS
+        }
+    }
+
+    #[inline(always)]
+    fn vxlan_verdict(ctx: &XdpContext, start: usize, end: usize, len: u64) -> Reason {
+        let Some(h) = VXLAN_HANDOFF.get(0).copied() else {
+            return Reason::DropIsolated;
+        };
+        let admitted = Reason::from_u32(h.admitted).unwrap_or(Reason::DropIsolated);
+        let cfg = CONFIG.get(0).copied().unwrap_or_default();
+        let Some(meta) = isolation::meta(cfg.slot) else {
+            return admitted;
+        };
+        // UDP header (8) and VXLAN header (8), then the inner Ethernet frame.
+        let off = h.udp_off as usize;
+        if off > 512 {
+            return Reason::DropMalformed;
+        }
+        let istart = start + off + 16;
+        match parse::parse_inner(istart, end) {
+            Parsed::NonIp => admitted,
+            Parsed::Ip(ipkt) => {
+                // Inside a tunnel a deny is a drop: the answer would have to be tunnelled too.
+                match isolation::judge(cfg.slot, meta.flags, istart, end, &ipkt, len, false) {
+                    None => admitted,
+                    Some(r) => {
+                        if r.is_drop() {
+                            let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+                            trace::log(&ipkt, r as u32, ifindex, len);
+                        }
+                        r
+                    }
+                }
+            }
+            _ => Reason::DropMalformed,
+        }
+    }
+
+    /// Egress: remember the flow inside an outgoing VXLAN datagram (not inlined, as above).
+    #[inline(never)]
+    fn track_vxlan(udp: usize, end: usize) {
+        if let Parsed::Ip(inner) = parse::parse_inner(udp + 16, end) {
+            conntrack::track(&inner);
         }
     }
 
@@ -124,7 +223,21 @@ mod programs {
     pub fn isolation_tc_egress(ctx: TcContext) -> i32 {
         let (start, end) = (ctx.data(), ctx.data_end());
         let reason = match parse::parse(start, end) {
-            Parsed::Ip(pkt) if conntrack::track(&pkt) => Reason::EgressTracked,
+            Parsed::Ip(pkt) => {
+                let tracked = conntrack::track(&pkt);
+                // VXLAN: also remember the inner flow, so overlay replies pass isolation.
+                let cfg = CONFIG.get(0).copied().unwrap_or_default();
+                if let Some(meta) = isolation::meta(cfg.slot)
+                    && isolation::is_vxlan(meta, &pkt)
+                {
+                    track_vxlan(start + pkt.l4_off, end);
+                }
+                if tracked {
+                    Reason::EgressTracked
+                } else {
+                    Reason::EgressIgnored
+                }
+            }
             _ => Reason::EgressIgnored,
         };
         stats::count(reason, ctx.len() as u64);

@@ -93,6 +93,19 @@ fn be16(b: [u8; 2]) -> u16 {
 /// Ethernet, up to two VLAN tags (802.1Q / 802.1ad), then IPv4 or IPv6.
 #[inline(always)]
 pub fn parse(start: usize, end: usize) -> Parsed {
+    parse_frame::<true>(start, end)
+}
+
+/// The frame inside a tunnel: plain Ethernet, IPv4 or IPv6 without walking extension
+/// headers (their L4 stays unknown). Fewer branches keep the verifier's work bounded where
+/// the outer frame was already parsed.
+#[inline(always)]
+pub fn parse_inner(start: usize, end: usize) -> Parsed {
+    parse_frame::<false>(start, end)
+}
+
+#[inline(always)]
+fn parse_frame<const FULL: bool>(start: usize, end: usize) -> Parsed {
     let Ok(eth) = ptr_at::<EthHdr>(start, end, 0) else {
         return Parsed::Malformed;
     };
@@ -100,7 +113,7 @@ pub fn parse(start: usize, end: usize) -> Parsed {
     let mut off = EthHdr::LEN;
     let mut vlan = 0u16;
     let mut tags = 0;
-    while tags < 2 && (ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD) {
+    while FULL && tags < 2 && (ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD) {
         let Ok(tag) = ptr_at::<VlanHdr>(start, end, off) else {
             return Parsed::Malformed;
         };
@@ -113,7 +126,7 @@ pub fn parse(start: usize, end: usize) -> Parsed {
     }
     match ether_type {
         ETH_P_IP => parse_ipv4(start, end, off, vlan),
-        ETH_P_IPV6 => parse_ipv6(start, end, off, vlan),
+        ETH_P_IPV6 => parse_ipv6::<FULL>(start, end, off, vlan),
         ETH_P_8021Q | ETH_P_8021AD => Parsed::TooManyVlans,
         _ => Parsed::NonIp,
     }
@@ -184,7 +197,7 @@ struct Ipv6ExtHdr {
 }
 
 #[inline(always)]
-fn parse_ipv6(start: usize, end: usize, off: usize, vlan: u16) -> Parsed {
+fn parse_ipv6<const FULL: bool>(start: usize, end: usize, off: usize, vlan: u16) -> Parsed {
     let Ok(ip) = ptr_at::<Ipv6Hdr>(start, end, off) else {
         return Parsed::Malformed;
     };
@@ -212,7 +225,8 @@ fn parse_ipv6(start: usize, end: usize, off: usize, vlan: u16) -> Parsed {
     let mut next = ip.next_hdr;
     let mut hoff = off + Ipv6Hdr::LEN;
     let mut found = false;
-    for _ in 0..limits::IPV6_EXT_HEADERS {
+    let walk = if FULL { limits::IPV6_EXT_HEADERS } else { 1 };
+    for _ in 0..walk {
         match next {
             IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_AH | IPV6_FRAGMENT => {}
             _ => {

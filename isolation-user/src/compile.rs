@@ -58,6 +58,13 @@ pub fn check_limits(p: &Policy) -> Result<(), String> {
             limits::ALLOW_RULES
         ));
     }
+    let v = p.isolation.vxlan_ports.len();
+    if v > limits::VXLAN_PORTS {
+        return Err(format!(
+            "{v} vxlan ports; the datapath holds at most {}",
+            limits::VXLAN_PORTS
+        ));
+    }
     let e = p.isolation.except.len();
     if e > limits::EXCEPT_RULES {
         return Err(format!(
@@ -175,8 +182,16 @@ pub fn compile(p: &Policy) -> Result<Compiled, String> {
     if p.isolation.reject {
         flags |= iso_flags::REJECT;
     }
+    let mut vxlan_ports = [0u16; limits::VXLAN_PORTS];
+    for (slot, port) in vxlan_ports.iter_mut().zip(&p.isolation.vxlan_ports) {
+        *slot = *port;
+    }
     Ok(Compiled {
-        meta: PolicyMeta { flags, _pad: 0 },
+        meta: PolicyMeta {
+            flags,
+            _pad: 0,
+            vxlan_ports,
+        },
         prefixes,
         ports: table,
         allow_names,

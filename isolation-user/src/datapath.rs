@@ -132,6 +132,19 @@ pub fn load_and_pin(paths: &Paths) -> Result<()> {
             .map_err(|e| anyhow!("the kernel refused the XDP program: {}", error_chain(&e)))?;
         xdp.pin(paths.prog("xdp"))
             .context("cannot pin the XDP program")?;
+        let vx: &mut Xdp = prog_mut(&mut ebpf, progs::XDP_VXLAN)?;
+        vx.load().map_err(|e| {
+            anyhow!(
+                "the kernel refused the VXLAN XDP program: {}",
+                error_chain(&e)
+            )
+        })?;
+        vx.pin(paths.prog("xdp_vxlan"))
+            .context("cannot pin the VXLAN XDP program")?;
+        let vx_fd = vx.fd()?.try_clone()?;
+        let mut jump: aya::maps::ProgramArray<MapData> = open_map(paths, maps::JUMP)?.try_into()?;
+        jump.set(0, &vx_fd, 0)
+            .context("cannot install the VXLAN program in JUMP")?;
         let tci: &mut SchedClassifier = prog_mut(&mut ebpf, progs::TC_INGRESS)?;
         tci.load().map_err(|e| {
             anyhow!(
@@ -348,7 +361,9 @@ pub fn remove_pins(paths: &Paths) -> Vec<String> {
     files.push(paths.prog("xdp"));
     files.push(paths.prog("tc"));
     files.push(paths.prog("tci"));
+    files.push(paths.prog("xdp_vxlan"));
     files.push(paths.prog("tci"));
+    files.push(paths.prog("xdp_vxlan"));
     for f in files {
         if let Err(e) = fs::remove_file(&f)
             && e.kind() != std::io::ErrorKind::NotFound

@@ -538,3 +538,111 @@ fn denied_connections_are_rejected_at_once() {
     let (kind, took) = connect_outcome(&lab.hr1, sa("198.51.100.2:81"));
     assert_eq!(kind, std::io::ErrorKind::TimedOut, "silent drop ({took:?})");
 }
+
+/// Two hosts joined by a VXLAN tunnel (VNI 42, port 4789) across the filtered underlay:
+/// `va` (underlay 192.0.2.1, overlay it 198.51.100.10) and `vb` (underlay 192.0.2.2, overlay
+/// hr 198.51.100.200), the datapath on vb's underlay interface.
+#[test]
+fn vxlan_outer_whitelisted_inner_isolated() {
+    if !tests::can_run("end-to-end VXLAN test") {
+        return;
+    }
+    let (va, vb) = (unique("va"), unique("vb"));
+    let ns = Netns::new(&[&va, &vb]);
+    ns.link(&va, "e0", &["192.0.2.1/24"], &vb, "e0", &["192.0.2.2/24"]);
+    for (n, local, remote, overlay) in [
+        (&va, "192.0.2.1", "192.0.2.2", "198.51.100.10/24"),
+        (&vb, "192.0.2.2", "192.0.2.1", "198.51.100.200/24"),
+    ] {
+        ok(&[
+            "ip", "-n", n, "link", "add", "vx0", "type", "vxlan", "id", "42", "local", local,
+            "remote", remote, "dstport", "4789", "dev", "e0",
+        ]);
+        ok(&["ip", "-n", n, "addr", "add", overlay, "dev", "vx0"]);
+        ok(&["ip", "-n", n, "link", "set", "vx0", "up"]);
+    }
+    let id = unique("isox");
+    let lab = Lab {
+        pin: format!("/sys/fs/bpf/{id}").into(),
+        state: std::env::temp_dir().join(&id),
+        ns,
+        router: vb.clone(),
+        it1: va.clone(),
+        it2: va.clone(),
+        hr1: vb.clone(),
+    };
+    let _a = Echo::start(&va, &[sa("198.51.100.10:80"), sa("198.51.100.10:81")]);
+    let _b = Echo::start(&vb, &[sa("198.51.100.200:80")]);
+    assert!(
+        tcp_ok(&va, sa("198.51.100.200:80"), PASS_WAIT),
+        "the tunnel works before load"
+    );
+
+    let policy = r#"
+[isolation]
+default = "deny"
+reject = true
+vxlan_ports = [4789]
+[networks.it]
+subnets = ["198.51.100.0/25"]
+[networks.hr]
+subnets = ["198.51.100.128/25"]
+[[isolation.allow]]
+from = "hr"
+to = "it"
+ports = ["tcp:80"]
+[whitelist]
+allow = ["192.0.2.1"]
+"#;
+    // Each host filters what enters it, as in a fleet: the other host's underlay address is
+    // whitelisted on each.
+    let id2 = unique("isox");
+    let lab_a = Lab {
+        pin: format!("/sys/fs/bpf/{id2}").into(),
+        state: std::env::temp_dir().join(&id2),
+        ns: Netns { names: vec![] },
+        router: va.clone(),
+        it1: va.clone(),
+        it2: va.clone(),
+        hr1: vb.clone(),
+    };
+    for (l, peer) in [(&lab, "192.0.2.1"), (&lab_a, "192.0.2.2")] {
+        fs::create_dir_all(&l.state).unwrap();
+        let p = l.state.join("vx.toml");
+        fs::write(&p, policy.replace("192.0.2.1", peer)).unwrap();
+        l.iso_ok(&["load", "--iface", "e0", "--policy", p.to_str().unwrap()]);
+    }
+    assert!(
+        tcp_ok(&vb, sa("198.51.100.10:80"), PASS_WAIT),
+        "hr -> it tcp:80 through the tunnel"
+    );
+    assert!(
+        !tcp_ok(&vb, sa("198.51.100.10:81"), DROP_WAIT),
+        "hr -> it tcp:81 denied inside the tunnel (at va)"
+    );
+    assert!(
+        lab_a.packets("isolated-drop") > 0,
+        "va dropped the inner packet"
+    );
+    assert!(
+        !tcp_ok(&va, sa("198.51.100.200:80"), DROP_WAIT),
+        "it -> hr denied inside the tunnel"
+    );
+    assert!(
+        !ping_ok(&vb, "198.51.100.10"),
+        "hr -> it ping is denied (only tcp:80 is allowed)"
+    );
+    assert!(lab.packets("isolated-drop") > 0);
+    assert!(
+        lab_a.packets("allow-rule") > 0,
+        "va let hr's connection in by the rule"
+    );
+    assert!(lab.packets("established") > 0, "vb let its replies in");
+    // The outer header answers to the whitelist: without va's underlay address, nothing.
+    lab.iso_ok(&["whitelist", "del", "192.0.2.1"]);
+    assert!(
+        !tcp_ok(&vb, sa("198.51.100.10:80"), DROP_WAIT),
+        "outer source no longer whitelisted"
+    );
+    assert!(lab.packets("not-whitelisted") > 0);
+}

@@ -473,3 +473,91 @@ fn rejects_are_rate_limited() {
     );
     assert!(limited >= 700, "{limited}");
 }
+
+/// An outer UDP/VXLAN frame from `outer_src` carrying `inner` (an Ethernet frame).
+fn vxlan(outer_src: &str, outer_dst: &str, sport: u16, inner: &[u8]) -> Vec<u8> {
+    let mut payload = vec![0x08, 0, 0, 0, 0, 0, 42, 0];
+    payload.extend_from_slice(inner);
+    V4::new(outer_src, outer_dst, UDP).frame(&udp(sport, 4789, &payload))
+}
+
+#[test]
+fn vxlan_outer_by_whitelist_inner_by_isolation() {
+    let Some(dp) = Dp::new(&["192.0.2.1"]) else {
+        return;
+    };
+    let text = "[isolation]\ndefault = \"deny\"\nreject = true\nvxlan_ports = [4789]\n\
+        [networks.it]\nsubnets = [\"198.51.100.0/25\"]\n[networks.hr]\nsubnets = [\"198.51.100.128/25\"]\n\
+        [[isolation.allow]]\nfrom = \"hr\"\nto = \"it\"\nports = [\"tcp:80\"]\n\
+        [whitelist]\nallow = [\"192.0.2.1\"]\n";
+    let policy = isolation_user::policy::parse("p", text).unwrap();
+    datapath::apply_policy(&dp.paths, &policy, 2).unwrap();
+    let hr_to_it = |dport| v4_tcp("198.51.100.200", "198.51.100.10", 40000, dport, SYN);
+    let it_to_hr = v4_tcp("198.51.100.10", "198.51.100.200", 5555, 80, SYN);
+    dp.expect(
+        &vxlan("192.0.2.1", "192.0.2.2", 5000, &hr_to_it(80)),
+        XDP_PASS,
+        Reason::PassAllow,
+        "inner allowed",
+    );
+    // Inside a tunnel a deny is a drop, even with reject = true.
+    dp.expect(
+        &vxlan("192.0.2.1", "192.0.2.2", 5000, &hr_to_it(81)),
+        XDP_DROP,
+        Reason::DropIsolated,
+        "inner denied",
+    );
+    dp.expect(
+        &vxlan("192.0.2.1", "192.0.2.2", 5000, &it_to_hr),
+        XDP_DROP,
+        Reason::DropIsolated,
+        "it -> hr",
+    );
+    dp.expect(
+        &vxlan("192.0.2.1", "192.0.2.2", 5000, &pkt::arp()),
+        XDP_PASS,
+        Reason::PassWhitelist,
+        "inner ARP",
+    );
+    dp.expect(
+        &vxlan(
+            "192.0.2.1",
+            "192.0.2.2",
+            5000,
+            &v4_tcp("192.0.2.50", "198.51.100.10", 1, 80, SYN),
+        ),
+        XDP_PASS,
+        Reason::PassWhitelist,
+        "inner source in no network",
+    );
+    dp.expect(
+        &vxlan("192.0.2.9", "192.0.2.2", 5000, &hr_to_it(80)),
+        XDP_DROP,
+        Reason::DropNotWhitelisted,
+        "outer not whitelisted",
+    );
+    dp.expect(
+        &vxlan("192.0.2.1", "192.0.2.2", 5000, &[0u8; 10]),
+        XDP_DROP,
+        Reason::DropMalformed,
+        "inner frame cut short",
+    );
+    // The host's own overlay connection: egress records the inner flow, its reply passes.
+    let out = vxlan(
+        "192.0.2.2",
+        "192.0.2.1",
+        6000,
+        &v4_tcp("198.51.100.200", "198.51.100.10", 40000, 80, SYN),
+    );
+    assert_eq!(dp.egress(&out), TCX_NEXT);
+    let reply = v4_tcp("198.51.100.10", "198.51.100.200", 80, 40000, SYN | ACK);
+    dp.expect(
+        &vxlan("192.0.2.1", "192.0.2.2", 5000, &reply),
+        XDP_PASS,
+        Reason::PassEstablished,
+        "inner reply",
+    );
+    // Not a VXLAN port: an ordinary UDP packet, judged as itself (not subject here).
+    let plain = V4::new("192.0.2.1", "192.0.2.2", UDP).frame(&udp(5000, 4790, &[0; 16]));
+    dp.expect(&plain, XDP_PASS, Reason::PassWhitelist, "other port");
+}
