@@ -424,6 +424,17 @@ pub fn apply_policy(paths: &Paths, policy: &Policy, generation: u32) -> Result<(
         c.generation = generation;
         c.slot = next;
     })?;
+    // Rules are numbered by position: after a swap a number may name another rule, so
+    // their counters start again (as iptables-restore's do).
+    let mut rc: PerCpuArray<MapData, Counter> = open_map(paths, maps::RULE_COUNTERS)?.try_into()?;
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?.get() as usize;
+    for i in 0..128u32 {
+        rc.set(
+            i,
+            aya::maps::PerCpuValues::try_from(vec![Counter::default(); cpus])?,
+            0,
+        )?;
+    }
     Ok(())
 }
 

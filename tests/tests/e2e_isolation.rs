@@ -646,3 +646,38 @@ allow = ["192.0.2.1"]
     );
     assert!(lab.packets("not-whitelisted") > 0);
 }
+
+#[test]
+fn stats_count_per_rule_and_trace_shows_denials() {
+    let Some(lab) = Lab::new() else { return };
+    let _it1 = Echo::start(&lab.it1, &[sa("0.0.0.0:80")]);
+    lab.load(POLICY);
+    let tracer = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.router))
+        .arg(tests::bin())
+        .args(["trace", "--json", "--count", "1", "--timeout", "10"])
+        .env("ISOLATION_PIN_DIR", &lab.pin)
+        .env("ISOLATION_STATE_DIR", &lab.state)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..3 {
+        assert!(tcp_ok(&lab.hr1, sa("198.51.100.2:80"), PASS_WAIT));
+    }
+    assert!(!tcp_ok(&lab.it1, sa("198.51.100.130:80"), DROP_WAIT));
+    let out = tracer.wait_with_output().unwrap();
+    let line: serde_json::Value =
+        serde_json::from_slice(out.stdout.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    assert_eq!(line["reason"], "isolated-drop", "{line}");
+    assert_eq!(line["src"], "198.51.100.2");
+    assert_eq!(line["dst"], "198.51.100.130");
+    assert_eq!(line["in"], "r1");
+    let s: serde_json::Value = serde_json::from_str(&lab.iso_ok(&["stats", "--json"])).unwrap();
+    let rule = &s["rules"][0];
+    assert_eq!(rule["rule"], "allow hr -> it tcp:80");
+    assert_eq!(rule["kind"], "allow");
+    assert!(rule["packets"].as_u64().unwrap() >= 3, "{s}");
+    let table = lab.iso_ok(&["stats"]);
+    assert!(table.contains("allow hr -> it tcp:80"), "{table}");
+}

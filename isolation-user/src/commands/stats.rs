@@ -7,7 +7,10 @@ use clap::Args;
 use isolation_common::{LogStat, Reason};
 use serde_json::json;
 
-use crate::{datapath, state::Paths};
+use crate::{
+    compile, datapath,
+    state::{self, Paths},
+};
 
 #[derive(Args, Debug)]
 pub struct StatsArgs {
@@ -38,9 +41,25 @@ fn human(n: u64) -> String {
     }
 }
 
+/// (kind, index, description, counter) of every rule of the live policy.
+fn rules(paths: &Paths) -> Result<Vec<(&'static str, usize, String, isolation_common::Counter)>> {
+    let live = state::live_policy(paths)?;
+    let names = compile::compile(&live).map_err(anyhow::Error::msg)?;
+    let counts = datapath::rule_counters(paths)?;
+    let mut out = Vec::new();
+    for (k, n) in names.allow_names.iter().enumerate() {
+        out.push(("allow", k, n.clone(), counts[k]));
+    }
+    for (j, n) in names.except_names.iter().enumerate() {
+        out.push(("except", j, n.clone(), counts[64 + j]));
+    }
+    Ok(out)
+}
+
 fn print_once(paths: &Paths, as_json: bool) -> Result<()> {
     let counters = datapath::counters(paths)?;
     let log = datapath::log_stats(paths)?;
+    let rules = rules(paths)?;
     if as_json {
         let reasons: Vec<_> = counters
             .iter()
@@ -52,10 +71,15 @@ fn print_once(paths: &Paths, as_json: bool) -> Result<()> {
                 })
             })
             .collect();
+        let rules: Vec<_> = rules
+            .iter()
+            .map(|(kind, i, name, c)| json!({ "kind": kind, "index": i, "rule": name, "packets": c.packets, "bytes": c.bytes }))
+            .collect();
         println!(
             "{}",
             json!({
                 "reasons": reasons,
+                "rules": rules,
                 "log": {
                     "written": log[LogStat::Written as usize],
                     "suppressed": log[LogStat::Suppressed as usize],
@@ -65,7 +89,10 @@ fn print_once(paths: &Paths, as_json: bool) -> Result<()> {
         );
         return Ok(());
     }
-    for (title, egress) in [("Ingress (XDP)", false), ("Egress (TC)", true)] {
+    for (title, egress) in [
+        ("Ingress (XDP: whitelist, then isolation)", false),
+        ("Egress (TC)", true),
+    ] {
         println!("{title}");
         println!("{:>8} {:>8}  {:<6} reason", "pkts", "bytes", "target");
         for (r, c) in counters.iter().filter(|(r, _)| r.is_egress() == egress) {
@@ -76,6 +103,14 @@ fn print_once(paths: &Paths, as_json: bool) -> Result<()> {
                 verdict(*r),
                 r.name()
             );
+        }
+        println!();
+    }
+    if !rules.is_empty() {
+        println!("Isolation rules (counted since the policy was last swapped in)");
+        println!("{:>8} {:>8}  rule", "pkts", "bytes");
+        for (_, _, name, c) in &rules {
+            println!("{:>8} {:>8}  {name}", human(c.packets), human(c.bytes));
         }
         println!();
     }
