@@ -33,7 +33,7 @@ mod programs {
         programs::{TcContext, XdpContext},
     };
     use aya_log_ebpf::debug;
-    use isolation_common::{Config, Reason, flags};
+    use isolation_common::{Config, Reason, flags, iso_flags};
 
     use crate::{
         conntrack, isolation,
@@ -44,6 +44,11 @@ mod programs {
     /// The policy switches, at index 0. Zeroed until a policy is applied: all pass.
     #[btf_map]
     static CONFIG: Array<Config, 1> = Array::new();
+
+    #[inline(always)]
+    fn ingress_ifindex(ctx: &XdpContext) -> u32 {
+        unsafe { (*ctx.ctx).ingress_ifindex }
+    }
 
     /// TCX: hand the packet to the next program (or the stack) untouched.
     const TCX_NEXT: i32 = -1;
@@ -89,7 +94,6 @@ mod programs {
         if parse::is_neighbour_discovery(&pkt) {
             return Reason::PassNeighbour;
         }
-        let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
         // Stage 1, the host whitelist: who may reach this host at all.
         let admitted = if !enforce {
             Reason::PassWhitelistOff
@@ -104,7 +108,12 @@ mod programs {
             Reason::PassFragment
         } else {
             if cfg.flags & flags::LOG != 0 {
-                trace::log(&pkt, Reason::DropNotWhitelisted as u32, ifindex, len);
+                trace::log(
+                    &pkt,
+                    Reason::DropNotWhitelisted as u32,
+                    ingress_ifindex(ctx),
+                    len,
+                );
             }
             return Reason::DropNotWhitelisted;
         };
@@ -112,6 +121,9 @@ mod programs {
         let Some(meta) = isolation::meta(cfg.slot) else {
             return admitted;
         };
+        if meta.flags & iso_flags::ENABLED == 0 {
+            return admitted;
+        }
         let verdict = if isolation::is_vxlan(meta, &pkt) {
             // VXLAN: the outer header passed the whitelist; the inner packet is judged by
             // its own program (verified on its own: inline, it would not fit the verifier's
@@ -124,7 +136,7 @@ mod programs {
             if let Some(r) = v
                 && r.is_drop()
             {
-                trace::log(&pkt, r as u32, ifindex, len);
+                trace::log(&pkt, r as u32, ingress_ifindex(ctx), len);
             }
             v
         };
@@ -200,8 +212,7 @@ mod programs {
                     None => admitted,
                     Some(r) => {
                         if r.is_drop() {
-                            let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
-                            trace::log(&ipkt, r as u32, ifindex, len);
+                            trace::log(&ipkt, r as u32, ingress_ifindex(ctx), len);
                         }
                         r
                     }

@@ -371,6 +371,8 @@ pub fn remove_pins(paths: &Paths) -> Vec<String> {
             errs.push(format!("cannot remove {}: {e}", f.display()));
         }
     }
+    // The directory goes too when nothing else lives in it (not if it is a mount point).
+    let _ = fs::remove_dir(&paths.pin_dir);
     errs
 }
 

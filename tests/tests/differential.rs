@@ -5,7 +5,7 @@
 //! Seed: `ISOLATION_SEED` (or `cargo xtask test --seed N`); a failure prints the seed, the
 //! policy as a policy file, and the packet.
 
-use std::{collections::HashSet, fs, net::IpAddr};
+use std::{collections::HashSet, net::IpAddr};
 
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use isolation_common::{Reason, maps};
@@ -29,7 +29,6 @@ struct Dp {
 impl Drop for Dp {
     fn drop(&mut self) {
         datapath::remove_pins(&self.paths);
-        let _ = fs::remove_dir(&self.paths.pin_dir);
     }
 }
 

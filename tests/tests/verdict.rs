@@ -117,7 +117,6 @@ impl Dp {
 impl Drop for Dp {
     fn drop(&mut self) {
         datapath::remove_pins(&self.paths);
-        let _ = fs::remove_dir(&self.paths.pin_dir);
         let _ = fs::remove_dir_all(&self.paths.state_dir);
     }
 }
@@ -412,6 +411,8 @@ fn live_whitelist_edits_take_effect() {
 fn drops_are_logged_with_a_rate_limit() {
     let Some(dp) = Dp::new(WL) else { return };
     let f = V4::new(STRANGER4, LOCAL4, TCP).frame(&tcp(41000, 22, SYN));
+    // The log bucket is per CPU: keep this thread on one CPU.
+    pin_to_one_cpu();
     for _ in 0..300 {
         assert_eq!(dp.ingress(&f), XDP_DROP);
     }
@@ -456,6 +457,8 @@ fn rejects_are_rate_limited() {
     policy.whitelist.enabled = false;
     datapath::apply_policy(&dp.paths, &policy, 2).unwrap();
     let f = v4_tcp("198.51.100.1", "198.51.100.200", 40000, 22, SYN);
+    // The bucket is per CPU: keep this thread on one CPU, or two buckets would answer.
+    pin_to_one_cpu();
     let mut passed = 0;
     for _ in 0..1000 {
         // Tagged for TC ingress to answer (PASS), or dropped once the bucket is empty.
@@ -560,4 +563,15 @@ fn vxlan_outer_by_whitelist_inner_by_isolation() {
     // Not a VXLAN port: an ordinary UDP packet, judged as itself (not subject here).
     let plain = V4::new("192.0.2.1", "192.0.2.2", UDP).frame(&udp(5000, 4790, &[0; 16]));
     dp.expect(&plain, XDP_PASS, Reason::PassWhitelist, "other port");
+}
+
+fn pin_to_one_cpu() {
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0
+        );
+    }
 }

@@ -201,7 +201,6 @@ pub fn unload(paths: &Paths, a: UnloadArgs) -> Result<()> {
     }
     let was_loaded = datapath::is_loaded(paths) || st.is_some();
     errs.extend(datapath::remove_pins(paths));
-    let _ = fs::remove_dir(&paths.pin_dir);
     for f in [paths.state_file(), paths.policy_file()] {
         if let Err(e) = fs::remove_file(&f)
             && e.kind() != std::io::ErrorKind::NotFound
