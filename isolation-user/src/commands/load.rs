@@ -173,7 +173,7 @@ pub fn load(paths: &Paths, a: LoadArgs) -> Result<()> {
     st.save(paths)?;
     let names: Vec<&str> = st.interfaces.iter().map(|i| i.name.as_str()).collect();
     println!(
-        "isolation: loaded on {} (XDP ingress + TC egress), policy from {source}, generation {}; \
+        "isolation: loaded on {} (XDP ingress, TC ingress and egress), policy from {source}, generation {}; \
          {seeded} established connection(s) kept",
         names.join(", "),
         st.generation

@@ -24,6 +24,8 @@ pub struct StatsArgs {
 fn verdict(r: Reason) -> &'static str {
     if r.is_egress() {
         "TRACK"
+    } else if r == Reason::RejectIsolated {
+        "REJECT"
     } else if r.is_drop() {
         "DROP"
     } else {
