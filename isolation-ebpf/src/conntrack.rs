@@ -137,7 +137,13 @@ pub fn remember(pkt: &Packet) {
     if pkt.l4 != L4::Ok {
         return;
     }
-    let key = FlowKey {
+    touch(&flow_of(pkt), flow_origin::ALLOWED);
+}
+
+/// The flow of a packet, in the packet's own direction.
+#[inline(always)]
+fn flow_of(pkt: &Packet) -> FlowKey {
+    FlowKey {
         src: pkt.src,
         dst: pkt.dst,
         sport: pkt.sport,
@@ -145,13 +151,29 @@ pub fn remember(pkt: &Packet) {
         proto: pkt.proto,
         family: pkt.family,
         _pad: [0; 2],
-    };
-    let v = FlowValue {
-        last_seen_ns: unsafe { bpf_ktime_get_ns() },
-        origin: flow_origin::ALLOWED,
-        _pad: 0,
-    };
-    let _ = CONNTRACK.insert(&key, &v, 0);
+    }
+}
+
+/// Records a flow, or refreshes it at most once a second: every packet of a flow comes
+/// through here, and a map write per packet would cost more than the whole verdict.
+#[inline(always)]
+fn touch(key: &FlowKey, origin: u32) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    match CONNTRACK.get_ptr_mut(key) {
+        Some(v) => unsafe {
+            if now.wrapping_sub((*v).last_seen_ns) > timing::REFRESH_NS {
+                (*v).last_seen_ns = now;
+            }
+        },
+        None => {
+            let v = FlowValue {
+                last_seen_ns: now,
+                origin,
+                _pad: 0,
+            };
+            let _ = CONNTRACK.insert(key, &v, 0);
+        }
+    }
 }
 
 /// Egress: record (or refresh, at most once a second) the flow of an outgoing packet.
@@ -173,30 +195,6 @@ pub fn track(pkt: &Packet) -> bool {
         }
         _ => {}
     }
-    let key = FlowKey {
-        src: pkt.src,
-        dst: pkt.dst,
-        sport: pkt.sport,
-        dport: pkt.dport,
-        proto: pkt.proto,
-        family: pkt.family,
-        _pad: [0; 2],
-    };
-    let now = unsafe { bpf_ktime_get_ns() };
-    match CONNTRACK.get_ptr_mut(&key) {
-        Some(v) => unsafe {
-            if now.wrapping_sub((*v).last_seen_ns) > timing::REFRESH_NS {
-                (*v).last_seen_ns = now;
-            }
-        },
-        None => {
-            let v = FlowValue {
-                last_seen_ns: now,
-                origin: flow_origin::EGRESS,
-                _pad: 0,
-            };
-            let _ = CONNTRACK.insert(&key, &v, 0);
-        }
-    }
+    touch(&flow_of(pkt), flow_origin::EGRESS);
     true
 }

@@ -1,6 +1,7 @@
 //! `cargo xtask <command>`: the project's own automation, so a fresh machine needs nothing
 //! by hand. Each command is a module with its options and a `run`.
 
+mod bench;
 mod build;
 mod demo;
 mod setup;
@@ -26,6 +27,8 @@ enum Cmd {
     Test(test::Options),
     /// Build a small network of namespaces, load a policy, show traffic allowed and denied.
     Demo(demo::Options),
+    /// Verdict cost, load time and edit latency against their baselines: BENCHMARKS.md.
+    Bench(bench::Options),
 }
 
 fn main() -> std::process::ExitCode {
@@ -34,6 +37,7 @@ fn main() -> std::process::ExitCode {
         Cmd::BuildEbpf(o) => build::run(o).map(|_| ()),
         Cmd::Test(o) => test::run(o),
         Cmd::Demo(o) => demo::run(o),
+        Cmd::Bench(o) => bench::run(o),
     };
     match r {
         Ok(()) => std::process::ExitCode::SUCCESS,

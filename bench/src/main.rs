@@ -1,0 +1,317 @@
+//! `cargo xtask bench [--quick]`: verdict cost (BPF_PROG_TEST_RUN) against a bare XDP_PASS
+//! program, bulk load against `ipset restore` and `nft -f`, and live-edit latency. Every
+//! figure is a median of interleaved rounds in one run, next to its baseline, with the
+//! spread; the verdict is the ratio, since the machine is shared and noisy.
+
+mod raw;
+mod report;
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::{Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::programs::{SchedClassifier, Xdp};
+use clap::Parser;
+use ipnet::IpNet;
+use isolation_user::{
+    datapath::{self, WhitelistMaps},
+    policy::{self, Policy},
+    state::Paths,
+};
+use tests::pkt::{self, SYN, TCP, V4, V6};
+
+#[derive(Parser)]
+struct Opts {
+    /// A smoke run: small sizes, few repeats (the test suite runs this).
+    #[arg(long)]
+    quick: bool,
+    /// Where to write the report.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    out: PathBuf,
+    /// The isolation-user binary (release) for the CLI figures.
+    #[arg(long)]
+    bin: PathBuf,
+}
+
+/// A datapath of its own: a private pin dir, removed on drop.
+struct Dp {
+    paths: Paths,
+    xdp: Xdp,
+    tc: SchedClassifier,
+}
+
+impl Dp {
+    fn new() -> Result<Dp> {
+        let id = tests::unique("isob");
+        let paths = Paths {
+            pin_dir: format!("/sys/fs/bpf/{id}").into(),
+            state_dir: std::env::temp_dir().join(&id),
+        };
+        datapath::ensure_pin_dir(&paths)?;
+        datapath::load_and_pin(&paths)?;
+        let xdp = Xdp::from_pin(
+            paths.prog("xdp"),
+            aya_obj::programs::XdpAttachType::Interface,
+        )?;
+        let tc = SchedClassifier::from_pin(paths.prog("tc"))?;
+        Ok(Dp { paths, xdp, tc })
+    }
+}
+
+impl Drop for Dp {
+    fn drop(&mut self) {
+        datapath::remove_pins(&self.paths);
+        let _ = std::fs::remove_dir_all(&self.paths.state_dir);
+    }
+}
+
+/// N distinct IPv4 addresses (map keys only: no traffic is ever sent to them).
+fn v4_key(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(0x0a00_0000u32 + i)
+}
+
+fn v6_key(i: u32) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, (i >> 16) as u16, i as u16)
+}
+
+fn fill(dp: &Dp, n: u32) -> Result<()> {
+    let mut m = WhitelistMaps::open(&dp.paths)?;
+    let mut nets: Vec<IpNet> = (0..n)
+        .map(|i| IpNet::from(std::net::IpAddr::V4(v4_key(i))))
+        .collect();
+    nets.extend((0..n).map(|i| IpNet::from(std::net::IpAddr::V6(v6_key(i)))));
+    m.insert_many(&nets, |_| {})?;
+    Ok(())
+}
+
+fn policy(text: &str) -> Result<Policy> {
+    Ok(policy::parse("bench", text)?)
+}
+
+const WL_POLICY: &str = "[whitelist]\nenabled = true\nlog = true\n";
+const ISO_POLICY: &str = "[isolation]\ndefault = \"deny\"\nreject = false\n\
+    [networks.it]\nsubnets = [\"198.51.100.0/25\", \"2001:db8:1::/48\"]\n\
+    [networks.hr]\nsubnets = [\"198.51.100.128/25\", \"2001:db8:2::/48\"]\n\
+    [[isolation.allow]]\nfrom = \"hr\"\nto = \"it\"\nports = [\"tcp:80\"]\n";
+
+struct Case {
+    name: String,
+    fd: std::os::fd::RawFd,
+    frame: Vec<u8>,
+}
+
+fn main() -> Result<()> {
+    let o = Opts::parse();
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the benchmarks load BPF programs and create namespaces: run them as root");
+    }
+    let (sizes, repeat, rounds): (&[u32], u32, usize) = if o.quick {
+        (&[10, 1000], 20_000, 3)
+    } else {
+        (&[10, 1000, 100_000, 1_000_000], 1_000_000, 5)
+    };
+    let mut md = String::new();
+    report::header(&mut md, o.quick, repeat, rounds)?;
+
+    // 1. Verdict cost. The floor is a bare XDP_PASS program, loaded from two instructions.
+    let bare = raw::load_xdp_pass()?;
+    let mut per_size: BTreeMap<u32, Vec<(String, f64, f64, f64)>> = BTreeMap::new();
+    for &n in sizes {
+        let wl = Dp::new()?;
+        fill(&wl, n)?;
+        datapath::apply_policy(&wl.paths, &policy(WL_POLICY)?, 1)?;
+        // A reply: the flow leaves through TC egress first.
+        let out = V4::new("192.0.2.1", "198.51.100.9", TCP).frame(&pkt::tcp(50000, 443, SYN));
+        let _ = raw::test_run(raw::fd(&wl.tc)?, &out, 1)?;
+        let iso = Dp::new()?;
+        fill(&iso, n)?;
+        datapath::apply_policy(&iso.paths, &policy(ISO_POLICY)?, 1)?;
+        let (wfd, ifd) = (raw::fd(&wl.xdp)?, raw::fd(&iso.xdp)?);
+        let hit = v4_key(n / 2).to_string();
+        let hit6 = v6_key(n / 2).to_string();
+        let cases = [
+            Case {
+                name: "bare XDP_PASS (floor)".into(),
+                fd: bare,
+                frame: V4::new(&hit, "192.0.2.1", TCP).frame(&pkt::tcp(1, 22, SYN)),
+            },
+            Case {
+                name: "whitelist hit v4".into(),
+                fd: wfd,
+                frame: V4::new(&hit, "192.0.2.1", TCP).frame(&pkt::tcp(1, 22, SYN)),
+            },
+            Case {
+                name: "whitelist hit v6".into(),
+                fd: wfd,
+                frame: V6::new(&hit6, "2001:db8::1", TCP).frame(&pkt::tcp(1, 22, SYN)),
+            },
+            Case {
+                name: "whitelist miss v4 (drop)".into(),
+                fd: wfd,
+                frame: V4::new("198.51.100.77", "192.0.2.1", TCP).frame(&pkt::tcp(1, 22, SYN)),
+            },
+            Case {
+                name: "established reply v4".into(),
+                fd: wfd,
+                frame: V4::new("198.51.100.9", "192.0.2.1", TCP).frame(&pkt::tcp(
+                    443,
+                    50000,
+                    pkt::ACK,
+                )),
+            },
+            Case {
+                name: "isolation allow v4".into(),
+                fd: ifd,
+                frame: V4::new("198.51.100.130", "198.51.100.2", TCP)
+                    .frame(&pkt::tcp(40000, 80, SYN)),
+            },
+            Case {
+                name: "isolation deny v4 (drop)".into(),
+                fd: ifd,
+                frame: V4::new("198.51.100.2", "198.51.100.130", TCP)
+                    .frame(&pkt::tcp(40000, 80, SYN)),
+            },
+            Case {
+                name: "isolation allow v6".into(),
+                fd: ifd,
+                frame: V6::new("2001:db8:2::9", "2001:db8:1::9", TCP)
+                    .frame(&pkt::tcp(40000, 80, SYN)),
+            },
+        ];
+        let mut samples: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+        for _ in 0..rounds {
+            for (i, c) in cases.iter().enumerate() {
+                samples[i].push(raw::test_run(c.fd, &c.frame, repeat)?.1 as f64);
+            }
+        }
+        let floor = report::median(&samples[0]);
+        let rows = cases
+            .iter()
+            .zip(&samples)
+            .map(|(c, s)| {
+                (
+                    c.name.clone(),
+                    report::median(s),
+                    report::spread(s),
+                    report::median(s) / floor,
+                )
+            })
+            .collect();
+        per_size.insert(n, rows);
+    }
+    report::verdict_tables(&mut md, &per_size)?;
+    report::svg(&per_size, &o.out.with_extension("svg"))?;
+    writeln!(
+        md,
+        "\n![verdict cost against whitelist size]({})\n",
+        o.out
+            .with_extension("svg")
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+    )?;
+
+    // 2. Loading a whitelist, and 3. live-edit latency, through the CLI as an operator runs it.
+    let n = if o.quick { 10_000 } else { 1_000_000 };
+    cli_figures(&mut md, &o.bin, n, if o.quick { 5 } else { 21 })?;
+    std::fs::write(&o.out, md).with_context(|| format!("cannot write {}", o.out.display()))?;
+    println!("wrote {}", o.out.display());
+    Ok(())
+}
+
+fn cli_figures(md: &mut String, bin: &std::path::Path, n: u32, edits: usize) -> Result<()> {
+    let ns_name = tests::unique("isobn");
+    let ns = tests::netns::Netns::new(&[&ns_name]);
+    ns.link(&ns_name, "b0", &[], &ns_name, "b1", &[]);
+    let id = tests::unique("isobc");
+    let pin = format!("/sys/fs/bpf/{id}");
+    let state = std::env::temp_dir().join(&id);
+    let list = std::env::temp_dir().join(format!("{id}.txt"));
+    let mut text = String::with_capacity(n as usize * 14);
+    for i in 0..n {
+        writeln!(text, "{}", v4_key(i))?;
+    }
+    std::fs::write(&list, &text)?;
+    let iso = |args: &[&str]| {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{ns_name}"))
+            .arg(bin)
+            .args(args);
+        c.env("ISOLATION_PIN_DIR", &pin)
+            .env("ISOLATION_STATE_DIR", &state)
+            .env_remove("SSH_CONNECTION");
+        c
+    };
+    raw::run_measured(&mut iso(&["load", "--iface", "b0"]))?;
+    let ours = raw::run_measured(&mut iso(&[
+        "whitelist",
+        "add",
+        "--file",
+        list.to_str().unwrap(),
+    ]))?;
+    // The same entries with the tools operators use today, in the same namespace.
+    let mut restore = format!(
+        "create bench hash:ip family inet hashsize 1048576 maxelem {}\n",
+        n * 2
+    );
+    for i in 0..n {
+        writeln!(restore, "add bench {}", v4_key(i))?;
+    }
+    let ipset_file = std::env::temp_dir().join(format!("{id}.ipset"));
+    std::fs::write(&ipset_file, restore)?;
+    let mut ipset = Command::new("nsenter");
+    ipset.arg(format!("--net=/run/netns/{ns_name}")).args([
+        "ipset",
+        "restore",
+        "-file",
+        ipset_file.to_str().unwrap(),
+    ]);
+    let ipset_m = raw::run_measured(&mut ipset)?;
+    let mut nft = String::from(
+        "table inet bench {\n set wl {\n  type ipv4_addr\n  size 2097152\n  elements = { ",
+    );
+    for i in 0..n {
+        if i > 0 {
+            nft.push_str(", ");
+        }
+        write!(nft, "{}", v4_key(i))?;
+    }
+    nft.push_str(" }\n }\n}\n");
+    let nft_file = std::env::temp_dir().join(format!("{id}.nft"));
+    std::fs::write(&nft_file, nft)?;
+    let mut nftc = Command::new("nsenter");
+    nftc.arg(format!("--net=/run/netns/{ns_name}"))
+        .args(["nft", "-f", nft_file.to_str().unwrap()]);
+    let nft_m = raw::run_measured(&mut nftc)?;
+    report::load_table(md, n, ours, ipset_m, nft_m)?;
+
+    // Live edit: `whitelist add` with the whitelist full, command start to exit (the map
+    // update, which changes the verdict, happens before the exit).
+    let mut times = Vec::new();
+    for i in 0..edits {
+        let a = Ipv4Addr::new(192, 0, 2, 10 + i as u8).to_string();
+        let t = Instant::now();
+        let st = iso(&["whitelist", "add", &a]).output()?;
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+        if !st.status.success() {
+            bail!(
+                "whitelist add failed: {}",
+                String::from_utf8_lossy(&st.stderr)
+            );
+        }
+    }
+    report::edit_table(md, n, &times)?;
+    let _ = iso(&["unload"]).output();
+    for f in [list, ipset_file, nft_file] {
+        let _ = std::fs::remove_file(f);
+    }
+    let _ = std::fs::remove_dir_all(&state);
+    drop(ns);
+    Ok(())
+}

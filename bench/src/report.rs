@@ -1,0 +1,210 @@
+//! BENCHMARKS.md and its SVG plot.
+
+use std::{collections::BTreeMap, fmt::Write as _, path::Path};
+
+use anyhow::Result;
+
+pub fn median(s: &[f64]) -> f64 {
+    let mut v = s.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// (max - min) / median, in percent: how far rounds of the same figure fell apart.
+pub fn spread(s: &[f64]) -> f64 {
+    let (lo, hi) = s
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(l, h), x| (l.min(*x), h.max(*x)));
+    let m = median(s);
+    if m > 0.0 { (hi - lo) / m * 100.0 } else { 0.0 }
+}
+
+fn sh(cmd: &str) -> String {
+    std::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+pub fn header(md: &mut String, quick: bool, repeat: u32, rounds: usize) -> Result<()> {
+    writeln!(md, "# Benchmarks\n")?;
+    writeln!(
+        md,
+        "Written by `cargo xtask bench{}`; every figure of a table comes from one run, next to",
+        if quick { " --quick" } else { "" }
+    )?;
+    writeln!(
+        md,
+        "its baseline measured the same way in the same run. The machine is shared and noisy:"
+    )?;
+    writeln!(
+        md,
+        "the ratios are the verdict, the absolute figures only context.\n"
+    )?;
+    writeln!(
+        md,
+        "- machine: {} cores, {}, kernel {}",
+        sh("nproc"),
+        sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"),
+        sh("uname -r")
+    )?;
+    writeln!(md, "- date: {}", sh("date -u +%Y-%m-%dT%H:%MZ"))?;
+    writeln!(
+        md,
+        "- verdict cost: BPF_PROG_TEST_RUN with repeat {repeat}, {rounds} interleaved rounds, median; spread = (max - min) / median"
+    )?;
+    if quick {
+        writeln!(
+            md,
+            "- **a --quick smoke run**: small sizes and repeats; not figures to quote"
+        )?;
+    }
+    writeln!(
+        md,
+        "\nNot measured yet (issue 5): drop rate on a live veth path against XDP_DROP, xdp-filter,"
+    )?;
+    writeln!(
+        md,
+        "iptables + ipset and nftables; random keys across the whole set (all figures below use one"
+    )?;
+    writeln!(md, "hot key); 100k isolation rules.\n")?;
+    Ok(())
+}
+
+pub fn verdict_tables(
+    md: &mut String,
+    per_size: &BTreeMap<u32, Vec<(String, f64, f64, f64)>>,
+) -> Result<()> {
+    writeln!(md, "## Verdict cost (ns per packet, one hot key)\n")?;
+    for (n, rows) in per_size {
+        writeln!(md, "### {n} whitelist entries per family\n")?;
+        writeln!(md, "| case | ns/packet | spread | × bare XDP_PASS |")?;
+        writeln!(md, "| --- | ---: | ---: | ---: |")?;
+        for (name, m, s, r) in rows {
+            writeln!(md, "| {name} | {m:.1} | {s:.0}% | {r:.2} |")?;
+        }
+        writeln!(md)?;
+    }
+    Ok(())
+}
+
+pub fn load_table(
+    md: &mut String,
+    n: u32,
+    ours: (f64, u64),
+    ipset: (f64, u64),
+    nft: (f64, u64),
+) -> Result<()> {
+    writeln!(md, "## Loading {n} whitelist addresses\n")?;
+    writeln!(
+        md,
+        "| tool | wall time (s) | peak memory (MiB) | × ours (time) |"
+    )?;
+    writeln!(md, "| --- | ---: | ---: | ---: |")?;
+    for (name, (t, m)) in [
+        ("`isolation-user whitelist add --file`", ours),
+        ("`ipset restore` (hash:ip)", ipset),
+        ("`nft -f` (set of ipv4_addr)", nft),
+    ] {
+        writeln!(
+            md,
+            "| {name} | {t:.2} | {:.0} | {:.2} |",
+            m as f64 / 1024.0,
+            t / ours.0
+        )?;
+    }
+    writeln!(md)?;
+    Ok(())
+}
+
+pub fn edit_table(md: &mut String, n: u32, ms: &[f64]) -> Result<()> {
+    writeln!(md, "## Live edit latency\n")?;
+    writeln!(
+        md,
+        "`isolation-user whitelist add ADDR` with {n} entries loaded, command start to exit (the map"
+    )?;
+    writeln!(
+        md,
+        "update that changes the verdict happens before exit): median {:.1} ms, spread {:.0}% over {} runs.\n",
+        median(ms),
+        spread(ms),
+        ms.len()
+    )?;
+    Ok(())
+}
+
+/// Cost against whitelist size, one line per case (log-scale x).
+pub fn svg(per_size: &BTreeMap<u32, Vec<(String, f64, f64, f64)>>, path: &Path) -> Result<()> {
+    let (w, h, pad) = (720.0, 400.0, 60.0);
+    let sizes: Vec<f64> = per_size.keys().map(|n| (*n as f64).log10()).collect();
+    let (xmin, xmax) = (
+        sizes.first().copied().unwrap_or(0.0),
+        sizes.last().copied().unwrap_or(1.0).max(sizes[0] + 1.0),
+    );
+    let ymax = per_size.values().flatten().map(|r| r.1).fold(1.0, f64::max) * 1.1;
+    let x = |v: f64| pad + (v - xmin) / (xmax - xmin) * (w - 2.0 * pad);
+    let y = |v: f64| h - pad - v / ymax * (h - 2.0 * pad);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n"
+    );
+    s += &format!(
+        "<rect width=\"{w}\" height=\"{h}\" fill=\"white\"/>\n<text x=\"{pad}\" y=\"20\" font-size=\"14\">Verdict cost (ns/packet) against whitelist entries per family</text>\n"
+    );
+    s += &format!(
+        "<line x1=\"{pad}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n",
+        h - pad,
+        w - pad,
+        h - pad
+    );
+    s += &format!(
+        "<line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{}\" stroke=\"black\"/>\n",
+        h - pad
+    );
+    for (n, lx) in per_size.keys().zip(&sizes) {
+        s += &format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{n}</text>\n",
+            x(*lx),
+            h - pad + 16.0
+        );
+    }
+    for i in 0..=4 {
+        let v = ymax * i as f64 / 4.0;
+        s += &format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{v:.0}</text>\n",
+            pad - 6.0,
+            y(v) + 4.0
+        );
+    }
+    let colors = [
+        "#000000", "#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
+    ];
+    let cases = per_size.values().next().map(|r| r.len()).unwrap_or(0);
+    for c in 0..cases {
+        let pts: Vec<String> = per_size
+            .values()
+            .zip(&sizes)
+            .map(|(rows, lx)| format!("{:.1},{:.1}", x(*lx), y(rows[c].1)))
+            .collect();
+        let color = colors[c % colors.len()];
+        s += &format!(
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>\n",
+            pts.join(" ")
+        );
+        let name = &per_size.values().next().unwrap()[c].0;
+        s += &format!(
+            "<text x=\"{}\" y=\"{}\" fill=\"{color}\">{name}</text>\n",
+            w - 250.0,
+            pad + 14.0 * c as f64
+        );
+    }
+    s += "</svg>\n";
+    std::fs::write(path, s)?;
+    Ok(())
+}
