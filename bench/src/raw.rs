@@ -2,10 +2,8 @@
 //! BPF_PROG_TEST_RUN on any program fd, so every figure is taken the same way.
 
 use std::{
-    io::Read as _,
     os::fd::{AsFd as _, AsRawFd as _, RawFd},
     process::{Command, Stdio},
-    time::Instant,
 };
 
 use anyhow::{Result, bail};
@@ -134,23 +132,31 @@ impl HasFd for aya::programs::SchedClassifier {
     }
 }
 
-/// Wall time (s) and peak resident memory (KiB) of a command, which must succeed.
+/// Wall time (s) and peak resident memory (KiB) of a command, which must succeed. Measured
+/// by /usr/bin/time: a child forked from this (large) process would report our own pages.
 pub fn run_measured(c: &mut Command) -> Result<(f64, u64)> {
-    let t = Instant::now();
-    let mut child = c.stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
-    let mut status = 0;
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = child.id() as libc::pid_t;
-    let mut err = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = e.read_to_string(&mut err);
+    let mut t = Command::new("/usr/bin/time");
+    t.args(["-f", "ISOLATION_BENCH %e %M"])
+        .arg(c.get_program())
+        .args(c.get_args());
+    for (k, v) in c.get_envs() {
+        match v {
+            Some(v) => t.env(k, v),
+            None => t.env_remove(k),
+        };
     }
-    if unsafe { libc::wait4(pid, &mut status, 0, &mut ru) } != pid {
-        bail!("cannot wait for {c:?}");
-    }
-    let secs = t.elapsed().as_secs_f64();
-    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+    let out = t.stdout(Stdio::null()).stderr(Stdio::piped()).output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
         bail!("{c:?} failed: {}", err.trim());
     }
-    Ok((secs, ru.ru_maxrss as u64))
+    let line = err
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("ISOLATION_BENCH "))
+        .unwrap_or_default();
+    let mut f = line.split_whitespace().skip(1);
+    let secs: f64 = f.next().and_then(|v| v.parse().ok()).unwrap_or(f64::NAN);
+    let kib: u64 = f.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+    Ok((secs, kib))
 }

@@ -16,6 +16,12 @@ pub struct Options {
     quick: bool,
 }
 
+impl Options {
+    pub fn quick() -> Options {
+        Options { quick: true }
+    }
+}
+
 pub fn run(o: Options) -> Result<()> {
     if !util::is_root() {
         bail!("the benchmarks load BPF programs and create namespaces: run them as root");

@@ -29,6 +29,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("xdp-tools", "/usr/sbin/xdp-filter"),
     ("util-linux", "/usr/bin/nsenter"),
     ("procps", "/usr/bin/pgrep"),
+    ("time", "/usr/bin/time"),
 ];
 
 impl Options {

@@ -4,8 +4,8 @@
 use anyhow::Result;
 
 use crate::{
-    build, setup,
-    util::{cmd, exec},
+    bench, build, setup,
+    util::{self, cmd, exec},
 };
 
 #[derive(clap::Args)]
@@ -16,6 +16,9 @@ pub struct Options {
     /// Skip `cargo fmt --check` and clippy.
     #[arg(long)]
     no_lint: bool,
+    /// Skip the benchmark smoke run (`cargo xtask bench --quick`).
+    #[arg(long)]
+    no_bench: bool,
     /// Seed of the randomized differential test (default: a fixed one).
     #[arg(long)]
     seed: Option<u64>,
@@ -49,5 +52,10 @@ pub fn run(o: Options) -> Result<()> {
     if !o.allow_skip {
         c.env("ISOLATION_REQUIRE_E2E", "1");
     }
-    exec(&mut c)
+    exec(&mut c)?;
+    // The benchmark code runs once so it cannot rot; its figures go under target/.
+    if !o.no_bench && util::is_root() {
+        bench::run(bench::Options::quick())?;
+    }
+    Ok(())
 }
