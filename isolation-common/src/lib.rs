@@ -210,22 +210,6 @@ pub struct WlEntry {
     pub prefix_len: u32,
 }
 
-/// LPM-trie key layout, identical to `bpf_lpm_trie_key`: prefix length first, then the
-/// address in network byte order. Written out here so userspace can build keys without aya.
-#[repr(C, packed)]
-#[derive(Clone, Copy, Debug, Pod, Zeroable)]
-pub struct LpmKeyV4 {
-    pub prefix_len: u32,
-    pub addr: [u8; 4],
-}
-
-#[repr(C, packed)]
-#[derive(Clone, Copy, Debug, Pod, Zeroable)]
-pub struct LpmKeyV6 {
-    pub prefix_len: u32,
-    pub addr: [u8; 16],
-}
-
 pub const AF_INET: u8 = 4;
 pub const AF_INET6: u8 = 6;
 
@@ -457,8 +441,6 @@ mod user {
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for PolicyMeta {}
     unsafe impl aya::Pod for NetEntry {}
-    unsafe impl aya::Pod for LpmKeyV4 {}
-    unsafe impl aya::Pod for LpmKeyV6 {}
     unsafe impl aya::Pod for WlEntry {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
@@ -479,8 +461,6 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<FragKey>(), 40);
         assert_eq!(size_of::<LogEvent>(), 64);
-        assert_eq!(size_of::<LpmKeyV4>(), 8);
-        assert_eq!(size_of::<LpmKeyV6>(), 20);
     }
 
     #[test]

@@ -30,8 +30,6 @@ pub struct Compiled {
     /// What each allow / except bit stands for (for `stats` and `check`).
     pub allow_names: Vec<String>,
     pub except_names: Vec<String>,
-    /// Network of each `nets` bit.
-    pub net_names: Vec<String>,
 }
 
 fn resolve(p: &Policy, e: &Endpoint) -> Vec<IpNet> {
@@ -79,9 +77,7 @@ pub fn compile(p: &Policy) -> Result<Compiled, String> {
     check_limits(p)?;
     let mut own: HashMap<IpNet, NetEntry> = HashMap::new();
     let mut add = |net: IpNet, f: &dyn Fn(&mut NetEntry)| f(own.entry(net.trunc()).or_default());
-    let mut net_names = Vec::new();
-    for (i, (name, subnets)) in p.networks.iter().enumerate() {
-        net_names.push(name.clone());
+    for (i, subnets) in p.networks.values().enumerate() {
         for s in subnets {
             add(*s, &|e| e.nets |= 1 << i);
         }
@@ -196,7 +192,6 @@ pub fn compile(p: &Policy) -> Result<Compiled, String> {
         ports: table,
         allow_names,
         except_names,
-        net_names,
     })
 }
 
@@ -287,11 +282,10 @@ pub fn reference(p: &Policy, pkt: &Pkt, established: bool) -> Decision {
 /// Index of the port table for a packet, as the datapath computes it.
 pub fn port_index(proto: u8, ports_: Option<(u16, u16)>) -> u32 {
     match (proto, ports_) {
+        (_, None) => ports::NO_PORT,
         (6, Some((_, d))) => ports::TCP_BASE + d as u32,
         (17, Some((_, d))) => ports::UDP_BASE + d as u32,
         (1 | 58, Some(_)) => ports::ICMP,
-        (6 | 17 | 1 | 58, None) => ports::NO_PORT,
-        (_, None) => ports::NO_PORT,
         _ => ports::OTHER,
     }
 }
