@@ -8,15 +8,10 @@
 //! HR may reach IT on tcp:80; IT may not open connections to HR but its replies flow; each
 //! network talks freely inside; everything else is refused.
 
-use std::{
-    fs,
-    net::SocketAddr,
-    path::PathBuf,
-    process::{Command, Output},
-    time::Duration,
-};
+use std::{net::SocketAddr, time::Duration};
 
 use tests::{
+    iso::Iso,
     netns::{Netns, ok},
     traffic::{Echo, ping_ok, tcp_ok, udp_ok},
     unique,
@@ -43,10 +38,9 @@ ports = ["tcp:80"]
 "#;
 
 struct Lab {
-    pin: PathBuf,
-    state: PathBuf,
+    // Dropped in order: the datapath is unloaded before its namespaces go.
+    iso: Iso,
     ns: Netns,
-    router: String,
     it1: String,
     it2: String,
     hr1: String,
@@ -112,76 +106,20 @@ impl Lab {
             "-qw",
             "net.ipv6.conf.all.forwarding=1",
         ]);
-        let id = unique("isoi");
         Some(Lab {
-            pin: format!("/sys/fs/bpf/{id}").into(),
-            state: std::env::temp_dir().join(id),
+            iso: Iso::new(&router),
             ns,
-            router,
             it1,
             it2,
             hr1,
         })
     }
 
-    fn iso(&self, args: &[&str]) -> Output {
-        let mut c = Command::new("nsenter");
-        c.arg(format!("--net=/run/netns/{}", self.router))
-            .arg(tests::bin())
-            .args(args);
-        c.env("ISOLATION_PIN_DIR", &self.pin)
-            .env("ISOLATION_STATE_DIR", &self.state)
-            .env_remove("SSH_CONNECTION");
-        c.output().unwrap()
-    }
-
-    fn iso_ok(&self, args: &[&str]) -> String {
-        let o = self.iso(args);
-        assert!(
-            o.status.success(),
-            "isolation-user {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-
     fn load(&self, policy: &str) {
-        fs::create_dir_all(&self.state).unwrap();
-        let p = self.state.join(format!("{}.toml", unique("p")));
-        fs::write(&p, policy).unwrap();
-        self.iso_ok(&[
-            "load",
-            "--iface",
-            "r1",
-            "--iface",
-            "r2",
-            "--iface",
-            "r3",
-            "--policy",
-            p.to_str().unwrap(),
+        let p = self.iso.policy(policy);
+        self.iso.ok(&[
+            "load", "--iface", "r1", "--iface", "r2", "--iface", "r3", "--policy", &p,
         ]);
-    }
-
-    fn packets(&self, reason: &str) -> u64 {
-        let s: serde_json::Value =
-            serde_json::from_str(&self.iso_ok(&["stats", "--json"])).unwrap();
-        s["reasons"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["reason"] == reason)
-            .unwrap()["packets"]
-            .as_u64()
-            .unwrap()
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = self.iso(&["unload"]);
-        let _ = fs::remove_dir_all(&self.pin);
-        let _ = fs::remove_dir_all(&self.state);
-        let _ = &self.ns;
     }
 }
 
@@ -277,13 +215,13 @@ fn isolation_end_to_end() {
         .map(|((w, g), _)| format!("{w}: {}", if *g { "passed" } else { "blocked" }))
         .collect();
     assert!(wrong.is_empty(), "wrong verdicts: {wrong:?}");
-    assert!(lab.packets("allow-rule") > 0);
-    assert!(lab.packets("hairpin") > 0);
-    assert!(lab.packets("isolated-drop") > 0);
+    assert!(lab.iso.packets("allow-rule") > 0);
+    assert!(lab.iso.packets("hairpin") > 0);
+    assert!(lab.iso.packets("isolated-drop") > 0);
     // IT's replies to HR's allowed connections came back through the router: established.
-    assert!(lab.packets("established") > 0);
+    assert!(lab.iso.packets("established") > 0);
 
-    lab.iso_ok(&["unload"]);
+    lab.iso.ok(&["unload"]);
     let after = matrix(&lab, PASS_WAIT, PASS_WAIT);
     assert!(
         after.iter().all(|(_, ok)| *ok),
@@ -301,7 +239,7 @@ fn live_edits_check_and_overlaps() {
     let check = |args: &[&str]| -> serde_json::Value {
         let mut full = vec!["check", "--json"];
         full.extend_from_slice(args);
-        serde_json::from_str(&lab.iso_ok(&full)).unwrap()
+        serde_json::from_str(&lab.iso.ok(&full)).unwrap()
     };
     let c = check(&[
         "198.51.100.130",
@@ -339,7 +277,7 @@ fn live_edits_check_and_overlaps() {
     assert!(c["reason"].as_str().unwrap().contains("hairpin"), "{c}");
     let c = check(&["192.0.2.1", "198.51.100.2"]);
     assert!(c["reason"].as_str().unwrap().contains("not subject"), "{c}");
-    let text = lab.iso_ok(&[
+    let text = lab.iso.ok(&[
         "check",
         "198.51.100.2",
         "198.51.100.130",
@@ -352,7 +290,7 @@ fn live_edits_check_and_overlaps() {
 
     // allow / disallow take effect at once.
     assert!(!tcp_ok(&lab.it1, sa("198.51.100.130:80"), DROP_WAIT));
-    lab.iso_ok(&["allow", "it", "hr", "--port", "tcp:80"]);
+    lab.iso.ok(&["allow", "it", "hr", "--port", "tcp:80"]);
     assert!(
         tcp_ok(&lab.it1, sa("198.51.100.130:80"), PASS_WAIT),
         "after allow"
@@ -361,14 +299,15 @@ fn live_edits_check_and_overlaps() {
         tcp_ok(&lab.it1, sa("[2001:db8:2:1::2]:80"), PASS_WAIT),
         "after allow, v6"
     );
-    lab.iso_ok(&["disallow", "it", "hr"]);
+    lab.iso.ok(&["disallow", "it", "hr"]);
     assert!(
         !tcp_ok(&lab.it1, sa("198.51.100.130:80"), DROP_WAIT),
         "after disallow"
     );
 
     // except: never filtered, either direction.
-    lab.iso_ok(&["except", "add", "198.51.100.2", "198.51.100.130"]);
+    lab.iso
+        .ok(&["except", "add", "198.51.100.2", "198.51.100.130"]);
     assert!(
         tcp_ok(&lab.it1, sa("198.51.100.130:80"), PASS_WAIT),
         "except it1 -> hr1"
@@ -378,15 +317,16 @@ fn live_edits_check_and_overlaps() {
         !tcp_ok(&lab.it2, sa("198.51.100.130:80"), DROP_WAIT),
         "it2 is not excepted"
     );
-    lab.iso_ok(&["except", "del", "198.51.100.2", "198.51.100.130"]);
+    lab.iso
+        .ok(&["except", "del", "198.51.100.2", "198.51.100.130"]);
     assert!(
         !tcp_ok(&lab.it1, sa("198.51.100.130:80"), DROP_WAIT),
         "after except del"
     );
 
     // Overlap: ops is a /28 inside it. A rule about ops reaches it1 only; it1 stays in it.
-    lab.iso_ok(&["network", "add", "ops", "198.51.100.0/28"]);
-    lab.iso_ok(&["allow", "ops", "hr"]);
+    lab.iso.ok(&["network", "add", "ops", "198.51.100.0/28"]);
+    lab.iso.ok(&["allow", "ops", "hr"]);
     assert!(
         tcp_ok(&lab.it1, sa("198.51.100.130:80"), PASS_WAIT),
         "it1 is in ops"
@@ -404,12 +344,12 @@ fn live_edits_check_and_overlaps() {
         "hr -> it still applies inside ops"
     );
     let nets: serde_json::Value =
-        serde_json::from_str(&lab.iso_ok(&["network", "list", "--json"])).unwrap();
+        serde_json::from_str(&lab.iso.ok(&["network", "list", "--json"])).unwrap();
     assert_eq!(nets["ops"][0], "198.51.100.0/28");
 
     // Bad edits are refused whole; nothing live changes.
     let generation = |l: &Lab| -> u64 {
-        let s: serde_json::Value = serde_json::from_str(&l.iso_ok(&["status", "--json"])).unwrap();
+        let s: serde_json::Value = serde_json::from_str(&l.iso.ok(&["status", "--json"])).unwrap();
         s["generation"].as_u64().unwrap()
     };
     let g = generation(&lab);
@@ -433,7 +373,7 @@ fn live_edits_check_and_overlaps() {
             "no allow rule from hr to ops",
         ),
     ] {
-        let o = lab.iso(args);
+        let o = lab.iso.run(args);
         assert!(!o.status.success(), "{args:?} must fail");
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains(msg), "{args:?}: {err}");
@@ -531,7 +471,7 @@ fn denied_connections_are_rejected_at_once() {
         p6.to_lowercase().contains("administratively prohibited"),
         "{p6}"
     );
-    assert!(lab.packets("isolated-reject") >= 6);
+    assert!(lab.iso.packets("isolated-reject") >= 6);
 
     // reject = false: the same connection now times out (silent drop).
     lab.load(POLICY);
@@ -561,16 +501,9 @@ fn vxlan_outer_whitelisted_inner_isolated() {
         ok(&["ip", "-n", n, "addr", "add", overlay, "dev", "vx0"]);
         ok(&["ip", "-n", n, "link", "set", "vx0", "up"]);
     }
-    let id = unique("isox");
-    let lab = Lab {
-        pin: format!("/sys/fs/bpf/{id}").into(),
-        state: std::env::temp_dir().join(&id),
-        ns,
-        router: vb.clone(),
-        it1: va.clone(),
-        it2: va.clone(),
-        hr1: vb.clone(),
-    };
+    // Declared after `ns`: dropped (unloaded) before the namespaces go.
+    let iso_b = Iso::new(&vb);
+    let iso_a = Iso::new(&va);
     let _a = Echo::start(&va, &[sa("198.51.100.10:80"), sa("198.51.100.10:81")]);
     let _b = Echo::start(&vb, &[sa("198.51.100.200:80")]);
     assert!(
@@ -596,21 +529,9 @@ allow = ["192.0.2.1"]
 "#;
     // Each host filters what enters it, as in a fleet: the other host's underlay address is
     // whitelisted on each.
-    let id2 = unique("isox");
-    let lab_a = Lab {
-        pin: format!("/sys/fs/bpf/{id2}").into(),
-        state: std::env::temp_dir().join(&id2),
-        ns: Netns { names: vec![] },
-        router: va.clone(),
-        it1: va.clone(),
-        it2: va.clone(),
-        hr1: vb.clone(),
-    };
-    for (l, peer) in [(&lab, "192.0.2.1"), (&lab_a, "192.0.2.2")] {
-        fs::create_dir_all(&l.state).unwrap();
-        let p = l.state.join("vx.toml");
-        fs::write(&p, policy.replace("192.0.2.1", peer)).unwrap();
-        l.iso_ok(&["load", "--iface", "e0", "--policy", p.to_str().unwrap()]);
+    for (iso, peer) in [(&iso_b, "192.0.2.1"), (&iso_a, "192.0.2.2")] {
+        let p = iso.policy(&policy.replace("192.0.2.1", peer));
+        iso.ok(&["load", "--iface", "e0", "--policy", &p]);
     }
     assert!(
         tcp_ok(&vb, sa("198.51.100.10:80"), PASS_WAIT),
@@ -621,7 +542,7 @@ allow = ["192.0.2.1"]
         "hr -> it tcp:81 denied inside the tunnel (at va)"
     );
     assert!(
-        lab_a.packets("isolated-drop") > 0,
+        iso_a.packets("isolated-drop") > 0,
         "va dropped the inner packet"
     );
     assert!(
@@ -632,19 +553,19 @@ allow = ["192.0.2.1"]
         !ping_ok(&vb, "198.51.100.10"),
         "hr -> it ping is denied (only tcp:80 is allowed)"
     );
-    assert!(lab.packets("isolated-drop") > 0);
+    assert!(iso_b.packets("isolated-drop") > 0);
     assert!(
-        lab_a.packets("allow-rule") > 0,
+        iso_a.packets("allow-rule") > 0,
         "va let hr's connection in by the rule"
     );
-    assert!(lab.packets("established") > 0, "vb let its replies in");
+    assert!(iso_b.packets("established") > 0, "vb let its replies in");
     // The outer header answers to the whitelist: without va's underlay address, nothing.
-    lab.iso_ok(&["whitelist", "del", "192.0.2.1"]);
+    iso_b.ok(&["whitelist", "del", "192.0.2.1"]);
     assert!(
         !tcp_ok(&vb, sa("198.51.100.10:80"), DROP_WAIT),
         "outer source no longer whitelisted"
     );
-    assert!(lab.packets("not-whitelisted") > 0);
+    assert!(iso_b.packets("not-whitelisted") > 0);
 }
 
 #[test]
@@ -652,12 +573,9 @@ fn stats_count_per_rule_and_trace_shows_denials() {
     let Some(lab) = Lab::new() else { return };
     let _it1 = Echo::start(&lab.it1, &[sa("0.0.0.0:80")]);
     lab.load(POLICY);
-    let tracer = std::process::Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", lab.router))
-        .arg(tests::bin())
-        .args(["trace", "--json", "--count", "1", "--timeout", "10"])
-        .env("ISOLATION_PIN_DIR", &lab.pin)
-        .env("ISOLATION_STATE_DIR", &lab.state)
+    let tracer = lab
+        .iso
+        .cmd(&["trace", "--json", "--count", "1", "--timeout", "10"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -673,11 +591,11 @@ fn stats_count_per_rule_and_trace_shows_denials() {
     assert_eq!(line["src"], "198.51.100.2");
     assert_eq!(line["dst"], "198.51.100.130");
     assert_eq!(line["in"], "r1");
-    let s: serde_json::Value = serde_json::from_str(&lab.iso_ok(&["stats", "--json"])).unwrap();
+    let s: serde_json::Value = serde_json::from_str(&lab.iso.ok(&["stats", "--json"])).unwrap();
     let rule = &s["rules"][0];
     assert_eq!(rule["rule"], "allow hr -> it tcp:80");
     assert_eq!(rule["kind"], "allow");
     assert!(rule["packets"].as_u64().unwrap() >= 3, "{s}");
-    let table = lab.iso_ok(&["stats"]);
+    let table = lab.iso.ok(&["stats"]);
     assert!(table.contains("allow hr -> it tcp:80"), "{table}");
 }

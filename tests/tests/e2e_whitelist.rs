@@ -4,15 +4,10 @@
 //!   cw (192.0.2.2, 2001:db8:1::2) --s1-- srv --s2-- cx (198.51.100.2, 2001:db8:2::2)
 //!          whitelisted                                   not whitelisted
 
-use std::{
-    fs,
-    net::SocketAddr,
-    path::PathBuf,
-    process::{Command, Output},
-    time::Duration,
-};
+use std::{net::SocketAddr, time::Duration};
 
 use tests::{
+    iso::Iso,
     netns::Netns,
     traffic::{Echo, ping_ok, round_trip, tcp_ok, tcp_open, udp_ok},
     unique,
@@ -28,101 +23,6 @@ enabled = true
 log = true
 allow = ["192.0.2.2", "2001:db8:1::/64"]
 "#;
-
-/// One isolation instance (its own pin and state dirs), unloaded and removed on drop.
-struct Iso {
-    pin: PathBuf,
-    state: PathBuf,
-    ns: String,
-}
-
-impl Iso {
-    fn new(ns: &str) -> Iso {
-        let id = unique("isoe");
-        Iso {
-            pin: format!("/sys/fs/bpf/{id}").into(),
-            state: std::env::temp_dir().join(id),
-            ns: ns.into(),
-        }
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("nsenter");
-        c.arg(format!("--net=/run/netns/{}", self.ns))
-            .arg(tests::bin())
-            .args(args);
-        c.env("ISOLATION_PIN_DIR", &self.pin)
-            .env("ISOLATION_STATE_DIR", &self.state);
-        c.env_remove("SSH_CONNECTION");
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().expect("run isolation-user")
-    }
-
-    /// Runs and asserts success; returns stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "isolation-user {args:?} failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-
-    /// Runs and asserts failure; returns stderr.
-    fn fails(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            !o.status.success(),
-            "isolation-user {args:?} should have failed"
-        );
-        let err = String::from_utf8_lossy(&o.stderr).into_owned();
-        assert_eq!(
-            err.trim().lines().count(),
-            1,
-            "one sentence on stderr, got: {err}"
-        );
-        assert!(
-            !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
-            "{err}"
-        );
-        err
-    }
-
-    fn policy(&self, text: &str) -> String {
-        fs::create_dir_all(&self.state).unwrap();
-        let p = self.state.join(format!("{}.toml", unique("policy")));
-        fs::write(&p, text).unwrap();
-        p.display().to_string()
-    }
-
-    fn stats(&self) -> serde_json::Value {
-        serde_json::from_str(&self.ok(&["stats", "--json"])).unwrap()
-    }
-
-    fn packets(&self, reason: &str) -> u64 {
-        let s = self.stats();
-        s["reasons"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["reason"] == reason)
-            .unwrap()["packets"]
-            .as_u64()
-            .unwrap()
-    }
-}
-
-impl Drop for Iso {
-    fn drop(&mut self) {
-        let _ = self.run(&["unload"]);
-        let _ = fs::remove_dir_all(&self.pin);
-        let _ = fs::remove_dir_all(&self.state);
-    }
-}
 
 struct Lab {
     // Dropped in order: the datapath is unloaded before its namespaces go.

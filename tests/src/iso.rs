@@ -1,0 +1,105 @@
+//! The CLI as an operator runs it, inside a test's namespace: one isolation instance with
+//! its own pin and state dirs, so tests never share a datapath.
+
+use std::{
+    fs,
+    path::PathBuf,
+    process::{Command, Output},
+};
+
+use crate::unique;
+
+/// One isolation instance (its own pin and state dirs), unloaded and removed on drop.
+pub struct Iso {
+    pub pin: PathBuf,
+    pub state: PathBuf,
+    pub ns: String,
+}
+
+impl Iso {
+    pub fn new(ns: &str) -> Iso {
+        let id = unique("isoe");
+        Iso {
+            pin: format!("/sys/fs/bpf/{id}").into(),
+            state: std::env::temp_dir().join(id),
+            ns: ns.into(),
+        }
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.ns))
+            .arg(crate::bin())
+            .args(args);
+        c.env("ISOLATION_PIN_DIR", &self.pin)
+            .env("ISOLATION_STATE_DIR", &self.state);
+        c.env_remove("SSH_CONNECTION");
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("run isolation-user")
+    }
+
+    /// Runs and asserts success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "isolation-user {args:?} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Runs and asserts failure; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            !o.status.success(),
+            "isolation-user {args:?} should have failed"
+        );
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "one sentence on stderr, got: {err}"
+        );
+        assert!(
+            !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+            "{err}"
+        );
+        err
+    }
+
+    pub fn policy(&self, text: &str) -> String {
+        fs::create_dir_all(&self.state).unwrap();
+        let p = self.state.join(format!("{}.toml", unique("policy")));
+        fs::write(&p, text).unwrap();
+        p.display().to_string()
+    }
+
+    pub fn stats(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["stats", "--json"])).unwrap()
+    }
+
+    pub fn packets(&self, reason: &str) -> u64 {
+        let s = self.stats();
+        s["reasons"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["reason"] == reason)
+            .unwrap()["packets"]
+            .as_u64()
+            .unwrap()
+    }
+}
+
+impl Drop for Iso {
+    fn drop(&mut self) {
+        let _ = self.run(&["unload"]);
+        let _ = fs::remove_dir_all(&self.pin);
+        let _ = fs::remove_dir_all(&self.state);
+    }
+}
