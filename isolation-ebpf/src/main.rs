@@ -16,6 +16,8 @@ mod isolation;
 #[cfg(target_arch = "bpf")]
 mod parse;
 #[cfg(target_arch = "bpf")]
+mod ratelimit;
+#[cfg(target_arch = "bpf")]
 mod reject;
 #[cfg(target_arch = "bpf")]
 mod stats;

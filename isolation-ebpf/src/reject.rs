@@ -16,7 +16,9 @@ use aya_ebpf::{
     macros::btf_map,
     programs::{TcContext, XdpContext},
 };
-use isolation_common::{LogBucket, timing};
+use isolation_common::LogBucket;
+
+use crate::ratelimit;
 
 /// "REJECT" tag XDP leaves in the packet's metadata for TC ingress.
 const META_MAGIC: u32 = 0x1501_7E1E;
@@ -42,30 +44,12 @@ fn scratch() -> Result<&'static mut [u8; BUF_V6], i64> {
 #[btf_map]
 static REJECT_BUCKET: PerCpuArray<LogBucket, 1> = PerCpuArray::new();
 
-#[inline(always)]
-fn take_token() -> bool {
-    let Some(b) = REJECT_BUCKET.get_ptr_mut(0) else {
-        return false;
-    };
-    let b = unsafe { &mut *b };
-    let now = unsafe { bpf_ktime_get_ns() };
-    let refill = now.wrapping_sub(b.last_ns) / (timing::NS / RATE_PER_SEC);
-    if refill > 0 {
-        b.tokens = core::cmp::min(b.tokens + refill, BURST);
-        b.last_ns = now;
-    }
-    if b.tokens == 0 {
-        return false;
-    }
-    b.tokens -= 1;
-    true
-}
-
 /// XDP side: tag the packet for TC ingress. False when rate-limited or the metadata could
 /// not be written (then the packet is dropped without an answer).
 #[inline(always)]
 pub fn hand_over(ctx: &XdpContext) -> bool {
-    if !take_token() {
+    let now = unsafe { bpf_ktime_get_ns() };
+    if !ratelimit::take(REJECT_BUCKET.get_ptr_mut(0), now, RATE_PER_SEC, BURST) {
         return false;
     }
     if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -4) } != 0 {

@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use isolation_common::{LogBucket, LogEvent, LogStat, limits, timing};
 
-use crate::parse::Packet;
+use crate::{parse::Packet, ratelimit};
 
 /// Events for `trace`.
 #[btf_map]
@@ -19,7 +19,7 @@ static EVENTS: RingBuf<LogEvent, { limits::EVENTS_BYTES as usize }> = RingBuf::n
 #[btf_map]
 static LOG_STATS: PerCpuArray<u64, { LogStat::COUNT as usize }> = PerCpuArray::new();
 
-/// Token bucket per CPU: no lock, and a flood on one CPU cannot starve the others.
+/// Token bucket of the log, per CPU (see `ratelimit`).
 #[btf_map]
 static LOG_BUCKET: PerCpuArray<LogBucket, 1> = PerCpuArray::new();
 
@@ -31,27 +31,10 @@ fn bump(stat: LogStat) {
 }
 
 #[inline(always)]
-fn take_token(now: u64) -> bool {
-    let Some(b) = LOG_BUCKET.get_ptr_mut(0) else {
-        return false;
-    };
-    let b = unsafe { &mut *b };
-    let refill = now.wrapping_sub(b.last_ns) / (timing::NS / timing::LOG_RATE_PER_SEC);
-    if refill > 0 {
-        b.tokens = core::cmp::min(b.tokens + refill, timing::LOG_BURST);
-        b.last_ns = now;
-    }
-    if b.tokens == 0 {
-        return false;
-    }
-    b.tokens -= 1;
-    true
-}
-
-#[inline(always)]
 pub fn log(pkt: &Packet, reason: u32, ifindex: u32, len: u64) {
     let now = unsafe { bpf_ktime_get_ns() };
-    if !take_token(now) {
+    let bucket = LOG_BUCKET.get_ptr_mut(0);
+    if !ratelimit::take(bucket, now, timing::LOG_RATE_PER_SEC, timing::LOG_BURST) {
         bump(LogStat::Suppressed);
         return;
     }
