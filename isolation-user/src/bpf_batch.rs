@@ -146,8 +146,15 @@ pub fn update_one<K: bytemuck::Pod, V: bytemuck::Pod>(
     }
 }
 
-/// How many keys a map holds, walked with BPF_MAP_GET_NEXT_KEY (works for every map type).
-pub fn count_keys(fd: BorrowedFd<'_>, key_size: usize) -> std::io::Result<u64> {
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+
+/// Walks the keys of any map type with BPF_MAP_GET_NEXT_KEY, from the start, calling `f`
+/// on each (raw bytes) until it returns false or the keys run out.
+fn walk_keys(
+    fd: BorrowedFd<'_>,
+    key_size: usize,
+    mut f: impl FnMut(&[u8]) -> bool,
+) -> std::io::Result<()> {
     #[repr(C)]
     struct NextKeyAttr {
         map_fd: u32,
@@ -157,52 +164,46 @@ pub fn count_keys(fd: BorrowedFd<'_>, key_size: usize) -> std::io::Result<u64> {
     }
     let mut cur = vec![0u8; key_size];
     let mut next = vec![0u8; key_size];
-    let mut n = 0;
+    let mut first = true;
     loop {
         let mut attr = NextKeyAttr {
             map_fd: fd.as_raw_fd() as u32,
             _pad: 0,
-            key: if n == 0 { 0 } else { cur.as_ptr() as u64 },
+            key: if first { 0 } else { cur.as_ptr() as u64 },
             next_key: next.as_mut_ptr() as u64,
         };
         match sys_bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
             Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(n),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
             Err(e) => return Err(e),
         }
-        n += 1;
+        if !f(&next) {
+            return Ok(());
+        }
+        first = false;
         std::mem::swap(&mut cur, &mut next);
     }
 }
 
-const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+/// How many keys a map holds (works for every map type).
+pub fn count_keys(fd: BorrowedFd<'_>, key_size: usize) -> std::io::Result<u64> {
+    let mut n = 0;
+    walk_keys(fd, key_size, |_| {
+        n += 1;
+        true
+    })?;
+    Ok(n)
+}
 
-/// Up to 4096 keys of any map, as raw bytes (walked with GET_NEXT_KEY from the start).
+/// Up to 4096 keys of any map, as raw bytes.
 pub fn raw_keys(fd: BorrowedFd<'_>, key_size: usize) -> std::io::Result<Vec<u8>> {
-    #[repr(C)]
-    struct NextKeyAttr {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        next_key: u64,
-    }
     let mut out = Vec::new();
-    let mut cur = vec![0u8; key_size];
-    let mut next = vec![0u8; key_size];
-    for n in 0..4096 {
-        let mut attr = NextKeyAttr {
-            map_fd: fd.as_raw_fd() as u32,
-            _pad: 0,
-            key: if n == 0 { 0 } else { cur.as_ptr() as u64 },
-            next_key: next.as_mut_ptr() as u64,
-        };
-        match sys_bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
-            Ok(()) => out.extend_from_slice(&next),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
-            Err(e) => return Err(e),
-        }
-        std::mem::swap(&mut cur, &mut next);
-    }
+    let mut n = 0;
+    walk_keys(fd, key_size, |k| {
+        out.extend_from_slice(k);
+        n += 1;
+        n < 4096
+    })?;
     Ok(out)
 }
 

@@ -4,6 +4,7 @@
 
 use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
+use ipnet::IpNet;
 
 use crate::{
     datapath,
@@ -57,6 +58,12 @@ fn ports(list: &[String]) -> Result<Vec<PortSpec>> {
         .collect()
 }
 
+fn cidr_list(list: &[String]) -> Result<Vec<IpNet>> {
+    list.iter()
+        .map(|c| policy::parse_net(c).map_err(anyhow::Error::msg))
+        .collect()
+}
+
 fn endpoint(s: &str, p: &Policy) -> Result<Endpoint> {
     policy::parse_endpoint(s, &p.networks).map_err(anyhow::Error::msg)
 }
@@ -103,10 +110,7 @@ pub fn network(paths: &Paths, cmd: NetworkCmd) -> Result<()> {
     match cmd {
         NetworkCmd::Add { name, cidrs } => {
             policy::check_name(&name).map_err(anyhow::Error::msg)?;
-            let nets = cidrs
-                .iter()
-                .map(|c| policy::parse_net(c).map_err(anyhow::Error::msg))
-                .collect::<Result<Vec<_>>>()?;
+            let nets = cidr_list(&cidrs)?;
             edit(paths, |p| {
                 let subnets = p.networks.entry(name.clone()).or_default();
                 let before = subnets.len();
@@ -122,10 +126,7 @@ pub fn network(paths: &Paths, cmd: NetworkCmd) -> Result<()> {
             })
         }
         NetworkCmd::Del { name, cidrs } => {
-            let nets = cidrs
-                .iter()
-                .map(|c| policy::parse_net(c).map_err(anyhow::Error::msg))
-                .collect::<Result<Vec<_>>>()?;
+            let nets = cidr_list(&cidrs)?;
             edit(paths, |p| {
                 let Some(subnets) = p.networks.get_mut(&name) else {
                     bail!("no network named '{name}'");
