@@ -111,6 +111,13 @@ fn count_rule(index: u32, len: u64) {
     }
 }
 
+/// The slot in use and its switches.
+#[derive(Clone, Copy)]
+pub struct Live {
+    pub slot: u32,
+    pub flags: u32,
+}
+
 /// The switches of the live slot.
 #[inline(always)]
 pub fn meta(slot: u32) -> Option<&'static PolicyMeta> {
@@ -130,18 +137,19 @@ pub fn is_vxlan(meta: &PolicyMeta, pkt: &Packet) -> bool {
 
 /// The isolation verdict, or None when the packet is not subject to isolation (then the
 /// whitelist's verdict stands). `can_reject`: false for packets inside a tunnel, which are
-/// dropped rather than answered.
+/// dropped rather than answered. `conntracked`: what the whitelist stage's connection
+/// lookup already answered (established, related or fragment), if it made one.
 #[inline(always)]
 pub fn judge(
-    slot: u32,
-    flags: u32,
+    live: Live,
     start: usize,
     end: usize,
     pkt: &Packet,
     len: u64,
     can_reject: bool,
+    conntracked: Option<Reason>,
 ) -> Option<Reason> {
-    let slot = slot & 1;
+    let (slot, flags) = (live.slot & 1, live.flags);
     if flags & iso_flags::ENABLED == 0 {
         return None;
     }
@@ -157,6 +165,11 @@ pub fn judge(
     }
     if s.nets & d.nets != 0 {
         return Some(Reason::PassHairpin);
+    }
+    // The whitelist stage may already have found the packet's connection: same table,
+    // same answer, so no second lookup.
+    if conntracked.is_some() {
+        return conntracked;
     }
     if conntrack::is_reply(pkt) {
         conntrack::remember_fragment(pkt);

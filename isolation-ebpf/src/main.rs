@@ -126,6 +126,10 @@ mod programs {
         if meta.flags & iso_flags::ENABLED == 0 {
             return admitted;
         }
+        let live = isolation::Live {
+            slot: cfg.slot,
+            flags: meta.flags,
+        };
         let verdict = if isolation::is_vxlan(meta, &pkt) {
             // VXLAN: the outer header passed the whitelist; the inner packet is judged by
             // its own program (verified on its own: inline, it would not fit the verifier's
@@ -134,7 +138,12 @@ mod programs {
             vxlan_hand_off(ctx, pkt.l4_off as u32, admitted);
             Some(Reason::DropIsolated)
         } else {
-            let v = isolation::judge(cfg.slot, meta.flags, start, end, &pkt, len, true);
+            let conntracked = matches!(
+                admitted,
+                Reason::PassEstablished | Reason::PassRelated | Reason::PassFragment
+            )
+            .then_some(admitted);
+            let v = isolation::judge(live, start, end, &pkt, len, true, conntracked);
             if let Some(r) = v
                 && r.is_drop()
             {
@@ -200,6 +209,10 @@ mod programs {
         let Some(meta) = isolation::meta(cfg.slot) else {
             return admitted;
         };
+        let live = isolation::Live {
+            slot: cfg.slot,
+            flags: meta.flags,
+        };
         // UDP header (8) and VXLAN header (8), then the inner Ethernet frame.
         let off = h.udp_off as usize;
         if off > 512 {
@@ -210,7 +223,8 @@ mod programs {
             Parsed::NonIp => admitted,
             Parsed::Ip(ipkt) => {
                 // Inside a tunnel a deny is a drop: the answer would have to be tunnelled too.
-                match isolation::judge(cfg.slot, meta.flags, istart, end, &ipkt, len, false) {
+                // The outer header's connection says nothing about the inner packet's.
+                match isolation::judge(live, istart, end, &ipkt, len, false, None) {
                     None => admitted,
                     Some(r) => {
                         if r.is_drop() {
