@@ -3,6 +3,7 @@
 //! figure is a median of interleaved rounds in one run, next to its baseline, with the
 //! spread; the verdict is the ratio, since the machine is shared and noisy.
 
+mod live;
 mod raw;
 mod report;
 
@@ -37,6 +38,12 @@ struct Opts {
     /// The isolation-user binary (release) for the CLI figures.
     #[arg(long)]
     bin: PathBuf,
+    /// Seconds per live drop-rate case (default 2, or 0.2 with --quick).
+    #[arg(long)]
+    live_seconds: Option<f64>,
+    /// Run only these parts (default: all).
+    #[arg(long, value_delimiter = ',', value_parser = ["verdict", "live", "load"])]
+    only: Vec<String>,
 }
 
 /// A datapath of its own: a private pin dir, removed on drop.
@@ -71,9 +78,11 @@ impl Drop for Dp {
     }
 }
 
+const V4_BASE: u32 = 0x0a00_0000;
+
 /// N distinct IPv4 addresses (map keys only: no traffic is ever sent to them).
 fn v4_key(i: u32) -> Ipv4Addr {
-    Ipv4Addr::from(0x0a00_0000u32 + i)
+    Ipv4Addr::from(V4_BASE + i)
 }
 
 fn v6_key(i: u32) -> Ipv6Addr {
@@ -104,7 +113,13 @@ struct Case {
     name: String,
     fd: std::os::fd::RawFd,
     frame: Vec<u8>,
+    /// Random keys: (packet offset, base, modulus) of the 32-bit word the wrapper rewrites.
+    random: Option<(i16, u32, u32)>,
 }
+
+/// Offsets of the last 32 bits of the source address.
+const V4_SRC: i16 = 14 + 12;
+const V6_SRC_LOW: i16 = 14 + 8 + 12;
 
 fn main() -> Result<()> {
     let o = Opts::parse();
@@ -117,9 +132,54 @@ fn main() -> Result<()> {
         (&[10, 1000, 100_000, 1_000_000], 1_000_000, 5)
     };
     let mut md = String::new();
-    report::header(&mut md, o.quick, repeat, rounds)?;
+    let mut targets = Vec::new();
 
-    // 1. Verdict cost. The floor is a bare XDP_PASS program, loaded from two instructions.
+    let part = |p: &str| o.only.is_empty() || o.only.iter().any(|x| x == p);
+    if part("verdict") {
+        verdict(&mut md, &mut targets, sizes, repeat, rounds, &o.out)?;
+    }
+
+    // 2. Loading a whitelist, and 3. live-edit latency, through the CLI as an operator runs it.
+    let n = if o.quick { 10_000 } else { 1_000_000 };
+    if part("live") {
+        live::run(
+            &mut md,
+            &mut targets,
+            &live::LiveOpts {
+                bin: &o.bin,
+                big: if o.quick { 1000 } else { 1_000_000 },
+                seconds: o.live_seconds.unwrap_or(if o.quick { 0.2 } else { 2.0 }),
+                rounds: if o.quick { 1 } else { 3 },
+            },
+        )?;
+    }
+    if part("load") {
+        cli_figures(
+            &mut md,
+            &mut targets,
+            &o.bin,
+            n,
+            if o.quick { 5 } else { 21 },
+        )?;
+    }
+    let mut head = String::new();
+    report::header(&mut head, o.quick, repeat, rounds)?;
+    report::targets_section(&mut head, &targets)?;
+    let md = head + &md + include_str!("../analysis.md");
+    std::fs::write(&o.out, md).with_context(|| format!("cannot write {}", o.out.display()))?;
+    println!("wrote {}", o.out.display());
+    Ok(())
+}
+
+/// 1. Verdict cost. The floor is a bare XDP_PASS program, loaded from two instructions.
+fn verdict(
+    md: &mut String,
+    targets: &mut Vec<report::Target>,
+    sizes: &[u32],
+    repeat: u32,
+    rounds: usize,
+    out_md: &std::path::Path,
+) -> Result<()> {
     let bare = raw::load_xdp_pass()?;
     let mut per_size: BTreeMap<u32, Vec<(String, f64, f64, f64)>> = BTreeMap::new();
     for &n in sizes {
@@ -140,21 +200,25 @@ fn main() -> Result<()> {
                 name: "bare XDP_PASS (floor)".into(),
                 fd: bare,
                 frame: V4::new(&hit, "192.0.2.1", TCP).frame(&pkt::tcp(1, 22, SYN)),
+                random: Some((V4_SRC, V4_BASE, n)),
             },
             Case {
                 name: "whitelist hit v4".into(),
                 fd: wfd,
                 frame: V4::new(&hit, "192.0.2.1", TCP).frame(&pkt::tcp(1, 22, SYN)),
+                random: Some((V4_SRC, V4_BASE, n)),
             },
             Case {
                 name: "whitelist hit v6".into(),
                 fd: wfd,
                 frame: V6::new(&hit6, "2001:db8::1", TCP).frame(&pkt::tcp(1, 22, SYN)),
+                random: Some((V6_SRC_LOW, 0, n)),
             },
             Case {
                 name: "whitelist miss v4 (drop)".into(),
                 fd: wfd,
                 frame: V4::new("198.51.100.77", "192.0.2.1", TCP).frame(&pkt::tcp(1, 22, SYN)),
+                random: Some((V4_SRC, V4_BASE + n, n)),
             },
             Case {
                 name: "established reply v4".into(),
@@ -164,68 +228,174 @@ fn main() -> Result<()> {
                     50000,
                     pkt::ACK,
                 )),
+                random: None,
             },
             Case {
                 name: "isolation allow v4".into(),
                 fd: ifd,
                 frame: V4::new("198.51.100.130", "198.51.100.2", TCP)
                     .frame(&pkt::tcp(40000, 80, SYN)),
+                random: Some((V4_SRC, u32::from(Ipv4Addr::new(198, 51, 100, 128)), 128)),
             },
             Case {
                 name: "isolation deny v4 (drop)".into(),
                 fd: ifd,
                 frame: V4::new("198.51.100.2", "198.51.100.130", TCP)
                     .frame(&pkt::tcp(40000, 80, SYN)),
+                random: Some((V4_SRC, u32::from(Ipv4Addr::new(198, 51, 100, 0)), 128)),
             },
             Case {
                 name: "isolation allow v6".into(),
                 fd: ifd,
                 frame: V6::new("2001:db8:2::9", "2001:db8:1::9", TCP)
                     .frame(&pkt::tcp(40000, 80, SYN)),
+                random: Some((V6_SRC_LOW, 0, n)),
             },
         ];
+        // The same cases with a fresh key per run, through the random-key wrapper (the
+        // floor too, so the wrapper's own cost is in both).
+        let mut cases = Vec::from(cases);
+        let hot = cases.len();
+        for i in 0..hot {
+            if let Some((off, base, modulus)) = cases[i].random {
+                let fd = raw::load_random_wrapper(off, base, modulus, cases[i].fd)?;
+                cases.push(Case {
+                    name: format!("{} (random keys)", cases[i].name),
+                    fd,
+                    frame: cases[i].frame.clone(),
+                    random: None,
+                });
+            }
+        }
         let mut samples: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
         for _ in 0..rounds {
             for (i, c) in cases.iter().enumerate() {
                 samples[i].push(raw::test_run(c.fd, &c.frame, repeat)?.1 as f64);
             }
         }
-        let floor = report::median(&samples[0]);
+        let (floor, random_floor) = (report::median(&samples[0]), report::median(&samples[hot]));
         let rows = cases
             .iter()
             .zip(&samples)
-            .map(|(c, s)| {
+            .enumerate()
+            .map(|(i, (c, s))| {
+                let f = if i < hot { floor } else { random_floor };
                 (
                     c.name.clone(),
                     report::median(s),
                     report::spread(s),
-                    report::median(s) / floor,
+                    report::median(s) / f,
                 )
             })
             .collect();
         per_size.insert(n, rows);
     }
-    report::verdict_tables(&mut md, &per_size)?;
-    report::svg(&per_size, &o.out.with_extension("svg"))?;
+    report::verdict_tables(md, &per_size)?;
+    verdict_targets(targets, &per_size);
+    report::svg(&per_size, &out_md.with_extension("svg"))?;
     writeln!(
         md,
         "\n![verdict cost against whitelist size]({})\n",
-        o.out
+        out_md
             .with_extension("svg")
             .file_name()
             .unwrap()
             .to_string_lossy()
     )?;
 
-    // 2. Loading a whitelist, and 3. live-edit latency, through the CLI as an operator runs it.
-    let n = if o.quick { 10_000 } else { 1_000_000 };
-    cli_figures(&mut md, &o.bin, n, if o.quick { 5 } else { 21 })?;
-    std::fs::write(&o.out, md).with_context(|| format!("cannot write {}", o.out.display()))?;
-    println!("wrote {}", o.out.display());
     Ok(())
 }
 
-fn cli_figures(md: &mut String, bin: &std::path::Path, n: u32, edits: usize) -> Result<()> {
+type Rows = BTreeMap<u32, Vec<(String, f64, f64, f64)>>;
+
+/// The verdict targets, from the largest size (hot and random keys) and from the spread of
+/// random-key costs across sizes.
+fn verdict_targets(targets: &mut Vec<report::Target>, per_size: &Rows) {
+    let (Some((&lo, small)), Some((&hi, big))) =
+        (per_size.first_key_value(), per_size.last_key_value())
+    else {
+        return;
+    };
+    let ratio = |name: &str| {
+        big.iter()
+            .find(|r| r.0 == name)
+            .map(|r| r.3)
+            .unwrap_or(f64::NAN)
+    };
+    let mut check = |what: String, names: &[&str], limit: f64| {
+        let got: Vec<(String, f64)> = names.iter().map(|n| (n.to_string(), ratio(n))).collect();
+        targets.push(report::Target {
+            what,
+            measured: got
+                .iter()
+                .map(|(n, r)| format!("{n}: {r:.1}×"))
+                .collect::<Vec<_>>()
+                .join("; ")
+                + &format!(" ({hi} entries)"),
+            met: got.iter().all(|(_, r)| *r <= limit),
+        });
+    };
+    check(
+        "whitelist verdict ≤ 2× bare XDP_PASS".into(),
+        &[
+            "whitelist hit v4",
+            "whitelist hit v6",
+            "whitelist miss v4 (drop)",
+            "whitelist hit v4 (random keys)",
+            "whitelist miss v4 (drop) (random keys)",
+        ],
+        2.0,
+    );
+    check(
+        "isolation allow/deny ≤ 3× bare XDP_PASS".into(),
+        &[
+            "isolation allow v4",
+            "isolation deny v4 (drop)",
+            "isolation allow v6",
+            "isolation allow v4 (random keys)",
+            "isolation allow v6 (random keys)",
+        ],
+        3.0,
+    );
+    let growth: Vec<(String, f64)> = big
+        .iter()
+        .filter(|r| r.0.ends_with("(random keys)") && !r.0.starts_with("bare"))
+        .filter_map(|r| {
+            let s = small.iter().find(|x| x.0 == r.0)?;
+            Some((
+                r.0.trim_end_matches(" (random keys)").to_string(),
+                r.1 / s.1 - 1.0,
+            ))
+        })
+        .collect();
+    let worst =
+        growth.iter().cloned().fold(
+            (String::new(), f64::MIN),
+            |a, b| if b.1 > a.1 { b } else { a },
+        );
+    targets.push(report::Target {
+        what: format!("flat within 15% from {lo} to {hi} entries, random keys"),
+        measured: format!(
+            "worst: {} +{:.0}%; all: {}",
+            worst.0,
+            worst.1 * 100.0,
+            growth
+                .iter()
+                .map(|(n, g)| format!("{n} {:+.0}%", g * 100.0))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        met: growth.iter().all(|(_, g)| *g <= 0.15),
+    });
+}
+
+fn cli_figures(
+    md: &mut String,
+    targets: &mut Vec<report::Target>,
+    bin: &std::path::Path,
+    n: u32,
+    edits: usize,
+) -> Result<()> {
     let ns_name = tests::unique("isobn");
     let ns = tests::netns::Netns::new(&[&ns_name]);
     ns.link(&ns_name, "b0", &[], &ns_name, "b1", &[]);
@@ -290,6 +460,21 @@ fn cli_figures(md: &mut String, bin: &std::path::Path, n: u32, edits: usize) -> 
         .args(["nft", "-f", nft_file.to_str().unwrap()]);
     let nft_m = raw::run_measured(&mut nftc)?;
     report::load_table(md, n, ours, ipset_m, nft_m)?;
+    targets.push(report::Target {
+        what: format!("{n} whitelist entries loaded in ≤ 1 s"),
+        measured: format!("{:.2} s", ours.0),
+        met: ours.0 <= 1.0,
+    });
+    targets.push(report::Target {
+        what: "… at least 3.5× faster than `ipset restore`".into(),
+        measured: format!(
+            "{:.2}× ({:.2} s against {:.2} s)",
+            ipset_m.0 / ours.0,
+            ours.0,
+            ipset_m.0
+        ),
+        met: ipset_m.0 / ours.0 >= 3.5,
+    });
 
     // Live edit: `whitelist add` with the whitelist full, command start to exit (the map
     // update, which changes the verdict, happens before the exit).
@@ -307,6 +492,11 @@ fn cli_figures(md: &mut String, bin: &std::path::Path, n: u32, edits: usize) -> 
         }
     }
     report::edit_table(md, n, &times)?;
+    targets.push(report::Target {
+        what: "live edit ≤ 10 ms median".into(),
+        measured: format!("{:.1} ms with {n} entries", report::median(&times)),
+        met: report::median(&times) <= 10.0,
+    });
     let _ = iso(&["unload"]).output();
     for f in [list, ipset_file, nft_file] {
         let _ = std::fs::remove_file(f);

@@ -6,11 +6,51 @@ use std::{
     process::{Command, Stdio},
 };
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_PROG_TYPE_XDP: u32 = 6;
+const BPF_MAP_TYPE_PROG_ARRAY: u32 = 3;
+const BPF_XDP: u32 = 37;
+const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
+const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
+
+pub const XDP_DROP: i32 = 1;
+pub const XDP_PASS: i32 = 2;
+pub const XDP_TX: i32 = 3;
+
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<i64> {
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>()) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// One BPF instruction, as the kernel reads it.
+const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
+    let o = off.to_le_bytes();
+    let i = imm.to_le_bytes();
+    u64::from_le_bytes([code, (src << 4) | dst, o[0], o[1], i[0], i[1], i[2], i[3]])
+}
+
+const fn mov_imm(dst: u8, imm: i32) -> u64 {
+    insn(0xb7, dst, 0, 0, imm)
+}
+const fn mov_reg(dst: u8, src: u8) -> u64 {
+    insn(0xbf, dst, src, 0, 0)
+}
+const fn call(helper: i32) -> u64 {
+    insn(0x85, 0, 0, 0, helper)
+}
+const EXIT: u64 = insn(0x95, 0, 0, 0, 0);
+const GET_PRANDOM_U32: i32 = 7;
+const TAIL_CALL: i32 = 12;
 
 #[repr(C)]
 #[derive(Default)]
@@ -25,41 +65,157 @@ struct ProgLoadAttr {
     kern_version: u32,
     prog_flags: u32,
     prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
     _rest: [u64; 12],
 }
 
-/// `r0 = XDP_PASS; exit`: the cheapest possible XDP program.
-pub fn load_xdp_pass() -> Result<RawFd> {
-    let insns: [u64; 2] = [
-        u64::from_le_bytes([0xb7, 0, 0, 0, 2, 0, 0, 0]),
-        u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
-    ];
+fn load_xdp(name: &str, insns: &[u64]) -> Result<RawFd> {
     let license = b"GPL\0";
-    let mut name = [0u8; 16];
-    name[..9].copy_from_slice(b"bare_pass");
-    let attr = ProgLoadAttr {
+    let mut prog_name = [0u8; 16];
+    prog_name[..name.len().min(15)].copy_from_slice(&name.as_bytes()[..name.len().min(15)]);
+    let mut log = vec![0u8; 64 * 1024];
+    let mut attr = ProgLoadAttr {
         prog_type: BPF_PROG_TYPE_XDP,
-        insn_cnt: 2,
+        insn_cnt: insns.len() as u32,
         insns: insns.as_ptr() as u64,
         license: license.as_ptr() as u64,
-        prog_name: name,
+        log_level: 1,
+        log_size: log.len() as u32,
+        log_buf: log.as_mut_ptr() as u64,
+        prog_name,
+        expected_attach_type: BPF_XDP,
         ..Default::default()
     };
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_LOAD,
-            &attr as *const _,
-            std::mem::size_of::<ProgLoadAttr>(),
-        )
-    };
-    if fd < 0 {
-        bail!(
-            "cannot load the bare XDP program: {}",
-            std::io::Error::last_os_error()
-        );
+    match bpf(BPF_PROG_LOAD, &mut attr) {
+        Ok(fd) => Ok(fd as RawFd),
+        Err(e) => {
+            let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+            bail!(
+                "cannot load the XDP program {name}: {e}\n{}",
+                String::from_utf8_lossy(&log[..end])
+            )
+        }
     }
-    Ok(fd as RawFd)
+}
+
+/// `r0 = action; exit`: the cheapest possible XDP program (XDP_PASS is the verdict floor,
+/// XDP_DROP the drop-rate floor, XDP_TX the traffic generator's one-source mode).
+pub fn load_xdp_ret(action: i32) -> Result<RawFd> {
+    let name = match action {
+        XDP_DROP => "bare_drop",
+        XDP_PASS => "bare_pass",
+        _ => "bare_tx",
+    };
+    load_xdp(name, &[mov_imm(0, action), EXIT])
+}
+
+pub fn load_xdp_pass() -> Result<RawFd> {
+    load_xdp_ret(XDP_PASS)
+}
+
+/// The instructions that overwrite the 32-bit big-endian word at packet offset `off` with
+/// `base + random % modulus`: a fresh key per run, so lookups spread over a whole set.
+fn random_word(off: i16, base: u32, modulus: u32) -> Vec<u64> {
+    vec![
+        mov_reg(6, 1),
+        call(GET_PRANDOM_U32),
+        insn(0x94, 0, 0, 0, modulus as i32), // w0 %= modulus
+        insn(0x04, 0, 0, 0, base as i32),    // w0 += base
+        insn(0xdc, 0, 0, 0, 32),             // r0 = htobe32(r0)
+        insn(0x61, 2, 6, 0, 0),              // r2 = ctx->data
+        insn(0x61, 3, 6, 4, 0),              // r3 = ctx->data_end
+        mov_reg(4, 2),
+        insn(0x07, 4, 0, 0, off as i32 + 4), // r4 += off + 4
+        insn(0x2d, 4, 3, 1, 0),              // if r4 > r3 skip the store
+        insn(0x63, 2, 0, off, 0),            // *(u32 *)(r2 + off) = r0
+    ]
+}
+
+/// The generator for many sources: a random word at `off`, then XDP_TX.
+pub fn load_xdp_tx_random(off: i16, base: u32, modulus: u32) -> Result<RawFd> {
+    let mut p = random_word(off, base, modulus);
+    p.extend([mov_imm(0, XDP_TX), EXIT]);
+    load_xdp("gen_random", &p)
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    _rest: [u64; 12],
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct MapElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// A wrapper for random keys in BPF_PROG_TEST_RUN (which repeats one frame): it writes
+/// `base + random % modulus` at `off`, then tail-calls `target`. The floor is measured
+/// through the same wrapper, so the ratio charges ours only for its own work.
+pub fn load_random_wrapper(off: i16, base: u32, modulus: u32, target: RawFd) -> Result<RawFd> {
+    let mut attr = MapCreateAttr {
+        map_type: BPF_MAP_TYPE_PROG_ARRAY,
+        key_size: 4,
+        value_size: 4,
+        max_entries: 1,
+        ..Default::default()
+    };
+    let map = bpf(BPF_MAP_CREATE, &mut attr).context("cannot create a prog array")? as RawFd;
+    let mut p = random_word(off, base, modulus);
+    p.extend([
+        mov_reg(1, 6),
+        insn(0x18, 2, 1, 0, map), // r2 = map (BPF_PSEUDO_MAP_FD)
+        0,
+        mov_imm(3, 0),
+        call(TAIL_CALL),
+        mov_imm(0, XDP_PASS),
+        EXIT,
+    ]);
+    let fd = load_xdp("rand_wrap", &p)?;
+    let (key, value) = (0u32, target as u32);
+    let mut up = MapElemAttr {
+        map_fd: map as u32,
+        key: &key as *const u32 as u64,
+        value: &value as *const u32 as u64,
+        ..Default::default()
+    };
+    bpf(BPF_MAP_UPDATE_ELEM, &mut up).context("cannot put the program in the prog array")?;
+    // The map fd stays open for the life of the process: the kernel empties a prog array
+    // when its last user reference goes, and the tail call would then fail silently.
+    Ok(fd)
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_ifindex: u32,
+    attach_type: u32,
+    flags: u32,
+    _rest: [u64; 6],
+}
+
+/// Attaches an XDP program (native mode) to `ifindex` in this thread's namespace; it stays
+/// attached while the returned link fd is open.
+pub fn attach_xdp(prog: RawFd, ifindex: u32) -> Result<RawFd> {
+    let mut attr = LinkCreateAttr {
+        prog_fd: prog as u32,
+        target_ifindex: ifindex,
+        attach_type: BPF_XDP,
+        flags: XDP_FLAGS_DRV_MODE,
+        ..Default::default()
+    };
+    Ok(bpf(BPF_LINK_CREATE, &mut attr).context("cannot attach XDP")? as RawFd)
 }
 
 #[repr(C)]
@@ -95,18 +251,27 @@ pub fn test_run(fd: RawFd, data: &[u8], repeat: u32) -> Result<(u32, u32)> {
         repeat,
         ..Default::default()
     };
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            &mut attr as *mut _,
-            std::mem::size_of::<TestRunAttr>(),
-        )
-    };
-    if r != 0 {
-        bail!("BPF_PROG_TEST_RUN: {}", std::io::Error::last_os_error());
-    }
+    bpf(BPF_PROG_TEST_RUN, &mut attr).context("BPF_PROG_TEST_RUN")?;
     Ok((attr.retval, attr.duration))
+}
+
+/// Runs a generator `repeat` times in live-frames mode: every XDP_TX really leaves through
+/// `ifindex` (of this thread's namespace), in batches of 64 frames.
+pub fn test_run_live(fd: RawFd, frame: &[u8], ifindex: u32, repeat: u32) -> Result<()> {
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+    let ctx: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
+    let mut attr = TestRunAttr {
+        prog_fd: fd as u32,
+        data_size_in: frame.len() as u32,
+        data_in: frame.as_ptr() as u64,
+        repeat,
+        ctx_size_in: std::mem::size_of_val(&ctx) as u32,
+        ctx_in: ctx.as_ptr() as u64,
+        flags: BPF_F_TEST_XDP_LIVE_FRAMES,
+        ..Default::default()
+    };
+    bpf(BPF_PROG_TEST_RUN, &mut attr).context("BPF_PROG_TEST_RUN (live frames)")?;
+    Ok(())
 }
 
 pub fn fd<P>(p: &P) -> Result<RawFd>

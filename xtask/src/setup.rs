@@ -30,6 +30,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("util-linux", "/usr/bin/nsenter"),
     ("procps", "/usr/bin/pgrep"),
     ("time", "/usr/bin/time"),
+    ("ethtool", "/usr/sbin/ethtool"),
 ];
 
 impl Options {
