@@ -12,7 +12,7 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{__sk_buff, TC_ACT_SHOT},
     btf_maps::PerCpuArray,
-    helpers::{bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_meta},
+    helpers::{bpf_redirect, bpf_xdp_adjust_meta},
     macros::btf_map,
     programs::{TcContext, XdpContext},
 };
@@ -48,8 +48,12 @@ static REJECT_BUCKET: PerCpuArray<LogBucket, 1> = PerCpuArray::new();
 /// not be written (then the packet is dropped without an answer).
 #[inline(always)]
 pub fn hand_over(ctx: &XdpContext) -> bool {
-    let now = unsafe { bpf_ktime_get_ns() };
-    if !ratelimit::take(REJECT_BUCKET.get_ptr_mut(0), now, RATE_PER_SEC, BURST) {
+    if !ratelimit::take(
+        REJECT_BUCKET.get_ptr_mut(0),
+        ratelimit::now_coarse(),
+        RATE_PER_SEC,
+        BURST,
+    ) {
         return false;
     }
     if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -4) } != 0 {

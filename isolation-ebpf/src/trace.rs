@@ -32,9 +32,13 @@ fn bump(stat: LogStat) {
 
 #[inline(always)]
 pub fn log(pkt: &Packet, reason: u32, ifindex: u32, len: u64) {
-    let now = unsafe { bpf_ktime_get_ns() };
     let bucket = LOG_BUCKET.get_ptr_mut(0);
-    if !ratelimit::take(bucket, now, timing::LOG_RATE_PER_SEC, timing::LOG_BURST) {
+    if !ratelimit::take(
+        bucket,
+        ratelimit::now_coarse(),
+        timing::LOG_RATE_PER_SEC,
+        timing::LOG_BURST,
+    ) {
         bump(LogStat::Suppressed);
         return;
     }
@@ -42,6 +46,8 @@ pub fn log(pkt: &Packet, reason: u32, ifindex: u32, len: u64) {
         bump(LogStat::Lost);
         return;
     };
+    // The event's own timestamp is precise: `trace` orders and prints it.
+    let now = unsafe { bpf_ktime_get_ns() };
     entry.write(LogEvent {
         ts_ns: now,
         ifindex,
