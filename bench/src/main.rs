@@ -154,6 +154,7 @@ fn main() -> Result<()> {
         )?;
     }
     if part("load") {
+        isolation_load(&mut md, &o.bin, if o.quick { 1024 } else { 1 << 16 })?;
         cli_figures(
             &mut md,
             &mut targets,
@@ -304,6 +305,113 @@ fn verdict(
     )?;
 
     Ok(())
+}
+
+/// Loading an isolation policy at the design's caps (64 networks, 64 allow rules,
+/// `prefixes` subnets), against the same sets and rules with ipset + iptables and with nft.
+fn isolation_load(md: &mut String, bin: &std::path::Path, prefixes: u32) -> Result<()> {
+    let ns_name = tests::unique("isobi");
+    let ns = tests::netns::Netns::new(&[&ns_name]);
+    ns.link(&ns_name, "b0", &[], &ns_name, "b1", &[]);
+    let id = tests::unique("isobi");
+    let dir = std::env::temp_dir().join(&id);
+    std::fs::create_dir_all(&dir)?;
+    let nets = 64u32;
+    // Subnet j of network k: a /24 (policy data only; no traffic goes to these).
+    let subnet = |k: u32, j: u32| format!("{}/24", Ipv4Addr::from(V4_BASE + ((j * nets + k) << 8)));
+    let per = prefixes / nets;
+    let mut policy = String::from("[isolation]\ndefault = \"deny\"\nreject = false\n");
+    let mut restore = String::new();
+    let mut ipt = String::from("*filter\n:FORWARD DROP [0:0]\n");
+    let mut nft = String::from("table inet bench {\n");
+    for k in 0..nets {
+        let subnets: Vec<String> = (0..per).map(|j| subnet(k, j)).collect();
+        writeln!(
+            policy,
+            "[networks.n{k}]\nsubnets = [{}]",
+            subnets
+                .iter()
+                .map(|s| format!("\"{s}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )?;
+        writeln!(
+            restore,
+            "create n{k} hash:net family inet hashsize 4096 maxelem 65536"
+        )?;
+        for s in &subnets {
+            writeln!(restore, "add n{k} {s}")?;
+        }
+        writeln!(
+            nft,
+            " set n{k} {{\n  type ipv4_addr\n  flags interval\n  elements = {{ {} }}\n }}",
+            subnets.join(", ")
+        )?;
+    }
+    writeln!(
+        nft,
+        " chain forward {{\n  type filter hook forward priority 0; policy drop;"
+    )?;
+    for k in 0..nets {
+        let to = (k + 1) % nets;
+        writeln!(
+            policy,
+            "[[isolation.allow]]\nfrom = \"n{k}\"\nto = \"n{to}\"\nports = [\"tcp:80\"]"
+        )?;
+        writeln!(
+            ipt,
+            "-A FORWARD -p tcp --dport 80 -m set --match-set n{k} src -m set --match-set n{to} dst -j ACCEPT"
+        )?;
+        writeln!(nft, "  ip saddr @n{k} ip daddr @n{to} tcp dport 80 accept")?;
+    }
+    ipt.push_str("COMMIT\n");
+    nft.push_str(" }\n}\n");
+    let files = [
+        ("policy.toml", &policy),
+        ("sets.ipset", &restore),
+        ("rules.iptables", &ipt),
+        ("bench.nft", &nft),
+    ];
+    for (f, text) in files {
+        std::fs::write(dir.join(f), text)?;
+    }
+    let path = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    let netns = format!("--net=/run/netns/{ns_name}");
+    let pin = format!("/sys/fs/bpf/{id}");
+    let mut ours = Command::new("nsenter");
+    ours.arg(&netns)
+        .arg(bin)
+        .args(["load", "--iface", "b0", "--policy", &path("policy.toml")]);
+    ours.env("ISOLATION_PIN_DIR", &pin)
+        .env("ISOLATION_STATE_DIR", dir.join("state"))
+        .env_remove("SSH_CONNECTION");
+    let ours_m = raw::run_measured(&mut ours)?;
+    let ipset_m = raw::run_measured(Command::new("nsenter").arg(&netns).args([
+        "ipset",
+        "restore",
+        "-file",
+        &path("sets.ipset"),
+    ]))?;
+    let ipt_m = raw::run_measured(
+        Command::new("nsenter")
+            .arg(&netns)
+            .args(["iptables-restore", &path("rules.iptables")]),
+    )?;
+    let nft_m = raw::run_measured(Command::new("nsenter").arg(&netns).args([
+        "nft",
+        "-f",
+        &path("bench.nft"),
+    ]))?;
+    let _ = Command::new("nsenter")
+        .arg(&netns)
+        .arg(bin)
+        .arg("unload")
+        .env("ISOLATION_PIN_DIR", &pin)
+        .env("ISOLATION_STATE_DIR", dir.join("state"))
+        .output();
+    let _ = std::fs::remove_dir_all(&dir);
+    drop(ns);
+    report::isolation_load_table(md, nets, per * nets, ours_m, ipset_m, ipt_m, nft_m)
 }
 
 type Rows = BTreeMap<u32, Vec<(String, f64, f64, f64)>>;
