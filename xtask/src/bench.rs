@@ -14,11 +14,17 @@ pub struct Options {
     /// Small sizes and repeats, written to target/bench-quick/.
     #[arg(long)]
     quick: bool,
+    /// Passed to the benchmark binary, e.g. `-- --only live --live-seconds 5`.
+    #[arg(last = true)]
+    extra: Vec<String>,
 }
 
 impl Options {
     pub fn quick() -> Options {
-        Options { quick: true }
+        Options {
+            quick: true,
+            extra: Vec::new(),
+        }
     }
 }
 
@@ -46,5 +52,6 @@ pub fn run(o: Options) -> Result<()> {
     if o.quick {
         c.arg("--quick");
     }
+    c.args(&o.extra);
     exec(&mut c)
 }
