@@ -225,3 +225,50 @@ pub fn delete_raw(fd: BorrowedFd<'_>, key: &[u8]) -> std::io::Result<()> {
         _ => Ok(()),
     }
 }
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+/// Detaches a pinned link now. Unpinning alone drops the last reference, and the kernel
+/// releases a link from a workqueue, so the hook could still hold our program for a moment
+/// after `unload` returns (and a program loaded next would see it there).
+pub fn detach_pinned_link(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+    let mut get = ObjGet {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &mut get as *mut ObjGet,
+            std::mem::size_of::<ObjGet>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    #[repr(C)]
+    struct Detach {
+        link_fd: u32,
+    }
+    let mut d = Detach {
+        link_fd: fd.as_raw_fd() as u32,
+    };
+    sys_bpf(BPF_LINK_DETACH, &mut d)
+}

@@ -337,6 +337,8 @@ pub fn detach(paths: &Paths, iface: &str) -> Vec<String> {
     let mut errs = Vec::new();
     for kind in ["xdp", "tc", "tci"] {
         let p = paths.link(kind, iface);
+        // Best effort: the unpin below releases the link in any case, only later.
+        let _ = crate::bpf_batch::detach_pinned_link(&p);
         if let Err(e) = fs::remove_file(&p)
             && e.kind() != std::io::ErrorKind::NotFound
         {
@@ -351,6 +353,7 @@ pub fn remove_pins(paths: &Paths) -> Vec<String> {
     let mut errs = Vec::new();
     if let Ok(rd) = fs::read_dir(paths.links_dir()) {
         for e in rd.flatten() {
+            let _ = crate::bpf_batch::detach_pinned_link(&e.path());
             if let Err(err) = fs::remove_file(e.path()) {
                 errs.push(format!("cannot remove {}: {err}", e.path().display()));
             }
