@@ -11,7 +11,6 @@
 
 use std::{
     fmt::Write as _,
-    net::Ipv6Addr,
     os::fd::RawFd,
     path::Path,
     process::{Command, Stdio},
@@ -20,6 +19,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use tests::{
+    iso::Iso,
     netns::Netns,
     pkt::{self, V4, V6},
     traffic,
@@ -53,7 +53,8 @@ struct Receiver {
     label: String,
     ns: String,
     dev: String,
-    gen_dev: String,
+    /// The generator's end of the pair, in the generator's namespace.
+    gen_ifindex: u32,
     counter: Counter,
     _link: Option<RawFd>,
 }
@@ -65,27 +66,27 @@ pub struct LiveOpts<'a> {
     pub rounds: usize,
 }
 
-fn sh_ok(args: &[&str]) -> Result<String> {
-    let o = Command::new(args[0])
-        .args(&args[1..])
+/// Runs a command that must succeed; its stdout.
+fn output_ok(c: &mut Command) -> Result<String> {
+    let o = c
         .stdin(Stdio::null())
         .output()
-        .with_context(|| format!("cannot run {}", args[0]))?;
+        .with_context(|| format!("cannot run {c:?}"))?;
     if !o.status.success() {
         bail!(
-            "{} failed: {}",
-            args.join(" "),
+            "{c:?} failed: {}",
             String::from_utf8_lossy(&o.stderr).trim()
         );
     }
     Ok(String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
+fn sh_ok(args: &[&str]) -> Result<String> {
+    output_ok(Command::new(args[0]).args(&args[1..]))
+}
+
 fn in_ns(ns: &str, args: &[&str]) -> Result<String> {
-    let net = format!("--net=/run/netns/{ns}");
-    let mut full = vec!["nsenter", net.as_str()];
-    full.extend_from_slice(args);
-    sh_ok(&full)
+    output_ok(&mut crate::nsenter(ns, args))
 }
 
 fn ifindex(ns: &str, dev: &str) -> Result<u32> {
@@ -182,7 +183,7 @@ struct Generator {
 
 /// Blasts `g` into `r` for `secs`: (frames offered, seconds, receiver count delta).
 fn blast(gen_ns: &str, g: &Generator, r: &Receiver, secs: f64) -> Result<(u64, f64, u64)> {
-    let ifidx = ifindex(gen_ns, &r.gen_dev)?;
+    let ifidx = r.gen_ifindex;
     let c0 = read_counter(r)?;
     let (fd, frame) = (g.fd, g.frame.clone());
     let ns = gen_ns.to_string();
@@ -203,11 +204,6 @@ fn blast(gen_ns: &str, g: &Generator, r: &Receiver, secs: f64) -> Result<(u64, f
     std::thread::sleep(Duration::from_millis(50));
     let c1 = read_counter(r)?;
     Ok((sent, el, c1.saturating_sub(c0)))
-}
-
-/// The many-sources whitelist: IPv6 keys in 2001:db8:ffff::/96 (map keys only).
-fn v6_key(i: u32) -> Ipv6Addr {
-    Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, (i >> 16) as u16, i as u16)
 }
 
 pub fn run(md: &mut String, targets: &mut Vec<report::Target>, o: &LiveOpts) -> Result<()> {
@@ -271,7 +267,7 @@ pub fn run(md: &mut String, targets: &mut Vec<report::Target>, o: &LiveOpts) -> 
     std::fs::create_dir_all(&tmp)?;
     let bare_drop = raw::load_xdp_ret(raw::XDP_DROP)?;
     let mut xdp_filter_dev = None;
-    let mut ours_pins = Vec::new();
+    let mut instances: Vec<Iso> = Vec::new();
     let result = (|| -> Result<()> {
         for (i, (label, kind)) in specs.iter().enumerate() {
             let ns = names[i + 1].clone();
@@ -324,55 +320,25 @@ pub fn run(md: &mut String, targets: &mut Vec<report::Target>, o: &LiveOpts) -> 
                     Counter::XdpDrops
                 }
                 "ours1" | "oursbig" => {
-                    let id = tests::unique("isolgp");
-                    let paths = isolation_user::state::Paths {
-                        pin_dir: format!("/sys/fs/bpf/{id}").into(),
-                        state_dir: tmp.join(&id),
-                    };
-                    let policy = tmp.join(format!("{id}.toml"));
-                    std::fs::write(
-                        &policy,
+                    let iso = Iso::with_bin(&ns, o.bin.into());
+                    let policy = iso.policy(
                         "[whitelist]\nenabled = true\nlog = true\nallow = [\"192.0.2.0/24\"]\n",
-                    )?;
-                    let iso = |args: &[&str]| -> Result<()> {
-                        let net = format!("--net=/run/netns/{ns}");
-                        let o = Command::new("nsenter")
-                            .arg(net)
-                            .arg(o.bin)
-                            .args(args)
-                            .env("ISOLATION_PIN_DIR", &paths.pin_dir)
-                            .env("ISOLATION_STATE_DIR", &paths.state_dir)
-                            .env_remove("SSH_CONNECTION")
-                            .stdout(Stdio::null())
-                            .output()?;
-                        if !o.status.success() {
-                            bail!(
-                                "isolation-user {args:?}: {}",
-                                String::from_utf8_lossy(&o.stderr)
-                            );
-                        }
-                        Ok(())
-                    };
-                    iso(&[
-                        "load",
-                        "--iface",
-                        &dev,
-                        "--mode",
-                        "native",
-                        "--policy",
-                        policy.to_str().unwrap(),
-                    ])?;
-                    ours_pins.push((ns.clone(), paths.clone()));
+                    );
+                    iso.ok(&[
+                        "load", "--iface", &dev, "--mode", "native", "--policy", &policy,
+                    ]);
                     if *kind == "oursbig" {
-                        let list = tmp.join(format!("{id}.txt"));
+                        let list = tmp.join(format!("r{i}.txt"));
                         let mut text = String::new();
                         for k in 0..big {
                             writeln!(text, "{}", crate::v4_key(k))?;
-                            writeln!(text, "{}", v6_key(k))?;
+                            writeln!(text, "{}", crate::v6_key(k))?;
                         }
                         std::fs::write(&list, text)?;
-                        iso(&["whitelist", "add", "--file", list.to_str().unwrap()])?;
+                        iso.ok(&["whitelist", "add", "--file", list.to_str().unwrap()]);
                     }
+                    let paths = iso.paths();
+                    instances.push(iso);
                     Counter::Ours(paths)
                 }
                 k if k.starts_with("ipt:") => {
@@ -450,7 +416,7 @@ pub fn run(md: &mut String, targets: &mut Vec<report::Target>, o: &LiveOpts) -> 
                 label: label.clone(),
                 ns,
                 dev,
-                gen_dev,
+                gen_ifindex: ifindex(&gen_ns, &gen_dev)?,
                 counter,
                 _link: link,
             });
@@ -523,16 +489,8 @@ pub fn run(md: &mut String, targets: &mut Vec<report::Target>, o: &LiveOpts) -> 
     if let Some((ns, dev)) = xdp_filter_dev {
         let _ = in_ns(&ns, &["xdp-filter", "unload", &dev]);
     }
-    for (ns, paths) in &ours_pins {
-        let net = format!("--net=/run/netns/{ns}");
-        let _ = Command::new("nsenter")
-            .arg(net)
-            .arg(o.bin)
-            .arg("unload")
-            .env("ISOLATION_PIN_DIR", &paths.pin_dir)
-            .env("ISOLATION_STATE_DIR", &paths.state_dir)
-            .output();
-    }
+    // Our instances unload before their namespaces go.
+    drop(instances);
     drop(receivers);
     drop(nets);
     let _ = std::fs::remove_dir_all(&tmp);

@@ -25,7 +25,10 @@ use isolation_user::{
     policy::{self, Policy},
     state::Paths,
 };
-use tests::pkt::{self, SYN, TCP, V4, V6};
+use tests::{
+    iso::Iso,
+    pkt::{self, SYN, TCP, V4, V6},
+};
 
 #[derive(Parser)]
 struct Opts {
@@ -79,6 +82,13 @@ impl Drop for Dp {
 }
 
 const V4_BASE: u32 = 0x0a00_0000;
+
+/// A command run inside namespace `ns` (nsenter: /sys and the pins stay the host's).
+fn nsenter(ns: &str, args: &[&str]) -> Command {
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net=/run/netns/{ns}")).args(args);
+    c
+}
 
 /// N distinct IPv4 addresses (map keys only: no traffic is ever sent to them).
 fn v4_key(i: u32) -> Ipv4Addr {
@@ -181,7 +191,7 @@ fn verdict(
     rounds: usize,
     out_md: &std::path::Path,
 ) -> Result<()> {
-    let bare = raw::load_xdp_pass()?;
+    let bare = raw::load_xdp_ret(raw::XDP_PASS)?;
     let mut per_size: BTreeMap<u32, Vec<(String, f64, f64, f64)>> = BTreeMap::new();
     for &n in sizes {
         let wl = Dp::new()?;
@@ -376,39 +386,25 @@ fn isolation_load(md: &mut String, bin: &std::path::Path, prefixes: u32) -> Resu
         std::fs::write(dir.join(f), text)?;
     }
     let path = |f: &str| dir.join(f).to_string_lossy().into_owned();
-    let netns = format!("--net=/run/netns/{ns_name}");
-    let pin = format!("/sys/fs/bpf/{id}");
-    let mut ours = Command::new("nsenter");
-    ours.arg(&netns)
-        .arg(bin)
-        .args(["load", "--iface", "b0", "--policy", &path("policy.toml")]);
-    ours.env("ISOLATION_PIN_DIR", &pin)
-        .env("ISOLATION_STATE_DIR", dir.join("state"))
-        .env_remove("SSH_CONNECTION");
-    let ours_m = raw::run_measured(&mut ours)?;
-    let ipset_m = raw::run_measured(Command::new("nsenter").arg(&netns).args([
-        "ipset",
-        "restore",
-        "-file",
-        &path("sets.ipset"),
-    ]))?;
-    let ipt_m = raw::run_measured(
-        Command::new("nsenter")
-            .arg(&netns)
-            .args(["iptables-restore", &path("rules.iptables")]),
-    )?;
-    let nft_m = raw::run_measured(Command::new("nsenter").arg(&netns).args([
-        "nft",
-        "-f",
-        &path("bench.nft"),
-    ]))?;
-    let _ = Command::new("nsenter")
-        .arg(&netns)
-        .arg(bin)
-        .arg("unload")
-        .env("ISOLATION_PIN_DIR", &pin)
-        .env("ISOLATION_STATE_DIR", dir.join("state"))
-        .output();
+    let ours_m = {
+        let iso = Iso::with_bin(&ns_name, bin.into());
+        raw::run_measured(&mut iso.cmd(&[
+            "load",
+            "--iface",
+            "b0",
+            "--policy",
+            &path("policy.toml"),
+        ]))?
+    };
+    let ipset_m = raw::run_measured(&mut nsenter(
+        &ns_name,
+        &["ipset", "restore", "-file", &path("sets.ipset")],
+    ))?;
+    let ipt_m = raw::run_measured(&mut nsenter(
+        &ns_name,
+        &["iptables-restore", &path("rules.iptables")],
+    ))?;
+    let nft_m = raw::run_measured(&mut nsenter(&ns_name, &["nft", "-f", &path("bench.nft")]))?;
     let _ = std::fs::remove_dir_all(&dir);
     drop(ns);
     report::isolation_load_table(md, nets, per * nets, ours_m, ipset_m, ipt_m, nft_m)
@@ -508,31 +504,16 @@ fn cli_figures(
     let ns = tests::netns::Netns::new(&[&ns_name]);
     ns.link(&ns_name, "b0", &[], &ns_name, "b1", &[]);
     let id = tests::unique("isobc");
-    let pin = format!("/sys/fs/bpf/{id}");
-    let state = std::env::temp_dir().join(&id);
     let list = std::env::temp_dir().join(format!("{id}.txt"));
     let mut text = String::with_capacity(n as usize * 14);
     for i in 0..n {
         writeln!(text, "{}", v4_key(i))?;
     }
     std::fs::write(&list, &text)?;
-    let iso = |args: &[&str]| {
-        let mut c = Command::new("nsenter");
-        c.arg(format!("--net=/run/netns/{ns_name}"))
-            .arg(bin)
-            .args(args);
-        c.env("ISOLATION_PIN_DIR", &pin)
-            .env("ISOLATION_STATE_DIR", &state)
-            .env_remove("SSH_CONNECTION");
-        c
-    };
-    raw::run_measured(&mut iso(&["load", "--iface", "b0"]))?;
-    let ours = raw::run_measured(&mut iso(&[
-        "whitelist",
-        "add",
-        "--file",
-        list.to_str().unwrap(),
-    ]))?;
+    let iso = Iso::with_bin(&ns_name, bin.into());
+    raw::run_measured(&mut iso.cmd(&["load", "--iface", "b0"]))?;
+    let ours =
+        raw::run_measured(&mut iso.cmd(&["whitelist", "add", "--file", list.to_str().unwrap()]))?;
     // The same entries with the tools operators use today, in the same namespace.
     let mut restore = format!(
         "create bench hash:ip family inet hashsize 1048576 maxelem {}\n",
@@ -543,14 +524,10 @@ fn cli_figures(
     }
     let ipset_file = std::env::temp_dir().join(format!("{id}.ipset"));
     std::fs::write(&ipset_file, restore)?;
-    let mut ipset = Command::new("nsenter");
-    ipset.arg(format!("--net=/run/netns/{ns_name}")).args([
-        "ipset",
-        "restore",
-        "-file",
-        ipset_file.to_str().unwrap(),
-    ]);
-    let ipset_m = raw::run_measured(&mut ipset)?;
+    let ipset_m = raw::run_measured(&mut nsenter(
+        &ns_name,
+        &["ipset", "restore", "-file", ipset_file.to_str().unwrap()],
+    ))?;
     let mut nft = String::from(
         "table inet bench {\n set wl {\n  type ipv4_addr\n  size 2097152\n  elements = { ",
     );
@@ -563,10 +540,10 @@ fn cli_figures(
     nft.push_str(" }\n }\n}\n");
     let nft_file = std::env::temp_dir().join(format!("{id}.nft"));
     std::fs::write(&nft_file, nft)?;
-    let mut nftc = Command::new("nsenter");
-    nftc.arg(format!("--net=/run/netns/{ns_name}"))
-        .args(["nft", "-f", nft_file.to_str().unwrap()]);
-    let nft_m = raw::run_measured(&mut nftc)?;
+    let nft_m = raw::run_measured(&mut nsenter(
+        &ns_name,
+        &["nft", "-f", nft_file.to_str().unwrap()],
+    ))?;
     report::load_table(md, n, ours, ipset_m, nft_m)?;
     targets.push(report::Target {
         what: format!("{n} whitelist entries loaded in ≤ 1 s"),
@@ -590,7 +567,7 @@ fn cli_figures(
     for i in 0..edits {
         let a = Ipv4Addr::new(192, 0, 2, 10 + i as u8).to_string();
         let t = Instant::now();
-        let st = iso(&["whitelist", "add", &a]).output()?;
+        let st = iso.run(&["whitelist", "add", &a]);
         times.push(t.elapsed().as_secs_f64() * 1000.0);
         if !st.status.success() {
             bail!(
@@ -605,11 +582,11 @@ fn cli_figures(
         measured: format!("{:.1} ms with {n} entries", report::median(&times)),
         met: report::median(&times) <= 10.0,
     });
-    let _ = iso(&["unload"]).output();
     for f in [list, ipset_file, nft_file] {
         let _ = std::fs::remove_file(f);
     }
-    let _ = std::fs::remove_dir_all(&state);
+    // The instance unloads before its namespace goes.
+    drop(iso);
     drop(ns);
     Ok(())
 }

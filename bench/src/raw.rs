@@ -110,10 +110,6 @@ pub fn load_xdp_ret(action: i32) -> Result<RawFd> {
     load_xdp(name, &[mov_imm(0, action), EXIT])
 }
 
-pub fn load_xdp_pass() -> Result<RawFd> {
-    load_xdp_ret(XDP_PASS)
-}
-
 /// The instructions that overwrite the 32-bit big-endian word at packet offset `off` with
 /// `base + random % modulus`: a fresh key per run, so lookups spread over a whole set.
 fn random_word(off: i16, base: u32, modulus: u32) -> Vec<u64> {

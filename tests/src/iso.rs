@@ -14,22 +14,38 @@ pub struct Iso {
     pub pin: PathBuf,
     pub state: PathBuf,
     pub ns: String,
+    pub bin: PathBuf,
 }
 
 impl Iso {
+    /// The binary under test (`tests::bin()`).
     pub fn new(ns: &str) -> Iso {
+        Iso::with_bin(ns, crate::bin())
+    }
+
+    /// A given binary (the benchmarks run the release build).
+    pub fn with_bin(ns: &str, bin: PathBuf) -> Iso {
         let id = unique("isoe");
         Iso {
             pin: format!("/sys/fs/bpf/{id}").into(),
             state: std::env::temp_dir().join(id),
             ns: ns.into(),
+            bin,
+        }
+    }
+
+    /// The instance's pin and state dirs, for reading its maps directly.
+    pub fn paths(&self) -> isolation_user::state::Paths {
+        isolation_user::state::Paths {
+            pin_dir: self.pin.clone(),
+            state_dir: self.state.clone(),
         }
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new("nsenter");
         c.arg(format!("--net=/run/netns/{}", self.ns))
-            .arg(crate::bin())
+            .arg(&self.bin)
             .args(args);
         c.env("ISOLATION_PIN_DIR", &self.pin)
             .env("ISOLATION_STATE_DIR", &self.state);
