@@ -104,21 +104,30 @@ pub fn load_table(
     nft: (f64, u64),
 ) -> Result<()> {
     writeln!(md, "## Loading {n} whitelist addresses\n")?;
+    tool_table(
+        md,
+        &[
+            ("`isolation-user whitelist add --file`", ours),
+            ("`ipset restore` (hash:ip)", ipset),
+            ("`nft -f` (set of ipv4_addr)", nft),
+        ],
+    )
+}
+
+/// (wall time s, peak KiB) per tool; the first row is ours, the reference for the ratio.
+fn tool_table(md: &mut String, rows: &[(&str, (f64, u64))]) -> Result<()> {
     writeln!(
         md,
         "| tool | wall time (s) | peak memory (MiB) | × ours (time) |"
     )?;
     writeln!(md, "| --- | ---: | ---: | ---: |")?;
-    for (name, (t, m)) in [
-        ("`isolation-user whitelist add --file`", ours),
-        ("`ipset restore` (hash:ip)", ipset),
-        ("`nft -f` (set of ipv4_addr)", nft),
-    ] {
+    let ours = rows[0].1.0;
+    for (name, (t, m)) in rows {
         writeln!(
             md,
             "| {name} | {t:.2} | {:.0} | {:.2} |",
-            m as f64 / 1024.0,
-            t / ours.0
+            *m as f64 / 1024.0,
+            t / ours
         )?;
     }
     writeln!(md)?;
@@ -144,31 +153,20 @@ pub fn isolation_load_table(
          FORWARD rule matching two sets (this kernel lacks `hash:net,net`).\n",
         isolation_common::limits::NET_PREFIXES
     )?;
-    writeln!(
-        md,
-        "| tool | wall time (s) | peak memory (MiB) | × ours (time) |"
-    )?;
-    writeln!(md, "| --- | ---: | ---: | ---: |")?;
     let sum = (ipset.0 + ipt.0, ipset.1.max(ipt.1));
-    for (name, (t, m)) in [
-        (
-            "`isolation-user load --policy` (load, attach, compile, fill)",
-            ours,
-        ),
-        ("`ipset restore` (hash:net sets)", ipset),
-        ("`iptables-restore` (the rules)", ipt),
-        ("ipset + iptables together", sum),
-        ("`nft -f` (interval sets and rules)", nft),
-    ] {
-        writeln!(
-            md,
-            "| {name} | {t:.2} | {:.0} | {:.2} |",
-            m as f64 / 1024.0,
-            t / ours.0
-        )?;
-    }
-    writeln!(md)?;
-    Ok(())
+    tool_table(
+        md,
+        &[
+            (
+                "`isolation-user load --policy` (load, attach, compile, fill)",
+                ours,
+            ),
+            ("`ipset restore` (hash:net sets)", ipset),
+            ("`iptables-restore` (the rules)", ipt),
+            ("ipset + iptables together", sum),
+            ("`nft -f` (interval sets and rules)", nft),
+        ],
+    )
 }
 
 pub fn edit_table(md: &mut String, n: u32, ms: &[f64]) -> Result<()> {
