@@ -3,14 +3,19 @@
 
 use std::os::fd::{AsRawFd as _, BorrowedFd};
 
-/// The `bpf(2)` syscall with one attribute struct; Err carries errno.
-fn sys_bpf<A>(cmd: libc::c_long, attr: &mut A) -> std::io::Result<()> {
+/// The `bpf(2)` syscall with one attribute struct: its result (a new fd for the commands
+/// that open one); Err carries errno.
+fn sys_bpf_value<A>(cmd: libc::c_long, attr: &mut A) -> std::io::Result<i64> {
     let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut A, std::mem::size_of::<A>()) };
-    if r == 0 {
-        Ok(())
-    } else {
+    if r < 0 {
         Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r)
     }
+}
+
+fn sys_bpf<A>(cmd: libc::c_long, attr: &mut A) -> std::io::Result<()> {
+    sys_bpf_value(cmd, attr).map(|_| ())
 }
 
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
@@ -251,17 +256,7 @@ pub fn detach_pinned_link(path: &std::path::Path) -> std::io::Result<()> {
         path_fd: 0,
         _pad: 0,
     };
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &mut get as *mut ObjGet,
-            std::mem::size_of::<ObjGet>(),
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let fd = sys_bpf_value(BPF_OBJ_GET, &mut get)?;
     let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
     #[repr(C)]
     struct Detach {
