@@ -114,7 +114,7 @@ fn read_counter(r: &Receiver) -> Result<u64> {
                 .filter_map(|l| l.rsplit(':').next()?.trim().parse::<u64>().ok())
                 .sum()
         }
-        Counter::Ours(paths) => isolation_user::datapath::counters(paths)?
+        Counter::Ours(paths) => isolation_user::backend::ebpf::counters::counters(paths)?
             .iter()
             .filter(|(reason, _)| reason.is_drop())
             .map(|(_, c)| c.packets)

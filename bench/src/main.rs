@@ -21,7 +21,7 @@ use aya::programs::{SchedClassifier, Xdp};
 use clap::Parser;
 use ipnet::IpNet;
 use isolation_user::{
-    datapath::{self, WhitelistMaps},
+    backend::ebpf::{pins, whitelist::WhitelistMaps},
     policy::{self, Policy},
     state::Paths,
 };
@@ -63,8 +63,8 @@ impl Dp {
             pin_dir: format!("/sys/fs/bpf/{id}").into(),
             state_dir: std::env::temp_dir().join(&id),
         };
-        datapath::ensure_pin_dir(&paths)?;
-        datapath::load_and_pin(&paths)?;
+        pins::ensure_pin_dir(&paths)?;
+        pins::load_and_pin(&paths)?;
         let xdp = Xdp::from_pin(
             paths.prog("xdp"),
             aya_obj::programs::XdpAttachType::Interface,
@@ -76,7 +76,7 @@ impl Dp {
 
 impl Drop for Dp {
     fn drop(&mut self) {
-        datapath::remove_pins(&self.paths);
+        pins::remove_pins(&self.paths);
         let _ = std::fs::remove_dir_all(&self.paths.state_dir);
     }
 }
@@ -196,13 +196,13 @@ fn verdict(
     for &n in sizes {
         let wl = Dp::new()?;
         fill(&wl, n)?;
-        datapath::apply_policy(&wl.paths, &policy(WL_POLICY)?, 1)?;
+        tests::apply(&wl.paths, &policy(WL_POLICY)?, 1);
         // A reply: the flow leaves through TC egress first.
         let out = V4::new("192.0.2.1", "198.51.100.9", TCP).frame(&pkt::tcp(50000, 443, SYN));
         let _ = raw::test_run(raw::fd(&wl.tc)?, &out, 1)?;
         let iso = Dp::new()?;
         fill(&iso, n)?;
-        datapath::apply_policy(&iso.paths, &policy(ISO_POLICY)?, 1)?;
+        tests::apply(&iso.paths, &policy(ISO_POLICY)?, 1);
         let (wfd, ifd) = (raw::fd(&wl.xdp)?, raw::fd(&iso.xdp)?);
         let hit = v4_key(n / 2).to_string();
         let hit6 = v6_key(n / 2).to_string();

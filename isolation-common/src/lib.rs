@@ -121,6 +121,46 @@ pub mod ports {
     /// A packet whose ports cannot be read (a later fragment): port-less rules only.
     pub const NO_PORT: u32 = 2 * 65536 + 2;
     pub const LEN: u32 = 2 * 65536 + 3;
+
+    /// The index of a packet: its protocol and, when its L4 header was read, its
+    /// destination port (host order). One function for the datapath and the loader's `check`.
+    #[inline(always)]
+    pub fn index(proto: u8, dport: Option<u16>) -> u32 {
+        match (proto, dport) {
+            (_, None) => NO_PORT,
+            (6, Some(d)) => TCP_BASE + d as u32,
+            (17, Some(d)) => UDP_BASE + d as u32,
+            (1 | 58, Some(_)) => ICMP,
+            _ => OTHER,
+        }
+    }
+}
+
+/// Index of the lowest set bit of a rule mask: the deciding rule is the first one written.
+/// Bit arithmetic rather than `trailing_zeros`: BPF has no count-trailing-zeros instruction.
+#[inline(always)]
+pub fn lowest_bit(m: u64) -> u32 {
+    let b = m.isolate_lowest_one();
+    let mut i = 0;
+    if b & 0xFFFF_FFFF_0000_0000 != 0 {
+        i += 32;
+    }
+    if b & 0xFFFF_0000_FFFF_0000 != 0 {
+        i += 16;
+    }
+    if b & 0xFF00_FF00_FF00_FF00 != 0 {
+        i += 8;
+    }
+    if b & 0xF0F0_F0F0_F0F0_F0F0 != 0 {
+        i += 4;
+    }
+    if b & 0xCCCC_CCCC_CCCC_CCCC != 0 {
+        i += 2;
+    }
+    if b & 0xAAAA_AAAA_AAAA_AAAA != 0 {
+        i += 1;
+    }
+    i
 }
 
 /// Timeouts and the log rate limit, in nanoseconds of `bpf_ktime_get_ns`.

@@ -10,11 +10,13 @@ use aya_ebpf::{
     btf_maps::{Array, LpmTrie, PerCpuArray, lpm_trie::Key},
     macros::btf_map,
 };
-use isolation_common::{AF_INET, Counter, NetEntry, PolicyMeta, Reason, iso_flags, limits, ports};
+use isolation_common::{
+    AF_INET, Counter, NetEntry, PolicyMeta, Reason, iso_flags, limits, lowest_bit, ports,
+};
 
 use crate::{
     conntrack,
-    parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, L4, Packet},
+    parse::{IPPROTO_UDP, L4, Packet},
 };
 
 /// IPv4 prefix → what applies under it, slot 0 and 1.
@@ -64,41 +66,8 @@ fn net(slot: u32, pkt: &Packet, src: bool) -> Option<&'static NetEntry> {
 
 #[inline(always)]
 fn port_index(pkt: &Packet) -> u32 {
-    if pkt.l4 != L4::Ok {
-        return ports::NO_PORT;
-    }
-    match pkt.proto {
-        IPPROTO_TCP => ports::TCP_BASE + u16::from_be(pkt.dport) as u32,
-        IPPROTO_UDP => ports::UDP_BASE + u16::from_be(pkt.dport) as u32,
-        IPPROTO_ICMP | IPPROTO_ICMPV6 => ports::ICMP,
-        _ => ports::OTHER,
-    }
-}
-
-/// Index of the lowest set bit (BPF has no count-trailing-zeros instruction).
-#[inline(always)]
-fn lowest_bit(m: u64) -> u32 {
-    let b = m.isolate_lowest_one();
-    let mut i = 0;
-    if b & 0xFFFF_FFFF_0000_0000 != 0 {
-        i += 32;
-    }
-    if b & 0xFFFF_0000_FFFF_0000 != 0 {
-        i += 16;
-    }
-    if b & 0xFF00_FF00_FF00_FF00 != 0 {
-        i += 8;
-    }
-    if b & 0xF0F0_F0F0_F0F0_F0F0 != 0 {
-        i += 4;
-    }
-    if b & 0xCCCC_CCCC_CCCC_CCCC != 0 {
-        i += 2;
-    }
-    if b & 0xAAAA_AAAA_AAAA_AAAA != 0 {
-        i += 1;
-    }
-    i
+    let dport = (pkt.l4 == L4::Ok).then(|| u16::from_be(pkt.dport));
+    ports::index(pkt.proto, dport)
 }
 
 #[inline(always)]
@@ -195,7 +164,7 @@ pub fn judge(
     }
     Some(if flags & iso_flags::DENY == 0 {
         Reason::PassDefault
-    } else if flags & iso_flags::REJECT != 0 && can_reject {
+    } else if flags & iso_flags::REJECT != 0 && can_reject && crate::reject::answerable(pkt) {
         Reason::RejectIsolated
     } else {
         Reason::DropIsolated

@@ -16,9 +16,12 @@ use aya_ebpf::{
     macros::btf_map,
     programs::{TcContext, XdpContext},
 };
-use isolation_common::LogBucket;
+use isolation_common::{AF_INET, LogBucket};
 
-use crate::ratelimit;
+use crate::{
+    parse::{Frag, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, L4, Packet},
+    ratelimit,
+};
 
 /// "REJECT" tag XDP leaves in the packet's metadata for TC ingress.
 const META_MAGIC: u32 = 0x1501_7E1E;
@@ -43,6 +46,37 @@ fn scratch() -> Result<&'static mut [u8; BUF_V6], i64> {
 /// Token bucket of the answers, per CPU.
 #[btf_map]
 static REJECT_BUCKET: PerCpuArray<LogBucket, 1> = PerCpuArray::new();
+
+/// May a denied packet be answered? Never an answer to an answer, as iptables' REJECT and
+/// the kernel's icmp_send refuse: not a TCP RST, not an ICMP error, not a later fragment
+/// (its first bytes are payload, not a header), nothing from or to a multicast or broadcast
+/// address (an answer could loop between two filtered hosts or be aimed at a victim). A
+/// packet whose L4 header could not be read is not answered either: it might be one of those.
+#[inline(always)]
+pub fn answerable(pkt: &Packet) -> bool {
+    if pkt.frag == Frag::Later || !unicast(pkt.family, &pkt.src) || !unicast(pkt.family, &pkt.dst) {
+        return false;
+    }
+    match pkt.proto {
+        IPPROTO_TCP => pkt.l4 == L4::Ok && pkt.tcp_flags & 0x04 == 0,
+        // ICMP errors: unreachable, source quench, redirect, time exceeded, parameter problem.
+        IPPROTO_ICMP => pkt.l4 == L4::Ok && !matches!(pkt.tcp_flags, 3 | 4 | 5 | 11 | 12),
+        // ICMPv6 errors are the types below 128.
+        IPPROTO_ICMPV6 => pkt.l4 == L4::Ok && pkt.tcp_flags >= 128,
+        _ => true,
+    }
+}
+
+/// Neither unspecified, multicast nor (IPv4) limited broadcast.
+#[inline(always)]
+fn unicast(family: u8, a: &[u8; 16]) -> bool {
+    if family == AF_INET {
+        let v = u32::from_be_bytes([a[0], a[1], a[2], a[3]]);
+        v != 0 && v != u32::MAX && a[0] & 0xf0 != 0xe0
+    } else {
+        a[0] != 0xff && a.iter().any(|b| *b != 0)
+    }
+}
 
 /// XDP side: tag the packet for TC ingress. False when rate-limited or the metadata could
 /// not be written (then the packet is dropped without an answer).

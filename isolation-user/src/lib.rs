@@ -1,14 +1,19 @@
-//! isolation-user: turns a policy file into map entries of the isolation XDP/TC datapath,
-//! loads and attaches it, and edits it live.
+//! isolation-user: turns a policy file into what a backend enforces (the eBPF datapath's
+//! map entries), loads and attaches it, and edits it live.
+//!
+//! Layers, top to bottom: `commands` (one module per verb: parse, call, render) →
+//! `engine` (the one transaction of every change) → `store` (the desired policy, whole) and
+//! `backend` (eBPF today) ← `semantics` (the decision of PRODUCT.md, pure: the oracle) and
+//! `policy` (the file format, pure; knows no backend).
 
-mod bpf_batch;
+pub mod backend;
 pub mod commands;
-pub mod compile;
-pub mod datapath;
+pub mod engine;
 pub mod lockout;
 pub mod policy;
-pub mod seed;
+pub mod semantics;
 pub mod state;
+pub mod store;
 
 use std::path::PathBuf;
 

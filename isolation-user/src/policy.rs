@@ -6,7 +6,6 @@
 use std::{collections::BTreeMap, fmt, net::IpAddr, str::FromStr};
 
 use ipnet::IpNet;
-use isolation_common::limits;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -245,7 +244,7 @@ pub fn validate(p: &Policy) -> Result<(), String> {
         known(&r.from)?;
         known(&r.to)?;
     }
-    crate::compile::compile(p).map(|_| ())
+    Ok(())
 }
 
 pub fn check_name(name: &str) -> Result<(), String> {
@@ -302,7 +301,33 @@ impl Ctx<'_> {
 
 /// Parses and validates a policy file's text. `file` is only used in error messages.
 pub fn parse(file: &str, text: &str) -> Result<Policy, PolicyError> {
+    parse_with_lines(file, text).map(|(p, _)| p)
+}
+
+/// Where each item of a policy file was written, so that an error found later (a backend's
+/// limit) names the line of what exceeds it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Lines {
+    pub file: String,
+    /// Each subnet of each network.
+    pub subnets: BTreeMap<String, Vec<usize>>,
+    /// The first line of each network's section.
+    pub networks: BTreeMap<String, usize>,
+    pub allow: Vec<usize>,
+    pub except: Vec<usize>,
+    pub vxlan_ports: Vec<usize>,
+    /// The `[whitelist]` section, and each (distinct) entry.
+    pub whitelist: usize,
+    pub whitelist_entries: Vec<usize>,
+}
+
+/// `parse`, and where each item was written.
+pub fn parse_with_lines(file: &str, text: &str) -> Result<(Policy, Lines), PolicyError> {
     let cx = Ctx { file, text };
+    let mut lines = Lines {
+        file: file.to_string(),
+        ..Lines::default()
+    };
     let raw: RawPolicy = toml::from_str(text).map_err(|e| {
         let line = e.span().map(|s| cx.line(s.start)).unwrap_or(1);
         PolicyError {
@@ -319,7 +344,12 @@ pub fn parse(file: &str, text: &str) -> Result<Policy, PolicyError> {
             return cx.err(name.span(), reason);
         }
         let mut subnets = Vec::new();
+        lines
+            .networks
+            .insert(name.get_ref().clone(), cx.line(name.span().start));
+        let at = lines.subnets.entry(name.get_ref().clone()).or_default();
         for s in &net.get_ref().subnets {
+            at.push(cx.line(s.span().start));
             match parse_net(s.get_ref()) {
                 Ok(n) => subnets.push(n),
                 Err(reason) => {
@@ -360,6 +390,7 @@ pub fn parse(file: &str, text: &str) -> Result<Policy, PolicyError> {
         }
         out.reject = iso.reject.unwrap_or(true);
         for p in &iso.vxlan_ports {
+            lines.vxlan_ports.push(cx.line(p.span().start));
             match u16::try_from(*p.get_ref()) {
                 Ok(v) if v != 0 => out.vxlan_ports.push(v),
                 _ => {
@@ -371,6 +402,7 @@ pub fn parse(file: &str, text: &str) -> Result<Policy, PolicyError> {
             }
         }
         for r in &iso.allow {
+            lines.allow.push(cx.line(r.span().start));
             let r = r.get_ref();
             let mut ports = Vec::new();
             for p in r.ports.iter().flatten() {
@@ -387,6 +419,7 @@ pub fn parse(file: &str, text: &str) -> Result<Policy, PolicyError> {
             });
         }
         for r in &iso.except {
+            lines.except.push(cx.line(r.span().start));
             let rr = r.get_ref();
             if let Some(p) = rr.ports.as_ref().and_then(|p| p.first()) {
                 return cx.err(
@@ -401,12 +434,9 @@ pub fn parse(file: &str, text: &str) -> Result<Policy, PolicyError> {
         }
         policy.isolation = out;
     }
-    if let Err(reason) = crate::compile::check_limits(&policy) {
-        return cx.err(0..0, reason);
-    }
 
     if let Some(wl) = &raw.whitelist {
-        let span = wl.span();
+        lines.whitelist = cx.line(wl.span().start);
         let wl = wl.get_ref();
         // A [whitelist] section is meant to be enforced unless it says otherwise.
         policy.whitelist.enabled = wl.enabled.unwrap_or(true);
@@ -417,14 +447,11 @@ pub fn parse(file: &str, text: &str) -> Result<Policy, PolicyError> {
                 parse_net(a.get_ref()).or_else(|r| cx.err(a.span(), format!("whitelist: {r}")))?;
             if seen.insert(net) {
                 policy.whitelist.allow.push(net);
+                lines.whitelist_entries.push(cx.line(a.span().start));
             }
         }
-        let sizes = WhitelistSizes::of(&policy.whitelist.allow);
-        if let Err(reason) = sizes.check() {
-            return cx.err(span, reason);
-        }
     }
-    Ok(policy)
+    Ok((policy, lines))
 }
 
 /// How many entries a whitelist puts in each map.
@@ -448,23 +475,6 @@ impl WhitelistSizes {
             }
         }
         s
-    }
-
-    pub fn check(&self) -> Result<(), String> {
-        let (e, l) = (limits::WL_EXACT as usize, limits::WL_LPM as usize);
-        for (n, max, what) in [
-            (self.exact_v4, e, "IPv4 addresses"),
-            (self.lpm_v4, l, "IPv4 CIDRs"),
-            (self.exact_v6, e, "IPv6 addresses"),
-            (self.lpm_v6, l, "IPv6 CIDRs"),
-        ] {
-            if n > max {
-                return Err(format!(
-                    "whitelist has {n} {what}; the maps hold at most {max}"
-                ));
-            }
-        }
-        Ok(())
     }
 }
 
@@ -670,15 +680,6 @@ allow = ["203.0.113.7", "192.0.2.0/24", "2001:db8::/32", "127.0.0.1"]
                 .starts_with(&format!("/etc/isolation/policy.toml:{line}: ")),
             "{e}"
         );
-    }
-
-    #[test]
-    fn too_many_entries_is_refused() {
-        let s = WhitelistSizes {
-            exact_v4: limits::WL_EXACT as usize + 1,
-            ..Default::default()
-        };
-        assert!(s.check().unwrap_err().contains("at most"));
     }
 
     #[rstest]

@@ -1,4 +1,5 @@
-//! Where things live: the pin dir (BPF objects) and the state dir (live policy, bookkeeping).
+//! Where things live: the pin dir (BPF objects) and the state dir (the desired policy, see
+//! `store`, and what is installed where).
 
 use std::{
     fs,
@@ -10,7 +11,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{self, Policy};
+use crate::backend::Kind;
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/isolation";
 pub const DEFAULT_STATE_DIR: &str = "/run/isolation";
@@ -38,18 +39,16 @@ impl Paths {
     pub fn state_file(&self) -> PathBuf {
         self.state_dir.join("state.json")
     }
-    pub fn policy_file(&self) -> PathBuf {
-        self.state_dir.join("policy.toml")
-    }
 
-    /// Serialises commands that change the datapath (two `whitelist add` at once would
-    /// otherwise race on the live policy file). Released when the returned file is dropped.
+    /// Serialises the engine's transactions (two `whitelist add` at once would otherwise
+    /// race on the store). Released when the returned file is dropped.
     pub fn lock(&self) -> Result<fs::File> {
         fs::create_dir_all(&self.state_dir)
             .with_context(|| format!("cannot create state dir {}", self.state_dir.display()))?;
         let path = self.state_dir.join("lock");
         let f =
             fs::File::create(&path).with_context(|| format!("cannot open {}", path.display()))?;
+        // SAFETY: flock on a file descriptor we own for the duration of the call.
         if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
             anyhow::bail!(
                 "cannot lock {}: {}",
@@ -69,16 +68,24 @@ pub struct IfaceState {
     pub mode: String,
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+/// What is installed: which backend, from which build, on which interfaces.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct State {
-    pub backend: String,
+    pub backend: Kind,
     /// Hash of the BPF object that is pinned, to refuse mixing builds.
     pub object_hash: String,
     pub interfaces: Vec<IfaceState>,
-    pub generation: u32,
 }
 
 impl State {
+    pub fn new(backend: Kind) -> State {
+        State {
+            backend,
+            object_hash: String::new(),
+            interfaces: Vec::new(),
+        }
+    }
+
     pub fn load(paths: &Paths) -> Result<Option<State>> {
         let f = paths.state_file();
         match fs::read_to_string(&f) {
@@ -96,29 +103,6 @@ impl State {
             serde_json::to_string_pretty(self)?.as_bytes(),
         )
     }
-}
-
-/// The live policy as last applied (what `save` prints and live edits start from).
-pub fn live_policy(paths: &Paths) -> Result<Policy> {
-    let f = paths.policy_file();
-    match fs::read_to_string(&f) {
-        Ok(s) => Ok(policy::parse(&f.display().to_string(), &s)?),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Policy::default()),
-        Err(e) => Err(e).with_context(|| format!("cannot read {}", f.display())),
-    }
-}
-
-/// Saves the live policy without the whitelist entries: those live in the BPF maps (the
-/// one source of truth), so a live edit at 1M entries rewrites no file.
-pub fn save_policy(paths: &Paths, p: &Policy) -> Result<()> {
-    let mut p = p.clone();
-    p.whitelist.allow.clear();
-    let text = format!(
-        "# The live policy of isolation-user. Whitelist entries are in the BPF maps:\n\
-         # `isolation-user whitelist list` prints them.\n{}",
-        policy::to_toml(&p)
-    );
-    write_atomic(&paths.policy_file(), text.as_bytes())
 }
 
 /// Write-then-rename, so a crash never leaves half a file behind.

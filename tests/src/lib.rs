@@ -6,6 +6,7 @@
 pub mod iso;
 pub mod netns;
 pub mod pkt;
+pub mod random;
 pub mod traffic;
 
 use std::path::PathBuf;
@@ -47,4 +48,17 @@ pub fn unique(prefix: &str) -> String {
         std::process::id() % 100_000,
         N.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// Makes a pinned eBPF datapath enforce `policy`'s rules and switches (its whitelist entries
+/// are left as they are), through the backend as the engine drives it.
+pub fn apply(
+    paths: &isolation_user::state::Paths,
+    policy: &isolation_user::policy::Policy,
+    generation: u32,
+) {
+    use isolation_user::backend::Backend as _;
+    isolation_user::backend::ebpf::Ebpf::new(paths.clone())
+        .apply(policy, None, generation, &mut |_| {})
+        .expect("apply the policy");
 }

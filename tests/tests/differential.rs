@@ -1,5 +1,5 @@
 //! Randomized differential test: the BPF program (through BPF_PROG_TEST_RUN) against the
-//! reference evaluator of PRODUCT.md's semantics (`compile::reference`), over random
+//! reference evaluator of PRODUCT.md's semantics (`semantics::isolation`), over random
 //! policies with overlapping networks, CIDR rules, ports and IPv6, and random packets.
 //!
 //! Seed: `ISOLATION_SEED` (or `cargo xtask test --seed N`); a failure prints the seed, the
@@ -10,12 +10,15 @@ use std::{collections::HashSet, net::IpAddr};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use isolation_common::{Reason, maps};
 use isolation_user::{
-    compile::{self, Decision, Pkt, random},
-    datapath,
+    backend::ebpf::{counters, pins},
     policy::{self, Policy},
+    semantics::{self, Decision, Pkt},
     state::Paths,
 };
-use tests::pkt::{self, V4, V6};
+use tests::{
+    pkt::{self, V4, V6},
+    random,
+};
 
 const POLICIES: usize = 50;
 const PACKETS: usize = 2000;
@@ -28,7 +31,7 @@ struct Dp {
 
 impl Drop for Dp {
     fn drop(&mut self) {
-        datapath::remove_pins(&self.paths);
+        pins::remove_pins(&self.paths);
     }
 }
 
@@ -63,7 +66,7 @@ fn frame(p: &Pkt) -> Vec<u8> {
     }
 }
 
-fn expected_reason(d: Decision, p: &Policy) -> Reason {
+fn expected_reason(d: Decision, p: &Policy, pkt: &Pkt) -> Reason {
     match d {
         Decision::NotSubject => Reason::PassWhitelistOff,
         Decision::Except(_) => Reason::PassExcept,
@@ -71,13 +74,13 @@ fn expected_reason(d: Decision, p: &Policy) -> Reason {
         Decision::Established => Reason::PassEstablished,
         Decision::Allow(_) => Reason::PassAllow,
         Decision::DefaultAccept => Reason::PassDefault,
-        Decision::Deny if p.isolation.reject => Reason::RejectIsolated,
+        Decision::Deny if p.isolation.reject && pkt.answerable() => Reason::RejectIsolated,
         Decision::Deny => Reason::DropIsolated,
     }
 }
 
 fn counters(dp: &Dp) -> Vec<u64> {
-    datapath::counters(&dp.paths)
+    counters::counters(&dp.paths)
         .unwrap()
         .iter()
         .map(|(_, c)| c.packets)
@@ -85,7 +88,7 @@ fn counters(dp: &Dp) -> Vec<u64> {
 }
 
 fn rule_counters(dp: &Dp) -> Vec<u64> {
-    datapath::rule_counters(&dp.paths)
+    counters::rule_counters(&dp.paths)
         .unwrap()
         .iter()
         .map(|c| c.packets)
@@ -94,7 +97,7 @@ fn rule_counters(dp: &Dp) -> Vec<u64> {
 
 fn flush_flows(dp: &Dp) {
     for name in [maps::CONNTRACK, maps::FRAGS] {
-        datapath::clear_map(&dp.paths, name).unwrap();
+        counters::clear_map(&dp.paths, name).unwrap();
     }
 }
 
@@ -112,8 +115,8 @@ fn bpf_agrees_with_the_reference() {
         pin_dir: format!("/sys/fs/bpf/{id}").into(),
         state_dir: std::env::temp_dir().join(&id),
     };
-    datapath::ensure_pin_dir(&paths).unwrap();
-    datapath::load_and_pin(&paths).unwrap();
+    pins::ensure_pin_dir(&paths).unwrap();
+    pins::load_and_pin(&paths).unwrap();
     let xdp = Xdp::from_pin(
         paths.prog("xdp"),
         aya_obj::programs::XdpAttachType::Interface,
@@ -125,7 +128,7 @@ fn bpf_agrees_with_the_reference() {
     let mut checked = 0;
     for round in 0..POLICIES {
         let policy = random::policy(&mut r);
-        datapath::apply_policy(&dp.paths, &policy, round as u32 + 1).unwrap();
+        tests::apply(&dp.paths, &policy, round as u32 + 1);
         flush_flows(&dp);
         let mut flows: HashSet<Pkt> = HashSet::new();
         let before = counters(&dp);
@@ -135,7 +138,7 @@ fn bpf_agrees_with_the_reference() {
         for i in 0..PACKETS {
             let p = random::packet(&mut r);
             let established = p.ports.is_some() && flows.contains(&p.reversed());
-            let d = compile::reference(&policy, &p, established);
+            let d = semantics::isolation(&policy, &p, established);
             match d {
                 Decision::Allow(k) => {
                     want_rules[k as usize] += 1;
@@ -146,7 +149,7 @@ fn bpf_agrees_with_the_reference() {
                 Decision::Except(j) => want_rules[64 + j as usize] += 1,
                 _ => {}
             }
-            let reason = expected_reason(d, &policy);
+            let reason = expected_reason(d, &policy, &p);
             want[reason as usize] += 1;
             let f = frame(&p);
             let mut out = vec![0u8; f.len() + 64];

@@ -9,7 +9,7 @@ use aya::{
 };
 use isolation_common::{LogEvent, LogStat, Reason, maps};
 use isolation_user::{
-    datapath,
+    backend::ebpf::{counters, pins, whitelist},
     policy::{Policy, Whitelist},
     state::Paths,
 };
@@ -41,8 +41,8 @@ impl Dp {
             pin_dir: format!("/sys/fs/bpf/{id}").into(),
             state_dir: std::env::temp_dir().join(&id),
         };
-        datapath::ensure_pin_dir(&paths).unwrap();
-        datapath::load_and_pin(&paths).unwrap();
+        pins::ensure_pin_dir(&paths).unwrap();
+        pins::load_and_pin(&paths).unwrap();
         let mut policy = Policy::default();
         policy.whitelist = Whitelist {
             enabled,
@@ -52,8 +52,8 @@ impl Dp {
                 .map(|a| isolation_user::policy::parse_net(a).unwrap())
                 .collect(),
         };
-        datapath::sync_whitelist(&paths, &policy.whitelist, |_| {}).unwrap();
-        datapath::apply_policy(&paths, &policy, 1).unwrap();
+        let _ = whitelist::sync(&paths, &policy.whitelist.allow, |_| {}).unwrap();
+        tests::apply(&paths, &policy, 1);
         let xdp = Xdp::from_pin(
             paths.prog("xdp"),
             aya_obj::programs::XdpAttachType::Interface,
@@ -86,7 +86,7 @@ impl Dp {
     }
 
     fn count(&self, r: Reason) -> u64 {
-        datapath::counters(&self.paths)
+        counters::counters(&self.paths)
             .unwrap()
             .iter()
             .find(|(x, _)| *x == r)
@@ -116,7 +116,7 @@ impl Dp {
 
 impl Drop for Dp {
     fn drop(&mut self) {
-        datapath::remove_pins(&self.paths);
+        pins::remove_pins(&self.paths);
         let _ = fs::remove_dir_all(&self.paths.state_dir);
     }
 }
@@ -400,7 +400,7 @@ fn live_whitelist_edits_take_effect() {
     let Some(dp) = Dp::new(&[]) else { return };
     let f = v4_tcp(STRANGER4, LOCAL4, 1, 22, SYN);
     dp.expect(&f, XDP_DROP, Reason::DropNotWhitelisted, "before add");
-    let mut m = datapath::WhitelistMaps::open(&dp.paths).unwrap();
+    let mut m = whitelist::WhitelistMaps::open(&dp.paths).unwrap();
     m.insert(&"198.51.100.0/24".parse().unwrap()).unwrap();
     dp.expect(&f, XDP_PASS, Reason::PassWhitelist, "after add");
     m.remove(&"198.51.100.0/24".parse().unwrap()).unwrap();
@@ -416,7 +416,7 @@ fn drops_are_logged_with_a_rate_limit() {
     for _ in 0..300 {
         assert_eq!(dp.ingress(&f), XDP_DROP);
     }
-    let stats = datapath::log_stats(&dp.paths).unwrap();
+    let stats = counters::log_stats(&dp.paths).unwrap();
     let written = stats[LogStat::Written as usize];
     let suppressed = stats[LogStat::Suppressed as usize];
     assert!(
@@ -424,7 +424,7 @@ fn drops_are_logged_with_a_rate_limit() {
         "burst bounds the log: {written} written"
     );
     assert_eq!(written + suppressed + stats[LogStat::Lost as usize], 300);
-    let mut rb: RingBuf<MapData> = datapath::open_map(&dp.paths, maps::EVENTS)
+    let mut rb: RingBuf<MapData> = pins::open_map(&dp.paths, maps::EVENTS)
         .unwrap()
         .try_into()
         .unwrap();
@@ -443,7 +443,7 @@ fn no_log_when_logging_is_off() {
         return;
     };
     assert_eq!(dp.ingress(&v4_tcp(STRANGER4, LOCAL4, 1, 22, SYN)), XDP_DROP);
-    assert_eq!(datapath::log_stats(&dp.paths).unwrap(), [0, 0, 0]);
+    assert_eq!(counters::log_stats(&dp.paths).unwrap(), [0, 0, 0]);
 }
 
 #[test]
@@ -455,7 +455,7 @@ fn rejects_are_rate_limited() {
     let text = "[isolation]\ndefault = \"deny\"\nreject = true\n[networks.a]\nsubnets = [\"198.51.100.0/25\"]\n[networks.b]\nsubnets = [\"198.51.100.128/25\"]\n";
     let mut policy = isolation_user::policy::parse("p", text).unwrap();
     policy.whitelist.enabled = false;
-    datapath::apply_policy(&dp.paths, &policy, 2).unwrap();
+    tests::apply(&dp.paths, &policy, 2);
     let f = v4_tcp("198.51.100.1", "198.51.100.200", 40000, 22, SYN);
     // The bucket is per CPU: keep this thread on one CPU, or two buckets would answer.
     pin_to_one_cpu();
@@ -494,7 +494,7 @@ fn vxlan_outer_by_whitelist_inner_by_isolation() {
         [[isolation.allow]]\nfrom = \"hr\"\nto = \"it\"\nports = [\"tcp:80\"]\n\
         [whitelist]\nallow = [\"192.0.2.1\"]\n";
     let policy = isolation_user::policy::parse("p", text).unwrap();
-    datapath::apply_policy(&dp.paths, &policy, 2).unwrap();
+    tests::apply(&dp.paths, &policy, 2);
     let hr_to_it = |dport| v4_tcp("198.51.100.200", "198.51.100.10", 40000, dport, SYN);
     let it_to_hr = v4_tcp("198.51.100.10", "198.51.100.200", 5555, 80, SYN);
     dp.expect(

@@ -7,9 +7,9 @@ use clap::{Args, Subcommand};
 use ipnet::IpNet;
 
 use crate::{
-    datapath,
+    engine::{self, Change, Done, Options},
     policy::{self, AllowRule, Endpoint, ExceptRule, Policy, PortSpec},
-    state::{self, Paths, State},
+    state::Paths,
 };
 
 #[derive(Subcommand, Debug)]
@@ -68,25 +68,19 @@ fn endpoint(s: &str, p: &Policy) -> Result<Endpoint> {
     policy::parse_endpoint(s, &p.networks).map_err(anyhow::Error::msg)
 }
 
-/// Loads the live policy, applies `f`, validates and swaps the result in.
-fn edit(paths: &Paths, f: impl FnOnce(&mut Policy) -> Result<String>) -> Result<()> {
-    let _lock = paths.lock()?;
-    if !datapath::is_loaded(paths) {
-        bail!(
-            "no isolation datapath pinned at {} (run `isolation-user load` first)",
-            paths.pin_dir.display()
-        );
+/// One rules edit through the engine: it validates the whole result and swaps it in.
+fn edit(paths: &Paths, f: impl FnOnce(&mut Policy) -> Result<String> + 'static) -> Result<()> {
+    let out = engine::commit(
+        paths,
+        Change::Rules(Box::new(f)),
+        Options {
+            force: false,
+            progress: &mut |_| {},
+        },
+    )?;
+    if let Done::Rules { message } = out.what {
+        println!("isolation: {message} (generation {})", out.generation);
     }
-    let mut p = state::live_policy(paths)?;
-    let msg = f(&mut p)?;
-    policy::validate(&p)
-        .map_err(|e| anyhow::anyhow!("refused, the live policy is unchanged: {e}"))?;
-    let mut st = State::load(paths)?.unwrap_or_default();
-    st.generation += 1;
-    datapath::apply_policy(paths, &p, st.generation)?;
-    state::save_policy(paths, &p)?;
-    st.save(paths)?;
-    println!("isolation: {msg} (generation {})", st.generation);
     Ok(())
 }
 
@@ -111,7 +105,7 @@ pub fn network(paths: &Paths, cmd: NetworkCmd) -> Result<()> {
         NetworkCmd::Add { name, cidrs } => {
             policy::check_name(&name).map_err(anyhow::Error::msg)?;
             let nets = cidr_list(&cidrs)?;
-            edit(paths, |p| {
+            edit(paths, move |p| {
                 let subnets = p.networks.entry(name.clone()).or_default();
                 let before = subnets.len();
                 for n in nets {
@@ -127,7 +121,7 @@ pub fn network(paths: &Paths, cmd: NetworkCmd) -> Result<()> {
         }
         NetworkCmd::Del { name, cidrs } => {
             let nets = cidr_list(&cidrs)?;
-            edit(paths, |p| {
+            edit(paths, move |p| {
                 let Some(subnets) = p.networks.get_mut(&name) else {
                     bail!("no network named '{name}'");
                 };
@@ -150,7 +144,7 @@ pub fn network(paths: &Paths, cmd: NetworkCmd) -> Result<()> {
             })
         }
         NetworkCmd::List { json } => {
-            let p = state::live_policy(paths)?;
+            let p = engine::rules(paths)?;
             if json {
                 let m: serde_json::Map<String, serde_json::Value> = p
                     .networks
@@ -176,7 +170,7 @@ pub fn network(paths: &Paths, cmd: NetworkCmd) -> Result<()> {
 
 pub fn allow(paths: &Paths, a: RuleArgs) -> Result<()> {
     let ports = ports(&a.ports)?;
-    edit(paths, |p| {
+    edit(paths, move |p| {
         let rule = AllowRule {
             from: endpoint(&a.from, p)?,
             to: endpoint(&a.to, p)?,
@@ -196,7 +190,7 @@ pub fn allow(paths: &Paths, a: RuleArgs) -> Result<()> {
 
 pub fn disallow(paths: &Paths, a: RuleArgs) -> Result<()> {
     let ports = ports(&a.ports)?;
-    edit(paths, |p| {
+    edit(paths, move |p| {
         let (from, to) = (endpoint(&a.from, p)?, endpoint(&a.to, p)?);
         let before = p.isolation.allow.len();
         let mut touched = 0;
@@ -228,7 +222,7 @@ pub fn disallow(paths: &Paths, a: RuleArgs) -> Result<()> {
 
 pub fn except(paths: &Paths, cmd: ExceptCmd) -> Result<()> {
     match cmd {
-        ExceptCmd::Add { src, dst } => edit(paths, |p| {
+        ExceptCmd::Add { src, dst } => edit(paths, move |p| {
             let rule = ExceptRule {
                 from: endpoint(&src, p)?,
                 to: endpoint(&dst, p)?,
@@ -243,7 +237,7 @@ pub fn except(paths: &Paths, cmd: ExceptCmd) -> Result<()> {
             p.isolation.except.push(rule);
             Ok(msg)
         }),
-        ExceptCmd::Del { src, dst } => edit(paths, |p| {
+        ExceptCmd::Del { src, dst } => edit(paths, move |p| {
             let (from, to) = (endpoint(&src, p)?, endpoint(&dst, p)?);
             let before = p.isolation.except.len();
             p.isolation

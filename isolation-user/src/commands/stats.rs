@@ -4,13 +4,10 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
-use isolation_common::{LogStat, Reason};
+use isolation_common::Reason;
 use serde_json::json;
 
-use crate::{
-    compile, datapath,
-    state::{self, Paths},
-};
+use crate::{engine, state::Paths};
 
 #[derive(Args, Debug)]
 pub struct StatsArgs {
@@ -43,27 +40,13 @@ fn human(n: u64) -> String {
     }
 }
 
-/// (kind, index, description, counter) of every rule of the live policy.
-fn rules(paths: &Paths) -> Result<Vec<(&'static str, usize, String, isolation_common::Counter)>> {
-    let live = state::live_policy(paths)?;
-    let names = compile::compile(&live).map_err(anyhow::Error::msg)?;
-    let counts = datapath::rule_counters(paths)?;
-    let mut out = Vec::new();
-    for (k, n) in names.allow_names.iter().enumerate() {
-        out.push(("allow", k, n.clone(), counts[k]));
-    }
-    for (j, n) in names.except_names.iter().enumerate() {
-        out.push(("except", j, n.clone(), counts[64 + j]));
-    }
-    Ok(out)
-}
-
 fn print_once(paths: &Paths, as_json: bool) -> Result<()> {
-    let counters = datapath::counters(paths)?;
-    let log = datapath::log_stats(paths)?;
-    let rules = rules(paths)?;
+    let (backend, _) = engine::open(paths)?;
+    let live = engine::rules(paths)?;
+    let c = backend.counters(&live)?;
     if as_json {
-        let reasons: Vec<_> = counters
+        let reasons: Vec<_> = c
+            .reasons
             .iter()
             .map(|(r, c)| {
                 json!({
@@ -73,21 +56,9 @@ fn print_once(paths: &Paths, as_json: bool) -> Result<()> {
                 })
             })
             .collect();
-        let rules: Vec<_> = rules
-            .iter()
-            .map(|(kind, i, name, c)| json!({ "kind": kind, "index": i, "rule": name, "packets": c.packets, "bytes": c.bytes }))
-            .collect();
         println!(
             "{}",
-            json!({
-                "reasons": reasons,
-                "rules": rules,
-                "log": {
-                    "written": log[LogStat::Written as usize],
-                    "suppressed": log[LogStat::Suppressed as usize],
-                    "lost": log[LogStat::Lost as usize],
-                }
-            })
+            json!({ "reasons": reasons, "rules": c.rules, "log": c.log })
         );
         return Ok(());
     }
@@ -97,30 +68,28 @@ fn print_once(paths: &Paths, as_json: bool) -> Result<()> {
     ] {
         println!("{title}");
         println!("{:>8} {:>8}  {:<6} reason", "pkts", "bytes", "target");
-        for (r, c) in counters.iter().filter(|(r, _)| r.is_egress() == egress) {
+        for (r, n) in c.reasons.iter().filter(|(r, _)| r.is_egress() == egress) {
             println!(
                 "{:>8} {:>8}  {:<6} {}",
-                human(c.packets),
-                human(c.bytes),
+                human(n.packets),
+                human(n.bytes),
                 verdict(*r),
                 r.name()
             );
         }
         println!();
     }
-    if !rules.is_empty() {
+    if !c.rules.is_empty() {
         println!("Isolation rules (counted since the policy was last swapped in)");
         println!("{:>8} {:>8}  rule", "pkts", "bytes");
-        for (_, _, name, c) in &rules {
-            println!("{:>8} {:>8}  {name}", human(c.packets), human(c.bytes));
+        for r in &c.rules {
+            println!("{:>8} {:>8}  {}", human(r.packets), human(r.bytes), r.rule);
         }
         println!();
     }
     println!(
         "Log: {} written, {} suppressed by the rate limit, {} lost (ring buffer full)",
-        log[LogStat::Written as usize],
-        log[LogStat::Suppressed as usize],
-        log[LogStat::Lost as usize]
+        c.log.written, c.log.suppressed, c.log.lost
     );
     Ok(())
 }

@@ -2,17 +2,15 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    os::fd::AsRawFd as _,
     time::{Duration, Instant},
 };
 
 use anyhow::Result;
-use aya::maps::{MapData, RingBuf};
 use clap::Args;
-use isolation_common::{AF_INET, LogEvent, LogStat, Reason, maps};
+use isolation_common::{AF_INET, LogEvent, Reason};
 use serde_json::json;
 
-use crate::{datapath, state::Paths};
+use crate::{backend::Event, engine, state::Paths};
 
 #[derive(Args, Debug)]
 pub struct TraceArgs {
@@ -28,23 +26,6 @@ pub struct TraceArgs {
     /// Also print the programs' debug log (aya-log) on stderr: why frames were malformed.
     #[arg(long)]
     pub debug: bool,
-}
-
-/// Prints the programs' aya-log lines on stderr.
-struct StderrLog;
-
-impl log::Log for StderrLog {
-    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
-        true
-    }
-    fn log(&self, r: &log::Record<'_>) {
-        eprintln!(
-            "isolation bpf {}: {}",
-            r.level().as_str().to_lowercase(),
-            r.args()
-        );
-    }
-    fn flush(&self) {}
 }
 
 fn addr(family: u8, b: &[u8; 16]) -> IpAddr {
@@ -125,65 +106,63 @@ pub fn format_json(e: &LogEvent, ifname: &str, wall_ns: u128) -> serde_json::Val
 }
 
 pub fn run(paths: &Paths, a: TraceArgs) -> Result<()> {
-    let mut rb: RingBuf<MapData> = datapath::open_map(paths, maps::EVENTS)?.try_into()?;
-    let fd = rb.as_raw_fd();
+    let (backend, _) = engine::open(paths)?;
+    let mut events = backend.events(a.debug)?;
     // Monotonic event clock to wall clock.
     let wall = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_nanos();
-    let offset = wall - datapath::monotonic_ns() as u128;
+    let offset = wall - monotonic_ns() as u128;
     let deadline = a
         .timeout
         .map(|t| Instant::now() + Duration::from_secs_f64(t));
     let mut seen = 0u64;
-    let mut last_stats = datapath::log_stats(paths)?;
-    let mut bpf_log = if a.debug {
-        let id = datapath::pinned_xdp_id(paths)?;
-        Some(
-            aya_log::EbpfLogger::init_from_id_with_logger(id, StderrLog)
-                .map_err(|e| anyhow::anyhow!("cannot read the programs' debug log: {e}"))?,
-        )
-    } else {
-        None
-    };
+    let mut last = events.counts()?;
     loop {
-        if let Some(l) = bpf_log.as_mut() {
-            l.flush();
+        let wait = match deadline {
+            Some(d) => d.saturating_duration_since(Instant::now()),
+            None => Duration::from_millis(200),
         }
-        while let Some(item) = rb.next() {
-            if item.len() < std::mem::size_of::<LogEvent>() {
+        .min(Duration::from_millis(200));
+        match events.next(wait)? {
+            Some(Event::Debug(line)) => eprintln!("isolation bpf {line}"),
+            Some(Event::Log(e)) => {
+                let ifname = super::ifname(e.ifindex);
+                if a.json {
+                    println!("{}", format_json(&e, &ifname, offset + e.ts_ns as u128));
+                } else {
+                    println!("{}", format_line(&e, &ifname));
+                }
+                seen += 1;
+                if a.count.is_some_and(|c| seen >= c) {
+                    return Ok(());
+                }
                 continue;
             }
-            let e: LogEvent = *bytemuck::from_bytes(&item[..std::mem::size_of::<LogEvent>()]);
-            let ifname = super::ifname(e.ifindex);
-            if a.json {
-                println!("{}", format_json(&e, &ifname, offset + e.ts_ns as u128));
-            } else {
-                println!("{}", format_line(&e, &ifname));
-            }
-            seen += 1;
-            if a.count.is_some_and(|c| seen >= c) {
-                return Ok(());
-            }
+            None => {}
         }
-        let stats = datapath::log_stats(paths)?;
-        let (sup, lost) = (LogStat::Suppressed as usize, LogStat::Lost as usize);
-        if !a.json && (stats[sup] > last_stats[sup] || stats[lost] > last_stats[lost]) {
+        let now = events.counts()?;
+        if !a.json && (now.suppressed > last.suppressed || now.lost > last.lost) {
             eprintln!(
                 "isolation: {} drop(s) not logged (rate limit), {} lost (ring buffer full)",
-                stats[sup] - last_stats[sup],
-                stats[lost] - last_stats[lost]
+                now.suppressed - last.suppressed,
+                now.lost - last.lost
             );
         }
-        last_stats = stats;
+        last = now;
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return Ok(());
         }
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        unsafe { libc::poll(&mut pfd, 1, 200) };
     }
+}
+
+/// Clock of `bpf_ktime_get_ns`, which stamps the events.
+fn monotonic_ns() -> u64 {
+    let mut ts: libc::timespec = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

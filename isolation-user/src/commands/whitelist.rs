@@ -1,5 +1,6 @@
-//! `whitelist add|del|list|flush`: live edits, no reload. The maps are the source of truth
-//! for the entries, so an edit costs the same at 10 and at 1M entries.
+//! `whitelist add|del|list|flush`: live edits, no reload. An edit costs the same at 10 and at
+//! 1M entries: the engine checks it against counts, the backend changes only those entries,
+//! and the store appends them to its journal.
 
 use std::{
     collections::HashSet,
@@ -12,9 +13,10 @@ use clap::{Args, Subcommand};
 use ipnet::IpNet;
 
 use crate::{
-    datapath::{self, WhitelistMaps},
-    lockout, policy,
-    state::{self, Paths, State},
+    engine::{self, Change, Done, Options, Outcome},
+    policy,
+    state::Paths,
+    store,
 };
 
 #[derive(Subcommand, Debug)]
@@ -98,114 +100,66 @@ fn progress(len: usize) -> indicatif::ProgressBar {
     pb
 }
 
-/// Bumps the policy generation after a live edit.
-fn bump(paths: &Paths) -> Result<()> {
-    let p = state::live_policy(paths)?;
-    let mut st = State::load(paths)?.unwrap_or_default();
-    st.generation += 1;
-    let flags = datapath::whitelist_flags(&p);
-    datapath::update_config(paths, |c| {
-        c.flags = flags;
-        c.generation = st.generation;
-    })?;
-    st.save(paths)
-}
-
-/// Refuses an edit after which the whitelist would not admit this SSH session's client.
-fn check_lockout(
-    paths: &Paths,
-    maps: &WhitelistMaps,
-    removing: Option<&HashSet<IpNet>>,
-    force: bool,
-) -> Result<()> {
-    let Some(client) = lockout::ssh_client() else {
-        return Ok(());
-    };
-    let p = state::live_policy(paths)?;
-    if force || !p.whitelist.enabled {
-        return Ok(());
-    }
-    let still = maps
-        .admitting(client)?
-        .into_iter()
-        .filter(|n| removing.is_some_and(|r| !r.contains(n)));
-    let wl = policy::Whitelist {
-        enabled: true,
-        log: false,
-        allow: still.collect(),
-    };
-    lockout::check_client(&wl, Some(client), false)
-}
-
 fn plural(n: usize) -> &'static str {
     if n == 1 { "entry" } else { "entries" }
+}
+
+/// Runs one whitelist change through the engine, with a progress bar for big ones.
+fn change(paths: &Paths, change: Change, len: usize, force: bool) -> Result<Outcome> {
+    let pb = progress(len);
+    let out = engine::commit(
+        paths,
+        change,
+        Options {
+            force,
+            progress: &mut |n| pb.inc(n),
+        },
+    );
+    pb.finish_and_clear();
+    out
 }
 
 pub fn run(paths: &Paths, cmd: WhitelistCmd) -> Result<()> {
     match cmd {
         WhitelistCmd::Add(a) => {
             let add = collect(&a)?;
-            let _lock = paths.lock()?;
-            let mut maps = WhitelistMaps::open(paths)?;
-            let pb = progress(add.len());
-            let new = maps.insert_many(&add, |n| pb.inc(n))?;
-            pb.finish_and_clear();
-            bump(paths)?;
-            println!(
-                "isolation: whitelisted {new} new {} ({} already there)",
-                plural(new),
-                add.len() - new
-            );
+            let len = add.len();
+            let out = change(paths, Change::WhitelistAdd(add), len, a.force)?;
+            if let Done::Whitelist { asked, added, .. } = out.what {
+                println!(
+                    "isolation: whitelisted {added} new {} ({} already there)",
+                    plural(added),
+                    asked - added
+                );
+            }
             Ok(())
         }
         WhitelistCmd::Del(a) => {
             let del = collect(&a)?;
-            let _lock = paths.lock()?;
-            let mut maps = WhitelistMaps::open(paths)?;
-            check_lockout(paths, &maps, Some(&del.iter().copied().collect()), a.force)?;
-            let pb = progress(del.len());
-            let removed = maps.remove_many(&del, |n| pb.inc(n))?;
-            pb.finish_and_clear();
-            bump(paths)?;
-            if removed < del.len() {
-                eprintln!(
-                    "isolation: {} of the given entries were not in the whitelist",
-                    del.len() - removed
-                );
+            let len = del.len();
+            let out = change(paths, Change::WhitelistDel(del), len, a.force)?;
+            if let Done::Whitelist { asked, removed, .. } = out.what {
+                if removed < asked {
+                    eprintln!(
+                        "isolation: {} of the given entries were not in the whitelist",
+                        asked - removed
+                    );
+                }
+                println!("isolation: removed {removed} {}", plural(removed));
             }
-            println!("isolation: removed {removed} {}", plural(removed));
             Ok(())
         }
         WhitelistCmd::Flush { force } => {
-            let _lock = paths.lock()?;
-            let mut maps = WhitelistMaps::open(paths)?;
-            check_lockout(paths, &maps, None, force)?;
-            let all = maps.entries()?;
-            let pb = progress(all.len());
-            maps.remove_many(&all, |n| pb.inc(n))?;
-            pb.finish_and_clear();
-            bump(paths)?;
-            println!(
-                "isolation: whitelist flushed ({} {})",
-                all.len(),
-                plural(all.len())
-            );
+            let out = change(paths, Change::WhitelistFlush, 0, force)?;
+            if let Done::Whitelist { asked, .. } = out.what {
+                println!("isolation: whitelist flushed ({asked} {})", plural(asked));
+            }
             Ok(())
         }
         WhitelistCmd::List { json } => {
-            let maps = WhitelistMaps::open(paths)?;
-            let mut entries = maps.entries()?;
+            let mut entries = engine::whitelist(paths)?;
             entries.sort();
-            let shown: Vec<String> = entries
-                .iter()
-                .map(|n| {
-                    if n.prefix_len() == n.max_prefix_len() {
-                        n.addr().to_string()
-                    } else {
-                        n.to_string()
-                    }
-                })
-                .collect();
+            let shown: Vec<String> = entries.iter().map(store::show).collect();
             if json {
                 println!("{}", serde_json::to_string(&shown)?);
             } else {

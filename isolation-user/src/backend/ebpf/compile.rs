@@ -10,15 +10,15 @@
 //! The datapath then decides with two trie lookups (source, destination) and, for allow
 //! rules with ports, one array lookup: `src.allow_from & dst.allow_to & ports[proto, dport]`.
 
-use std::{
-    collections::{HashMap, HashSet},
-    net::IpAddr,
-};
+use std::{collections::HashMap, net::IpAddr};
 
 use ipnet::IpNet;
-use isolation_common::{NetEntry, PolicyMeta, iso_flags, limits, ports};
+use isolation_common::{NetEntry, PolicyMeta, iso_flags, limits, lowest_bit, ports};
 
-use crate::policy::{DefaultAction, Endpoint, Policy, PortSpec};
+use crate::{
+    policy::{DefaultAction, Endpoint, Policy, PortSpec},
+    semantics::{Decision, Pkt},
+};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Compiled {
@@ -195,106 +195,6 @@ pub fn compile(p: &Policy) -> Result<Compiled, String> {
     })
 }
 
-/// A packet as the isolation stage sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Pkt {
-    pub src: IpAddr,
-    pub dst: IpAddr,
-    pub proto: u8,
-    /// Source and destination port (ICMP echo: (id, 0) for requests, (0, id) for replies);
-    /// None when they cannot be read (a later fragment).
-    pub ports: Option<(u16, u16)>,
-}
-
-impl Pkt {
-    pub fn reversed(&self) -> Pkt {
-        Pkt {
-            src: self.dst,
-            dst: self.src,
-            proto: self.proto,
-            ports: self.ports.map(|(s, d)| (d, s)),
-        }
-    }
-}
-
-/// What isolation decides, and which rule (bit) decided it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Decision {
-    NotSubject,
-    Except(u32),
-    Hairpin,
-    Established,
-    Allow(u32),
-    DefaultAccept,
-    Deny,
-}
-
-/// The semantics of PRODUCT.md read straight off the policy, with no compilation: the
-/// reference the compiled datapath is tested against. `established` says whether the packet
-/// belongs to a connection already allowed.
-pub fn reference(p: &Policy, pkt: &Pkt, established: bool) -> Decision {
-    let has = |e: &Endpoint, a: &IpAddr| resolve(p, e).iter().any(|n| n.contains(a));
-    let nets_of = |a: &IpAddr| -> HashSet<&String> {
-        p.networks
-            .iter()
-            .filter(|(_, s)| s.iter().any(|n| n.contains(a)))
-            .map(|(n, _)| n)
-            .collect()
-    };
-    let (sn, dn) = (nets_of(&pkt.src), nets_of(&pkt.dst));
-    if p.networks.is_empty() || sn.is_empty() || dn.is_empty() {
-        return Decision::NotSubject;
-    }
-    for (j, r) in p.isolation.except.iter().enumerate() {
-        if (has(&r.from, &pkt.src) && has(&r.to, &pkt.dst))
-            || (has(&r.from, &pkt.dst) && has(&r.to, &pkt.src))
-        {
-            return Decision::Except(j as u32);
-        }
-    }
-    if !sn.is_disjoint(&dn) {
-        return Decision::Hairpin;
-    }
-    if established {
-        return Decision::Established;
-    }
-    for (k, r) in p.isolation.allow.iter().enumerate() {
-        if !(has(&r.from, &pkt.src) && has(&r.to, &pkt.dst)) {
-            continue;
-        }
-        let port_ok = r.ports.is_empty()
-            || r.ports.iter().any(|s| match (*s, pkt.ports) {
-                (PortSpec::Tcp(lo, hi), Some((_, d))) => pkt.proto == 6 && (lo..=hi).contains(&d),
-                (PortSpec::Udp(lo, hi), Some((_, d))) => pkt.proto == 17 && (lo..=hi).contains(&d),
-                (PortSpec::Icmp, Some(_)) => pkt.proto == 1 || pkt.proto == 58,
-                (_, None) => false,
-            });
-        if port_ok {
-            return Decision::Allow(k as u32);
-        }
-    }
-    match p.isolation.default {
-        DefaultAction::Accept => Decision::DefaultAccept,
-        DefaultAction::Deny => Decision::Deny,
-    }
-}
-
-/// Index of the port table for a packet, as the datapath computes it.
-pub fn port_index(proto: u8, ports_: Option<(u16, u16)>) -> u32 {
-    match (proto, ports_) {
-        (_, None) => ports::NO_PORT,
-        (6, Some((_, d))) => ports::TCP_BASE + d as u32,
-        (17, Some((_, d))) => ports::UDP_BASE + d as u32,
-        (1 | 58, Some(_)) => ports::ICMP,
-        _ => ports::OTHER,
-    }
-}
-
-/// The lowest set bit's index, as the datapath picks the deciding rule.
-pub fn lowest_bit(m: u64) -> u32 {
-    m.trailing_zeros()
-}
-
 /// Longest-prefix match over the compiled entries (what the LPM trie answers).
 pub fn lookup(c: &Compiled, a: &IpAddr) -> Option<NetEntry> {
     c.prefixes
@@ -308,7 +208,7 @@ pub fn lookup(c: &Compiled, a: &IpAddr) -> Option<NetEntry> {
 /// plain Rust (tested against `reference` without root; the BPF program is tested against
 /// `reference` through BPF_PROG_TEST_RUN).
 pub fn evaluate(c: &Compiled, pkt: &Pkt, established: bool) -> Decision {
-    let mask = c.ports[port_index(pkt.proto, pkt.ports) as usize];
+    let mask = c.ports[ports::index(pkt.proto, pkt.ports.map(|(_, d)| d)) as usize];
     decide(
         c.meta.flags,
         lookup(c, &pkt.src),
@@ -357,170 +257,9 @@ pub fn decide(
     }
 }
 
-/// Random policies and packets for the differential tests (here and through BPF).
-pub mod random {
-    use std::net::{Ipv4Addr, Ipv6Addr};
-
-    use super::*;
-    use crate::policy::{AllowRule, ExceptRule, Isolation};
-
-    /// A small deterministic generator (xorshift*): the tests need reproducible streams
-    /// from a seed, not cryptographic quality.
-    pub struct Rng(u64);
-
-    impl Rng {
-        pub fn new(seed: u64) -> Rng {
-            Rng(seed.wrapping_mul(0x9E3779B97F4A7C15) | 1)
-        }
-        pub fn next_u64(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545F4914F6CDD1D)
-        }
-        pub fn below(&mut self, n: u64) -> u64 {
-            self.next_u64() % n.max(1)
-        }
-        pub fn chance(&mut self, percent: u64) -> bool {
-            self.below(100) < percent
-        }
-    }
-
-    /// Addresses are drawn from 198.51.100.0/24 and 2001:db8:0:0::/120-ish corners so that
-    /// random prefixes overlap often.
-    pub fn addr(r: &mut Rng, v6: bool) -> IpAddr {
-        if v6 {
-            IpAddr::V6(Ipv6Addr::new(
-                0x2001,
-                0xdb8,
-                0,
-                0,
-                0,
-                0,
-                0,
-                r.below(256) as u16,
-            ))
-        } else {
-            IpAddr::V4(Ipv4Addr::new(198, 51, 100, r.below(256) as u8))
-        }
-    }
-
-    pub fn prefix(r: &mut Rng, v6: bool) -> IpNet {
-        let a = addr(r, v6);
-        let len = if v6 {
-            120 + r.below(9) as u8
-        } else {
-            24 + r.below(9) as u8
-        };
-        IpNet::new(a, len).unwrap().trunc()
-    }
-
-    fn endpoint(r: &mut Rng, nets: &[String]) -> Endpoint {
-        if !nets.is_empty() && r.chance(70) {
-            Endpoint::Network(nets[r.below(nets.len() as u64) as usize].clone())
-        } else {
-            {
-                let v6 = r.chance(30);
-                Endpoint::Cidr(prefix(r, v6))
-            }
-        }
-    }
-
-    fn port(r: &mut Rng) -> PortSpec {
-        let lo = 1 + r.below(8) as u16 * 10;
-        let hi = if r.chance(30) {
-            lo + r.below(20) as u16
-        } else {
-            lo
-        };
-        match r.below(3) {
-            0 => PortSpec::Tcp(lo, hi),
-            1 => PortSpec::Udp(lo, hi),
-            _ => PortSpec::Icmp,
-        }
-    }
-
-    pub fn policy(r: &mut Rng) -> Policy {
-        let mut p = Policy::default();
-        let n = 1 + r.below(6);
-        for i in 0..n {
-            let subnets = (0..1 + r.below(3))
-                .map(|_| {
-                    let v6 = r.chance(30);
-                    prefix(r, v6)
-                })
-                .collect();
-            p.networks.insert(format!("n{i}"), subnets);
-        }
-        let names: Vec<String> = p.networks.keys().cloned().collect();
-        let mut iso = Isolation {
-            default: if r.chance(70) {
-                DefaultAction::Deny
-            } else {
-                DefaultAction::Accept
-            },
-            reject: r.chance(50),
-            ..Isolation::default()
-        };
-        for _ in 0..r.below(8) {
-            let ports = if r.chance(40) {
-                vec![]
-            } else {
-                (0..1 + r.below(3)).map(|_| port(r)).collect()
-            };
-            iso.allow.push(AllowRule {
-                from: endpoint(r, &names),
-                to: endpoint(r, &names),
-                ports,
-            });
-        }
-        for _ in 0..r.below(3) {
-            iso.except.push(ExceptRule {
-                from: endpoint(r, &names),
-                to: endpoint(r, &names),
-            });
-        }
-        p.isolation = iso;
-        p
-    }
-
-    pub fn packet(r: &mut Rng) -> Pkt {
-        let v6 = r.chance(30);
-        let (src, dst) = (addr(r, v6), addr(r, v6));
-        let proto = match r.below(10) {
-            0..=3 => 6,
-            4..=6 => 17,
-            7 | 8 => {
-                if v6 {
-                    58
-                } else {
-                    1
-                }
-            }
-            _ => 47,
-        };
-        let ports = match proto {
-            _ if r.chance(5) => None,
-            6 | 17 => Some((1 + r.below(100) as u16, 1 + r.below(100) as u16)),
-            // ICMP echo request (id, 0) or reply (0, id).
-            1 | 58 => {
-                let id = 1 + r.below(50) as u16;
-                Some(if r.chance(50) { (id, 0) } else { (0, id) })
-            }
-            _ => None,
-        };
-        Pkt {
-            src,
-            dst,
-            proto,
-            ports: if proto == 47 { None } else { ports },
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{random::*, *};
+    use super::*;
     use crate::policy;
 
     const EXAMPLE: &str = r#"
@@ -598,7 +337,11 @@ to = "198.51.100.200/32"
             ),
         ];
         for (p_, want) in cases {
-            assert_eq!(reference(&p, &p_, false), want, "reference {p_:?}");
+            assert_eq!(
+                crate::semantics::isolation(&p, &p_, false),
+                want,
+                "reference {p_:?}"
+            );
             assert_eq!(evaluate(&c, &p_, false), want, "compiled {p_:?}");
         }
     }
@@ -634,26 +377,5 @@ to = "198.51.100.200/32"
         let r = p.isolation.allow[0].clone();
         p.isolation.allow = vec![r; limits::ALLOW_RULES + 1];
         assert!(compile(&p).unwrap_err().contains("at most 64"));
-    }
-
-    /// The compiled decision procedure agrees with the reference on random policies with
-    /// overlaps, ports and IPv6 (the BPF program is held to the same reference in tests/).
-    #[test]
-    fn compiled_agrees_with_reference() {
-        let mut r = Rng::new(7);
-        for round in 0..300 {
-            let p = random::policy(&mut r);
-            let c = compile(&p).unwrap();
-            for _ in 0..300 {
-                let k = random::packet(&mut r);
-                let est = r.chance(10);
-                assert_eq!(
-                    evaluate(&c, &k, est),
-                    reference(&p, &k, est),
-                    "round {round}: {k:?}\n{}",
-                    policy::to_toml(&p)
-                );
-            }
-        }
     }
 }

@@ -1,0 +1,351 @@
+//! The eBPF backend: XDP ingress and TC programs, pinned under the pin dir, fed from
+//! hash and LPM-trie maps. One module per concern: the object and its pins, attaching,
+//! the isolation compiler and its slots, the whitelist maps, counters, connection seeding,
+//! the raw bpf(2) calls aya lacks.
+
+pub mod attach;
+pub mod compile;
+pub mod conntrack;
+pub mod counters;
+pub mod events;
+pub mod pins;
+pub mod seed;
+pub mod slots;
+pub mod syscall;
+pub mod whitelist;
+
+use anyhow::{Result, bail};
+use ipnet::IpNet;
+use isolation_common::{flags, iso_flags, limits, ports};
+
+use super::{
+    Answer, Backend, Counters, Events, IfaceStatus, Installed, Kind, Limits, MapFill, Query,
+    RuleCounter, Status, Verdict, WhitelistDelta,
+};
+use crate::{
+    policy::Policy,
+    semantics::Decision,
+    state::{IfaceState, Paths, State},
+};
+
+pub struct Ebpf {
+    paths: Paths,
+}
+
+impl Ebpf {
+    pub fn new(paths: Paths) -> Ebpf {
+        Ebpf { paths }
+    }
+}
+
+impl Backend for Ebpf {
+    fn kind(&self) -> Kind {
+        Kind::Ebpf
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            networks: limits::NETWORKS,
+            allow_rules: limits::ALLOW_RULES,
+            except_rules: limits::EXCEPT_RULES,
+            vxlan_ports: limits::VXLAN_PORTS,
+            prefixes: limits::NET_PREFIXES as usize,
+            whitelist_addresses: limits::WL_EXACT as usize,
+            whitelist_cidrs: limits::WL_LPM as usize,
+        }
+    }
+
+    fn is_installed(&self) -> bool {
+        pins::is_loaded(&self.paths)
+    }
+
+    fn preflight(&self, state: &State, ifaces: &[IfaceState]) -> Result<Vec<IfaceState>> {
+        let paths = &self.paths;
+        let loaded = pins::is_loaded(paths);
+        if loaded && !state.object_hash.is_empty() && state.object_hash != pins::object_hash() {
+            bail!(
+                "the datapath pinned at {} was loaded by another build of isolation-user; \
+                 run `isolation-user unload` first, then load again",
+                paths.pin_dir.display()
+            );
+        }
+        let mut new = Vec::new();
+        for w in ifaces {
+            if loaded && attach::is_attached(paths, &w.name) {
+                if let Some(cur) = state.interfaces.iter().find(|i| i.name == w.name)
+                    && cur.mode != w.mode
+                {
+                    bail!(
+                        "{} is already attached in {} mode; run `isolation-user unload --iface {}` to change it",
+                        w.name,
+                        cur.mode,
+                        w.name
+                    );
+                }
+                continue;
+            }
+            attach::check_foreign_xdp(paths, &w.name)?;
+            new.push(w.clone());
+        }
+        Ok(new)
+    }
+
+    fn install(&mut self, ifaces: &[IfaceState]) -> Result<Installed> {
+        let paths = &self.paths;
+        let fresh = !pins::is_loaded(paths);
+        if fresh {
+            pins::ensure_pin_dir(paths)?;
+            pins::load_and_pin(paths)?;
+        }
+        let mut done = Installed {
+            fresh,
+            ..Installed::default()
+        };
+        // Connections already open (the operator's SSH session) are remembered before the
+        // programs can see a packet, so they keep working whatever the whitelist says.
+        let flows = seed::established_flows();
+        tracing::debug!(
+            count = flows.len(),
+            "seeding established flows from /proc/self/net"
+        );
+        done.seeded = match conntrack::seed_flows(paths, &flows) {
+            Ok(n) => n,
+            Err(e) => {
+                self.uninstall(&done);
+                return Err(e);
+            }
+        };
+        for w in ifaces {
+            tracing::debug!(iface = %w.name, mode = %w.mode, "attaching XDP ingress and TC egress");
+            if let Err(e) = attach::attach(paths, w) {
+                self.uninstall(&done);
+                return Err(e);
+            }
+            done.attached.push(w.clone());
+        }
+        Ok(done)
+    }
+
+    fn uninstall(&mut self, done: &Installed) -> Vec<String> {
+        let mut errs = Vec::new();
+        for i in &done.attached {
+            errs.extend(attach::detach(&self.paths, &i.name));
+        }
+        if done.fresh {
+            errs.extend(pins::remove_pins(&self.paths));
+        }
+        errs
+    }
+
+    fn apply(
+        &mut self,
+        policy: &Policy,
+        whitelist: Option<&[IpNet]>,
+        generation: u32,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<()> {
+        // Compiled first: a policy the compiler refuses changes nothing.
+        let compiled = compile::compile(policy).map_err(anyhow::Error::msg)?;
+        // The whitelist entries, all or nothing, before the isolation slot is touched: if
+        // the kernel refuses an entry, the maps are restored and nothing else has changed.
+        let undo = match whitelist {
+            Some(wl) => Some(whitelist::sync(&self.paths, wl, progress)?),
+            None => None,
+        };
+        if let Err(e) = slots::swap_in(&self.paths, policy, &compiled, generation) {
+            if let Some(u) = undo {
+                let _ = u.revert(&self.paths);
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn edit_whitelist(
+        &mut self,
+        add: &[IpNet],
+        del: &[IpNet],
+        generation: u32,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<WhitelistDelta> {
+        let mut maps = whitelist::WhitelistMaps::open(&self.paths)?;
+        let removed = maps.remove_many(del, &mut *progress)?;
+        let added = match maps.insert_many(add, &mut *progress) {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = maps.insert_many(&removed, |_| {});
+                return Err(e);
+            }
+        };
+        slots::update_config(&self.paths, |c| c.generation = generation)?;
+        Ok(WhitelistDelta { added, removed })
+    }
+
+    fn counters(&self, live: &Policy) -> Result<Counters> {
+        let paths = &self.paths;
+        let names = compile::compile(live).map_err(anyhow::Error::msg)?;
+        let counts = counters::rule_counters(paths)?;
+        let mut rules = Vec::new();
+        for (k, n) in names.allow_names.iter().enumerate() {
+            rules.push(RuleCounter {
+                kind: "allow",
+                index: k,
+                rule: n.clone(),
+                packets: counts[k].packets,
+                bytes: counts[k].bytes,
+            });
+        }
+        for (j, n) in names.except_names.iter().enumerate() {
+            let c = counts[limits::ALLOW_RULES + j];
+            rules.push(RuleCounter {
+                kind: "except",
+                index: j,
+                rule: n.clone(),
+                packets: c.packets,
+                bytes: c.bytes,
+            });
+        }
+        Ok(Counters {
+            reasons: counters::counters(paths)?,
+            rules,
+            log: counters::log_counts(paths)?,
+        })
+    }
+
+    fn events(&self, debug: bool) -> Result<Box<dyn Events>> {
+        Ok(Box::new(events::Ring::open(&self.paths, debug)?))
+    }
+
+    fn check(&self, live: &Policy, q: &Query) -> Result<Answer> {
+        check(&self.paths, live, q)
+    }
+
+    fn status(&self, state: &State) -> Result<Status> {
+        let paths = &self.paths;
+        let xdp_id = attach::pinned_xdp_id(paths)?;
+        let tc_id = attach::pinned_tc_id(paths, "tc")?;
+        let tci_id = attach::pinned_tc_id(paths, "tci")?;
+        let cfg = slots::read_config(paths)?;
+        let mut interfaces = Vec::new();
+        for i in &state.interfaces {
+            let (xdp_mode, attached) = match attach::attached_xdp(&i.name).ok().flatten() {
+                Some((id, _, mode)) => (mode, id == xdp_id && attach::is_attached(paths, &i.name)),
+                None => ("none".to_string(), false),
+            };
+            interfaces.push(IfaceStatus {
+                name: i.name.clone(),
+                ifindex: i.ifindex,
+                requested_mode: i.mode.clone(),
+                xdp_mode,
+                attached,
+            });
+        }
+        let maps = counters::fill_levels(paths)?
+            .into_iter()
+            .map(|(name, entries, max_entries)| MapFill {
+                name,
+                entries,
+                max_entries,
+            })
+            .collect();
+        Ok(Status {
+            backend: Kind::Ebpf,
+            generation: cfg.generation,
+            whitelist_enabled: cfg.flags & flags::WHITELIST_ENABLED != 0,
+            programs: vec![
+                ("xdp", xdp_id),
+                ("tc_egress", tc_id),
+                ("tc_ingress", tci_id),
+            ],
+            interfaces,
+            maps,
+        })
+    }
+
+    fn detach(&mut self, iface: &str) -> Vec<String> {
+        attach::detach(&self.paths, iface)
+    }
+
+    fn teardown(&mut self) -> Vec<String> {
+        pins::remove_pins(&self.paths)
+    }
+}
+
+/// `check` from the live maps: the whitelist maps for stage 1, the live slot's tries and
+/// port table for stage 2, decided by the same procedure the compiler is tested with.
+fn check(paths: &Paths, live: &Policy, q: &Query) -> Result<Answer> {
+    let proto = q.proto.unwrap_or(255);
+    let dport = match (proto, q.dport) {
+        (6 | 17, Some(d)) => Some(d),
+        (6 | 17, None) => bail!("give --dport for tcp and udp"),
+        (1 | 58, _) => Some(0),
+        _ => None,
+    };
+    let cfg = slots::read_config(paths)?;
+    let names = compile::compile(live).map_err(anyhow::Error::msg)?;
+    let mut answer = Answer {
+        verdict: Verdict::Pass,
+        stage: "whitelist",
+        reason: "whitelist off".into(),
+        generation: cfg.generation,
+    };
+    // Stage 1: the host whitelist.
+    if cfg.flags & flags::WHITELIST_ENABLED != 0 {
+        let admitting = whitelist::WhitelistMaps::open(paths)?.admitting(q.src)?;
+        match admitting.first() {
+            Some(n) => answer.reason = format!("whitelisted by {n}"),
+            None => {
+                answer.verdict = Verdict::Drop;
+                answer.reason = format!(
+                    "{} is not whitelisted (only replies of connections opened from here get in)",
+                    q.src
+                );
+                return Ok(answer);
+            }
+        }
+    }
+    // Stage 2: isolation. "Any protocol" is judged as a protocol no rule names by port.
+    let meta = slots::live_meta(paths, cfg.slot)?;
+    let s = slots::live_net_entry(paths, cfg.slot, q.src)?;
+    let d = slots::live_net_entry(paths, cfg.slot, q.dst)?;
+    let index = ports::index(if proto == 255 { 47 } else { proto }, dport);
+    let mask = slots::live_port_mask(paths, cfg.slot, index)?;
+    let decision = compile::decide(meta.flags, s, d, mask, false);
+    if decision != Decision::NotSubject {
+        answer.stage = "isolation";
+    }
+    let name = |v: &Vec<String>, i: u32| {
+        v.get(i as usize)
+            .cloned()
+            .unwrap_or_else(|| format!("rule #{i}"))
+    };
+    match decision {
+        Decision::NotSubject if meta.flags & iso_flags::ENABLED == 0 => {}
+        Decision::NotSubject => {
+            answer.reason = format!(
+                "{}; not subject to isolation (source or destination in no network)",
+                answer.reason
+            )
+        }
+        Decision::Except(j) => {
+            answer.reason = format!("{} (except #{j})", name(&names.except_names, j))
+        }
+        Decision::Hairpin => {
+            answer.reason = "source and destination share a network (hairpin)".into()
+        }
+        Decision::Established => answer.reason = "established".into(),
+        Decision::Allow(k) => {
+            answer.reason = format!("{} (allow #{k})", name(&names.allow_names, k))
+        }
+        Decision::DefaultAccept => answer.reason = "no rule matches; default accept".into(),
+        Decision::Deny => {
+            answer.verdict = if meta.flags & iso_flags::REJECT != 0 {
+                Verdict::Reject
+            } else {
+                Verdict::Drop
+            };
+            answer.reason = "no rule matches; default deny".into();
+        }
+    }
+    Ok(answer)
+}

@@ -1,0 +1,222 @@
+//! The BPF object and its pins: loading it into the kernel, pinning maps and programs
+//! under the pin dir (so the datapath outlives this process), and removing them.
+
+use std::{ffi::CString, fs, path::Path, process::Command};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Map, MapData},
+    programs::{SchedClassifier, Xdp},
+};
+use isolation_common::{maps, progs};
+
+use crate::state::Paths;
+
+/// The BPF object, built by build.rs from `isolation-ebpf`.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/isolation-bpf"));
+
+/// FNV-1a of the object: tells whether the pinned datapath came from this build.
+pub fn object_hash() -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in OBJECT {
+        h = (h ^ *b as u64).wrapping_mul(0x100000001b3);
+    }
+    format!("{h:016x}")
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+fn is_bpffs(p: &Path) -> bool {
+    let Ok(c) = CString::new(p.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+}
+
+/// Creates the pin dir, mounting a bpffs on it if it is not on one already.
+pub fn ensure_pin_dir(paths: &Paths) -> Result<()> {
+    let dir = &paths.pin_dir;
+    // Two loaders mounting at once would stack two bpffs, the second hiding the first's
+    // pins: check and mount under a machine-wide lock.
+    let lock_dir = if Path::new("/run/lock").is_dir() {
+        "/run/lock"
+    } else {
+        "/tmp"
+    };
+    let lock_path = Path::new(lock_dir).join("isolation-bpffs.lock");
+    let lock = fs::File::create(&lock_path)
+        .with_context(|| format!("cannot open {}", lock_path.display()))?;
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
+        bail!(
+            "cannot lock {}: {}",
+            lock_path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    // The usual place: mount the bpffs at /sys/fs/bpf itself, as systemd would.
+    let sys = Path::new("/sys/fs/bpf");
+    if dir.starts_with(sys) && sys.is_dir() && !is_bpffs(sys) {
+        let ok = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(sys)
+            .status();
+        if !matches!(ok, Ok(s) if s.success()) || !is_bpffs(sys) {
+            bail!("/sys/fs/bpf is not a BPF filesystem and mounting one there failed");
+        }
+    }
+    fs::create_dir_all(dir).with_context(|| format!("cannot create pin dir {}", dir.display()))?;
+    if !is_bpffs(dir) {
+        let out = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(dir)
+            .output();
+        match out {
+            Ok(o) if o.status.success() && is_bpffs(dir) => {}
+            Ok(o) => bail!(
+                "{} is not on a BPF filesystem and mounting one failed: {}",
+                dir.display(),
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+            Err(e) => bail!(
+                "{} is not on a BPF filesystem and `mount` failed: {e}",
+                dir.display()
+            ),
+        }
+    }
+    fs::create_dir_all(paths.links_dir())?;
+    Ok(())
+}
+
+/// Is a datapath pinned under this pin dir?
+pub fn is_loaded(paths: &Paths) -> bool {
+    paths.prog("xdp").exists() && paths.map(maps::CONFIG).exists()
+}
+
+/// Loads the object into the kernel and pins its maps and programs. Nothing is attached.
+pub fn load_and_pin(paths: &Paths) -> Result<()> {
+    let mut ebpf: Ebpf = EbpfLoader::new().load(OBJECT).map_err(|e| {
+        anyhow!(
+            "the kernel refused the isolation BPF object: {}",
+            error_chain(&e)
+        )
+    })?;
+    let result = (|| -> Result<()> {
+        for name in maps::ALL {
+            let map = ebpf
+                .map(name)
+                .ok_or_else(|| anyhow!("BPF object has no map {name}"))?;
+            map.pin(paths.map(name))
+                .with_context(|| format!("cannot pin map {name}"))?;
+        }
+        let xdp: &mut Xdp = prog_mut(&mut ebpf, progs::XDP_INGRESS)?;
+        xdp.load()
+            .map_err(|e| anyhow!("the kernel refused the XDP program: {}", error_chain(&e)))?;
+        xdp.pin(paths.prog("xdp"))
+            .context("cannot pin the XDP program")?;
+        let vx: &mut Xdp = prog_mut(&mut ebpf, progs::XDP_VXLAN)?;
+        vx.load().map_err(|e| {
+            anyhow!(
+                "the kernel refused the VXLAN XDP program: {}",
+                error_chain(&e)
+            )
+        })?;
+        vx.pin(paths.prog("xdp_vxlan"))
+            .context("cannot pin the VXLAN XDP program")?;
+        let vx_fd = vx.fd()?.try_clone()?;
+        let mut jump: aya::maps::ProgramArray<MapData> = open_map(paths, maps::JUMP)?.try_into()?;
+        jump.set(0, &vx_fd, 0)
+            .context("cannot install the VXLAN program in JUMP")?;
+        let tci: &mut SchedClassifier = prog_mut(&mut ebpf, progs::TC_INGRESS)?;
+        tci.load().map_err(|e| {
+            anyhow!(
+                "the kernel refused the TC ingress program: {}",
+                error_chain(&e)
+            )
+        })?;
+        tci.pin(paths.prog("tci"))
+            .context("cannot pin the TC ingress program")?;
+        let tc: &mut SchedClassifier = prog_mut(&mut ebpf, progs::TC_EGRESS)?;
+        tc.load()
+            .map_err(|e| anyhow!("the kernel refused the TC program: {}", error_chain(&e)))?;
+        tc.pin(paths.prog("tc"))
+            .context("cannot pin the TC program")?;
+        Ok(())
+    })();
+    if result.is_err() {
+        remove_pins(paths);
+    }
+    result
+}
+
+fn prog_mut<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| anyhow!("BPF object has no program {name}"))?
+        .try_into()
+        .map_err(|e| anyhow!("program {name}: {e}"))
+}
+
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+pub fn remove_pins(paths: &Paths) -> Vec<String> {
+    let mut errs = Vec::new();
+    if let Ok(rd) = fs::read_dir(paths.links_dir()) {
+        for e in rd.flatten() {
+            let _ = super::syscall::detach_pinned_link(&e.path());
+            if let Err(err) = fs::remove_file(e.path()) {
+                errs.push(format!("cannot remove {}: {err}", e.path().display()));
+            }
+        }
+    }
+    let _ = fs::remove_dir(paths.links_dir());
+    let mut files: Vec<_> = maps::ALL.iter().map(|m| paths.map(m)).collect();
+    files.push(paths.prog("xdp"));
+    files.push(paths.prog("tc"));
+    files.push(paths.prog("tci"));
+    files.push(paths.prog("xdp_vxlan"));
+    files.push(paths.prog("tci"));
+    files.push(paths.prog("xdp_vxlan"));
+    for f in files {
+        if let Err(e) = fs::remove_file(&f)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            errs.push(format!("cannot remove {}: {e}", f.display()));
+        }
+    }
+    // The directory goes too when nothing else lives in it (not if it is a mount point).
+    let _ = fs::remove_dir(&paths.pin_dir);
+    errs
+}
+
+pub fn open_map(paths: &Paths, name: &str) -> Result<Map> {
+    let p = paths.map(name);
+    let data = MapData::from_pin(&p).with_context(|| {
+        format!(
+            "no isolation datapath pinned at {} (run `isolation-user load` first)",
+            paths.pin_dir.display()
+        )
+    })?;
+    Ok(Map::from_map_data(data)?)
+}
+
+/// Did a map lookup or delete find no such key?
+pub fn not_found(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}

@@ -1,0 +1,452 @@
+//! The desired policy, whole: the one truth that every verb changes through the engine,
+//! that `whitelist list` and `network list` read, and that a backend is made to match.
+//!
+//! In the state dir:
+//! - `policy.toml`: the policy without its whitelist entries (small; rule edits rewrite it);
+//! - `whitelist`: a snapshot of the whitelist entries, one a line;
+//! - `whitelist.journal`: the entries added (`+`) and removed (`-`) since the snapshot, and
+//!   flushes (`*`), appended in order, so one live edit at 1M entries writes one line and
+//!   not 1M. Replaying it is idempotent (the last record of an entry decides), so a crash
+//!   between a compaction's snapshot and its truncation of the journal loses nothing;
+//! - `store.json`: generation and entry counts, so an edit checks the limits without
+//!   reading the whitelist.
+//!
+//! The journal is compacted into the snapshot when it outgrows it.
+
+use std::{
+    collections::HashMap,
+    fs,
+    io::{BufRead as _, BufWriter, Write as _},
+    path::PathBuf,
+};
+
+use anyhow::{Context as _, Result};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    policy::{self, Policy, WhitelistSizes},
+    state::{Paths, write_atomic},
+};
+
+/// Journal records beyond the snapshot's size (plus this) trigger a compaction.
+const COMPACT_SLACK: u64 = 64 * 1024;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    pub generation: u32,
+    pub whitelist: Sizes,
+    pub snapshot_entries: u64,
+    pub journal_records: u64,
+}
+
+/// `WhitelistSizes` as stored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sizes {
+    pub exact_v4: u64,
+    pub cidr_v4: u64,
+    pub exact_v6: u64,
+    pub cidr_v6: u64,
+}
+
+impl From<WhitelistSizes> for Sizes {
+    fn from(s: WhitelistSizes) -> Sizes {
+        Sizes {
+            exact_v4: s.exact_v4 as u64,
+            cidr_v4: s.lpm_v4 as u64,
+            exact_v6: s.exact_v6 as u64,
+            cidr_v6: s.lpm_v6 as u64,
+        }
+    }
+}
+
+impl From<Sizes> for WhitelistSizes {
+    fn from(s: Sizes) -> WhitelistSizes {
+        WhitelistSizes {
+            exact_v4: s.exact_v4 as usize,
+            lpm_v4: s.cidr_v4 as usize,
+            exact_v6: s.exact_v6 as usize,
+            lpm_v6: s.cidr_v6 as usize,
+        }
+    }
+}
+
+pub struct Store {
+    dir: PathBuf,
+}
+
+impl Store {
+    pub fn new(paths: &Paths) -> Store {
+        Store {
+            dir: paths.state_dir.clone(),
+        }
+    }
+
+    fn rules_file(&self) -> PathBuf {
+        self.dir.join("policy.toml")
+    }
+    fn snapshot_file(&self) -> PathBuf {
+        self.dir.join("whitelist")
+    }
+    fn journal_file(&self) -> PathBuf {
+        self.dir.join("whitelist.journal")
+    }
+    fn meta_file(&self) -> PathBuf {
+        self.dir.join("store.json")
+    }
+
+    /// Every file of the store (what `unload` removes).
+    pub fn files(&self) -> Vec<PathBuf> {
+        vec![
+            self.rules_file(),
+            self.snapshot_file(),
+            self.journal_file(),
+            self.meta_file(),
+        ]
+    }
+
+    pub fn meta(&self) -> Result<Meta> {
+        let f = self.meta_file();
+        match fs::read_to_string(&f) {
+            Ok(s) => {
+                serde_json::from_str(&s).with_context(|| format!("{} is corrupt", f.display()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Meta::default()),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", f.display())),
+        }
+    }
+
+    fn put_meta(&self, m: &Meta) -> Result<()> {
+        write_atomic(
+            &self.meta_file(),
+            serde_json::to_string_pretty(m)?.as_bytes(),
+        )
+    }
+
+    /// The policy without its whitelist entries (cheap at any whitelist size).
+    pub fn rules(&self) -> Result<Policy> {
+        let f = self.rules_file();
+        match fs::read_to_string(&f) {
+            Ok(s) => Ok(policy::parse(&f.display().to_string(), &s)?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Policy::default()),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", f.display())),
+        }
+    }
+
+    /// The whole policy, whitelist entries included, in the order they were added.
+    pub fn whole(&self) -> Result<Policy> {
+        let mut p = self.rules()?;
+        p.whitelist.allow = self.whitelist()?;
+        Ok(p)
+    }
+
+    /// The whitelist entries: the snapshot, then the journal replayed over it.
+    pub fn whitelist(&self) -> Result<Vec<IpNet>> {
+        let mut set = Ordered::default();
+        for_lines(&self.snapshot_file(), |line, at| {
+            set.insert(parse_entry(line, at)?);
+            Ok(())
+        })?;
+        for_lines(&self.journal_file(), |line, at| {
+            match line.split_at(1) {
+                ("+", e) => set.insert(parse_entry(e, at)?),
+                ("-", e) => set.remove(&parse_entry(e, at)?),
+                ("*", _) => set = Ordered::default(),
+                _ => anyhow::bail!("{at}: not a journal record: '{line}'"),
+            }
+            Ok(())
+        })?;
+        Ok(set.into_vec())
+    }
+
+    /// Replaces the whole desired policy (load, apply): a new snapshot, an empty journal.
+    pub fn put_whole(&self, p: &Policy, generation: u32) -> Result<()> {
+        self.put_rules_file(p)?;
+        self.put_snapshot(&p.whitelist.allow)?;
+        self.put_meta(&Meta {
+            generation,
+            whitelist: WhitelistSizes::of(&p.whitelist.allow).into(),
+            snapshot_entries: p.whitelist.allow.len() as u64,
+            journal_records: 0,
+        })
+    }
+
+    /// Replaces the rules (a live isolation edit); the whitelist entries stay.
+    pub fn put_rules(&self, p: &Policy, generation: u32) -> Result<()> {
+        self.put_rules_file(p)?;
+        let mut m = self.meta()?;
+        m.generation = generation;
+        self.put_meta(&m)
+    }
+
+    /// Records a whitelist edit: what the backend really added and removed (so the counts
+    /// stay exact), or a flush before them.
+    pub fn put_whitelist_edit(
+        &self,
+        flush: bool,
+        added: &[IpNet],
+        removed: &[IpNet],
+        generation: u32,
+    ) -> Result<()> {
+        let mut m = self.meta()?;
+        let f = self.journal_file();
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(&f)
+            .with_context(|| format!("cannot write {}", f.display()))?;
+        drop_torn_tail(&file).with_context(|| format!("cannot repair {}", f.display()))?;
+        let mut w = BufWriter::with_capacity(1 << 20, file);
+        let mut records = 0u64;
+        if flush {
+            writeln!(w, "*")?;
+            records += 1;
+            m.whitelist = Sizes::default();
+        }
+        for n in removed {
+            writeln!(w, "-{}", show(n))?;
+        }
+        for n in added {
+            writeln!(w, "+{}", show(n))?;
+        }
+        records += (added.len() + removed.len()) as u64;
+        let file = w.into_inner().map_err(|e| e.into_error())?;
+        file.sync_data()
+            .with_context(|| format!("cannot write {}", f.display()))?;
+        let (a, r) = (WhitelistSizes::of(added), WhitelistSizes::of(removed));
+        let s = &mut m.whitelist;
+        s.exact_v4 = (s.exact_v4 + a.exact_v4 as u64).saturating_sub(r.exact_v4 as u64);
+        s.cidr_v4 = (s.cidr_v4 + a.lpm_v4 as u64).saturating_sub(r.lpm_v4 as u64);
+        s.exact_v6 = (s.exact_v6 + a.exact_v6 as u64).saturating_sub(r.exact_v6 as u64);
+        s.cidr_v6 = (s.cidr_v6 + a.lpm_v6 as u64).saturating_sub(r.lpm_v6 as u64);
+        m.generation = generation;
+        m.journal_records += records;
+        if m.journal_records > m.snapshot_entries + COMPACT_SLACK {
+            let all = self.whitelist()?;
+            self.put_snapshot(&all)?;
+            m.snapshot_entries = all.len() as u64;
+            m.journal_records = 0;
+            m.whitelist = WhitelistSizes::of(&all).into();
+        }
+        self.put_meta(&m)
+    }
+
+    fn put_rules_file(&self, p: &Policy) -> Result<()> {
+        let mut rules = p.clone();
+        rules.whitelist.allow.clear();
+        let text = format!(
+            "# The live policy of isolation-user, without its whitelist entries (they are in\n\
+             # `whitelist` and `whitelist.journal` beside this file).\n{}",
+            policy::to_toml(&rules)
+        );
+        write_atomic(&self.rules_file(), text.as_bytes())
+    }
+
+    /// A new snapshot, then the journal emptied (replaying it over the new snapshot would
+    /// change nothing, should the truncation not happen).
+    fn put_snapshot(&self, entries: &[IpNet]) -> Result<()> {
+        let mut text = String::with_capacity(entries.len() * 16);
+        for n in entries {
+            text.push_str(&show(n));
+            text.push('\n');
+        }
+        write_atomic(&self.snapshot_file(), text.as_bytes())?;
+        let j = self.journal_file();
+        match fs::remove_file(&j) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("cannot remove {}", j.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Host routes as plain addresses, as operators write them.
+pub fn show(n: &IpNet) -> String {
+    if n.prefix_len() == n.max_prefix_len() {
+        n.addr().to_string()
+    } else {
+        n.to_string()
+    }
+}
+
+/// A crash mid-append can leave a last record without its newline: cut it off, or the next
+/// record would be glued to it.
+fn drop_torn_tail(f: &fs::File) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt as _;
+    let len = f.metadata()?.len();
+    if len == 0 {
+        return Ok(());
+    }
+    let from = len.saturating_sub(256);
+    let mut tail = vec![0u8; (len - from) as usize];
+    f.read_exact_at(&mut tail, from)?;
+    if tail.last() == Some(&b'\n') {
+        return Ok(());
+    }
+    let keep = match tail.iter().rposition(|b| *b == b'\n') {
+        Some(i) => from + i as u64 + 1,
+        None if from == 0 => 0,
+        None => return Ok(()),
+    };
+    f.set_len(keep)
+}
+
+fn parse_entry(s: &str, at: &str) -> Result<IpNet> {
+    policy::parse_net(s).map_err(|r| anyhow::anyhow!("{at}: {r}"))
+}
+
+/// Calls `f` on each complete line (a torn last line, from a crash mid-append, is skipped).
+fn for_lines(path: &PathBuf, mut f: impl FnMut(&str, &str) -> Result<()>) -> Result<()> {
+    let file = match fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let mut r = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut line = String::new();
+    let mut n = 0;
+    loop {
+        line.clear();
+        if r.read_line(&mut line)
+            .with_context(|| format!("cannot read {}", path.display()))?
+            == 0
+        {
+            return Ok(());
+        }
+        n += 1;
+        let Some(l) = line.strip_suffix('\n') else {
+            return Ok(());
+        };
+        if !l.is_empty() {
+            f(l, &format!("{}:{n}", path.display()))?;
+        }
+    }
+}
+
+/// A set that remembers insertion order.
+#[derive(Default)]
+struct Ordered {
+    items: Vec<Option<IpNet>>,
+    at: HashMap<IpNet, usize>,
+}
+
+impl Ordered {
+    fn insert(&mut self, n: IpNet) {
+        if !self.at.contains_key(&n) {
+            self.at.insert(n, self.items.len());
+            self.items.push(Some(n));
+        }
+    }
+    fn remove(&mut self, n: &IpNet) {
+        if let Some(i) = self.at.remove(n) {
+            self.items[i] = None;
+        }
+    }
+    fn into_vec(self) -> Vec<IpNet> {
+        self.items.into_iter().flatten().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (Store, PathBuf) {
+        let dir = std::env::temp_dir().join(format!(
+            "iso-store-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        fs::create_dir_all(&dir).unwrap();
+        (
+            Store::new(&Paths {
+                pin_dir: dir.join("pins"),
+                state_dir: dir.clone(),
+            }),
+            dir,
+        )
+    }
+
+    fn rand_suffix() -> u64 {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        N.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn nets(s: &[&str]) -> Vec<IpNet> {
+        s.iter().map(|a| policy::parse_net(a).unwrap()).collect()
+    }
+
+    #[test]
+    fn snapshot_and_journal_replay_in_order() {
+        let (st, dir) = store();
+        let mut p = Policy::default();
+        p.whitelist.enabled = true;
+        p.whitelist.allow = nets(&["192.0.2.1", "192.0.2.0/24", "2001:db8::1"]);
+        st.put_whole(&p, 1).unwrap();
+        st.put_whitelist_edit(false, &nets(&["203.0.113.7"]), &nets(&["192.0.2.1"]), 2)
+            .unwrap();
+        st.put_whitelist_edit(false, &nets(&["192.0.2.1"]), &[], 3)
+            .unwrap();
+        assert_eq!(
+            st.whitelist().unwrap(),
+            nets(&["192.0.2.0/24", "2001:db8::1", "203.0.113.7", "192.0.2.1"])
+        );
+        let m = st.meta().unwrap();
+        assert_eq!(m.generation, 3);
+        assert_eq!(
+            m.whitelist,
+            Sizes {
+                exact_v4: 2,
+                cidr_v4: 1,
+                exact_v6: 1,
+                cidr_v6: 0
+            }
+        );
+        st.put_whitelist_edit(true, &nets(&["198.51.100.1"]), &[], 4)
+            .unwrap();
+        assert_eq!(st.whitelist().unwrap(), nets(&["198.51.100.1"]));
+        assert!(st.whole().unwrap().whitelist.enabled);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_torn_last_record_is_ignored_and_replay_is_idempotent() {
+        let (st, dir) = store();
+        st.put_whitelist_edit(false, &nets(&["192.0.2.1", "192.0.2.2"]), &[], 1)
+            .unwrap();
+        let j = st.journal_file();
+        let mut text = fs::read_to_string(&j).unwrap();
+        text.push_str("+192.0.2.");
+        fs::write(&j, &text).unwrap();
+        assert_eq!(st.whitelist().unwrap(), nets(&["192.0.2.1", "192.0.2.2"]));
+        st.put_whitelist_edit(false, &nets(&["192.0.2.3"]), &[], 2)
+            .unwrap();
+        assert_eq!(
+            st.whitelist().unwrap(),
+            nets(&["192.0.2.1", "192.0.2.2", "192.0.2.3"])
+        );
+        // A compaction's snapshot written but the journal not yet removed: same result.
+        st.put_snapshot(&nets(&["192.0.2.1", "192.0.2.2"])).unwrap();
+        fs::write(&j, "-192.0.2.2\n+192.0.2.2\n-192.0.2.1\n").unwrap();
+        assert_eq!(st.whitelist().unwrap(), nets(&["192.0.2.2"]));
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_long_journal_is_compacted() {
+        let (st, dir) = store();
+        let many: Vec<IpNet> = (0..(COMPACT_SLACK as u32 + 10))
+            .map(|i| IpNet::from(std::net::IpAddr::from(std::net::Ipv4Addr::from(i))))
+            .collect();
+        st.put_whitelist_edit(false, &many, &[], 1).unwrap();
+        let m = st.meta().unwrap();
+        assert_eq!(m.journal_records, 0);
+        assert_eq!(m.snapshot_entries, many.len() as u64);
+        assert!(!st.journal_file().exists());
+        assert_eq!(st.whitelist().unwrap(), many);
+        fs::remove_dir_all(dir).unwrap();
+    }
+}
