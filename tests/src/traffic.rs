@@ -176,3 +176,131 @@ pub fn ping_ok(ns: &str, addr: &str) -> bool {
         .map(|o| o.status.success())
         .unwrap_or(false)
 }
+
+/// Sends one raw IP payload (`proto`'s header and what follows; the kernel writes the IP
+/// header) from namespace `ns` to `dst`, then returns every TCP, ICMP or ICMPv6 packet that
+/// `answerer` sends back to `ns` within `wait`, as (protocol, bytes from its L4 header on).
+pub fn raw_probe(
+    ns: &str,
+    dst: std::net::IpAddr,
+    proto: u8,
+    payload: &[u8],
+    answerer: std::net::IpAddr,
+    wait: Duration,
+) -> Vec<(u8, Vec<u8>)> {
+    let payload = payload.to_vec();
+    in_ns(ns, move || {
+        let v6 = dst.is_ipv6();
+        let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+        let icmp = if v6 {
+            libc::IPPROTO_ICMPV6
+        } else {
+            libc::IPPROTO_ICMP
+        };
+        let open = |p: i32| {
+            // SAFETY: plain socket(2); the result is checked.
+            let fd = unsafe { libc::socket(family, libc::SOCK_RAW | libc::SOCK_NONBLOCK, p) };
+            assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+            fd
+        };
+        let listeners = [(6u8, open(libc::IPPROTO_TCP)), (icmp as u8, open(icmp))];
+        let send = open(proto as i32);
+        let (sa, len) = sockaddr(dst);
+        // SAFETY: the buffer and the socket address are valid for the call.
+        let n = unsafe {
+            libc::sendto(
+                send,
+                payload.as_ptr().cast(),
+                payload.len(),
+                0,
+                (&sa as *const libc::sockaddr_storage).cast(),
+                len,
+            )
+        };
+        assert_eq!(
+            n as usize,
+            payload.len(),
+            "raw send: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut got = Vec::new();
+        let end = Instant::now() + wait;
+        while Instant::now() < end {
+            for (p, fd) in listeners {
+                let mut buf = [0u8; 2048];
+                let mut from: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+                let mut flen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+                // SAFETY: buffers valid for the call; non-blocking.
+                let n = unsafe {
+                    libc::recvfrom(
+                        fd,
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                        0,
+                        (&mut from as *mut libc::sockaddr_storage).cast(),
+                        &mut flen,
+                    )
+                };
+                if n <= 0 || source(&from) != Some(answerer) {
+                    continue;
+                }
+                // IPv4 raw sockets hand over the IP header too; IPv6 ones do not.
+                let b = &buf[..n as usize];
+                let l4 = if v6 {
+                    b
+                } else {
+                    &b[((b[0] & 0x0f) as usize) * 4..]
+                };
+                got.push((p, l4.to_vec()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for fd in [send, listeners[0].1, listeners[1].1] {
+            // SAFETY: sockets opened above, closed once.
+            unsafe { libc::close(fd) };
+        }
+        got
+    })
+}
+
+fn sockaddr(a: std::net::IpAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: an all-zero sockaddr_storage is valid; the family-specific view is filled below.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    match a {
+        std::net::IpAddr::V4(v4) => {
+            let sin = (&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>();
+            // SAFETY: sockaddr_storage is large enough and aligned for sockaddr_in.
+            unsafe {
+                (*sin).sin_family = libc::AF_INET as u16;
+                (*sin).sin_addr.s_addr = u32::from_ne_bytes(v4.octets());
+            }
+            (ss, std::mem::size_of::<libc::sockaddr_in>() as u32)
+        }
+        std::net::IpAddr::V6(v6) => {
+            let sin6 = (&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>();
+            // SAFETY: as above, for sockaddr_in6.
+            unsafe {
+                (*sin6).sin6_family = libc::AF_INET6 as u16;
+                (*sin6).sin6_addr.s6_addr = v6.octets();
+            }
+            (ss, std::mem::size_of::<libc::sockaddr_in6>() as u32)
+        }
+    }
+}
+
+fn source(ss: &libc::sockaddr_storage) -> Option<std::net::IpAddr> {
+    let p = (ss as *const libc::sockaddr_storage).cast::<u8>();
+    match ss.ss_family as i32 {
+        libc::AF_INET => {
+            // SAFETY: the kernel wrote a sockaddr_in.
+            let sin = unsafe { &*p.cast::<libc::sockaddr_in>() };
+            Some(std::net::IpAddr::from(sin.sin_addr.s_addr.to_ne_bytes()))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the kernel wrote a sockaddr_in6.
+            let sin6 = unsafe { &*p.cast::<libc::sockaddr_in6>() };
+            Some(std::net::IpAddr::from(sin6.sin6_addr.s6_addr))
+        }
+        _ => None,
+    }
+}

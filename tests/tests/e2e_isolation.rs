@@ -599,3 +599,80 @@ fn stats_count_per_rule_and_trace_shows_denials() {
     let table = lab.iso.ok(&["stats"]);
     assert!(table.contains("allow hr -> it tcp:80"), "{table}");
 }
+
+/// A denied host that sends TCP RSTs and ICMP errors gets no answer (an answer to an
+/// answer could loop between two filtered hosts, or be aimed at a victim); its denied SYN
+/// and echo request still get theirs (the positive controls), v4 and v6.
+#[test]
+fn reject_never_answers_an_answer() {
+    use tests::{pkt, traffic::raw_probe};
+    let Some(lab) = Lab::new() else { return };
+    lab.load(&POLICY.replace("reject = false", "reject = true"));
+    let wait = Duration::from_millis(800);
+    for (it, hr) in [
+        ("198.51.100.2", "198.51.100.130"),
+        ("2001:db8:1:1::2", "2001:db8:2:1::2"),
+    ] {
+        let (itip, hrip): (std::net::IpAddr, std::net::IpAddr) =
+            (it.parse().unwrap(), hr.parse().unwrap());
+        let v6 = itip.is_ipv6();
+        let (icmp, echo, unreach, unreach_code) = if v6 {
+            (58u8, 128u8, 1u8, 4u8)
+        } else {
+            (1, 8, 3, 3)
+        };
+        // The datagram an ICMP error would quote: one hr sent to it.
+        let quote = if v6 {
+            pkt::V6::new(hr, it, pkt::UDP).build(&pkt::udp(53, 5000, b""))
+        } else {
+            pkt::V4::new(hr, it, pkt::UDP).build(&pkt::udp(53, 5000, b""))
+        };
+        let probe = |proto: u8, l4: Vec<u8>| {
+            let before = (
+                lab.iso.packets("isolated-reject"),
+                lab.iso.packets("isolated-drop"),
+            );
+            let got = raw_probe(&lab.it1, hrip, proto, &l4, hrip, wait);
+            let after = (
+                lab.iso.packets("isolated-reject"),
+                lab.iso.packets("isolated-drop"),
+            );
+            (got, after.0 - before.0, after.1 - before.1)
+        };
+
+        // Positive control: a denied SYN is answered by a RST from hr's address.
+        let (got, rejected, dropped) = probe(6, pkt::tcp(40000, 22, pkt::SYN));
+        assert_eq!((rejected, dropped), (1, 0), "{it}: SYN answered");
+        assert!(
+            got.iter().any(|(p, b)| *p == 6 && b[13] & pkt::RST != 0),
+            "{it}: a RST came back for the SYN: {got:?}"
+        );
+        // Positive control: a denied echo request gets administratively prohibited.
+        let (got, rejected, _) = probe(icmp, pkt::icmp(echo, 0, 7, 1, b""));
+        assert_eq!(rejected, 1, "{it}: echo request answered");
+        let prohibited = if v6 { (1, 1) } else { (3, 13) };
+        assert!(
+            got.iter()
+                .any(|(p, b)| *p == icmp && (b[0], b[1]) == prohibited),
+            "{it}: administratively prohibited came back: {got:?}"
+        );
+
+        for (what, proto, l4) in [
+            ("RST", 6u8, pkt::tcp(40000, 22, pkt::RST)),
+            ("RST+ACK", 6, pkt::tcp(40000, 22, pkt::RST | pkt::ACK)),
+            (
+                "ICMP error",
+                icmp,
+                pkt::icmp(unreach, unreach_code, 0, 0, &quote),
+            ),
+        ] {
+            let (got, rejected, dropped) = probe(proto, l4);
+            assert_eq!(
+                (rejected, dropped),
+                (0, 1),
+                "{it}: the {what} is dropped silently"
+            );
+            assert!(got.is_empty(), "{it}: no answer to a {what}: {got:?}");
+        }
+    }
+}

@@ -575,3 +575,90 @@ fn pin_to_one_cpu() {
         );
     }
 }
+
+/// REJECT answers a denied connection attempt, never an answer: a TCP RST, an ICMP or
+/// ICMPv6 error, a later fragment (its first bytes are payload) or a packet from or to a
+/// multicast or broadcast address is dropped silently, as iptables' REJECT does.
+#[test]
+fn reject_never_answers_an_answer() {
+    let Some(dp) = Dp::with(&[], false, true) else {
+        return;
+    };
+    let text = "[isolation]\ndefault = \"deny\"\nreject = true\n\
+        [networks.a]\nsubnets = [\"198.51.100.0/25\", \"2001:db8:a::/48\", \"224.0.0.0/4\", \"ff00::/8\"]\n\
+        [networks.b]\nsubnets = [\"198.51.100.128/25\", \"2001:db8:b::/48\", \"255.255.255.255/32\"]\n";
+    let policy = isolation_user::policy::parse("p", text).unwrap();
+    tests::apply(&dp.paths, &policy, 2);
+    pin_to_one_cpu();
+    let (a4, b4, a6, b6) = (
+        "198.51.100.1",
+        "198.51.100.200",
+        "2001:db8:a::1",
+        "2001:db8:b::1",
+    );
+    // Positive controls: a denied SYN, UDP datagram and echo request are answered.
+    let answered = [
+        ("v4 SYN", v4_tcp(a4, b4, 40000, 22, SYN)),
+        ("v6 SYN", v6_tcp(a6, b6, 40000, 22, SYN)),
+        ("v4 UDP", V4::new(a4, b4, UDP).frame(&udp(5000, 53, b"q"))),
+        (
+            "v4 echo request",
+            V4::new(a4, b4, ICMP).frame(&icmp(8, 0, 7, 1, b"")),
+        ),
+        (
+            "v6 echo request",
+            V6::new(a6, b6, ICMPV6).frame(&icmp(128, 0, 7, 1, b"")),
+        ),
+    ];
+    for (what, f) in &answered {
+        dp.expect(f, XDP_PASS, Reason::RejectIsolated, what);
+    }
+    let quote4 = V4::new(b4, a4, UDP).build(&udp(53, 5000, b""));
+    let quote6 = V6::new(b6, a6, UDP).build(&udp(53, 5000, b""));
+    let mut later4 = V4::new(a4, b4, UDP);
+    later4.frag_offset = 10;
+    let mut later6 = V6::new(a6, b6, UDP);
+    later6.ext = vec![(44, pkt::v6_frag_body(10, false, 7))];
+    let silent = [
+        ("v4 RST", v4_tcp(a4, b4, 40000, 22, RST)),
+        ("v4 RST+ACK", v4_tcp(a4, b4, 40000, 22, RST | ACK)),
+        ("v6 RST", v6_tcp(a6, b6, 40000, 22, RST)),
+        (
+            "v4 port unreachable",
+            V4::new(a4, b4, ICMP).frame(&icmp(3, 3, 0, 0, &quote4)),
+        ),
+        (
+            "v4 time exceeded",
+            V4::new(a4, b4, ICMP).frame(&icmp(11, 0, 0, 0, &quote4)),
+        ),
+        (
+            "v4 redirect",
+            V4::new(a4, b4, ICMP).frame(&icmp(5, 1, 0, 0, &quote4)),
+        ),
+        (
+            "v6 unreachable",
+            V6::new(a6, b6, ICMPV6).frame(&icmp(1, 4, 0, 0, &quote6)),
+        ),
+        (
+            "v6 packet too big",
+            V6::new(a6, b6, ICMPV6).frame(&icmp(2, 0, 0, 1280, &quote6)),
+        ),
+        ("v4 later fragment", later4.frame(&[0u8; 64])),
+        ("v6 later fragment", later6.frame(&[0u8; 64])),
+        (
+            "v4 to broadcast",
+            V4::new(a4, "255.255.255.255", UDP).frame(&udp(5000, 53, b"q")),
+        ),
+        (
+            "v4 from multicast",
+            V4::new("224.0.0.9", b4, UDP).frame(&udp(5000, 53, b"q")),
+        ),
+        (
+            "v6 from multicast",
+            V6::new("ff02::1", b6, UDP).frame(&udp(5000, 53, b"q")),
+        ),
+    ];
+    for (what, f) in &silent {
+        dp.expect(f, XDP_DROP, Reason::DropIsolated, what);
+    }
+}
