@@ -88,9 +88,15 @@ impl Iso {
         err
     }
 
+    /// Where the test's own files (policies, address lists) go: beside the state dir, not
+    /// in it, so the state dir holds only what isolation-user writes.
+    pub fn files_dir(&self) -> PathBuf {
+        self.state.with_extension("files")
+    }
+
     pub fn policy(&self, text: &str) -> String {
-        fs::create_dir_all(&self.state).unwrap();
-        let p = self.state.join(format!("{}.toml", unique("policy")));
+        fs::create_dir_all(self.files_dir()).unwrap();
+        let p = self.files_dir().join(format!("{}.toml", unique("policy")));
         fs::write(&p, text).unwrap();
         p.display().to_string()
     }
@@ -117,5 +123,6 @@ impl Drop for Iso {
         let _ = self.run(&["unload"]);
         let _ = fs::remove_dir_all(&self.pin);
         let _ = fs::remove_dir_all(&self.state);
+        let _ = fs::remove_dir_all(self.files_dir());
     }
 }

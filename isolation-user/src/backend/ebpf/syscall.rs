@@ -267,3 +267,47 @@ pub fn detach_pinned_link(path: &std::path::Path) -> std::io::Result<()> {
     };
     sys_bpf(BPF_LINK_DETACH, &mut d)
 }
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+
+/// Every (key, value) of a map as raw bytes, sorted by key: a map's contents, comparable
+/// whatever order its buckets keep (a dump before and after a refused change must match).
+/// `value_size` is the whole value as a lookup returns it (per-CPU maps: all CPUs).
+pub fn entries_raw(
+    fd: BorrowedFd<'_>,
+    key_size: usize,
+    value_size: usize,
+) -> std::io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    #[repr(C)]
+    struct LookupAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let mut keys = Vec::new();
+    walk_keys(fd, key_size, |k| {
+        keys.push(k.to_vec());
+        true
+    })?;
+    let mut out = Vec::with_capacity(keys.len());
+    for k in keys {
+        let mut v = vec![0u8; value_size];
+        let mut attr = LookupAttr {
+            map_fd: fd.as_raw_fd() as u32,
+            _pad: 0,
+            key: k.as_ptr() as u64,
+            value: v.as_mut_ptr() as u64,
+            flags: 0,
+        };
+        match sys_bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+            Ok(()) => out.push((k, v)),
+            // Deleted between the walk and the lookup.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    out.sort();
+    Ok(out)
+}

@@ -1,0 +1,147 @@
+//! What a refused change must leave as it was: the contents of the maps a policy writes, and
+//! the files of the state dir, byte for byte.
+
+use std::{collections::BTreeMap, path::Path};
+
+use aya::maps::MapData;
+use isolation_common::maps;
+use isolation_user::backend::ebpf::syscall;
+
+/// The maps a policy change writes (the others move with traffic: counters, connections).
+pub fn policy_map_names() -> Vec<&'static str> {
+    let mut v = vec![
+        maps::CONFIG,
+        maps::WL_V4,
+        maps::WL_V4_LPM,
+        maps::WL_V6,
+        maps::WL_V6_LPM,
+        maps::META,
+    ];
+    v.extend(maps::NET_V4);
+    v.extend(maps::NET_V6);
+    v.extend(maps::PORTS);
+    v
+}
+
+pub type Dump = BTreeMap<String, Vec<(Vec<u8>, Vec<u8>)>>;
+
+/// The contents of the policy maps pinned under `pin`.
+pub fn policy_maps(pin: &Path) -> Dump {
+    policy_map_names()
+        .into_iter()
+        .map(|name| {
+            let m = MapData::from_pin(pin.join(name))
+                .unwrap_or_else(|e| panic!("open pinned map {name}: {e}"));
+            let info = m.info().unwrap();
+            let fd = std::os::fd::AsFd::as_fd(m.fd());
+            let entries =
+                syscall::entries_raw(fd, info.key_size() as usize, info.value_size() as usize)
+                    .unwrap_or_else(|e| panic!("dump {name}: {e}"));
+            (name.to_string(), entries)
+        })
+        .collect()
+}
+
+/// Every file of a state dir (but the lock), by name.
+pub fn state_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name() != "lock" && e.path().is_file())
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Asserts that two dumps are equal, naming the first map or file that differs.
+pub fn assert_same(
+    what: &str,
+    before: &(Dump, BTreeMap<String, Vec<u8>>),
+    after: &(Dump, BTreeMap<String, Vec<u8>>),
+) {
+    for (name, entries) in &before.0 {
+        assert!(
+            after.0.get(name) == Some(entries),
+            "{what}: map {name} changed ({} entries before, {} after)",
+            entries.len(),
+            after.0.get(name).map(|e| e.len()).unwrap_or(0)
+        );
+    }
+    assert_eq!(
+        before.1.keys().collect::<Vec<_>>(),
+        after.1.keys().collect::<Vec<_>>(),
+        "{what}: the state dir's files changed"
+    );
+    for (name, bytes) in &before.1 {
+        assert!(
+            after.1.get(name) == Some(bytes),
+            "{what}: state file {name} changed"
+        );
+    }
+}
+
+/// Replaces a pinned map by a small hash map of the same key and value sizes, pinned at the
+/// same path: the programs keep the real map, while the loader, which opens the pin, meets
+/// a map the kernel refuses to grow past `max_entries` (a stand-in for the kernel refusing
+/// an update: out of memory, a map full of someone else's entries).
+pub fn plant_small_map(pin: &Path, name: &str, max_entries: u32) {
+    let path = pin.join(name);
+    let m = MapData::from_pin(&path).unwrap();
+    let info = m.info().unwrap();
+    #[repr(C)]
+    #[derive(Default)]
+    struct Create {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+        _rest: [u64; 12],
+    }
+    let mut attr = Create {
+        map_type: 1, // BPF_MAP_TYPE_HASH
+        key_size: info.key_size(),
+        value_size: info.value_size(),
+        max_entries,
+        ..Default::default()
+    };
+    // SAFETY: bpf(BPF_MAP_CREATE) with an attribute struct that lives for the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            0,
+            &mut attr as *mut Create,
+            std::mem::size_of::<Create>(),
+        )
+    };
+    assert!(fd >= 0, "create map: {}", std::io::Error::last_os_error());
+    std::fs::remove_file(&path).unwrap();
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    #[repr(C)]
+    struct Pin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let mut pin_attr = Pin {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: fd as u32,
+        file_flags: 0,
+    };
+    // SAFETY: bpf(BPF_OBJ_PIN) with a path and fd valid for the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            6,
+            &mut pin_attr as *mut Pin,
+            std::mem::size_of::<Pin>(),
+        )
+    };
+    assert_eq!(r, 0, "pin map: {}", std::io::Error::last_os_error());
+    // SAFETY: our fd, closed once; the pin keeps the map.
+    unsafe { libc::close(fd as i32) };
+}
