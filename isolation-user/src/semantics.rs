@@ -4,6 +4,8 @@
 
 use std::{collections::HashSet, net::IpAddr};
 
+use isolation_common::Reason;
+
 use ipnet::IpNet;
 
 use crate::policy::{DefaultAction, Endpoint, Policy, PortSpec};
@@ -27,14 +29,6 @@ pub struct Pkt {
 }
 
 impl Pkt {
-    /// May a denied packet be answered (REJECT)? Never an answer to an answer: not a later
-    /// fragment (in this model, a TCP, UDP or ICMP packet whose ports could not be read),
-    /// as iptables' REJECT and the kernel's icmp_send refuse. (TCP RSTs and ICMP errors,
-    /// the other answers never answered, are not packets this model describes.)
-    pub fn answerable(&self) -> bool {
-        self.ports.is_some() || !matches!(self.proto, 1 | 6 | 17 | 58)
-    }
-
     pub fn reversed(&self) -> Pkt {
         Pkt {
             src: self.dst,
@@ -103,5 +97,396 @@ pub fn isolation(p: &Policy, pkt: &Pkt, established: bool) -> Decision {
     match p.isolation.default {
         DefaultAction::Accept => Decision::DefaultAccept,
         DefaultAction::Deny => Decision::Deny,
+    }
+}
+
+// --- The whole decision: whitelist, connections, isolation, REJECT ---
+
+/// Where a packet sits in a fragmented datagram, and the datagram's IP id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Frag {
+    No,
+    /// Offset 0, more to come: carries the L4 header.
+    First(u32),
+    /// Offset > 0: no L4 header, only the protocol is known.
+    Later(u32),
+}
+
+/// What follows the IP header, as far as the decision reads it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Body {
+    Tcp {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+    },
+    /// UDP carrying an Ethernet frame with this packet (VXLAN), to `dport`.
+    Vxlan {
+        sport: u16,
+        dport: u16,
+        inner: Box<Packet>,
+    },
+    Echo {
+        request: bool,
+        id: u16,
+    },
+    /// An ICMP or ICMPv6 error (of this type) quoting the header of `quoted`.
+    IcmpError {
+        type_: u8,
+        quoted: Box<Packet>,
+    },
+    /// A protocol whose header the datapath does not read (ports unknown).
+    Other(u8),
+}
+
+/// A packet as the oracle sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Packet {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub frag: Frag,
+    pub body: Body,
+}
+
+pub const TCP_RST: u8 = 0x04;
+
+impl Packet {
+    pub fn proto(&self) -> u8 {
+        let v6 = self.src.is_ipv6();
+        match &self.body {
+            Body::Tcp { .. } => 6,
+            Body::Udp { .. } | Body::Vxlan { .. } => 17,
+            Body::Echo { .. } | Body::IcmpError { .. } => {
+                if v6 {
+                    58
+                } else {
+                    1
+                }
+            }
+            Body::Other(p) => *p,
+        }
+    }
+
+    /// Its ports as the flow table keys them (ICMP echo: request (id, 0), reply (0, id));
+    /// None when the L4 header is not read (a later fragment, a protocol without ports).
+    pub fn ports(&self) -> Option<(u16, u16)> {
+        if matches!(self.frag, Frag::Later(_)) {
+            return None;
+        }
+        match &self.body {
+            Body::Tcp { sport, dport, .. }
+            | Body::Udp { sport, dport }
+            | Body::Vxlan { sport, dport, .. } => Some((*sport, *dport)),
+            Body::Echo { request: true, id } => Some((*id, 0)),
+            Body::Echo { request: false, id } => Some((0, *id)),
+            Body::IcmpError { .. } => Some((0, 0)),
+            Body::Other(_) => None,
+        }
+    }
+
+    /// The isolation question about this packet.
+    pub fn pkt(&self) -> Pkt {
+        Pkt {
+            src: self.src,
+            dst: self.dst,
+            proto: self.proto(),
+            ports: self.ports(),
+        }
+    }
+
+    /// The packet's own flow (None: nothing to key it by).
+    fn flow(&self) -> Option<Flow> {
+        self.ports().map(|(sport, dport)| Flow {
+            src: self.src,
+            dst: self.dst,
+            proto: self.proto(),
+            sport,
+            dport,
+        })
+    }
+
+    /// May a denied packet be answered (REJECT)? Never an answer to an answer, as iptables'
+    /// REJECT and the kernel's icmp_send refuse: not a TCP RST, not an ICMP error, not a
+    /// later fragment, nothing from or to a multicast or broadcast address.
+    pub fn answerable(&self) -> bool {
+        if matches!(self.frag, Frag::Later(_)) || !unicast(self.src) || !unicast(self.dst) {
+            return false;
+        }
+        match &self.body {
+            Body::Tcp { flags, .. } => flags & TCP_RST == 0,
+            Body::IcmpError { .. } => false,
+            _ => true,
+        }
+    }
+}
+
+fn unicast(a: IpAddr) -> bool {
+    match a {
+        IpAddr::V4(v) => !v.is_unspecified() && !v.is_broadcast() && !v.is_multicast(),
+        IpAddr::V6(v) => !v.is_unspecified() && !v.is_multicast(),
+    }
+}
+
+/// A connection, keyed in its original direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Flow {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+impl Flow {
+    fn reversed(self) -> Flow {
+        Flow {
+            src: self.dst,
+            dst: self.src,
+            proto: self.proto,
+            sport: self.dport,
+            dport: self.sport,
+        }
+    }
+}
+
+/// What happens to a packet arriving on an attached interface, and why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    pub action: Action,
+    /// The reason it is counted under.
+    pub reason: Reason,
+    /// The allow rule or except entry that decided it: ("allow" | "except", index).
+    pub rule: Option<(&'static str, u32)>,
+    /// Judged by the packet it carries (VXLAN), not by itself.
+    pub tunnelled: bool,
+}
+
+/// What the datapath does with a packet arriving on an attached interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Pass,
+    Drop,
+    /// Answered (TCP RST or ICMP administratively prohibited), never delivered.
+    Reject,
+}
+
+/// PRODUCT.md's whole decision for a host with the policy attached: the host whitelist,
+/// the connections that left through an attached interface (their replies, the ICMP errors
+/// about them and the later fragments of admitted replies pass), isolation, and what
+/// REJECT may answer. It remembers connections as the datapath must: those seen leaving
+/// (`egress`) and those an allow rule admitted.
+pub struct Oracle<'p> {
+    policy: &'p Policy,
+    flows: HashSet<Flow>,
+    /// Datagrams (src, dst, IP id, protocol) whose first fragment passed as a reply.
+    frags: HashSet<(IpAddr, IpAddr, u32, u8)>,
+}
+
+impl<'p> Oracle<'p> {
+    pub fn new(policy: &'p Policy) -> Oracle<'p> {
+        Oracle {
+            policy,
+            flows: HashSet::new(),
+            frags: HashSet::new(),
+        }
+    }
+
+    /// A packet leaving through an attached interface: remembered so that its replies
+    /// pass, unless it opens nothing (a RST, an ICMP error or echo reply). Returns whether
+    /// it was remembered.
+    pub fn egress(&mut self, p: &Packet) -> bool {
+        let opens = match &p.body {
+            Body::Tcp { flags, .. } => flags & TCP_RST == 0,
+            Body::Echo { request, .. } => *request,
+            Body::IcmpError { .. } | Body::Other(_) => false,
+            Body::Udp { .. } | Body::Vxlan { .. } => true,
+        };
+        let Some(f) = p.flow().filter(|_| opens) else {
+            return false;
+        };
+        self.flows.insert(f);
+        // The overlay connection inside an outgoing VXLAN datagram is remembered too.
+        if let Body::Vxlan { dport, inner, .. } = &p.body
+            && self.policy.isolation.vxlan_ports.contains(dport)
+            && let Some(fi) = inner.flow()
+            && !matches!(
+                inner.body,
+                Body::IcmpError { .. } | Body::Other(_) | Body::Echo { request: false, .. }
+            )
+            && !matches!(inner.body, Body::Tcp { flags, .. } if flags & TCP_RST != 0)
+        {
+            self.flows.insert(fi);
+        }
+        true
+    }
+
+    fn is_reply(&self, p: &Packet) -> bool {
+        p.flow().is_some_and(|f| self.flows.contains(&f.reversed()))
+    }
+
+    /// An ICMP error about a connection that left from the host it is addressed to.
+    fn is_related(&self, p: &Packet) -> bool {
+        let Body::IcmpError { quoted, .. } = &p.body else {
+            return false;
+        };
+        if matches!(p.frag, Frag::Later(_)) || quoted.src != p.dst {
+            return false;
+        }
+        let quotable = matches!(
+            quoted.body,
+            Body::Tcp { .. }
+                | Body::Udp { .. }
+                | Body::Vxlan { .. }
+                | Body::Echo { request: true, .. }
+        );
+        quotable && quoted.flow().is_some_and(|f| self.flows.contains(&f))
+    }
+
+    fn frag_key(p: &Packet, id: u32) -> (IpAddr, IpAddr, u32, u8) {
+        (p.src, p.dst, id, p.proto())
+    }
+
+    /// A reply passed: its later fragments will follow it.
+    fn remember_fragment(&mut self, p: &Packet) {
+        if let Frag::First(id) = p.frag {
+            self.frags.insert(Self::frag_key(p, id));
+        }
+    }
+
+    fn is_admitted_fragment(&self, p: &Packet) -> bool {
+        matches!(p.frag, Frag::Later(id) if self.frags.contains(&Self::frag_key(p, id)))
+    }
+
+    /// The connection memory's answer, in the order the datapath asks it.
+    fn conntracked(&mut self, p: &Packet) -> Option<Reason> {
+        if self.is_reply(p) {
+            self.remember_fragment(p);
+            Some(Reason::PassEstablished)
+        } else if self.is_related(p) {
+            Some(Reason::PassRelated)
+        } else if self.is_admitted_fragment(p) {
+            Some(Reason::PassFragment)
+        } else {
+            None
+        }
+    }
+
+    /// A packet arriving on an attached interface: what happens to it, and why.
+    pub fn ingress(&mut self, p: &Packet) -> Verdict {
+        let wl = &self.policy.whitelist;
+        let done = |reason: Reason| Verdict {
+            action: action_of(reason),
+            reason,
+            rule: None,
+            tunnelled: false,
+        };
+        // Stage 1: the host whitelist.
+        let mut conntracked = None;
+        let admitted = if !wl.enabled {
+            Reason::PassWhitelistOff
+        } else if wl.allow.iter().any(|n| n.contains(&p.src)) {
+            Reason::PassWhitelist
+        } else if let Some(r) = self.conntracked(p) {
+            conntracked = Some(r);
+            r
+        } else {
+            return done(Reason::DropNotWhitelisted);
+        };
+        // Stage 2: isolation, once there are networks.
+        if self.policy.networks.is_empty() {
+            return done(admitted);
+        }
+        let (judged, conntracked, can_reject, tunnelled) = match &p.body {
+            Body::Vxlan { dport, inner, .. }
+                if self.policy.isolation.vxlan_ports.contains(dport)
+                    && !matches!(p.frag, Frag::Later(_)) =>
+            {
+                // The inner packet, judged by isolation alone (the outer connection says
+                // nothing about it); inside a tunnel a deny is a drop, never answered.
+                (inner.as_ref(), None, false, true)
+            }
+            // Datagrams to a VXLAN port are tunnels: one that carries no frame cannot be
+            // judged, and what cannot be judged is dropped.
+            Body::Udp { dport, .. }
+                if self.policy.isolation.vxlan_ports.contains(dport)
+                    && !matches!(p.frag, Frag::Later(_)) =>
+            {
+                return done(Reason::DropMalformed);
+            }
+            _ => (p, conntracked, true, false),
+        };
+        let mut judged = judged.clone();
+        // Inside a tunnel IPv6 extension headers are not walked: a fragment header hides
+        // the L4 header, so the inner packet is judged as one without ports.
+        if tunnelled && judged.src.is_ipv6() && matches!(judged.frag, Frag::First(_)) {
+            judged.body = Body::Other(judged.proto());
+        }
+        let reason = self
+            .isolation_verdict(&judged, conntracked, can_reject)
+            .unwrap_or(admitted);
+        let rule = match reason {
+            Reason::PassAllow | Reason::PassExcept => self.deciding_rule(&judged),
+            _ => None,
+        };
+        Verdict {
+            action: action_of(reason),
+            reason,
+            rule,
+            tunnelled,
+        }
+    }
+
+    fn isolation_verdict(
+        &mut self,
+        p: &Packet,
+        conntracked: Option<Reason>,
+        can_reject: bool,
+    ) -> Option<Reason> {
+        let pkt = p.pkt();
+        // Except and hairpin first; a connection already allowed next; then the rules.
+        match isolation(self.policy, &pkt, false) {
+            Decision::NotSubject => return None,
+            Decision::Except(_) => return Some(Reason::PassExcept),
+            Decision::Hairpin => return Some(Reason::PassHairpin),
+            _ => {}
+        }
+        if let Some(r) = conntracked.or_else(|| self.conntracked(p)) {
+            return Some(r);
+        }
+        Some(match isolation(self.policy, &pkt, false) {
+            Decision::Allow(_) => {
+                if let Some(f) = p.flow() {
+                    self.flows.insert(f);
+                }
+                Reason::PassAllow
+            }
+            Decision::DefaultAccept => Reason::PassDefault,
+            _ if self.policy.isolation.reject && can_reject && p.answerable() => {
+                Reason::RejectIsolated
+            }
+            _ => Reason::DropIsolated,
+        })
+    }
+
+    /// The allow rule or except entry that decides a packet (for per-rule counters):
+    /// ("allow" or "except", its index).
+    pub fn deciding_rule(&self, p: &Packet) -> Option<(&'static str, u32)> {
+        match isolation(self.policy, &p.pkt(), false) {
+            Decision::Except(j) => Some(("except", j)),
+            Decision::Allow(k) => Some(("allow", k)),
+            _ => None,
+        }
+    }
+}
+
+fn action_of(r: Reason) -> Action {
+    match r {
+        Reason::RejectIsolated => Action::Reject,
+        r if r.is_drop() => Action::Drop,
+        _ => Action::Pass,
     }
 }

@@ -7,7 +7,7 @@ pub mod dump;
 pub mod iso;
 pub mod netns;
 pub mod pkt;
-pub mod random;
+pub mod scenario;
 pub mod traffic;
 
 use std::path::PathBuf;

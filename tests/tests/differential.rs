@@ -1,32 +1,53 @@
-//! Randomized differential test: the BPF program (through BPF_PROG_TEST_RUN) against the
-//! reference evaluator of PRODUCT.md's semantics (`semantics::isolation`), over random
-//! policies with overlapping networks, CIDR rules, ports and IPv6, and random packets.
+//! Differential test: the real BPF programs (XDP ingress and TC egress, through
+//! BPF_PROG_TEST_RUN) against the oracle of PRODUCT.md (`semantics::Oracle`), on generated
+//! scenarios: a policy written as a policy file and parsed (the parser is inside the loop:
+//! the oracle reads the policy as intended, the datapath what the parser made of its text),
+//! then packets in and out. Every packet must get exactly the oracle's action (PASS, DROP or
+//! REJECT) under exactly its reason, and every rule counter must move as the oracle says.
 //!
-//! Seed: `ISOLATION_SEED` (or `cargo xtask test --seed N`); a failure prints the seed, the
-//! policy as a policy file, and the packet.
+//! Scenarios come from proptest (shrunk to a small one on failure) with a fixed seed,
+//! `ISOLATION_SEED` (or `cargo xtask test --seed N`) to change it, `ISOLATION_DIFF_CASES`
+//! for the number of scenarios. The test prints how many packets got each decision and fails
+//! if any decision of `scenario::DECISIONS` got under 1% of them: a generator that stopped
+//! reaching a decision would otherwise leave it untested.
 
-use std::{collections::HashSet, net::IpAddr};
+use std::{collections::BTreeMap, sync::Mutex};
 
-use aya::programs::{TestRun, TestRunOptions, Xdp};
-use isolation_common::{Reason, maps};
+use aya::{
+    maps::{MapData, PerCpuArray, PerCpuValues},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+};
+use isolation_common::{Counter, LogBucket, Reason, limits, maps};
 use isolation_user::{
-    backend::ebpf::{counters, pins},
-    policy::{self, Policy},
-    semantics::{self, Decision, Pkt},
+    backend::{
+        Backend as _,
+        ebpf::{Ebpf, counters, pins},
+    },
+    policy,
+    semantics::{Action, Oracle, Packet},
     state::Paths,
 };
-use tests::{
-    pkt::{self, V4, V6},
-    random,
+use proptest::{
+    prelude::*,
+    test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner},
 };
+use tests::scenario::{self, DECISIONS, Histogram, Scenario, Step};
 
-const POLICIES: usize = 50;
-const PACKETS: usize = 2000;
-const DEFAULT_SEED: u64 = 20261123;
+const DEFAULT_SEED: u64 = 20261124;
+const DEFAULT_CASES: u32 = 400;
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const TCX_NEXT: u32 = u32::MAX; // -1 as the kernel returns it
 
 struct Dp {
     paths: Paths,
+    backend: Ebpf,
     xdp: Xdp,
+    tc: SchedClassifier,
+    counters: PerCpuArray<MapData, Counter>,
+    reject_bucket: PerCpuArray<MapData, LogBucket>,
+    cpus: usize,
+    generation: u32,
 }
 
 impl Drop for Dp {
@@ -35,176 +56,272 @@ impl Drop for Dp {
     }
 }
 
-fn frame(p: &Pkt) -> Vec<u8> {
-    let l4: Vec<u8> = match (p.proto, p.ports) {
-        (6, Some((s, d))) => pkt::tcp(s, d, pkt::ACK),
-        (17, Some((s, d))) => pkt::udp(s, d, b"x"),
-        (1, Some((id, 0))) => pkt::icmp(8, 0, id, 1, b""),
-        (1, Some((0, id))) => pkt::icmp(0, 0, id, 1, b""),
-        (58, Some((id, 0))) => pkt::icmp(128, 0, id, 1, b""),
-        (58, Some((0, id))) => pkt::icmp(129, 0, id, 1, b""),
-        _ => vec![0u8; 24],
-    };
-    // A packet without readable ports is a later fragment (or a protocol without ports).
-    let later_fragment = p.ports.is_none() && p.proto != 47;
-    match (p.src, p.dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            let mut h = V4::new(&s.to_string(), &d.to_string(), p.proto);
-            if later_fragment {
-                h.frag_offset = 10;
-            }
-            h.frame(&l4)
+impl Dp {
+    fn new() -> Dp {
+        let id = tests::unique("isod");
+        let paths = Paths {
+            pin_dir: format!("/sys/fs/bpf/{id}").into(),
+            state_dir: std::env::temp_dir().join(&id),
+        };
+        pins::ensure_pin_dir(&paths).unwrap();
+        pins::load_and_pin(&paths).unwrap();
+        let xdp = Xdp::from_pin(
+            paths.prog("xdp"),
+            aya_obj::programs::XdpAttachType::Interface,
+        )
+        .unwrap();
+        let tc = SchedClassifier::from_pin(paths.prog("tc")).unwrap();
+        let open = |name: &str| {
+            aya::maps::Map::from_map_data(MapData::from_pin(paths.map(name)).unwrap()).unwrap()
+        };
+        Dp {
+            backend: Ebpf::new(paths.clone()),
+            counters: open(maps::COUNTERS).try_into().unwrap(),
+            reject_bucket: open(maps::REJECT_BUCKET).try_into().unwrap(),
+            cpus: aya::util::nr_cpus().unwrap().get() as usize,
+            xdp,
+            tc,
+            paths,
+            generation: 0,
         }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            let mut h = V6::new(&s.to_string(), &d.to_string(), p.proto);
-            if later_fragment {
-                h.ext = vec![(44, pkt::v6_frag_body(10, false, 7))];
+    }
+
+    fn count(&self, r: Reason) -> u64 {
+        self.counters
+            .get(&(r as u32), 0)
+            .unwrap()
+            .iter()
+            .map(|c| c.packets)
+            .sum()
+    }
+
+    fn rules(&self) -> Vec<u64> {
+        counters::rule_counters(&self.paths)
+            .unwrap()
+            .iter()
+            .map(|c| c.packets)
+            .collect()
+    }
+
+    fn all(&self) -> Vec<u64> {
+        Reason::ALL.iter().map(|r| self.count(*r)).collect()
+    }
+
+    /// A full bucket of REJECT answers, so the rate limit never decides a verdict here.
+    fn refill(&mut self) {
+        let full = PerCpuValues::try_from(vec![LogBucket::default(); self.cpus]).unwrap();
+        self.reject_bucket.set(0, full, 0).unwrap();
+    }
+
+    /// Runs XDP ingress (or TC egress) on a frame; its return value.
+    fn run(&self, frame: &[u8], egress: bool) -> u32 {
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..Default::default()
+        };
+        let r = if egress {
+            self.tc.test_run(opts)
+        } else {
+            self.xdp.test_run(opts)
+        };
+        r.expect("BPF_PROG_TEST_RUN").return_value
+    }
+}
+
+fn action_name(a: u32) -> &'static str {
+    match a {
+        XDP_DROP => "DROP",
+        XDP_PASS => "PASS",
+        _ => "?",
+    }
+}
+
+fn describe(sc: &Scenario, at: usize) -> String {
+    let mut s = format!("policy file:\n{}\nsteps:\n", sc.toml);
+    for (i, st) in sc.steps.iter().enumerate().take(at + 1) {
+        s.push_str(&format!("  {i}: {st:?}\n"));
+    }
+    s
+}
+
+fn check(dp: &mut Dp, sc: &Scenario, hist: &mut Histogram) -> Result<(), TestCaseError> {
+    // The datapath gets what the parser makes of the text, through the backend as the
+    // engine drives it; the oracle reads the policy as it was meant.
+    let parsed = policy::parse("generated.toml", &sc.toml)
+        .map_err(|e| TestCaseError::fail(format!("the parser refused: {e}\n{}", sc.toml)))?;
+    dp.generation += 1;
+    dp.backend
+        .apply(
+            &parsed,
+            Some(&parsed.whitelist.allow),
+            dp.generation,
+            &mut |_| {},
+        )
+        .map_err(|e| TestCaseError::fail(format!("apply: {e:#}\n{}", sc.toml)))?;
+    for m in [maps::CONNTRACK, maps::FRAGS] {
+        counters::clear_map(&dp.paths, m).unwrap();
+    }
+    let mut oracle = Oracle::new(&sc.policy);
+    let (before, rules_before) = (dp.all(), dp.rules());
+    let mut want = vec![0u64; before.len()];
+    let mut want_rules = vec![0u64; rules_before.len()];
+    for (i, step) in sc.steps.iter().enumerate() {
+        let (p, egress): (&Packet, bool) = match step {
+            Step::In(p) => (p, false),
+            Step::Out(p) => (p, true),
+        };
+        let frame = scenario::frame(p);
+        let (reason, want_action, name) = if egress {
+            let r = if oracle.egress(p) {
+                Reason::EgressTracked
+            } else {
+                Reason::EgressIgnored
+            };
+            (r, TCX_NEXT, "egress".to_string())
+        } else {
+            let v = oracle.ingress(p);
+            if let Some((kind, k)) = v.rule {
+                let at = if kind == "except" {
+                    limits::ALLOW_RULES + k as usize
+                } else {
+                    k as usize
+                };
+                want_rules[at] += 1;
             }
-            h.frame(&l4)
+            let a = match v.action {
+                Action::Drop => XDP_DROP,
+                // REJECT: XDP tags the packet for TC ingress to answer, and passes it.
+                Action::Pass | Action::Reject => XDP_PASS,
+            };
+            if v.tunnelled {
+                *hist.entry("vxlan".into()).or_default() += 1;
+            }
+            (v.reason, a, v.reason.name().to_string())
+        };
+        *hist.entry(name).or_default() += 1;
+        want[reason as usize] += 1;
+        dp.refill();
+        let n = dp.count(reason);
+        let got = dp.run(&frame, egress);
+        let moved = dp.count(reason) - n;
+        if got != want_action || moved != 1 {
+            return Err(TestCaseError::fail(format!(
+                "step {i}: the oracle says {} under '{}', the datapath returned {} {}\n{}",
+                if egress {
+                    "TC next"
+                } else {
+                    action_name(want_action)
+                },
+                reason.name(),
+                if egress {
+                    format!("{}", got as i32)
+                } else {
+                    action_name(got).to_string()
+                },
+                if moved == 1 {
+                    "under that reason".to_string()
+                } else {
+                    "under another reason".to_string()
+                },
+                describe(sc, i)
+            )));
         }
-        _ => unreachable!("same family"),
     }
-}
-
-fn expected_reason(d: Decision, p: &Policy, pkt: &Pkt) -> Reason {
-    match d {
-        Decision::NotSubject => Reason::PassWhitelistOff,
-        Decision::Except(_) => Reason::PassExcept,
-        Decision::Hairpin => Reason::PassHairpin,
-        Decision::Established => Reason::PassEstablished,
-        Decision::Allow(_) => Reason::PassAllow,
-        Decision::DefaultAccept => Reason::PassDefault,
-        Decision::Deny if p.isolation.reject && pkt.answerable() => Reason::RejectIsolated,
-        Decision::Deny => Reason::DropIsolated,
+    // Nothing else moved: every reason and every rule counter exactly as the oracle says.
+    let moved: Vec<u64> = dp.all().iter().zip(&before).map(|(a, b)| a - b).collect();
+    if moved != want {
+        return Err(TestCaseError::fail(format!(
+            "reason counters moved {moved:?}, the oracle says {want:?}\n{}",
+            describe(sc, sc.steps.len())
+        )));
     }
-}
-
-fn counters(dp: &Dp) -> Vec<u64> {
-    counters::counters(&dp.paths)
-        .unwrap()
+    let rules: Vec<u64> = dp
+        .rules()
         .iter()
-        .map(|(_, c)| c.packets)
-        .collect()
-}
-
-fn rule_counters(dp: &Dp) -> Vec<u64> {
-    counters::rule_counters(&dp.paths)
-        .unwrap()
-        .iter()
-        .map(|c| c.packets)
-        .collect()
-}
-
-fn flush_flows(dp: &Dp) {
-    for name in [maps::CONNTRACK, maps::FRAGS] {
-        counters::clear_map(&dp.paths, name).unwrap();
+        .zip(&rules_before)
+        .map(|(a, b)| a - b)
+        .collect();
+    if rules != want_rules {
+        let diff: Vec<(usize, u64, u64)> = rules
+            .iter()
+            .zip(&want_rules)
+            .enumerate()
+            .filter(|(_, (a, b))| a != b)
+            .map(|(i, (a, b))| (i, *a, *b))
+            .collect();
+        return Err(TestCaseError::fail(format!(
+            "rule counters (index, got, oracle): {diff:?}\n{}",
+            describe(sc, sc.steps.len())
+        )));
     }
+    Ok(())
 }
 
 #[test]
-fn bpf_agrees_with_the_reference() {
+fn bpf_agrees_with_the_oracle() {
     if !tests::can_run("differential BPF test") {
         return;
     }
-    let seed = std::env::var("ISOLATION_SEED")
+    let seed: u64 = std::env::var("ISOLATION_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(DEFAULT_SEED);
-    let id = tests::unique("isod");
-    let paths = Paths {
-        pin_dir: format!("/sys/fs/bpf/{id}").into(),
-        state_dir: std::env::temp_dir().join(&id),
+    let cases: u32 = std::env::var("ISOLATION_DIFF_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(DEFAULT_CASES);
+    let mut seed_bytes = [0u8; 32];
+    seed_bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    let config = Config {
+        cases,
+        failure_persistence: None,
+        max_shrink_iters: 4000,
+        ..Config::default()
     };
-    pins::ensure_pin_dir(&paths).unwrap();
-    pins::load_and_pin(&paths).unwrap();
-    let xdp = Xdp::from_pin(
-        paths.prog("xdp"),
-        aya_obj::programs::XdpAttachType::Interface,
-    )
-    .unwrap();
-    let dp = Dp { paths, xdp };
-
-    let mut r = random::Rng::new(seed);
-    let mut checked = 0;
-    for round in 0..POLICIES {
-        let policy = random::policy(&mut r);
-        tests::apply(&dp.paths, &policy, round as u32 + 1);
-        flush_flows(&dp);
-        let mut flows: HashSet<Pkt> = HashSet::new();
-        let before = counters(&dp);
-        let rules_before = rule_counters(&dp);
-        let mut want = vec![0u64; before.len()];
-        let mut want_rules = vec![0u64; rules_before.len()];
-        for i in 0..PACKETS {
-            let p = random::packet(&mut r);
-            let established = p.ports.is_some() && flows.contains(&p.reversed());
-            let d = semantics::isolation(&policy, &p, established);
-            match d {
-                Decision::Allow(k) => {
-                    want_rules[k as usize] += 1;
-                    if p.ports.is_some() {
-                        flows.insert(p);
-                    }
-                }
-                Decision::Except(j) => want_rules[64 + j as usize] += 1,
-                _ => {}
+    let mut runner = TestRunner::new_with_rng(
+        config,
+        TestRng::from_seed(RngAlgorithm::ChaCha, &seed_bytes),
+    );
+    let dp = Mutex::new(Dp::new());
+    let hist = Mutex::new(Histogram::new());
+    let packets = Mutex::new(0u64);
+    let result = runner.run(&prop::collection::vec(any::<u32>(), 0..6000), |choices| {
+        let sc = scenario::build(&choices);
+        let mut h = Histogram::new();
+        let r = check(&mut dp.lock().unwrap(), &sc, &mut h);
+        if r.is_ok() {
+            for (k, v) in h {
+                *hist.lock().unwrap().entry(k).or_default() += v;
             }
-            let reason = expected_reason(d, &policy, &p);
-            want[reason as usize] += 1;
-            let f = frame(&p);
-            let mut out = vec![0u8; f.len() + 64];
-            let got = dp
-                .xdp
-                .test_run(TestRunOptions {
-                    data_in: Some(&f),
-                    data_out: Some(&mut out),
-                    repeat: 1,
-                    ..Default::default()
-                })
-                .unwrap()
-                .return_value;
-            // A reject leaves XDP as PASS, tagged for TC ingress to answer, or as DROP once
-            // the answers' rate limit is reached.
-            let ok = match reason {
-                Reason::RejectIsolated => got == 2 || got == 1,
-                r if r.is_drop() => got == 1,
-                _ => got == 2,
-            };
-            assert!(
-                ok,
-                "seed {seed}, policy {round}, packet {i}: the reference says {d:?} ({reason:?}), BPF returned {}\n\
-                 packet: {p:?} (established: {established})\npolicy:\n{}",
-                if got == 1 { "DROP" } else { "PASS" },
-                policy::to_toml(&policy)
-            );
-            checked += 1;
+            *packets.lock().unwrap() += sc.steps.len() as u64;
         }
-        // Reasons and deciding rules, per policy: the counters must have moved exactly so.
-        let after = counters(&dp);
-        let mut moved: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
-        // Rate-limited rejects are rejects.
-        moved[Reason::RejectIsolated as usize] += moved[Reason::DropRejectLimited as usize];
-        moved[Reason::DropRejectLimited as usize] = 0;
-        for (i, (m, w)) in moved.iter().zip(&want).enumerate() {
-            assert_eq!(
-                m,
-                w,
-                "seed {seed}, policy {round}: reason {:?} counted {m}, expected {w}\npolicy:\n{}",
-                Reason::from_u32(i as u32),
-                policy::to_toml(&policy)
-            );
-        }
-        let rules_moved: Vec<u64> = rule_counters(&dp)
-            .iter()
-            .zip(&rules_before)
-            .map(|(a, b)| a - b)
-            .collect();
-        assert_eq!(
-            rules_moved,
-            want_rules,
-            "seed {seed}, policy {round}: per-rule counters\npolicy:\n{}",
-            policy::to_toml(&policy)
+        r
+    });
+    if let Err(e) = result {
+        panic!("seed {seed}: the datapath and the oracle disagree (shrunk case):\n{e}");
+    }
+    let hist = hist.into_inner().unwrap();
+    let total = packets.into_inner().unwrap();
+    let mut report = format!("differential, seed {seed}: {total} packets in {cases} scenarios\n");
+    let mut all: BTreeMap<&str, u64> = BTreeMap::new();
+    for (k, v) in &hist {
+        all.insert(k, *v);
+    }
+    for (k, v) in &all {
+        report.push_str(&format!(
+            "  {k:<24} {v:>7}  {:5.1}%\n",
+            *v as f64 * 100.0 / total as f64
+        ));
+    }
+    eprintln!("{report}");
+    for d in DECISIONS {
+        let n = hist.get(*d).copied().unwrap_or(0);
+        assert!(
+            n * 100 >= total,
+            "decision '{d}' got {n} of {total} packets, under 1%: the generator no longer reaches it\n{report}"
         );
     }
-    assert_eq!(checked, POLICIES * PACKETS);
 }
