@@ -492,6 +492,26 @@ mod user {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn lowest_bit_is_trailing_zeros() {
+        for i in 0..64 {
+            assert_eq!(super::lowest_bit(1u64 << i), i);
+            assert_eq!(super::lowest_bit(u64::MAX << i), i);
+        }
+    }
+
+    #[test]
+    fn port_index() {
+        use super::ports::*;
+        assert_eq!(index(6, Some(80)), TCP_BASE + 80);
+        assert_eq!(index(17, Some(53)), UDP_BASE + 53);
+        assert_eq!(index(1, Some(0)), ICMP);
+        assert_eq!(index(58, Some(7)), ICMP);
+        assert_eq!(index(47, Some(0)), OTHER);
+        assert_eq!(index(6, None), NO_PORT);
+        assert!(index(17, Some(u16::MAX)) < LEN);
+    }
+
     use super::*;
     use core::mem::size_of;
 

@@ -132,7 +132,7 @@ pub fn judge(
         count_rule(64 + lowest_bit(ex), len);
         return Some(Reason::PassExcept);
     }
-    if s.nets & d.nets != 0 {
+    if s.nets & d.nets != 0 && !cfg!(feature = "mutant-hairpin-off") {
         return Some(Reason::PassHairpin);
     }
     // The whitelist stage may already have found the packet's connection: same table,
@@ -164,7 +164,11 @@ pub fn judge(
     }
     Some(if flags & iso_flags::DENY == 0 {
         Reason::PassDefault
-    } else if flags & iso_flags::REJECT != 0 && can_reject && crate::reject::answerable(pkt) {
+    } else if flags & iso_flags::REJECT != 0
+        && can_reject
+        && crate::reject::answerable(pkt)
+        && !cfg!(feature = "mutant-reject-as-drop")
+    {
         Reason::RejectIsolated
     } else {
         Reason::DropIsolated

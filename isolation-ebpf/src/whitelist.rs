@@ -35,10 +35,16 @@ pub fn whitelisted(pkt: &Packet) -> bool {
         if WL_V4.get_ptr(&u32::from_ne_bytes(a)).is_some() {
             return true;
         }
+        if cfg!(feature = "mutant-skip-cidr-trie") {
+            return false;
+        }
         WL_V4_LPM.get(&Key::new(32, a)).is_some()
     } else {
         if WL_V6.get_ptr(&pkt.src).is_some() {
             return true;
+        }
+        if cfg!(feature = "mutant-skip-cidr-trie") {
+            return false;
         }
         WL_V6_LPM.get(&Key::new(128, pkt.src)).is_some()
     }

@@ -7,7 +7,7 @@
 //!
 //! Scenarios come from proptest (shrunk to a small one on failure) with a fixed seed,
 //! `ISOLATION_SEED` (or `cargo xtask test --seed N`) to change it, `ISOLATION_DIFF_CASES`
-//! for the number of scenarios. The test prints how many packets got each decision and fails
+//! for the number of scenarios, `ISOLATION_DIFF_SHRINK` to bound the shrinking of a failure. The test prints how many packets got each decision and fails
 //! if any decision of `scenario::DECISIONS` got under 1% of them: a generator that stopped
 //! reaching a decision would otherwise leave it untested.
 
@@ -174,6 +174,7 @@ fn check(dp: &mut Dp, sc: &Scenario, hist: &mut Histogram) -> Result<(), TestCas
             Step::Out(p) => (p, true),
         };
         let frame = scenario::frame(p);
+        let mut label = "TC next";
         let (reason, want_action, name) = if egress {
             let r = if oracle.egress(p) {
                 Reason::EgressTracked
@@ -191,6 +192,11 @@ fn check(dp: &mut Dp, sc: &Scenario, hist: &mut Histogram) -> Result<(), TestCas
                 };
                 want_rules[at] += 1;
             }
+            label = match v.action {
+                Action::Drop => "DROP",
+                Action::Pass => "PASS",
+                Action::Reject => "REJECT (XDP PASS, tagged)",
+            };
             let a = match v.action {
                 Action::Drop => XDP_DROP,
                 // REJECT: XDP tags the packet for TC ingress to answer, and passes it.
@@ -210,11 +216,7 @@ fn check(dp: &mut Dp, sc: &Scenario, hist: &mut Histogram) -> Result<(), TestCas
         if got != want_action || moved != 1 {
             return Err(TestCaseError::fail(format!(
                 "step {i}: the oracle says {} under '{}', the datapath returned {} {}\n{}",
-                if egress {
-                    "TC next"
-                } else {
-                    action_name(want_action)
-                },
+                label,
                 reason.name(),
                 if egress {
                     format!("{}", got as i32)
@@ -278,7 +280,10 @@ fn bpf_agrees_with_the_oracle() {
     let config = Config {
         cases,
         failure_persistence: None,
-        max_shrink_iters: 4000,
+        max_shrink_iters: std::env::var("ISOLATION_DIFF_SHRINK")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(4000),
         ..Config::default()
     };
     let mut runner = TestRunner::new_with_rng(

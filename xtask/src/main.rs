@@ -4,6 +4,7 @@
 mod bench;
 mod build;
 mod demo;
+mod mutants;
 mod setup;
 mod test;
 mod util;
@@ -27,6 +28,8 @@ enum Cmd {
     Test(test::Options),
     /// Build a small network of namespaces, load a policy, show traffic allowed and denied.
     Demo(demo::Options),
+    /// Deliberate bugs the differential test must catch: proves it can fail.
+    Mutants(mutants::Options),
     /// Verdict cost, load time and edit latency against their baselines: BENCHMARKS.md.
     Bench(bench::Options),
 }
@@ -38,6 +41,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Test(o) => test::run(o),
         Cmd::Demo(o) => demo::run(o),
         Cmd::Bench(o) => bench::run(o),
+        Cmd::Mutants(o) => mutants::run(o),
     };
     match r {
         Ok(()) => std::process::ExitCode::SUCCESS,

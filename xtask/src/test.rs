@@ -4,7 +4,7 @@
 use anyhow::Result;
 
 use crate::{
-    bench, build, setup,
+    bench, build, mutants, setup,
     util::{self, cmd, exec},
 };
 
@@ -53,6 +53,10 @@ pub fn run(o: Options) -> Result<()> {
         c.env("ISOLATION_REQUIRE_E2E", "1");
     }
     exec(&mut c)?;
+    // The differential test must be able to fail: each deliberate bug is caught.
+    if !o.allow_skip || util::is_root() {
+        mutants::run(mutants::Options::default())?;
+    }
     // The benchmark code runs once so it cannot rot; its figures go under target/.
     if !o.no_bench && util::is_root() {
         bench::run(bench::Options::quick())?;

@@ -122,7 +122,13 @@ pub fn compile(p: &Policy) -> Result<Compiled, String> {
     let mut prefixes = Vec::with_capacity(own.len());
     for net in own.keys() {
         let mut e = NetEntry::default();
-        for len in 0..=net.prefix_len() {
+        // (The mutant keeps only the prefix's own bits: the differential test must notice.)
+        let shortest = if cfg!(feature = "mutant-no-containment") {
+            net.prefix_len()
+        } else {
+            0
+        };
+        for len in shortest..=net.prefix_len() {
             let sup = IpNet::new(net.addr(), len).expect("shorter prefix").trunc();
             if let Some(o) = own.get(&sup) {
                 e.nets |= o.nets;
@@ -161,6 +167,11 @@ pub fn compile(p: &Policy) -> Result<Compiled, String> {
                 PortSpec::Tcp(lo, hi) => (ports::TCP_BASE, lo, hi),
                 PortSpec::Udp(lo, hi) => (ports::UDP_BASE, lo, hi),
                 PortSpec::Icmp => (ports::ICMP, 0, 0),
+            };
+            let hi = if cfg!(feature = "mutant-port-range-end") && hi > lo {
+                hi - 1
+            } else {
+                hi
             };
             for port in lo..=hi {
                 table[(base + port as u32) as usize] |= bit;
