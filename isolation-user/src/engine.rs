@@ -8,10 +8,7 @@
 //! "Nothing is ever half applied" is kept here once: a change refused at any step leaves
 //! the backend and the store as they were. Nothing here prints.
 
-use std::{
-    collections::{BTreeMap, HashSet},
-    fs,
-};
+use std::{collections::HashSet, fs};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use ipnet::IpNet;
@@ -20,7 +17,7 @@ use serde::Serialize;
 use crate::{
     backend::{self, Backend, Choice, Limits},
     lockout,
-    policy::{self, Endpoint, Lines, Policy, WhitelistSizes},
+    policy::{self, Endpoint, Lines, Policy, WHITELIST_KINDS, WhitelistSizes},
     state::{IfaceState, Paths, State},
     store::Store,
 };
@@ -91,7 +88,8 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
     let _lock = paths.lock()?;
     let store = Store::new(paths);
     let state = State::load(paths)?;
-    let generation = store.meta()?.generation.wrapping_add(1).max(1);
+    let meta = store.meta()?;
+    let generation = meta.generation.wrapping_add(1).max(1);
     match change {
         Change::Load {
             ifaces,
@@ -119,7 +117,7 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
             store.put_whole(&policy, generation)?;
             st.backend = b.kind();
             if st.object_hash.is_empty() || done.fresh {
-                st.object_hash = backend::ebpf::pins::object_hash();
+                st.object_hash = done.build.clone();
             }
             for w in &done.attached {
                 st.interfaces.retain(|i| i.name != w.name);
@@ -153,8 +151,7 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
             let message = edit(&mut p)?;
             policy::validate(&p)
                 .map_err(|e| anyhow!("refused, the live policy is unchanged: {e}"))?;
-            let sizes = store.meta()?.whitelist.into();
-            check_limits(&p, sizes, None, &b.limits(), b.kind().name())?;
+            check_limits(&p, meta.whitelist, None, &b.limits(), b.kind().name())?;
             b.apply(&p, None, generation, opts.progress)?;
             store.put_rules(&p, generation)?;
             Ok(outcome(generation, b.as_ref(), Done::Rules { message }))
@@ -162,12 +159,9 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
         Change::WhitelistAdd(add) => {
             let mut b = backend::installed(paths, state.as_ref())?;
             // At most this many are new: checking the bound needs no read of the whitelist.
-            let mut sizes: WhitelistSizes = store.meta()?.whitelist.into();
-            let more = WhitelistSizes::of(&add);
-            sizes.exact_v4 += more.exact_v4;
-            sizes.lpm_v4 += more.lpm_v4;
-            sizes.exact_v6 += more.exact_v6;
-            sizes.lpm_v6 += more.lpm_v6;
+            let sizes = meta
+                .whitelist
+                .changed(WhitelistSizes::of(&add), WhitelistSizes::default());
             check_whitelist_sizes(sizes, &b.limits(), b.kind().name())?;
             let d = b.edit_whitelist(&add, &[], generation, opts.progress)?;
             store.put_whitelist_edit(false, &d.added, &d.removed, generation)?;
@@ -282,10 +276,7 @@ pub struct Unloaded {
 pub fn unload(paths: &Paths, iface: Option<&str>) -> Result<Unloaded> {
     let _lock = paths.lock()?;
     let mut st = State::load(paths)?;
-    let kind = st.as_ref().map(|s| s.backend);
-    let mut b: Box<dyn Backend> = match kind {
-        Some(backend::Kind::Ebpf) | None => Box::new(backend::ebpf::Ebpf::new(paths.clone())),
-    };
+    let mut b = backend::recorded(paths, st.as_ref());
     let mut errs = Vec::new();
     if let Some(iface) = iface
         && let Some(s) = st.as_mut()
@@ -404,129 +395,84 @@ pub fn check_limits(
     }
     // Distinct prefixes per family, walked in file order.
     let mut items: Vec<(usize, IpNet)> = Vec::new();
+    let line_of = |v: Option<&Vec<usize>>, i: usize| v.and_then(|v| v.get(i).copied()).unwrap_or(0);
     for (name, subnets) in &p.networks {
         let ls = lines.and_then(|x| x.subnets.get(name));
         for (i, s) in subnets.iter().enumerate() {
-            items.push((ls.and_then(|v| v.get(i).copied()).unwrap_or(0), s.trunc()));
+            items.push((line_of(ls, i), s.trunc()));
         }
     }
-    let rule_ends = p
-        .isolation
-        .allow
-        .iter()
-        .map(|r| (&r.from, &r.to))
-        .zip(
-            lines
-                .map(|x| x.allow.clone())
-                .unwrap_or_default()
-                .into_iter()
-                .chain(std::iter::repeat(0)),
-        )
-        .chain(
-            p.isolation.except.iter().map(|r| (&r.from, &r.to)).zip(
-                lines
-                    .map(|x| x.except.clone())
-                    .unwrap_or_default()
-                    .into_iter()
-                    .chain(std::iter::repeat(0)),
-            ),
-        );
-    for ((from, to), line) in rule_ends {
-        for e in [from, to] {
-            if let Endpoint::Cidr(c) = e {
-                items.push((line, c.trunc()));
+    let allow = p.isolation.allow.iter().map(|r| (&r.from, &r.to));
+    let except = p.isolation.except.iter().map(|r| (&r.from, &r.to));
+    for (rules, ls) in [
+        (allow.collect::<Vec<_>>(), lines.map(|x| &x.allow)),
+        (except.collect(), lines.map(|x| &x.except)),
+    ] {
+        for (i, (from, to)) in rules.into_iter().enumerate() {
+            for e in [from, to] {
+                if let Endpoint::Cidr(c) = e {
+                    items.push((line_of(ls, i), c.trunc()));
+                }
             }
         }
     }
     items.sort_by_key(|(line, _)| *line);
-    let mut seen: BTreeMap<bool, HashSet<IpNet>> = BTreeMap::new();
-    let (mut n4, mut n6) = (0, 0);
+    let mut seen: [HashSet<IpNet>; 2] = Default::default();
     let mut first_over: [Option<usize>; 2] = [None, None];
     for (line, net) in &items {
-        let v6 = matches!(net, IpNet::V6(_));
-        if seen.entry(v6).or_default().insert(*net) {
-            let n = if v6 { &mut n6 } else { &mut n4 };
-            *n += 1;
-            if *n == l.prefixes + 1 {
-                first_over[v6 as usize] = Some(*line);
-            }
+        let fam = matches!(net, IpNet::V6(_)) as usize;
+        if seen[fam].insert(*net) && seen[fam].len() == l.prefixes + 1 {
+            first_over[fam] = Some(*line);
         }
     }
-    for (v6, n) in [(false, n4), (true, n6)] {
-        if n > l.prefixes {
-            return Err(over(
-                first_over[v6 as usize],
-                n,
-                if v6 {
-                    "distinct IPv6 prefixes in networks and rules"
-                } else {
-                    "distinct IPv4 prefixes in networks and rules"
-                },
-                l.prefixes,
-            ));
+    for (fam, what) in [
+        "distinct IPv4 prefixes in networks and rules",
+        "distinct IPv6 prefixes in networks and rules",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        if seen[fam].len() > l.prefixes {
+            return Err(over(first_over[fam], seen[fam].len(), what, l.prefixes));
         }
     }
     // The whitelist: with lines, name the entry that goes over.
+    let max = whitelist_limits(l);
     if let Some(x) = lines
         && x.whitelist_entries.len() == p.whitelist.allow.len()
     {
-        let mut count = WhitelistSizes::default();
+        let total = sizes.as_array();
+        let mut count = [0usize; 4];
         for (n, line) in p.whitelist.allow.iter().zip(&x.whitelist_entries) {
-            let (c, max, what) = match n {
-                IpNet::V4(a) if a.prefix_len() == 32 => (
-                    &mut count.exact_v4,
-                    l.whitelist_addresses,
-                    "whitelisted IPv4 addresses",
-                ),
-                IpNet::V4(_) => (
-                    &mut count.lpm_v4,
-                    l.whitelist_cidrs,
-                    "whitelisted IPv4 CIDRs",
-                ),
-                IpNet::V6(a) if a.prefix_len() == 128 => (
-                    &mut count.exact_v6,
-                    l.whitelist_addresses,
-                    "whitelisted IPv6 addresses",
-                ),
-                IpNet::V6(_) => (
-                    &mut count.lpm_v6,
-                    l.whitelist_cidrs,
-                    "whitelisted IPv6 CIDRs",
-                ),
-            };
-            *c += 1;
-            if *c == max + 1 {
-                let total = match n {
-                    IpNet::V4(a) if a.prefix_len() == 32 => sizes.exact_v4,
-                    IpNet::V4(_) => sizes.lpm_v4,
-                    IpNet::V6(a) if a.prefix_len() == 128 => sizes.exact_v6,
-                    IpNet::V6(_) => sizes.lpm_v6,
-                };
-                return Err(over(Some(*line), total, what, max));
+            let k = WhitelistSizes::kind(n);
+            count[k] += 1;
+            if count[k] == max[k] + 1 {
+                let what = format!("whitelisted {}", WHITELIST_KINDS[k]);
+                return Err(over(Some(*line), total[k], &what, max[k]));
             }
         }
     }
     check_whitelist_sizes(sizes, l, backend)
 }
 
+/// What each kind of whitelist entry (`WhitelistSizes::kind`) may number.
+fn whitelist_limits(l: &Limits) -> [usize; 4] {
+    [
+        l.whitelist_addresses,
+        l.whitelist_cidrs,
+        l.whitelist_addresses,
+        l.whitelist_cidrs,
+    ]
+}
+
 fn check_whitelist_sizes(s: WhitelistSizes, l: &Limits, backend: &str) -> Result<()> {
-    for (n, max, what) in [
-        (
-            s.exact_v4,
-            l.whitelist_addresses,
-            "whitelisted IPv4 addresses",
-        ),
-        (s.lpm_v4, l.whitelist_cidrs, "whitelisted IPv4 CIDRs"),
-        (
-            s.exact_v6,
-            l.whitelist_addresses,
-            "whitelisted IPv6 addresses",
-        ),
-        (s.lpm_v6, l.whitelist_cidrs, "whitelisted IPv6 CIDRs"),
-    ] {
-        if n > max {
+    let max = whitelist_limits(l);
+    for (k, n) in s.as_array().into_iter().enumerate() {
+        if n > max[k] {
             bail!(
-                "the whitelist would have {n} {what}; the {backend} backend holds at most {max}, so nothing was changed"
+                "the whitelist would have {n} whitelisted {}; the {backend} backend holds at most {}, so nothing was changed",
+                WHITELIST_KINDS[k],
+                max[k]
             );
         }
     }

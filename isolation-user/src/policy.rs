@@ -459,8 +459,9 @@ pub fn parse_with_lines(file: &str, text: &str) -> Result<(Policy, Lines), Polic
     Ok((policy, lines))
 }
 
-/// How many entries a whitelist puts in each map.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// How many entries a whitelist puts in each map (saved by the store, so edits check the
+/// limits without reading the whitelist).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct WhitelistSizes {
     pub exact_v4: usize,
     pub lpm_v4: usize,
@@ -468,18 +469,46 @@ pub struct WhitelistSizes {
     pub lpm_v6: usize,
 }
 
+/// The whitelist's kinds of entries, in the order of `WhitelistSizes::kind`.
+pub const WHITELIST_KINDS: [&str; 4] = [
+    "IPv4 addresses",
+    "IPv4 CIDRs",
+    "IPv6 addresses",
+    "IPv6 CIDRs",
+];
+
 impl WhitelistSizes {
-    pub fn of<'a>(nets: impl IntoIterator<Item = &'a IpNet>) -> Self {
-        let mut s = WhitelistSizes::default();
-        for n in nets {
-            match n {
-                IpNet::V4(n) if n.prefix_len() == 32 => s.exact_v4 += 1,
-                IpNet::V4(_) => s.lpm_v4 += 1,
-                IpNet::V6(n) if n.prefix_len() == 128 => s.exact_v6 += 1,
-                IpNet::V6(_) => s.lpm_v6 += 1,
-            }
+    /// Which map an entry goes to: 0 exact IPv4, 1 IPv4 CIDR, 2 exact IPv6, 3 IPv6 CIDR.
+    pub fn kind(n: &IpNet) -> usize {
+        let v6 = matches!(n, IpNet::V6(_));
+        2 * v6 as usize + (n.prefix_len() != n.max_prefix_len()) as usize
+    }
+
+    pub fn as_array(&self) -> [usize; 4] {
+        [self.exact_v4, self.lpm_v4, self.exact_v6, self.lpm_v6]
+    }
+
+    fn from_array(a: [usize; 4]) -> Self {
+        WhitelistSizes {
+            exact_v4: a[0],
+            lpm_v4: a[1],
+            exact_v6: a[2],
+            lpm_v6: a[3],
         }
-        s
+    }
+
+    pub fn of<'a>(nets: impl IntoIterator<Item = &'a IpNet>) -> Self {
+        let mut a = [0; 4];
+        for n in nets {
+            a[Self::kind(n)] += 1;
+        }
+        Self::from_array(a)
+    }
+
+    /// These sizes with `more` added and `less` taken away.
+    pub fn changed(self, more: Self, less: Self) -> Self {
+        let (s, m, l) = (self.as_array(), more.as_array(), less.as_array());
+        Self::from_array(std::array::from_fn(|i| (s[i] + m[i]).saturating_sub(l[i])))
     }
 }
 

@@ -37,40 +37,9 @@ const COMPACT_SLACK: u64 = 64 * 1024;
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Meta {
     pub generation: u32,
-    pub whitelist: Sizes,
+    pub whitelist: WhitelistSizes,
     pub snapshot_entries: u64,
     pub journal_records: u64,
-}
-
-/// `WhitelistSizes` as stored.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Sizes {
-    pub exact_v4: u64,
-    pub cidr_v4: u64,
-    pub exact_v6: u64,
-    pub cidr_v6: u64,
-}
-
-impl From<WhitelistSizes> for Sizes {
-    fn from(s: WhitelistSizes) -> Sizes {
-        Sizes {
-            exact_v4: s.exact_v4 as u64,
-            cidr_v4: s.lpm_v4 as u64,
-            exact_v6: s.exact_v6 as u64,
-            cidr_v6: s.lpm_v6 as u64,
-        }
-    }
-}
-
-impl From<Sizes> for WhitelistSizes {
-    fn from(s: Sizes) -> WhitelistSizes {
-        WhitelistSizes {
-            exact_v4: s.exact_v4 as usize,
-            lpm_v4: s.cidr_v4 as usize,
-            exact_v6: s.exact_v6 as usize,
-            lpm_v6: s.cidr_v6 as usize,
-        }
-    }
 }
 
 pub struct Store {
@@ -145,16 +114,19 @@ impl Store {
     /// The whitelist entries: the snapshot, then the journal replayed over it.
     pub fn whitelist(&self) -> Result<Vec<IpNet>> {
         let mut set = Ordered::default();
-        for_lines(&self.snapshot_file(), |line, at| {
-            set.insert(parse_entry(line, at)?);
+        for_lines(&self.snapshot_file(), |line| {
+            set.insert(policy::parse_net(line)?);
             Ok(())
         })?;
-        for_lines(&self.journal_file(), |line, at| {
-            match line.split_at(1) {
-                ("+", e) => set.insert(parse_entry(e, at)?),
-                ("-", e) => set.remove(&parse_entry(e, at)?),
-                ("*", _) => set = Ordered::default(),
-                _ => anyhow::bail!("{at}: not a journal record: '{line}'"),
+        for_lines(&self.journal_file(), |line| {
+            if let Some(e) = line.strip_prefix('+') {
+                set.insert(policy::parse_net(e)?);
+            } else if let Some(e) = line.strip_prefix('-') {
+                set.remove(&policy::parse_net(e)?);
+            } else if line == "*" {
+                set = Ordered::default();
+            } else {
+                return Err(format!("not a journal record: '{line}'"));
             }
             Ok(())
         })?;
@@ -167,7 +139,7 @@ impl Store {
         self.put_snapshot(&p.whitelist.allow)?;
         self.put_meta(&Meta {
             generation,
-            whitelist: WhitelistSizes::of(&p.whitelist.allow).into(),
+            whitelist: WhitelistSizes::of(&p.whitelist.allow),
             snapshot_entries: p.whitelist.allow.len() as u64,
             journal_records: 0,
         })
@@ -204,7 +176,7 @@ impl Store {
         if flush {
             writeln!(w, "*")?;
             records += 1;
-            m.whitelist = Sizes::default();
+            m.whitelist = WhitelistSizes::default();
         }
         let mut line = Vec::with_capacity(64);
         for (mark, list) in [(b'-', removed), (b'+', added)] {
@@ -219,21 +191,18 @@ impl Store {
         let file = w.into_inner().map_err(|e| e.into_error())?;
         file.sync_data()
             .with_context(|| format!("cannot write {}", f.display()))?;
-        let (a, r) = (WhitelistSizes::of(added), WhitelistSizes::of(removed));
-        let s = &mut m.whitelist;
-        s.exact_v4 = (s.exact_v4 + a.exact_v4 as u64).saturating_sub(r.exact_v4 as u64);
-        s.cidr_v4 = (s.cidr_v4 + a.lpm_v4 as u64).saturating_sub(r.lpm_v4 as u64);
-        s.exact_v6 = (s.exact_v6 + a.exact_v6 as u64).saturating_sub(r.exact_v6 as u64);
-        s.cidr_v6 = (s.cidr_v6 + a.lpm_v6 as u64).saturating_sub(r.lpm_v6 as u64);
+        m.whitelist = m
+            .whitelist
+            .changed(WhitelistSizes::of(added), WhitelistSizes::of(removed));
         m.generation = generation;
         m.journal_records += records;
-        let live = s.exact_v4 + s.cidr_v4 + s.exact_v6 + s.cidr_v6;
-        if m.journal_records > 2 * (m.snapshot_entries + live) + COMPACT_SLACK {
+        let live: usize = m.whitelist.as_array().iter().sum();
+        if m.journal_records > 2 * (m.snapshot_entries + live as u64) + COMPACT_SLACK {
             let all = self.whitelist()?;
             self.put_snapshot(&all)?;
             m.snapshot_entries = all.len() as u64;
             m.journal_records = 0;
-            m.whitelist = WhitelistSizes::of(&all).into();
+            m.whitelist = WhitelistSizes::of(&all);
         }
         self.put_meta(&m)
     }
@@ -340,12 +309,9 @@ fn drop_torn_tail(f: &fs::File) -> std::io::Result<()> {
     f.set_len(keep)
 }
 
-fn parse_entry(s: &str, at: &str) -> Result<IpNet> {
-    policy::parse_net(s).map_err(|r| anyhow::anyhow!("{at}: {r}"))
-}
-
-/// Calls `f` on each complete line (a torn last line, from a crash mid-append, is skipped).
-fn for_lines(path: &PathBuf, mut f: impl FnMut(&str, &str) -> Result<()>) -> Result<()> {
+/// Calls `f` on each complete line (a torn last line, from a crash mid-append, is skipped);
+/// an error it returns is named after the file and line.
+fn for_lines(path: &PathBuf, mut f: impl FnMut(&str) -> Result<(), String>) -> Result<()> {
     let file = match fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -367,7 +333,7 @@ fn for_lines(path: &PathBuf, mut f: impl FnMut(&str, &str) -> Result<()>) -> Res
             return Ok(());
         };
         if !l.is_empty() {
-            f(l, &format!("{}:{n}", path.display()))?;
+            f(l).map_err(|r| anyhow::anyhow!("{}:{n}: {r}", path.display()))?;
         }
     }
 }
@@ -445,11 +411,11 @@ mod tests {
         assert_eq!(m.generation, 3);
         assert_eq!(
             m.whitelist,
-            Sizes {
+            WhitelistSizes {
                 exact_v4: 2,
-                cidr_v4: 1,
+                lpm_v4: 1,
                 exact_v6: 1,
-                cidr_v6: 0
+                lpm_v6: 0
             }
         );
         st.put_whitelist_edit(true, &nets(&["198.51.100.1"]), &[], 4)

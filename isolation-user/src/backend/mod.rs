@@ -68,6 +68,8 @@ pub struct Installed {
     pub attached: Vec<IfaceState>,
     /// Connections already open, remembered so they keep working.
     pub seeded: usize,
+    /// Which build of the datapath is installed (kept in the state file, to refuse mixing).
+    pub build: String,
 }
 
 /// The whitelist entries an edit really changed (an entry added twice is added once).
@@ -118,6 +120,16 @@ pub enum Verdict {
     Pass,
     Drop,
     Reject,
+}
+
+impl Verdict {
+    pub fn name(self) -> &'static str {
+        match self {
+            Verdict::Pass => "pass",
+            Verdict::Drop => "drop",
+            Verdict::Reject => "reject",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -225,12 +237,16 @@ pub fn select(paths: &Paths, choice: Choice) -> Result<Box<dyn Backend>> {
     }
 }
 
+/// The backend the state file names (eBPF when there is none), installed or not.
+pub fn recorded(paths: &Paths, state: Option<&State>) -> Box<dyn Backend> {
+    match state.map(|s| s.backend).unwrap_or(Kind::Ebpf) {
+        Kind::Ebpf => Box::new(ebpf::Ebpf::new(paths.clone())),
+    }
+}
+
 /// The backend that is installed for these directories (the state file says which).
 pub fn installed(paths: &Paths, state: Option<&State>) -> Result<Box<dyn Backend>> {
-    let kind = state.map(|s| s.backend).unwrap_or(Kind::Ebpf);
-    let b: Box<dyn Backend> = match kind {
-        Kind::Ebpf => Box::new(ebpf::Ebpf::new(paths.clone())),
-    };
+    let b = recorded(paths, state);
     if !b.is_installed() {
         bail!(
             "no isolation datapath pinned at {} (run `isolation-user load` first)",

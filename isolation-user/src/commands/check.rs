@@ -60,10 +60,9 @@ pub fn run(paths: &Paths, a: CheckArgs) -> Result<()> {
             json!({ "verdict": answer.verdict, "stage": answer.stage, "reason": answer.reason, "generation": answer.generation })
         );
     } else {
-        let v = serde_json::to_value(answer.verdict)?;
         println!(
             "{}: {}",
-            v.as_str().unwrap_or("").to_uppercase(),
+            answer.verdict.name().to_uppercase(),
             answer.reason
         );
     }

@@ -99,6 +99,7 @@ impl Backend for Ebpf {
         }
         let mut done = Installed {
             fresh,
+            build: pins::object_hash(),
             ..Installed::default()
         };
         // Connections already open (the operator's SSH session) are remembered before the
@@ -153,8 +154,8 @@ impl Backend for Ebpf {
             None => None,
         };
         if let Err(e) = slots::swap_in(&self.paths, policy, &compiled, generation) {
-            if let Some(u) = undo {
-                let _ = u.revert(&self.paths);
+            if let Some(done) = undo {
+                let _ = whitelist::revert(&self.paths, &done);
             }
             return Err(e);
         }
@@ -168,17 +169,10 @@ impl Backend for Ebpf {
         generation: u32,
         progress: &mut dyn FnMut(u64),
     ) -> Result<WhitelistDelta> {
-        let mut maps = whitelist::WhitelistMaps::open(&self.paths)?;
-        let removed = maps.remove_many(del, &mut *progress)?;
-        let added = match maps.insert_many(add, &mut *progress) {
-            Ok(a) => a,
-            Err(e) => {
-                let _ = maps.insert_many(&removed, |_| {});
-                return Err(e);
-            }
-        };
+        let delta =
+            whitelist::WhitelistMaps::open(&self.paths)?.change(del, add, &mut *progress)?;
         slots::update_config(&self.paths, |c| c.generation = generation)?;
-        Ok(WhitelistDelta { added, removed })
+        Ok(delta)
     }
 
     fn counters(&self, live: &Policy) -> Result<Counters> {

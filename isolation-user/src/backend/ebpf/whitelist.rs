@@ -11,7 +11,7 @@ use ipnet::IpNet;
 use isolation_common::{WlEntry, maps};
 
 use super::pins::{error_chain, not_found, open_map};
-use crate::state::Paths;
+use crate::{backend::WhitelistDelta, state::Paths};
 
 /// The four whitelist maps, opened.
 pub struct WhitelistMaps {
@@ -360,28 +360,40 @@ fn batch_delete<K: bytemuck::Pod>(
     Ok(removed)
 }
 
-/// What `sync` changed, to put back if a later step of the transaction fails.
-#[must_use]
-pub struct Undo {
-    added: Vec<IpNet>,
-    removed: Vec<IpNet>,
+impl WhitelistMaps {
+    /// Removes `del`, then adds `add` (removing first never overflows a map that will hold
+    /// no more than before). All or nothing: if the kernel refuses an entry, what was added
+    /// goes and what was removed comes back. Returns what really changed.
+    pub fn change(
+        &mut self,
+        del: &[IpNet],
+        add: &[IpNet],
+        mut progress: impl FnMut(u64),
+    ) -> Result<WhitelistDelta> {
+        let removed = self.remove_many(del, &mut progress)?;
+        match self.insert_many(add, &mut progress) {
+            Ok(added) => Ok(WhitelistDelta { added, removed }),
+            Err(e) => {
+                self.insert_many(&removed, |_| {})
+                    .context("and the entries it had removed could not all be put back")?;
+                Err(e)
+            }
+        }
+    }
 }
 
-impl Undo {
-    pub fn revert(self, paths: &Paths) -> Result<()> {
-        let mut m = WhitelistMaps::open(paths)?;
-        m.remove_many(&self.added, |_| {})?;
-        m.insert_many(&self.removed, |_| {})?;
-        Ok(())
-    }
+/// Puts back what a `change` did (a later step of its transaction failed).
+pub fn revert(paths: &Paths, done: &WhitelistDelta) -> Result<()> {
+    let mut m = WhitelistMaps::open(paths)?;
+    m.change(&done.added, &done.removed, |_| {})?;
+    Ok(())
 }
 
 /// Makes the maps hold exactly `wanted`. Entries in both the old and the new whitelist
 /// are not touched; the others go first and the new ones come after, so the maps never hold
 /// more than the larger of the two whitelists (adding first could overflow them half-way),
-/// and no moment admits an address that neither whitelist admits. All or nothing: if the
-/// kernel refuses an entry, what was removed comes back.
-pub fn sync(paths: &Paths, wanted: &[IpNet], mut progress: impl FnMut(u64)) -> Result<Undo> {
+/// and no moment admits an address that neither whitelist admits. All or nothing.
+pub fn sync(paths: &Paths, wanted: &[IpNet], progress: impl FnMut(u64)) -> Result<WhitelistDelta> {
     let mut m = WhitelistMaps::open(paths)?;
     let current: HashSet<IpNet> = m.entries()?.into_iter().collect();
     let want: HashSet<IpNet> = wanted.iter().copied().collect();
@@ -391,13 +403,5 @@ pub fn sync(paths: &Paths, wanted: &[IpNet], mut progress: impl FnMut(u64)) -> R
         .filter(|n| !current.contains(n))
         .copied()
         .collect();
-    let removed = m.remove_many(&gone, &mut progress)?;
-    match m.insert_many(&add, &mut progress) {
-        Ok(added) => Ok(Undo { added, removed }),
-        Err(e) => {
-            m.insert_many(&removed, |_| {})
-                .context("and the entries it had removed could not all be put back")?;
-            Err(e)
-        }
-    }
+    m.change(&gone, &add, progress)
 }
