@@ -58,8 +58,53 @@ pub fn apply(
     policy: &isolation_user::policy::Policy,
     generation: u32,
 ) {
+    apply_with(paths, policy, None, generation)
+}
+
+/// `apply`, and with `whitelist` the whitelist maps made to hold exactly those entries.
+pub fn apply_with(
+    paths: &isolation_user::state::Paths,
+    policy: &isolation_user::policy::Policy,
+    whitelist: Option<&[ipnet::IpNet]>,
+    generation: u32,
+) {
     use isolation_user::backend::Backend as _;
     isolation_user::backend::ebpf::Ebpf::new(paths.clone())
-        .apply(policy, None, generation, &mut |_| {})
+        .apply(policy, whitelist, generation, &mut |_| {})
         .expect("apply the policy");
+}
+
+/// The XDP ingress and TC egress programs pinned under `paths`, for BPF_PROG_TEST_RUN.
+pub fn pinned_programs(
+    paths: &isolation_user::state::Paths,
+) -> (aya::programs::Xdp, aya::programs::SchedClassifier) {
+    let xdp = aya::programs::Xdp::from_pin(
+        paths.prog("xdp"),
+        aya_obj::programs::XdpAttachType::Interface,
+    )
+    .expect("the pinned XDP program");
+    let tc = aya::programs::SchedClassifier::from_pin(paths.prog("tc"))
+        .expect("the pinned TC egress program");
+    (xdp, tc)
+}
+
+/// A datapath of a test's own, loaded and pinned under a fresh pin dir named after `prefix`
+/// (the caller removes the pins), with its programs.
+pub fn private_datapath(
+    prefix: &str,
+) -> (
+    isolation_user::state::Paths,
+    aya::programs::Xdp,
+    aya::programs::SchedClassifier,
+) {
+    use isolation_user::backend::ebpf::pins;
+    let id = unique(prefix);
+    let paths = isolation_user::state::Paths {
+        pin_dir: format!("/sys/fs/bpf/{id}").into(),
+        state_dir: std::env::temp_dir().join(&id),
+    };
+    pins::ensure_pin_dir(&paths).expect("a pin dir");
+    pins::load_and_pin(&paths).expect("load and pin the datapath");
+    let (xdp, tc) = pinned_programs(&paths);
+    (paths, xdp, tc)
 }

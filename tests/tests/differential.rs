@@ -58,19 +58,7 @@ impl Drop for Dp {
 
 impl Dp {
     fn new() -> Dp {
-        let id = tests::unique("isod");
-        let paths = Paths {
-            pin_dir: format!("/sys/fs/bpf/{id}").into(),
-            state_dir: std::env::temp_dir().join(&id),
-        };
-        pins::ensure_pin_dir(&paths).unwrap();
-        pins::load_and_pin(&paths).unwrap();
-        let xdp = Xdp::from_pin(
-            paths.prog("xdp"),
-            aya_obj::programs::XdpAttachType::Interface,
-        )
-        .unwrap();
-        let tc = SchedClassifier::from_pin(paths.prog("tc")).unwrap();
+        let (paths, xdp, tc) = tests::private_datapath("isod");
         let open = |name: &str| {
             aya::maps::Map::from_map_data(MapData::from_pin(paths.map(name)).unwrap()).unwrap()
         };

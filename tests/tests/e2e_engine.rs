@@ -229,11 +229,7 @@ fn a_1m_whitelist_replaced_by_another_in_one_apply() {
     let (old, new, neither) = ("2001:db8:a::", "2001:db8:b::", "2001:db8:c::");
     let addr = |p: &str, i: u32| format!("{p}{:x}:{:x}", i >> 16, i & 0xffff);
     lab.load(&big_whitelist(old, N));
-    let xdp = aya::programs::Xdp::from_pin(
-        lab.iso.pin.join("prog_xdp"),
-        aya_obj::programs::XdpAttachType::Interface,
-    )
-    .unwrap();
+    let (xdp, _) = tests::pinned_programs(&lab.iso.paths());
     // Positive and negative controls before the change.
     for i in [0, 1, N / 2, N - 1] {
         assert!(passes(&xdp, &syn_from(&addr(old, i))), "old {i} admitted");

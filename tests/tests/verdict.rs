@@ -36,13 +36,7 @@ impl Dp {
         if !tests::can_run("BPF verdict test") {
             return None;
         }
-        let id = tests::unique("isov");
-        let paths = Paths {
-            pin_dir: format!("/sys/fs/bpf/{id}").into(),
-            state_dir: std::env::temp_dir().join(&id),
-        };
-        pins::ensure_pin_dir(&paths).unwrap();
-        pins::load_and_pin(&paths).unwrap();
+        let (paths, xdp, tc) = tests::private_datapath("isov");
         let mut policy = Policy::default();
         policy.whitelist = Whitelist {
             enabled,
@@ -52,14 +46,7 @@ impl Dp {
                 .map(|a| isolation_user::policy::parse_net(a).unwrap())
                 .collect(),
         };
-        let _ = whitelist::sync(&paths, &policy.whitelist.allow, |_| {}).unwrap();
-        tests::apply(&paths, &policy, 1);
-        let xdp = Xdp::from_pin(
-            paths.prog("xdp"),
-            aya_obj::programs::XdpAttachType::Interface,
-        )
-        .unwrap();
-        let tc = SchedClassifier::from_pin(paths.prog("tc")).unwrap();
+        tests::apply_with(&paths, &policy, Some(&policy.whitelist.allow), 1);
         Some(Dp { paths, xdp, tc })
     }
 
