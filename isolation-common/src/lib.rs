@@ -18,8 +18,12 @@ pub mod maps {
     pub const WL_V6: &str = "WL_V6";
     /// IPv6 whitelist CIDRs; /128s live in `WL_V6`.
     pub const WL_V6_LPM: &str = "WL_V6_LPM";
-    /// Connections seen leaving an attached interface, in their original direction.
+    /// New connections: seen leaving an attached interface (original direction), not yet
+    /// confirmed by an answer. LRU: a flood of new flows evicts only other new flows.
     pub const CONNTRACK: &str = "CONNTRACK";
+    /// Established connections: answered, then confirmed by the side that opened them
+    /// (TCP: the handshake's last ACK). Only other established connections compete here.
+    pub const ESTABLISHED: &str = "ESTABLISHED";
     /// Fragments of an admitted datagram whose first fragment passed conntrack.
     pub const FRAGS: &str = "FRAGS";
     /// Per-CPU packet/byte counters indexed by `Reason`.
@@ -58,6 +62,7 @@ pub mod maps {
         WL_V6,
         WL_V6_LPM,
         CONNTRACK,
+        ESTABLISHED,
         FRAGS,
         COUNTERS,
         LOG_STATS,
@@ -94,7 +99,9 @@ pub mod limits {
     pub const WL_EXACT: u32 = 1 << 21;
     /// CIDRs per family (LPM tries are always allocated on demand).
     pub const WL_LPM: u32 = 1 << 20;
+    /// New (unconfirmed) connections, and established ones: two tables of this size.
     pub const CONNTRACK: u32 = 1 << 18;
+    pub const ESTABLISHED: u32 = 1 << 18;
     pub const FRAGS: u32 = 1 << 14;
     /// Bytes of the trace ring buffer (a power of two, a multiple of the page size).
     pub const EVENTS_BYTES: u32 = 1 << 20;
@@ -168,7 +175,15 @@ pub mod timing {
     pub const NS: u64 = 1_000_000_000;
     /// As the kernel's conntrack for an established TCP connection.
     pub const TCP_TIMEOUT_NS: u64 = 432_000 * NS;
+    /// A TCP connection not yet confirmed (the kernel's SYN_SENT).
+    pub const TCP_NEW_TIMEOUT_NS: u64 = 120 * NS;
+    /// A TCP connection after one FIN (the kernel's FIN_WAIT / CLOSE_WAIT, shortened).
+    pub const TCP_FIN_TIMEOUT_NS: u64 = 60 * NS;
+    /// A TCP connection after a FIN each way, or a RST (the kernel's CLOSE).
+    pub const TCP_CLOSED_TIMEOUT_NS: u64 = 10 * NS;
+    /// UDP confirmed both ways (the kernel's "stream"), and unanswered.
     pub const UDP_TIMEOUT_NS: u64 = 180 * NS;
+    pub const UDP_NEW_TIMEOUT_NS: u64 = 30 * NS;
     pub const OTHER_TIMEOUT_NS: u64 = 60 * NS;
     pub const ICMP_TIMEOUT_NS: u64 = 30 * NS;
     pub const FRAG_TIMEOUT_NS: u64 = 30 * NS;
@@ -185,6 +200,9 @@ pub mod flags {
     pub const WHITELIST_ENABLED: u32 = 1 << 0;
     /// Log whitelist drops to the event ring buffer.
     pub const LOG: u32 = 1 << 1;
+    /// The live slot isolates networks. With either enforcement on, a frame the datapath
+    /// cannot judge whole (too many VLAN tags, malformed IP) is dropped.
+    pub const ISOLATION: u32 = 1 << 2;
 }
 
 /// Written by the loader at index 0 of `CONFIG`. A zeroed config (before any policy
@@ -276,8 +294,17 @@ pub mod flow_origin {
     pub const EGRESS: u32 = 1;
     /// Seeded by `load` from the kernel's socket table (connections open before load).
     pub const SEEDED: u32 = 2;
-    /// Admitted by an isolation allow rule.
-    pub const ALLOWED: u32 = 3;
+}
+
+/// Bits of `FlowValue::state`: what has been seen of a connection.
+pub mod flow_state {
+    /// An answer came in (a packet in the reply direction passed).
+    pub const REPLIED: u32 = 1 << 0;
+    /// A FIN left in the original direction / came in the reply direction.
+    pub const FIN_OUT: u32 = 1 << 1;
+    pub const FIN_IN: u32 = 1 << 2;
+    /// A RST, either way: the connection is over.
+    pub const RST: u32 = 1 << 3;
 }
 
 #[repr(C)]
@@ -285,7 +312,8 @@ pub mod flow_origin {
 pub struct FlowValue {
     pub last_seen_ns: u64,
     pub origin: u32,
-    pub _pad: u32,
+    /// `flow_state` bits.
+    pub state: u32,
 }
 
 /// Fragments: (src, dst, IP id, proto) of a datagram whose first fragment was admitted.
@@ -314,7 +342,8 @@ pub struct Counter {
 pub enum Reason {
     /// Not IPv4/IPv6 (ARP, LLDP, ...): never filtered.
     PassNonIp = 0,
-    /// ICMPv6 neighbour discovery / MLD: never filtered.
+    /// ICMPv6 neighbour discovery / MLD from the link itself (hop limit 255, or 1 for MLD)
+    /// and not to be routed: never filtered.
     PassNeighbour = 1,
     /// The whitelist is disabled.
     PassWhitelistOff = 2,
@@ -332,7 +361,7 @@ pub enum Reason {
     DropMalformed = 8,
     /// More VLAN tags than the parser reads: dropped rather than guessed.
     DropTooManyVlans = 9,
-    /// Egress: packet recorded in (or refreshed) the connection table.
+    /// Egress: packet of a connection already in a table (its entry refreshed).
     EgressTracked = 10,
     /// Egress: packet not tracked (non-IP, TCP RST, unparsable).
     EgressIgnored = 11,
@@ -352,10 +381,14 @@ pub enum Reason {
     RejectIsolated = 18,
     /// Isolation: to be rejected, but the answer rate limit was reached: dropped silently.
     DropRejectLimited = 19,
+    /// Egress: the first packet of a connection, recorded as new.
+    EgressNew = 20,
+    /// Egress: the packet confirming an answered connection, moved to the established table.
+    EgressConfirmed = 21,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 22;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::PassNonIp,
         Reason::PassNeighbour,
@@ -377,6 +410,8 @@ impl Reason {
         Reason::DropIsolated,
         Reason::RejectIsolated,
         Reason::DropRejectLimited,
+        Reason::EgressNew,
+        Reason::EgressConfirmed,
     ];
 
     pub fn from_u32(v: u32) -> Option<Reason> {
@@ -406,6 +441,8 @@ impl Reason {
             Reason::DropIsolated => "isolated-drop",
             Reason::RejectIsolated => "isolated-reject",
             Reason::DropRejectLimited => "isolated-reject-limited",
+            Reason::EgressNew => "egress-new",
+            Reason::EgressConfirmed => "egress-confirmed",
         }
     }
 
@@ -422,7 +459,13 @@ impl Reason {
     }
 
     pub const fn is_egress(self) -> bool {
-        matches!(self, Reason::EgressTracked | Reason::EgressIgnored)
+        matches!(
+            self,
+            Reason::EgressTracked
+                | Reason::EgressIgnored
+                | Reason::EgressNew
+                | Reason::EgressConfirmed
+        )
     }
 }
 

@@ -1,51 +1,134 @@
-//! Connection memory: the TC egress program records every flow leaving an attached
-//! interface in its original direction; ingress lets its replies and the ICMP errors
-//! about it through. Keys are symmetric to build: a reply's key is the reverse of its own.
+//! Connection memory, in the spirit of the kernel's conntrack, in two tables:
+//!
+//! - `CONNTRACK`, the new connections: flows seen leaving an attached interface (TC
+//!   egress), keyed in their original direction. Only a packet the host really sends or
+//!   forwards is recorded, never one merely seen arriving: a forged packet that the kernel
+//!   then drops (reverse-path filter, no route) opens nothing.
+//! - `ESTABLISHED`: a flow moves here when, after an answer came in, its opener sends again
+//!   (TCP: the handshake's last ACK). Both tables are LRUs of their own, so a flood of new
+//!   flows evicts only other new flows, never an established connection.
+//!
+//! Ingress lets replies and the ICMP errors about a flow through; keys are symmetric to
+//! build: a reply's key is the reverse of its own. TCP entries follow FIN and RST: a closed
+//! connection stops passing replies after seconds, not days.
 
 use aya_ebpf::{btf_maps::LruHashMap, helpers::bpf_ktime_get_ns, macros::btf_map};
-use isolation_common::{FlowKey, FlowValue, FragKey, flow_origin, limits, timing};
+use isolation_common::{
+    FlowKey, FlowValue, FragKey, Reason, flow_origin, flow_state, limits, timing,
+};
 
 use crate::parse::{
     self, Frag, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, L4, Packet, QuotedFlow,
 };
 
-/// Flows seen leaving, keyed in their original direction. LRU: a full table forgets the
-/// oldest flow instead of refusing new ones.
+/// New flows: seen leaving, not yet confirmed. LRU: when full, the oldest new flow goes.
 #[btf_map]
 static CONNTRACK: LruHashMap<FlowKey, FlowValue, { limits::CONNTRACK as usize }> =
     LruHashMap::new();
 
-/// Datagrams whose first fragment was let in as a reply: their later fragments carry no
-/// ports, so they are recognised by (src, dst, IP id, proto).
+/// Established flows: answered and confirmed. Only other established flows compete here.
+#[btf_map]
+static ESTABLISHED: LruHashMap<FlowKey, FlowValue, { limits::ESTABLISHED as usize }> =
+    LruHashMap::new();
+
+/// Datagrams whose first fragment was admitted (as a reply, or by an allow rule): their
+/// later fragments carry no ports, so they are recognised by (src, dst, IP id, proto).
 #[btf_map]
 static FRAGS: LruHashMap<FragKey, u64, { limits::FRAGS as usize }> = LruHashMap::new();
 
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
 #[inline(always)]
-fn timeout(proto: u8) -> u64 {
+fn now() -> u64 {
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// How long an entry lives after its last packet, by protocol, table and TCP state.
+#[inline(always)]
+fn timeout(proto: u8, state: u32, established: bool) -> u64 {
     match proto {
-        IPPROTO_TCP => timing::TCP_TIMEOUT_NS,
-        IPPROTO_UDP => timing::UDP_TIMEOUT_NS,
+        IPPROTO_TCP => {
+            let fins = state & (flow_state::FIN_OUT | flow_state::FIN_IN);
+            if state & flow_state::RST != 0 || fins == flow_state::FIN_OUT | flow_state::FIN_IN {
+                timing::TCP_CLOSED_TIMEOUT_NS
+            } else if fins != 0 {
+                timing::TCP_FIN_TIMEOUT_NS
+            } else if established {
+                timing::TCP_TIMEOUT_NS
+            } else {
+                timing::TCP_NEW_TIMEOUT_NS
+            }
+        }
+        IPPROTO_UDP if established => timing::UDP_TIMEOUT_NS,
+        IPPROTO_UDP => timing::UDP_NEW_TIMEOUT_NS,
         IPPROTO_ICMP | IPPROTO_ICMPV6 => timing::ICMP_TIMEOUT_NS,
         _ => timing::OTHER_TIMEOUT_NS,
     }
 }
 
+/// Is this entry still alive at `now`?
 #[inline(always)]
-fn alive(key: &FlowKey) -> bool {
-    match CONNTRACK.get_ptr(key) {
-        Some(v) => {
-            let last = unsafe { (*v).last_seen_ns };
-            let now = unsafe { bpf_ktime_get_ns() };
-            now.wrapping_sub(last) < timeout(key.proto) || now < last
+fn alive(v: *const FlowValue, proto: u8, established: bool, now: u64) -> bool {
+    let (last, state) = unsafe { ((*v).last_seen_ns, (*v).state) };
+    now.wrapping_sub(last) < timeout(proto, state, established) || now < last
+}
+
+/// The close bits a TCP packet adds, in the direction given by `fin`.
+#[inline(always)]
+fn close_bits(pkt: &Packet, fin: u32) -> u32 {
+    if pkt.proto != IPPROTO_TCP {
+        return 0;
+    }
+    let mut b = 0;
+    if pkt.tcp_flags & TCP_FIN != 0 {
+        b |= fin;
+    }
+    if pkt.tcp_flags & TCP_RST != 0 {
+        b |= flow_state::RST;
+    }
+    b
+}
+
+/// Adds state bits; a close restarts the entry's (now short) clock. Racing writers may
+/// lose a bit: the next packet of the flow sets it again.
+#[inline(always)]
+fn add_state(v: *mut FlowValue, bits: u32, now: u64) {
+    unsafe {
+        let st = (*v).state;
+        if st | bits != st {
+            (*v).state = st | bits;
+            if bits & !flow_state::REPLIED != 0 {
+                (*v).last_seen_ns = now;
+            }
         }
-        None => false,
     }
 }
 
-/// Is this incoming packet a reply of a flow that left us?
+/// An entry of either table, alive: established first (most replies belong there).
+#[inline(always)]
+fn find(key: &FlowKey, now: u64) -> Option<*mut FlowValue> {
+    if let Some(v) = ESTABLISHED.get_ptr_mut(key)
+        && alive(v, key.proto, true, now)
+    {
+        return Some(v);
+    }
+    match CONNTRACK.get_ptr_mut(key) {
+        Some(v) if alive(v, key.proto, false, now) => Some(v),
+        _ => None,
+    }
+}
+
+/// Is this incoming packet a reply of a flow that left us? Marks the flow answered.
 #[inline(always)]
 pub fn is_reply(pkt: &Packet) -> bool {
     if pkt.l4 != L4::Ok {
+        return false;
+    }
+    // A SYN without ACK opens a connection; it never answers one.
+    if pkt.proto == IPPROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         return false;
     }
     let key = FlowKey {
@@ -57,7 +140,18 @@ pub fn is_reply(pkt: &Packet) -> bool {
         family: pkt.family,
         _pad: [0; 2],
     };
-    alive(&key)
+    let now = now();
+    match find(&key, now) {
+        Some(v) => {
+            add_state(
+                v,
+                flow_state::REPLIED | close_bits(pkt, flow_state::FIN_IN),
+                now,
+            );
+            true
+        }
+        None => false,
+    }
 }
 
 /// Is this an ICMP error quoting a flow that left us?
@@ -92,7 +186,7 @@ pub fn is_related(start: usize, end: usize, pkt: &Packet) -> bool {
         family: pkt.family,
         _pad: [0; 2],
     };
-    alive(&key)
+    find(&key, now()).is_some()
 }
 
 #[inline(always)]
@@ -107,12 +201,12 @@ fn frag_key(pkt: &Packet) -> FragKey {
     }
 }
 
-/// Remember a first fragment admitted as a reply, so its later fragments follow it.
+/// Remember an admitted first fragment (a reply, or a request an allow rule admitted by
+/// its ports), so its later fragments, which carry no ports, follow it.
 #[inline(always)]
 pub fn remember_fragment(pkt: &Packet) {
     if pkt.frag == Frag::First {
-        let now = unsafe { bpf_ktime_get_ns() };
-        let _ = FRAGS.insert(&frag_key(pkt), &now, 0);
+        let _ = FRAGS.insert(&frag_key(pkt), &now(), 0);
     }
 }
 
@@ -122,22 +216,9 @@ pub fn is_admitted_fragment(pkt: &Packet) -> bool {
         return false;
     }
     match FRAGS.get_ptr(&frag_key(pkt)) {
-        Some(t) => {
-            let now = unsafe { bpf_ktime_get_ns() };
-            now.wrapping_sub(unsafe { *t }) < timing::FRAG_TIMEOUT_NS
-        }
+        Some(t) => now().wrapping_sub(unsafe { *t }) < timing::FRAG_TIMEOUT_NS,
         None => false,
     }
-}
-
-/// Isolation: an allow rule admitted this packet; remember its flow (original direction =
-/// this packet) so replies pass.
-#[inline(always)]
-pub fn remember(pkt: &Packet) {
-    if pkt.l4 != L4::Ok {
-        return;
-    }
-    touch(&flow_of(pkt), flow_origin::ALLOWED);
 }
 
 /// The flow of a packet, in the packet's own direction.
@@ -154,47 +235,72 @@ fn flow_of(pkt: &Packet) -> FlowKey {
     }
 }
 
-/// Records a flow, or refreshes it at most once a second: every packet of a flow comes
-/// through here, and a map write per packet would cost more than the whole verdict.
+/// Refreshes an entry at most once a second: every packet of a flow comes through here,
+/// and a map write per packet would cost more than the whole verdict.
 #[inline(always)]
-fn touch(key: &FlowKey, origin: u32) {
-    let now = unsafe { bpf_ktime_get_ns() };
-    match CONNTRACK.get_ptr_mut(key) {
-        Some(v) => unsafe {
-            if now.wrapping_sub((*v).last_seen_ns) > timing::REFRESH_NS {
-                (*v).last_seen_ns = now;
-            }
-        },
-        None => {
-            let v = FlowValue {
-                last_seen_ns: now,
-                origin,
-                _pad: 0,
-            };
-            let _ = CONNTRACK.insert(key, &v, 0);
+fn refresh(v: *mut FlowValue, now: u64) {
+    unsafe {
+        if now.wrapping_sub((*v).last_seen_ns) > timing::REFRESH_NS {
+            (*v).last_seen_ns = now;
         }
     }
 }
 
-/// Egress: record (or refresh, at most once a second) the flow of an outgoing packet.
-/// Returns false when the packet is not worth tracking.
+/// Egress: record, refresh or confirm the flow of an outgoing packet. The reason says
+/// which (`EgressIgnored` when the packet opens nothing).
 #[inline(always)]
-pub fn track(pkt: &Packet) -> bool {
+pub fn track(pkt: &Packet) -> Reason {
     if pkt.l4 != L4::Ok {
-        return false;
+        return Reason::EgressIgnored;
     }
-    match pkt.proto {
-        // A RST opens nothing: tracking it would let the peer in on that tuple.
-        IPPROTO_TCP if pkt.tcp_flags & 0x04 != 0 => return false,
-        // Only echo requests expect a reply; errors and replies we send open nothing.
-        IPPROTO_ICMP | IPPROTO_ICMPV6
-            if !(pkt.tcp_flags == parse::ICMP_ECHO
-                || pkt.tcp_flags == parse::ICMPV6_ECHO_REQUEST) =>
-        {
-            return false;
+    // Only echo requests expect a reply; errors and replies we send open nothing.
+    if (pkt.proto == IPPROTO_ICMP || pkt.proto == IPPROTO_ICMPV6)
+        && !(pkt.tcp_flags == parse::ICMP_ECHO || pkt.tcp_flags == parse::ICMPV6_ECHO_REQUEST)
+    {
+        return Reason::EgressIgnored;
+    }
+    let key = flow_of(pkt);
+    let close = close_bits(pkt, flow_state::FIN_OUT);
+    let now = now();
+    if let Some(v) = ESTABLISHED.get_ptr_mut(&key) {
+        if alive(v, key.proto, true, now) {
+            refresh(v, now);
+            add_state(v, close, now);
+            return Reason::EgressTracked;
         }
-        _ => {}
+        // Over (closed or timed out): the tuple starts again as a new flow.
+        let _ = ESTABLISHED.remove(&key);
     }
-    touch(&flow_of(pkt), flow_origin::EGRESS);
-    true
+    if let Some(v) = CONNTRACK.get_ptr_mut(&key)
+        && alive(v, key.proto, false, now)
+    {
+        let st = unsafe { (*v).state } | close;
+        if st & flow_state::REPLIED != 0 && st & flow_state::RST == 0 {
+            // Answered, and its opener speaks again: established. If the table refuses
+            // (it cannot while it is an LRU), the flow stays new and keeps working.
+            let e = FlowValue {
+                last_seen_ns: now,
+                origin: unsafe { (*v).origin },
+                state: st,
+            };
+            if ESTABLISHED.insert(&key, &e, 0).is_ok() {
+                let _ = CONNTRACK.remove(&key);
+                return Reason::EgressConfirmed;
+            }
+        }
+        refresh(v, now);
+        add_state(v, close, now);
+        return Reason::EgressTracked;
+    }
+    // A RST opens nothing: recording it would let the peer in on that tuple.
+    if close & flow_state::RST != 0 {
+        return Reason::EgressIgnored;
+    }
+    let v = FlowValue {
+        last_seen_ns: now,
+        origin: flow_origin::EGRESS,
+        state: close,
+    };
+    let _ = CONNTRACK.insert(&key, &v, 0);
+    Reason::EgressNew
 }

@@ -158,8 +158,9 @@ pub fn judge(
     let m = s.allow_from & d.allow_to & table.copied().unwrap_or(0);
     if m != 0 {
         count_rule(lowest_bit(m), len);
-        // Remember the flow so that its replies pass, on whichever interface they return.
-        conntrack::remember(pkt);
+        // Its later fragments carry no ports: they follow the first one. The flow itself
+        // is recorded where the packet leaves, if the kernel lets it.
+        conntrack::remember_fragment(pkt);
         return Some(Reason::PassAllow);
     }
     Some(if flags & iso_flags::DENY == 0 {

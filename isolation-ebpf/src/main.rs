@@ -1,12 +1,15 @@
 //! The isolation datapath. A packet's journey, top to bottom:
 //!
-//! XDP ingress: parse → non-IP / neighbour discovery pass → whitelist (exact hash, then
-//! CIDR trie) → reply of a flow that left us → ICMP error about one → later fragment of an
+//! XDP ingress: parse (what cannot be judged whole is dropped once anything is enforced) →
+//! non-IP / the link's own neighbour discovery pass → whitelist (exact hash, then CIDR
+//! trie) → reply of a flow that left us → ICMP error about one → later fragment of an
 //! admitted datagram → otherwise drop and log. Then isolation: source and destination
 //! networks → except → hairpin → established → allow rules → default. Every exit is
-//! counted once, at the program's exit.
+//! counted once, at the program's exit. XDP never records a flow: it sees packets before
+//! the kernel decides whether they are real (reverse-path filter, routing).
 //!
-//! TC egress: parse → record the flow so its replies pass → always let the packet go.
+//! TC egress: parse → record the flow of what really leaves, so its replies pass → always
+//! let the packet go.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
 #[cfg(target_arch = "bpf")]
@@ -29,8 +32,11 @@ mod whitelist;
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::{
-        bindings::xdp_action,
+        bindings::{
+            BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NOT_FWDED, bpf_fib_lookup, xdp_action,
+        },
         btf_maps::{Array, PerCpuArray, ProgramArray},
+        helpers::bpf_fib_lookup as fib_lookup,
         macros::{btf_map, classifier, xdp},
         programs::{TcContext, XdpContext},
     };
@@ -79,7 +85,11 @@ mod programs {
         let pkt = match parse::parse(start, end) {
             Parsed::NonIp => return Reason::PassNonIp,
             Parsed::Ip(pkt) => pkt,
-            _ if !enforce => return Reason::PassWhitelistOff,
+            // What cannot be judged whole is dropped as soon as anything is enforced: the
+            // kernel may still find an IP packet in it (it strips priority tags).
+            _ if cfg.flags & (flags::WHITELIST_ENABLED | flags::ISOLATION) == 0 => {
+                return Reason::PassWhitelistOff;
+            }
             // Rare paths only: debug logs (aya-log, `trace --debug`) never touch the hot path.
             Parsed::TooManyVlans => {
                 debug!(
@@ -93,7 +103,7 @@ mod programs {
                 return Reason::DropMalformed;
             }
         };
-        if parse::is_neighbour_discovery(&pkt) {
+        if parse::is_neighbour_discovery(&pkt) && for_this_link(ctx, &pkt) {
             return Reason::PassNeighbour;
         }
         // Stage 1, the host whitelist: who may reach this host at all.
@@ -152,6 +162,33 @@ mod programs {
             v
         };
         verdict.unwrap_or(admitted)
+    }
+
+    /// Will the kernel keep this packet on the link (deliver it here, or not route it at
+    /// all)? Asked of the FIB, for neighbour discovery only: a packet typed as ND that the
+    /// host would route is judged like any other, so it cannot cross isolation.
+    #[inline(never)]
+    fn for_this_link(ctx: &XdpContext, pkt: &parse::Packet) -> bool {
+        // SAFETY: bpf_fib_lookup is plain old data; all-zero is its empty request.
+        let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+        p.family = 10; // the kernel's AF_INET6
+        p.l4_protocol = parse::IPPROTO_ICMPV6;
+        p.ifindex = ingress_ifindex(ctx);
+        // SAFETY: [u8; 16] and [u32; 4] have the same size; both stay in network order.
+        unsafe {
+            p.__bindgen_anon_3.ipv6_src = core::mem::transmute::<[u8; 16], [u32; 4]>(pkt.src);
+            p.__bindgen_anon_4.ipv6_dst = core::mem::transmute::<[u8; 16], [u32; 4]>(pkt.dst);
+        }
+        // SAFETY: the helper reads and writes only `p`, whose size it is given.
+        let r = unsafe {
+            fib_lookup(
+                ctx.ctx as *mut _,
+                &mut p,
+                core::mem::size_of::<bpf_fib_lookup>() as i32,
+                0,
+            )
+        };
+        r == BPF_FIB_LKUP_RET_NOT_FWDED as i64 || r == BPF_FIB_LKUP_RET_FWD_DISABLED as i64
     }
 
     /// What the main program hands to the VXLAN program through the tail call.
@@ -242,7 +279,7 @@ mod programs {
     #[inline(never)]
     fn track_vxlan(udp: usize, end: usize) {
         if let Parsed::Ip(inner) = parse::parse_inner(udp + 16, end) {
-            conntrack::track(&inner);
+            let _ = conntrack::track(&inner);
         }
     }
 
@@ -251,7 +288,7 @@ mod programs {
         let (start, end) = (ctx.data(), ctx.data_end());
         let reason = match parse::parse(start, end) {
             Parsed::Ip(pkt) => {
-                let tracked = conntrack::track(&pkt);
+                let reason = conntrack::track(&pkt);
                 // VXLAN: also remember the inner flow, so overlay replies pass isolation.
                 let cfg = CONFIG.get(0).copied().unwrap_or_default();
                 if let Some(meta) = isolation::meta(cfg.slot)
@@ -259,11 +296,7 @@ mod programs {
                 {
                     track_vxlan(start + pkt.l4_off, end);
                 }
-                if tracked {
-                    Reason::EgressTracked
-                } else {
-                    Reason::EgressIgnored
-                }
+                reason
             }
             _ => Reason::EgressIgnored,
         };

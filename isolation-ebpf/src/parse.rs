@@ -341,14 +341,20 @@ pub fn is_icmp_error(family: u8, type_: u8) -> bool {
     }
 }
 
-/// ICMPv6 neighbour discovery (RS, RA, NS, NA, redirect) and MLD: never filtered, or the
-/// host loses its IPv6 neighbours.
+/// ICMPv6 neighbour discovery (RS, RA, NS, NA, redirect) and MLD, with the hop limit the
+/// standards require of them: 255 for ND (RFC 4861), 1 for MLD (RFC 2710, 3810). A router
+/// decrements it, so a packet that keeps it was sent on the link it arrived on. Whether it
+/// is for this host, rather than to be routed on, is the caller's question.
 #[inline(always)]
 pub fn is_neighbour_discovery(pkt: &Packet) -> bool {
     pkt.family == AF_INET6
         && pkt.proto == IPPROTO_ICMPV6
         && pkt.l4 == L4::Ok
-        && matches!(pkt.tcp_flags, 130..=137 | 143)
+        && match pkt.tcp_flags {
+            133..=137 => pkt.ttl == 255,
+            130..=132 | 143 => pkt.ttl == 1,
+            _ => false,
+        }
 }
 
 /// The packet an ICMP error quotes, read as the flow key it had when it left us: the

@@ -2,7 +2,10 @@
 //! without compilation. It is the oracle every backend is tested against, and shares nothing
 //! with a backend's compiler but the policy types, so a compiler bug cannot be mirrored here.
 
-use std::{collections::HashSet, net::IpAddr};
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+};
 
 use isolation_common::Reason;
 
@@ -152,7 +155,9 @@ pub struct Packet {
     pub body: Body,
 }
 
+pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 impl Packet {
     pub fn proto(&self) -> u8 {
@@ -274,15 +279,28 @@ pub enum Action {
     Reject,
 }
 
+/// What is known of a connection: the datapath's two tables (new, established) without
+/// their clocks (a case runs in well under the shortest timeout).
+#[derive(Clone, Copy, Debug, Default)]
+struct Conn {
+    /// Answered, then confirmed by its opener: in the established table.
+    established: bool,
+    /// A packet in the reply direction passed.
+    replied: bool,
+    /// A RST was seen: it will never be confirmed.
+    reset: bool,
+}
+
 /// PRODUCT.md's whole decision for a host with the policy attached: the host whitelist,
 /// the connections that left through an attached interface (their replies, the ICMP errors
-/// about them and the later fragments of admitted replies pass), isolation, and what
-/// REJECT may answer. It remembers connections as the datapath must: those seen leaving
-/// (`egress`) and those an allow rule admitted.
+/// about them and the later fragments of admitted datagrams pass), isolation, and what
+/// REJECT may answer. It remembers connections as the datapath must: only those seen
+/// leaving (`egress`), never a packet merely seen arriving.
 pub struct Oracle<'p> {
     policy: &'p Policy,
-    flows: HashSet<Flow>,
-    /// Datagrams (src, dst, IP id, protocol) whose first fragment passed as a reply.
+    flows: HashMap<Flow, Conn>,
+    /// Datagrams (src, dst, IP id, protocol) whose first fragment was admitted as a reply
+    /// or by an allow rule.
     frags: HashSet<(IpAddr, IpAddr, u32, u8)>,
 }
 
@@ -290,42 +308,79 @@ impl<'p> Oracle<'p> {
     pub fn new(policy: &'p Policy) -> Oracle<'p> {
         Oracle {
             policy,
-            flows: HashSet::new(),
+            flows: HashMap::new(),
             frags: HashSet::new(),
         }
     }
 
-    /// A packet leaving through an attached interface: remembered so that its replies
-    /// pass, unless it opens nothing (a RST, an ICMP error or echo reply). Returns whether
-    /// it was remembered.
-    pub fn egress(&mut self, p: &Packet) -> bool {
-        let opens = match &p.body {
-            Body::Tcp { flags, .. } => flags & TCP_RST == 0,
-            Body::Echo { request, .. } => *request,
-            Body::IcmpError { .. } | Body::Other(_) => false,
-            Body::Udp { .. } | Body::Vxlan { .. } => true,
-        };
-        let Some(f) = p.flow().filter(|_| opens) else {
-            return false;
-        };
-        self.flows.insert(f);
-        // The overlay connection inside an outgoing VXLAN datagram is remembered too.
+    /// A packet leaving through an attached interface: a new connection is recorded, a
+    /// known one refreshed, an answered one confirmed (established) by its opener's next
+    /// packet. The reason is the one the datapath counts.
+    pub fn egress(&mut self, p: &Packet) -> Reason {
+        let r = self.track(p);
+        // The overlay connection inside an outgoing VXLAN datagram is tracked too (inside a
+        // tunnel an IPv6 fragment header hides the ports: nothing to track).
         if let Body::Vxlan { dport, inner, .. } = &p.body
             && self.policy.isolation.vxlan_ports.contains(dport)
-            && let Some(fi) = inner.flow()
-            && !matches!(
-                inner.body,
-                Body::IcmpError { .. } | Body::Other(_) | Body::Echo { request: false, .. }
-            )
-            && !matches!(inner.body, Body::Tcp { flags, .. } if flags & TCP_RST != 0)
+            && !(inner.src.is_ipv6() && matches!(inner.frag, Frag::First(_)))
         {
-            self.flows.insert(fi);
+            self.track(inner);
         }
-        true
+        r
     }
 
-    fn is_reply(&self, p: &Packet) -> bool {
-        p.flow().is_some_and(|f| self.flows.contains(&f.reversed()))
+    fn track(&mut self, p: &Packet) -> Reason {
+        let Some(f) = p.flow() else {
+            return Reason::EgressIgnored;
+        };
+        let reset = match &p.body {
+            Body::Tcp { flags, .. } => flags & TCP_RST != 0,
+            // Only echo requests expect a reply; errors and replies we send open nothing.
+            Body::Echo { request: false, .. } | Body::IcmpError { .. } | Body::Other(_) => {
+                return Reason::EgressIgnored;
+            }
+            _ => false,
+        };
+        match self.flows.get_mut(&f) {
+            Some(c) => {
+                c.reset |= reset;
+                if !c.established && c.replied && !c.reset {
+                    c.established = true;
+                    Reason::EgressConfirmed
+                } else {
+                    Reason::EgressTracked
+                }
+            }
+            // A RST opens nothing.
+            None if reset => Reason::EgressIgnored,
+            None => {
+                self.flows.insert(f, Conn::default());
+                Reason::EgressNew
+            }
+        }
+    }
+
+    /// A reply of a connection that left (a TCP SYN without ACK never is one); marks the
+    /// connection answered.
+    fn is_reply(&mut self, p: &Packet) -> bool {
+        let Some(f) = p.flow() else {
+            return false;
+        };
+        let mut reset = false;
+        if let Body::Tcp { flags, .. } = p.body {
+            if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+                return false;
+            }
+            reset = flags & TCP_RST != 0;
+        }
+        match self.flows.get_mut(&f.reversed()) {
+            Some(c) => {
+                c.replied = true;
+                c.reset |= reset;
+                true
+            }
+            None => false,
+        }
     }
 
     /// An ICMP error about a connection that left from the host it is addressed to.
@@ -343,14 +398,15 @@ impl<'p> Oracle<'p> {
                 | Body::Vxlan { .. }
                 | Body::Echo { request: true, .. }
         );
-        quotable && quoted.flow().is_some_and(|f| self.flows.contains(&f))
+        quotable && quoted.flow().is_some_and(|f| self.flows.contains_key(&f))
     }
 
     fn frag_key(p: &Packet, id: u32) -> (IpAddr, IpAddr, u32, u8) {
         (p.src, p.dst, id, p.proto())
     }
 
-    /// A reply passed: its later fragments will follow it.
+    /// A first fragment was admitted (a reply, or by an allow rule): its later fragments
+    /// follow it.
     fn remember_fragment(&mut self, p: &Packet) {
         if let Frag::First(id) = p.frag {
             self.frags.insert(Self::frag_key(p, id));
@@ -459,9 +515,7 @@ impl<'p> Oracle<'p> {
         }
         Some(match isolation(self.policy, &pkt, false) {
             Decision::Allow(_) => {
-                if let Some(f) = p.flow() {
-                    self.flows.insert(f);
-                }
+                self.remember_fragment(p);
                 Reason::PassAllow
             }
             Decision::DefaultAccept => Reason::PassDefault,

@@ -603,6 +603,10 @@ fn packets(c: &mut Choices, policy: &Policy, prefixes: &[IpNet]) -> Vec<Step> {
                     } else {
                         Step::In(r)
                     }
+                } else if c.chance(60) {
+                    // Answered: its opener speaks again, which confirms the connection.
+                    steps.push(Step::In(r));
+                    Step::Out(p)
                 } else {
                     Step::In(r)
                 }
@@ -677,10 +681,18 @@ fn packets(c: &mut Choices, policy: &Policy, prefixes: &[IpNet]) -> Vec<Step> {
                 };
                 match aimed(c, policy, &from, &to, &ports) {
                     Some(p) if c.chance(15) => Step::Out(p),
+                    // Often the host forwards (or sends) what it admitted: only then is
+                    // the flow recorded and its replies let through.
+                    Some(p) if c.chance(40) => {
+                        steps.push(Step::In(p.clone()));
+                        Step::Out(p)
+                    }
                     Some(p) => Step::In(p),
                     None => Step::In(fresh(c, policy, prefixes, vxlan)),
                 }
             }
+            // The opener of an earlier connection speaks again (confirms it if answered).
+            19 if !sent.is_empty() => Step::Out((*c.pick(&sent)).clone()),
             // A fresh packet, in or out.
             _ => {
                 let p = fresh(c, policy, prefixes, vxlan);
@@ -829,7 +841,10 @@ pub const DECISIONS: &[&str] = &[
     "isolated-drop",
     "isolated-reject",
     "vxlan",
-    "egress",
+    "egress-new",
+    "egress-tracked",
+    "egress-confirmed",
+    "egress-ignored",
 ];
 
 /// Counts per decision, for the histogram.

@@ -149,7 +149,7 @@ fn check(dp: &mut Dp, sc: &Scenario, hist: &mut Histogram) -> Result<(), TestCas
             &mut |_| {},
         )
         .map_err(|e| TestCaseError::fail(format!("apply: {e:#}\n{}", sc.toml)))?;
-    for m in [maps::CONNTRACK, maps::FRAGS] {
+    for m in [maps::CONNTRACK, maps::ESTABLISHED, maps::FRAGS] {
         counters::clear_map(&dp.paths, m).unwrap();
     }
     let mut oracle = Oracle::new(&sc.policy);
@@ -164,12 +164,8 @@ fn check(dp: &mut Dp, sc: &Scenario, hist: &mut Histogram) -> Result<(), TestCas
         let frame = scenario::frame(p);
         let mut label = "TC next";
         let (reason, want_action, name) = if egress {
-            let r = if oracle.egress(p) {
-                Reason::EgressTracked
-            } else {
-                Reason::EgressIgnored
-            };
-            (r, TCX_NEXT, "egress".to_string())
+            let r = oracle.egress(p);
+            (r, TCX_NEXT, r.name().to_string())
         } else {
             let v = oracle.ingress(p);
             if let Some((kind, k)) = v.rule {

@@ -174,8 +174,11 @@ fn v6_tcp(src: &str, dst: &str, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
 #[case::arp(pkt::arp(), XDP_PASS, Reason::PassNonIp)]
 #[case::vlan_arp(vlan_eth(&[10], 0x0806, &[0; 28]), XDP_PASS, Reason::PassNonIp)]
 #[case::lldp(eth(0x88cc, &[0; 32]), XDP_PASS, Reason::PassNonIp)]
-#[case::neighbour_solicitation(V6::new(STRANGER6, "ff02::1:ff00:1", ICMPV6).frame(&icmp(135, 0, 0, 0, &[0; 16])), XDP_PASS, Reason::PassNeighbour)]
-#[case::router_advert(V6::new("fe80::1", "ff02::1", ICMPV6).frame(&icmp(134, 0, 0, 0, &[0; 8])), XDP_PASS, Reason::PassNeighbour)]
+#[case::neighbour_solicitation({ let mut h = V6::new(STRANGER6, "ff02::1:ff00:1", ICMPV6); h.hop_limit = 255; h.frame(&icmp(135, 0, 0, 0, &[0; 16])) }, XDP_PASS, Reason::PassNeighbour)]
+#[case::router_advert({ let mut h = V6::new("fe80::1", "ff02::1", ICMPV6); h.hop_limit = 255; h.frame(&icmp(134, 0, 0, 0, &[0; 8])) }, XDP_PASS, Reason::PassNeighbour)]
+#[case::mld_report({ let mut h = V6::new("fe80::1", "ff02::16", ICMPV6); h.hop_limit = 1; h.frame(&icmp(143, 0, 0, 0, &[0; 8])) }, XDP_PASS, Reason::PassNeighbour)]
+#[case::routed_neighbour_solicitation(V6::new(STRANGER6, "ff02::1:ff00:1", ICMPV6).frame(&icmp(135, 0, 0, 0, &[0; 16])), XDP_DROP, Reason::DropNotWhitelisted)]
+#[case::mld_with_nd_hop_limit({ let mut h = V6::new("fe80::1", "ff02::16", ICMPV6); h.hop_limit = 255; h.frame(&icmp(143, 0, 0, 0, &[0; 8])) }, XDP_DROP, Reason::DropNotWhitelisted)]
 #[case::v6_echo_miss(V6::new(STRANGER6, LOCAL6, ICMPV6).frame(&icmp(128, 0, 1, 1, b"")), XDP_DROP, Reason::DropNotWhitelisted)]
 #[case::v4_options_hit({ let mut h = V4::new(FRIEND4, LOCAL4, TCP); h.options = vec![1, 1, 1, 0, 0x44, 4, 5, 0]; h.frame(&tcp(1, 22, SYN)) }, XDP_PASS, Reason::PassWhitelist)]
 #[case::v4_options_miss({ let mut h = V4::new(STRANGER4, LOCAL4, TCP); h.options = vec![1; 40]; h.frame(&tcp(1, 22, SYN)) }, XDP_DROP, Reason::DropNotWhitelisted)]
@@ -236,13 +239,24 @@ fn replies_of_outgoing_flows_pass(
         "reply before any outgoing packet",
     );
     assert_eq!(dp.egress(&out), TCX_NEXT, "egress never blocks");
-    assert_eq!(dp.count(Reason::EgressTracked), 1);
+    assert_eq!(dp.count(Reason::EgressNew), 1, "recorded as new");
     dp.expect(&reply, XDP_PASS, Reason::PassEstablished, "reply");
     dp.expect(
         &unrelated,
         XDP_DROP,
         Reason::DropNotWhitelisted,
         "same hosts, other flow",
+    );
+    // Answered, then its opener speaks again: the flow moves to the established table.
+    assert_eq!(dp.egress(&out), TCX_NEXT);
+    assert_eq!(dp.count(Reason::EgressConfirmed), 1, "confirmed");
+    assert_eq!(dp.egress(&out), TCX_NEXT);
+    assert_eq!(dp.count(Reason::EgressTracked), 1, "then refreshed");
+    dp.expect(
+        &reply,
+        XDP_PASS,
+        Reason::PassEstablished,
+        "reply, established",
     );
 }
 

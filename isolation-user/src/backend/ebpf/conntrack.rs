@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use aya::maps::{HashMap, MapData};
-use isolation_common::{FlowKey, FlowValue, flow_origin, maps};
+use isolation_common::{FlowKey, FlowValue, flow_origin, flow_state, maps};
 
 use super::pins::open_map;
 use crate::state::Paths;
@@ -14,13 +14,15 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Connections the kernel had open before load go straight to the established table: an
+/// administrator's SSH session must not be evicted by a flood of new flows.
 pub fn seed_flows(paths: &Paths, flows: &[FlowKey]) -> Result<usize> {
     let mut m: HashMap<MapData, FlowKey, FlowValue> =
-        open_map(paths, maps::CONNTRACK)?.try_into()?;
+        open_map(paths, maps::ESTABLISHED)?.try_into()?;
     let v = FlowValue {
         last_seen_ns: monotonic_ns(),
         origin: flow_origin::SEEDED,
-        _pad: 0,
+        state: flow_state::REPLIED,
     };
     let mut n = 0;
     for k in flows {

@@ -73,6 +73,7 @@ pub fn fill_levels(paths: &Paths) -> Result<Vec<(&'static str, u64, u32)>> {
         maps::WL_V6,
         maps::WL_V6_LPM,
         maps::CONNTRACK,
+        maps::ESTABLISHED,
         maps::FRAGS,
     ] {
         let p = paths.map(name);

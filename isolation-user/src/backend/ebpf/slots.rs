@@ -24,9 +24,13 @@ pub fn read_config(paths: &Paths) -> Result<Config> {
     Ok(a.get(&0, 0)?)
 }
 
-/// The whitelist switches of a policy (`Config::flags`).
-pub fn whitelist_flags(policy: &Policy) -> u32 {
+/// The switches of a policy (`Config::flags`): written with the slot flip, so the
+/// datapath's "anything enforced?" always matches the slot it reads.
+pub fn config_flags(policy: &Policy) -> u32 {
     let mut f = 0;
+    if !policy.networks.is_empty() {
+        f |= flags::ISOLATION;
+    }
     if policy.whitelist.enabled {
         f |= flags::WHITELIST_ENABLED;
     }
@@ -49,7 +53,7 @@ pub fn swap_in(
     let next = 1 - (cur.slot & 1);
     fill_slot(paths, next as usize, compiled)?;
     update_config(paths, |c| {
-        c.flags = whitelist_flags(policy);
+        c.flags = config_flags(policy);
         c.generation = generation;
         c.slot = next;
     })?;
