@@ -172,3 +172,69 @@ pub fn arp() -> Vec<u8> {
     a.extend_from_slice(&[192, 0, 2, 2]);
     eth(0x0806, &a)
 }
+
+/// Ethernet between two real interfaces (for frames sent on a veth), with 802.1Q tags.
+pub fn ether(dst: [u8; 6], src: [u8; 6], tags: &[u16], ether_type: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = vlan_eth(tags, ether_type, payload);
+    f[..6].copy_from_slice(&dst);
+    f[6..12].copy_from_slice(&src);
+    f
+}
+
+fn fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn add_words(sum: &mut u32, b: &[u8]) {
+    for c in b.chunks(2) {
+        *sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
+    }
+}
+
+/// Fills the checksums a real kernel checks (IPv4 header; TCP, UDP, ICMP, ICMPv6) of an
+/// unfragmented IP packet without IPv6 extension headers, built by `V4::build`/`V6::build`.
+pub fn checksummed(mut ip: Vec<u8>) -> Vec<u8> {
+    let v6 = ip[0] >> 4 == 6;
+    let (l4_off, proto) = if v6 {
+        (40, ip[6])
+    } else {
+        let ihl = (ip[0] & 0x0f) as usize * 4;
+        ip[10..12].copy_from_slice(&[0, 0]);
+        let mut s = 0;
+        add_words(&mut s, &ip[..ihl]);
+        let c = fold(s);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        (ihl, ip[9])
+    };
+    let at = match proto {
+        TCP => 16,
+        UDP => 6,
+        ICMP | ICMPV6 => 2,
+        _ => return ip,
+    };
+    let l4_len = ip.len() - l4_off;
+    ip[l4_off + at..l4_off + at + 2].copy_from_slice(&[0, 0]);
+    let mut s = 0;
+    // IPv4 ICMP has no pseudo-header; every other one does.
+    if proto != ICMP {
+        if v6 {
+            add_words(&mut s, &ip[8..40]);
+            add_words(&mut s, &(l4_len as u32).to_be_bytes());
+            add_words(&mut s, &[0, 0, 0, proto]);
+        } else {
+            add_words(&mut s, &ip[12..20]);
+            add_words(&mut s, &[0, proto]);
+            add_words(&mut s, &(l4_len as u16).to_be_bytes());
+        }
+    }
+    add_words(&mut s, &ip[l4_off..]);
+    let mut c = fold(s);
+    if proto == UDP && c == 0 {
+        c = 0xffff;
+    }
+    ip[l4_off + at..l4_off + at + 2].copy_from_slice(&c.to_be_bytes());
+    ip
+}

@@ -74,7 +74,7 @@ impl Echo {
                 let u = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind udp {addr}: {e}"));
                 u.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
                 tx.send(()).unwrap();
-                let mut buf = [0u8; 1500];
+                let mut buf = vec![0u8; 65536];
                 let end = Instant::now() + SERVER_LIFETIME;
                 while !s2.load(Ordering::Relaxed) && Instant::now() < end {
                     if let Ok((n, from)) = u.recv_from(&mut buf) {
@@ -303,4 +303,117 @@ fn source(ss: &libc::sockaddr_storage) -> Option<std::net::IpAddr> {
         }
         _ => None,
     }
+}
+
+/// The MAC address of interface `ifname` in namespace `ns`.
+pub fn mac(ns: &str, ifname: &str) -> [u8; 6] {
+    let out = crate::netns::ok(&["ip", "-n", ns, "-o", "link", "show", "dev", ifname]);
+    let hex = out
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no MAC in {out}"));
+    let mut m = [0u8; 6];
+    for (i, b) in hex.split(':').enumerate().take(6) {
+        m[i] = u8::from_str_radix(b, 16).unwrap();
+    }
+    m
+}
+
+/// Sends whole Ethernet frames (forged or odd ones a socket would not build) on `ifname`
+/// from inside `ns`, through an AF_PACKET socket.
+pub fn send_frames(ns: &str, ifname: &str, frames: Vec<Vec<u8>>) {
+    let ifname = ifname.to_string();
+    in_ns(ns, move || {
+        let c = std::ffi::CString::new(ifname.clone()).unwrap();
+        // SAFETY: a NUL-terminated name.
+        let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
+        assert!(ifindex > 0, "no interface {ifname}");
+        // SAFETY: plain socket(2); the result is checked.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+        assert!(
+            fd >= 0,
+            "packet socket: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: all-zero is a valid sockaddr_ll, filled below.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_ifindex = ifindex as i32;
+        sll.sll_halen = 6;
+        for f in &frames {
+            sll.sll_addr[..6].copy_from_slice(&f[..6]);
+            // SAFETY: the frame and the address are valid for the call.
+            let n = unsafe {
+                libc::sendto(
+                    fd,
+                    f.as_ptr().cast(),
+                    f.len(),
+                    0,
+                    (&sll as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            assert_eq!(
+                n as usize,
+                f.len(),
+                "frame send: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        // SAFETY: opened above, closed once.
+        unsafe { libc::close(fd) };
+    })
+}
+
+/// A UDP socket bound inside a namespace that counts what arrives (never answers).
+pub struct Sink {
+    sock: UdpSocket,
+}
+
+impl Sink {
+    pub fn bind(ns: &str, addr: SocketAddr) -> Sink {
+        let sock = in_ns(ns, move || UdpSocket::bind(addr).expect("bind sink"));
+        sock.set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        Sink { sock }
+    }
+
+    /// Datagrams received within `wait` (bounded), with their sizes.
+    pub fn received(&self, wait: Duration) -> Vec<usize> {
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        let end = Instant::now() + wait;
+        while Instant::now() < end {
+            if let Ok(n) = self.sock.recv(&mut buf) {
+                got.push(n);
+            }
+        }
+        got
+    }
+
+    /// Sends from this socket (its bound port is the source).
+    pub fn send_to(&self, data: &[u8], to: SocketAddr) {
+        self.sock.send_to(data, to).expect("send");
+    }
+}
+
+/// One UDP datagram of `size` bytes from `ns` to an echo server: does it come back whole
+/// within `timeout`? One try only: counters are compared exactly.
+pub fn udp_echo_once(ns: &str, addr: SocketAddr, size: usize, timeout: Duration) -> bool {
+    in_ns(ns, move || {
+        let bind: SocketAddr = if addr.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        }
+        .parse()
+        .unwrap();
+        let u = UdpSocket::bind(bind).unwrap();
+        u.set_read_timeout(Some(timeout)).unwrap();
+        let data: Vec<u8> = (0..size).map(|i| i as u8).collect();
+        u.send_to(&data, addr).unwrap();
+        let mut buf = vec![0u8; 65536];
+        matches!(u.recv_from(&mut buf), Ok((n, from)) if from == addr && buf[..n] == data[..])
+    })
 }
