@@ -16,7 +16,12 @@ fn main() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("{pin}: no channel"))?;
     // Mutants (deliberate bugs the differential test must catch) of the BPF side.
     let mut features = Vec::new();
-    for m in ["hairpin-off", "reject-as-drop", "skip-cidr-trie"] {
+    for m in [
+        "hairpin-off",
+        "reject-as-drop",
+        "skip-cidr-trie",
+        "record-at-ingress",
+    ] {
         let var = format!(
             "CARGO_FEATURE_MUTANT_{}",
             m.replace('-', "_").to_uppercase()

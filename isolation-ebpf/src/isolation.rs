@@ -161,6 +161,9 @@ pub fn judge(
         // Its later fragments carry no ports: they follow the first one. The flow itself
         // is recorded where the packet leaves, if the kernel lets it.
         conntrack::remember_fragment(pkt);
+        if cfg!(feature = "mutant-record-at-ingress") {
+            let _ = conntrack::track(pkt);
+        }
         return Some(Reason::PassAllow);
     }
     Some(if flags & iso_flags::DENY == 0 {

@@ -663,3 +663,34 @@ fn reject_never_answers_an_answer() {
         dp.expect(f, XDP_DROP, Reason::DropIsolated, what);
     }
 }
+
+/// What cannot be judged whole is dropped as soon as anything is enforced: isolation alone
+/// (whitelist off) is enough. With nothing enforced it passes.
+#[test]
+fn unjudgeable_frames_are_dropped_once_isolation_is_on() {
+    let Some(dp) = Dp::new(&[]) else { return };
+    let it_to_hr = V4::new("198.51.100.10", "198.51.100.200", UDP).build(&udp(5, 9000, b"x"));
+    let three_tags = vlan_eth(&[0, 0, 0], 0x0800, &it_to_hr);
+    let two_tags = vlan_eth(&[0, 0], 0x0800, &it_to_hr);
+    let truncated = eth(0x0800, &it_to_hr[..12]);
+    let off = "[whitelist]\nenabled = false\n";
+    tests::apply(
+        &dp.paths,
+        &isolation_user::policy::parse("p", off).unwrap(),
+        2,
+    );
+    for (f, what) in [(&three_tags, "3 tags"), (&truncated, "truncated")] {
+        dp.expect(f, XDP_PASS, Reason::PassWhitelistOff, what);
+    }
+    let iso = "[whitelist]\nenabled = false\n[isolation]\ndefault = \"deny\"\nreject = false\n\
+        [networks.it]\nsubnets = [\"198.51.100.0/25\"]\n[networks.hr]\nsubnets = [\"198.51.100.128/25\"]\n";
+    tests::apply(
+        &dp.paths,
+        &isolation_user::policy::parse("p", iso).unwrap(),
+        3,
+    );
+    dp.expect(&three_tags, XDP_DROP, Reason::DropTooManyVlans, "3 tags");
+    dp.expect(&truncated, XDP_DROP, Reason::DropMalformed, "truncated");
+    // Two tags are read: the packet inside is judged (IT -> HR is denied).
+    dp.expect(&two_tags, XDP_DROP, Reason::DropIsolated, "2 tags");
+}

@@ -26,6 +26,10 @@ pub const MUTANTS: &[(&str, &str)] = &[
         "mutant-skip-cidr-trie",
         "datapath: the whitelist's CIDR tries are skipped",
     ),
+    (
+        "mutant-record-at-ingress",
+        "datapath: XDP records the flow of an allowed packet (a forged one opens the reverse)",
+    ),
 ];
 
 #[derive(clap::Args, Default)]

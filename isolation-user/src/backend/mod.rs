@@ -102,6 +102,17 @@ pub struct Counters {
     pub reasons: Vec<(Reason, Counter)>,
     pub rules: Vec<RuleCounter>,
     pub log: LogCounts,
+    pub connections: Connections,
+}
+
+/// How full the connection tables are: new (unconfirmed) and established connections, each
+/// against its capacity. A flood of new flows fills `new` only.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct Connections {
+    pub new: u64,
+    pub new_max: u64,
+    pub established: u64,
+    pub established_max: u64,
 }
 
 /// A new connection to judge (`check`).

@@ -58,7 +58,7 @@ fn print_once(paths: &Paths, as_json: bool) -> Result<()> {
             .collect();
         println!(
             "{}",
-            json!({ "reasons": reasons, "rules": c.rules, "log": c.log })
+            json!({ "reasons": reasons, "rules": c.rules, "log": c.log, "connections": c.connections })
         );
         return Ok(());
     }
@@ -87,6 +87,11 @@ fn print_once(paths: &Paths, as_json: bool) -> Result<()> {
         }
         println!();
     }
+    let t = &c.connections;
+    println!(
+        "Connections: {} new (of {}; a flood of new flows evicts only these), {} established (of {})",
+        t.new, t.new_max, t.established, t.established_max
+    );
     println!(
         "Log: {} written, {} suppressed by the rate limit, {} lost (ring buffer full)",
         c.log.written, c.log.suppressed, c.log.lost

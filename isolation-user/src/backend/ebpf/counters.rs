@@ -66,8 +66,7 @@ pub fn log_stats(paths: &Paths) -> Result<[u64; LogStat::COUNT as usize]> {
 
 /// Entries per map, and its capacity.
 pub fn fill_levels(paths: &Paths) -> Result<Vec<(&'static str, u64, u32)>> {
-    let mut out = Vec::new();
-    for name in [
+    [
         maps::WL_V4,
         maps::WL_V4_LPM,
         maps::WL_V6,
@@ -75,16 +74,31 @@ pub fn fill_levels(paths: &Paths) -> Result<Vec<(&'static str, u64, u32)>> {
         maps::CONNTRACK,
         maps::ESTABLISHED,
         maps::FRAGS,
-    ] {
-        let p = paths.map(name);
-        let data = MapData::from_pin(&p)?;
-        let max = data.info()?.max_entries();
-        let fd = std::os::fd::AsFd::as_fd(data.fd());
-        let n = super::syscall::count_keys(fd, data.info()?.key_size() as usize)
-            .with_context(|| format!("cannot count the entries of {name}"))?;
-        out.push((name, n, max));
-    }
-    Ok(out)
+    ]
+    .into_iter()
+    .map(|name| fill(paths, name).map(|(n, max)| (name, n, max)))
+    .collect()
+}
+
+fn fill(paths: &Paths, name: &str) -> Result<(u64, u32)> {
+    let data = MapData::from_pin(paths.map(name))?;
+    let info = data.info()?;
+    let fd = std::os::fd::AsFd::as_fd(data.fd());
+    let n = super::syscall::count_keys(fd, info.key_size() as usize)
+        .with_context(|| format!("cannot count the entries of {name}"))?;
+    Ok((n, info.max_entries()))
+}
+
+/// The two connection tables' fill.
+pub fn connections(paths: &Paths) -> Result<crate::backend::Connections> {
+    let (new, new_max) = fill(paths, maps::CONNTRACK)?;
+    let (established, established_max) = fill(paths, maps::ESTABLISHED)?;
+    Ok(crate::backend::Connections {
+        new,
+        new_max: new_max as u64,
+        established,
+        established_max: established_max as u64,
+    })
 }
 
 /// Written / suppressed / lost log events, as the backend-neutral type.

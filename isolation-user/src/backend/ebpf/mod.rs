@@ -203,6 +203,7 @@ impl Backend for Ebpf {
             reasons: counters::counters(paths)?,
             rules,
             log: counters::log_counts(paths)?,
+            connections: counters::connections(paths)?,
         })
     }
 
