@@ -318,9 +318,11 @@ impl<'p> Oracle<'p> {
     /// packet. The reason is the one the datapath counts.
     pub fn egress(&mut self, p: &Packet) -> Reason {
         let r = self.track(p);
-        // The overlay connection inside an outgoing VXLAN datagram is tracked too (inside a
-        // tunnel an IPv6 fragment header hides the ports: nothing to track).
+        // The overlay connection inside an outgoing VXLAN datagram is tracked too (not in a
+        // later fragment, which has no UDP header; inside a tunnel an IPv6 fragment header
+        // hides the ports: nothing to track).
         if let Body::Vxlan { dport, inner, .. } = &p.body
+            && !matches!(p.frag, Frag::Later(_))
             && self.policy.isolation.vxlan_ports.contains(dport)
             && !(inner.src.is_ipv6() && matches!(inner.frag, Frag::First(_)))
         {

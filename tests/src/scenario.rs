@@ -192,7 +192,7 @@ pub fn build(v: &[u32]) -> Scenario {
         } else {
             DefaultAction::Deny
         },
-        reject: !c.chance(30),
+        reject: !c.chance(20),
         ..Isolation::default()
     };
     if !names.is_empty() {
@@ -603,7 +603,7 @@ fn packets(c: &mut Choices, policy: &Policy, prefixes: &[IpNet]) -> Vec<Step> {
                     } else {
                         Step::In(r)
                     }
-                } else if c.chance(60) {
+                } else if c.chance(30) {
                     // Answered: its opener speaks again, which confirms the connection.
                     steps.push(Step::In(r));
                     Step::Out(p)
@@ -683,7 +683,7 @@ fn packets(c: &mut Choices, policy: &Policy, prefixes: &[IpNet]) -> Vec<Step> {
                     Some(p) if c.chance(15) => Step::Out(p),
                     // Often the host forwards (or sends) what it admitted: only then is
                     // the flow recorded and its replies let through.
-                    Some(p) if c.chance(40) => {
+                    Some(p) if c.chance(25) => {
                         steps.push(Step::In(p.clone()));
                         Step::Out(p)
                     }
@@ -691,12 +691,20 @@ fn packets(c: &mut Choices, policy: &Policy, prefixes: &[IpNet]) -> Vec<Step> {
                     None => Step::In(fresh(c, policy, prefixes, vxlan)),
                 }
             }
+            // A whole exchange: out, its answer in, out again (which confirms it).
+            4 => {
+                let p = fresh(c, policy, prefixes, vxlan);
+                let r = reply(c, &p);
+                steps.push(Step::Out(p.clone()));
+                steps.push(Step::In(r));
+                Step::Out(p)
+            }
             // The opener of an earlier connection speaks again (confirms it if answered).
-            19 if !sent.is_empty() => Step::Out((*c.pick(&sent)).clone()),
+            19 if !sent.is_empty() && c.chance(50) => Step::Out((*c.pick(&sent)).clone()),
             // A fresh packet, in or out.
             _ => {
                 let p = fresh(c, policy, prefixes, vxlan);
-                if c.chance(25) {
+                if c.chance(15) {
                     Step::Out(p)
                 } else {
                     Step::In(p)
