@@ -107,6 +107,13 @@ fn add_state(v: *mut FlowValue, bits: u32, now: u64) {
     }
 }
 
+/// Has a FIN or a RST been seen on this connection?
+#[inline(always)]
+fn closing(v: *const FlowValue) -> bool {
+    let state = unsafe { (*v).state };
+    state & (flow_state::FIN_OUT | flow_state::FIN_IN | flow_state::RST) != 0
+}
+
 /// An entry of either table, alive: established first (most replies belong there).
 #[inline(always)]
 fn find(key: &FlowKey, now: u64) -> Option<*mut FlowValue> {
@@ -261,9 +268,13 @@ pub fn track(pkt: &Packet) -> Reason {
     }
     let key = flow_of(pkt);
     let close = close_bits(pkt, flow_state::FIN_OUT);
+    // A SYN on a tuple whose connection was closing (FIN or RST seen) opens a new one, as
+    // the kernel's conntrack does: it must not inherit the short close timeout.
+    let reopen =
+        pkt.proto == IPPROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN;
     let now = now();
     if let Some(v) = ESTABLISHED.get_ptr_mut(&key) {
-        if alive(v, key.proto, true, now) {
+        if alive(v, key.proto, true, now) && !(reopen && closing(v)) {
             refresh(v, now);
             add_state(v, close, now);
             return Reason::EgressTracked;
@@ -273,6 +284,7 @@ pub fn track(pkt: &Packet) -> Reason {
     }
     if let Some(v) = CONNTRACK.get_ptr_mut(&key)
         && alive(v, key.proto, false, now)
+        && !(reopen && closing(v))
     {
         let st = unsafe { (*v).state } | close;
         if st & flow_state::REPLIED != 0 && st & flow_state::RST == 0 {

@@ -155,6 +155,7 @@ pub struct Packet {
     pub body: Body,
 }
 
+pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
@@ -289,6 +290,8 @@ struct Conn {
     replied: bool,
     /// A RST was seen: it will never be confirmed.
     reset: bool,
+    /// A FIN or a RST was seen: a SYN on its tuple opens a new connection.
+    closing: bool,
 }
 
 /// PRODUCT.md's whole decision for a host with the policy attached: the host whitelist,
@@ -335,17 +338,22 @@ impl<'p> Oracle<'p> {
         let Some(f) = p.flow() else {
             return Reason::EgressIgnored;
         };
-        let reset = match &p.body {
-            Body::Tcp { flags, .. } => flags & TCP_RST != 0,
+        let (reset, fin, syn) = match &p.body {
+            Body::Tcp { flags, .. } => (
+                flags & TCP_RST != 0,
+                flags & TCP_FIN != 0,
+                flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN,
+            ),
             // Only echo requests expect a reply; errors and replies we send open nothing.
             Body::Echo { request: false, .. } | Body::IcmpError { .. } | Body::Other(_) => {
                 return Reason::EgressIgnored;
             }
-            _ => false,
+            _ => (false, false, false),
         };
         match self.flows.get_mut(&f) {
-            Some(c) => {
+            Some(c) if !(syn && c.closing) => {
                 c.reset |= reset;
+                c.closing |= reset || fin;
                 if !c.established && c.replied && !c.reset {
                     c.established = true;
                     Reason::EgressConfirmed
@@ -355,8 +363,12 @@ impl<'p> Oracle<'p> {
             }
             // A RST opens nothing.
             None if reset => Reason::EgressIgnored,
-            None => {
-                self.flows.insert(f, Conn::default());
+            _ => {
+                let c = Conn {
+                    closing: fin,
+                    ..Conn::default()
+                };
+                self.flows.insert(f, c);
                 Reason::EgressNew
             }
         }
@@ -368,17 +380,19 @@ impl<'p> Oracle<'p> {
         let Some(f) = p.flow() else {
             return false;
         };
-        let mut reset = false;
+        let (mut reset, mut fin) = (false, false);
         if let Body::Tcp { flags, .. } = p.body {
             if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
                 return false;
             }
             reset = flags & TCP_RST != 0;
+            fin = flags & TCP_FIN != 0;
         }
         match self.flows.get_mut(&f.reversed()) {
             Some(c) => {
                 c.replied = true;
                 c.reset |= reset;
+                c.closing |= reset || fin;
                 true
             }
             None => false,

@@ -694,3 +694,40 @@ fn unjudgeable_frames_are_dropped_once_isolation_is_on() {
     // Two tags are read: the packet inside is judged (IT -> HR is denied).
     dp.expect(&two_tags, XDP_DROP, Reason::DropIsolated, "2 tags");
 }
+
+/// A TCP connection's life in the tables: new, confirmed by the handshake's last ACK, closed
+/// by a RST; a SYN on the same tuple afterwards opens a new connection (it does not inherit
+/// the closed one's short timeout).
+#[test]
+fn tcp_connections_are_confirmed_closed_and_reopened() {
+    let Some(dp) = Dp::new(WL) else { return };
+    let out = |flags| v4_tcp(LOCAL4, STRANGER4, 50000, 443, flags);
+    let back = |flags| v4_tcp(STRANGER4, LOCAL4, 443, 50000, flags);
+    dp.egress(&out(SYN));
+    assert_eq!(dp.count(Reason::EgressNew), 1, "SYN: new");
+    dp.expect(
+        &back(SYN | ACK),
+        XDP_PASS,
+        Reason::PassEstablished,
+        "SYN-ACK",
+    );
+    dp.egress(&out(ACK));
+    assert_eq!(dp.count(Reason::EgressConfirmed), 1, "last ACK: confirmed");
+    // A SYN without ACK never answers anything, even on a known tuple.
+    dp.expect(&back(SYN), XDP_DROP, Reason::DropNotWhitelisted, "bare SYN");
+    dp.expect(&back(RST | ACK), XDP_PASS, Reason::PassEstablished, "RST");
+    dp.egress(&out(SYN));
+    assert_eq!(
+        dp.count(Reason::EgressNew),
+        2,
+        "a SYN after the RST: new again"
+    );
+    dp.expect(
+        &back(SYN | ACK),
+        XDP_PASS,
+        Reason::PassEstablished,
+        "new SYN-ACK",
+    );
+    dp.egress(&out(ACK));
+    assert_eq!(dp.count(Reason::EgressConfirmed), 2, "confirmed again");
+}
