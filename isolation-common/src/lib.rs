@@ -203,6 +203,12 @@ pub mod flags {
     /// The live slot isolates networks. With either enforcement on, a frame the datapath
     /// cannot judge whole (too many VLAN tags, malformed IP) is dropped.
     pub const ISOLATION: u32 = 1 << 2;
+    /// The whitelist's IPv4 / IPv6 CIDR trie holds entries. Clear, the datapath skips the
+    /// trie lookup (most whitelists are exact addresses only). Set before a CIDR is added,
+    /// cleared only once its trie is empty: never a moment where an entry is not consulted.
+    pub const WL_CIDR_V4: u32 = 1 << 3;
+    pub const WL_CIDR_V6: u32 = 1 << 4;
+    pub const WL_CIDRS: u32 = WL_CIDR_V4 | WL_CIDR_V6;
 }
 
 /// Written by the loader at index 0 of `CONFIG`. A zeroed config (before any policy

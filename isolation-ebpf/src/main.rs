@@ -109,7 +109,7 @@ mod programs {
         // Stage 1, the host whitelist: who may reach this host at all.
         let admitted = if !enforce {
             Reason::PassWhitelistOff
-        } else if whitelist::whitelisted(&pkt) {
+        } else if whitelist::whitelisted(&pkt, cfg.flags) {
             Reason::PassWhitelist
         } else if conntrack::is_reply(&pkt) {
             conntrack::remember_fragment(&pkt);

@@ -5,7 +5,7 @@ use aya_ebpf::{
     btf_maps::{HashMap, LpmTrie, lpm_trie::Key},
     macros::btf_map,
 };
-use isolation_common::{AF_INET, WlEntry, limits};
+use isolation_common::{AF_INET, WlEntry, flags, limits};
 
 use crate::parse::Packet;
 
@@ -28,14 +28,16 @@ static WL_V6: HashMap<[u8; 16], WlEntry, { limits::WL_EXACT as usize }, NO_PREAL
 #[btf_map]
 static WL_V6_LPM: LpmTrie<[u8; 16], WlEntry, { limits::WL_LPM as usize }> = LpmTrie::new();
 
+/// Is the source whitelisted? `cfg_flags` says which CIDR tries hold anything: an empty
+/// trie is not looked up.
 #[inline(always)]
-pub fn whitelisted(pkt: &Packet) -> bool {
+pub fn whitelisted(pkt: &Packet, cfg_flags: u32) -> bool {
     if pkt.family == AF_INET {
         let a = [pkt.src[0], pkt.src[1], pkt.src[2], pkt.src[3]];
         if WL_V4.get_ptr(&u32::from_ne_bytes(a)).is_some() {
             return true;
         }
-        if cfg!(feature = "mutant-skip-cidr-trie") {
+        if cfg!(feature = "mutant-skip-cidr-trie") || cfg_flags & flags::WL_CIDR_V4 == 0 {
             return false;
         }
         WL_V4_LPM.get(&Key::new(32, a)).is_some()
@@ -43,7 +45,7 @@ pub fn whitelisted(pkt: &Packet) -> bool {
         if WL_V6.get_ptr(&pkt.src).is_some() {
             return true;
         }
-        if cfg!(feature = "mutant-skip-cidr-trie") {
+        if cfg!(feature = "mutant-skip-cidr-trie") || cfg_flags & flags::WL_CIDR_V6 == 0 {
             return false;
         }
         WL_V6_LPM.get(&Key::new(128, pkt.src)).is_some()

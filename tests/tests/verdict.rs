@@ -7,9 +7,9 @@ use aya::{
     maps::{MapData, RingBuf},
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
-use isolation_common::{LogEvent, LogStat, Reason, maps};
+use isolation_common::{LogEvent, LogStat, Reason, flags, maps};
 use isolation_user::{
-    backend::ebpf::{counters, pins, whitelist},
+    backend::ebpf::{counters, pins, slots},
     policy::{Policy, Whitelist},
     state::Paths,
 };
@@ -401,11 +401,21 @@ fn live_whitelist_edits_take_effect() {
     let Some(dp) = Dp::new(&[]) else { return };
     let f = v4_tcp(STRANGER4, LOCAL4, 1, 22, SYN);
     dp.expect(&f, XDP_DROP, Reason::DropNotWhitelisted, "before add");
-    let mut m = whitelist::WhitelistMaps::open(&dp.paths).unwrap();
-    m.insert(&"198.51.100.0/24".parse().unwrap()).unwrap();
+    // Through the backend, as `whitelist add/del` do: a CIDR also switches its trie on.
+    use isolation_user::backend::Backend as _;
+    let mut b = isolation_user::backend::ebpf::Ebpf::new(dp.paths.clone());
+    let net: ipnet::IpNet = "198.51.100.0/24".parse().unwrap();
+    b.edit_whitelist(&[net], &[], 2, &mut |_| {}).unwrap();
     dp.expect(&f, XDP_PASS, Reason::PassWhitelist, "after add");
-    m.remove(&"198.51.100.0/24".parse().unwrap()).unwrap();
+    let cidr_bits = |dp: &Dp| slots::read_config(&dp.paths).unwrap().flags & flags::WL_CIDRS;
+    assert_eq!(
+        cidr_bits(&dp),
+        flags::WL_CIDR_V4,
+        "the IPv4 trie is looked up"
+    );
+    b.edit_whitelist(&[], &[net], 3, &mut |_| {}).unwrap();
     dp.expect(&f, XDP_DROP, Reason::DropNotWhitelisted, "after del");
+    assert_eq!(cidr_bits(&dp), 0, "an empty trie is skipped");
 }
 
 #[test]

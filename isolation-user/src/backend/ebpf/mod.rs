@@ -149,13 +149,18 @@ impl Backend for Ebpf {
         let compiled = compile::compile(policy).map_err(anyhow::Error::msg)?;
         // The whitelist entries, all or nothing, before the isolation slot is touched: if
         // the kernel refuses an entry, the maps are restored and nothing else has changed.
+        let paths = &self.paths;
         let undo = match whitelist {
-            Some(wl) => Some(whitelist::sync(&self.paths, wl, progress)?),
+            Some(wl) => Some(whitelist::with_cidr_flags(paths, wl, || {
+                whitelist::sync(paths, wl, progress)
+            })?),
             None => None,
         };
-        if let Err(e) = slots::swap_in(&self.paths, policy, &compiled, generation) {
+        if let Err(e) = slots::swap_in(paths, policy, &compiled, generation) {
             if let Some(done) = undo {
-                let _ = whitelist::revert(&self.paths, &done);
+                let _ = whitelist::with_cidr_flags(paths, &done.removed, || {
+                    whitelist::revert(paths, &done)
+                });
             }
             return Err(e);
         }
@@ -169,8 +174,9 @@ impl Backend for Ebpf {
         generation: u32,
         progress: &mut dyn FnMut(u64),
     ) -> Result<WhitelistDelta> {
-        let delta =
-            whitelist::WhitelistMaps::open(&self.paths)?.change(del, add, &mut *progress)?;
+        let delta = whitelist::with_cidr_flags(&self.paths, add, || {
+            whitelist::WhitelistMaps::open(&self.paths)?.change(del, add, &mut *progress)
+        })?;
         slots::update_config(&self.paths, |c| c.generation = generation)?;
         Ok(delta)
     }

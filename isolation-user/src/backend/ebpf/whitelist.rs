@@ -8,7 +8,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow};
 use aya::maps::{HashMap, LpmTrie, MapData, lpm_trie::Key};
 use ipnet::IpNet;
-use isolation_common::{WlEntry, maps};
+use isolation_common::{WlEntry, flags, maps};
 
 use super::pins::{error_chain, not_found, open_map};
 use crate::{backend::WhitelistDelta, state::Paths};
@@ -380,6 +380,45 @@ impl WhitelistMaps {
             }
         }
     }
+}
+
+/// The `flags::WL_CIDR_*` bits a set of entries needs (the families it has CIDRs of).
+fn cidr_bits<'a>(entries: impl IntoIterator<Item = &'a IpNet>) -> u32 {
+    let mut f = 0;
+    for n in entries {
+        match n {
+            IpNet::V4(n) if n.prefix_len() < 32 => f |= flags::WL_CIDR_V4,
+            IpNet::V6(n) if n.prefix_len() < 128 => f |= flags::WL_CIDR_V6,
+            _ => {}
+        }
+    }
+    f
+}
+
+/// Runs a whitelist change with the datapath's CIDR switches kept safe: the bits of the
+/// families gaining CIDRs are set before anything is added, and afterwards each bit is made
+/// to say whether its trie holds anything (a trie that cannot be read counts as non-empty).
+/// So the datapath may look into an empty trie for a moment, never skip a full one.
+pub fn with_cidr_flags<T>(
+    paths: &Paths,
+    adding: &[IpNet],
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    let early = cidr_bits(adding);
+    if early != 0 {
+        super::slots::update_config(paths, |c| c.flags |= early)?;
+    }
+    let r = f();
+    let m = WhitelistMaps::open(paths)?;
+    let mut now = 0;
+    if m.v4_lpm.keys().next().is_some() {
+        now |= flags::WL_CIDR_V4;
+    }
+    if m.v6_lpm.keys().next().is_some() {
+        now |= flags::WL_CIDR_V6;
+    }
+    super::slots::update_config(paths, |c| c.flags = (c.flags & !flags::WL_CIDRS) | now)?;
+    r
 }
 
 /// Puts back what a `change` did (a later step of its transaction failed).
