@@ -14,7 +14,10 @@ const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_PROG_TYPE_XDP: u32 = 6;
+const BPF_MAP_TYPE_HASH: u32 = 1;
 const BPF_MAP_TYPE_PROG_ARRAY: u32 = 3;
+const BPF_F_NO_PREALLOC: u32 = 1;
+const MAP_LOOKUP_ELEM: i32 = 1;
 const BPF_XDP: u32 = 37;
 const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
 const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
@@ -142,6 +145,7 @@ struct MapCreateAttr {
     key_size: u32,
     value_size: u32,
     max_entries: u32,
+    map_flags: u32,
     _rest: [u64; 12],
 }
 
@@ -153,6 +157,57 @@ struct MapElemAttr {
     key: u64,
     value: u64,
     flags: u64,
+}
+
+/// The realistic floor of a whitelist: parse Ethernet and IPv4, one hash lookup of the
+/// source, drop on a miss (what any source whitelist must do, and nothing more). Its hash
+/// is the same kind as ours (allocated on demand), sized to `sources` and holding them.
+/// Anything that is not a whole IPv4 header passes.
+pub fn load_one_lookup(sources: &[std::net::Ipv4Addr]) -> Result<RawFd> {
+    let mut attr = MapCreateAttr {
+        map_type: BPF_MAP_TYPE_HASH,
+        key_size: 4,
+        value_size: 4,
+        max_entries: (sources.len() as u32).max(1),
+        map_flags: BPF_F_NO_PREALLOC,
+        ..Default::default()
+    };
+    let map = bpf(BPF_MAP_CREATE, &mut attr).context("cannot create the floor's hash")? as RawFd;
+    let value = 1u32;
+    for a in sources {
+        let key = u32::from_ne_bytes(a.octets());
+        let mut up = MapElemAttr {
+            map_fd: map as u32,
+            key: &key as *const u32 as u64,
+            value: &value as *const u32 as u64,
+            ..Default::default()
+        };
+        bpf(BPF_MAP_UPDATE_ELEM, &mut up).context("cannot fill the floor's hash")?;
+    }
+    let p = [
+        mov_reg(6, 1),
+        insn(0x61, 2, 6, 0, 0),      // r2 = ctx->data
+        insn(0x61, 3, 6, 4, 0),      // r3 = ctx->data_end
+        mov_reg(4, 2),               //
+        insn(0x07, 4, 0, 0, 34),     // r4 += 14 + 20
+        insn(0x2d, 4, 3, 10, 0),     // if r4 > r3 goto pass
+        insn(0x69, 5, 2, 12, 0),     // r5 = ether type (as loaded, little endian)
+        insn(0x55, 5, 0, 8, 0x0008), // if r5 != htons(0x0800) goto pass
+        insn(0x61, 5, 2, 26, 0),     // r5 = source address
+        insn(0x63, 10, 5, -4, 0),    // *(u32 *)(r10 - 4) = r5
+        mov_reg(2, 10),              //
+        insn(0x07, 2, 0, 0, -4),     // r2 = &key
+        insn(0x18, 1, 1, 0, map),    // r1 = map (BPF_PSEUDO_MAP_FD)
+        0,                           //
+        call(MAP_LOOKUP_ELEM),       //
+        insn(0x15, 0, 0, 2, 0),      // if r0 == NULL goto drop
+        mov_imm(0, XDP_PASS),        // pass:
+        EXIT,                        //
+        mov_imm(0, XDP_DROP),        // drop:
+        EXIT,
+    ];
+    // The map fd stays open with the process, like the wrapper's.
+    load_xdp("one_lookup", &p)
 }
 
 /// A wrapper for random keys in BPF_PROG_TEST_RUN (which repeats one frame): it writes
