@@ -141,17 +141,21 @@ pub fn tcp_open(ns: &str, addr: SocketAddr) -> TcpStream {
     })
 }
 
+/// Any port on the unspecified address of `peer`'s family: where a client socket binds.
+pub fn any_port(peer: SocketAddr) -> SocketAddr {
+    if peer.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()
+    .unwrap()
+}
+
 /// Does a UDP echo come back within `timeout` (a few tries: UDP may lose the first to ARP)?
 pub fn udp_ok(ns: &str, addr: SocketAddr, timeout: Duration) -> bool {
     in_ns(ns, move || {
-        let bind: SocketAddr = if addr.is_ipv4() {
-            "0.0.0.0:0"
-        } else {
-            "[::]:0"
-        }
-        .parse()
-        .unwrap();
-        let u = UdpSocket::bind(bind).unwrap();
+        let u = UdpSocket::bind(any_port(addr)).unwrap();
         u.set_read_timeout(Some(timeout / 3)).unwrap();
         let mut buf = [0u8; 64];
         for _ in 0..3 {
@@ -402,14 +406,7 @@ impl Sink {
 /// within `timeout`? One try only: counters are compared exactly.
 pub fn udp_echo_once(ns: &str, addr: SocketAddr, size: usize, timeout: Duration) -> bool {
     in_ns(ns, move || {
-        let bind: SocketAddr = if addr.is_ipv4() {
-            "0.0.0.0:0"
-        } else {
-            "[::]:0"
-        }
-        .parse()
-        .unwrap();
-        let u = UdpSocket::bind(bind).unwrap();
+        let u = UdpSocket::bind(any_port(addr)).unwrap();
         u.set_read_timeout(Some(timeout)).unwrap();
         let data: Vec<u8> = (0..size).map(|i| i as u8).collect();
         u.send_to(&data, addr).unwrap();

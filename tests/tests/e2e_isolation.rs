@@ -403,14 +403,7 @@ fn connect_outcome(ns: &str, addr: SocketAddr) -> (std::io::ErrorKind, Duration)
 /// The error a connected UDP socket in `ns` gets after sending to `addr`.
 fn udp_error(ns: &str, addr: SocketAddr) -> Option<i32> {
     tests::traffic::in_ns(ns, move || {
-        let bind: SocketAddr = if addr.is_ipv4() {
-            "0.0.0.0:0"
-        } else {
-            "[::]:0"
-        }
-        .parse()
-        .unwrap();
-        let u = std::net::UdpSocket::bind(bind).unwrap();
+        let u = std::net::UdpSocket::bind(tests::traffic::any_port(addr)).unwrap();
         u.connect(addr).unwrap();
         u.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         let _ = u.send(b"x");
