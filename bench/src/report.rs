@@ -307,7 +307,11 @@ pub fn live_table(md: &mut String, rows: &[LiveRow], o: &crate::live::LiveOpts) 
          Drops are counted by the filter itself (our counters, the iptables rule, the nft \
          counter), or by the veth driver's XDP_DROP count for programs that keep none (bare \
          XDP_DROP, xdp-filter); \"no filter\" counts packets received. iptables is Debian's \
-         default (nf_tables backend, `xt_set` match).\n",
+         default (nf_tables backend, `xt_set` match). Every filter gets the same traffic and \
+         the same set: the same exact addresses, one or many per family, none of them a \
+         source of the traffic, and it drops what is not in its set (a whitelist; ipset and \
+         nft through a negated match, xdp-filter with its default-deny policy), so each \
+         frame pays a miss.\n",
         o.seconds, o.rounds
     )?;
     for g in rows
