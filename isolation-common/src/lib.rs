@@ -24,6 +24,9 @@ pub mod maps {
     /// Established connections: answered, then confirmed by the side that opened them
     /// (TCP: the handshake's last ACK). Only other established connections compete here.
     pub const ESTABLISHED: &str = "ESTABLISHED";
+    /// Remote hosts with flows, a byte per hash slot: a packet from an empty slot skips
+    /// the connection tables.
+    pub const PEERS: &str = "PEERS";
     /// Fragments of an admitted datagram whose first fragment passed conntrack.
     pub const FRAGS: &str = "FRAGS";
     /// Per-CPU packet/byte counters indexed by `Reason`.
@@ -63,6 +66,7 @@ pub mod maps {
         WL_V6_LPM,
         CONNTRACK,
         ESTABLISHED,
+        PEERS,
         FRAGS,
         COUNTERS,
         LOG_STATS,
@@ -102,6 +106,10 @@ pub mod limits {
     /// New (unconfirmed) connections, and established ones: two tables of this size.
     pub const CONNTRACK: u32 = 1 << 18;
     pub const ESTABLISHED: u32 = 1 << 18;
+    /// Slots of the remote-host filter in front of the connection tables: 2^PEER_BITS
+    /// array elements of 8 bytes (1 MiB).
+    pub const PEER_BITS: u32 = 17;
+    pub const PEER_SLOTS: u32 = 1 << PEER_BITS;
     pub const FRAGS: u32 = 1 << 14;
     /// Bytes of the trace ring buffer (a power of two, a multiple of the page size).
     pub const EVENTS_BYTES: u32 = 1 << 20;
@@ -141,6 +149,22 @@ pub mod ports {
             _ => OTHER,
         }
     }
+}
+
+/// The slot of an address in the remote-host filter (`maps::PEERS`): the family's words
+/// folded, then a multiplicative hash. One function for the datapath and the loader (which
+/// marks the peers of the connections it seeds).
+#[inline(always)]
+pub fn peer_slot(family: u8, a: &[u8; 16]) -> u32 {
+    // Words read in place: no temporaries on the (small) BPF stack.
+    let p = a.as_ptr() as *const u32;
+    // SAFETY: `a` is 16 bytes, so words 0..4 are inside it; unaligned reads are allowed.
+    let w = |i: usize| unsafe { core::ptr::read_unaligned(p.add(i)) };
+    let mut x = w(0);
+    if family != AF_INET {
+        x ^= w(1).rotate_left(8) ^ w(2).rotate_left(16) ^ w(3).rotate_left(24);
+    }
+    x.wrapping_mul(0x9E37_79B1) >> (32 - limits::PEER_BITS)
 }
 
 /// Index of the lowest set bit of a rule mask: the deciding rule is the first one written.

@@ -12,7 +12,11 @@
 //! build: a reply's key is the reverse of its own. TCP entries follow FIN and RST: a closed
 //! connection stops passing replies after seconds, not days.
 
-use aya_ebpf::{btf_maps::LruHashMap, helpers::bpf_ktime_get_ns, macros::btf_map};
+use aya_ebpf::{
+    btf_maps::{Array, LruHashMap},
+    helpers::bpf_ktime_get_ns,
+    macros::btf_map,
+};
 use isolation_common::{
     FlowKey, FlowValue, FragKey, Reason, flow_origin, flow_state, limits, timing,
 };
@@ -35,6 +39,39 @@ static ESTABLISHED: LruHashMap<FlowKey, FlowValue, { limits::ESTABLISHED as usiz
 /// later fragments carry no ports, so they are recognised by (src, dst, IP id, proto).
 #[btf_map]
 static FRAGS: LruHashMap<FragKey, u64, { limits::FRAGS as usize }> = LruHashMap::new();
+
+/// Remote hosts this host has (or had) flows with, one flag per hash slot: a packet whose
+/// source hashes to an empty slot cannot be a reply, and skips both connection tables.
+/// Under a flood from random sources that saves two lookups whose buckets are not in
+/// cache, for one in an array small enough to stay closer. A slot is set before the flow
+/// that needs it is recorded and never cleared by the datapath, so a set slot only costs a
+/// lookup that finds nothing. A slot is a whole array element: the loader can set one
+/// (seeded connections) without a read-modify-write racing the datapath's.
+#[btf_map]
+static PEERS: Array<u64, { limits::PEER_SLOTS as usize }> = Array::new();
+
+/// Could `a` be the remote end of a recorded flow?
+#[inline(always)]
+fn maybe_peer(family: u8, a: &[u8; 16]) -> bool {
+    match PEERS.get(isolation_common::peer_slot(family, a)) {
+        Some(v) => *v != 0,
+        None => true,
+    }
+}
+
+/// Marks `a` as the remote end of a flow (written only when it changes: every packet of a
+/// flow comes through here).
+#[inline(always)]
+fn mark_peer(family: u8, a: &[u8; 16]) {
+    if let Some(v) = PEERS.get_ptr_mut(isolation_common::peer_slot(family, a)) {
+        // SAFETY: an element of the PEERS map, which lives as long as the program.
+        unsafe {
+            if *v == 0 {
+                *v = 1;
+            }
+        }
+    }
+}
 
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
@@ -136,6 +173,9 @@ pub fn is_reply(pkt: &Packet) -> bool {
     }
     // A SYN without ACK opens a connection; it never answers one.
     if pkt.proto == IPPROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        return false;
+    }
+    if !maybe_peer(pkt.family, &pkt.src) {
         return false;
     }
     let key = FlowKey {
@@ -267,6 +307,8 @@ pub fn track(pkt: &Packet) -> Reason {
         return Reason::EgressIgnored;
     }
     let key = flow_of(pkt);
+    // Before the flow is recorded: its replies must never find the slot empty.
+    mark_peer(key.family, &key.dst);
     let close = close_bits(pkt, flow_state::FIN_OUT);
     // A SYN on a tuple whose connection was closing (FIN or RST seen) opens a new one, as
     // the kernel's conntrack does: it must not inherit the short close timeout.

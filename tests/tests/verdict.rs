@@ -741,3 +741,23 @@ fn tcp_connections_are_confirmed_closed_and_reopened() {
     dp.egress(&out(ACK));
     assert_eq!(dp.count(Reason::EgressConfirmed), 2, "confirmed again");
 }
+
+/// Connections seeded at load are answered before any packet of theirs has left: the
+/// loader marks their remote ends in the peer filter too.
+#[test]
+fn seeded_connections_pass_before_any_egress() {
+    let Some(dp) = Dp::new(WL) else { return };
+    let reply = v4_tcp(STRANGER4, LOCAL4, 443, 50000, ACK);
+    dp.expect(&reply, XDP_DROP, Reason::DropNotWhitelisted, "not seeded");
+    let mut key = isolation_common::FlowKey {
+        sport: 50000u16.to_be(),
+        dport: 443u16.to_be(),
+        proto: 6,
+        family: isolation_common::AF_INET,
+        ..Default::default()
+    };
+    key.src[..4].copy_from_slice(&LOCAL4.parse::<std::net::Ipv4Addr>().unwrap().octets());
+    key.dst[..4].copy_from_slice(&STRANGER4.parse::<std::net::Ipv4Addr>().unwrap().octets());
+    isolation_user::backend::ebpf::conntrack::seed_flows(&dp.paths, &[key]).unwrap();
+    dp.expect(&reply, XDP_PASS, Reason::PassEstablished, "seeded");
+}

@@ -1,7 +1,7 @@
 //! The connection map seen from userspace: flows written before the programs see a packet.
 
 use anyhow::Result;
-use aya::maps::{HashMap, MapData};
+use aya::maps::{Array, HashMap, MapData};
 use isolation_common::{FlowKey, FlowValue, flow_origin, flow_state, maps};
 
 use super::pins::open_map;
@@ -24,6 +24,15 @@ pub fn seed_flows(paths: &Paths, flows: &[FlowKey]) -> Result<usize> {
         origin: flow_origin::SEEDED,
         state: flow_state::REPLIED,
     };
+    // Their remote ends first: the datapath skips the tables for a source whose peer slot
+    // is empty. One element per write, so no write undoes one of the datapath's.
+    let mut peers: Array<MapData, u64> = open_map(paths, maps::PEERS)?.try_into()?;
+    for k in flows {
+        let slot = isolation_common::peer_slot(k.family, &k.dst);
+        if peers.get(&slot, 0)? == 0 {
+            peers.set(slot, &1, 0)?;
+        }
+    }
     let mut n = 0;
     for k in flows {
         m.insert(k, &v, 0)?;
