@@ -24,8 +24,8 @@ pub mod maps {
     /// Established connections: answered, then confirmed by the side that opened them
     /// (TCP: the handshake's last ACK). Only other established connections compete here.
     pub const ESTABLISHED: &str = "ESTABLISHED";
-    /// Remote hosts with flows, a byte per hash slot: a packet from an empty slot skips
-    /// the connection tables.
+    /// Remote hosts with flows, a flag (an array element) per hash slot: a packet from a
+    /// source whose slot is empty skips the connection tables.
     pub const PEERS: &str = "PEERS";
     /// Fragments of an admitted datagram whose first fragment passed conntrack.
     pub const FRAGS: &str = "FRAGS";

@@ -53,7 +53,7 @@ pub fn swap_in(
     let next = 1 - (cur.slot & 1);
     fill_slot(paths, next as usize, compiled)?;
     update_config(paths, |c| {
-        // The CIDR bits follow the tries, not the policy text (see `whitelist::cidr_flags`).
+        // The CIDR bits follow the tries, not the policy text (see `whitelist::with_cidr_flags`).
         c.flags = config_flags(policy) | (c.flags & flags::WL_CIDRS);
         c.generation = generation;
         c.slot = next;

@@ -382,19 +382,6 @@ impl WhitelistMaps {
     }
 }
 
-/// The `flags::WL_CIDR_*` bits a set of entries needs (the families it has CIDRs of).
-fn cidr_bits<'a>(entries: impl IntoIterator<Item = &'a IpNet>) -> u32 {
-    let mut f = 0;
-    for n in entries {
-        match n {
-            IpNet::V4(n) if n.prefix_len() < 32 => f |= flags::WL_CIDR_V4,
-            IpNet::V6(n) if n.prefix_len() < 128 => f |= flags::WL_CIDR_V6,
-            _ => {}
-        }
-    }
-    f
-}
-
 /// Runs a whitelist change with the datapath's CIDR switches kept safe: the bits of the
 /// families gaining CIDRs are set before anything is added, and afterwards each bit is made
 /// to say whether its trie holds anything (a trie that cannot be read counts as non-empty).
@@ -404,7 +391,17 @@ pub fn with_cidr_flags<T>(
     adding: &[IpNet],
     f: impl FnOnce() -> Result<T>,
 ) -> Result<T> {
-    let early = cidr_bits(adding);
+    // The families gaining CIDRs, by the one classifier the store and the limits use.
+    let gaining = crate::policy::WhitelistSizes::of(adding);
+    let early = (if gaining.lpm_v4 > 0 {
+        flags::WL_CIDR_V4
+    } else {
+        0
+    }) | (if gaining.lpm_v6 > 0 {
+        flags::WL_CIDR_V6
+    } else {
+        0
+    });
     if early != 0 {
         super::slots::update_config(paths, |c| c.flags |= early)?;
     }
