@@ -106,15 +106,29 @@ impl Iso {
     }
 
     pub fn packets(&self, reason: &str) -> u64 {
+        self.packets_of(&[reason])[0]
+    }
+
+    /// The packet counts of several reasons, from one `stats` read.
+    pub fn packets_of(&self, reasons: &[&str]) -> Vec<u64> {
         let s = self.stats();
-        s["reasons"]
-            .as_array()
-            .unwrap()
+        let all = s["reasons"].as_array().unwrap();
+        reasons
             .iter()
-            .find(|r| r["reason"] == reason)
-            .unwrap()["packets"]
-            .as_u64()
-            .unwrap()
+            .map(|reason| {
+                all.iter().find(|r| r["reason"] == *reason).unwrap()["packets"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    /// What `f` returns, and how many packets each reason counted while it ran.
+    pub fn deltas<T>(&self, reasons: &[&str], f: impl FnOnce() -> T) -> (T, Vec<u64>) {
+        let before = self.packets_of(reasons);
+        let t = f();
+        let after = self.packets_of(reasons);
+        (t, after.iter().zip(&before).map(|(a, b)| a - b).collect())
     }
 }
 

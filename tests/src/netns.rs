@@ -65,6 +65,41 @@ impl Netns {
         }
     }
 
+    /// A host hung off a router: a veth pair `router_if`@`router` <-> `e0`@`host`, the
+    /// router's IPv4 and IPv6 addresses (CIDR) on its end, the host's on the other, and the
+    /// host's default routes through the router.
+    pub fn spoke(
+        &self,
+        router: &str,
+        router_if: &str,
+        router_addrs: [&str; 2],
+        host: &str,
+        host_addrs: [&str; 2],
+    ) {
+        self.link(router, router_if, &router_addrs, host, "e0", &host_addrs);
+        for (gw, family) in router_addrs.iter().zip(["-4", "-6"]) {
+            let gw = gw.split('/').next().unwrap();
+            ok(&[
+                "ip", "-n", host, family, "route", "add", "default", "via", gw,
+            ]);
+        }
+    }
+
+    /// Sets sysctls (`key=value`) in a namespace.
+    pub fn sysctl(&self, ns: &str, settings: &[&str]) {
+        for kv in settings {
+            ok(&["ip", "netns", "exec", ns, "sysctl", "-qw", kv]);
+        }
+    }
+
+    /// Turns a namespace into an IPv4 and IPv6 router.
+    pub fn forwarding(&self, router: &str) {
+        self.sysctl(
+            router,
+            &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
+        );
+    }
+
     /// Runs a command inside a namespace (nsenter, so /sys stays the host's: pins survive).
     pub fn exec(&self, ns: &str, args: &[&str]) -> Output {
         let path = format!("--net=/run/netns/{ns}");

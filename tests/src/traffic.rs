@@ -181,9 +181,119 @@ pub fn ping_ok(ns: &str, addr: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Sends one raw IP payload (`proto`'s header and what follows; the kernel writes the IP
-/// header) from namespace `ns` to `dst`, then returns every TCP, ICMP or ICMPv6 packet that
-/// `answerer` sends back to `ns` within `wait`, as (protocol, bytes from its L4 header on).
+/// A raw IP socket inside a namespace receiving one protocol (TCP, ICMP, ICMPv6), without
+/// blocking; closed on drop.
+pub struct RawListener {
+    fd: i32,
+    v6: bool,
+}
+
+impl RawListener {
+    pub fn open(ns: &str, v6: bool, proto: u8) -> RawListener {
+        let fd = in_ns(ns, move || {
+            raw_socket(v6, proto as i32, libc::SOCK_NONBLOCK)
+        });
+        RawListener { fd, v6 }
+    }
+
+    /// One packet from `from` if one is waiting: its bytes from the L4 header on.
+    pub fn try_recv(&self, from: std::net::IpAddr) -> Option<Vec<u8>> {
+        let mut buf = [0u8; 2048];
+        // SAFETY: an all-zero sockaddr_storage is valid; the kernel fills it.
+        let mut src: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut flen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        // SAFETY: buffers valid for the call; non-blocking.
+        let n = unsafe {
+            libc::recvfrom(
+                self.fd,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                0,
+                (&mut src as *mut libc::sockaddr_storage).cast(),
+                &mut flen,
+            )
+        };
+        if n <= 0 || source(&src) != Some(from) {
+            return None;
+        }
+        // IPv4 raw sockets hand over the IP header too; IPv6 ones do not.
+        let b = &buf[..n as usize];
+        Some(
+            if self.v6 {
+                b
+            } else {
+                &b[((b[0] & 0x0f) as usize) * 4..]
+            }
+            .to_vec(),
+        )
+    }
+}
+
+impl Drop for RawListener {
+    fn drop(&mut self) {
+        // SAFETY: opened by `open`, closed once.
+        unsafe { libc::close(self.fd) };
+    }
+}
+
+fn raw_socket(v6: bool, proto: i32, flags: i32) -> i32 {
+    let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+    // SAFETY: plain socket(2); the result is checked.
+    let fd = unsafe { libc::socket(family, libc::SOCK_RAW | flags, proto) };
+    assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+    fd
+}
+
+/// Sends raw IP payloads (`proto`'s header and what follows; the kernel writes the IP
+/// header) from namespace `ns` to `dst`, with the given hop limit / TTL if any.
+pub fn raw_send(
+    ns: &str,
+    dst: std::net::IpAddr,
+    proto: u8,
+    payloads: Vec<Vec<u8>>,
+    hop_limit: Option<i32>,
+) {
+    in_ns(ns, move || {
+        let v6 = dst.is_ipv6();
+        let fd = raw_socket(v6, proto as i32, 0);
+        if let Some(h) = hop_limit {
+            let (level, opt) = if v6 {
+                (libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS)
+            } else {
+                (libc::IPPROTO_IP, libc::IP_TTL)
+            };
+            // SAFETY: a valid socket and an int option of its size.
+            let r = unsafe { libc::setsockopt(fd, level, opt, (&h as *const i32).cast(), 4) };
+            assert_eq!(r, 0, "hop limit: {}", std::io::Error::last_os_error());
+        }
+        let (sa, len) = sockaddr(dst);
+        for payload in payloads {
+            // SAFETY: the buffer and the socket address are valid for the call.
+            let n = unsafe {
+                libc::sendto(
+                    fd,
+                    payload.as_ptr().cast(),
+                    payload.len(),
+                    0,
+                    (&sa as *const libc::sockaddr_storage).cast(),
+                    len,
+                )
+            };
+            assert_eq!(
+                n as usize,
+                payload.len(),
+                "raw send: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        // SAFETY: opened above, closed once.
+        unsafe { libc::close(fd) };
+    })
+}
+
+/// Sends one raw IP payload from namespace `ns` to `dst` (as `raw_send`), then returns every
+/// TCP, ICMP or ICMPv6 packet that `answerer` sends back to `ns` within `wait`, as
+/// (protocol, bytes from its L4 header on).
 pub fn raw_probe(
     ns: &str,
     dst: std::net::IpAddr,
@@ -192,79 +302,24 @@ pub fn raw_probe(
     answerer: std::net::IpAddr,
     wait: Duration,
 ) -> Vec<(u8, Vec<u8>)> {
-    let payload = payload.to_vec();
-    in_ns(ns, move || {
-        let v6 = dst.is_ipv6();
-        let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
-        let icmp = if v6 {
-            libc::IPPROTO_ICMPV6
-        } else {
-            libc::IPPROTO_ICMP
-        };
-        let open = |p: i32| {
-            // SAFETY: plain socket(2); the result is checked.
-            let fd = unsafe { libc::socket(family, libc::SOCK_RAW | libc::SOCK_NONBLOCK, p) };
-            assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
-            fd
-        };
-        let listeners = [(6u8, open(libc::IPPROTO_TCP)), (icmp as u8, open(icmp))];
-        let send = open(proto as i32);
-        let (sa, len) = sockaddr(dst);
-        // SAFETY: the buffer and the socket address are valid for the call.
-        let n = unsafe {
-            libc::sendto(
-                send,
-                payload.as_ptr().cast(),
-                payload.len(),
-                0,
-                (&sa as *const libc::sockaddr_storage).cast(),
-                len,
-            )
-        };
-        assert_eq!(
-            n as usize,
-            payload.len(),
-            "raw send: {}",
-            std::io::Error::last_os_error()
-        );
-        let mut got = Vec::new();
-        let end = Instant::now() + wait;
-        while Instant::now() < end {
-            for (p, fd) in listeners {
-                let mut buf = [0u8; 2048];
-                let mut from: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-                let mut flen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-                // SAFETY: buffers valid for the call; non-blocking.
-                let n = unsafe {
-                    libc::recvfrom(
-                        fd,
-                        buf.as_mut_ptr().cast(),
-                        buf.len(),
-                        0,
-                        (&mut from as *mut libc::sockaddr_storage).cast(),
-                        &mut flen,
-                    )
-                };
-                if n <= 0 || source(&from) != Some(answerer) {
-                    continue;
-                }
-                // IPv4 raw sockets hand over the IP header too; IPv6 ones do not.
-                let b = &buf[..n as usize];
-                let l4 = if v6 {
-                    b
-                } else {
-                    &b[((b[0] & 0x0f) as usize) * 4..]
-                };
-                got.push((p, l4.to_vec()));
+    let v6 = dst.is_ipv6();
+    let icmp = if v6 { 58 } else { 1 };
+    let listeners = [
+        (6u8, RawListener::open(ns, v6, 6)),
+        (icmp, RawListener::open(ns, v6, icmp)),
+    ];
+    raw_send(ns, dst, proto, vec![payload.to_vec()], None);
+    let mut got = Vec::new();
+    let end = Instant::now() + wait;
+    while Instant::now() < end {
+        for (p, l) in &listeners {
+            if let Some(b) = l.try_recv(answerer) {
+                got.push((*p, b));
             }
-            std::thread::sleep(Duration::from_millis(10));
         }
-        for fd in [send, listeners[0].1, listeners[1].1] {
-            // SAFETY: sockets opened above, closed once.
-            unsafe { libc::close(fd) };
-        }
-        got
-    })
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    got
 }
 
 fn sockaddr(a: std::net::IpAddr) -> (libc::sockaddr_storage, libc::socklen_t) {

@@ -16,7 +16,10 @@ use tests::{
     iso::Iso,
     netns::{Netns, ok},
     pkt::{self, V4, V6},
-    traffic::{Echo, Sink, in_ns, mac, round_trip, send_frames, tcp_open, udp_echo_once},
+    traffic::{
+        Echo, RawListener, Sink, in_ns, mac, raw_send, round_trip, send_frames, tcp_open,
+        udp_echo_once,
+    },
     unique,
 };
 
@@ -61,39 +64,31 @@ impl Lab {
         }
         let (router, it1, hr1) = (unique("rta"), unique("ita-"), unique("hra-"));
         let ns = Netns::new(&[&router, &it1, &hr1]);
-        ns.link(
+        ns.spoke(
             &router,
             "r1",
-            &["198.51.100.1/28", "2001:db8:1:1::1/64"],
+            ["198.51.100.1/28", "2001:db8:1:1::1/64"],
             &it1,
-            "e0",
-            &[&format!("{IT4}/28"), &format!("{IT6}/64")],
+            [&format!("{IT4}/28"), &format!("{IT6}/64")],
         );
-        ns.link(
+        ns.spoke(
             &router,
             "r3",
-            &["198.51.100.129/28", "2001:db8:2:1::1/64"],
+            ["198.51.100.129/28", "2001:db8:2:1::1/64"],
             &hr1,
-            "e0",
-            &[&format!("{HR4}/28"), &format!("{HR6}/64")],
+            [&format!("{HR4}/28"), &format!("{HR6}/64")],
         );
-        for (host, gw4, gw6) in [
-            (&it1, "198.51.100.1", "2001:db8:1:1::1"),
-            (&hr1, "198.51.100.129", "2001:db8:2:1::1"),
-        ] {
-            ok(&["ip", "-n", host, "route", "add", "default", "via", gw4]);
-            ok(&[
-                "ip", "-n", host, "-6", "route", "add", "default", "via", gw6,
-            ]);
-        }
-        let sysctl = |kv: &str| ok(&["ip", "netns", "exec", &router, "sysctl", "-qw", kv]);
-        sysctl("net.ipv4.ip_forward=1");
-        sysctl("net.ipv6.conf.all.forwarding=1");
+        ns.forwarding(&router);
         // The reverse-path filter of the recipe this replaces: strict for IPv4, and the
         // nftables FIB check for IPv6 (which has no rp_filter sysctl).
-        sysctl("net.ipv4.conf.all.rp_filter=1");
-        sysctl("net.ipv4.conf.r1.rp_filter=1");
-        sysctl("net.ipv4.conf.r3.rp_filter=1");
+        ns.sysctl(
+            &router,
+            &[
+                "net.ipv4.conf.all.rp_filter=1",
+                "net.ipv4.conf.r1.rp_filter=1",
+                "net.ipv4.conf.r3.rp_filter=1",
+            ],
+        );
         let nft = |args: &[&str]| {
             let mut v = vec!["ip", "netns", "exec", &router, "nft"];
             v.extend_from_slice(args);
@@ -133,14 +128,6 @@ impl Lab {
         let p = self.iso.policy(policy);
         self.iso
             .ok(&["load", "--iface", "r1", "--iface", "r3", "--policy", &p]);
-    }
-
-    /// How many packets each reason counted while `f` ran.
-    fn deltas<T>(&self, reasons: &[&str], f: impl FnOnce() -> T) -> (T, Vec<u64>) {
-        let before: Vec<u64> = reasons.iter().map(|r| self.iso.packets(r)).collect();
-        let t = f();
-        let after: Vec<u64> = reasons.iter().map(|r| self.iso.packets(r)).collect();
-        (t, after.iter().zip(&before).map(|(a, b)| a - b).collect())
     }
 
     /// A frame from a host to the router, as its own link would carry it.
@@ -193,7 +180,9 @@ fn forged_packets_open_nothing() {
             // The forged frame: "hr:7 -> it:port", sent by it1 on its own link.
             let forged = udp_ip(hr, it, 7, port, b"forged");
             let frame = lab.frame_from(&lab.it1, "r1", &[], forged.clone());
-            let (_, d) = lab.deltas(&["egress-new"], || send_frames(&lab.it1, "e0", vec![frame]));
+            let (_, d) = lab
+                .iso
+                .deltas(&["egress-new"], || send_frames(&lab.it1, "e0", vec![frame]));
             assert_eq!(d, [0], "{what} {it}: the kernel dropped it, nothing left");
             assert!(
                 !hr_echo_answers(),
@@ -202,7 +191,7 @@ fn forged_packets_open_nothing() {
             // Positive control: the same packet sent by hr1, where it is genuine, is routed,
             // so its "reply" from it:port passes.
             let genuine = lab.frame_from(&lab.hr1, "r3", &[], forged);
-            let (_, d) = lab.deltas(&["egress-new"], || {
+            let (_, d) = lab.iso.deltas(&["egress-new"], || {
                 send_frames(&lab.hr1, "e0", vec![genuine])
             });
             assert!(d[0] >= 1, "{what} {it}: the genuine packet was forwarded");
@@ -236,7 +225,7 @@ fn frames_that_cannot_be_judged_are_dropped() {
         // Isolation on: IT -> HR is denied. Two tags are read and judged; three are not
         // read, so they are dropped rather than guessed.
         lab.load(POLICY);
-        let (got, d) = lab.deltas(&["too-many-vlans", "isolated-drop"], || {
+        let (got, d) = lab.iso.deltas(&["too-many-vlans", "isolated-drop"], || {
             send_frames(&lab.it1, "e0", vec![tagged(&[0, 0, 0]), tagged(&[0, 0])]);
             sink.received(WAIT).len()
         });
@@ -250,7 +239,7 @@ fn frames_that_cannot_be_judged_are_dropped() {
         lab.load(&format!(
             "{POLICY}\n[[isolation.allow]]\nfrom = \"it\"\nto = \"hr\"\nports = [\"udp:9000\"]\n"
         ));
-        let (got, d) = lab.deltas(&["too-many-vlans", "allow-rule"], || {
+        let (got, d) = lab.iso.deltas(&["too-many-vlans", "allow-rule"], || {
             send_frames(&lab.it1, "e0", vec![tagged(&[0, 0, 0]), tagged(&[0, 0])]);
             sink.received(WAIT).len()
         });
@@ -275,9 +264,11 @@ fn fragmented_datagrams_to_allowed_ports_pass() {
             let fragments = (size + 8).div_ceil(per_fragment) as u64;
             // HR -> IT udp:5000 is allowed: the request passes by its first fragment's
             // ports, its later fragments follow; the answer is a reply, fragments too.
-            let (back, d) = lab.deltas(&["allow-rule", "established", "fragment"], || {
-                udp_echo_once(&lab.hr1, sa(it, 5000), size, Duration::from_secs(3))
-            });
+            let (back, d) = lab
+                .iso
+                .deltas(&["allow-rule", "established", "fragment"], || {
+                    udp_echo_once(&lab.hr1, sa(it, 5000), size, Duration::from_secs(3))
+                });
             assert!(
                 back,
                 "{it}: a {size}-byte datagram to an allowed port and back"
@@ -288,7 +279,7 @@ fn fragmented_datagrams_to_allowed_ports_pass() {
                 "{it}: {size} bytes = {fragments} fragments each way"
             );
             // Denied: IT -> HR. Every fragment is dropped, the later ones included.
-            let (got, d) = lab.deltas(&["isolated-drop", "fragment"], || {
+            let (got, d) = lab.iso.deltas(&["isolated-drop", "fragment"], || {
                 in_ns(&lab.it1, {
                     let (it, hr) = (it.to_string(), hr.to_string());
                     move || {
@@ -344,7 +335,7 @@ fn a_flood_of_new_flows_keeps_established_connections() {
         "at least 1M new flows crossed the router: {flows}"
     );
     // What it may not do: the established connection still works, both ways.
-    let (ok, d) = lab.deltas(&["established"], || {
+    let (ok, d) = lab.iso.deltas(&["established"], || {
         round_trip(&mut conn, Duration::from_secs(3))
     });
     assert!(ok, "the established connection survived the flood");
@@ -425,10 +416,11 @@ fn closed_tcp_connections_stop_passing_replies() {
         // so the counters see exactly this one packet.
         let at = 14 + if hr.is_ipv6() { 40 } else { 20 } + 16;
         frame[at] ^= 0xff;
-        lab.deltas(&["established", "isolated-drop"], || {
-            send_frames(&lab.it1, "e0", vec![frame])
-        })
-        .1
+        lab.iso
+            .deltas(&["established", "isolated-drop"], || {
+                send_frames(&lab.it1, "e0", vec![frame])
+            })
+            .1
     };
     // Right after the close the connection's last packets still pass (as the kernel's
     // CLOSE state lets them).
@@ -463,87 +455,30 @@ fn routed_neighbour_discovery_is_judged() {
     // Types sent hr1 -> it1's global address, hop limit 255 (as real ND has).
     let types = [130u8, 133, 135, 136];
     let send = |lab: &Lab| -> usize {
-        let listener = in_ns(&lab.it1, || {
-            // SAFETY: plain socket(2); checked below.
-            let fd = unsafe {
-                libc::socket(
-                    libc::AF_INET6,
-                    libc::SOCK_RAW | libc::SOCK_NONBLOCK,
-                    libc::IPPROTO_ICMPV6,
-                )
-            };
-            assert!(fd >= 0);
-            fd
-        });
-        in_ns(&lab.hr1, move || {
-            // SAFETY: plain socket(2); checked below.
-            let fd = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_ICMPV6) };
-            assert!(fd >= 0);
-            let hops: libc::c_int = 255;
-            // SAFETY: a valid socket and an int option.
-            unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::IPPROTO_IPV6,
-                    libc::IPV6_UNICAST_HOPS,
-                    (&hops as *const libc::c_int).cast(),
-                    4,
-                )
-            };
-            // SAFETY: all-zero is a valid sockaddr_in6, filled below.
-            let mut to: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
-            to.sin6_family = libc::AF_INET6 as u16;
-            to.sin6_addr.s6_addr = IT6.parse::<std::net::Ipv6Addr>().unwrap().octets();
-            for t in types {
-                let msg = pkt::icmp(t, 0, 0, 0, &[0; 16]);
-                // SAFETY: valid buffer and address for the call.
-                let n = unsafe {
-                    libc::sendto(
-                        fd,
-                        msg.as_ptr().cast(),
-                        msg.len(),
-                        0,
-                        (&to as *const libc::sockaddr_in6).cast(),
-                        std::mem::size_of::<libc::sockaddr_in6>() as u32,
-                    )
-                };
-                assert_eq!(n, msg.len() as isize, "ICMPv6 type {t} sent");
-            }
-            // SAFETY: opened above.
-            unsafe { libc::close(fd) };
-        });
+        let listener = RawListener::open(&lab.it1, true, pkt::ICMPV6);
+        let it6: IpAddr = IT6.parse().unwrap();
+        let messages = types
+            .iter()
+            .map(|t| pkt::icmp(*t, 0, 0, 0, &[0; 16]))
+            .collect();
+        raw_send(&lab.hr1, it6, pkt::ICMPV6, messages, Some(255));
+        let hr6: IpAddr = HR6.parse().unwrap();
         let end = Instant::now() + WAIT;
         let mut got = 0;
         while Instant::now() < end {
-            let mut buf = [0u8; 512];
-            let mut from: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
-            let mut flen = std::mem::size_of::<libc::sockaddr_in6>() as u32;
-            // SAFETY: buffers valid for the call; non-blocking.
-            let n = unsafe {
-                libc::recvfrom(
-                    listener,
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    0,
-                    (&mut from as *mut libc::sockaddr_in6).cast(),
-                    &mut flen,
-                )
-            };
-            if n > 0
-                && from.sin6_addr.s6_addr == HR6.parse::<std::net::Ipv6Addr>().unwrap().octets()
-                && types.contains(&buf[0])
+            if listener
+                .try_recv(hr6)
+                .is_some_and(|b| types.contains(&b[0]))
             {
                 got += 1;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        // SAFETY: opened above.
-        unsafe { libc::close(listener) };
         got
     };
     // Positive control: under a policy that lets HR send ICMP to IT, all four arrive.
     lab.load(&POLICY.replace("\"tcp:8080\",", "\"tcp:8080\", \"icmp\","));
-    let (got, d) = lab.deltas(
+    let (got, d) = lab.iso.deltas(
         &["allow-rule", "isolated-drop", "neighbour-discovery"],
         || send(&lab),
     );
@@ -554,7 +489,9 @@ fn routed_neighbour_discovery_is_judged() {
     );
     // Denied HR -> IT ICMP: none crosses, each dropped by isolation.
     lab.load(POLICY);
-    let (got, d) = lab.deltas(&["isolated-drop", "neighbour-discovery"], || send(&lab));
+    let (got, d) = lab
+        .iso
+        .deltas(&["isolated-drop", "neighbour-discovery"], || send(&lab));
     assert_eq!(got, 0, "routed ND-typed ICMPv6 does not cross isolation");
     assert_eq!(d[0], types.len() as u64, "each judged and dropped: {d:?}");
     // The link's own neighbour discovery still passes, with the whitelist on too: the
@@ -563,7 +500,7 @@ fn routed_neighbour_discovery_is_judged() {
         "{POLICY}\n[whitelist]\nenabled = true\nallow = [\"2001:db8:1::/48\"]\n"
     ));
     ok(&["ip", "-n", &lab.router, "-6", "neigh", "flush", "dev", "r3"]);
-    let (pinged, d) = lab.deltas(&["neighbour-discovery"], || {
+    let (pinged, d) = lab.iso.deltas(&["neighbour-discovery"], || {
         tests::traffic::ping_ok(&lab.router, HR6)
     });
     assert!(pinged, "the router resolves hr1 and pings it");

@@ -54,58 +54,28 @@ impl Lab {
         let (router, it1, it2, hr1) =
             (unique("rt"), unique("it1-"), unique("it2-"), unique("hr1-"));
         let ns = Netns::new(&[&router, &it1, &it2, &hr1]);
-        ns.link(
+        ns.spoke(
             &router,
             "r1",
-            &["198.51.100.1/28", "2001:db8:1:1::1/64"],
+            ["198.51.100.1/28", "2001:db8:1:1::1/64"],
             &it1,
-            "e0",
-            &["198.51.100.2/28", "2001:db8:1:1::2/64"],
+            ["198.51.100.2/28", "2001:db8:1:1::2/64"],
         );
-        ns.link(
+        ns.spoke(
             &router,
             "r2",
-            &["198.51.100.17/28", "2001:db8:1:2::1/64"],
+            ["198.51.100.17/28", "2001:db8:1:2::1/64"],
             &it2,
-            "e0",
-            &["198.51.100.18/28", "2001:db8:1:2::2/64"],
+            ["198.51.100.18/28", "2001:db8:1:2::2/64"],
         );
-        ns.link(
+        ns.spoke(
             &router,
             "r3",
-            &["198.51.100.129/28", "2001:db8:2:1::1/64"],
+            ["198.51.100.129/28", "2001:db8:2:1::1/64"],
             &hr1,
-            "e0",
-            &["198.51.100.130/28", "2001:db8:2:1::2/64"],
+            ["198.51.100.130/28", "2001:db8:2:1::2/64"],
         );
-        for (host, gw4, gw6) in [
-            (&it1, "198.51.100.1", "2001:db8:1:1::1"),
-            (&it2, "198.51.100.17", "2001:db8:1:2::1"),
-            (&hr1, "198.51.100.129", "2001:db8:2:1::1"),
-        ] {
-            ok(&["ip", "-n", host, "route", "add", "default", "via", gw4]);
-            ok(&[
-                "ip", "-n", host, "-6", "route", "add", "default", "via", gw6,
-            ]);
-        }
-        ok(&[
-            "ip",
-            "netns",
-            "exec",
-            &router,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=1",
-        ]);
-        ok(&[
-            "ip",
-            "netns",
-            "exec",
-            &router,
-            "sysctl",
-            "-qw",
-            "net.ipv6.conf.all.forwarding=1",
-        ]);
+        ns.forwarding(&router);
         Some(Lab {
             iso: Iso::new(&router),
             ns,
@@ -621,16 +591,10 @@ fn reject_never_answers_an_answer() {
             pkt::V4::new(hr, it, pkt::UDP).build(&pkt::udp(53, 5000, b""))
         };
         let probe = |proto: u8, l4: Vec<u8>| {
-            let before = (
-                lab.iso.packets("isolated-reject"),
-                lab.iso.packets("isolated-drop"),
-            );
-            let got = raw_probe(&lab.it1, hrip, proto, &l4, hrip, wait);
-            let after = (
-                lab.iso.packets("isolated-reject"),
-                lab.iso.packets("isolated-drop"),
-            );
-            (got, after.0 - before.0, after.1 - before.1)
+            let (got, d) = lab.iso.deltas(&["isolated-reject", "isolated-drop"], || {
+                raw_probe(&lab.it1, hrip, proto, &l4, hrip, wait)
+            });
+            (got, d[0], d[1])
         };
 
         // Positive control: a denied SYN is answered by a RST from hr's address.
