@@ -159,6 +159,17 @@ struct MapElemAttr {
     flags: u64,
 }
 
+/// `map[key] = value` for a map of u32 keys and u32 values.
+fn update_u32(map: RawFd, key: u32, value: u32) -> std::io::Result<i64> {
+    let mut up = MapElemAttr {
+        map_fd: map as u32,
+        key: &key as *const u32 as u64,
+        value: &value as *const u32 as u64,
+        ..Default::default()
+    };
+    bpf(BPF_MAP_UPDATE_ELEM, &mut up)
+}
+
 /// The realistic floor of a whitelist: parse Ethernet and IPv4, one hash lookup of the
 /// source, drop on a miss (what any source whitelist must do, and nothing more). Its hash
 /// is the same kind as ours (allocated on demand), sized to `sources` and holding them.
@@ -173,16 +184,9 @@ pub fn load_one_lookup(sources: &[std::net::Ipv4Addr]) -> Result<RawFd> {
         ..Default::default()
     };
     let map = bpf(BPF_MAP_CREATE, &mut attr).context("cannot create the floor's hash")? as RawFd;
-    let value = 1u32;
     for a in sources {
-        let key = u32::from_ne_bytes(a.octets());
-        let mut up = MapElemAttr {
-            map_fd: map as u32,
-            key: &key as *const u32 as u64,
-            value: &value as *const u32 as u64,
-            ..Default::default()
-        };
-        bpf(BPF_MAP_UPDATE_ELEM, &mut up).context("cannot fill the floor's hash")?;
+        update_u32(map, u32::from_ne_bytes(a.octets()), 1)
+            .context("cannot fill the floor's hash")?;
     }
     let p = [
         mov_reg(6, 1),
@@ -233,14 +237,7 @@ pub fn load_random_wrapper(off: i16, base: u32, modulus: u32, target: RawFd) -> 
         EXIT,
     ]);
     let fd = load_xdp("rand_wrap", &p)?;
-    let (key, value) = (0u32, target as u32);
-    let mut up = MapElemAttr {
-        map_fd: map as u32,
-        key: &key as *const u32 as u64,
-        value: &value as *const u32 as u64,
-        ..Default::default()
-    };
-    bpf(BPF_MAP_UPDATE_ELEM, &mut up).context("cannot put the program in the prog array")?;
+    update_u32(map, 0, target as u32).context("cannot put the program in the prog array")?;
     // The map fd stays open for the life of the process: the kernel empties a prog array
     // when its last user reference goes, and the tail call would then fail silently.
     Ok(fd)
