@@ -255,7 +255,10 @@ fn blast(
         let rest = ((f64::from(probe) / t0) * (secs - t0).max(0.0)).min(f64::from(1u32 << 31));
         let rest = rest as u32;
         let t1 = if rest >= 2 { timed(rest)? } else { 0.0 };
-        Ok((u64::from(probe) + u64::from(if rest >= 2 { rest } else { 0 }), t0 + t1))
+        Ok((
+            u64::from(probe) + u64::from(if rest >= 2 { rest } else { 0 }),
+            t0 + t1,
+        ))
     })
     .join()
     .map_err(|_| anyhow::anyhow!("generator thread panicked"))??;

@@ -10,11 +10,12 @@ use bytemuck::{Pod, Zeroable};
 pub mod maps {
     /// `Config` at index 0: what the policy switched on.
     pub const CONFIG: &str = "CONFIG";
-    /// Exact IPv4 whitelist addresses (hash: flat cost at 1M entries).
+    /// Exact IPv4 whitelist addresses: an array of one map, the hash (flat cost at 1M
+    /// entries) sized to its contents.
     pub const WL_V4: &str = "WL_V4";
     /// IPv4 whitelist CIDRs (LPM trie); /32s live in `WL_V4`.
     pub const WL_V4_LPM: &str = "WL_V4_LPM";
-    /// Exact IPv6 whitelist addresses.
+    /// Exact IPv6 whitelist addresses (an array of one map, as `WL_V4`).
     pub const WL_V6: &str = "WL_V6";
     /// IPv6 whitelist CIDRs; /128s live in `WL_V6`.
     pub const WL_V6_LPM: &str = "WL_V6_LPM";
@@ -99,8 +100,11 @@ pub mod progs {
 
 /// Map sizes. The policy validator refuses a policy that would not fit.
 pub mod limits {
-    /// Exact addresses per family (hash maps, allocated on demand).
+    /// Exact addresses per family, at most (hash maps sized by userspace to what they hold,
+    /// preallocated, swapped for bigger ones as they grow).
     pub const WL_EXACT: u32 = 1 << 21;
+    /// The smallest exact hash: what an empty or small whitelist reserves.
+    pub const WL_EXACT_MIN: u32 = 1 << 10;
     /// CIDRs per family (LPM tries are always allocated on demand).
     pub const WL_LPM: u32 = 1 << 20;
     /// New (unconfirmed) connections, and established ones: two tables of this size.

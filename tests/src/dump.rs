@@ -30,8 +30,17 @@ pub fn policy_maps(pin: &Path) -> Dump {
     policy_map_names()
         .into_iter()
         .map(|name| {
-            let m = MapData::from_pin(pin.join(name))
+            let mut m = MapData::from_pin(pin.join(name))
                 .unwrap_or_else(|e| panic!("open pinned map {name}: {e}"));
+            // An array of maps (the exact whitelist hashes): the contents of the map it holds.
+            if m.info().unwrap().map_type().unwrap() == aya::maps::MapType::ArrayOfMaps {
+                let outer: aya::maps::ArrayOfMaps<MapData, MapData> =
+                    aya::maps::Map::from_map_data(m)
+                        .unwrap()
+                        .try_into()
+                        .unwrap();
+                m = outer.get(&0, 0).unwrap();
+            }
             let info = m.info().unwrap();
             let fd = std::os::fd::AsFd::as_fd(m.fd());
             let entries =
@@ -84,10 +93,10 @@ pub fn assert_same(
     }
 }
 
-/// Replaces a pinned map by a small hash map of the same key and value sizes, pinned at the
-/// same path: the programs keep the real map, while the loader, which opens the pin, meets
-/// a map the kernel refuses to grow past `max_entries` (a stand-in for the kernel refusing
-/// an update: out of memory, a map full of someone else's entries).
+/// Replaces a pinned map by a small map of the same type, key and value sizes, holding the
+/// same entries (as many as fit), pinned at the same path: the programs keep the real map, while the loader, which opens the pin,
+/// meets a map the kernel refuses to grow past `max_entries` (a stand-in for the kernel
+/// refusing an update: out of memory, a map full of someone else's entries).
 pub fn plant_small_map(pin: &Path, name: &str, max_entries: u32) {
     let path = pin.join(name);
     let m = MapData::from_pin(&path).unwrap();
@@ -102,8 +111,11 @@ pub fn plant_small_map(pin: &Path, name: &str, max_entries: u32) {
         map_flags: u32,
         _rest: [u64; 12],
     }
+    let lpm = info.map_type().unwrap() == aya::maps::MapType::LpmTrie;
     let mut attr = Create {
-        map_type: 1, // BPF_MAP_TYPE_HASH
+        // BPF_MAP_TYPE_LPM_TRIE (allocated on demand, as the kernel demands) or HASH.
+        map_type: if lpm { 11 } else { 1 },
+        map_flags: u32::from(lpm),
         key_size: info.key_size(),
         value_size: info.value_size(),
         max_entries,
@@ -119,6 +131,39 @@ pub fn plant_small_map(pin: &Path, name: &str, max_entries: u32) {
         )
     };
     assert!(fd >= 0, "create map: {}", std::io::Error::last_os_error());
+    let old = syscall::entries_raw(
+        std::os::fd::AsFd::as_fd(m.fd()),
+        info.key_size() as usize,
+        info.value_size() as usize,
+    )
+    .unwrap();
+    for (k, v) in old.iter().take(max_entries as usize) {
+        #[repr(C)]
+        struct Elem {
+            map_fd: u32,
+            _pad: u32,
+            key: u64,
+            value: u64,
+            flags: u64,
+        }
+        let mut e = Elem {
+            map_fd: fd as u32,
+            _pad: 0,
+            key: k.as_ptr() as u64,
+            value: v.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: bpf(BPF_MAP_UPDATE_ELEM) with key and value buffers of the map's sizes.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                2,
+                &mut e as *mut Elem,
+                std::mem::size_of::<Elem>(),
+            )
+        };
+        assert_eq!(r, 0, "copy an entry: {}", std::io::Error::last_os_error());
+    }
     std::fs::remove_file(&path).unwrap();
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
     #[repr(C)]

@@ -136,11 +136,16 @@ fn refused_changes_leave_maps_and_state_as_they_were() {
 
     // 4. The kernel refuses a map update half-way through a whole policy: the entries
     // already removed from the other whitelist maps come back, the isolation slot is not
-    // touched, the config not flipped.
-    dump::plant_small_map(&lab.iso.pin, "WL_V4", 2);
+    // touched, the config not flipped. (The exact hashes grow instead of filling up, so the
+    // refusal comes from a CIDR trie of 2 entries, full with the policy's two IPv4 CIDRs:
+    // each change below adds two and removes at most one.)
+    dump::plant_small_map(&lab.iso.pin, "WL_V4_LPM", 2);
     let before = lab.snapshot();
     let other = POLICY
-        .replace("\"192.0.2.0/25\", ", "")
+        .replace(
+            "\"192.0.2.0/25\", ",
+            "\"192.0.2.128/26\", \"192.0.2.192/26\", ",
+        )
         .replace("\"2001:db8:1::/64\", ", "")
         .replace(
             "\"192.0.2.2\"",
@@ -159,8 +164,8 @@ fn refused_changes_leave_maps_and_state_as_they_were() {
         "whitelist",
         "add",
         "192.0.2.3",
-        "192.0.2.4",
-        "192.0.2.5",
+        "192.0.2.128/26",
+        "192.0.2.192/26",
         "2001:db8:1::7",
     ]);
     assert!(err.contains("whitelist"), "{err}");
@@ -290,4 +295,101 @@ fn a_1m_whitelist_replaced_by_another_in_one_apply() {
         lab.iso.ok(&["whitelist", "list"]).lines().count(),
         N as usize
     );
+}
+
+/// The exact hash's (entries, capacity) from `status --json`.
+fn wl6_fill(lab: &Lab) -> (u64, u64) {
+    let st: serde_json::Value = serde_json::from_str(&lab.iso.ok(&["status", "--json"])).unwrap();
+    let m = st["maps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "WL_V6")
+        .unwrap()
+        .clone();
+    (
+        m["entries"].as_u64().unwrap(),
+        m["max_entries"].as_u64().unwrap(),
+    )
+}
+
+/// The exact whitelist hash is sized to what it holds: small for a small whitelist, swapped
+/// for a bigger one when a live edit overflows it (one by one, and in a batch), and for a
+/// smaller one when a whole policy shrinks it. Across every swap an address both sides admit
+/// is never refused and one neither admits is never passed (the live XDP program is run on
+/// both, throughout).
+#[test]
+fn the_exact_whitelist_hash_grows_and_shrinks_with_its_contents() {
+    let Some(lab) = Lab::new() else { return };
+    let addr = |p: &str, i: u32| format!("{p}{:x}:{:x}", i >> 16, i & 0xffff);
+    let (base, more, neither) = ("2001:db8:a::", "2001:db8:b::", "2001:db8:c::");
+    lab.load(&big_whitelist(base, 1000));
+    assert_eq!(
+        wl6_fill(&lab),
+        (1000, 1024),
+        "1000 entries fit the smallest hash"
+    );
+    let (xdp, _) = tests::pinned_programs(&lab.iso.paths());
+    let (kept, never) = (syn_from(&addr(base, 7)), syn_from(&addr(neither, 7)));
+    assert!(passes(&xdp, &kept) && !passes(&xdp, &never), "controls");
+
+    // Runs `args` while probing both controls; returns the probe count.
+    let probing = |args: &[&str]| -> u64 {
+        let mut cmd = lab.iso.cmd(args);
+        let run = std::thread::spawn(move || cmd.output().expect("run isolation-user"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let mut probes = 0u64;
+        while !run.is_finished() && std::time::Instant::now() < deadline {
+            assert!(
+                passes(&xdp, &kept),
+                "an address both sides admit was refused"
+            );
+            assert!(!passes(&xdp, &never), "an address neither admits passed");
+            probes += 1;
+        }
+        let out = run.join().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        probes
+    };
+    // A live edit of 3000 (the few-entries path, one insert each) overflows 1024 entries:
+    // the rest goes into a bigger hash holding all 4000.
+    let list = lab.iso.state.join("more.txt");
+    let text: String = (0..3000).map(|i| addr(more, i) + "\n").collect();
+    std::fs::write(&list, text).unwrap();
+    let probes = probing(&["whitelist", "add", "--file", list.to_str().unwrap()]);
+    assert_eq!(wl6_fill(&lab), (4000, 5120), "grown to 4000 and head-room");
+    for i in [0, 999] {
+        assert!(passes(&xdp, &syn_from(&addr(base, i))), "base {i} kept");
+    }
+    for i in [0, 2047, 2999] {
+        assert!(passes(&xdp, &syn_from(&addr(more, i))), "more {i} added");
+    }
+    // A batch edit (over 4096 entries) that overflows: read, then one swap.
+    let text: String = (3000..10000).map(|i| addr(more, i) + "\n").collect();
+    std::fs::write(&list, text).unwrap();
+    let probes = probes + probing(&["whitelist", "add", "--file", list.to_str().unwrap()]);
+    assert_eq!(
+        wl6_fill(&lab),
+        (11000, 14336),
+        "11000 and a quarter, in whole KiB"
+    );
+    assert!(
+        passes(&xdp, &syn_from(&addr(more, 9999))),
+        "more 9999 added"
+    );
+    // A whole policy of 10 addresses: a hash of the smallest size, holding exactly them.
+    let p = lab.iso.policy(&big_whitelist(base, 10));
+    let probes = probes + probing(&["load", "--iface", "h0", "--policy", &p]);
+    assert_eq!(wl6_fill(&lab), (10, 1024), "shrunk to the smallest hash");
+    assert!(passes(&xdp, &kept), "base 7 still admitted");
+    for a in [addr(base, 10), addr(more, 0)] {
+        assert!(!passes(&xdp, &syn_from(&a)), "{a} gone with the old hash");
+    }
+    assert!(probes >= 10, "the probes ran during the edits ({probes})");
+    // Positive control of the status figures: `whitelist list` agrees.
+    assert_eq!(lab.iso.ok(&["whitelist", "list"]).lines().count(), 10);
 }

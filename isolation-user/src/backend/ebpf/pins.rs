@@ -110,6 +110,8 @@ pub fn load_and_pin(paths: &Paths) -> Result<()> {
             map.pin(paths.map(name))
                 .with_context(|| format!("cannot pin map {name}"))?;
         }
+        // The exact whitelist hashes, empty and small, before any program can run.
+        super::whitelist::install_empty(paths)?;
         let xdp: &mut Xdp = prog_mut(&mut ebpf, progs::XDP_INGRESS)?;
         xdp.load()
             .map_err(|e| anyhow!("the kernel refused the XDP program: {}", error_chain(&e)))?;

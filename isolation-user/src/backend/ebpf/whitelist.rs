@@ -1,4 +1,9 @@
 //! The whitelist maps: exact hashes and CIDR tries, edited in batches.
+//!
+//! Each exact hash is the one element of a pinned array of maps. It is sized to what it holds
+//! (`capacity`): when an edit would overflow it, or a whole-policy sync leaves it mostly
+//! empty, a new hash of the right size is filled beside it and swapped in with one write, so
+//! the datapath sees the old contents or the new, never a half-filled map.
 
 use std::{
     collections::HashSet,
@@ -6,22 +11,225 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow};
-use aya::maps::{HashMap, LpmTrie, MapData, lpm_trie::Key};
+use aya::maps::{ArrayOfMaps, HashMap, LpmTrie, Map, MapData, lpm_trie::Key};
 use ipnet::IpNet;
-use isolation_common::{WlEntry, flags, maps};
+use isolation_common::{WlEntry, flags, limits, maps};
 
 use super::pins::{error_chain, not_found, open_map};
 use crate::{backend::WhitelistDelta, state::Paths};
 
 /// The four whitelist maps, opened.
 pub struct WhitelistMaps {
-    v4: HashMap<MapData, u32, WlEntry>,
+    v4: Exact<u32>,
     v4_lpm: LpmTrie<MapData, [u8; 4], WlEntry>,
-    v6: HashMap<MapData, [u8; 16], WlEntry>,
+    v6: Exact<[u8; 16]>,
     v6_lpm: LpmTrie<MapData, [u8; 16], WlEntry>,
-    /// Second handles on the exact maps, for the batch syscalls.
-    v4_raw: MapData,
-    v6_raw: MapData,
+}
+
+/// The size to give an exact hash that must hold `n` entries: a quarter of head-room (so a
+/// run of live additions does not swap at every edit), rounded up to whole KiB of entries,
+/// never under `WL_EXACT_MIN` nor over `WL_EXACT`. The kernel rounds the bucket array up to
+/// a power of two.
+pub fn capacity(n: usize) -> u32 {
+    let want = n.saturating_add(n / 4).div_ceil(1024).saturating_mul(1024);
+    want.clamp(limits::WL_EXACT_MIN as usize, limits::WL_EXACT as usize) as u32
+}
+
+/// One family's exact hash: the pinned array of maps and handles on its current element.
+struct Exact<K> {
+    /// "WL_V4" or "WL_V6": the pinned outer map, also the new hash's name stem.
+    name: &'static str,
+    outer: ArrayOfMaps<MapData, MapData>,
+    map: HashMap<MapData, K, WlEntry>,
+    /// A second handle on the same hash, for the batch syscalls.
+    raw: MapData,
+    /// The value of every entry (its prefix length: 32 or 128).
+    value: WlEntry,
+}
+
+impl<K: aya::Pod + bytemuck::Pod + Eq + std::hash::Hash> Exact<K> {
+    fn open(paths: &Paths, name: &'static str, bits: u32) -> Result<Self> {
+        let outer: ArrayOfMaps<MapData, MapData> = open_map(paths, name)?.try_into()?;
+        let (map, raw) = Self::current(&outer, name)?;
+        Ok(Exact {
+            name,
+            outer,
+            map,
+            raw,
+            value: WlEntry { prefix_len: bits },
+        })
+    }
+
+    /// A freshly loaded outer map holds nothing: give it an empty hash.
+    fn open_empty(paths: &Paths, name: &'static str) -> Result<()> {
+        let outer: ArrayOfMaps<MapData, MapData> = open_map(paths, name)?.try_into()?;
+        let fresh = Self::create(name, 0)?;
+        let mut outer = outer;
+        outer
+            .set(0, &fresh, 0)
+            .with_context(|| format!("cannot put a hash into {name}"))?;
+        Ok(())
+    }
+
+    /// A new, empty, preallocated hash sized for `n` entries (preallocated as the template in
+    /// the BPF object says: the kernel compares the flags).
+    fn create(name: &str, n: usize) -> Result<MapData> {
+        let cap = capacity(n);
+        let obj = aya_obj::Map::new_from_params(
+            aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_HASH as u32,
+            std::mem::size_of::<K>() as u32,
+            std::mem::size_of::<WlEntry>() as u32,
+            cap,
+            0,
+        );
+        MapData::create(obj, &format!("{name}_hash"), None)
+            .with_context(|| format!("cannot create a hash of {cap} entries for {name}"))
+    }
+
+    fn current(
+        outer: &ArrayOfMaps<MapData, MapData>,
+        name: &str,
+    ) -> Result<(HashMap<MapData, K, WlEntry>, MapData)> {
+        let get = || {
+            outer
+                .get(&0, 0)
+                .with_context(|| format!("the datapath's {name} holds no hash (load again)"))
+        };
+        Ok((Map::from_map_data(get()?)?.try_into()?, get()?))
+    }
+
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(self.raw.fd())
+    }
+
+    fn max_entries(&self) -> usize {
+        self.raw
+            .info()
+            .map(|i| i.max_entries() as usize)
+            .unwrap_or(usize::MAX)
+    }
+
+    fn keys(&self) -> std::io::Result<Vec<K>> {
+        super::syscall::keys::<K>(self.fd(), std::mem::size_of::<WlEntry>())
+    }
+
+    /// Fills a new hash sized for `entries` and swaps it in: from the next packet on the
+    /// datapath reads exactly `entries`. If anything fails the old hash stays in place.
+    /// The new hash is sized for `size_for` entries (at least `entries.len()`).
+    fn replace(
+        &mut self,
+        entries: &[(K, WlEntry)],
+        size_for: usize,
+        progress: &mut impl FnMut(u64),
+    ) -> Result<()> {
+        if entries.len() > limits::WL_EXACT as usize {
+            return Err(std::io::Error::from_raw_os_error(libc::E2BIG).into());
+        }
+        let fresh = Self::create(self.name, size_for.max(entries.len()))?;
+        let fd = std::os::fd::AsFd::as_fd(fresh.fd());
+        for chunk in entries.chunks(BATCH) {
+            let keys: Vec<K> = chunk.iter().map(|e| e.0).collect();
+            let vals: Vec<WlEntry> = chunk.iter().map(|e| e.1).collect();
+            let (_, r) = super::syscall::update(
+                fd,
+                bytemuck::cast_slice(&keys),
+                bytemuck::cast_slice(&vals),
+                keys.len(),
+                0,
+            );
+            r?;
+            progress(chunk.len() as u64);
+        }
+        self.outer
+            .set(0, &fresh, 0)
+            .with_context(|| format!("cannot swap the new hash into {}", self.name))?;
+        let (map, raw) = Self::current(&self.outer, self.name)?;
+        self.map = map;
+        self.raw = raw;
+        Ok(())
+    }
+
+    /// Inserts the keys not already in the map, pushing them onto `added` (so the caller can
+    /// undo them). A few keys go in one by one with NOEXIST, so a live edit's cost does not
+    /// grow with the whitelist; many are told new from old by reading the keys first (batch
+    /// updates cannot skip existing keys). When the hash would overflow, a bigger one holding
+    /// the old keys and the new is swapped in.
+    fn insert(
+        &mut self,
+        entries: &[(K, WlEntry)],
+        progress: &mut impl FnMut(u64),
+        added: &mut Vec<IpNet>,
+        to_net: impl Fn(&K) -> IpNet,
+    ) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut rest = entries;
+        if entries.len() <= SMALL_EDIT {
+            while let Some((k, v)) = rest.first() {
+                let (done, r) =
+                    super::syscall::update_one(self.fd(), k, v, super::syscall::BPF_NOEXIST);
+                match r {
+                    Ok(()) if done == 1 => added.push(to_net(k)),
+                    Ok(()) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                    // Full: the rest goes into a bigger hash, below.
+                    Err(e) if e.raw_os_error() == Some(libc::E2BIG) => break,
+                    Err(e) => return Err(e.into()),
+                }
+                progress(1);
+                rest = &rest[1..];
+            }
+            if rest.is_empty() {
+                return Ok(());
+            }
+        }
+        let existing: HashSet<K> = self.keys()?.into_iter().collect();
+        let mut seen = HashSet::new();
+        let fresh: Vec<(K, WlEntry)> = rest
+            .iter()
+            .filter(|e| !existing.contains(&e.0) && seen.insert(e.0))
+            .copied()
+            .collect();
+        progress((rest.len() - fresh.len()) as u64);
+        if existing.len() + fresh.len() > self.max_entries() {
+            let mut all: Vec<(K, WlEntry)> = existing.iter().map(|k| (*k, self.value)).collect();
+            all.extend_from_slice(&fresh);
+            self.replace(&all, all.len(), &mut |_| {})?;
+            added.extend(fresh.iter().map(|e| to_net(&e.0)));
+            progress(fresh.len() as u64);
+            return Ok(());
+        }
+        for chunk in fresh.chunks(BATCH) {
+            let keys: Vec<K> = chunk.iter().map(|e| e.0).collect();
+            let vals: Vec<WlEntry> = chunk.iter().map(|e| e.1).collect();
+            let (done, r) = super::syscall::update(
+                self.fd(),
+                bytemuck::cast_slice(&keys),
+                bytemuck::cast_slice(&vals),
+                keys.len(),
+                0,
+            );
+            added.extend(keys[..done].iter().map(&to_net));
+            r?;
+            progress(chunk.len() as u64);
+        }
+        Ok(())
+    }
+
+    /// If the hash is far bigger than `final_len` entries need (a whitelist that shrank),
+    /// swaps in one of the right size holding the keys of `keep` that it has now (so no
+    /// moment admits an address the old whitelist did not). Returns the keys it dropped.
+    fn shrink_for(&mut self, final_len: usize, keep: &HashSet<K>) -> Result<Vec<K>> {
+        if self.max_entries() <= 4 * capacity(final_len) as usize {
+            return Ok(Vec::new());
+        }
+        let (kept, dropped): (Vec<K>, Vec<K>) =
+            self.keys()?.into_iter().partition(|k| keep.contains(k));
+        let entries: Vec<(K, WlEntry)> = kept.iter().map(|k| (*k, self.value)).collect();
+        self.replace(&entries, final_len, &mut |_| {})?;
+        Ok(dropped)
+    }
 }
 
 /// Entries per batch syscall: big enough to amortise the syscall, small enough to keep
@@ -40,23 +248,21 @@ fn wl_value(n: &IpNet) -> WlEntry {
 impl WhitelistMaps {
     pub fn open(paths: &Paths) -> Result<Self> {
         Ok(WhitelistMaps {
-            v4: open_map(paths, maps::WL_V4)?.try_into()?,
+            v4: Exact::open(paths, maps::WL_V4, 32)?,
             v4_lpm: open_map(paths, maps::WL_V4_LPM)?.try_into()?,
-            v6: open_map(paths, maps::WL_V6)?.try_into()?,
+            v6: Exact::open(paths, maps::WL_V6, 128)?,
             v6_lpm: open_map(paths, maps::WL_V6_LPM)?.try_into()?,
-            v4_raw: MapData::from_pin(paths.map(maps::WL_V4))?,
-            v6_raw: MapData::from_pin(paths.map(maps::WL_V6))?,
         })
     }
 
     /// Everything in the maps, as CIDRs (host routes for exact entries).
     pub fn entries(&self) -> Result<Vec<IpNet>> {
         let mut out = Vec::new();
-        for k in self.v4.keys() {
-            out.push(IpNet::from(IpAddr::V4(Ipv4Addr::from(k?.to_ne_bytes()))));
+        for k in self.v4.keys()? {
+            out.push(IpNet::from(IpAddr::V4(Ipv4Addr::from(k.to_ne_bytes()))));
         }
-        for k in self.v6.keys() {
-            out.push(IpNet::from(IpAddr::V6(Ipv6Addr::from(k?))));
+        for k in self.v6.keys()? {
+            out.push(IpNet::from(IpAddr::V6(Ipv6Addr::from(k))));
         }
         for k in self.v4_lpm.keys() {
             let k = k?;
@@ -85,8 +291,8 @@ impl WhitelistMaps {
         };
         let addr = addr.to_canonical();
         let exact = match addr {
-            IpAddr::V4(a) => found(self.v4.get(&u32::from_ne_bytes(a.octets()), 0))?,
-            IpAddr::V6(a) => found(self.v6.get(&a.octets(), 0))?,
+            IpAddr::V4(a) => found(self.v4.map.get(&u32::from_ne_bytes(a.octets()), 0))?,
+            IpAddr::V6(a) => found(self.v6.map.get(&a.octets(), 0))?,
         };
         if exact.is_some() {
             out.push(IpNet::from(addr));
@@ -156,15 +362,19 @@ impl WhitelistMaps {
             }
         }
         let mut added: Vec<IpNet> = Vec::new();
-        let mut result = batch_insert(&self.v4_raw, &v4, &mut progress, &mut added, |k| {
-            IpNet::from(IpAddr::V4(Ipv4Addr::from(k.to_ne_bytes())))
-        })
-        .map_err(|e| full(e, "IPv4 addresses"));
-        if result.is_ok() {
-            result = batch_insert(&self.v6_raw, &v6, &mut progress, &mut added, |k| {
-                IpNet::from(IpAddr::V6(Ipv6Addr::from(*k)))
+        let mut result = self
+            .v4
+            .insert(&v4, &mut progress, &mut added, |k| {
+                IpNet::from(IpAddr::V4(Ipv4Addr::from(k.to_ne_bytes())))
             })
-            .map_err(|e| full(e, "IPv6 addresses"));
+            .map_err(|e| full(e, "IPv4 addresses"));
+        if result.is_ok() {
+            result = self
+                .v6
+                .insert(&v6, &mut progress, &mut added, |k| {
+                    IpNet::from(IpAddr::V6(Ipv6Addr::from(*k)))
+                })
+                .map_err(|e| full(e, "IPv6 addresses"));
         }
         if result.is_ok() {
             for n in &lpm {
@@ -195,12 +405,12 @@ impl WhitelistMaps {
     pub fn remove(&mut self, n: &IpNet) -> Result<bool> {
         let r = match n {
             IpNet::V4(n) if n.prefix_len() == 32 => {
-                self.v4.remove(&u32::from_ne_bytes(n.addr().octets()))
+                self.v4.map.remove(&u32::from_ne_bytes(n.addr().octets()))
             }
             IpNet::V4(n) => self
                 .v4_lpm
                 .remove(&Key::new(n.prefix_len() as u32, n.addr().octets())),
-            IpNet::V6(n) if n.prefix_len() == 128 => self.v6.remove(&n.addr().octets()),
+            IpNet::V6(n) if n.prefix_len() == 128 => self.v6.map.remove(&n.addr().octets()),
             IpNet::V6(n) => self
                 .v6_lpm
                 .remove(&Key::new(n.prefix_len() as u32, n.addr().octets())),
@@ -235,14 +445,14 @@ impl WhitelistMaps {
                 }
             }
         }
-        let gone4 = batch_delete(&self.v4_raw, &v4, &mut progress)
+        let gone4 = batch_delete(&self.v4.raw, &v4, &mut progress)
             .context("cannot remove IPv4 addresses")?;
         removed.extend(
             gone4
                 .iter()
                 .map(|k| IpNet::from(IpAddr::V4(Ipv4Addr::from(k.to_ne_bytes())))),
         );
-        let gone6 = batch_delete(&self.v6_raw, &v6, &mut progress)
+        let gone6 = batch_delete(&self.v6.raw, &v6, &mut progress)
             .context("cannot remove IPv6 addresses")?;
         removed.extend(
             gone6
@@ -258,78 +468,27 @@ impl WhitelistMaps {
     }
 }
 
-fn full(e: std::io::Error, what: &str) -> anyhow::Error {
-    match e.raw_os_error() {
-        Some(libc::E2BIG) | Some(libc::ENOMEM) | Some(libc::ENOSPC) => anyhow!(
-            "the whitelist map for {what} is full (it holds {})",
-            isolation_common::limits::WL_EXACT
+fn full(e: anyhow::Error, what: &str) -> anyhow::Error {
+    let errno = e
+        .downcast_ref::<std::io::Error>()
+        .and_then(std::io::Error::raw_os_error);
+    match errno {
+        Some(libc::E2BIG) | Some(libc::ENOSPC) => anyhow!(
+            "the whitelist map for {what} is full (it holds at most {})",
+            limits::WL_EXACT
         ),
-        _ => anyhow!("cannot add {what} to the whitelist: {e}"),
+        _ => anyhow!(
+            "cannot add {what} to the whitelist: {}",
+            error_chain_any(&e)
+        ),
     }
 }
 
-/// Inserts the exact keys not already in the map, in batches, pushing them onto `added` (so
-/// the caller can undo them). The existing keys are read first: that tells new from old
-/// (batch updates cannot be told to skip existing keys) and lets a full map be refused
-/// before anything changes.
-fn batch_insert<K: bytemuck::Pod + Eq + std::hash::Hash>(
-    map: &MapData,
-    entries: &[(K, WlEntry)],
-    progress: &mut impl FnMut(u64),
-    added: &mut Vec<IpNet>,
-    to_net: impl Fn(&K) -> IpNet,
-) -> std::io::Result<()> {
-    if entries.is_empty() {
-        return Ok(());
-    }
-    let fd = std::os::fd::AsFd::as_fd(map.fd());
-    if entries.len() <= SMALL_EDIT {
-        // A live edit of a few entries: one NOEXIST update each, no dump of the map, so
-        // its cost does not grow with the whitelist.
-        for (k, v) in entries {
-            let (done, r) = super::syscall::update_one(fd, k, v, super::syscall::BPF_NOEXIST);
-            match r {
-                Ok(()) if done == 1 => added.push(to_net(k)),
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(e) => return Err(e),
-            }
-            progress(1);
-        }
-        return Ok(());
-    }
-    let existing: HashSet<K> = super::syscall::keys::<K>(fd, std::mem::size_of::<WlEntry>())?
-        .into_iter()
-        .collect();
-    let fresh: Vec<(K, WlEntry)> = entries
-        .iter()
-        .filter(|e| !existing.contains(&e.0))
-        .copied()
-        .collect();
-    progress((entries.len() - fresh.len()) as u64);
-    let max = map
-        .info()
-        .map(|i| i.max_entries() as usize)
-        .unwrap_or(usize::MAX);
-    if existing.len() + fresh.len() > max {
-        return Err(std::io::Error::from_raw_os_error(libc::E2BIG));
-    }
-    let (ks, vs) = (std::mem::size_of::<K>(), std::mem::size_of::<WlEntry>());
-    for chunk in fresh.chunks(BATCH) {
-        let keys: Vec<K> = chunk.iter().map(|e| e.0).collect();
-        let vals: Vec<WlEntry> = chunk.iter().map(|e| e.1).collect();
-        let (kb, vb) = (
-            bytemuck::cast_slice::<K, u8>(&keys),
-            bytemuck::cast_slice::<WlEntry, u8>(&vals),
-        );
-        let (done, r) = super::syscall::update(fd, kb, vb, keys.len(), 0);
-        added.extend(keys[..done].iter().map(&to_net));
-        r?;
-        debug_assert_eq!(kb.len(), done * ks);
-        debug_assert_eq!(vb.len(), done * vs);
-        progress(chunk.len() as u64);
-    }
-    Ok(())
+fn error_chain_any(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 /// Deletes exact keys in batches, skipping absent ones; returns those that were there.
@@ -418,6 +577,13 @@ pub fn with_cidr_flags<T>(
     r
 }
 
+/// Puts an empty hash of the smallest size into each exact map (a fresh load).
+pub fn install_empty(paths: &Paths) -> Result<()> {
+    Exact::<u32>::open_empty(paths, maps::WL_V4)?;
+    Exact::<[u8; 16]>::open_empty(paths, maps::WL_V6)?;
+    Ok(())
+}
+
 /// Puts back what a `change` did (a later step of its transaction failed).
 pub fn revert(paths: &Paths, done: &WhitelistDelta) -> Result<()> {
     let mut m = WhitelistMaps::open(paths)?;
@@ -429,15 +595,81 @@ pub fn revert(paths: &Paths, done: &WhitelistDelta) -> Result<()> {
 /// are not touched; the others go first and the new ones come after, so the maps never hold
 /// more than the larger of the two whitelists (adding first could overflow them half-way),
 /// and no moment admits an address that neither whitelist admits. All or nothing.
+///
+/// An exact hash much bigger than its family's new whitelist needs is first replaced by one
+/// of the right size holding the entries both whitelists share (`Exact::shrink_for`).
 pub fn sync(paths: &Paths, wanted: &[IpNet], progress: impl FnMut(u64)) -> Result<WhitelistDelta> {
     let mut m = WhitelistMaps::open(paths)?;
     let current: HashSet<IpNet> = m.entries()?.into_iter().collect();
     let want: HashSet<IpNet> = wanted.iter().copied().collect();
-    let gone: Vec<IpNet> = current.difference(&want).copied().collect();
+    let mut keep4 = HashSet::new();
+    let mut keep6 = HashSet::new();
+    for n in &want {
+        match n {
+            IpNet::V4(a) if a.prefix_len() == 32 => {
+                keep4.insert(u32::from_ne_bytes(a.addr().octets()));
+            }
+            IpNet::V6(a) if a.prefix_len() == 128 => {
+                keep6.insert(a.addr().octets());
+            }
+            _ => {}
+        }
+    }
+    let mut dropped: Vec<IpNet> =
+        m.v4.shrink_for(keep4.len(), &keep4)?
+            .iter()
+            .map(|k| IpNet::from(IpAddr::V4(Ipv4Addr::from(k.to_ne_bytes()))))
+            .collect();
+    let dropped6 = match m.v6.shrink_for(keep6.len(), &keep6) {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = m.insert_many(&dropped, |_| {});
+            return Err(e);
+        }
+    };
+    dropped.extend(
+        dropped6
+            .iter()
+            .map(|k| IpNet::from(IpAddr::V6(Ipv6Addr::from(*k)))),
+    );
+    let dropped_set: HashSet<IpNet> = dropped.iter().copied().collect();
+    let gone: Vec<IpNet> = current
+        .difference(&want)
+        .filter(|n| !dropped_set.contains(n))
+        .copied()
+        .collect();
     let add: Vec<IpNet> = wanted
         .iter()
         .filter(|n| !current.contains(n))
         .copied()
         .collect();
-    m.change(&gone, &add, progress)
+    match m.change(&gone, &add, progress) {
+        Ok(mut delta) => {
+            delta.removed.extend(dropped);
+            Ok(delta)
+        }
+        Err(e) => {
+            m.insert_many(&dropped, |_| {})
+                .context("and the entries a smaller hash left out could not all be put back")?;
+            Err(e)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::capacity;
+    use isolation_common::limits;
+
+    #[test]
+    fn capacity_is_contents_plus_a_quarter_in_whole_kib_within_the_limits() {
+        assert_eq!(capacity(0), limits::WL_EXACT_MIN);
+        assert_eq!(capacity(10), limits::WL_EXACT_MIN);
+        assert_eq!(capacity(819), 1024);
+        assert_eq!(capacity(820), 2048);
+        assert_eq!(capacity(4000), 5120);
+        assert_eq!(capacity(1 << 20), 1_310_720);
+        assert_eq!(capacity(2_000_000), limits::WL_EXACT);
+        assert_eq!(capacity(usize::MAX), limits::WL_EXACT);
+    }
 }
