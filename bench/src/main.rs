@@ -83,6 +83,9 @@ impl Drop for Dp {
 
 const V4_BASE: u32 = 0x0a00_0000;
 
+/// Runs of each load and bulk figure (median and spread).
+const LOAD_RUNS: usize = 3;
+
 /// A command run inside namespace `ns` (nsenter: /sys and the pins stay the host's).
 fn nsenter(ns: &str, args: &[&str]) -> Command {
     let mut c = Command::new("nsenter");
@@ -399,28 +402,47 @@ fn isolation_load(md: &mut String, bin: &std::path::Path, prefixes: u32) -> Resu
         std::fs::write(dir.join(f), text)?;
     }
     let path = |f: &str| dir.join(f).to_string_lossy().into_owned();
-    let ours_m = {
-        let iso = Iso::with_bin(&ns_name, bin.into());
-        raw::run_measured(&mut iso.cmd(&[
-            "load",
-            "--iface",
-            "b0",
-            "--policy",
-            &path("policy.toml"),
-        ]))?
-    };
-    let ipset_m = raw::run_measured(&mut nsenter(
-        &ns_name,
-        &["ipset", "restore", "-file", &path("sets.ipset")],
-    ))?;
-    let ipt_m = raw::run_measured(&mut nsenter(
-        &ns_name,
-        &["iptables-restore", &path("rules.iptables")],
-    ))?;
-    let nft_m = raw::run_measured(&mut nsenter(&ns_name, &["nft", "-f", &path("bench.nft")]))?;
+    let (mut ours_m, mut ipset_m, mut ipt_m, mut nft_m) = Default::default();
+    for _ in 0..LOAD_RUNS {
+        {
+            let iso = Iso::with_bin(&ns_name, bin.into());
+            report::Runs::push(
+                &mut ours_m,
+                raw::run_measured(&mut iso.cmd(&[
+                    "load",
+                    "--iface",
+                    "b0",
+                    "--policy",
+                    &path("policy.toml"),
+                ]))?,
+            );
+        }
+        report::Runs::push(
+            &mut ipset_m,
+            raw::run_measured(&mut nsenter(
+                &ns_name,
+                &["ipset", "restore", "-file", &path("sets.ipset")],
+            ))?,
+        );
+        report::Runs::push(
+            &mut ipt_m,
+            raw::run_measured(&mut nsenter(
+                &ns_name,
+                &["iptables-restore", &path("rules.iptables")],
+            ))?,
+        );
+        report::Runs::push(
+            &mut nft_m,
+            raw::run_measured(&mut nsenter(&ns_name, &["nft", "-f", &path("bench.nft")]))?,
+        );
+        // Empty again for the next run (the rules first: they hold the sets).
+        nsenter(&ns_name, &["iptables", "-F", "FORWARD"]).status()?;
+        nsenter(&ns_name, &["ipset", "destroy"]).status()?;
+        nsenter(&ns_name, &["nft", "delete", "table", "inet", "bench"]).status()?;
+    }
     let _ = std::fs::remove_dir_all(&dir);
     drop(ns);
-    report::isolation_load_table(md, nets, per * nets, ours_m, ipset_m, ipt_m, nft_m)
+    report::isolation_load_table(md, nets, per * nets, &ours_m, &ipset_m, &ipt_m, &nft_m)
 }
 
 type Rows = BTreeMap<u32, Vec<(String, f64, f64, f64)>>;
@@ -570,9 +592,6 @@ fn cli_figures(
     }
     std::fs::write(&list, &text)?;
     let iso = Iso::with_bin(&ns_name, bin.into());
-    raw::run_measured(&mut iso.cmd(&["load", "--iface", "b0"]))?;
-    let ours =
-        raw::run_measured(&mut iso.cmd(&["whitelist", "add", "--file", list.to_str().unwrap()]))?;
     // The same entries with the tools operators use today, in the same namespace.
     let mut restore = format!(
         "create bench hash:ip family inet hashsize 1048576 maxelem {}\n",
@@ -583,10 +602,6 @@ fn cli_figures(
     }
     let ipset_file = std::env::temp_dir().join(format!("{id}.ipset"));
     std::fs::write(&ipset_file, restore)?;
-    let ipset_m = raw::run_measured(&mut nsenter(
-        &ns_name,
-        &["ipset", "restore", "-file", ipset_file.to_str().unwrap()],
-    ))?;
     let mut nft = String::from(
         "table inet bench {\n set wl {\n  type ipv4_addr\n  size 2097152\n  elements = { ",
     );
@@ -599,25 +614,80 @@ fn cli_figures(
     nft.push_str(" }\n }\n}\n");
     let nft_file = std::env::temp_dir().join(format!("{id}.nft"));
     std::fs::write(&nft_file, nft)?;
-    let nft_m = raw::run_measured(&mut nsenter(
-        &ns_name,
-        &["nft", "-f", nft_file.to_str().unwrap()],
-    ))?;
-    report::load_table(md, n, ours, ipset_m, nft_m)?;
+    let (mut ours, mut ipset_m, mut nft_m) = Default::default();
+    let mut kernel = Vec::new();
+    for run in 0..LOAD_RUNS {
+        iso.run(&["unload"]);
+        raw::run_measured(&mut iso.cmd(&["load", "--iface", "b0"]))?;
+        if run == 0 {
+            iso.ok(&["whitelist", "add", "192.0.2.1", "192.0.2.2", "2001:db8::1"]);
+            kernel.push((
+                "after `load` and a whitelist of 3 addresses|the exact whitelist hashes".into(),
+                raw::memlock_of(&iso.paths(), &["WL_V4", "WL_V6"])?,
+            ));
+            kernel.push((
+                "after `load` and a whitelist of 3 addresses|every map of the datapath".into(),
+                raw::memlock_of(&iso.paths(), &[])?,
+            ));
+            iso.ok(&["whitelist", "del", "192.0.2.1", "192.0.2.2", "2001:db8::1"]);
+        }
+        report::Runs::push(
+            &mut ours,
+            raw::run_measured(&mut iso.cmd(&[
+                "whitelist",
+                "add",
+                "--file",
+                list.to_str().unwrap(),
+            ]))?,
+        );
+        if run == 0 {
+            kernel.push((
+                format!("with {n} IPv4 addresses|the exact whitelist hashes"),
+                raw::memlock_of(&iso.paths(), &["WL_V4", "WL_V6"])?,
+            ));
+        }
+        report::Runs::push(
+            &mut ipset_m,
+            raw::run_measured(&mut nsenter(
+                &ns_name,
+                &["ipset", "restore", "-file", ipset_file.to_str().unwrap()],
+            ))?,
+        );
+        report::Runs::push(
+            &mut nft_m,
+            raw::run_measured(&mut nsenter(
+                &ns_name,
+                &["nft", "-f", nft_file.to_str().unwrap()],
+            ))?,
+        );
+        if run + 1 < LOAD_RUNS {
+            nsenter(&ns_name, &["ipset", "destroy", "bench"]).status()?;
+            nsenter(&ns_name, &["nft", "delete", "table", "inet", "bench"]).status()?;
+        }
+    }
+    report::load_table(md, n, &ours, &ipset_m, &nft_m, &kernel)?;
+    let (ours_s, ipset_s) = (ours.median(), ipset_m.median());
     targets.push(report::Target {
-        what: format!("{n} whitelist entries loaded in ≤ 1 s"),
-        measured: format!("{:.2} s", ours.0),
-        met: ours.0 <= 1.0,
+        what: format!("{n} whitelist entries loaded in ≤ 0.5 s (median)"),
+        measured: format!("{ours_s:.2} s"),
+        met: ours_s <= 0.5,
     });
     targets.push(report::Target {
-        what: "… at least 3.5× faster than `ipset restore`".into(),
+        what: "… at least 4× faster than `ipset restore`".into(),
         measured: format!(
-            "{:.2}× ({:.2} s against {:.2} s)",
-            ipset_m.0 / ours.0,
-            ours.0,
-            ipset_m.0
+            "{:.2}× ({ours_s:.2} s against {ipset_s:.2} s)",
+            ipset_s / ours_s,
         ),
-        met: ipset_m.0 / ours.0 >= 3.5,
+        met: ipset_s / ours_s >= 4.0,
+    });
+    let small = kernel[0].1;
+    targets.push(report::Target {
+        what: "a small whitelist does not reserve hundreds of MB of kernel memory".into(),
+        measured: format!(
+            "{:.2} MiB in the exact whitelist hashes with 3 addresses",
+            small as f64 / 1048576.0
+        ),
+        met: small < 16 << 20,
     });
 
     // Live edit: `whitelist add` with the whitelist full, command start to exit (the map

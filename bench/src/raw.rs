@@ -373,3 +373,38 @@ pub fn run_measured(c: &mut Command) -> Result<(f64, u64)> {
     let kib: u64 = f.next().and_then(|v| v.parse().ok()).unwrap_or(0);
     Ok((secs, kib))
 }
+
+/// Kernel memory (bytes) the maps pinned under `paths` hold, as the kernel accounts it
+/// (`memlock` in the fdinfo, what `bpftool map show` prints): the named maps, or all of them
+/// when `names` is empty. An array of maps counts with the map it holds.
+pub fn memlock_of(paths: &isolation_user::state::Paths, names: &[&str]) -> Result<u64> {
+    use aya::maps::{ArrayOfMaps, Map, MapData, MapType};
+    let names: Vec<String> = if names.is_empty() {
+        std::fs::read_dir(&paths.pin_dir)?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with("prog") && !n.starts_with("link"))
+            .collect()
+    } else {
+        names.iter().map(|n| n.to_string()).collect()
+    };
+    let memlock = |m: &MapData| -> Result<u64> {
+        let fd = m.fd().as_fd().as_raw_fd();
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("memlock:")?.trim().parse().ok())
+            .context("no memlock in the map's fdinfo")
+    };
+    let mut total = 0;
+    for name in names {
+        let Ok(m) = MapData::from_pin(paths.map(&name)) else {
+            continue; // a program or link pin
+        };
+        total += memlock(&m)?;
+        if m.info()?.map_type()? == MapType::ArrayOfMaps {
+            let outer: ArrayOfMaps<MapData, MapData> = Map::from_map_data(m)?.try_into()?;
+            total += memlock(&outer.get(&0, 0)?)?;
+        }
+    }
+    Ok(total)
+}

@@ -96,14 +96,53 @@ pub fn verdict_tables(
     Ok(())
 }
 
+/// Wall times (s) and peak resident memory (KiB) of repeated runs of one command.
+#[derive(Default, Clone)]
+pub struct Runs {
+    pub secs: Vec<f64>,
+    pub kib: Vec<u64>,
+}
+
+impl Runs {
+    pub fn push(&mut self, (t, m): (f64, u64)) {
+        self.secs.push(t);
+        self.kib.push(m);
+    }
+    pub fn median(&self) -> f64 {
+        median(&self.secs)
+    }
+    fn kib_median(&self) -> f64 {
+        median(&self.kib.iter().map(|k| *k as f64).collect::<Vec<_>>())
+    }
+    /// Two tools run one after the other: run i of each, summed (memory: the larger).
+    pub fn then(&self, o: &Runs) -> Runs {
+        Runs {
+            secs: self.secs.iter().zip(&o.secs).map(|(a, b)| a + b).collect(),
+            kib: self
+                .kib
+                .iter()
+                .zip(&o.kib)
+                .map(|(a, b)| *a.max(b))
+                .collect(),
+        }
+    }
+}
+
 pub fn load_table(
     md: &mut String,
     n: u32,
-    ours: (f64, u64),
-    ipset: (f64, u64),
-    nft: (f64, u64),
+    ours: &Runs,
+    ipset: &Runs,
+    nft: &Runs,
+    kernel: &[(String, u64)],
 ) -> Result<()> {
     writeln!(md, "## Loading {n} whitelist addresses\n")?;
+    writeln!(
+        md,
+        "Each tool loads the same {n} IPv4 addresses into an empty set ({} runs, interleaved; \
+         median and spread). Ours: `load` (no whitelist), then the timed `whitelist add --file`.\n",
+        ours.secs.len()
+    )?;
     tool_table(
         md,
         &[
@@ -111,23 +150,39 @@ pub fn load_table(
             ("`ipset restore` (hash:ip)", ipset),
             ("`nft -f` (set of ipv4_addr)", nft),
         ],
-    )
-}
-
-/// (wall time s, peak KiB) per tool; the first row is ours, the reference for the ratio.
-fn tool_table(md: &mut String, rows: &[(&str, (f64, u64))]) -> Result<()> {
+    )?;
     writeln!(
         md,
-        "| tool | wall time (s) | peak memory (MiB) | × ours (time) |"
+        "Kernel memory the datapath's maps hold (`memlock` in the maps' fdinfo, as `bpftool map \
+         show` reports it):\n"
     )?;
-    writeln!(md, "| --- | ---: | ---: | ---: |")?;
-    let ours = rows[0].1.0;
-    for (name, (t, m)) in rows {
+    writeln!(md, "| when | maps | kernel memory (MiB) |")?;
+    writeln!(md, "| --- | --- | ---: |")?;
+    for (what, bytes) in kernel {
+        let (when, maps) = what.split_once('|').unwrap_or((what, ""));
+        writeln!(md, "| {when} | {maps} | {:.2} |", *bytes as f64 / 1048576.0)?;
+    }
+    writeln!(md)?;
+    Ok(())
+}
+
+/// Median wall time and peak memory per tool, with the spread of the times; the first row
+/// is ours, the reference for the ratio.
+fn tool_table(md: &mut String, rows: &[(&str, &Runs)]) -> Result<()> {
+    writeln!(
+        md,
+        "| tool | wall time (s) | spread | peak memory (MiB) | × ours (time) |"
+    )?;
+    writeln!(md, "| --- | ---: | ---: | ---: | ---: |")?;
+    let ours = rows[0].1.median();
+    for (name, r) in rows {
         writeln!(
             md,
-            "| {name} | {t:.2} | {:.0} | {:.2} |",
-            *m as f64 / 1024.0,
-            t / ours
+            "| {name} | {:.2} | {:.0}% | {:.0} | {:.2} |",
+            r.median(),
+            spread(&r.secs),
+            r.kib_median() / 1024.0,
+            r.median() / ours
         )?;
     }
     writeln!(md)?;
@@ -138,10 +193,10 @@ pub fn isolation_load_table(
     md: &mut String,
     nets: u32,
     prefixes: u32,
-    ours: (f64, u64),
-    ipset: (f64, u64),
-    ipt: (f64, u64),
-    nft: (f64, u64),
+    ours: &Runs,
+    ipset: &Runs,
+    ipt: &Runs,
+    nft: &Runs,
 ) -> Result<()> {
     writeln!(md, "## Loading an isolation policy at the design's caps\n")?;
     writeln!(
@@ -150,10 +205,12 @@ pub fn isolation_load_table(
          to network k+1, tcp:80). 100k isolation *rules* cannot be expressed: the datapath keeps \
          networks and rules as bits of a u64 (64 of each) and {} prefixes per family, and refuses \
          a larger policy whole. The iptables equivalent is one `hash:net` set per network and a \
-         FORWARD rule matching two sets (this kernel lacks `hash:net,net`).\n",
-        isolation_common::limits::NET_PREFIXES
+         FORWARD rule matching two sets (this kernel lacks `hash:net,net`). {} runs of each, \
+         interleaved; median and spread.\n",
+        isolation_common::limits::NET_PREFIXES,
+        ours.secs.len()
     )?;
-    let sum = (ipset.0 + ipt.0, ipset.1.max(ipt.1));
+    let sum = ipset.then(ipt);
     tool_table(
         md,
         &[
@@ -163,7 +220,7 @@ pub fn isolation_load_table(
             ),
             ("`ipset restore` (hash:net sets)", ipset),
             ("`iptables-restore` (the rules)", ipt),
-            ("ipset + iptables together", sum),
+            ("ipset + iptables together", &sum),
             ("`nft -f` (interval sets and rules)", nft),
         ],
     )

