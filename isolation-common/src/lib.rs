@@ -111,9 +111,11 @@ pub mod limits {
     pub const CONNTRACK: u32 = 1 << 18;
     pub const ESTABLISHED: u32 = 1 << 18;
     /// Slots of the remote-host filter in front of the connection tables: 2^PEER_BITS
-    /// array elements of 8 bytes (1 MiB).
+    /// bytes, kept as 64-bit array elements of 8 slots (128 KiB: small enough to stay in a
+    /// CPU's L2 cache under a flood from random sources).
     pub const PEER_BITS: u32 = 17;
     pub const PEER_SLOTS: u32 = 1 << PEER_BITS;
+    pub const PEER_WORDS: u32 = PEER_SLOTS / 8;
     pub const FRAGS: u32 = 1 << 14;
     /// Bytes of the trace ring buffer (a power of two, a multiple of the page size).
     pub const EVENTS_BYTES: u32 = 1 << 20;
@@ -156,7 +158,7 @@ pub mod ports {
 }
 
 /// The slot of an address in the remote-host filter (`maps::PEERS`): the family's words
-/// folded, then a multiplicative hash. One function for the datapath and the loader (which
+/// folded, then a multiplicative hash. Slot s is byte `s % 8` of element `s / 8`. One function for the datapath and the loader (which
 /// marks the peers of the connections it seeds).
 #[inline(always)]
 pub fn peer_slot(family: u8, a: &[u8; 16]) -> u32 {

@@ -40,34 +40,47 @@ static ESTABLISHED: LruHashMap<FlowKey, FlowValue, { limits::ESTABLISHED as usiz
 #[btf_map]
 static FRAGS: LruHashMap<FragKey, u64, { limits::FRAGS as usize }> = LruHashMap::new();
 
-/// Remote hosts this host has (or had) flows with, one flag per hash slot: a packet whose
+/// Remote hosts this host has (or had) flows with, one byte per hash slot: a packet whose
 /// source hashes to an empty slot cannot be a reply, and skips both connection tables.
 /// Under a flood from random sources that saves two lookups whose buckets are not in
-/// cache, for one in an array small enough to stay closer. A slot is set before the flow
+/// cache, for one in a 128 KiB array that stays in cache. A slot is set before the flow
 /// that needs it is recorded and never cleared by the datapath, so a set slot only costs a
-/// lookup that finds nothing. A slot is a whole array element: the loader can set one
-/// (seeded connections) without a read-modify-write racing the datapath's.
+/// lookup that finds nothing. A slot is a byte written whole (no read-modify-write of its
+/// neighbours), here and by the loader (seeded connections) through a shared mapping of
+/// the array (BPF_F_MMAPABLE), so no writer can undo another's slot.
 #[btf_map]
-static PEERS: Array<u64, { limits::PEER_SLOTS as usize }> = Array::new();
+static PEERS: Array<u64, { limits::PEER_WORDS as usize }, BPF_F_MMAPABLE> = Array::new();
+
+const BPF_F_MMAPABLE: usize = 1 << 10;
+
+/// The byte of `a`'s slot, inside its element of PEERS.
+#[inline(always)]
+fn peer_byte(family: u8, a: &[u8; 16]) -> Option<*mut u8> {
+    let slot = isolation_common::peer_slot(family, a);
+    let w = PEERS.get_ptr_mut(slot >> 3)?;
+    // SAFETY: slot & 7 < 8, the element's size: inside the map value.
+    Some(unsafe { (w as *mut u8).add((slot & 7) as usize) })
+}
 
 /// Could `a` be the remote end of a recorded flow?
 #[inline(always)]
 fn maybe_peer(family: u8, a: &[u8; 16]) -> bool {
-    match PEERS.get(isolation_common::peer_slot(family, a)) {
-        Some(v) => *v != 0,
+    match peer_byte(family, a) {
+        // SAFETY: a byte of a PEERS element, which lives as long as the program.
+        Some(b) => unsafe { *b != 0 },
         None => true,
     }
 }
 
 /// Marks `a` as the remote end of a flow (written only when it changes: every packet of a
-/// flow comes through here).
+/// flow comes through here, and a write would pull the line away from other CPUs).
 #[inline(always)]
 fn mark_peer(family: u8, a: &[u8; 16]) {
-    if let Some(v) = PEERS.get_ptr_mut(isolation_common::peer_slot(family, a)) {
-        // SAFETY: an element of the PEERS map, which lives as long as the program.
+    if let Some(b) = peer_byte(family, a) {
+        // SAFETY: as in maybe_peer; a byte store touches no other slot.
         unsafe {
-            if *v == 0 {
-                *v = 1;
+            if *b == 0 {
+                core::ptr::write_volatile(b, 1);
             }
         }
     }

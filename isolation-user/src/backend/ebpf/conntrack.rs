@@ -1,8 +1,8 @@
 //! The connection map seen from userspace: flows written before the programs see a packet.
 
 use anyhow::Result;
-use aya::maps::{Array, HashMap, MapData};
-use isolation_common::{FlowKey, FlowValue, flow_origin, flow_state, maps};
+use aya::maps::{HashMap, MapData};
+use isolation_common::{FlowKey, FlowValue, flow_origin, flow_state, limits, maps};
 
 use super::pins::open_map;
 use crate::state::Paths;
@@ -24,19 +24,53 @@ pub fn seed_flows(paths: &Paths, flows: &[FlowKey]) -> Result<usize> {
         origin: flow_origin::SEEDED,
         state: flow_state::REPLIED,
     };
-    // Their remote ends first: the datapath skips the tables for a source whose peer slot
-    // is empty. One element per write, so no write undoes one of the datapath's.
-    let mut peers: Array<MapData, u64> = open_map(paths, maps::PEERS)?.try_into()?;
-    for k in flows {
-        let slot = isolation_common::peer_slot(k.family, &k.dst);
-        if peers.get(&slot, 0)? == 0 {
-            peers.set(slot, &1, 0)?;
-        }
-    }
+    // Their remote ends first: the datapath skips the tables for a source whose peer bit
+    // is clear.
+    mark_peers(paths, flows)?;
     let mut n = 0;
     for k in flows {
         m.insert(k, &v, 0)?;
         n += 1;
     }
     Ok(n)
+}
+
+/// Sets the peer slots of the flows' remote ends, one byte store each on a shared mapping
+/// of the PEERS array, as the datapath sets them: neither can undo the other's slot. (aya
+/// has no call for a map's memory mapping: mmap(2) on the map's fd.)
+fn mark_peers(paths: &Paths, flows: &[FlowKey]) -> Result<()> {
+    use std::sync::atomic::{AtomicU8, Ordering};
+    if flows.is_empty() {
+        return Ok(());
+    }
+    let map = MapData::from_pin(paths.map(maps::PEERS))?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(map.fd()));
+    let len = limits::PEER_WORDS as usize * 8;
+    // SAFETY: a shared read-write mapping of an mmapable array of `len` bytes (its
+    // elements back to back: 8-byte values have no padding), unmapped below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(anyhow::anyhow!(
+            "cannot map the PEERS array: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let slots = p as *const AtomicU8;
+    for k in flows {
+        let slot = isolation_common::peer_slot(k.family, &k.dst) as usize;
+        // SAFETY: slot < PEER_SLOTS = the mapping's length in bytes.
+        unsafe { (*slots.add(slot)).store(1, Ordering::Relaxed) };
+    }
+    // SAFETY: the mapping made above, no longer used.
+    unsafe { libc::munmap(p, len) };
+    Ok(())
 }
