@@ -14,6 +14,7 @@ const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_PROG_TYPE_XDP: u32 = 6;
+const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 const BPF_MAP_TYPE_HASH: u32 = 1;
 const BPF_MAP_TYPE_PROG_ARRAY: u32 = 3;
 const BPF_F_NO_PREALLOC: u32 = 1;
@@ -74,12 +75,16 @@ struct ProgLoadAttr {
 }
 
 fn load_xdp(name: &str, insns: &[u64]) -> Result<RawFd> {
+    load_prog(BPF_PROG_TYPE_XDP, BPF_XDP, name, insns)
+}
+
+fn load_prog(prog_type: u32, attach: u32, name: &str, insns: &[u64]) -> Result<RawFd> {
     let license = b"GPL\0";
     let mut prog_name = [0u8; 16];
     prog_name[..name.len().min(15)].copy_from_slice(&name.as_bytes()[..name.len().min(15)]);
     let mut log = vec![0u8; 64 * 1024];
     let mut attr = ProgLoadAttr {
-        prog_type: BPF_PROG_TYPE_XDP,
+        prog_type,
         insn_cnt: insns.len() as u32,
         insns: insns.as_ptr() as u64,
         license: license.as_ptr() as u64,
@@ -87,7 +92,7 @@ fn load_xdp(name: &str, insns: &[u64]) -> Result<RawFd> {
         log_size: log.len() as u32,
         log_buf: log.as_mut_ptr() as u64,
         prog_name,
-        expected_attach_type: BPF_XDP,
+        expected_attach_type: attach,
         ..Default::default()
     };
     match bpf(BPF_PROG_LOAD, &mut attr) {
@@ -95,7 +100,7 @@ fn load_xdp(name: &str, insns: &[u64]) -> Result<RawFd> {
         Err(e) => {
             let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
             bail!(
-                "cannot load the XDP program {name}: {e}\n{}",
+                "cannot load the program {name}: {e}\n{}",
                 String::from_utf8_lossy(&log[..end])
             )
         }
@@ -116,14 +121,20 @@ pub fn load_xdp_ret(action: i32) -> Result<RawFd> {
 /// The instructions that overwrite the 32-bit big-endian word at packet offset `off` with
 /// `base + random % modulus`: a fresh key per run, so lookups spread over a whole set.
 fn random_word(off: i16, base: u32, modulus: u32) -> Vec<u64> {
+    random_word_at(off, base, modulus, 0, 4)
+}
+
+/// `random_word` for a context whose packet pointers are at `data` and `data_end` (xdp_md:
+/// 0 and 4; __sk_buff: 76 and 80).
+fn random_word_at(off: i16, base: u32, modulus: u32, data: i16, data_end: i16) -> Vec<u64> {
     vec![
         mov_reg(6, 1),
         call(GET_PRANDOM_U32),
         insn(0x94, 0, 0, 0, modulus as i32), // w0 %= modulus
         insn(0x04, 0, 0, 0, base as i32),    // w0 += base
         insn(0xdc, 0, 0, 0, 32),             // r0 = htobe32(r0)
-        insn(0x61, 2, 6, 0, 0),              // r2 = ctx->data
-        insn(0x61, 3, 6, 4, 0),              // r3 = ctx->data_end
+        insn(0x61, 2, 6, data, 0),           // r2 = ctx->data
+        insn(0x61, 3, 6, data_end, 0),       // r3 = ctx->data_end
         mov_reg(4, 2),
         insn(0x07, 4, 0, 0, off as i32 + 4), // r4 += off + 4
         insn(0x2d, 4, 3, 1, 0),              // if r4 > r3 skip the store
@@ -218,6 +229,15 @@ pub fn load_one_lookup(sources: &[std::net::Ipv4Addr]) -> Result<RawFd> {
 /// `base + random % modulus` at `off`, then tail-calls `target`. The floor is measured
 /// through the same wrapper, so the ratio charges ours only for its own work.
 pub fn load_random_wrapper(off: i16, base: u32, modulus: u32, target: RawFd) -> Result<RawFd> {
+    random_wrapper(false, off, base, modulus, target)
+}
+
+/// The same for a TC (sched_cls) program.
+pub fn load_random_wrapper_tc(off: i16, base: u32, modulus: u32, target: RawFd) -> Result<RawFd> {
+    random_wrapper(true, off, base, modulus, target)
+}
+
+fn random_wrapper(tc: bool, off: i16, base: u32, modulus: u32, target: RawFd) -> Result<RawFd> {
     let mut attr = MapCreateAttr {
         map_type: BPF_MAP_TYPE_PROG_ARRAY,
         key_size: 4,
@@ -226,17 +246,26 @@ pub fn load_random_wrapper(off: i16, base: u32, modulus: u32, target: RawFd) -> 
         ..Default::default()
     };
     let map = bpf(BPF_MAP_CREATE, &mut attr).context("cannot create a prog array")? as RawFd;
-    let mut p = random_word(off, base, modulus);
+    let mut p = if tc {
+        random_word_at(off, base, modulus, 76, 80)
+    } else {
+        random_word(off, base, modulus)
+    };
     p.extend([
         mov_reg(1, 6),
         insn(0x18, 2, 1, 0, map), // r2 = map (BPF_PSEUDO_MAP_FD)
         0,
         mov_imm(3, 0),
         call(TAIL_CALL),
-        mov_imm(0, XDP_PASS),
+        // XDP_PASS, or TC_ACT_OK: what a failed tail call returns.
+        mov_imm(0, if tc { 0 } else { XDP_PASS }),
         EXIT,
     ]);
-    let fd = load_xdp("rand_wrap", &p)?;
+    let fd = if tc {
+        load_prog(BPF_PROG_TYPE_SCHED_CLS, 0, "rand_wrap_tc", &p)?
+    } else {
+        load_xdp("rand_wrap", &p)?
+    };
     update_u32(map, 0, target as u32).context("cannot put the program in the prog array")?;
     // The map fd stays open for the life of the process: the kernel empties a prog array
     // when its last user reference goes, and the tail call would then fail silently.
