@@ -17,6 +17,9 @@ pub mod maps {
     pub const WL_V4_LPM: &str = "WL_V4_LPM";
     /// Exact IPv6 whitelist addresses (an array of one map, as `WL_V4`).
     pub const WL_V6: &str = "WL_V6";
+    /// A bit per hash of an exact whitelisted address, in front of each big exact hash.
+    pub const WL_V4_FILTER: &str = "WL_V4_FILTER";
+    pub const WL_V6_FILTER: &str = "WL_V6_FILTER";
     /// IPv6 whitelist CIDRs; /128s live in `WL_V6`.
     pub const WL_V6_LPM: &str = "WL_V6_LPM";
     /// New connections: seen leaving an attached interface (original direction), not yet
@@ -65,6 +68,8 @@ pub mod maps {
         WL_V4_LPM,
         WL_V6,
         WL_V6_LPM,
+        WL_V4_FILTER,
+        WL_V6_FILTER,
         CONNTRACK,
         ESTABLISHED,
         PEERS,
@@ -105,6 +110,14 @@ pub mod limits {
     pub const WL_EXACT: u32 = 1 << 21;
     /// The smallest exact hash: what an empty or small whitelist reserves.
     pub const WL_EXACT_MIN: u32 = 1 << 10;
+    /// Bits of each family's whitelist filter (2 MiB): a miss from a random source tests
+    /// one bit, in cache, instead of a bucket and an element of a big hash, in DRAM. With
+    /// 1M entries about 6% of random sources find their bit set and go on to the hash.
+    pub const WL_FILTER_BITS: u32 = 24;
+    pub const WL_FILTER_WORDS: u32 = (1 << WL_FILTER_BITS) / 64;
+    /// Hash sizes (entries) from which the datapath consults the filter: below it the hash's
+    /// buckets stay in cache and the filter would only add a lookup.
+    pub const WL_FILTER_FROM: u32 = 1 << 16;
     /// CIDRs per family (LPM tries are always allocated on demand).
     pub const WL_LPM: u32 = 1 << 20;
     /// New (unconfirmed) connections, and established ones: two tables of this size.
@@ -157,11 +170,16 @@ pub mod ports {
     }
 }
 
-/// The slot of an address in the remote-host filter (`maps::PEERS`): the family's words
-/// folded, then a multiplicative hash. Slot s is byte `s % 8` of element `s / 8`. One function for the datapath and the loader (which
-/// marks the peers of the connections it seeds).
+/// The bit of an exact whitelisted address in its family's filter (`maps::WL_V4_FILTER`):
+/// bit `b % 64` of word `b / 64`. One function for the datapath and the loader.
 #[inline(always)]
-pub fn peer_slot(family: u8, a: &[u8; 16]) -> u32 {
+pub fn wl_filter_bit(family: u8, a: &[u8; 16]) -> u32 {
+    fold(family, a).wrapping_mul(0x85EB_CA77) >> (32 - limits::WL_FILTER_BITS)
+}
+
+/// An address's words folded into one (IPv4: its only word).
+#[inline(always)]
+fn fold(family: u8, a: &[u8; 16]) -> u32 {
     // Words read in place: no temporaries on the (small) BPF stack.
     let p = a.as_ptr() as *const u32;
     // SAFETY: `a` is 16 bytes, so words 0..4 are inside it; unaligned reads are allowed.
@@ -170,7 +188,15 @@ pub fn peer_slot(family: u8, a: &[u8; 16]) -> u32 {
     if family != AF_INET {
         x ^= w(1).rotate_left(8) ^ w(2).rotate_left(16) ^ w(3).rotate_left(24);
     }
-    x.wrapping_mul(0x9E37_79B1) >> (32 - limits::PEER_BITS)
+    x
+}
+
+/// The slot of an address in the remote-host filter (`maps::PEERS`): the family's words
+/// folded, then a multiplicative hash. Slot s is byte `s % 8` of element `s / 8`. One function for the datapath and the loader (which
+/// marks the peers of the connections it seeds).
+#[inline(always)]
+pub fn peer_slot(family: u8, a: &[u8; 16]) -> u32 {
+    fold(family, a).wrapping_mul(0x9E37_79B1) >> (32 - limits::PEER_BITS)
 }
 
 /// Index of the lowest set bit of a rule mask: the deciding rule is the first one written.
@@ -239,6 +265,13 @@ pub mod flags {
     pub const WL_CIDR_V4: u32 = 1 << 3;
     pub const WL_CIDR_V6: u32 = 1 << 4;
     pub const WL_CIDRS: u32 = WL_CIDR_V4 | WL_CIDR_V6;
+    /// The IPv4 / IPv6 exact hash is big: consult its bit filter (`maps::WL_V4_FILTER`)
+    /// first. Set by the loader once the hash's size passes `limits::WL_FILTER_FROM`; the
+    /// filter's bits are kept for every entry whatever this says, so it is always safe.
+    pub const WL_FILTER_V4: u32 = 1 << 5;
+    pub const WL_FILTER_V6: u32 = 1 << 6;
+    /// The switches that follow the whitelist maps, not the policy text.
+    pub const WL_FOLLOW_MAPS: u32 = WL_CIDRS | WL_FILTER_V4 | WL_FILTER_V6;
 }
 
 /// Written by the loader at index 0 of `CONFIG`. A zeroed config (before any policy

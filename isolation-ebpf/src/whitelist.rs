@@ -7,7 +7,7 @@
 //! datapath sees the old hash or the new one, never a half-filled one.
 
 use aya_ebpf::{
-    btf_maps::{ArrayOfMaps, HashMap, LpmTrie, lpm_trie::Key},
+    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, lpm_trie::Key},
     macros::btf_map,
 };
 use isolation_common::{AF_INET, WlEntry, flags, limits};
@@ -34,6 +34,33 @@ static WL_V6: ArrayOfMaps<HashMap<[u8; 16], WlEntry, { limits::WL_EXACT_MIN as u
 #[btf_map]
 static WL_V6_LPM: LpmTrie<[u8; 16], WlEntry, { limits::WL_LPM as usize }> = LpmTrie::new();
 
+const BPF_F_MMAPABLE: usize = 1 << 10;
+
+/// A bit per hash of each exact address (`isolation_common::wl_filter_bit`), written only by
+/// the loader (through a shared mapping), before the address enters the hash; never cleared
+/// while loaded. A clear bit means "not in the hash": under a flood from random sources a
+/// big whitelist's miss tests one bit in 2 MiB, not a bucket and an element in DRAM.
+#[btf_map]
+static WL_V4_FILTER: Array<u64, { limits::WL_FILTER_WORDS as usize }, BPF_F_MMAPABLE> =
+    Array::new();
+#[btf_map]
+static WL_V6_FILTER: Array<u64, { limits::WL_FILTER_WORDS as usize }, BPF_F_MMAPABLE> =
+    Array::new();
+
+/// May `src` be in the family's exact hash? Asked only of big hashes (`flags::WL_FILTER_*`).
+#[inline(always)]
+fn in_filter(
+    filter: &Array<u64, { limits::WL_FILTER_WORDS as usize }, BPF_F_MMAPABLE>,
+    family: u8,
+    src: &[u8; 16],
+) -> bool {
+    let b = isolation_common::wl_filter_bit(family, src);
+    match filter.get(b >> 6) {
+        Some(w) => *w & (1u64 << (b & 63)) != 0,
+        None => true,
+    }
+}
+
 /// Is the source whitelisted? `cfg_flags` says which CIDR tries hold anything: an empty
 /// trie is not looked up.
 #[inline(always)]
@@ -48,7 +75,9 @@ pub fn whitelisted(pkt: &Packet, cfg_flags: u32) -> bool {
         }
         WL_V4_LPM.get(&Key::new(32, a)).is_some()
     } else {
-        if WL_V6.get_value_ptr_mut(0, &pkt.src).is_some() {
+        if (cfg_flags & flags::WL_FILTER_V6 == 0 || in_filter(&WL_V6_FILTER, pkt.family, &pkt.src))
+            && WL_V6.get_value_ptr_mut(0, &pkt.src).is_some()
+        {
             return true;
         }
         if cfg!(feature = "mutant-skip-cidr-trie") || cfg_flags & flags::WL_CIDR_V6 == 0 {

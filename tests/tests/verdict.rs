@@ -761,3 +761,94 @@ fn seeded_connections_pass_before_any_egress() {
     isolation_user::backend::ebpf::conntrack::seed_flows(&dp.paths, &[key]).unwrap();
     dp.expect(&reply, XDP_PASS, Reason::PassEstablished, "seeded");
 }
+
+/// A whitelist big enough for its bit filter: the filter switches on, every listed address
+/// still passes (v4 and v6), an unlisted one whose bit happens to be set (a false positive)
+/// is still dropped by the hash, and an unlisted one with a clear bit is dropped by the
+/// filter alone. Shrunk below the threshold, the filter switches off again.
+#[test]
+fn a_big_whitelist_is_filtered_by_its_bits_first() {
+    use isolation_common::{AF_INET6, limits, wl_filter_bit};
+    use isolation_user::backend::Backend as _;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let Some(dp) = Dp::new(&[]) else { return };
+    let n = limits::WL_FILTER_FROM;
+    let v4 = |i: u32| Ipv4Addr::from(0x0a00_0000 + i);
+    let v6 = |i: u32| Ipv6Addr::new(0x2001, 0xdb8, 0xaa, 0, 0, 0, (i >> 16) as u16, i as u16);
+    let nets: Vec<ipnet::IpNet> = (0..n)
+        .flat_map(|i| [IpAddr::V4(v4(i)).into(), IpAddr::V6(v6(i)).into()])
+        .collect();
+    let mut b = isolation_user::backend::ebpf::Ebpf::new(dp.paths.clone());
+    b.edit_whitelist(&nets, &[], 2, &mut |_| {}).unwrap();
+    let filter_bits = |dp: &Dp| {
+        slots::read_config(&dp.paths).unwrap().flags & (flags::WL_FILTER_V4 | flags::WL_FILTER_V6)
+    };
+    assert_eq!(
+        filter_bits(&dp),
+        flags::WL_FILTER_V4 | flags::WL_FILTER_V6,
+        "both hashes are big: their filters are consulted"
+    );
+    for i in [0, 1, n / 2, n - 1] {
+        let (a, b6) = (v4(i).to_string(), v6(i).to_string());
+        dp.expect(
+            &v4_tcp(&a, LOCAL4, 1, 22, SYN),
+            XDP_PASS,
+            Reason::PassWhitelist,
+            &a,
+        );
+        dp.expect(
+            &v6_tcp(&b6, LOCAL6, 1, 22, SYN),
+            XDP_PASS,
+            Reason::PassWhitelist,
+            &b6,
+        );
+    }
+    // Unlisted IPv6 sources: find one whose bit is set (taken by a listed address) and one
+    // whose bit is clear. With 65,536 of 2^24 bits set, both turn up within a few thousand.
+    let listed: std::collections::HashSet<u32> = (0..n)
+        .map(|i| wl_filter_bit(AF_INET6, &v6(i).octets()))
+        .collect();
+    let stranger = |i: u32| Ipv6Addr::new(0x2001, 0xdb8, 0xbb, 0, 0, 0, (i >> 16) as u16, i as u16);
+    let bit_set = (0..200_000)
+        .map(stranger)
+        .find(|a| listed.contains(&wl_filter_bit(AF_INET6, &a.octets())))
+        .expect("an unlisted address whose bit is set");
+    let bit_clear = (0..200_000)
+        .map(stranger)
+        .find(|a| !listed.contains(&wl_filter_bit(AF_INET6, &a.octets())))
+        .expect("an unlisted address whose bit is clear");
+    for a in [bit_set, bit_clear] {
+        let s = a.to_string();
+        dp.expect(
+            &v6_tcp(&s, LOCAL6, 1, 22, SYN),
+            XDP_DROP,
+            Reason::DropNotWhitelisted,
+            &s,
+        );
+    }
+    // Back under the threshold (a whole-policy sync shrinks the hashes): filters off, the
+    // remaining entries still pass.
+    let few: Vec<ipnet::IpNet> = nets[..20].to_vec();
+    let mut policy = Policy::default();
+    policy.whitelist = Whitelist {
+        enabled: true,
+        log: true,
+        allow: few.clone(),
+    };
+    tests::apply_with(&dp.paths, &policy, Some(&few), 3);
+    assert_eq!(filter_bits(&dp), 0, "small hashes: no filter");
+    let a = v6(3).to_string();
+    dp.expect(
+        &v6_tcp(&a, LOCAL6, 1, 22, SYN),
+        XDP_PASS,
+        Reason::PassWhitelist,
+        "kept",
+    );
+    let gone = v6(n - 1).to_string();
+    dp.expect(
+        &v6_tcp(&gone, LOCAL6, 1, 22, SYN),
+        XDP_DROP,
+        Reason::DropNotWhitelisted,
+        "gone",
+    );
+}

@@ -151,14 +151,14 @@ impl Backend for Ebpf {
         // the kernel refuses an entry, the maps are restored and nothing else has changed.
         let paths = &self.paths;
         let undo = match whitelist {
-            Some(wl) => Some(whitelist::with_cidr_flags(paths, wl, || {
+            Some(wl) => Some(whitelist::with_map_flags(paths, wl, || {
                 whitelist::sync(paths, wl, progress)
             })?),
             None => None,
         };
         if let Err(e) = slots::swap_in(paths, policy, &compiled, generation) {
             if let Some(done) = undo {
-                let _ = whitelist::with_cidr_flags(paths, &done.removed, || {
+                let _ = whitelist::with_map_flags(paths, &done.removed, || {
                     whitelist::revert(paths, &done)
                 });
             }
@@ -174,7 +174,7 @@ impl Backend for Ebpf {
         generation: u32,
         progress: &mut dyn FnMut(u64),
     ) -> Result<WhitelistDelta> {
-        let delta = whitelist::with_cidr_flags(&self.paths, add, || {
+        let delta = whitelist::with_map_flags(&self.paths, add, || {
             whitelist::WhitelistMaps::open(&self.paths)?.change(del, add, &mut *progress)
         })?;
         slots::update_config(&self.paths, |c| c.generation = generation)?;

@@ -53,8 +53,9 @@ pub fn swap_in(
     let next = 1 - (cur.slot & 1);
     fill_slot(paths, next as usize, compiled)?;
     update_config(paths, |c| {
-        // The CIDR bits follow the tries, not the policy text (see `whitelist::with_cidr_flags`).
-        c.flags = config_flags(policy) | (c.flags & flags::WL_CIDRS);
+        // The CIDR and filter bits follow the maps, not the policy text (see
+        // `whitelist::with_map_flags`).
+        c.flags = config_flags(policy) | (c.flags & flags::WL_FOLLOW_MAPS);
         c.generation = generation;
         c.slot = next;
     })?;

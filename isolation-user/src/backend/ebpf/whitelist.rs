@@ -45,10 +45,93 @@ struct Exact<K> {
     raw: MapData,
     /// The value of every entry (its prefix length: 32 or 128).
     value: WlEntry,
+    /// The family's bit filter, mapped.
+    filter: Filter,
 }
 
-impl<K: aya::Pod + bytemuck::Pod + Eq + std::hash::Hash + Send + Sync> Exact<K> {
-    fn open(paths: &Paths, name: &'static str, bits: u32) -> Result<Self> {
+/// A key of an exact hash, as the filter hashes it.
+pub trait ExactKey: Copy {
+    fn filter_bit(&self) -> u32;
+}
+
+impl ExactKey for u32 {
+    fn filter_bit(&self) -> u32 {
+        let mut a = [0u8; 16];
+        a[..4].copy_from_slice(&self.to_ne_bytes());
+        isolation_common::wl_filter_bit(isolation_common::AF_INET, &a)
+    }
+}
+
+impl ExactKey for [u8; 16] {
+    fn filter_bit(&self) -> u32 {
+        isolation_common::wl_filter_bit(isolation_common::AF_INET6, self)
+    }
+}
+
+/// A family's whitelist filter (`maps::WL_V4_FILTER`), mapped into this process: bits are
+/// set here, before their addresses enter the hash, and read by the datapath. The loader is
+/// its only writer (under the engine's lock), so plain read-modify-writes are safe. (aya has
+/// no call for a map's memory mapping: mmap(2) on the map's fd.)
+struct Filter {
+    words: *mut u64,
+    len: usize,
+}
+
+impl Filter {
+    fn open(paths: &Paths, name: &str) -> Result<Filter> {
+        let map = MapData::from_pin(paths.map(name))
+            .with_context(|| format!("cannot open the whitelist filter {name}"))?;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(map.fd()));
+        let len = limits::WL_FILTER_WORDS as usize * 8;
+        // SAFETY: a shared read-write mapping of an mmapable array of `len` bytes (8-byte
+        // elements back to back), unmapped on drop; the mapping outlives the fd.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(anyhow!(
+                "cannot map the whitelist filter {name}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(Filter {
+            words: p as *mut u64,
+            len,
+        })
+    }
+
+    fn set<K: ExactKey>(&mut self, keys: impl Iterator<Item = K>) {
+        for k in keys {
+            let b = k.filter_bit() as usize;
+            // SAFETY: b < 2^WL_FILTER_BITS, so b / 64 < WL_FILTER_WORDS: inside the mapping.
+            // Volatile: the datapath reads this memory.
+            unsafe {
+                let w = self.words.add(b / 64);
+                let v = std::ptr::read_volatile(w);
+                if v & (1 << (b % 64)) == 0 {
+                    std::ptr::write_volatile(w, v | (1 << (b % 64)));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Filter {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `open`, no longer used.
+        unsafe { libc::munmap(self.words as *mut libc::c_void, self.len) };
+    }
+}
+
+impl<K: aya::Pod + bytemuck::Pod + Eq + std::hash::Hash + Send + Sync + ExactKey> Exact<K> {
+    fn open(paths: &Paths, name: &'static str, filter: &str, bits: u32) -> Result<Self> {
         let outer: ArrayOfMaps<MapData, MapData> = open_map(paths, name)?.try_into()?;
         let (map, raw) = Self::current(&outer, name)?;
         Ok(Exact {
@@ -57,6 +140,7 @@ impl<K: aya::Pod + bytemuck::Pod + Eq + std::hash::Hash + Send + Sync> Exact<K> 
             map,
             raw,
             value: WlEntry { prefix_len: bits },
+            filter: Filter::open(paths, filter)?,
         })
     }
 
@@ -126,6 +210,8 @@ impl<K: aya::Pod + bytemuck::Pod + Eq + std::hash::Hash + Send + Sync> Exact<K> 
             return Err(std::io::Error::from_raw_os_error(libc::E2BIG).into());
         }
         let fresh = Self::create(self.name, size_for.max(entries.len()))?;
+        // Their filter bits before the datapath can find them.
+        self.filter.set(entries.iter().map(|e| e.0));
         let fd = std::os::fd::AsFd::as_fd(fresh.fd());
         let (_, r) = parallel_update(fd, entries, progress);
         r?;
@@ -156,6 +242,7 @@ impl<K: aya::Pod + bytemuck::Pod + Eq + std::hash::Hash + Send + Sync> Exact<K> 
         let mut rest = entries;
         if entries.len() <= SMALL_EDIT {
             while let Some((k, v)) = rest.first() {
+                self.filter.set(std::iter::once(*k));
                 let (done, r) =
                     super::syscall::update_one(self.fd(), k, v, super::syscall::BPF_NOEXIST);
                 match r {
@@ -188,6 +275,7 @@ impl<K: aya::Pod + bytemuck::Pod + Eq + std::hash::Hash + Send + Sync> Exact<K> 
             progress(fresh.len() as u64);
             return Ok(());
         }
+        self.filter.set(fresh.iter().map(|e| e.0));
         let (done, r) = parallel_update(self.fd(), &fresh, progress);
         added.extend(done.iter().map(&to_net));
         r?;
@@ -225,9 +313,9 @@ fn wl_value(n: &IpNet) -> WlEntry {
 impl WhitelistMaps {
     pub fn open(paths: &Paths) -> Result<Self> {
         Ok(WhitelistMaps {
-            v4: Exact::open(paths, maps::WL_V4, 32)?,
+            v4: Exact::open(paths, maps::WL_V4, maps::WL_V4_FILTER, 32)?,
             v4_lpm: open_map(paths, maps::WL_V4_LPM)?.try_into()?,
-            v6: Exact::open(paths, maps::WL_V6, 128)?,
+            v6: Exact::open(paths, maps::WL_V6, maps::WL_V6_FILTER, 128)?,
             v6_lpm: open_map(paths, maps::WL_V6_LPM)?.try_into()?,
         })
     }
@@ -590,11 +678,13 @@ impl WhitelistMaps {
     }
 }
 
-/// Runs a whitelist change with the datapath's CIDR switches kept safe: the bits of the
+/// Runs a whitelist change with the datapath's map switches kept safe: the CIDR bits of the
 /// families gaining CIDRs are set before anything is added, and afterwards each bit is made
 /// to say whether its trie holds anything (a trie that cannot be read counts as non-empty).
-/// So the datapath may look into an empty trie for a moment, never skip a full one.
-pub fn with_cidr_flags<T>(
+/// So the datapath may look into an empty trie for a moment, never skip a full one. The
+/// filter bits then say which exact hashes are big enough for their filter to pay (the
+/// filters cover every entry whatever the bits say, so either value is safe).
+pub fn with_map_flags<T>(
     paths: &Paths,
     adding: &[IpNet],
     f: impl FnOnce() -> Result<T>,
@@ -622,7 +712,16 @@ pub fn with_cidr_flags<T>(
     if m.v6_lpm.keys().next().is_some() {
         now |= flags::WL_CIDR_V6;
     }
-    super::slots::update_config(paths, |c| c.flags = (c.flags & !flags::WL_CIDRS) | now)?;
+    let big = limits::WL_FILTER_FROM as usize;
+    if m.v4.max_entries() >= big {
+        now |= flags::WL_FILTER_V4;
+    }
+    if m.v6.max_entries() >= big {
+        now |= flags::WL_FILTER_V6;
+    }
+    super::slots::update_config(paths, |c| {
+        c.flags = (c.flags & !flags::WL_FOLLOW_MAPS) | now
+    })?;
     r
 }
 
