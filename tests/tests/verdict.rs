@@ -829,11 +829,13 @@ fn a_big_whitelist_is_filtered_by_its_bits_first() {
     // Back under the threshold (a whole-policy sync shrinks the hashes): filters off, the
     // remaining entries still pass.
     let few: Vec<ipnet::IpNet> = nets[..20].to_vec();
-    let mut policy = Policy::default();
-    policy.whitelist = Whitelist {
-        enabled: true,
-        log: true,
-        allow: few.clone(),
+    let policy = Policy {
+        whitelist: Whitelist {
+            enabled: true,
+            log: true,
+            allow: few.clone(),
+        },
+        ..Policy::default()
     };
     tests::apply_with(&dp.paths, &policy, Some(&few), 3);
     assert_eq!(filter_bits(&dp), 0, "small hashes: no filter");
