@@ -21,7 +21,10 @@ use aya::programs::{SchedClassifier, Xdp};
 use clap::Parser;
 use ipnet::IpNet;
 use isolation_user::{
-    backend::ebpf::{pins, whitelist::WhitelistMaps},
+    backend::ebpf::{
+        pins,
+        whitelist::{self, WhitelistMaps},
+    },
     policy::{self, Policy},
     state::Paths,
 };
@@ -102,13 +105,16 @@ fn v6_key(i: u32) -> Ipv6Addr {
     Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, (i >> 16) as u16, i as u16)
 }
 
+/// Whitelists n addresses per family, with the map switches (CIDR tries, filters) set as
+/// the CLI sets them.
 fn fill(dp: &Dp, n: u32) -> Result<()> {
-    let mut m = WhitelistMaps::open(&dp.paths)?;
     let mut nets: Vec<IpNet> = (0..n)
         .map(|i| IpNet::from(std::net::IpAddr::V4(v4_key(i))))
         .collect();
     nets.extend((0..n).map(|i| IpNet::from(std::net::IpAddr::V6(v6_key(i)))));
-    m.insert_many(&nets, |_| {})?;
+    whitelist::with_map_flags(&dp.paths, &nets, || {
+        WhitelistMaps::open(&dp.paths)?.insert_many(&nets, |_| {})
+    })?;
     Ok(())
 }
 
