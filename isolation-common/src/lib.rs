@@ -638,7 +638,10 @@ mod tests {
             .filter(|i| bits.contains(&super::wl_filter_bit(super::AF_INET6, &addr(0xee, *i))))
             .count();
         // 2^16 of 2^24 bits set: about 0.4% by chance.
-        assert!(fp < n as usize / 100, "{fp} of {n} flood sources look listed");
+        assert!(
+            fp < n as usize / 100,
+            "{fp} of {n} flood sources look listed"
+        );
         let slots: BTreeSet<u32> = (0..1000)
             .map(|i| super::peer_slot(super::AF_INET6, &addr(0xff, i)))
             .collect();
@@ -646,7 +649,10 @@ mod tests {
             .filter(|i| slots.contains(&super::peer_slot(super::AF_INET6, &addr(0xee, *i))))
             .count();
         // 1000 of 2^17 slots set: under 1% by chance.
-        assert!(fp < n as usize / 50, "{fp} of {n} flood sources look like peers");
+        assert!(
+            fp < n as usize / 50,
+            "{fp} of {n} flood sources look like peers"
+        );
         // IPv4 hashes its one word only.
         let mut a = [0u8; 16];
         a[..4].copy_from_slice(&[192, 0, 2, 1]);
