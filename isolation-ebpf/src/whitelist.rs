@@ -61,13 +61,15 @@ fn in_filter(
     }
 }
 
-/// Is the source whitelisted? `cfg_flags` says which CIDR tries hold anything: an empty
-/// trie is not looked up.
+/// Is the source whitelisted? `cfg_flags` says which CIDR tries hold anything (an empty
+/// trie is not looked up) and which exact hashes are big enough for their filter.
 #[inline(always)]
 pub fn whitelisted(pkt: &Packet, cfg_flags: u32) -> bool {
     if pkt.family == AF_INET {
         let a = [pkt.src[0], pkt.src[1], pkt.src[2], pkt.src[3]];
-        if WL_V4.get_value_ptr_mut(0, &u32::from_ne_bytes(a)).is_some() {
+        if (cfg_flags & flags::WL_FILTER_V4 == 0 || in_filter(&WL_V4_FILTER, AF_INET, &pkt.src))
+            && WL_V4.get_value_ptr_mut(0, &u32::from_ne_bytes(a)).is_some()
+        {
             return true;
         }
         if cfg!(feature = "mutant-skip-cidr-trie") || cfg_flags & flags::WL_CIDR_V4 == 0 {

@@ -803,6 +803,35 @@ fn a_big_whitelist_is_filtered_by_its_bits_first() {
             &b6,
         );
     }
+    // The datapath does consult the filters: with one listed address's bit cleared by hand,
+    // that address is refused (v4 and v6), and passes again once the bit is back.
+    for (family, name, a) in [
+        (
+            isolation_common::AF_INET,
+            maps::WL_V4_FILTER,
+            IpAddr::V4(v4(5)),
+        ),
+        (AF_INET6, maps::WL_V6_FILTER, IpAddr::V6(v6(5))),
+    ] {
+        let mut key = [0u8; 16];
+        match a {
+            IpAddr::V4(x) => key[..4].copy_from_slice(&x.octets()),
+            IpAddr::V6(x) => key = x.octets(),
+        }
+        let bit = wl_filter_bit(family, &key);
+        let mut words: aya::maps::Array<MapData, u64> =
+            pins::open_map(&dp.paths, name).unwrap().try_into().unwrap();
+        let w = words.get(&(bit / 64), 0).unwrap();
+        assert_ne!(w & (1 << (bit % 64)), 0, "{a}'s bit is set");
+        let frame = match a {
+            IpAddr::V4(_) => v4_tcp(&a.to_string(), LOCAL4, 1, 22, SYN),
+            IpAddr::V6(_) => v6_tcp(&a.to_string(), LOCAL6, 1, 22, SYN),
+        };
+        words.set(bit / 64, &(w & !(1 << (bit % 64))), 0).unwrap();
+        dp.expect(&frame, XDP_DROP, Reason::DropNotWhitelisted, "bit cleared");
+        words.set(bit / 64, &w, 0).unwrap();
+        dp.expect(&frame, XDP_PASS, Reason::PassWhitelist, "bit back");
+    }
     // Unlisted IPv6 sources: find one whose bit is set (taken by a listed address) and one
     // whose bit is clear. With 65,536 of 2^24 bits set, both turn up within a few thousand.
     let listed: std::collections::HashSet<u32> = (0..n)
