@@ -222,3 +222,62 @@ pub fn not_found(e: &aya::maps::MapError) -> bool {
         _ => false,
     }
 }
+
+/// A pinned mmapable array (BPF_F_MMAPABLE) mapped shared into this process: the loader's
+/// writes are the datapath's reads, with no syscall per element. Unmapped on drop. (aya has
+/// no call for a map's memory mapping: mmap(2) on the map's fd.)
+pub struct SharedArray {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl SharedArray {
+    /// Maps the first `len` bytes of the pinned array `name` (its elements back to back).
+    pub fn open(paths: &Paths, name: &str, len: usize) -> Result<SharedArray> {
+        let map = MapData::from_pin(paths.map(name))
+            .with_context(|| format!("cannot open the pinned map {name}"))?;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(map.fd()));
+        // SAFETY: a shared read-write mapping of `len` bytes of an mmapable array, unmapped
+        // on drop; the mapping outlives the fd.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(anyhow!(
+                "cannot map the array {name}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(SharedArray {
+            ptr: p as *mut u8,
+            len,
+        })
+    }
+
+    /// The mapping's start (page-aligned) and length in bytes.
+    pub fn as_mut_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for SharedArray {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `open`, no longer used.
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
+    }
+}

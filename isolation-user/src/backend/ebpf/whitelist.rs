@@ -70,63 +70,29 @@ impl ExactKey for [u8; 16] {
 
 /// A family's whitelist filter (`maps::WL_V4_FILTER`), mapped into this process: bits are
 /// set here, before their addresses enter the hash, and read by the datapath. The loader is
-/// its only writer (under the engine's lock), so plain read-modify-writes are safe. (aya has
-/// no call for a map's memory mapping: mmap(2) on the map's fd.)
-struct Filter {
-    words: *mut u64,
-    len: usize,
-}
+/// its only writer (under the engine's lock), so plain read-modify-writes are safe.
+struct Filter(super::pins::SharedArray);
 
 impl Filter {
     fn open(paths: &Paths, name: &str) -> Result<Filter> {
-        let map = MapData::from_pin(paths.map(name))
-            .with_context(|| format!("cannot open the whitelist filter {name}"))?;
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(map.fd()));
         let len = limits::WL_FILTER_WORDS as usize * 8;
-        // SAFETY: a shared read-write mapping of an mmapable array of `len` bytes (8-byte
-        // elements back to back), unmapped on drop; the mapping outlives the fd.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(anyhow!(
-                "cannot map the whitelist filter {name}: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-        Ok(Filter {
-            words: p as *mut u64,
-            len,
-        })
+        Ok(Filter(super::pins::SharedArray::open(paths, name, len)?))
     }
 
     fn set<K: ExactKey>(&mut self, keys: impl Iterator<Item = K>) {
+        let words = self.0.as_mut_ptr() as *mut u64;
         for k in keys {
             let b = k.filter_bit() as usize;
-            // SAFETY: b < 2^WL_FILTER_BITS, so b / 64 < WL_FILTER_WORDS: inside the mapping.
-            // Volatile: the datapath reads this memory.
+            // SAFETY: b < 2^WL_FILTER_BITS, so b / 64 < WL_FILTER_WORDS: inside the mapping,
+            // which is page-aligned. Volatile: the datapath reads this memory.
             unsafe {
-                let w = self.words.add(b / 64);
+                let w = words.add(b / 64);
                 let v = std::ptr::read_volatile(w);
                 if v & (1 << (b % 64)) == 0 {
                     std::ptr::write_volatile(w, v | (1 << (b % 64)));
                 }
             }
         }
-    }
-}
-
-impl Drop for Filter {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `open`, no longer used.
-        unsafe { libc::munmap(self.words as *mut libc::c_void, self.len) };
     }
 }
 
