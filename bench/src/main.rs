@@ -205,6 +205,9 @@ fn verdict(
 ) -> Result<()> {
     let bare = raw::load_xdp_ret(raw::XDP_PASS)?;
     let mut per_size: BTreeMap<u32, Vec<(String, f64, f64, f64)>> = BTreeMap::new();
+    // xdp-filter's own program, through the same harness, at the sizes it can hold.
+    let xf = XdpFilter::start()?;
+    let mut xf_filled = 0u32;
     for &n in sizes {
         let wl = Dp::new()?;
         fill(&wl, n)?;
@@ -309,9 +312,31 @@ fn verdict(
                 random: Some((V4_DST, u32::from(Ipv4Addr::new(10, 0, 0, 0)), 1 << 24)),
             },
         ];
+        let mut cases = Vec::from(cases);
+        if n <= XdpFilter::MAX {
+            let prog = xf.fill(&mut xf_filled, n)?;
+            let fd = raw::fd(&prog)?;
+            for (name, src, random) in [
+                ("xdp-filter hit v4", hit.clone(), (V4_SRC, V4_BASE, n)),
+                (
+                    "xdp-filter miss v4 (drop)",
+                    "198.51.100.77".to_string(),
+                    (V4_SRC, V4_BASE + n, n),
+                ),
+            ] {
+                cases.push(Case {
+                    name: name.into(),
+                    fd,
+                    frame: V4::new(&src, "192.0.2.1", TCP).frame(&pkt::tcp(1, 22, SYN)),
+                    tc: false,
+                    random: Some(random),
+                });
+            }
+            // The program stays loaded while its pin and this process hold it.
+            std::mem::forget(prog);
+        }
         // The same cases with a fresh key per run, through the random-key wrapper (the
         // floor too, so the wrapper's own cost is in both).
-        let mut cases = Vec::from(cases);
         let hot = cases.len();
         for i in 0..hot {
             if let Some((off, base, modulus)) = cases[i].random {
@@ -482,6 +507,77 @@ fn isolation_load(md: &mut String, bin: &std::path::Path, prefixes: u32) -> Resu
 
 type Rows = BTreeMap<u32, Vec<(String, f64, f64, f64)>>;
 
+/// xdp-filter (default deny) on a veth of a namespace of its own, for its program's verdict
+/// cost. It keeps its maps under /sys/fs/bpf/xdp-filter for the whole machine: the
+/// benchmark refuses to run if that exists rather than change a user's filter.
+struct XdpFilter {
+    ns: tests::netns::Netns,
+    name: String,
+}
+
+impl XdpFilter {
+    /// Its address maps hold 10,000 entries.
+    const MAX: u32 = 10_000;
+
+    fn start() -> Result<XdpFilter> {
+        if std::path::Path::new("/sys/fs/bpf/xdp-filter").exists() {
+            bail!(
+                "/sys/fs/bpf/xdp-filter exists: xdp-filter is in use on this machine, and the benchmark would change its maps"
+            );
+        }
+        let name = tests::unique("isobx");
+        let ns = tests::netns::Netns::new(&[&name]);
+        ns.link(&name, "x0", &[], &name, "x1", &[]);
+        let st = nsenter(
+            &name,
+            &["xdp-filter", "load", "x0", "-m", "native", "-p", "deny"],
+        )
+        .output()?;
+        if !st.status.success() {
+            bail!(
+                "xdp-filter load failed: {}",
+                String::from_utf8_lossy(&st.stderr)
+            );
+        }
+        Ok(XdpFilter { ns, name })
+    }
+
+    /// Lists sources v4_key(filled..n) (it then holds n), and opens its program.
+    fn fill(&self, filled: &mut u32, n: u32) -> Result<Xdp> {
+        for i in *filled..n {
+            let st = nsenter(
+                &self.name,
+                &["xdp-filter", "ip", &v4_key(i).to_string(), "-m", "src"],
+            )
+            .output()?;
+            if !st.status.success() {
+                bail!(
+                    "xdp-filter ip failed: {}",
+                    String::from_utf8_lossy(&st.stderr)
+                );
+            }
+        }
+        *filled = n;
+        let dir = std::path::Path::new("/sys/fs/bpf/xdp-filter/programs/x0");
+        let pin = std::fs::read_dir(dir)?
+            .flatten()
+            .next()
+            .with_context(|| format!("no program pinned under {}", dir.display()))?
+            .path();
+        Ok(Xdp::from_pin(
+            &pin,
+            aya_obj::programs::XdpAttachType::Interface,
+        )?)
+    }
+}
+
+impl Drop for XdpFilter {
+    fn drop(&mut self) {
+        let _ = nsenter(&self.name, &["xdp-filter", "unload", "x0"]).output();
+        let _ = &self.ns;
+    }
+}
+
 /// The verdict targets, from the largest size (hot and random keys) and from the spread of
 /// random-key costs across sizes.
 fn verdict_targets(targets: &mut Vec<report::Target>, per_size: &Rows) {
@@ -624,6 +720,7 @@ fn verdict_targets(targets: &mut Vec<report::Target>, per_size: &Rows) {
                 && !r.0.starts_with("bare")
                 && !r.0.starts_with("one-lookup")
                 && !r.0.starts_with("egress")
+                && !r.0.starts_with("xdp-filter")
         })
         .filter_map(|r| {
             let s = small.iter().find(|x| x.0 == r.0)?;
