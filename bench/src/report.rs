@@ -287,19 +287,30 @@ pub fn svg(per_size: &BTreeMap<u32, Vec<(String, f64, f64, f64)>>, path: &Path) 
     let colors = [
         "#000000", "#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
     ];
-    let cases = per_size.values().next().map(|r| r.len()).unwrap_or(0);
-    for c in 0..cases {
+    // The cases measured at every size (xdp-filter's stop at the 10,000 entries it holds).
+    let names: Vec<String> = per_size
+        .values()
+        .next()
+        .map(|rows| rows.iter().map(|r| r.0.clone()).collect())
+        .unwrap_or_default();
+    let names: Vec<String> = names
+        .into_iter()
+        .filter(|n| per_size.values().all(|rows| rows.iter().any(|r| &r.0 == n)))
+        .collect();
+    for (c, name) in names.iter().enumerate() {
         let pts: Vec<String> = per_size
             .values()
             .zip(&sizes)
-            .map(|(rows, lx)| format!("{:.1},{:.1}", x(*lx), y(rows[c].1)))
+            .filter_map(|(rows, lx)| {
+                let r = rows.iter().find(|r| &r.0 == name)?;
+                Some(format!("{:.1},{:.1}", x(*lx), y(r.1)))
+            })
             .collect();
         let color = colors[c % colors.len()];
         s += &format!(
             "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>\n",
             pts.join(" ")
         );
-        let name = &per_size.values().next().unwrap()[c].0;
         s += &format!(
             "<text x=\"{}\" y=\"{}\" fill=\"{color}\">{name}</text>\n",
             w - 250.0,
