@@ -407,7 +407,8 @@ pub fn run_measured(c: &mut Command) -> Result<(f64, u64)> {
 /// (`memlock` in the fdinfo, what `bpftool map show` prints): the named maps, or all of them
 /// when `names` is empty. An array of maps counts with the map it holds.
 pub fn memlock_of(paths: &isolation_user::state::Paths, names: &[&str]) -> Result<u64> {
-    use aya::maps::{ArrayOfMaps, Map, MapData, MapType};
+    use aya::maps::MapData;
+    use isolation_user::backend::ebpf::pins::held_map;
     let names: Vec<String> = if names.is_empty() {
         std::fs::read_dir(&paths.pin_dir)?
             .flatten()
@@ -430,9 +431,11 @@ pub fn memlock_of(paths: &isolation_user::state::Paths, names: &[&str]) -> Resul
             continue; // a program or link pin
         };
         total += memlock(&m)?;
-        if m.info()?.map_type()? == MapType::ArrayOfMaps {
-            let outer: ArrayOfMaps<MapData, MapData> = Map::from_map_data(m)?.try_into()?;
-            total += memlock(&outer.get(&0, 0)?)?;
+        // An array of maps counts with the map it holds.
+        let id = m.info()?.id();
+        let held = held_map(m)?;
+        if held.info()?.id() != id {
+            total += memlock(&held)?;
         }
     }
     Ok(total)

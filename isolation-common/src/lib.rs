@@ -202,9 +202,9 @@ fn fold(family: u8, a: &[u8; 16]) -> u64 {
     }
 }
 
-/// The slot of an address in the remote-host filter (`maps::PEERS`): the family's words
-/// folded, then a multiplicative hash. Slot s is byte `s % 8` of element `s / 8`. One function for the datapath and the loader (which
-/// marks the peers of the connections it seeds).
+/// The slot of an address in the remote-host filter (`maps::PEERS`): byte `s % 8` of
+/// element `s / 8`. One function for the datapath and the loader (which marks the peers of
+/// the connections it seeds).
 #[inline(always)]
 pub fn peer_slot(family: u8, a: &[u8; 16]) -> u32 {
     (fold(family, a).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - limits::PEER_BITS)) as u32

@@ -24,6 +24,7 @@ use isolation_common::{
 use crate::parse::{
     self, Frag, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, L4, Packet, QuotedFlow,
 };
+use crate::whitelist::BPF_F_MMAPABLE;
 
 /// New flows: seen leaving, not yet confirmed. LRU: when full, the oldest new flow goes.
 #[btf_map]
@@ -50,8 +51,6 @@ static FRAGS: LruHashMap<FragKey, u64, { limits::FRAGS as usize }> = LruHashMap:
 /// the array (BPF_F_MMAPABLE), so no writer can undo another's slot.
 #[btf_map]
 static PEERS: Array<u64, { limits::PEER_WORDS as usize }, BPF_F_MMAPABLE> = Array::new();
-
-const BPF_F_MMAPABLE: usize = 1 << 10;
 
 /// The byte of `a`'s slot, inside its element of PEERS.
 #[inline(always)]

@@ -34,7 +34,9 @@ static WL_V6: ArrayOfMaps<HashMap<[u8; 16], WlEntry, { limits::WL_EXACT_MIN as u
 #[btf_map]
 static WL_V6_LPM: LpmTrie<[u8; 16], WlEntry, { limits::WL_LPM as usize }> = LpmTrie::new();
 
-const BPF_F_MMAPABLE: usize = 1 << 10;
+/// Map flag: userspace may mmap the array (the loader writes `PEERS` and these filters
+/// through a shared mapping).
+pub const BPF_F_MMAPABLE: usize = 1 << 10;
 
 /// A bit per hash of each exact address (`isolation_common::wl_filter_bit`), written only by
 /// the loader (through a shared mapping), before the address enters the hash; never cleared

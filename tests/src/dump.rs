@@ -30,17 +30,11 @@ pub fn policy_maps(pin: &Path) -> Dump {
     policy_map_names()
         .into_iter()
         .map(|name| {
-            let mut m = MapData::from_pin(pin.join(name))
-                .unwrap_or_else(|e| panic!("open pinned map {name}: {e}"));
             // An array of maps (the exact whitelist hashes): the contents of the map it holds.
-            if m.info().unwrap().map_type().unwrap() == aya::maps::MapType::ArrayOfMaps {
-                let outer: aya::maps::ArrayOfMaps<MapData, MapData> =
-                    aya::maps::Map::from_map_data(m)
-                        .unwrap()
-                        .try_into()
-                        .unwrap();
-                m = outer.get(&0, 0).unwrap();
-            }
+            let m = MapData::from_pin(pin.join(name))
+                .map_err(anyhow::Error::from)
+                .and_then(isolation_user::backend::ebpf::pins::held_map)
+                .unwrap_or_else(|e| panic!("open pinned map {name}: {e:#}"));
             let info = m.info().unwrap();
             let fd = std::os::fd::AsFd::as_fd(m.fd());
             let entries =

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use aya::maps::{HashMap, MapData};
-use isolation_common::{FlowKey, FlowValue, flow_origin, flow_state, limits, maps};
+use isolation_common::{FlowKey, FlowValue, flow_origin, flow_state, maps};
 
 use super::pins::{SharedArray, open_map};
 use crate::state::Paths;
@@ -42,12 +42,12 @@ fn mark_peers(paths: &Paths, flows: &[FlowKey]) -> Result<()> {
     if flows.is_empty() {
         return Ok(());
     }
-    let peers = SharedArray::open(paths, maps::PEERS, limits::PEER_WORDS as usize * 8)?;
+    let peers = SharedArray::open(paths, maps::PEERS)?;
     let slots = peers.as_mut_ptr() as *const AtomicU8;
     for k in flows {
         let slot = isolation_common::peer_slot(k.family, &k.dst) as usize;
         debug_assert!(slot < peers.len());
-        // SAFETY: slot < PEER_SLOTS = the mapping's length in bytes.
+        // SAFETY: slot < PEER_SLOTS = PEER_WORDS * 8, the array's length in bytes.
         unsafe { (*slots.add(slot)).store(1, Ordering::Relaxed) };
     }
     Ok(())

@@ -81,15 +81,8 @@ pub fn fill_levels(paths: &Paths) -> Result<Vec<(&'static str, u64, u32)>> {
 }
 
 fn fill(paths: &Paths, name: &str) -> Result<(u64, u32)> {
-    let mut data = MapData::from_pin(paths.map(name))?;
-    // An array of maps (the exact whitelist hashes): the fill of the map it holds.
-    if data.info()?.map_type()? == aya::maps::MapType::ArrayOfMaps {
-        let outer: aya::maps::ArrayOfMaps<MapData, MapData> =
-            aya::maps::Map::from_map_data(data)?.try_into()?;
-        data = outer
-            .get(&0, 0)
-            .with_context(|| format!("{name} holds no map"))?;
-    }
+    let data = super::pins::held_map(MapData::from_pin(paths.map(name))?)
+        .with_context(|| format!("cannot read {name}"))?;
     let info = data.info()?;
     let fd = std::os::fd::AsFd::as_fd(data.fd());
     let n = super::syscall::count_keys(fd, info.key_size() as usize)

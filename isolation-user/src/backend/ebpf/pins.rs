@@ -223,6 +223,18 @@ pub fn not_found(e: &aya::maps::MapError) -> bool {
     }
 }
 
+/// The map a map stands for: itself, or for an array of maps (the exact whitelist hashes)
+/// the map it holds. What fill levels, dumps and memory figures read.
+pub fn held_map(data: MapData) -> Result<MapData> {
+    if data.info()?.map_type()? != aya::maps::MapType::ArrayOfMaps {
+        return Ok(data);
+    }
+    let outer: aya::maps::ArrayOfMaps<MapData, MapData> = Map::from_map_data(data)?.try_into()?;
+    outer
+        .get(&0, 0)
+        .context("an array of maps that holds no map")
+}
+
 /// A pinned mmapable array (BPF_F_MMAPABLE) mapped shared into this process: the loader's
 /// writes are the datapath's reads, with no syscall per element. Unmapped on drop. (aya has
 /// no call for a map's memory mapping: mmap(2) on the map's fd.)
@@ -232,10 +244,13 @@ pub struct SharedArray {
 }
 
 impl SharedArray {
-    /// Maps the first `len` bytes of the pinned array `name` (its elements back to back).
-    pub fn open(paths: &Paths, name: &str, len: usize) -> Result<SharedArray> {
+    /// Maps the whole pinned array `name`: its elements back to back (the kernel rounds an
+    /// mmapable array's value size up to 8 bytes).
+    pub fn open(paths: &Paths, name: &str) -> Result<SharedArray> {
         let map = MapData::from_pin(paths.map(name))
             .with_context(|| format!("cannot open the pinned map {name}"))?;
+        let info = map.info()?;
+        let len = info.max_entries() as usize * (info.value_size() as usize).next_multiple_of(8);
         let fd = std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(map.fd()));
         // SAFETY: a shared read-write mapping of `len` bytes of an mmapable array, unmapped
         // on drop; the mapping outlives the fd.
@@ -261,11 +276,12 @@ impl SharedArray {
         })
     }
 
-    /// The mapping's start (page-aligned) and length in bytes.
+    /// The mapping's start (page-aligned).
     pub fn as_mut_ptr(&self) -> *mut u8 {
         self.ptr
     }
 
+    /// The array's length in bytes.
     pub fn len(&self) -> usize {
         self.len
     }

@@ -49,12 +49,16 @@ struct Exact<K> {
     filter: Filter,
 }
 
-/// A key of an exact hash, as the filter hashes it.
+/// A key of an exact hash: the address it stands for, and its bit in the filter.
 pub trait ExactKey: Copy {
+    fn to_net(&self) -> IpNet;
     fn filter_bit(&self) -> u32;
 }
 
 impl ExactKey for u32 {
+    fn to_net(&self) -> IpNet {
+        IpNet::from(IpAddr::V4(Ipv4Addr::from(self.to_ne_bytes())))
+    }
     fn filter_bit(&self) -> u32 {
         let mut a = [0u8; 16];
         a[..4].copy_from_slice(&self.to_ne_bytes());
@@ -63,6 +67,9 @@ impl ExactKey for u32 {
 }
 
 impl ExactKey for [u8; 16] {
+    fn to_net(&self) -> IpNet {
+        IpNet::from(IpAddr::V6(Ipv6Addr::from(*self)))
+    }
     fn filter_bit(&self) -> u32 {
         isolation_common::wl_filter_bit(isolation_common::AF_INET6, self)
     }
@@ -75,16 +82,17 @@ struct Filter(super::pins::SharedArray);
 
 impl Filter {
     fn open(paths: &Paths, name: &str) -> Result<Filter> {
-        let len = limits::WL_FILTER_WORDS as usize * 8;
-        Ok(Filter(super::pins::SharedArray::open(paths, name, len)?))
+        let a = super::pins::SharedArray::open(paths, name)?;
+        debug_assert_eq!(a.len(), limits::WL_FILTER_WORDS as usize * 8);
+        Ok(Filter(a))
     }
 
     fn set<K: ExactKey>(&mut self, keys: impl Iterator<Item = K>) {
         let words = self.0.as_mut_ptr() as *mut u64;
         for k in keys {
             let b = k.filter_bit() as usize;
-            // SAFETY: b < 2^WL_FILTER_BITS, so b / 64 < WL_FILTER_WORDS: inside the mapping,
-            // which is page-aligned. Volatile: the datapath reads this memory.
+            // SAFETY: b < 2^WL_FILTER_BITS, so b / 64 < WL_FILTER_WORDS, the array's length:
+            // inside the mapping, which is page-aligned. Volatile: the datapath reads it.
             unsafe {
                 let w = words.add(b / 64);
                 let v = std::ptr::read_volatile(w);
@@ -112,9 +120,8 @@ impl<K: aya::Pod + bytemuck::Pod + Eq + std::hash::Hash + Send + Sync + ExactKey
 
     /// A freshly loaded outer map holds nothing: give it an empty hash.
     fn open_empty(paths: &Paths, name: &'static str) -> Result<()> {
-        let outer: ArrayOfMaps<MapData, MapData> = open_map(paths, name)?.try_into()?;
+        let mut outer: ArrayOfMaps<MapData, MapData> = open_map(paths, name)?.try_into()?;
         let fresh = Self::create(name, 0)?;
-        let mut outer = outer;
         outer
             .set(0, &fresh, 0)
             .with_context(|| format!("cannot put a hash into {name}"))?;
@@ -200,7 +207,6 @@ impl<K: aya::Pod + bytemuck::Pod + Eq + std::hash::Hash + Send + Sync + ExactKey
         entries: &[(K, WlEntry)],
         progress: &mut impl FnMut(u64),
         added: &mut Vec<IpNet>,
-        to_net: impl Fn(&K) -> IpNet,
     ) -> Result<()> {
         if entries.is_empty() {
             return Ok(());
@@ -212,7 +218,7 @@ impl<K: aya::Pod + bytemuck::Pod + Eq + std::hash::Hash + Send + Sync + ExactKey
                 let (done, r) =
                     super::syscall::update_one(self.fd(), k, v, super::syscall::BPF_NOEXIST);
                 match r {
-                    Ok(()) if done == 1 => added.push(to_net(k)),
+                    Ok(()) if done == 1 => added.push(k.to_net()),
                     Ok(()) => {}
                     Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
                     // Full: the rest goes into a bigger hash, below.
@@ -237,13 +243,13 @@ impl<K: aya::Pod + bytemuck::Pod + Eq + std::hash::Hash + Send + Sync + ExactKey
             let mut all: Vec<(K, WlEntry)> = existing.iter().map(|k| (*k, self.value)).collect();
             all.extend_from_slice(&fresh);
             self.replace(&all, all.len(), &mut |_| {})?;
-            added.extend(fresh.iter().map(|e| to_net(&e.0)));
+            added.extend(fresh.iter().map(|e| e.0.to_net()));
             progress(fresh.len() as u64);
             return Ok(());
         }
         self.filter.set(fresh.iter().map(|e| e.0));
         let (done, r) = parallel_update(self.fd(), &fresh, progress);
-        added.extend(done.iter().map(&to_net));
+        added.extend(done.iter().map(K::to_net));
         r?;
         Ok(())
     }
@@ -289,12 +295,8 @@ impl WhitelistMaps {
     /// Everything in the maps, as CIDRs (host routes for exact entries).
     pub fn entries(&self) -> Result<Vec<IpNet>> {
         let mut out = Vec::new();
-        for k in self.v4.keys()? {
-            out.push(IpNet::from(IpAddr::V4(Ipv4Addr::from(k.to_ne_bytes()))));
-        }
-        for k in self.v6.keys()? {
-            out.push(IpNet::from(IpAddr::V6(Ipv6Addr::from(k))));
-        }
+        out.extend(self.v4.keys()?.iter().map(ExactKey::to_net));
+        out.extend(self.v6.keys()?.iter().map(ExactKey::to_net));
         for k in self.v4_lpm.keys() {
             let k = k?;
             out.push(IpNet::new(
@@ -395,16 +397,12 @@ impl WhitelistMaps {
         let mut added: Vec<IpNet> = Vec::new();
         let mut result = self
             .v4
-            .insert(&v4, &mut progress, &mut added, |k| {
-                IpNet::from(IpAddr::V4(Ipv4Addr::from(k.to_ne_bytes())))
-            })
+            .insert(&v4, &mut progress, &mut added)
             .map_err(|e| full(e, "IPv4 addresses"));
         if result.is_ok() {
             result = self
                 .v6
-                .insert(&v6, &mut progress, &mut added, |k| {
-                    IpNet::from(IpAddr::V6(Ipv6Addr::from(*k)))
-                })
+                .insert(&v6, &mut progress, &mut added)
                 .map_err(|e| full(e, "IPv6 addresses"));
         }
         if result.is_ok() {
@@ -478,18 +476,10 @@ impl WhitelistMaps {
         }
         let gone4 = batch_delete(&self.v4.raw, &v4, &mut progress)
             .context("cannot remove IPv4 addresses")?;
-        removed.extend(
-            gone4
-                .iter()
-                .map(|k| IpNet::from(IpAddr::V4(Ipv4Addr::from(k.to_ne_bytes())))),
-        );
+        removed.extend(gone4.iter().map(ExactKey::to_net));
         let gone6 = batch_delete(&self.v6.raw, &v6, &mut progress)
             .context("cannot remove IPv6 addresses")?;
-        removed.extend(
-            gone6
-                .iter()
-                .map(|k| IpNet::from(IpAddr::V6(Ipv6Addr::from(*k)))),
-        );
+        removed.extend(gone6.iter().map(ExactKey::to_net));
         Ok(removed)
     }
 
@@ -508,18 +498,8 @@ fn full(e: anyhow::Error, what: &str) -> anyhow::Error {
             "the whitelist map for {what} is full (it holds at most {})",
             limits::WL_EXACT
         ),
-        _ => anyhow!(
-            "cannot add {what} to the whitelist: {}",
-            error_chain_any(&e)
-        ),
+        _ => anyhow!("cannot add {what} to the whitelist: {e:#}"),
     }
-}
-
-fn error_chain_any(e: &anyhow::Error) -> String {
-    e.chain()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(": ")
 }
 
 /// Writes `entries` in batch updates spread over the CPUs (the kernel locks a hash per
@@ -732,7 +712,7 @@ pub fn sync(paths: &Paths, wanted: &[IpNet], progress: impl FnMut(u64)) -> Resul
     let mut dropped: Vec<IpNet> =
         m.v4.shrink_for(keep4.len(), &keep4)?
             .iter()
-            .map(|k| IpNet::from(IpAddr::V4(Ipv4Addr::from(k.to_ne_bytes()))))
+            .map(ExactKey::to_net)
             .collect();
     let dropped6 = match m.v6.shrink_for(keep6.len(), &keep6) {
         Ok(d) => d,
@@ -741,11 +721,7 @@ pub fn sync(paths: &Paths, wanted: &[IpNet], progress: impl FnMut(u64)) -> Resul
             return Err(e);
         }
     };
-    dropped.extend(
-        dropped6
-            .iter()
-            .map(|k| IpNet::from(IpAddr::V6(Ipv6Addr::from(*k)))),
-    );
+    dropped.extend(dropped6.iter().map(ExactKey::to_net));
     let dropped_set: HashSet<IpNet> = dropped.iter().copied().collect();
     let gone: Vec<IpNet> = current
         .difference(&want)
