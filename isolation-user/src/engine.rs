@@ -97,14 +97,32 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
             policy,
             lines,
         } => {
-            let mut b = backend::select(paths, backend)?;
+            let (mut b, mut why) = backend::select(paths, backend, state.as_ref())?;
             let mut st = match state {
                 Some(s) if b.is_installed() => s,
                 _ => State::new(b.kind()),
             };
             check_whole(&policy, lines.as_ref(), b.as_ref(), opts.force)?;
-            let new = b.preflight(&st, &ifaces)?;
-            let done = b.install(&new)?;
+            let mut new = b.preflight(&st, &ifaces)?;
+            let done = match b.install(&new) {
+                Ok(d) => d,
+                // `auto`: programs the kernel would not load or attach → iptables.
+                Err(e)
+                    if backend == Choice::Auto
+                        && b.kind() == backend::Kind::Ebpf
+                        && !b.is_installed() =>
+                {
+                    why = Some(format!(
+                        "auto: the eBPF datapath could not be installed ({e:#})"
+                    ));
+                    b = Box::new(backend::iptables::Iptables::new(paths.clone()));
+                    st = State::new(b.kind());
+                    check_whole(&policy, lines.as_ref(), b.as_ref(), opts.force)?;
+                    new = b.preflight(&st, &ifaces)?;
+                    b.install(&new)?
+                }
+                Err(e) => return Err(e),
+            };
             if let Err(e) = b.apply(
                 &policy,
                 Some(&policy.whitelist.allow),
@@ -116,6 +134,7 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
             }
             store.put_whole(&policy, generation)?;
             st.backend = b.kind();
+            st.why = why;
             if st.object_hash.is_empty() || done.fresh {
                 st.object_hash = done.build.clone();
             }

@@ -3,7 +3,7 @@
 //!
 //! Layers, top to bottom: `commands` (one module per verb: parse, call, render) →
 //! `engine` (the one transaction of every change) → `store` (the desired policy, whole) and
-//! `backend` (eBPF today) ← `semantics` (the decision of PRODUCT.md, pure: the oracle) and
+//! `backend` (eBPF; iptables + ipset where BPF is refused) ← `semantics` (the decision of PRODUCT.md, pure: the oracle) and
 //! `policy` (the file format, pure; knows no backend).
 
 pub mod backend;
@@ -61,6 +61,8 @@ pub enum Cmd {
     Except(commands::edit::ExceptCmd),
     /// The verdict the live datapath gives a new connection, and what decides it.
     Check(commands::check::CheckArgs),
+    /// Print the ipset and iptables rules the iptables backend would load for a policy.
+    Export(commands::export::ExportArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -80,5 +82,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Disallow(a) => commands::edit::disallow(&paths, a),
         Cmd::Except(c) => commands::edit::except(&paths, c),
         Cmd::Check(a) => commands::check::run(&paths, a),
+        Cmd::Export(a) => commands::export::run(&paths, a),
     }
 }

@@ -75,6 +75,9 @@ pub struct State {
     /// Hash of the BPF object that is pinned, to refuse mixing builds.
     pub object_hash: String,
     pub interfaces: Vec<IfaceState>,
+    /// Why this backend runs, when `--backend auto` chose it over eBPF.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
 }
 
 impl State {
@@ -83,6 +86,7 @@ impl State {
             backend,
             object_hash: String::new(),
             interfaces: Vec::new(),
+            why: None,
         }
     }
 

@@ -15,12 +15,21 @@ pub struct Iso {
     pub state: PathBuf,
     pub ns: String,
     pub bin: PathBuf,
+    /// `--backend` given to every `load` (None: the CLI's default, auto).
+    pub backend: Option<String>,
 }
 
 impl Iso {
     /// The binary under test (`tests::bin()`).
     pub fn new(ns: &str) -> Iso {
         Iso::with_bin(ns, crate::bin())
+    }
+
+    /// An instance whose `load`s ask for `backend` (ebpf, iptables).
+    pub fn with_backend(ns: &str, backend: &str) -> Iso {
+        let mut iso = Iso::new(ns);
+        iso.backend = Some(backend.into());
+        iso
     }
 
     /// A given binary (the benchmarks run the release build).
@@ -31,6 +40,7 @@ impl Iso {
             state: std::env::temp_dir().join(id),
             ns: ns.into(),
             bin,
+            backend: None,
         }
     }
 
@@ -47,6 +57,9 @@ impl Iso {
         c.arg(format!("--net=/run/netns/{}", self.ns))
             .arg(&self.bin)
             .args(args);
+        if let (Some(b), Some(&"load")) = (&self.backend, args.first()) {
+            c.args(["--backend", b]);
+        }
         c.env("ISOLATION_PIN_DIR", &self.pin)
             .env("ISOLATION_STATE_DIR", &self.state);
         c.env_remove("SSH_CONNECTION");

@@ -10,6 +10,8 @@
 
 use std::{net::SocketAddr, time::Duration};
 
+use rstest::rstest;
+
 use tests::{
     iso::Iso,
     netns::{Netns, ok},
@@ -47,7 +49,7 @@ struct Lab {
 }
 
 impl Lab {
-    fn new() -> Option<Lab> {
+    fn new(backend: &str) -> Option<Lab> {
         if !tests::can_run("end-to-end isolation test") {
             return None;
         }
@@ -77,7 +79,7 @@ impl Lab {
         );
         ns.forwarding(&router);
         Some(Lab {
-            iso: Iso::new(&router),
+            iso: Iso::with_backend(&router, backend),
             ns,
             it1,
             it2,
@@ -150,9 +152,11 @@ const EXPECTED: [bool; 12] = [
     true, true, true, false, false, false, false, false, false, true, true, true,
 ];
 
-#[test]
-fn isolation_end_to_end() {
-    let Some(lab) = Lab::new() else { return };
+#[rstest]
+#[case::ebpf("ebpf")]
+#[case::iptables("iptables")]
+fn isolation_end_to_end(#[case] backend: &str) {
+    let Some(lab) = Lab::new(backend) else { return };
     let _it1 = Echo::start(
         &lab.it1,
         &[
@@ -199,9 +203,11 @@ fn isolation_end_to_end() {
     );
 }
 
-#[test]
-fn live_edits_check_and_overlaps() {
-    let Some(lab) = Lab::new() else { return };
+#[rstest]
+#[case::ebpf("ebpf")]
+#[case::iptables("iptables")]
+fn live_edits_check_and_overlaps(#[case] backend: &str) {
+    let Some(lab) = Lab::new(backend) else { return };
     let _it1 = Echo::start(&lab.it1, &[sa("0.0.0.0:80")]);
     let _it2 = Echo::start(&lab.it2, &[sa("0.0.0.0:80")]);
     let _hr1 = Echo::start(&lab.hr1, &[sa("0.0.0.0:80"), sa("[2001:db8:2:1::2]:80")]);
@@ -385,9 +391,11 @@ fn udp_error(ns: &str, addr: SocketAddr) -> Option<i32> {
     })
 }
 
-#[test]
-fn denied_connections_are_rejected_at_once() {
-    let Some(lab) = Lab::new() else { return };
+#[rstest]
+#[case::ebpf("ebpf")]
+#[case::iptables("iptables")]
+fn denied_connections_are_rejected_at_once(#[case] backend: &str) {
+    let Some(lab) = Lab::new(backend) else { return };
     let _it1 = Echo::start(
         &lab.it1,
         &[
@@ -445,8 +453,10 @@ fn denied_connections_are_rejected_at_once() {
 /// Two hosts joined by a VXLAN tunnel (VNI 42, port 4789) across the filtered underlay:
 /// `va` (underlay 192.0.2.1, overlay it 198.51.100.10) and `vb` (underlay 192.0.2.2, overlay
 /// hr 198.51.100.200), the datapath on vb's underlay interface.
-#[test]
-fn vxlan_outer_whitelisted_inner_isolated() {
+#[rstest]
+#[case::ebpf("ebpf")]
+#[case::iptables("iptables")]
+fn vxlan_outer_whitelisted_inner_isolated(#[case] backend: &str) {
     if !tests::can_run("end-to-end VXLAN test") {
         return;
     }
@@ -465,8 +475,8 @@ fn vxlan_outer_whitelisted_inner_isolated() {
         ok(&["ip", "-n", n, "link", "set", "vx0", "up"]);
     }
     // Declared after `ns`: dropped (unloaded) before the namespaces go.
-    let iso_b = Iso::new(&vb);
-    let iso_a = Iso::new(&va);
+    let iso_b = Iso::with_backend(&vb, backend);
+    let iso_a = Iso::with_backend(&va, backend);
     let _a = Echo::start(&va, &[sa("198.51.100.10:80"), sa("198.51.100.10:81")]);
     let _b = Echo::start(&vb, &[sa("198.51.100.200:80")]);
     assert!(
@@ -531,9 +541,11 @@ allow = ["192.0.2.1"]
     assert!(iso_b.packets("not-whitelisted") > 0);
 }
 
-#[test]
-fn stats_count_per_rule_and_trace_shows_denials() {
-    let Some(lab) = Lab::new() else { return };
+#[rstest]
+#[case::ebpf("ebpf")]
+#[case::iptables("iptables")]
+fn stats_count_per_rule_and_trace_shows_denials(#[case] backend: &str) {
+    let Some(lab) = Lab::new(backend) else { return };
     let _it1 = Echo::start(&lab.it1, &[sa("0.0.0.0:80")]);
     lab.load(POLICY);
     let tracer = lab
@@ -566,10 +578,12 @@ fn stats_count_per_rule_and_trace_shows_denials() {
 /// A denied host that sends TCP RSTs and ICMP errors gets no answer (an answer to an
 /// answer could loop between two filtered hosts, or be aimed at a victim); its denied SYN
 /// and echo request still get theirs (the positive controls), v4 and v6.
-#[test]
-fn reject_never_answers_an_answer() {
+#[rstest]
+#[case::ebpf("ebpf")]
+#[case::iptables("iptables")]
+fn reject_never_answers_an_answer(#[case] backend: &str) {
     use tests::{pkt, traffic::raw_probe};
-    let Some(lab) = Lab::new() else { return };
+    let Some(lab) = Lab::new(backend) else { return };
     lab.load(&POLICY.replace("reject = false", "reject = true"));
     let wait = Duration::from_millis(800);
     for (it, hr) in [
@@ -591,8 +605,30 @@ fn reject_never_answers_an_answer() {
             pkt::V4::new(hr, it, pkt::UDP).build(&pkt::udp(53, 5000, b""))
         };
         let probe = |proto: u8, l4: Vec<u8>| {
+            // Correct checksums: the kernel's conntrack (the iptables backend) holds a
+            // segment with a bad one INVALID, as a receiving host would.
+            let ip = if v6 {
+                pkt::V6::new(it, hr, proto).build(&l4)
+            } else {
+                pkt::V4::new(it, hr, proto).build(&l4)
+            };
+            let l4 = pkt::checksummed(ip)[if v6 { 40 } else { 20 }..].to_vec();
+            // iptables' REJECT sends its ICMP errors from the router's own address (the
+            // kernel's icmp_send); the eBPF datapath answers from the destination's.
+            let router: std::net::IpAddr = if v6 {
+                "2001:db8:1:1::1"
+            } else {
+                "198.51.100.1"
+            }
+            .parse()
+            .unwrap();
+            let from = if backend == "iptables" && proto == icmp {
+                router
+            } else {
+                hrip
+            };
             let (got, d) = lab.iso.deltas(&["isolated-reject", "isolated-drop"], || {
-                raw_probe(&lab.it1, hrip, proto, &l4, hrip, wait)
+                raw_probe(&lab.it1, hrip, proto, &l4, from, wait)
             });
             (got, d[0], d[1])
         };

@@ -6,6 +6,7 @@
 //! `get_supported_firewall_driver()` are the model).
 
 pub mod ebpf;
+pub mod iptables;
 
 use std::{net::IpAddr, time::Duration};
 
@@ -16,13 +17,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     policy::Policy,
+    semantics::Decision,
     state::{IfaceState, Paths, State},
 };
 
 /// What `--backend` asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Choice {
-    /// eBPF where the kernel takes the programs (the only backend of this build).
+    /// eBPF where the kernel takes the programs, iptables + ipset where it refuses them.
     Auto,
     Ebpf,
     Iptables,
@@ -33,12 +35,14 @@ pub enum Choice {
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     Ebpf,
+    Iptables,
 }
 
 impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Ebpf => "ebpf",
+            Kind::Iptables => "iptables",
         }
     }
 }
@@ -163,7 +167,7 @@ pub struct IfaceStatus {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct MapFill {
-    pub name: &'static str,
+    pub name: String,
     pub entries: u64,
     pub max_entries: u32,
 }
@@ -171,6 +175,8 @@ pub struct MapFill {
 #[derive(Clone, Debug, Serialize)]
 pub struct Status {
     pub backend: Kind,
+    /// How it enforces, in a few words (which programs; which iptables).
+    pub detail: String,
     pub generation: u32,
     pub whitelist_enabled: bool,
     /// Program name → kernel id.
@@ -238,13 +244,45 @@ pub trait Backend {
     fn teardown(&mut self) -> Vec<String>;
 }
 
-/// The backend for `--backend`: chosen before anything is loaded.
-pub fn select(paths: &Paths, choice: Choice) -> Result<Box<dyn Backend>> {
+/// The backend for `--backend`, chosen before anything is loaded, and why when `auto`
+/// chose. An instance keeps the backend it was loaded with: asking for the other one is
+/// refused until `unload`.
+pub fn select(
+    paths: &Paths,
+    choice: Choice,
+    state: Option<&State>,
+) -> Result<(Box<dyn Backend>, Option<String>)> {
+    let loaded = state
+        .map(|s| recorded(paths, Some(s)))
+        .filter(|b| b.is_installed());
+    if let Some(b) = loaded {
+        let wanted = match choice {
+            Choice::Auto => None,
+            Choice::Ebpf => Some(Kind::Ebpf),
+            Choice::Iptables => Some(Kind::Iptables),
+        };
+        if let Some(k) = wanted
+            && k != b.kind()
+        {
+            bail!(
+                "the {} backend is loaded here; run `isolation-user unload` before loading the {} backend",
+                b.kind().name(),
+                k.name()
+            );
+        }
+        let why = state.and_then(|s| s.why.clone());
+        return Ok((b, why));
+    }
     match choice {
-        Choice::Auto | Choice::Ebpf => Ok(Box::new(ebpf::Ebpf::new(paths.clone()))),
-        Choice::Iptables => bail!(
-            "the iptables backend is not part of this build yet; use --backend ebpf (or auto)"
-        ),
+        Choice::Ebpf => Ok((Box::new(ebpf::Ebpf::new(paths.clone())), None)),
+        Choice::Iptables => Ok((Box::new(iptables::Iptables::new(paths.clone())), None)),
+        Choice::Auto => match ebpf::probe() {
+            Ok(()) => Ok((Box::new(ebpf::Ebpf::new(paths.clone())), None)),
+            Err(e) => Ok((
+                Box::new(iptables::Iptables::new(paths.clone())),
+                Some(format!("auto: the kernel refuses BPF here ({e})")),
+            )),
+        },
     }
 }
 
@@ -252,6 +290,7 @@ pub fn select(paths: &Paths, choice: Choice) -> Result<Box<dyn Backend>> {
 pub fn recorded(paths: &Paths, state: Option<&State>) -> Box<dyn Backend> {
     match state.map(|s| s.backend).unwrap_or(Kind::Ebpf) {
         Kind::Ebpf => Box::new(ebpf::Ebpf::new(paths.clone())),
+        Kind::Iptables => Box::new(iptables::Iptables::new(paths.clone())),
     }
 }
 
@@ -259,10 +298,92 @@ pub fn recorded(paths: &Paths, state: Option<&State>) -> Box<dyn Backend> {
 pub fn installed(paths: &Paths, state: Option<&State>) -> Result<Box<dyn Backend>> {
     let b = recorded(paths, state);
     if !b.is_installed() {
-        bail!(
-            "no isolation datapath pinned at {} (run `isolation-user load` first)",
-            paths.pin_dir.display()
-        );
+        match b.kind() {
+            Kind::Ebpf => bail!(
+                "no isolation datapath pinned at {} (run `isolation-user load` first)",
+                paths.pin_dir.display()
+            ),
+            Kind::Iptables => bail!(
+                "the iptables backend's chains are not in this network namespace (run `isolation-user load` first)"
+            ),
+        }
     }
     Ok(b)
+}
+
+/// What each allow rule and except rule is called in `stats` and `check`.
+pub fn rule_names(p: &Policy) -> (Vec<String>, Vec<String>) {
+    let allow = p
+        .isolation
+        .allow
+        .iter()
+        .map(|r| {
+            let ports = r
+                .ports
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(",");
+            format!(
+                "allow {} -> {}{}",
+                r.from,
+                r.to,
+                if ports.is_empty() {
+                    String::new()
+                } else {
+                    format!(" {ports}")
+                }
+            )
+        })
+        .collect();
+    let except = p
+        .isolation
+        .except
+        .iter()
+        .map(|r| format!("except {} <-> {}", r.from, r.to))
+        .collect();
+    (allow, except)
+}
+
+/// `check`'s words for an isolation decision, the same on every backend.
+pub fn describe_isolation(
+    answer: &mut Answer,
+    decision: Decision,
+    live: &Policy,
+    enabled: bool,
+    reject: bool,
+) {
+    let (allow_names, except_names) = rule_names(live);
+    if decision != Decision::NotSubject {
+        answer.stage = "isolation";
+    }
+    let name = |v: &Vec<String>, i: u32| {
+        v.get(i as usize)
+            .cloned()
+            .unwrap_or_else(|| format!("rule #{i}"))
+    };
+    match decision {
+        Decision::NotSubject if !enabled => {}
+        Decision::NotSubject => {
+            answer.reason = format!(
+                "{}; not subject to isolation (source or destination in no network)",
+                answer.reason
+            )
+        }
+        Decision::Except(j) => answer.reason = format!("{} (except #{j})", name(&except_names, j)),
+        Decision::Hairpin => {
+            answer.reason = "source and destination share a network (hairpin)".into()
+        }
+        Decision::Established => answer.reason = "established".into(),
+        Decision::Allow(k) => answer.reason = format!("{} (allow #{k})", name(&allow_names, k)),
+        Decision::DefaultAccept => answer.reason = "no rule matches; default accept".into(),
+        Decision::Deny => {
+            answer.verdict = if reject {
+                Verdict::Reject
+            } else {
+                Verdict::Drop
+            };
+            answer.reason = "no rule matches; default deny".into();
+        }
+    }
 }

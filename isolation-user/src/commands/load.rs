@@ -95,12 +95,20 @@ pub fn load(paths: &Paths, a: LoadArgs) -> Result<()> {
         },
     )?;
     if let Done::Loaded { interfaces, seeded } = &out.what {
-        println!(
-            "isolation: loaded on {} (XDP ingress, TC ingress and egress), policy from {source}, generation {}; \
-             {seeded} established connection(s) kept",
-            interfaces.join(", "),
-            out.generation
-        );
+        if out.backend == "iptables" {
+            println!(
+                "isolation: loaded on {} (iptables + ipset), policy from {source}, generation {}",
+                interfaces.join(", "),
+                out.generation
+            );
+        } else {
+            println!(
+                "isolation: loaded on {} (XDP ingress, TC ingress and egress), policy from {source}, generation {}; \
+                 {seeded} established connection(s) kept",
+                interfaces.join(", "),
+                out.generation
+            );
+        }
     }
     Ok(())
 }

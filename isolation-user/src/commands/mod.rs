@@ -1,6 +1,7 @@
 //! One module per verb, each with its clap arguments and a `run`.
 pub mod check;
 pub mod edit;
+pub mod export;
 pub mod load;
 pub mod stats;
 pub mod status;

@@ -62,10 +62,20 @@ fn print_once(paths: &Paths, as_json: bool) -> Result<()> {
         );
         return Ok(());
     }
-    for (title, egress) in [
-        ("Ingress (XDP: whitelist, then isolation)", false),
-        ("Egress (TC)", true),
-    ] {
+    let iptables = backend.kind() == crate::backend::Kind::Iptables;
+    let sections: &[(&str, bool)] = if iptables {
+        // The kernel's conntrack tracks connections there: no egress counters.
+        &[(
+            "Ingress (iptables: whitelist chain, then isolation chain; a packet counts at each)",
+            false,
+        )]
+    } else {
+        &[
+            ("Ingress (XDP: whitelist, then isolation)", false),
+            ("Egress (TC)", true),
+        ]
+    };
+    for &(title, egress) in sections {
         println!("{title}");
         println!("{:>8} {:>8}  {:<6} reason", "pkts", "bytes", "target");
         for (r, n) in c.reasons.iter().filter(|(r, _)| r.is_egress() == egress) {
@@ -88,6 +98,17 @@ fn print_once(paths: &Paths, as_json: bool) -> Result<()> {
         println!();
     }
     let t = &c.connections;
+    if iptables {
+        println!(
+            "Connections: {} in the kernel's conntrack (of {})",
+            t.established, t.established_max
+        );
+        println!(
+            "Log: {} logged (NFLOG), {} suppressed by the rate limit",
+            c.log.written, c.log.suppressed
+        );
+        return Ok(());
+    }
     println!(
         "Connections: {} new (of {}; a flood of new flows evicts only these), {} established (of {})",
         t.new, t.new_max, t.established, t.established_max

@@ -38,7 +38,8 @@ pub fn run(paths: &Paths, a: StatusArgs) -> Result<()> {
         println!(
             "{}",
             serde_json::to_string_pretty(&json!({
-                "loaded": true, "backend": s.backend, "pin_dir": paths.pin_dir,
+                "loaded": true, "backend": s.backend, "backend_detail": s.detail,
+                "backend_why": st.why, "pin_dir": paths.pin_dir,
                 "state_dir": paths.state_dir, "generation": s.generation,
                 "whitelist_enabled": s.whitelist_enabled,
                 "programs": { "xdp": id("xdp"), "tc_egress": id("tc_egress"), "tc_ingress": id("tc_ingress") },
@@ -47,14 +48,23 @@ pub fn run(paths: &Paths, a: StatusArgs) -> Result<()> {
         );
         return Ok(());
     }
-    println!("backend:     {}", backend::Kind::name(s.backend));
-    println!("pin dir:     {}", paths.pin_dir.display());
     println!(
-        "programs:    xdp id {}, tc egress id {}, tc ingress (reject) id {}",
-        id("xdp"),
-        id("tc_egress"),
-        id("tc_ingress")
+        "backend:     {} ({})",
+        backend::Kind::name(s.backend),
+        s.detail
     );
+    if let Some(why) = &st.why {
+        println!("chosen:      {why}");
+    }
+    if s.backend == backend::Kind::Ebpf {
+        println!("pin dir:     {}", paths.pin_dir.display());
+        println!(
+            "programs:    xdp id {}, tc egress id {}, tc ingress (reject) id {}",
+            id("xdp"),
+            id("tc_egress"),
+            id("tc_ingress")
+        );
+    }
     println!(
         "policy:      generation {}, whitelist {}",
         s.generation,
@@ -66,17 +76,25 @@ pub fn run(paths: &Paths, a: StatusArgs) -> Result<()> {
     );
     println!("interfaces:");
     for i in &s.interfaces {
+        let how = match s.backend {
+            backend::Kind::Ebpf => format!("xdp {} (asked {})", i.xdp_mode, i.requested_mode),
+            backend::Kind::Iptables => "jumps from INPUT and FORWARD".to_string(),
+        };
         println!(
-            "  {:<16} xdp {} (asked {}){}",
+            "  {:<16} {how}{}",
             i.name,
-            i.xdp_mode,
-            i.requested_mode,
             if i.attached { "" } else { "  NOT ATTACHED" }
         );
     }
-    println!("maps:");
+    println!(
+        "{}",
+        match s.backend {
+            backend::Kind::Ebpf => "maps:",
+            backend::Kind::Iptables => "sets:",
+        }
+    );
     for m in &s.maps {
-        println!("  {:<12} {:>9} / {}", m.name, m.entries, m.max_entries);
+        println!("  {:<24} {:>9} / {}", m.name, m.entries, m.max_entries);
     }
     Ok(())
 }

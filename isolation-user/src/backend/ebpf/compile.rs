@@ -82,24 +82,8 @@ pub fn compile(p: &Policy) -> Result<Compiled, String> {
             add(*s, &|e| e.nets |= 1 << i);
         }
     }
-    let mut allow_names = Vec::new();
+    let (allow_names, except_names) = crate::backend::rule_names(p);
     for (k, r) in p.isolation.allow.iter().enumerate() {
-        let ports = r
-            .ports
-            .iter()
-            .map(|p| p.to_string())
-            .collect::<Vec<_>>()
-            .join(",");
-        allow_names.push(format!(
-            "allow {} -> {}{}",
-            r.from,
-            r.to,
-            if ports.is_empty() {
-                String::new()
-            } else {
-                format!(" {ports}")
-            }
-        ));
         for s in resolve(p, &r.from) {
             add(s, &|e| e.allow_from |= 1 << k);
         }
@@ -107,9 +91,7 @@ pub fn compile(p: &Policy) -> Result<Compiled, String> {
             add(s, &|e| e.allow_to |= 1 << k);
         }
     }
-    let mut except_names = Vec::new();
     for (j, r) in p.isolation.except.iter().enumerate() {
-        except_names.push(format!("except {} <-> {}", r.from, r.to));
         for s in resolve(p, &r.from) {
             add(s, &|e| e.except_from |= 1 << j);
         }

@@ -24,9 +24,13 @@ use super::{
 };
 use crate::{
     policy::Policy,
-    semantics::Decision,
     state::{IfaceState, Paths, State},
 };
+
+/// Can the eBPF datapath load here? `--backend auto` asks before choosing it.
+pub fn probe() -> Result<(), String> {
+    syscall::can_create_maps().map_err(|e| format!("bpf() refused: {e}"))
+}
 
 pub struct Ebpf {
     paths: Paths,
@@ -95,7 +99,10 @@ impl Backend for Ebpf {
         let fresh = !pins::is_loaded(paths);
         if fresh {
             pins::ensure_pin_dir(paths)?;
-            pins::load_and_pin(paths)?;
+            if let Err(e) = pins::load_and_pin(paths) {
+                pins::remove_pins(paths);
+                return Err(e);
+            }
         }
         let mut done = Installed {
             fresh,
@@ -244,13 +251,14 @@ impl Backend for Ebpf {
         let maps = counters::fill_levels(paths)?
             .into_iter()
             .map(|(name, entries, max_entries)| MapFill {
-                name,
+                name: name.to_string(),
                 entries,
                 max_entries,
             })
             .collect();
         Ok(Status {
             backend: Kind::Ebpf,
+            detail: "XDP ingress, TC egress and ingress (eBPF)".into(),
             generation: cfg.generation,
             whitelist_enabled: cfg.flags & flags::WHITELIST_ENABLED != 0,
             programs: vec![
@@ -283,7 +291,6 @@ fn check(paths: &Paths, live: &Policy, q: &Query) -> Result<Answer> {
         _ => None,
     };
     let cfg = slots::read_config(paths)?;
-    let names = compile::compile(live).map_err(anyhow::Error::msg)?;
     let mut answer = Answer {
         verdict: Verdict::Pass,
         stage: "whitelist",
@@ -312,41 +319,12 @@ fn check(paths: &Paths, live: &Policy, q: &Query) -> Result<Answer> {
     let index = ports::index(if proto == 255 { 47 } else { proto }, dport);
     let mask = slots::live_port_mask(paths, cfg.slot, index)?;
     let decision = compile::decide(meta.flags, s, d, mask, false);
-    if decision != Decision::NotSubject {
-        answer.stage = "isolation";
-    }
-    let name = |v: &Vec<String>, i: u32| {
-        v.get(i as usize)
-            .cloned()
-            .unwrap_or_else(|| format!("rule #{i}"))
-    };
-    match decision {
-        Decision::NotSubject if meta.flags & iso_flags::ENABLED == 0 => {}
-        Decision::NotSubject => {
-            answer.reason = format!(
-                "{}; not subject to isolation (source or destination in no network)",
-                answer.reason
-            )
-        }
-        Decision::Except(j) => {
-            answer.reason = format!("{} (except #{j})", name(&names.except_names, j))
-        }
-        Decision::Hairpin => {
-            answer.reason = "source and destination share a network (hairpin)".into()
-        }
-        Decision::Established => answer.reason = "established".into(),
-        Decision::Allow(k) => {
-            answer.reason = format!("{} (allow #{k})", name(&names.allow_names, k))
-        }
-        Decision::DefaultAccept => answer.reason = "no rule matches; default accept".into(),
-        Decision::Deny => {
-            answer.verdict = if meta.flags & iso_flags::REJECT != 0 {
-                Verdict::Reject
-            } else {
-                Verdict::Drop
-            };
-            answer.reason = "no rule matches; default deny".into();
-        }
-    }
+    super::describe_isolation(
+        &mut answer,
+        decision,
+        live,
+        meta.flags & iso_flags::ENABLED != 0,
+        meta.flags & iso_flags::REJECT != 0,
+    );
     Ok(answer)
 }

@@ -18,6 +18,7 @@ fn sys_bpf<A>(cmd: libc::c_long, attr: &mut A) -> std::io::Result<()> {
     sys_bpf_value(cmd, attr).map(|_| ())
 }
 
+const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
@@ -310,4 +311,31 @@ pub fn entries_raw(
     }
     out.sort();
     Ok(out)
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+}
+
+/// Does the kernel let this process create a BPF map? (A one-entry array, closed at once.)
+/// Raw, because aya's feature probes log warnings where BPF is refused, which is exactly
+/// where `--backend auto` asks.
+pub fn can_create_maps() -> std::io::Result<()> {
+    let mut attr = MapCreateAttr {
+        map_type: 2, // BPF_MAP_TYPE_ARRAY
+        key_size: 4,
+        value_size: 4,
+        max_entries: 1,
+        map_flags: 0,
+    };
+    let fd = sys_bpf_value(BPF_MAP_CREATE, &mut attr)?;
+    // SAFETY: the kernel just gave us this fd; nothing else holds it.
+    unsafe { libc::close(fd as i32) };
+    Ok(())
 }

@@ -1,0 +1,664 @@
+//! The iptables + ipset backend: the same policy where the kernel refuses BPF programs, as
+//! iptables rules and ipset sets in the classic recipe's shape (see `render`).
+//!
+//! Changes are atomic the way iptables allows: a whole policy's sets are built beside the
+//! live ones under new names (the generation is in their names), then each family's two
+//! chains are replaced in one `iptables-restore --noflush` call, which switches every rule
+//! to the new sets at once; the old sets go afterwards. A failure part-way puts back what
+//! was replaced and removes what was built. Whitelist edits are `ipset restore` batches on
+//! the live sets, undone if the kernel refuses one.
+//!
+//! What the kernel's conntrack gives here, the eBPF datapath does itself: replies and ICMP
+//! errors of connections (ESTABLISHED, RELATED), and fragments (reassembled before the
+//! rules see them).
+
+pub mod events;
+pub mod render;
+pub mod tools;
+
+use std::{collections::HashSet, fs, net::IpAddr, path::PathBuf};
+
+use anyhow::{Result, anyhow};
+use ipnet::IpNet;
+use isolation_common::{Counter, Reason, limits};
+use serde::{Deserialize, Serialize};
+
+use self::{
+    render::{Fam, Names, WhitelistSets},
+    tools::{Live, Variant},
+};
+use super::{
+    Answer, Backend, Connections, Counters, Events, IfaceStatus, Installed, Kind, Limits,
+    LogCounts, MapFill, Query, RuleCounter, Status, Verdict, WhitelistDelta,
+};
+use crate::{
+    policy::Policy,
+    semantics::{self, Pkt},
+    state::{IfaceState, Paths, State, write_atomic},
+};
+
+/// Whitelisted addresses and CIDRs per family: as many as the eBPF datapath holds.
+pub const WHITELIST_ADDRESSES: usize = limits::WL_EXACT as usize;
+pub const WHITELIST_CIDRS: usize = limits::WL_LPM as usize;
+
+/// What this backend keeps beside the engine's state: which iptables it loaded with, the
+/// generation in force, and the generation whose whitelist sets are live (they outlive
+/// rule changes, and exist even while the whitelist is off).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+struct Record {
+    variant: Variant,
+    generation: u32,
+    whitelist_generation: u32,
+}
+
+pub struct Iptables {
+    paths: Paths,
+    names: Names,
+}
+
+impl Iptables {
+    pub fn new(paths: Paths) -> Iptables {
+        let names = Names::new(&paths.state_dir);
+        Iptables { paths, names }
+    }
+
+    fn record_path(&self) -> PathBuf {
+        self.paths.state_dir.join("iptables.json")
+    }
+
+    fn record(&self) -> Option<Record> {
+        let text = fs::read_to_string(self.record_path()).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    fn save_record(&self, r: &Record) -> Result<()> {
+        write_atomic(&self.record_path(), serde_json::to_string(r)?.as_bytes())
+    }
+
+    fn variant(&self) -> Result<Variant> {
+        match self.record() {
+            Some(r) => Ok(r.variant),
+            None => Variant::detect(),
+        }
+    }
+
+    fn live(&self, v: Variant) -> Result<[Live; 2]> {
+        Ok([v.save(Fam::V4)?, v.save(Fam::V6)?])
+    }
+
+    fn whitelist_sets(&self, r: &Record, f: Fam) -> WhitelistSets {
+        WhitelistSets::named(&self.names, r.whitelist_generation, f)
+    }
+
+    /// Replaces our chains in both families with `texts`; on a failure puts back those
+    /// already replaced.
+    fn restore_both(&self, v: Variant, texts: &[String; 2], live: &[Live; 2]) -> Result<()> {
+        for (i, f) in Fam::BOTH.into_iter().enumerate() {
+            if let Err(e) = v.restore(f, &texts[i]) {
+                for (g, l) in Fam::BOTH.iter().zip(live).take(i) {
+                    let _ = v.restore(*g, &l.our_chains_text(&self.names));
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Destroys our sets that the live rules do not use and that are not the live
+    /// whitelist's.
+    fn collect_sets(&self, v: Variant, keep: &HashSet<String>) -> Result<Vec<String>> {
+        let live = self.live(v)?;
+        let mut used: HashSet<String> = keep.clone();
+        for l in &live {
+            used.extend(l.sets(&self.names));
+        }
+        let old: Vec<String> = tools::set_names()?
+            .into_iter()
+            .filter(|n| self.names.owns_set(n) && !used.contains(n))
+            .collect();
+        Ok(tools::destroy_sets(&old))
+    }
+}
+
+/// Is every member `n` is held as (a /0 is two) in the set?
+fn members_present(members: &HashSet<IpNet>, n: &IpNet) -> bool {
+    render::members_of(n).iter().all(|m| members.contains(m))
+}
+
+fn parse_member(s: &str) -> Option<IpNet> {
+    s.parse::<IpNet>()
+        .ok()
+        .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
+impl Backend for Iptables {
+    fn kind(&self) -> Kind {
+        Kind::Iptables
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            networks: limits::NETWORKS,
+            allow_rules: limits::ALLOW_RULES,
+            except_rules: limits::EXCEPT_RULES,
+            vxlan_ports: limits::VXLAN_PORTS,
+            prefixes: limits::NET_PREFIXES as usize,
+            whitelist_addresses: WHITELIST_ADDRESSES,
+            whitelist_cidrs: WHITELIST_CIDRS,
+        }
+    }
+
+    fn is_installed(&self) -> bool {
+        let Some(r) = self.record() else {
+            return false;
+        };
+        r.variant
+            .save(Fam::V4)
+            .is_ok_and(|l| l.installed(&self.names))
+    }
+
+    fn preflight(&self, _state: &State, ifaces: &[IfaceState]) -> Result<Vec<IfaceState>> {
+        let v = self.variant()?;
+        let live = v.save(Fam::V4)?;
+        let jumps = live.jumps(&self.names);
+        Ok(ifaces
+            .iter()
+            .filter(|w| !jumps.iter().any(|(c, i, _)| c == "INPUT" && *i == w.name))
+            .cloned()
+            .collect())
+    }
+
+    fn install(&mut self, ifaces: &[IfaceState]) -> Result<Installed> {
+        let v = self.variant()?;
+        let live = self.live(v)?;
+        let fresh = !live[0].installed(&self.names) || self.record().is_none();
+        let mut texts: [String; 2] = Default::default();
+        for i in 0..2 {
+            let mut s = String::from("*filter\n");
+            for c in self.names.chains() {
+                if !live[i].chains.contains(&c) {
+                    s.push_str(&format!(":{c} - [0:0]\n"));
+                }
+            }
+            let jumps = live[i].jumps(&self.names);
+            for w in ifaces {
+                if !jumps.iter().any(|(_, i, _)| *i == w.name) {
+                    for l in render::jump_lines(&self.names, "-I", &w.name) {
+                        s.push_str(&format!("{l}\n"));
+                    }
+                }
+            }
+            s.push_str("COMMIT\n");
+            texts[i] = s;
+        }
+        if fresh {
+            self.save_record(&Record {
+                variant: v,
+                generation: 0,
+                whitelist_generation: 0,
+            })?;
+        }
+        if let Err(e) = self.restore_both(v, &texts, &live) {
+            if fresh {
+                self.teardown();
+            }
+            return Err(e.context("iptables refused the isolation chains"));
+        }
+        Ok(Installed {
+            fresh,
+            attached: ifaces.to_vec(),
+            seeded: 0,
+            build: format!("iptables:{}", env!("CARGO_PKG_VERSION")),
+        })
+    }
+
+    fn uninstall(&mut self, done: &Installed) -> Vec<String> {
+        if done.fresh {
+            return self.teardown();
+        }
+        let mut errs = Vec::new();
+        for w in &done.attached {
+            errs.extend(self.detach(&w.name));
+        }
+        errs
+    }
+
+    fn apply(
+        &mut self,
+        policy: &Policy,
+        whitelist: Option<&[IpNet]>,
+        generation: u32,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<()> {
+        let v = self.variant()?;
+        let mut rec = self.record().ok_or_else(|| {
+            anyhow!(
+                "the iptables backend's record {} is missing (run `isolation-user load`)",
+                self.record_path().display()
+            )
+        })?;
+        let live = self.live(v)?;
+        let mut sets = render::network_sets(policy, &self.names, generation);
+        let existing: HashSet<String> = tools::set_names()?.into_iter().collect();
+        let wl_gen = match whitelist {
+            Some(entries) => {
+                sets.extend(render::whitelist_sets(entries, &self.names, generation));
+                generation
+            }
+            // No whitelist yet (a fresh load whose policy came without one): empty sets.
+            None if !existing.contains(&self.whitelist_sets(&rec, Fam::V4).ip) => {
+                sets.extend(render::whitelist_sets(&[], &self.names, generation));
+                generation
+            }
+            None => rec.whitelist_generation,
+        };
+        // Sets of this generation left by an attempt that failed are built again.
+        let stale: Vec<String> = sets
+            .iter()
+            .filter(|s| existing.contains(&s.name))
+            .map(|s| s.name.clone())
+            .collect();
+        tools::destroy_sets(&stale);
+        let created: Vec<String> = sets.iter().map(|s| s.name.clone()).collect();
+        if let Err(e) = tools::ipset_restore(&render::ipset_text(&sets)) {
+            tools::destroy_sets(&created);
+            return Err(e.context("ipset refused the policy's sets; nothing was changed"));
+        }
+        if let Some(w) = whitelist {
+            progress(w.len() as u64);
+        }
+        let new_rec = Record {
+            variant: v,
+            generation,
+            whitelist_generation: wl_gen,
+        };
+        // Packets a VXLAN device of this host decapsulates (on a policy's port) are judged
+        // by isolation as they come out of the tunnel.
+        let tunnels = if policy.networks.is_empty() {
+            vec![]
+        } else {
+            tools::vxlan_devices(&policy.isolation.vxlan_ports)?
+        };
+        let mut texts: [String; 2] = Default::default();
+        for (i, f) in Fam::BOTH.into_iter().enumerate() {
+            let wl = self.whitelist_sets(&new_rec, f);
+            let rules = render::rules(policy, &self.names, generation, &wl, f);
+            let mut jumps: Vec<String> = live[i]
+                .jumps_to(&self.names.tunnel())
+                .into_iter()
+                .map(|(_, _, l)| format!("-D{}", &l[2..]))
+                .collect();
+            for t in &tunnels {
+                jumps.extend(render::tunnel_jump_lines(&self.names, "-I", t));
+            }
+            texts[i] =
+                render::chains_text(&self.names, &rules, &live[i].counters(&self.names), &jumps);
+        }
+        if let Err(e) = self.restore_both(v, &texts, &live) {
+            tools::destroy_sets(&created);
+            return Err(e.context("iptables refused the policy's rules; the previous rules stay"));
+        }
+        rec = new_rec;
+        self.save_record(&rec)?;
+        let keep: HashSet<String> = Fam::BOTH
+            .iter()
+            .flat_map(|f| {
+                let w = self.whitelist_sets(&rec, *f);
+                [w.ip, w.net]
+            })
+            .collect();
+        for e in self.collect_sets(v, &keep)? {
+            tracing::warn!("{e}");
+        }
+        Ok(())
+    }
+
+    fn edit_whitelist(
+        &mut self,
+        add: &[IpNet],
+        del: &[IpNet],
+        generation: u32,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<WhitelistDelta> {
+        let mut rec = self
+            .record()
+            .ok_or_else(|| anyhow!("the iptables backend is not loaded here"))?;
+        let mut delta = WhitelistDelta::default();
+        let (mut text, mut undo) = (String::new(), String::new());
+        for f in Fam::BOTH {
+            let wl = self.whitelist_sets(&rec, f);
+            let mut present: HashSet<IpNet> = HashSet::new();
+            for set in [&wl.ip, &wl.net] {
+                present.extend(tools::members(set)?.iter().filter_map(|m| parse_member(m)));
+            }
+            let set_of = |n: &IpNet| {
+                if n.prefix_len() == n.max_prefix_len() {
+                    &wl.ip
+                } else {
+                    &wl.net
+                }
+            };
+            let member = |m: &IpNet, set: &str| {
+                if set == wl.ip {
+                    m.addr().to_string()
+                } else {
+                    m.to_string()
+                }
+            };
+            let mut seen = HashSet::new();
+            for n in del.iter().filter(|n| Fam::of(n) == f) {
+                let n = n.trunc();
+                if seen.insert(n) && members_present(&present, &n) {
+                    delta.removed.push(n);
+                    for m in render::members_of(&n) {
+                        present.remove(&m);
+                        let set = set_of(&n);
+                        text.push_str(&format!("del {set} {}\n", member(&m, set)));
+                        undo.push_str(&format!("add {set} {}\n", member(&m, set)));
+                    }
+                }
+            }
+            let mut seen = HashSet::new();
+            for n in add.iter().filter(|n| Fam::of(n) == f) {
+                let n = n.trunc();
+                if seen.insert(n) && !members_present(&present, &n) {
+                    delta.added.push(n);
+                    for m in render::members_of(&n) {
+                        present.insert(m);
+                        let set = set_of(&n);
+                        text.push_str(&format!("add {set} {}\n", member(&m, set)));
+                        undo.push_str(&format!("del {set} {}\n", member(&m, set)));
+                    }
+                }
+            }
+        }
+        if let Err(e) = tools::ipset_restore_exist(&text) {
+            let _ = tools::ipset_restore_exist(&undo);
+            return Err(e.context("ipset refused the whitelist edit; nothing was changed"));
+        }
+        progress((add.len() + del.len()) as u64);
+        rec.generation = generation;
+        self.save_record(&rec)?;
+        Ok(delta)
+    }
+
+    fn counters(&self, live_policy: &Policy) -> Result<Counters> {
+        let v = self.variant()?;
+        let live = self.live(v)?;
+        let mut by_key = live[0].counters(&self.names);
+        for (k, (p, b)) in live[1].counters(&self.names) {
+            let e = by_key.entry(k).or_default();
+            e.0 += p;
+            e.1 += b;
+        }
+        let mut reasons: Vec<(Reason, Counter)> = Reason::ALL
+            .iter()
+            .map(|r| (*r, Counter::default()))
+            .collect();
+        let (allow_names, except_names) = super::rule_names(live_policy);
+        let mut rules: Vec<RuleCounter> = allow_names
+            .iter()
+            .enumerate()
+            .map(|(k, n)| ("allow", k, n))
+            .chain(
+                except_names
+                    .iter()
+                    .enumerate()
+                    .map(|(j, n)| ("except", j, n)),
+            )
+            .map(|(kind, index, rule)| RuleCounter {
+                kind,
+                index,
+                rule: rule.clone(),
+                packets: 0,
+                bytes: 0,
+            })
+            .collect();
+        for (k, (p, b)) in &by_key {
+            let Some((r, rule)) = render::parse_key(k) else {
+                continue;
+            };
+            if let Some((_, c)) = reasons.iter_mut().find(|(x, _)| *x == r) {
+                c.packets += p;
+                c.bytes += b;
+            }
+            if let Some((kind, i)) = rule
+                && let Some(rc) = rules.iter_mut().find(|c| c.kind == kind && c.index == i)
+            {
+                rc.packets += p;
+                rc.bytes += b;
+            }
+        }
+        let logged = by_key.get("isolation:log").map(|c| c.0).unwrap_or(0);
+        let count = |r: Reason| by_key.get(&render::key(r)).map(|c| c.0).unwrap_or(0);
+        // Every packet that reached a drop after a log rule was offered to it.
+        let mut offered = count(Reason::DropIsolated)
+            + count(Reason::RejectIsolated)
+            + count(Reason::DropRejectLimited);
+        if live_policy.whitelist.log {
+            offered += count(Reason::DropNotWhitelisted);
+        }
+        let proc = |f: &str| -> u64 {
+            fs::read_to_string(format!("/proc/sys/net/netfilter/{f}"))
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        Ok(Counters {
+            reasons,
+            rules,
+            log: LogCounts {
+                written: logged,
+                suppressed: offered.saturating_sub(logged),
+                lost: 0,
+            },
+            // The kernel's conntrack holds both kinds in one table.
+            connections: Connections {
+                new: 0,
+                new_max: 0,
+                established: proc("nf_conntrack_count"),
+                established_max: proc("nf_conntrack_max"),
+            },
+        })
+    }
+
+    fn events(&self, _debug: bool) -> Result<Box<dyn Events>> {
+        Ok(Box::new(events::Nflog::open(self.names.nflog_group())?))
+    }
+
+    fn check(&self, live_policy: &Policy, q: &Query) -> Result<Answer> {
+        let v = self.variant()?;
+        let rec = self
+            .record()
+            .ok_or_else(|| anyhow!("the iptables backend is not loaded here"))?;
+        let f = Fam::of_addr(&q.src);
+        let live = v.save(f)?;
+        let enabled = live.chain(&self.names.input()).any(|(_, l, ..)| {
+            tools::comment(l).as_deref() == Some(&render::key(Reason::DropNotWhitelisted))
+        });
+        let mut answer = Answer {
+            verdict: Verdict::Pass,
+            stage: "whitelist",
+            reason: "whitelist off".into(),
+            generation: rec.generation,
+        };
+        if enabled {
+            let wl = self.whitelist_sets(&rec, f);
+            let src = q.src.to_string();
+            let admitting = [&wl.ip, &wl.net]
+                .into_iter()
+                .find(|set| tools::ipset(&["test", set, &src]).is_ok());
+            match admitting {
+                Some(set) => answer.reason = format!("whitelisted (in set {set})"),
+                None => {
+                    answer.verdict = Verdict::Drop;
+                    answer.reason = format!(
+                        "{} is not whitelisted (only replies of connections opened from here get in)",
+                        q.src
+                    );
+                    return Ok(answer);
+                }
+            }
+        }
+        let ports = match (q.proto, q.dport) {
+            (Some(6 | 17), Some(d)) => Some((0, d)),
+            (Some(1 | 58), _) => Some((0, 0)),
+            _ => None,
+        };
+        let pkt = Pkt {
+            src: q.src,
+            dst: q.dst,
+            proto: q.proto.unwrap_or(47),
+            ports,
+        };
+        let decision = semantics::isolation(live_policy, &pkt, false);
+        super::describe_isolation(
+            &mut answer,
+            decision,
+            live_policy,
+            !live_policy.networks.is_empty(),
+            live_policy.isolation.reject,
+        );
+        Ok(answer)
+    }
+
+    fn status(&self, state: &State) -> Result<Status> {
+        let v = self.variant()?;
+        let rec = self
+            .record()
+            .ok_or_else(|| anyhow!("the iptables backend is not loaded here"))?;
+        let live = self.live(v)?;
+        let jumps = live[0].jumps(&self.names);
+        let interfaces = state
+            .interfaces
+            .iter()
+            .map(|i| IfaceStatus {
+                name: i.name.clone(),
+                ifindex: i.ifindex,
+                requested_mode: i.mode.clone(),
+                xdp_mode: "none (iptables)".into(),
+                attached: ["INPUT", "FORWARD"]
+                    .iter()
+                    .all(|c| jumps.iter().any(|(jc, ji, _)| jc == c && *ji == i.name)),
+            })
+            .collect();
+        let whitelist_enabled = live[0].chain(&self.names.input()).any(|(_, l, ..)| {
+            tools::comment(l).as_deref() == Some(&render::key(Reason::DropNotWhitelisted))
+        });
+        let mut names: Vec<String> = live.iter().flat_map(|l| l.sets(&self.names)).collect();
+        for f in Fam::BOTH {
+            let w = self.whitelist_sets(&rec, f);
+            names.extend([w.ip, w.net]);
+        }
+        names.sort();
+        names.dedup();
+        let mut maps = Vec::new();
+        for n in names {
+            let (entries, max) = tools::fill(&n)?;
+            maps.push(MapFill {
+                name: n,
+                entries,
+                max_entries: max as u32,
+            });
+        }
+        Ok(Status {
+            backend: Kind::Iptables,
+            detail: format!(
+                "{}; chains {} and {}; pairs as rules over hash:net sets",
+                v.describe(),
+                self.names.input(),
+                self.names.isolation()
+            ),
+            generation: rec.generation,
+            whitelist_enabled,
+            programs: vec![],
+            interfaces,
+            maps,
+        })
+    }
+
+    fn detach(&mut self, iface: &str) -> Vec<String> {
+        let Ok(v) = self.variant() else {
+            return vec![];
+        };
+        let mut errs = Vec::new();
+        for f in Fam::BOTH {
+            let live = match v.save(f) {
+                Ok(l) => l,
+                Err(e) => {
+                    errs.push(e.to_string());
+                    continue;
+                }
+            };
+            let mut text = String::from("*filter\n");
+            for (_, i, l) in live.jumps(&self.names) {
+                if i == iface {
+                    text.push_str(&format!("-D{}\n", &l[2..]));
+                }
+            }
+            text.push_str("COMMIT\n");
+            if let Err(e) = v.restore(f, &text) {
+                errs.push(format!("cannot remove the jumps for {iface}: {e:#}"));
+            }
+        }
+        errs
+    }
+
+    fn teardown(&mut self) -> Vec<String> {
+        let Ok(v) = self.variant() else {
+            return vec![];
+        };
+        let mut errs = Vec::new();
+        for f in Fam::BOTH {
+            let live = match v.save(f) {
+                Ok(l) => l,
+                Err(e) => {
+                    errs.push(e.to_string());
+                    continue;
+                }
+            };
+            let mut text = String::from("*filter\n");
+            let mut jumps = live.jumps(&self.names);
+            jumps.extend(live.jumps_to(&self.names.tunnel()));
+            for (_, _, l) in jumps {
+                text.push_str(&format!("-D{}\n", &l[2..]));
+            }
+            for c in self.names.chains() {
+                if live.chains.contains(&c) {
+                    text.push_str(&format!("-F {c}\n"));
+                }
+            }
+            for c in self.names.chains() {
+                if live.chains.contains(&c) {
+                    text.push_str(&format!("-X {c}\n"));
+                }
+            }
+            text.push_str("COMMIT\n");
+            if let Err(e) = v.restore(f, &text) {
+                errs.push(format!("cannot remove the isolation chains: {e:#}"));
+            }
+        }
+        match tools::set_names() {
+            Ok(all) => {
+                let ours: Vec<String> =
+                    all.into_iter().filter(|n| self.names.owns_set(n)).collect();
+                errs.extend(tools::destroy_sets(&ours));
+            }
+            Err(e) => errs.push(e.to_string()),
+        }
+        if let Err(e) = fs::remove_file(self.record_path())
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            errs.push(format!(
+                "cannot remove {}: {e}",
+                self.record_path().display()
+            ));
+        }
+        errs
+    }
+}
+
+/// The text `export --format iptables` prints for a policy.
+pub fn export(paths: &Paths, policy: &Policy, ifaces: &[String]) -> String {
+    render::export(policy, &Names::new(&paths.state_dir), ifaces)
+}

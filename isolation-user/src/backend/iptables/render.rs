@@ -1,0 +1,860 @@
+//! A policy as iptables rules and ipset sets: pure text, no I/O. The backend loads it with
+//! `ipset restore` and `iptables-restore --noflush`; `export --format iptables` prints it.
+//!
+//! The shape is the classic recipe's, with chains and sets of our own names:
+//!
+//! ```text
+//! INPUT/FORWARD -i IF ─► ISOLATION-IN   whitelist: neighbour discovery, whitelisted sources
+//!                                       (go on to isolation), replies (RELATED too), LOG, DROP
+//!                        ISOLATION-ISO  isolation: not subject → RETURN, except, hairpin,
+//!                                       replies, allow rules, default (RETURN, REJECT, DROP)
+//! ```
+//!
+//! A "pass" is a RETURN, never an ACCEPT: the host's own rules still see what we pass, as
+//! they see what the XDP program passes. Pairs (except, allow) are rules over two `hash:net`
+//! sets (or a CIDR given with -s/-d), so no `hash:net,net` nor `hash:net,port,net` is
+//! needed: kernels without those set types (this one) get the same verdicts.
+//!
+//! Every rule carries a comment `isolation:REASON[:allow:K|:except:J]`: `stats` sums the
+//! rule counters by it, under the reason names of the eBPF backend.
+
+use std::{collections::HashMap, fmt::Write as _, net::IpAddr, path::Path};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use isolation_common::{Reason, timing};
+
+use crate::policy::{DefaultAction, Endpoint, Policy, PortSpec};
+
+/// One of the two families: iptables/`family inet` or ip6tables/`family inet6`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Fam {
+    V4,
+    V6,
+}
+
+impl Fam {
+    pub const BOTH: [Fam; 2] = [Fam::V4, Fam::V6];
+
+    pub fn of(n: &IpNet) -> Fam {
+        match n {
+            IpNet::V4(_) => Fam::V4,
+            IpNet::V6(_) => Fam::V6,
+        }
+    }
+    pub fn of_addr(a: &IpAddr) -> Fam {
+        if a.is_ipv4() { Fam::V4 } else { Fam::V6 }
+    }
+    /// Suffix of set names.
+    pub fn tag(self) -> &'static str {
+        match self {
+            Fam::V4 => "v4",
+            Fam::V6 => "v6",
+        }
+    }
+    pub fn inet(self) -> &'static str {
+        match self {
+            Fam::V4 => "inet",
+            Fam::V6 => "inet6",
+        }
+    }
+    /// The iptables command of this family (before any `-nft`/`-legacy` suffix).
+    pub fn iptables(self) -> &'static str {
+        match self {
+            Fam::V4 => "iptables",
+            Fam::V6 => "ip6tables",
+        }
+    }
+    fn icmp(self) -> &'static str {
+        match self {
+            Fam::V4 => "icmp",
+            Fam::V6 => "ipv6-icmp",
+        }
+    }
+    fn admin_prohibited(self) -> &'static str {
+        match self {
+            Fam::V4 => "icmp-admin-prohibited",
+            Fam::V6 => "icmp6-adm-prohibited",
+        }
+    }
+}
+
+/// The names of one instance's chains and sets. The default state dir gets the plain
+/// names (`ISOLATION-IN`, `isolation-7-n0v4`); any other gets a tag from its path, so two
+/// instances in one network namespace never touch each other's rules.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Names {
+    chain: String,
+    set: String,
+}
+
+/// Chain names hold 28 characters; set names 31. `{set}-{generation}-n63v6` fits.
+impl Names {
+    pub fn new(state_dir: &Path) -> Names {
+        if state_dir == Path::new(crate::state::DEFAULT_STATE_DIR) {
+            return Names {
+                chain: "ISOLATION".into(),
+                set: "isolation".into(),
+            };
+        }
+        // FNV-1a: stable across builds (std's hasher is not).
+        let h = state_dir
+            .as_os_str()
+            .as_encoded_bytes()
+            .iter()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3)
+            });
+        let tag = format!("{:05x}", h & 0xf_ffff);
+        Names {
+            chain: format!("ISO-{}", tag.to_uppercase()),
+            set: format!("iso-{tag}"),
+        }
+    }
+    /// The chain jumped to from INPUT and FORWARD: the whitelist.
+    pub fn input(&self) -> String {
+        format!("{}-IN", self.chain)
+    }
+    /// The isolation chain.
+    pub fn isolation(&self) -> String {
+        format!("{}-ISO", self.chain)
+    }
+    /// Isolation of the packets a VXLAN device of this host decapsulates.
+    pub fn tunnel(&self) -> String {
+        format!("{}-VX", self.chain)
+    }
+    pub fn chains(&self) -> [String; 3] {
+        [self.input(), self.isolation(), self.tunnel()]
+    }
+    pub fn set(&self, generation: u32, what: &str, f: Fam) -> String {
+        format!("{}-{generation}-{what}{}", self.set, f.tag())
+    }
+    /// Is this set one of ours (any generation)?
+    pub fn owns_set(&self, name: &str) -> bool {
+        name.strip_prefix(&self.set)
+            .and_then(|r| r.strip_prefix('-'))
+            .and_then(|r| r.split('-').next())
+            .is_some_and(|g| !g.is_empty() && g.bytes().all(|b| b.is_ascii_digit()))
+    }
+    /// The NFLOG group `trace` listens on: one per instance.
+    pub fn nflog_group(&self) -> u16 {
+        let h = self
+            .set
+            .bytes()
+            .fold(0u16, |h, b| h.wrapping_mul(31) ^ b as u16);
+        if self.set == "isolation" {
+            4200
+        } else {
+            4201 + h % 800
+        }
+    }
+    /// The comment on our jumps from INPUT and FORWARD.
+    pub fn jump_comment(&self) -> String {
+        format!("{}:jump", self.set)
+    }
+}
+
+/// An ipset set to create and fill.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SetDef {
+    pub name: String,
+    /// `hash:ip` or `hash:net`.
+    pub kind: &'static str,
+    pub fam: Fam,
+    pub members: Vec<IpNet>,
+    pub maxelem: usize,
+}
+
+/// `hash:net` takes prefixes of length 1 and up: a /0 is held as its two halves.
+pub fn members_of(n: &IpNet) -> Vec<IpNet> {
+    let n = n.trunc();
+    if n.prefix_len() != 0 {
+        return vec![n];
+    }
+    match n {
+        IpNet::V4(_) => vec![
+            IpNet::V4(Ipv4Net::new([0, 0, 0, 0].into(), 1).expect("/1")),
+            IpNet::V4(Ipv4Net::new([128, 0, 0, 0].into(), 1).expect("/1")),
+        ],
+        IpNet::V6(_) => vec![
+            IpNet::V6(Ipv6Net::new(0u128.into(), 1).expect("/1")),
+            IpNet::V6(Ipv6Net::new((1u128 << 127).into(), 1).expect("/1")),
+        ],
+    }
+}
+
+/// The sets the isolation rules of `p` use, named for `generation`: every network's
+/// prefixes (`n{i}`, networks in name order) and their union (`all`), per family.
+pub fn network_sets(p: &Policy, names: &Names, generation: u32) -> Vec<SetDef> {
+    let mut out = Vec::new();
+    if p.networks.is_empty() {
+        return out;
+    }
+    for f in Fam::BOTH {
+        let of_fam = |v: &[IpNet]| -> Vec<IpNet> {
+            v.iter()
+                .filter(|n| Fam::of(n) == f)
+                .flat_map(members_of)
+                .collect()
+        };
+        let all: Vec<IpNet> = p.networks.values().flat_map(|v| of_fam(v)).collect();
+        out.push(SetDef {
+            name: names.set(generation, "all", f),
+            kind: "hash:net",
+            fam: f,
+            maxelem: all.len().max(1024),
+            members: all,
+        });
+        for (i, subnets) in p.networks.values().enumerate() {
+            let m = of_fam(subnets);
+            out.push(SetDef {
+                name: names.set(generation, &format!("n{i}"), f),
+                kind: "hash:net",
+                fam: f,
+                maxelem: m.len().max(1024),
+                members: m,
+            });
+        }
+    }
+    out
+}
+
+/// The whitelist's sets for `generation`: exact addresses in a `hash:ip` (`wip`), CIDRs in
+/// a `hash:net` (`wnet`), per family. Sized to the backend's limits (ipset allocates as
+/// entries come, so a big maxelem costs nothing until used).
+pub fn whitelist_sets(entries: &[IpNet], names: &Names, generation: u32) -> Vec<SetDef> {
+    let mut out = Vec::new();
+    for f in Fam::BOTH {
+        let (mut ip, mut net) = (Vec::new(), Vec::new());
+        for n in entries.iter().filter(|n| Fam::of(n) == f) {
+            if n.prefix_len() == n.max_prefix_len() {
+                ip.push(*n);
+            } else {
+                net.extend(members_of(n));
+            }
+        }
+        out.push(SetDef {
+            name: names.set(generation, "wip", f),
+            kind: "hash:ip",
+            fam: f,
+            members: ip,
+            maxelem: super::WHITELIST_ADDRESSES,
+        });
+        out.push(SetDef {
+            name: names.set(generation, "wnet", f),
+            kind: "hash:net",
+            fam: f,
+            members: net,
+            maxelem: super::WHITELIST_CIDRS,
+        });
+    }
+    out
+}
+
+/// The whitelist sets the rules of one family use: (hash:ip, hash:net).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WhitelistSets {
+    pub ip: String,
+    pub net: String,
+}
+
+impl WhitelistSets {
+    pub fn named(names: &Names, generation: u32, f: Fam) -> WhitelistSets {
+        WhitelistSets {
+            ip: names.set(generation, "wip", f),
+            net: names.set(generation, "wnet", f),
+        }
+    }
+}
+
+/// `ipset restore` input creating and filling `sets`.
+pub fn ipset_text(sets: &[SetDef]) -> String {
+    let mut s = String::new();
+    for d in sets {
+        // A hash table sized for its contents up front: no rehash while a big set fills.
+        let hashsize = (d.members.len() / 2).next_power_of_two().max(1024);
+        let _ = writeln!(
+            s,
+            "create {} {} family {} hashsize {hashsize} maxelem {}",
+            d.name,
+            d.kind,
+            d.fam.inet(),
+            d.maxelem.max(d.members.len())
+        );
+        for m in &d.members {
+            if d.kind == "hash:ip" {
+                let _ = writeln!(s, "add {} {}", d.name, m.addr());
+            } else {
+                let _ = writeln!(s, "add {} {m}", d.name);
+            }
+        }
+    }
+    s
+}
+
+/// Which chain a rule is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Chain {
+    Input,
+    Isolation,
+    /// The isolation rules again, for packets out of a VXLAN tunnel: denied ones are
+    /// dropped (the eBPF datapath never answers inside a tunnel).
+    Tunnel,
+}
+
+/// One rule: its matches, the counter key it carries as a comment, its target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub chain: Chain,
+    pub matches: String,
+    pub key: String,
+    pub target: String,
+}
+
+/// The counter key of a reason, and of an allow or except rule.
+pub fn key(r: Reason) -> String {
+    format!("isolation:{}", r.name())
+}
+fn rule_key(r: Reason, kind: &str, i: usize) -> String {
+    format!("isolation:{}:{kind}:{i}", r.name())
+}
+
+/// What a counter key stands for: the reason, and the rule (kind, index) if any.
+pub fn parse_key(k: &str) -> Option<(Reason, Option<(String, usize)>)> {
+    let mut it = k.strip_prefix("isolation:")?.split(':');
+    let name = it.next()?;
+    let r = *Reason::ALL.iter().find(|r| r.name() == name)?;
+    match (it.next(), it.next()) {
+        (Some(kind), Some(i)) => Some((r, Some((kind.to_string(), i.parse().ok()?)))),
+        _ => Some((r, None)),
+    }
+}
+
+/// The rate NFLOG lines and REJECT answers are limited to (the eBPF datapath's rates).
+fn log_limit() -> String {
+    format!(
+        "-m limit --limit {}/sec --limit-burst {}",
+        timing::LOG_RATE_PER_SEC,
+        timing::LOG_BURST
+    )
+}
+const REJECT_LIMIT: &str = "-m limit --limit 200/sec --limit-burst 200";
+
+/// What the rules of `p` in family `f` are: the whitelist chain and the isolation chain.
+pub fn rules(p: &Policy, names: &Names, generation: u32, wl: &WhitelistSets, f: Fam) -> Vec<Rule> {
+    let mut out = Vec::new();
+    let iso = names.isolation();
+    let mut push = |chain: Chain, matches: String, key: String, target: String| {
+        out.push(Rule {
+            chain,
+            matches,
+            key,
+            target,
+        })
+    };
+    let group = names.nflog_group();
+    let nflog = |prefix: &str| format!("NFLOG --nflog-group {group} --nflog-prefix {prefix}");
+    // Neighbour discovery from the link itself (hop limit 255; MLD: 1) always passes.
+    if f == Fam::V6 {
+        for (t, hl) in [
+            (133, 255),
+            (134, 255),
+            (135, 255),
+            (136, 255),
+            (137, 255),
+            (130, 1),
+            (131, 1),
+            (132, 1),
+            (143, 1),
+        ] {
+            push(
+                Chain::Input,
+                format!("-p ipv6-icmp -m icmp6 --icmpv6-type {t} -m hl --hl-eq {hl}"),
+                key(Reason::PassNeighbour),
+                "RETURN".into(),
+            );
+        }
+    }
+    // Stage 1: the whitelist.
+    if p.whitelist.enabled {
+        for set in [&wl.ip, &wl.net] {
+            push(
+                Chain::Input,
+                format!("-m set --match-set {set} src"),
+                key(Reason::PassWhitelist),
+                format!("-g {iso}"),
+            );
+        }
+        for (state, r) in [
+            ("ESTABLISHED", Reason::PassEstablished),
+            ("RELATED", Reason::PassRelated),
+        ] {
+            push(
+                Chain::Input,
+                format!("-m conntrack --ctstate {state}"),
+                key(r),
+                "RETURN".into(),
+            );
+        }
+        if p.whitelist.log {
+            push(
+                Chain::Input,
+                log_limit(),
+                "isolation:log".into(),
+                nflog(Reason::DropNotWhitelisted.name()),
+            );
+        }
+        push(
+            Chain::Input,
+            String::new(),
+            key(Reason::DropNotWhitelisted),
+            "DROP".into(),
+        );
+    } else {
+        push(
+            Chain::Input,
+            String::new(),
+            key(Reason::PassWhitelistOff),
+            format!("-g {iso}"),
+        );
+    }
+    // Stage 2: isolation, only between two addresses that are both in some network.
+    if p.networks.is_empty() {
+        return out;
+    }
+    let all = names.set(generation, "all", f);
+    for dir in ["src", "dst"] {
+        push(
+            Chain::Isolation,
+            format!("-m set ! --match-set {all} {dir}"),
+            key(Reason::PassNotSubject),
+            "RETURN".into(),
+        );
+    }
+    let index: HashMap<&String, usize> =
+        p.networks.keys().enumerate().map(|(i, n)| (n, i)).collect();
+    // The match of an endpoint in one direction; None when it has nothing in this family.
+    let side = |e: &Endpoint, dir: &str| -> Option<String> {
+        match e {
+            Endpoint::Network(n) => {
+                let has = p.networks.get(n)?.iter().any(|s| Fam::of(s) == f);
+                has.then(|| {
+                    format!(
+                        "-m set --match-set {} {dir}",
+                        names.set(generation, &format!("n{}", index[n]), f)
+                    )
+                })
+            }
+            Endpoint::Cidr(c) if Fam::of(c) == f => {
+                let flag = if dir == "src" { "-s" } else { "-d" };
+                Some(format!("{flag} {}", c.trunc()))
+            }
+            Endpoint::Cidr(_) => None,
+        }
+    };
+    for (j, r) in p.isolation.except.iter().enumerate() {
+        for (a, b) in [(&r.from, &r.to), (&r.to, &r.from)] {
+            if let (Some(s), Some(d)) = (side(a, "src"), side(b, "dst")) {
+                push(
+                    Chain::Isolation,
+                    format!("{s} {d}"),
+                    rule_key(Reason::PassExcept, "except", j),
+                    "RETURN".into(),
+                );
+            }
+        }
+    }
+    for (i, (_, subnets)) in p.networks.iter().enumerate() {
+        if subnets.iter().any(|s| Fam::of(s) == f) {
+            let n = names.set(generation, &format!("n{i}"), f);
+            push(
+                Chain::Isolation,
+                format!("-m set --match-set {n} src -m set --match-set {n} dst"),
+                key(Reason::PassHairpin),
+                "RETURN".into(),
+            );
+        }
+    }
+    for (state, r) in [
+        ("ESTABLISHED", Reason::PassEstablished),
+        ("RELATED", Reason::PassRelated),
+    ] {
+        push(
+            Chain::Isolation,
+            format!("-m conntrack --ctstate {state}"),
+            key(r),
+            "RETURN".into(),
+        );
+    }
+    for (k, r) in p.isolation.allow.iter().enumerate() {
+        let (Some(s), Some(d)) = (side(&r.from, "src"), side(&r.to, "dst")) else {
+            continue;
+        };
+        let protos: Vec<String> = if r.ports.is_empty() {
+            vec![String::new()]
+        } else {
+            r.ports
+                .iter()
+                .map(|ps| match *ps {
+                    PortSpec::Tcp(lo, hi) => format!(" -p tcp --dport {}", port_range(lo, hi)),
+                    PortSpec::Udp(lo, hi) => format!(" -p udp --dport {}", port_range(lo, hi)),
+                    PortSpec::Icmp => format!(" -p {}", f.icmp()),
+                })
+                .collect()
+        };
+        for pr in protos {
+            push(
+                Chain::Isolation,
+                format!("{s} {d}{pr}"),
+                rule_key(Reason::PassAllow, "allow", k),
+                "RETURN".into(),
+            );
+        }
+    }
+    // The tunnel chain: the same decision up to here; a denied packet is dropped.
+    let tail = out.len();
+    if !p.isolation.vxlan_ports.is_empty() {
+        let mut tunnel: Vec<Rule> = out
+            .iter()
+            .filter(|r| r.chain == Chain::Isolation)
+            .cloned()
+            .map(|r| Rule {
+                chain: Chain::Tunnel,
+                ..r
+            })
+            .collect();
+        match p.isolation.default {
+            DefaultAction::Accept => tunnel.push(Rule {
+                chain: Chain::Tunnel,
+                matches: String::new(),
+                key: key(Reason::PassDefault),
+                target: "RETURN".into(),
+            }),
+            DefaultAction::Deny => {
+                tunnel.push(Rule {
+                    chain: Chain::Tunnel,
+                    matches: log_limit(),
+                    key: "isolation:log".into(),
+                    target: nflog(Reason::DropIsolated.name()),
+                });
+                tunnel.push(Rule {
+                    chain: Chain::Tunnel,
+                    matches: String::new(),
+                    key: key(Reason::DropIsolated),
+                    target: "DROP".into(),
+                });
+            }
+        }
+        out.extend(tunnel);
+    }
+    let mut push = |chain: Chain, matches: String, key: String, target: String| {
+        out.insert(
+            tail,
+            Rule {
+                chain,
+                matches,
+                key,
+                target,
+            },
+        )
+    };
+    let mut tail_rules = Vec::new();
+    let mut push_tail = |chain: Chain, matches: String, key: String, target: String| {
+        tail_rules.push((chain, matches, key, target))
+    };
+    match (p.isolation.default, p.isolation.reject) {
+        (DefaultAction::Accept, _) => push_tail(
+            Chain::Isolation,
+            String::new(),
+            key(Reason::PassDefault),
+            "RETURN".into(),
+        ),
+        (DefaultAction::Deny, reject) => {
+            let r = if reject {
+                Reason::RejectIsolated
+            } else {
+                Reason::DropIsolated
+            };
+            push_tail(
+                Chain::Isolation,
+                log_limit(),
+                "isolation:log".into(),
+                nflog(r.name()),
+            );
+            if reject {
+                // Never an answer to an answer: a RST or an ICMP error of no connection
+                // is INVALID to conntrack, and dropped silently.
+                push_tail(
+                    Chain::Isolation,
+                    "-m conntrack --ctstate INVALID".into(),
+                    key(Reason::DropIsolated),
+                    "DROP".into(),
+                );
+                push_tail(
+                    Chain::Isolation,
+                    format!("-p tcp {REJECT_LIMIT}"),
+                    key(r),
+                    "REJECT --reject-with tcp-reset".into(),
+                );
+                push_tail(
+                    Chain::Isolation,
+                    format!("! -p tcp {REJECT_LIMIT}"),
+                    key(r),
+                    format!("REJECT --reject-with {}", f.admin_prohibited()),
+                );
+                push_tail(
+                    Chain::Isolation,
+                    String::new(),
+                    key(Reason::DropRejectLimited),
+                    "DROP".into(),
+                );
+            } else {
+                push_tail(Chain::Isolation, String::new(), key(r), "DROP".into());
+            }
+        }
+    }
+    for (chain, matches, key, target) in tail_rules.into_iter().rev() {
+        push(chain, matches, key, target);
+    }
+    out
+}
+
+fn port_range(lo: u16, hi: u16) -> String {
+    if lo == hi {
+        lo.to_string()
+    } else {
+        format!("{lo}:{hi}")
+    }
+}
+
+/// One rule as an `iptables-restore` line.
+pub fn rule_line(names: &Names, r: &Rule) -> String {
+    let chain = match r.chain {
+        Chain::Input => names.input(),
+        Chain::Isolation => names.isolation(),
+        Chain::Tunnel => names.tunnel(),
+    };
+    let mut s = format!("-A {chain}");
+    if !r.matches.is_empty() {
+        s.push(' ');
+        s.push_str(&r.matches);
+    }
+    let _ = write!(s, " -m comment --comment {} -j {}", r.key, r.target);
+    s.replace("-j -g ", "-g ")
+}
+
+/// `iptables-restore --noflush --counters` input: our two chains, declared (which empties
+/// them) and filled. `counters` carries each key's packets and bytes over to the first rule
+/// with that key, so `stats` keeps counting across applies.
+pub fn chains_text(
+    names: &Names,
+    rules: &[Rule],
+    counters: &HashMap<String, (u64, u64)>,
+    extra: &[String],
+) -> String {
+    let mut s = String::from("*filter\n");
+    for c in names.chains() {
+        let _ = writeln!(s, ":{c} - [0:0]");
+    }
+    let mut carried = std::collections::HashSet::new();
+    for r in rules {
+        let (p, b) = match counters.get(&r.key) {
+            Some(c) if carried.insert(r.key.clone()) => *c,
+            _ => (0, 0),
+        };
+        let _ = writeln!(s, "[{p}:{b}] {}", rule_line(names, r));
+    }
+    for l in extra {
+        let _ = writeln!(s, "{l}");
+    }
+    s.push_str("COMMIT\n");
+    s
+}
+
+/// The jump from INPUT and FORWARD for an interface (`-I` or `-D`).
+pub fn jump_lines(names: &Names, op: &str, iface: &str) -> Vec<String> {
+    jump_lines_to(names, &names.input(), op, iface)
+}
+
+/// The jump from INPUT and FORWARD for packets a VXLAN device decapsulated.
+pub fn tunnel_jump_lines(names: &Names, op: &str, iface: &str) -> Vec<String> {
+    jump_lines_to(names, &names.tunnel(), op, iface)
+}
+
+fn jump_lines_to(names: &Names, chain: &str, op: &str, iface: &str) -> Vec<String> {
+    ["INPUT", "FORWARD"]
+        .iter()
+        .map(|c| {
+            let pos = if op == "-I" { " 1" } else { "" };
+            format!(
+                "{op} {c}{pos} -i {iface} -m comment --comment {} -j {chain}",
+                names.jump_comment(),
+            )
+        })
+        .collect()
+}
+
+/// What `export --format iptables` prints: the sets, then each family's chains, as the
+/// backend loads them, with the jumps for `ifaces`.
+pub fn export(p: &Policy, names: &Names, ifaces: &[String]) -> String {
+    let generation = 1;
+    let mut sets = network_sets(p, names, generation);
+    sets.extend(whitelist_sets(&p.whitelist.allow, names, generation));
+    let mut s = String::from("# ipset restore\n");
+    s.push_str(&ipset_text(&sets));
+    for f in Fam::BOTH {
+        let _ = writeln!(s, "# {}-restore --noflush", f.iptables());
+        let rules = rules(
+            p,
+            names,
+            generation,
+            &WhitelistSets::named(names, generation, f),
+            f,
+        );
+        let text = chains_text(names, &rules, &HashMap::new(), &[]);
+        let body = text.strip_suffix("COMMIT\n").unwrap_or(&text);
+        // Without counters: the text loads with or without `--counters`.
+        s.push_str(&body.replace("[0:0] ", ""));
+        for i in ifaces {
+            for l in jump_lines(names, "-I", i) {
+                let _ = writeln!(s, "{l}");
+            }
+        }
+        s.push_str("COMMIT\n");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy;
+
+    const POLICY: &str = r#"
+[isolation]
+default = "deny"
+reject = true
+[networks.hr]
+subnets = ["198.51.100.128/25", "2001:db8:2::/48"]
+[networks.it]
+subnets = ["198.51.100.0/25"]
+[[isolation.allow]]
+from = "hr"
+to = "it"
+ports = ["tcp:80", "udp:53-54", "icmp"]
+[[isolation.except]]
+from = "192.0.2.10/32"
+to = "it"
+[whitelist]
+enabled = true
+log = true
+allow = ["203.0.113.7", "192.0.2.0/24", "0.0.0.0/0", "2001:db8::1"]
+"#;
+
+    fn names() -> Names {
+        Names::new(Path::new("/run/isolation"))
+    }
+
+    #[test]
+    fn the_classic_recipe_shape() {
+        let p = policy::parse("p.toml", POLICY).unwrap();
+        let n = names();
+        let wl = WhitelistSets::named(&n, 3, Fam::V4);
+        let lines: Vec<String> = rules(&p, &n, 3, &wl, Fam::V4)
+            .iter()
+            .map(|r| rule_line(&n, r))
+            .collect();
+        let want = [
+            "-A ISOLATION-IN -m set --match-set isolation-3-wipv4 src -m comment --comment isolation:whitelisted -g ISOLATION-ISO",
+            "-A ISOLATION-IN -m set --match-set isolation-3-wnetv4 src -m comment --comment isolation:whitelisted -g ISOLATION-ISO",
+            "-A ISOLATION-IN -m conntrack --ctstate ESTABLISHED -m comment --comment isolation:established -j RETURN",
+            "-A ISOLATION-IN -m conntrack --ctstate RELATED -m comment --comment isolation:related -j RETURN",
+            "-A ISOLATION-IN -m limit --limit 20/sec --limit-burst 100 -m comment --comment isolation:log -j NFLOG --nflog-group 4200 --nflog-prefix not-whitelisted",
+            "-A ISOLATION-IN -m comment --comment isolation:not-whitelisted -j DROP",
+            "-A ISOLATION-ISO -m set ! --match-set isolation-3-allv4 src -m comment --comment isolation:not-isolated -j RETURN",
+            "-A ISOLATION-ISO -m set ! --match-set isolation-3-allv4 dst -m comment --comment isolation:not-isolated -j RETURN",
+            "-A ISOLATION-ISO -s 192.0.2.10/32 -m set --match-set isolation-3-n1v4 dst -m comment --comment isolation:except:except:0 -j RETURN",
+            "-A ISOLATION-ISO -m set --match-set isolation-3-n1v4 src -d 192.0.2.10/32 -m comment --comment isolation:except:except:0 -j RETURN",
+            "-A ISOLATION-ISO -m set --match-set isolation-3-n0v4 src -m set --match-set isolation-3-n0v4 dst -m comment --comment isolation:hairpin -j RETURN",
+            "-A ISOLATION-ISO -m set --match-set isolation-3-n1v4 src -m set --match-set isolation-3-n1v4 dst -m comment --comment isolation:hairpin -j RETURN",
+            "-A ISOLATION-ISO -m conntrack --ctstate ESTABLISHED -m comment --comment isolation:established -j RETURN",
+            "-A ISOLATION-ISO -m conntrack --ctstate RELATED -m comment --comment isolation:related -j RETURN",
+            "-A ISOLATION-ISO -m set --match-set isolation-3-n0v4 src -m set --match-set isolation-3-n1v4 dst -p tcp --dport 80 -m comment --comment isolation:allow-rule:allow:0 -j RETURN",
+            "-A ISOLATION-ISO -m set --match-set isolation-3-n0v4 src -m set --match-set isolation-3-n1v4 dst -p udp --dport 53:54 -m comment --comment isolation:allow-rule:allow:0 -j RETURN",
+            "-A ISOLATION-ISO -m set --match-set isolation-3-n0v4 src -m set --match-set isolation-3-n1v4 dst -p icmp -m comment --comment isolation:allow-rule:allow:0 -j RETURN",
+            "-A ISOLATION-ISO -m limit --limit 20/sec --limit-burst 100 -m comment --comment isolation:log -j NFLOG --nflog-group 4200 --nflog-prefix isolated-reject",
+            "-A ISOLATION-ISO -m conntrack --ctstate INVALID -m comment --comment isolation:isolated-drop -j DROP",
+            "-A ISOLATION-ISO -p tcp -m limit --limit 200/sec --limit-burst 200 -m comment --comment isolation:isolated-reject -j REJECT --reject-with tcp-reset",
+            "-A ISOLATION-ISO ! -p tcp -m limit --limit 200/sec --limit-burst 200 -m comment --comment isolation:isolated-reject -j REJECT --reject-with icmp-admin-prohibited",
+            "-A ISOLATION-ISO -m comment --comment isolation:isolated-reject-limited -j DROP",
+        ];
+        assert_eq!(lines, want);
+        // IPv6: neighbour discovery first; "it" has no IPv6 prefix, so no rule names it.
+        let wl6 = WhitelistSets::named(&n, 3, Fam::V6);
+        let v6: Vec<String> = rules(&p, &n, 3, &wl6, Fam::V6)
+            .iter()
+            .map(|r| rule_line(&n, r))
+            .collect();
+        assert!(
+            v6[0].contains("--icmpv6-type 133 -m hl --hl-eq 255"),
+            "{}",
+            v6[0]
+        );
+        assert!(!v6.iter().any(|l| l.contains("n1v6")), "{v6:#?}");
+        assert!(v6.iter().any(|l| l.contains("icmp6-adm-prohibited")));
+        assert!(v6.iter().any(|l| l.contains(
+            "-m set --match-set isolation-3-n0v6 src -m set --match-set isolation-3-n0v6 dst"
+        )));
+    }
+
+    #[test]
+    fn sets_hold_what_ipset_takes() {
+        let p = policy::parse("p.toml", POLICY).unwrap();
+        let n = names();
+        let wl = whitelist_sets(&p.whitelist.allow, &n, 3);
+        let text = ipset_text(&wl);
+        assert!(
+            text.contains("create isolation-3-wipv4 hash:ip family inet hashsize 1024 maxelem")
+        );
+        assert!(text.contains("add isolation-3-wipv4 203.0.113.7\n"));
+        // A /0 is its two halves.
+        assert!(
+            text.contains("add isolation-3-wnetv4 0.0.0.0/1\nadd isolation-3-wnetv4 128.0.0.0/1\n")
+        );
+        assert!(text.contains("add isolation-3-wipv6 2001:db8::1\n"));
+        let nets = ipset_text(&network_sets(&p, &n, 3));
+        assert!(nets.contains(
+            "add isolation-3-allv4 198.51.100.128/25\nadd isolation-3-allv4 198.51.100.0/25\n"
+        ));
+        assert!(nets.contains("create isolation-3-n1v6 hash:net family inet6"));
+    }
+
+    #[test]
+    fn names_of_two_instances_never_meet() {
+        let a = Names::new(Path::new("/tmp/a"));
+        let b = Names::new(Path::new("/tmp/b"));
+        assert_ne!(a, b);
+        let d = names();
+        assert!(a.owns_set(&a.set(12, "n3", Fam::V6)));
+        assert!(!a.owns_set(&b.set(12, "n3", Fam::V6)));
+        assert!(!d.owns_set(&a.set(12, "n3", Fam::V6)));
+        assert!(!a.owns_set("isolation"));
+        // Kernel limits: chain names 28 characters, set names 31.
+        assert!(a.isolation().len() <= 28);
+        assert!(a.set(u32::MAX, "wnet", Fam::V6).len() <= 31);
+        assert!(a.set(u32::MAX, "n63", Fam::V6).len() <= 31);
+    }
+
+    #[test]
+    fn counter_keys_read_back() {
+        assert_eq!(
+            parse_key(&key(Reason::PassHairpin)),
+            Some((Reason::PassHairpin, None))
+        );
+        assert_eq!(
+            parse_key(&rule_key(Reason::PassAllow, "allow", 7)),
+            Some((Reason::PassAllow, Some(("allow".into(), 7))))
+        );
+        assert_eq!(parse_key("isolation:log"), None);
+        assert_eq!(parse_key("something-else"), None);
+    }
+}

@@ -1,0 +1,279 @@
+//! The iptables + ipset backend where it differs from the eBPF one: chosen by `auto` where
+//! the kernel refuses BPF, living beside the host's own rules and sets without touching
+//! them, and `export`'s text loading as it is.
+//!
+//! (The whitelist and isolation suites run against both backends: e2e_whitelist.rs,
+//! e2e_isolation.rs.)
+
+use std::{process::Command, time::Duration};
+
+use tests::{
+    iso::Iso,
+    netns::{Netns, ok, sh},
+    traffic::{Echo, tcp_ok},
+    unique,
+};
+
+const PASS_WAIT: Duration = Duration::from_secs(3);
+const DROP_WAIT: Duration = Duration::from_millis(700);
+
+/// In an unprivileged user namespace (`unshare -Urn`) `bpf()` is refused while iptables and
+/// ipset work on its own network namespace: `load --backend auto` falls back to iptables,
+/// says why, and enforces (a ping over lo dropped; the same ping passing once its source is
+/// whitelisted, and before load).
+#[test]
+fn auto_falls_back_to_iptables_where_bpf_is_refused() {
+    if !tests::can_run("end-to-end iptables fallback test") {
+        return;
+    }
+    let id = unique("isouns");
+    let state = std::env::temp_dir().join(&id);
+    let policy = std::env::temp_dir().join(format!("{id}.toml"));
+    std::fs::write(
+        &policy,
+        "[whitelist]\nenabled = true\nallow = [\"198.51.100.1\"]\n",
+    )
+    .unwrap();
+    let bin = tests::bin();
+    // Each step prints a marker and its outcome; the namespace dies with the shell.
+    let script = format!(
+        r#"
+        set -u
+        ip link set lo up
+        export ISOLATION_STATE_DIR={state} ISOLATION_PIN_DIR=/sys/fs/bpf/{id}
+        ping -c1 -W1 127.0.0.1 >/dev/null 2>&1 && echo "before:pass" || echo "before:drop"
+        {bin} load --iface lo --policy {policy} >/dev/null || echo "load:failed"
+        {bin} status --json | tr -d '\n'; echo
+        ping -c1 -W1 127.0.0.1 >/dev/null 2>&1 && echo "loaded:pass" || echo "loaded:drop"
+        {bin} whitelist add 127.0.0.1 >/dev/null
+        ping -c1 -W1 127.0.0.1 >/dev/null 2>&1 && echo "whitelisted:pass" || echo "whitelisted:drop"
+        {bin} unload >/dev/null
+        iptables-save | grep -c ISO- || true
+        ipset list -n | grep -c . || true
+        "#,
+        state = state.display(),
+        bin = bin.display(),
+        policy = policy.display(),
+    );
+    let out = Command::new("unshare")
+        .args(["-Urn", "bash", "-c", &script])
+        .env_remove("SSH_CONNECTION")
+        .output()
+        .expect("unshare");
+    let _ = std::fs::remove_dir_all(&state);
+    let _ = std::fs::remove_file(&policy);
+    let _ = std::fs::remove_dir(format!("/sys/fs/bpf/{id}"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 6, "stdout: {text}\nstderr: {err}");
+    assert_eq!(lines[0], "before:pass", "{text}");
+    let status: serde_json::Value = serde_json::from_str(lines[1]).unwrap();
+    assert_eq!(status["backend"], "iptables", "{status}");
+    assert!(
+        status["backend_why"]
+            .as_str()
+            .is_some_and(|w| w.contains("bpf() refused")),
+        "{status}"
+    );
+    assert_eq!(lines[2], "loaded:drop", "{text}");
+    assert_eq!(lines[3], "whitelisted:pass", "{text}");
+    assert_eq!(lines[4], "0", "unload removes the chains: {text}");
+    assert_eq!(lines[5], "0", "unload removes the sets: {text}");
+    // No warning about BPF on stderr: auto asked the kernel quietly.
+    assert!(!err.contains("WARN"), "{err}");
+}
+
+/// The host's own rules, chains and sets are left exactly as they were through load, live
+/// edits, a whole-table `iptables-save | iptables-restore` round trip and unload; ours keep
+/// enforcing across the round trip.
+#[test]
+fn the_hosts_own_rules_and_sets_are_untouched() {
+    if !tests::can_run("end-to-end iptables coexistence test") {
+        return;
+    }
+    let (srv, cl) = (unique("ipsrv"), unique("ipcl"));
+    let ns = Netns::new(&[&srv, &cl]);
+    ns.link(
+        &srv,
+        "s1",
+        &["192.0.2.1/24", "2001:db8:1::1/64"],
+        &cl,
+        "e0",
+        &["192.0.2.2/24", "2001:db8:1::2/64"],
+    );
+    let iso = Iso::with_backend(&srv, "iptables");
+    let in_srv = |args: &[&str]| -> String {
+        let mut full = vec!["nsenter".to_string(), format!("--net=/run/netns/{srv}")];
+        full.extend(args.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = full.iter().map(String::as_str).collect();
+        ok(&refs)
+    };
+    // The host's own: a set, a chain, rules in INPUT and FORWARD, IPv4 and IPv6.
+    in_srv(&["ipset", "create", "mine", "hash:ip"]);
+    in_srv(&["ipset", "add", "mine", "203.0.113.9"]);
+    in_srv(&["iptables", "-N", "MYCHAIN"]);
+    in_srv(&[
+        "iptables", "-A", "MYCHAIN", "-p", "udp", "--dport", "9", "-j", "DROP",
+    ]);
+    in_srv(&[
+        "iptables",
+        "-A",
+        "INPUT",
+        "-m",
+        "set",
+        "--match-set",
+        "mine",
+        "src",
+        "-j",
+        "DROP",
+    ]);
+    in_srv(&["iptables", "-A", "FORWARD", "-j", "MYCHAIN"]);
+    in_srv(&[
+        "ip6tables",
+        "-A",
+        "INPUT",
+        "-s",
+        "2001:db8:ffff::/48",
+        "-j",
+        "DROP",
+    ]);
+    // Theirs, as text (rules without counters; sets whole).
+    let host = || -> (String, String, String) {
+        let strip = |t: String| -> String {
+            t.lines()
+                .filter(|l| !l.starts_with('#') && !l.contains("ISOLATION") && !l.contains("ISO-"))
+                // A chain's policy counters move with traffic: its name and policy only.
+                .map(|l| match l.strip_prefix(':') {
+                    Some(c) => c.split(" [").next().unwrap_or(c).to_string(),
+                    None => l.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        (
+            strip(in_srv(&["iptables-save"])),
+            strip(in_srv(&["ip6tables-save"])),
+            in_srv(&["ipset", "save", "mine"]),
+        )
+    };
+    let before = host();
+    let _echo = Echo::start(&srv, &[sa("0.0.0.0:8080")]);
+    assert!(tcp_ok(&cl, sa("192.0.2.1:8080"), PASS_WAIT), "before load");
+
+    let p = iso.policy(
+        "[networks.a]\nsubnets = [\"198.51.100.0/24\"]\n[whitelist]\nenabled = true\nallow = [\"203.0.113.7\"]\n",
+    );
+    iso.ok(&["load", "--iface", "s1", "--policy", &p]);
+    assert!(
+        !tcp_ok(&cl, sa("192.0.2.1:8080"), DROP_WAIT),
+        "not whitelisted"
+    );
+    iso.ok(&["network", "add", "b", "198.51.100.128/25"]);
+    iso.ok(&["whitelist", "add", "198.51.100.7"]);
+    assert_eq!(host(), before, "load and edits left the host's rules alone");
+
+    // A whole-table round trip, as a host's own tooling does it: ours keep enforcing.
+    let saved = in_srv(&["iptables-save"]);
+    let o = Command::new("nsenter")
+        .args([&format!("--net=/run/netns/{srv}"), "iptables-restore"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write as _;
+            c.stdin.take().unwrap().write_all(saved.as_bytes())?;
+            c.wait()
+        })
+        .unwrap();
+    assert!(o.success());
+    assert!(
+        !tcp_ok(&cl, sa("192.0.2.1:8080"), DROP_WAIT),
+        "still enforced after iptables-restore"
+    );
+    iso.ok(&["whitelist", "add", "192.0.2.2"]);
+    assert!(
+        tcp_ok(&cl, sa("192.0.2.1:8080"), PASS_WAIT),
+        "and still edited live"
+    );
+
+    iso.ok(&["unload"]);
+    assert_eq!(host(), before, "unload left the host's rules alone");
+    let sets = in_srv(&["ipset", "list", "-n"]);
+    assert_eq!(sets.trim(), "mine", "only the host's set is left");
+    let rules = in_srv(&["iptables-save"]);
+    assert!(!rules.contains("ISO"), "{rules}");
+    drop(iso);
+    let _ = sh(&["true"]);
+}
+
+/// `export --format iptables` prints text that `ipset restore` and `iptables-restore
+/// --noflush` take as it is, and that enforces the policy (a stranger blocked; a
+/// whitelisted client passing).
+#[test]
+fn exported_rules_load_by_hand_and_enforce() {
+    if !tests::can_run("end-to-end iptables export test") {
+        return;
+    }
+    let (srv, cl) = (unique("exsrv"), unique("excl"));
+    let ns = Netns::new(&[&srv, &cl]);
+    ns.link(&srv, "s1", &["192.0.2.1/24"], &cl, "e0", &["192.0.2.2/24"]);
+    let iso = Iso::new(&srv);
+    let _echo = Echo::start(&srv, &[sa("0.0.0.0:8080")]);
+    let export = |allow: &str| -> String {
+        let p = iso.policy(&format!(
+            "[whitelist]\nenabled = true\nallow = [\"{allow}\"]\n"
+        ));
+        iso.ok(&["export", "--format", "iptables", "--iface", "s1", &p])
+    };
+    let load_by_hand = |text: &str| {
+        let mut parts = text.split("# ");
+        parts.next();
+        for part in parts {
+            let (cmd, body) = part.split_once('\n').unwrap();
+            let argv: Vec<&str> = match cmd {
+                "ipset restore" => vec!["ipset", "restore"],
+                "iptables-restore --noflush" => vec!["iptables-restore", "--noflush"],
+                "ip6tables-restore --noflush" => vec!["ip6tables-restore", "--noflush"],
+                other => panic!("unknown section {other}"),
+            };
+            let mut c = Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{srv}"))
+                .args(&argv)
+                .stdin(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            use std::io::Write as _;
+            c.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+            let o = c.wait_with_output().unwrap();
+            assert!(
+                o.status.success(),
+                "{cmd}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+    };
+    let text = export("203.0.113.7");
+    assert!(text.contains("-I INPUT 1 -i s1"), "{text}");
+    load_by_hand(&text);
+    assert!(
+        !tcp_ok(&cl, sa("192.0.2.1:8080"), DROP_WAIT),
+        "the exported rules drop a stranger"
+    );
+    // Positive control: the same rules with the client whitelisted, in a fresh namespace
+    // state (flush what the first text made).
+    ns.exec(&srv, &["iptables", "-F"]);
+    ns.exec(&srv, &["iptables", "-X"]);
+    ns.exec(&srv, &["ip6tables", "-F"]);
+    ns.exec(&srv, &["ip6tables", "-X"]);
+    ns.exec(&srv, &["ipset", "destroy"]);
+    load_by_hand(&export("192.0.2.2"));
+    assert!(
+        tcp_ok(&cl, sa("192.0.2.1:8080"), PASS_WAIT),
+        "the exported rules pass a whitelisted client"
+    );
+}
+
+fn sa(s: &str) -> std::net::SocketAddr {
+    s.parse().unwrap()
+}
