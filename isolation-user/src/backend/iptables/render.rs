@@ -807,6 +807,43 @@ allow = ["203.0.113.7", "192.0.2.0/24", "0.0.0.0/0", "2001:db8::1"]
     }
 
     #[test]
+    fn packets_out_of_a_tunnel_get_the_same_rules_and_a_drop() {
+        let p = policy::parse(
+            "p.toml",
+            &POLICY.replace("reject = true", "reject = true\nvxlan_ports = [4789]"),
+        )
+        .unwrap();
+        let n = names();
+        let rules = rules(&p, &n, 3, &WhitelistSets::named(&n, 3, Fam::V4), Fam::V4);
+        let of = |c: Chain| -> Vec<(String, String)> {
+            rules
+                .iter()
+                .filter(|r| r.chain == c)
+                .map(|r| (r.matches.clone(), r.target.clone()))
+                .collect()
+        };
+        let (iso, vx) = (of(Chain::Isolation), of(Chain::Tunnel));
+        // The decision up to the default is the isolation chain's, rule for rule.
+        let allow_end = iso.iter().rposition(|(_, t)| t == "RETURN").unwrap() + 1;
+        assert_eq!(vx[..allow_end], iso[..allow_end]);
+        // Denied inside a tunnel: logged, dropped, never answered.
+        assert_eq!(vx.len(), allow_end + 2, "{vx:#?}");
+        assert_eq!(vx.last().unwrap().1, "DROP");
+        assert!(!vx.iter().any(|(_, t)| t.starts_with("REJECT")));
+        assert!(iso.iter().any(|(_, t)| t.starts_with("REJECT")));
+        // Without vxlan_ports there is no tunnel chain content.
+        let plain = policy::parse("p.toml", POLICY).unwrap();
+        let r = super::rules(
+            &plain,
+            &n,
+            3,
+            &WhitelistSets::named(&n, 3, Fam::V4),
+            Fam::V4,
+        );
+        assert!(!r.iter().any(|r| r.chain == Chain::Tunnel));
+    }
+
+    #[test]
     fn sets_hold_what_ipset_takes() {
         let p = policy::parse("p.toml", POLICY).unwrap();
         let n = names();
