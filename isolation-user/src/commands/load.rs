@@ -97,7 +97,8 @@ pub fn load(paths: &Paths, a: LoadArgs) -> Result<()> {
     if let Done::Loaded { interfaces, seeded } = &out.what {
         if out.backend == "iptables" {
             println!(
-                "isolation: loaded on {} (iptables + ipset), policy from {source}, generation {}",
+                "isolation: loaded on {} (iptables + ipset), policy from {source}, generation {}; \
+                 {seeded} established connection(s) kept (in the kernel's conntrack)",
                 interfaces.join(", "),
                 out.generation
             );

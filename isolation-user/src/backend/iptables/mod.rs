@@ -12,6 +12,7 @@
 //! errors of connections (ESTABLISHED, RELATED), and fragments (reassembled before the
 //! rules see them).
 
+pub mod conntrack;
 pub mod events;
 pub mod render;
 pub mod tools;
@@ -204,10 +205,23 @@ impl Backend for Iptables {
             }
             return Err(e.context("iptables refused the isolation chains"));
         }
+        // Before the rules can judge a packet: open connections are known to conntrack.
+        let flows = crate::backend::ebpf::seed::established_flows();
+        let seeded = match conntrack::seed(&flows) {
+            Ok(n) => n,
+            Err(e) => {
+                self.uninstall(&Installed {
+                    fresh,
+                    attached: ifaces.to_vec(),
+                    ..Installed::default()
+                });
+                return Err(e.context("cannot remember the connections already open"));
+            }
+        };
         Ok(Installed {
             fresh,
             attached: ifaces.to_vec(),
-            seeded: 0,
+            seeded,
             build: format!("iptables:{}", env!("CARGO_PKG_VERSION")),
         })
     }
