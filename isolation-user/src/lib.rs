@@ -9,6 +9,7 @@
 pub mod backend;
 pub mod commands;
 pub mod engine;
+pub mod import;
 pub mod lockout;
 pub mod policy;
 pub mod semantics;
@@ -63,6 +64,8 @@ pub enum Cmd {
     Check(commands::check::CheckArgs),
     /// Print the ipset and iptables rules the iptables backend would load for a policy.
     Export(commands::export::ExportArgs),
+    /// Print a policy file for an existing ipset/iptables setup (the classic recipe).
+    Import(commands::import::ImportArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -83,5 +86,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Except(c) => commands::edit::except(&paths, c),
         Cmd::Check(a) => commands::check::run(&paths, a),
         Cmd::Export(a) => commands::export::run(&paths, a),
+        Cmd::Import(a) => commands::import::run(a),
     }
 }

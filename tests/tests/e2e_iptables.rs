@@ -277,3 +277,59 @@ fn exported_rules_load_by_hand_and_enforce() {
 fn sa(s: &str) -> std::net::SocketAddr {
     s.parse().unwrap()
 }
+
+/// `import` reads what the kernel itself saves (`ipset save`, `iptables-save`,
+/// `ip6tables-save`: its own order of matches, its quoting) back into the policy that was
+/// loaded: exporting the imported policy gives exactly the rules of the original.
+#[test]
+fn import_reads_the_kernels_own_save_back_to_the_policy() {
+    if !tests::can_run("end-to-end iptables import test") {
+        return;
+    }
+    let srv = unique("imsrv");
+    let ns = Netns::new(&[&srv]);
+    ns.exec(
+        &srv,
+        &[
+            "ip", "link", "add", "d0", "type", "veth", "peer", "name", "d1",
+        ],
+    );
+    let iso = Iso::with_backend(&srv, "iptables");
+    let policy = r#"
+[isolation]
+default = "deny"
+reject = true
+[networks.hr]
+subnets = ["198.51.100.128/25", "2001:db8:2::/48"]
+[networks.it]
+subnets = ["198.51.100.0/25", "2001:db8:1::/48"]
+[[isolation.allow]]
+from = "hr"
+to = "it"
+ports = ["tcp:80", "udp:53-54", "icmp"]
+[[isolation.except]]
+from = "192.0.2.10/32"
+to = "it"
+[whitelist]
+enabled = true
+log = true
+allow = ["203.0.113.7", "192.0.2.0/24", "2001:db8::1"]
+"#;
+    let p = iso.policy(policy);
+    iso.ok(&["load", "--iface", "d0", "--policy", &p]);
+    let save = |cmd: &[&str]| -> String {
+        let o = ns.exec(&srv, cmd);
+        assert!(o.status.success(), "{cmd:?}");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let ipset = iso.policy(&save(&["ipset", "save"]));
+    let rules = iso.policy(&(save(&["iptables-save"]) + &save(&["ip6tables-save"])));
+    let imported = iso.ok(&["import", "--ipset-save", &ipset, "--iptables-save", &rules]);
+    assert!(!imported.contains("# note"), "{imported}");
+    let back = iso.policy(&imported);
+    assert_eq!(
+        iso.ok(&["export", &back]),
+        iso.ok(&["export", &p]),
+        "imported:\n{imported}"
+    );
+}

@@ -2,6 +2,7 @@
 pub mod check;
 pub mod edit;
 pub mod export;
+pub mod import;
 pub mod load;
 pub mod stats;
 pub mod status;
