@@ -280,7 +280,9 @@ pub fn ipset_text(sets: &[SetDef]) -> String {
             d.fam.inet(),
             d.maxelem.max(d.members.len())
         );
-        for m in &d.members {
+        // Two networks (or a network and a rule) may name the same prefix: once per set.
+        let mut seen = std::collections::HashSet::new();
+        for m in d.members.iter().filter(|m| seen.insert(**m)) {
             if d.kind == "hash:ip" {
                 let _ = writeln!(s, "add {} {}", d.name, m.addr());
             } else {
@@ -464,6 +466,9 @@ pub fn rules(p: &Policy, names: &Names, generation: u32, wl: &WhitelistSets, f: 
         }
     }
     for (i, (_, subnets)) in p.networks.iter().enumerate() {
+        if cfg!(feature = "mutant-iptables-hairpin-off") {
+            break;
+        }
         if subnets.iter().any(|s| Fam::of(s) == f) {
             let n = names.set(generation, &format!("n{i}"), f);
             push(
