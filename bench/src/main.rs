@@ -769,6 +769,9 @@ fn cli_figures(
     }
     std::fs::write(&list, &text)?;
     let iso = Iso::with_bin(&ns_name, bin.into());
+    // The iptables backend, on the other end of the pair (its own chains and sets).
+    let mut ipt = Iso::with_bin(&ns_name, bin.into());
+    ipt.backend = Some("iptables".into());
     // The same entries with the tools operators use today, in the same namespace.
     let mut restore = format!(
         "create bench hash:ip family inet hashsize 1048576 maxelem {}\n",
@@ -791,7 +794,7 @@ fn cli_figures(
     nft.push_str(" }\n }\n}\n");
     let nft_file = std::env::temp_dir().join(format!("{id}.nft"));
     std::fs::write(&nft_file, nft)?;
-    let (mut ours, mut ipset_m, mut nft_m) = Default::default();
+    let (mut ours, mut ours_ipt, mut ipset_m, mut nft_m) = Default::default();
     let mut kernel = Vec::new();
     for run in 0..LOAD_RUNS {
         iso.run(&["unload"]);
@@ -823,6 +826,17 @@ fn cli_figures(
                 raw::memlock_of(&iso.paths(), &["WL_V4", "WL_V6"])?,
             ));
         }
+        ipt.run(&["unload"]);
+        raw::run_measured(&mut ipt.cmd(&["load", "--iface", "b1"]))?;
+        report::Runs::push(
+            &mut ours_ipt,
+            raw::run_measured(&mut ipt.cmd(&[
+                "whitelist",
+                "add",
+                "--file",
+                list.to_str().unwrap(),
+            ]))?,
+        );
         report::Runs::push(
             &mut ipset_m,
             raw::run_measured(&mut nsenter(
@@ -842,8 +856,19 @@ fn cli_figures(
             nsenter(&ns_name, &["nft", "delete", "table", "inet", "bench"]).status()?;
         }
     }
-    report::load_table(md, n, &ours, &ipset_m, &nft_m, &kernel)?;
+    report::load_table(md, n, &ours, &ours_ipt, &ipset_m, &nft_m, &kernel)?;
     let (ours_s, ipset_s) = (ours.median(), ipset_m.median());
+    let ipt_s = ours_ipt.median();
+    targets.push(report::Target {
+        what: format!(
+            "iptables backend: {n} whitelist entries loaded no slower than `ipset restore`"
+        ),
+        measured: format!(
+            "{:.2}× `ipset restore`'s time ({ipt_s:.2} s against {ipset_s:.2} s)",
+            ipt_s / ipset_s
+        ),
+        met: ipt_s <= ipset_s,
+    });
     targets.push(report::Target {
         what: format!("{n} whitelist entries loaded in ≤ 0.5 s (median)"),
         measured: format!("{ours_s:.2} s"),
@@ -891,8 +916,9 @@ fn cli_figures(
     for f in [list, ipset_file, nft_file] {
         let _ = std::fs::remove_file(f);
     }
-    // The instance unloads before its namespace goes.
+    // The instances unload before their namespace goes.
     drop(iso);
+    drop(ipt);
     drop(ns);
     Ok(())
 }

@@ -132,6 +132,7 @@ pub fn load_table(
     md: &mut String,
     n: u32,
     ours: &Runs,
+    ours_ipt: &Runs,
     ipset: &Runs,
     nft: &Runs,
     kernel: &[(String, u64)],
@@ -140,13 +141,19 @@ pub fn load_table(
     writeln!(
         md,
         "Each tool loads the same {n} IPv4 addresses into an empty set ({} runs, interleaved; \
-         median and spread). Ours: `load` (no whitelist), then the timed `whitelist add --file`.\n",
+         median and spread). Ours: `load` (no whitelist), then the timed `whitelist add --file`, \
+         on the eBPF backend and on the iptables backend (which fills a `hash:ip` set with \
+         `ipset restore`).\n",
         ours.secs.len()
     )?;
     tool_table(
         md,
         &[
             ("`isolation-user whitelist add --file`", ours),
+            (
+                "`isolation-user whitelist add --file`, iptables backend",
+                ours_ipt,
+            ),
             ("`ipset restore` (hash:ip)", ipset),
             ("`nft -f` (set of ipv4_addr)", nft),
         ],
@@ -382,7 +389,8 @@ pub fn live_table(
          and each case is one probe call of 2^20 frames and one call sized to fill the rest \
          of its {} s, so that fixed cost is a small part of any call. {} interleaved rounds, \
          median. \
-         Drops are counted by the filter itself (our counters, the iptables rule, the nft \
+         Drops are counted by the filter itself (our counters; the iptables backend's rule \
+         counters as `stats` reads them; the iptables rule, the recipe's DROP rule, the nft \
          counter), or by the veth driver's XDP_DROP count for programs that keep none (bare \
          XDP_DROP, xdp-filter); \"no filter\" counts packets received. iptables is Debian's \
          default (nf_tables backend, `xt_set` match). Every filter gets the same traffic and \

@@ -321,13 +321,11 @@ fn import_ours(sets: &[(String, Set)], rules: &[Rule], prefix: &str) -> Imported
     }
     let mut wl = Vec::new();
     for f in ["v4", "v6"] {
-        for kind in ["wip", "wnet"] {
-            if let Some(s) = wl_sets
-                .iter()
-                .find(|s| what(s).is_some_and(|(w, fam)| w == kind && fam == f))
-            {
-                wl.extend(members(s));
-            }
+        if let Some(s) = wl_sets
+            .iter()
+            .find(|s| what(s).is_some_and(|(w, fam)| w == "wl" && fam == f))
+        {
+            wl.extend(members(s));
         }
     }
     p.whitelist.allow = rejoin_halves(wl);

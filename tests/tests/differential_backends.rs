@@ -358,6 +358,13 @@ fn both_backends_give_the_oracles_verdicts_on_real_connections() {
         ns.spoke(&router, port, *raddrs, &hosts[i], [&h4, &h6]);
     }
     ns.forwarding(&router);
+    // iptables' REJECT sends the kernel's own ICMP errors, which the kernel rate-limits per
+    // destination (a burst of 6, then one a second): the probes run at once, so that limit
+    // would turn answers into silence. (The eBPF datapath answers under its own limit.)
+    ns.sysctl(
+        &router,
+        &["net.ipv4.icmp_ratelimit=0", "net.ipv6.icmp.ratelimit=0"],
+    );
     let _echo: Vec<Echo> = hosts
         .iter()
         .enumerate()

@@ -260,7 +260,7 @@ impl Backend for Iptables {
                 generation
             }
             // No whitelist yet (a fresh load whose policy came without one): empty sets.
-            None if !existing.contains(&self.whitelist_sets(&rec, Fam::V4).ip) => {
+            None if !existing.contains(&self.whitelist_sets(&rec, Fam::V4).set) => {
                 sets.extend(render::whitelist_sets(&[], &self.names, generation));
                 generation
             }
@@ -316,10 +316,7 @@ impl Backend for Iptables {
         self.save_record(&rec)?;
         let keep: HashSet<String> = Fam::BOTH
             .iter()
-            .flat_map(|f| {
-                let w = self.whitelist_sets(&rec, *f);
-                [w.ip, w.net]
-            })
+            .flat_map(|f| [self.whitelist_sets(&rec, *f).set])
             .collect();
         for e in self.collect_sets(v, &keep)? {
             tracing::warn!("{e}");
@@ -339,26 +336,15 @@ impl Backend for Iptables {
             .ok_or_else(|| anyhow!("the iptables backend is not loaded here"))?;
         let mut delta = WhitelistDelta::default();
         let (mut text, mut undo) = (String::new(), String::new());
+        let mut rebuilt = Vec::new();
         for f in Fam::BOTH {
-            let wl = self.whitelist_sets(&rec, f);
-            let mut present: HashSet<IpNet> = HashSet::new();
-            for set in [&wl.ip, &wl.net] {
-                present.extend(tools::members(set)?.iter().filter_map(|m| parse_member(m)));
-            }
-            let set_of = |n: &IpNet| {
-                if n.prefix_len() == n.max_prefix_len() {
-                    &wl.ip
-                } else {
-                    &wl.net
-                }
-            };
-            let member = |m: &IpNet, set: &str| {
-                if set == wl.ip {
-                    m.addr().to_string()
-                } else {
-                    m.to_string()
-                }
-            };
+            let set = self.whitelist_sets(&rec, f).set;
+            let mut present: HashSet<IpNet> = tools::members(&set)?
+                .iter()
+                .filter_map(|m| parse_member(m))
+                .collect();
+            let before = present.len();
+            let (mut dels, mut adds) = (Vec::new(), Vec::new());
             let mut seen = HashSet::new();
             for n in del.iter().filter(|n| Fam::of(n) == f) {
                 let n = n.trunc();
@@ -366,9 +352,7 @@ impl Backend for Iptables {
                     delta.removed.push(n);
                     for m in render::members_of(&n) {
                         present.remove(&m);
-                        let set = set_of(&n);
-                        text.push_str(&format!("del {set} {}\n", member(&m, set)));
-                        undo.push_str(&format!("add {set} {}\n", member(&m, set)));
+                        dels.push(m);
                     }
                 }
             }
@@ -379,16 +363,45 @@ impl Backend for Iptables {
                     delta.added.push(n);
                     for m in render::members_of(&n) {
                         present.insert(m);
-                        let set = set_of(&n);
-                        text.push_str(&format!("add {set} {}\n", member(&m, set)));
-                        undo.push_str(&format!("del {set} {}\n", member(&m, set)));
+                        adds.push(m);
                     }
                 }
             }
+            if adds.len() > 65536 && adds.len() > before {
+                // A big addition: a set sized for it is filled beside the live one and
+                // swapped in (an in-place fill would rehash the live set again and again).
+                let tmp = format!("{set}-t");
+                tools::destroy_sets(std::slice::from_ref(&tmp));
+                let def = render::SetDef {
+                    name: tmp.clone(),
+                    kind: "hash:net",
+                    fam: f,
+                    members: present.iter().copied().collect(),
+                    maxelem: WHITELIST_ADDRESSES + WHITELIST_CIDRS,
+                };
+                text.push_str(&render::ipset_text(std::slice::from_ref(&def)));
+                text.push_str(&format!("swap {tmp} {set}\n"));
+                rebuilt.push(tmp);
+                continue;
+            }
+            for m in dels {
+                text.push_str(&format!("del {set} {m}\n"));
+                undo.push_str(&format!("add {set} {m}\n"));
+            }
+            for m in adds {
+                text.push_str(&format!("add {set} {m}\n"));
+                undo.push_str(&format!("del {set} {m}\n"));
+            }
         }
         if let Err(e) = tools::ipset_restore_exist(&text) {
+            // A failed rebuild never reached its swap: only the set beside goes.
             let _ = tools::ipset_restore_exist(&undo);
+            tools::destroy_sets(&rebuilt);
             return Err(e.context("ipset refused the whitelist edit; nothing was changed"));
+        }
+        // After the swap the sets beside hold the old contents.
+        for e in tools::destroy_sets(&rebuilt) {
+            tracing::warn!("{e}");
         }
         progress((add.len() + del.len()) as u64);
         rec.generation = generation;
@@ -499,9 +512,7 @@ impl Backend for Iptables {
         if enabled {
             let wl = self.whitelist_sets(&rec, f);
             let src = q.src.to_string();
-            let admitting = [&wl.ip, &wl.net]
-                .into_iter()
-                .find(|set| tools::ipset(&["test", set, &src]).is_ok());
+            let admitting = Some(&wl.set).filter(|set| tools::ipset(&["test", set, &src]).is_ok());
             match admitting {
                 Some(set) => answer.reason = format!("whitelisted (in set {set})"),
                 None => {
@@ -562,7 +573,7 @@ impl Backend for Iptables {
         let mut names: Vec<String> = live.iter().flat_map(|l| l.sets(&self.names)).collect();
         for f in Fam::BOTH {
             let w = self.whitelist_sets(&rec, f);
-            names.extend([w.ip, w.net]);
+            names.push(w.set);
         }
         names.sort();
         names.dedup();

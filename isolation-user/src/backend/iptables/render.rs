@@ -122,8 +122,22 @@ impl Names {
     pub fn tunnel(&self) -> String {
         format!("{}-VX", self.chain)
     }
-    pub fn chains(&self) -> [String; 3] {
-        [self.input(), self.isolation(), self.tunnel()]
+    /// Replies and related ICMP errors (reached by one conntrack match for both).
+    pub fn conntrack(&self) -> String {
+        format!("{}-CT", self.chain)
+    }
+    /// ICMPv6 not whitelisted: neighbour discovery passes, the rest is dropped.
+    pub fn neighbour(&self) -> String {
+        format!("{}-ND", self.chain)
+    }
+    pub fn chains(&self) -> [String; 5] {
+        [
+            self.input(),
+            self.isolation(),
+            self.tunnel(),
+            self.conntrack(),
+            self.neighbour(),
+        ]
     }
     pub fn set(&self, generation: u32, what: &str, f: Fam) -> String {
         format!("{}-{generation}-{what}{}", self.set, f.tag())
@@ -218,50 +232,36 @@ pub fn network_sets(p: &Policy, names: &Names, generation: u32) -> Vec<SetDef> {
     out
 }
 
-/// The whitelist's sets for `generation`: exact addresses in a `hash:ip` (`wip`), CIDRs in
-/// a `hash:net` (`wnet`), per family. Sized to the backend's limits (ipset allocates as
-/// entries come, so a big maxelem costs nothing until used).
+/// The whitelist's set for `generation`, per family: one `hash:net` for addresses and
+/// CIDRs alike (one rule, one lookup per prefix length present; an address is a /32 or a
+/// /128). Sized to the backend's limits (ipset allocates as entries come).
 pub fn whitelist_sets(entries: &[IpNet], names: &Names, generation: u32) -> Vec<SetDef> {
-    let mut out = Vec::new();
-    for f in Fam::BOTH {
-        let (mut ip, mut net) = (Vec::new(), Vec::new());
-        for n in entries.iter().filter(|n| Fam::of(n) == f) {
-            if n.prefix_len() == n.max_prefix_len() {
-                ip.push(*n);
-            } else {
-                net.extend(members_of(n));
-            }
-        }
-        out.push(SetDef {
-            name: names.set(generation, "wip", f),
-            kind: "hash:ip",
-            fam: f,
-            members: ip,
-            maxelem: super::WHITELIST_ADDRESSES,
-        });
-        out.push(SetDef {
-            name: names.set(generation, "wnet", f),
+    Fam::BOTH
+        .iter()
+        .map(|&f| SetDef {
+            name: WhitelistSets::named(names, generation, f).set,
             kind: "hash:net",
             fam: f,
-            members: net,
-            maxelem: super::WHITELIST_CIDRS,
-        });
-    }
-    out
+            members: entries
+                .iter()
+                .filter(|n| Fam::of(n) == f)
+                .flat_map(members_of)
+                .collect(),
+            maxelem: super::WHITELIST_ADDRESSES + super::WHITELIST_CIDRS,
+        })
+        .collect()
 }
 
-/// The whitelist sets the rules of one family use: (hash:ip, hash:net).
+/// The whitelist set the rules of one family use.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WhitelistSets {
-    pub ip: String,
-    pub net: String,
+    pub set: String,
 }
 
 impl WhitelistSets {
     pub fn named(names: &Names, generation: u32, f: Fam) -> WhitelistSets {
         WhitelistSets {
-            ip: names.set(generation, "wip", f),
-            net: names.set(generation, "wnet", f),
+            set: names.set(generation, "wl", f),
         }
     }
 }
@@ -280,9 +280,12 @@ pub fn ipset_text(sets: &[SetDef]) -> String {
             d.fam.inet(),
             d.maxelem.max(d.members.len())
         );
-        // Two networks (or a network and a rule) may name the same prefix: once per set.
-        let mut seen = std::collections::HashSet::new();
-        for m in d.members.iter().filter(|m| seen.insert(**m)) {
+        // In order, each once (two networks, or a network and a rule, may name the same
+        // prefix): the text of a policy is the same however its sets were read back.
+        let mut members = d.members.clone();
+        members.sort_unstable();
+        members.dedup();
+        for m in &members {
             if d.kind == "hash:ip" {
                 let _ = writeln!(s, "add {} {}", d.name, m.addr());
             } else {
@@ -297,6 +300,10 @@ pub fn ipset_text(sets: &[SetDef]) -> String {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Chain {
     Input,
+    /// Reached from `Input` by ESTABLISHED or RELATED: counts which, passes.
+    Conntrack,
+    /// Reached from `Input` by ICMPv6 not whitelisted: neighbour discovery passes.
+    Neighbour,
     Isolation,
     /// The isolation rules again, for packets out of a VXLAN tunnel: denied ones are
     /// dropped (the eBPF datapath never answers inside a tunnel).
@@ -355,62 +362,79 @@ pub fn rules(p: &Policy, names: &Names, generation: u32, wl: &WhitelistSets, f: 
     };
     let group = names.nflog_group();
     let nflog = |prefix: &str| format!("NFLOG --nflog-group {group} --nflog-prefix {prefix}");
-    // Neighbour discovery from the link itself (hop limit 255; MLD: 1) always passes.
-    if f == Fam::V6 {
-        for (t, hl) in [
-            (133, 255),
-            (134, 255),
-            (135, 255),
-            (136, 255),
-            (137, 255),
-            (130, 1),
-            (131, 1),
-            (132, 1),
-            (143, 1),
-        ] {
-            push(
-                Chain::Input,
-                format!("-p ipv6-icmp -m icmp6 --icmpv6-type {t} -m hl --hl-eq {hl}"),
-                key(Reason::PassNeighbour),
-                "RETURN".into(),
-            );
-        }
-    }
-    // Stage 1: the whitelist.
+    // Stage 1: the whitelist. The order puts what a flood pays first and least: one set
+    // lookup, one conntrack match, (IPv6) one protocol compare, DROP.
     if p.whitelist.enabled {
-        for set in [&wl.ip, &wl.net] {
-            push(
-                Chain::Input,
-                format!("-m set --match-set {set} src"),
-                key(Reason::PassWhitelist),
-                format!("-g {iso}"),
-            );
-        }
-        for (state, r) in [
-            ("ESTABLISHED", Reason::PassEstablished),
-            ("RELATED", Reason::PassRelated),
-        ] {
-            push(
-                Chain::Input,
-                format!("-m conntrack --ctstate {state}"),
-                key(r),
-                "RETURN".into(),
-            );
-        }
-        if p.whitelist.log {
-            push(
-                Chain::Input,
-                log_limit(),
-                "isolation:log".into(),
-                nflog(Reason::DropNotWhitelisted.name()),
-            );
-        }
         push(
             Chain::Input,
-            String::new(),
-            key(Reason::DropNotWhitelisted),
-            "DROP".into(),
+            format!("-m set --match-set {} src", wl.set),
+            key(Reason::PassWhitelist),
+            format!("-g {iso}"),
         );
+        push(
+            Chain::Input,
+            "-m conntrack --ctstate ESTABLISHED,RELATED".into(),
+            "isolation:conntrack".into(),
+            format!("-g {}", names.conntrack()),
+        );
+        push(
+            Chain::Conntrack,
+            "-m conntrack --ctstate RELATED".into(),
+            key(Reason::PassRelated),
+            "RETURN".into(),
+        );
+        push(
+            Chain::Conntrack,
+            String::new(),
+            key(Reason::PassEstablished),
+            "RETURN".into(),
+        );
+        // The drop, after neighbour discovery for IPv6 (always passes: hop limit 255 from
+        // the link itself; MLD: 1).
+        let tail = |chain: Chain, push: &mut dyn FnMut(Chain, String, String, String)| {
+            if p.whitelist.log {
+                push(
+                    chain,
+                    log_limit(),
+                    "isolation:log".into(),
+                    nflog(Reason::DropNotWhitelisted.name()),
+                );
+            }
+            push(
+                chain,
+                String::new(),
+                key(Reason::DropNotWhitelisted),
+                "DROP".into(),
+            );
+        };
+        if f == Fam::V6 {
+            push(
+                Chain::Input,
+                "-p ipv6-icmp".into(),
+                "isolation:icmpv6".into(),
+                format!("-g {}", names.neighbour()),
+            );
+            for (t, hl) in [
+                (133, 255),
+                (134, 255),
+                (135, 255),
+                (136, 255),
+                (137, 255),
+                (130, 1),
+                (131, 1),
+                (132, 1),
+                (143, 1),
+            ] {
+                push(
+                    Chain::Neighbour,
+                    format!("-p ipv6-icmp -m icmp6 --icmpv6-type {t} -m hl --hl-eq {hl}"),
+                    key(Reason::PassNeighbour),
+                    "RETURN".into(),
+                );
+            }
+            tail(Chain::Neighbour, &mut push);
+        }
+        tail(Chain::Input, &mut push);
     } else {
         push(
             Chain::Input,
@@ -637,6 +661,8 @@ pub fn rule_line(names: &Names, r: &Rule) -> String {
         Chain::Input => names.input(),
         Chain::Isolation => names.isolation(),
         Chain::Tunnel => names.tunnel(),
+        Chain::Conntrack => names.conntrack(),
+        Chain::Neighbour => names.neighbour(),
     };
     let mut s = format!("-A {chain}");
     if !r.matches.is_empty() {
@@ -769,10 +795,10 @@ allow = ["203.0.113.7", "192.0.2.0/24", "0.0.0.0/0", "2001:db8::1"]
             .map(|r| rule_line(&n, r))
             .collect();
         let want = [
-            "-A ISOLATION-IN -m set --match-set isolation-3-wipv4 src -m comment --comment isolation:whitelisted -g ISOLATION-ISO",
-            "-A ISOLATION-IN -m set --match-set isolation-3-wnetv4 src -m comment --comment isolation:whitelisted -g ISOLATION-ISO",
-            "-A ISOLATION-IN -m conntrack --ctstate ESTABLISHED -m comment --comment isolation:established -j RETURN",
-            "-A ISOLATION-IN -m conntrack --ctstate RELATED -m comment --comment isolation:related -j RETURN",
+            "-A ISOLATION-IN -m set --match-set isolation-3-wlv4 src -m comment --comment isolation:whitelisted -g ISOLATION-ISO",
+            "-A ISOLATION-IN -m conntrack --ctstate ESTABLISHED,RELATED -m comment --comment isolation:conntrack -g ISOLATION-CT",
+            "-A ISOLATION-CT -m conntrack --ctstate RELATED -m comment --comment isolation:related -j RETURN",
+            "-A ISOLATION-CT -m comment --comment isolation:established -j RETURN",
             "-A ISOLATION-IN -m limit --limit 20/sec --limit-burst 100 -m comment --comment isolation:log -j NFLOG --nflog-group 4200 --nflog-prefix not-whitelisted",
             "-A ISOLATION-IN -m comment --comment isolation:not-whitelisted -j DROP",
             "-A ISOLATION-ISO -m set ! --match-set isolation-3-allv4 src -m comment --comment isolation:not-isolated -j RETURN",
@@ -799,11 +825,21 @@ allow = ["203.0.113.7", "192.0.2.0/24", "0.0.0.0/0", "2001:db8::1"]
             .iter()
             .map(|r| rule_line(&n, r))
             .collect();
+        // IPv6: ICMPv6 not whitelisted goes to the neighbour-discovery chain, which passes
+        // ND from the link and drops the rest.
         assert!(
-            v6[0].contains("--icmpv6-type 133 -m hl --hl-eq 255"),
-            "{}",
-            v6[0]
+            v6[4].contains("-p ipv6-icmp") && v6[4].ends_with("-g ISOLATION-ND"),
+            "{v6:#?}"
         );
+        assert!(
+            v6[5].starts_with(
+                "-A ISOLATION-ND -p ipv6-icmp -m icmp6 --icmpv6-type 133 -m hl --hl-eq 255"
+            ),
+            "{v6:#?}"
+        );
+        assert!(v6.iter().any(|l| l.starts_with(
+            "-A ISOLATION-ND -m comment --comment isolation:not-whitelisted -j DROP"
+        )));
         assert!(!v6.iter().any(|l| l.contains("n1v6")), "{v6:#?}");
         assert!(v6.iter().any(|l| l.contains("icmp6-adm-prohibited")));
         assert!(v6.iter().any(|l| l.contains(
@@ -855,17 +891,17 @@ allow = ["203.0.113.7", "192.0.2.0/24", "0.0.0.0/0", "2001:db8::1"]
         let wl = whitelist_sets(&p.whitelist.allow, &n, 3);
         let text = ipset_text(&wl);
         assert!(
-            text.contains("create isolation-3-wipv4 hash:ip family inet hashsize 1024 maxelem")
+            text.contains("create isolation-3-wlv4 hash:net family inet hashsize 1024 maxelem")
         );
-        assert!(text.contains("add isolation-3-wipv4 203.0.113.7\n"));
+        assert!(text.contains("add isolation-3-wlv4 203.0.113.7/32\n"));
         // A /0 is its two halves.
         assert!(
-            text.contains("add isolation-3-wnetv4 0.0.0.0/1\nadd isolation-3-wnetv4 128.0.0.0/1\n")
+            text.contains("add isolation-3-wlv4 0.0.0.0/1\nadd isolation-3-wlv4 128.0.0.0/1\n")
         );
-        assert!(text.contains("add isolation-3-wipv6 2001:db8::1\n"));
+        assert!(text.contains("add isolation-3-wlv6 2001:db8::1/128\n"));
         let nets = ipset_text(&network_sets(&p, &n, 3));
         assert!(nets.contains(
-            "add isolation-3-allv4 198.51.100.128/25\nadd isolation-3-allv4 198.51.100.0/25\n"
+            "add isolation-3-allv4 198.51.100.0/25\nadd isolation-3-allv4 198.51.100.128/25\n"
         ));
         assert!(nets.contains("create isolation-3-n1v6 hash:net family inet6"));
     }
@@ -882,7 +918,7 @@ allow = ["203.0.113.7", "192.0.2.0/24", "0.0.0.0/0", "2001:db8::1"]
         assert!(!a.owns_set("isolation"));
         // Kernel limits: chain names 28 characters, set names 31.
         assert!(a.isolation().len() <= 28);
-        assert!(a.set(u32::MAX, "wnet", Fam::V6).len() <= 31);
+        assert!(format!("{}-t", a.set(u32::MAX, "wl", Fam::V6)).len() <= 31);
         assert!(a.set(u32::MAX, "n63", Fam::V6).len() <= 31);
     }
 
