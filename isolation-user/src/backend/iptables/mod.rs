@@ -14,6 +14,7 @@
 
 pub mod conntrack;
 pub mod events;
+pub mod ipset_nl;
 pub mod render;
 pub mod tools;
 
@@ -37,6 +38,10 @@ use crate::{
     semantics::{self, Pkt},
     state::{IfaceState, Paths, State, write_atomic},
 };
+
+/// Edits up to this many entries go entry by entry (the kernel's answers are the delta);
+/// bigger ones read the set once and go in batches.
+const BULK: usize = 65536;
 
 /// Whitelisted addresses and CIDRs per family: as many as the eBPF datapath holds.
 pub const WHITELIST_ADDRESSES: usize = limits::WL_EXACT as usize;
@@ -274,7 +279,19 @@ impl Backend for Iptables {
             .collect();
         tools::destroy_sets(&stale);
         let created: Vec<String> = sets.iter().map(|s| s.name.clone()).collect();
-        if let Err(e) = tools::ipset_restore(&render::ipset_text(&sets)) {
+        // Small sets whole in one `ipset restore`; big ones created sized, then filled over
+        // netlink (no text to parse).
+        let (big, small): (Vec<_>, Vec<_>) =
+            sets.iter().cloned().partition(|s| s.members.len() > 4096);
+        let filled = tools::ipset_restore(&render::ipset_text(&small))
+            .and_then(|()| tools::ipset_restore(&render::ipset_text_with(&big, false)))
+            .and_then(|()| {
+                let mut nl = ipset_nl::Ipset::open()?;
+                big.iter().try_for_each(|d| {
+                    nl.batch(ipset_nl::Op::Add, &d.name, &render::sorted(&d.members))
+                })
+            });
+        if let Err(e) = filled {
             tools::destroy_sets(&created);
             return Err(e.context("ipset refused the policy's sets; nothing was changed"));
         }
@@ -335,71 +352,123 @@ impl Backend for Iptables {
             .record()
             .ok_or_else(|| anyhow!("the iptables backend is not loaded here"))?;
         let mut delta = WhitelistDelta::default();
-        let (mut text, mut undo) = (String::new(), String::new());
+        let mut nl = ipset_nl::Ipset::open()?;
+        // What was done, to undo it if a later step is refused: (set, op, member).
+        let mut done: Vec<(String, ipset_nl::Op, IpNet)> = Vec::new();
         let mut rebuilt = Vec::new();
-        for f in Fam::BOTH {
-            let set = self.whitelist_sets(&rec, f).set;
-            let mut present: HashSet<IpNet> = tools::members(&set)?
-                .iter()
-                .filter_map(|m| parse_member(m))
-                .collect();
-            let before = present.len();
-            let (mut dels, mut adds) = (Vec::new(), Vec::new());
-            let mut seen = HashSet::new();
-            for n in del.iter().filter(|n| Fam::of(n) == f) {
-                let n = n.trunc();
-                if seen.insert(n) && members_present(&present, &n) {
-                    delta.removed.push(n);
-                    for m in render::members_of(&n) {
-                        present.remove(&m);
-                        dels.push(m);
+        let result = (|| -> Result<()> {
+            for f in Fam::BOTH {
+                let set = self.whitelist_sets(&rec, f).set;
+                let dels = render::sorted(
+                    &del.iter()
+                        .filter(|n| Fam::of(n) == f)
+                        .map(|n| n.trunc())
+                        .collect::<Vec<_>>(),
+                );
+                let adds = render::sorted(
+                    &add.iter()
+                        .filter(|n| Fam::of(n) == f)
+                        .map(|n| n.trunc())
+                        .collect::<Vec<_>>(),
+                );
+                if adds.len() + dels.len() <= BULK {
+                    // Entry by entry: the kernel says exactly which changed.
+                    for n in &dels {
+                        let mut all = true;
+                        for m in render::members_of(n) {
+                            if nl.one(ipset_nl::Op::Del, &set, &m)? {
+                                done.push((set.clone(), ipset_nl::Op::Del, m));
+                            } else {
+                                all = false;
+                            }
+                        }
+                        if all {
+                            delta.removed.push(*n);
+                        }
+                    }
+                    for n in &adds {
+                        let mut any = false;
+                        for m in render::members_of(n) {
+                            if nl.one(ipset_nl::Op::Add, &set, &m)? {
+                                done.push((set.clone(), ipset_nl::Op::Add, m));
+                                any = true;
+                            }
+                        }
+                        if any {
+                            delta.added.push(*n);
+                        }
+                    }
+                    continue;
+                }
+                // In bulk: the set's members read once, the changes sent in batches; a big
+                // addition fills a set sized for it beside the live one and swaps it in (an
+                // in-place fill would rehash the live set again and again).
+                let mut present: HashSet<IpNet> = tools::members(&set)?
+                    .iter()
+                    .filter_map(|m| parse_member(m))
+                    .collect();
+                let before = present.len();
+                let (mut gone, mut new) = (Vec::new(), Vec::new());
+                for n in &dels {
+                    if members_present(&present, n) {
+                        delta.removed.push(*n);
+                        for m in render::members_of(n) {
+                            present.remove(&m);
+                            gone.push(m);
+                        }
                     }
                 }
-            }
-            let mut seen = HashSet::new();
-            for n in add.iter().filter(|n| Fam::of(n) == f) {
-                let n = n.trunc();
-                if seen.insert(n) && !members_present(&present, &n) {
-                    delta.added.push(n);
-                    for m in render::members_of(&n) {
-                        present.insert(m);
-                        adds.push(m);
+                for n in &adds {
+                    if !members_present(&present, n) {
+                        delta.added.push(*n);
+                        for m in render::members_of(n) {
+                            if present.insert(m) {
+                                new.push(m);
+                            }
+                        }
                     }
                 }
+                if new.len() > BULK && new.len() > before {
+                    let tmp = format!("{set}-t");
+                    tools::destroy_sets(std::slice::from_ref(&tmp));
+                    let def = render::SetDef {
+                        name: tmp.clone(),
+                        kind: "hash:net",
+                        fam: f,
+                        members: present.iter().copied().collect(),
+                        maxelem: WHITELIST_ADDRESSES + WHITELIST_CIDRS,
+                    };
+                    rebuilt.push(tmp.clone());
+                    tools::ipset_restore(&render::ipset_text_with(
+                        std::slice::from_ref(&def),
+                        false,
+                    ))?;
+                    nl.batch(ipset_nl::Op::Add, &tmp, &render::sorted(&def.members))?;
+                    tools::ipset(&["swap", &tmp, &set])?;
+                    continue;
+                }
+                // Recorded first: a batch refused half way is undone whole (deleting what was
+                // never added, or adding back what is still there, changes nothing).
+                done.extend(gone.iter().map(|m| (set.clone(), ipset_nl::Op::Del, *m)));
+                nl.batch(ipset_nl::Op::Del, &set, &gone)?;
+                done.extend(new.iter().map(|m| (set.clone(), ipset_nl::Op::Add, *m)));
+                nl.batch(ipset_nl::Op::Add, &set, &new)?;
             }
-            if adds.len() > 65536 && adds.len() > before {
-                // A big addition: a set sized for it is filled beside the live one and
-                // swapped in (an in-place fill would rehash the live set again and again).
-                let tmp = format!("{set}-t");
-                tools::destroy_sets(std::slice::from_ref(&tmp));
-                let def = render::SetDef {
-                    name: tmp.clone(),
-                    kind: "hash:net",
-                    fam: f,
-                    members: present.iter().copied().collect(),
-                    maxelem: WHITELIST_ADDRESSES + WHITELIST_CIDRS,
+            Ok(())
+        })();
+        if let Err(e) = result {
+            // Put back what changed; a rebuild that failed never reached its swap.
+            for (set, op, m) in done.iter().rev() {
+                let back = match op {
+                    ipset_nl::Op::Add => ipset_nl::Op::Del,
+                    ipset_nl::Op::Del => ipset_nl::Op::Add,
                 };
-                text.push_str(&render::ipset_text(std::slice::from_ref(&def)));
-                text.push_str(&format!("swap {tmp} {set}\n"));
-                rebuilt.push(tmp);
-                continue;
+                let _ = nl.batch(back, set, std::slice::from_ref(m));
             }
-            for m in dels {
-                text.push_str(&format!("del {set} {m}\n"));
-                undo.push_str(&format!("add {set} {m}\n"));
-            }
-            for m in adds {
-                text.push_str(&format!("add {set} {m}\n"));
-                undo.push_str(&format!("del {set} {m}\n"));
-            }
-        }
-        if let Err(e) = tools::ipset_restore_exist(&text) {
-            // A failed rebuild never reached its swap: only the set beside goes.
-            let _ = tools::ipset_restore_exist(&undo);
             tools::destroy_sets(&rebuilt);
-            return Err(e.context("ipset refused the whitelist edit; nothing was changed"));
+            return Err(e.context("the whitelist edit was refused; nothing was changed"));
         }
-        // After the swap the sets beside hold the old contents.
+        // After a swap the set beside holds the old contents.
         for e in tools::destroy_sets(&rebuilt) {
             tracing::warn!("{e}");
         }

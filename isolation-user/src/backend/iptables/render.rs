@@ -268,6 +268,12 @@ impl WhitelistSets {
 
 /// `ipset restore` input creating and filling `sets`.
 pub fn ipset_text(sets: &[SetDef]) -> String {
+    ipset_text_with(sets, true)
+}
+
+/// `ipset restore` input creating `sets`, with their members or (`members` false) empty
+/// but sized for them (the backend then fills big sets over netlink).
+pub fn ipset_text_with(sets: &[SetDef], members: bool) -> String {
     let mut s = String::new();
     for d in sets {
         // A hash table sized for its contents up front: no rehash while a big set fills.
@@ -282,10 +288,10 @@ pub fn ipset_text(sets: &[SetDef]) -> String {
         );
         // In order, each once (two networks, or a network and a rule, may name the same
         // prefix): the text of a policy is the same however its sets were read back.
-        let mut members = d.members.clone();
-        members.sort_unstable();
-        members.dedup();
-        for m in &members {
+        if !members {
+            continue;
+        }
+        for m in &sorted(&d.members) {
             if d.kind == "hash:ip" {
                 let _ = writeln!(s, "add {} {}", d.name, m.addr());
             } else {
@@ -294,6 +300,14 @@ pub fn ipset_text(sets: &[SetDef]) -> String {
         }
     }
     s
+}
+
+/// Members in order, each once.
+pub fn sorted(members: &[IpNet]) -> Vec<IpNet> {
+    let mut v = members.to_vec();
+    v.sort_unstable();
+    v.dedup();
+    v
 }
 
 /// Which chain a rule is in.

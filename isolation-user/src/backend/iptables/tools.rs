@@ -103,14 +103,6 @@ pub fn ipset_restore(text: &str) -> Result<()> {
     run("ipset", &["restore"], Some(text)).map(|_| ())
 }
 
-/// `ipset -exist restore`: adding what is there or deleting what is not is no error.
-pub fn ipset_restore_exist(text: &str) -> Result<()> {
-    if text.is_empty() {
-        return Ok(());
-    }
-    run("ipset", &["-exist", "restore"], Some(text)).map(|_| ())
-}
-
 /// The names of every set in this network namespace.
 pub fn set_names() -> Result<Vec<String>> {
     Ok(ipset(&["list", "-n"])?
