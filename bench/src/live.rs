@@ -333,11 +333,11 @@ pub fn run(md: &mut String, targets: &mut Vec<report::Target>, o: &LiveOpts) -> 
         ("nftables netdev ingress, sets of 1".into(), "nft:1"),
         (format!("nftables netdev ingress, sets of {big}"), "nft:big"),
         (
-            "the classic recipe: iptables filter INPUT, conntrack ESTABLISHED,RELATED, ipset hash:ip, DROP; 1 address per family".into(),
+            "the classic recipe: iptables filter INPUT, conntrack ESTABLISHED,RELATED, ipset hash:ip, (IPv6) 4 neighbour-discovery ACCEPTs, DROP; 1 address per family".into(),
             "recipe:1",
         ),
         (
-            format!("the classic recipe: iptables filter INPUT, conntrack ESTABLISHED,RELATED, ipset hash:ip, DROP; {big} addresses per family"),
+            format!("the classic recipe: iptables filter INPUT, conntrack ESTABLISHED,RELATED, ipset hash:ip, (IPv6) 4 neighbour-discovery ACCEPTs, DROP; {big} addresses per family"),
             "recipe:big",
         ),
         (
@@ -474,8 +474,18 @@ pub fn run(md: &mut String, targets: &mut Vec<report::Target>, o: &LiveOpts) -> 
                     std::fs::write(&file, restore)?;
                     in_ns(&ns, &["ipset", "restore", "-file", file.to_str().unwrap()])?;
                     for (tool, set) in [("iptables", "whitelist"), ("ip6tables", "whitelist6")] {
+                        // IPv6 also needs neighbour discovery from the link (not whitelisted:
+                        // link-local sources), or the host loses its neighbours: the four
+                        // ACCEPTs a hand-written IPv6 recipe carries (RFC 4890's essentials).
+                        let nd: String = if tool == "ip6tables" {
+                            (133..=136)
+                                .map(|t| format!("-A INPUT -i {dev} -p ipv6-icmp -m icmp6 --icmpv6-type {t} -m hl --hl-eq 255 -j ACCEPT\n"))
+                                .collect()
+                        } else {
+                            String::new()
+                        };
                         let rules = format!(
-                            "*filter\n-A INPUT -i {dev} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT\n-A INPUT -i {dev} -m set --match-set {set} src -j ACCEPT\n-A INPUT -i {dev} -j DROP\nCOMMIT\n"
+                            "*filter\n-A INPUT -i {dev} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT\n-A INPUT -i {dev} -m set --match-set {set} src -j ACCEPT\n{nd}-A INPUT -i {dev} -j DROP\nCOMMIT\n"
                         );
                         let file = tmp.join(format!("r{i}.{tool}"));
                         std::fs::write(&file, rules)?;
@@ -639,7 +649,7 @@ pub fn run(md: &mut String, targets: &mut Vec<report::Target>, o: &LiveOpts) -> 
                 let recipe = rate(
                     g,
                     &format!(
-                        "the classic recipe: iptables filter INPUT, conntrack ESTABLISHED,RELATED, ipset hash:ip, DROP; {size}"
+                        "the classic recipe: iptables filter INPUT, conntrack ESTABLISHED,RELATED, ipset hash:ip, (IPv6) 4 neighbour-discovery ACCEPTs, DROP; {size}"
                     ),
                 );
                 targets.push(report::Target {

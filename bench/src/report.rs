@@ -142,8 +142,8 @@ pub fn load_table(
         md,
         "Each tool loads the same {n} IPv4 addresses into an empty set ({} runs, interleaved; \
          median and spread). Ours: `load` (no whitelist), then the timed `whitelist add --file`, \
-         on the eBPF backend and on the iptables backend (which fills a `hash:ip` set with \
-         `ipset restore`).\n",
+         on the eBPF backend and on the iptables backend (which fills its `hash:net` set over \
+         ipset's netlink protocol).\n",
         ours.secs.len()
     )?;
     tool_table(
