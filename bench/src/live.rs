@@ -193,6 +193,30 @@ fn read_counter(r: &Receiver) -> Result<u64> {
     })
 }
 
+/// Two `hash:ip` sets in namespace `ns`, `names` = [IPv4, IPv6], each of the first `n`
+/// benchmark addresses of its family, loaded with `ipset restore` from `file`.
+fn hash_ip_sets(ns: &str, file: &Path, names: [&str; 2], n: u32) -> Result<()> {
+    let mut restore = String::new();
+    for (set, family) in [(names[0], "inet"), (names[1], "inet6")] {
+        writeln!(
+            restore,
+            "create {set} hash:ip family {family} hashsize {} maxelem {}",
+            n.next_power_of_two().max(64),
+            (n * 2).max(64)
+        )?;
+        for k in 0..n {
+            if family == "inet" {
+                writeln!(restore, "add {set} {}", crate::v4_key(k))?;
+            } else {
+                writeln!(restore, "add {set} {}", crate::v6_key(k))?;
+            }
+        }
+    }
+    std::fs::write(file, restore)?;
+    in_ns(ns, &["ipset", "restore", "-file", file.to_str().unwrap()])?;
+    Ok(())
+}
+
 /// A one-source IPv4 UDP frame to the receiver, 60 bytes, with a valid header checksum
 /// (the kernel stack drops bad ones before iptables would see them).
 fn frame_v4() -> Vec<u8> {
@@ -454,25 +478,12 @@ pub fn run(md: &mut String, targets: &mut Vec<report::Target>, o: &LiveOpts) -> 
                 }
                 k if k.starts_with("recipe:") => {
                     let n = if k.ends_with("big") { big } else { 1 };
-                    let mut restore = String::new();
-                    for (set, family) in [("whitelist", "inet"), ("whitelist6", "inet6")] {
-                        writeln!(
-                            restore,
-                            "create {set} hash:ip family {family} hashsize {} maxelem {}",
-                            n.next_power_of_two().max(64),
-                            (n * 2).max(64)
-                        )?;
-                        for k in 0..n {
-                            if family == "inet" {
-                                writeln!(restore, "add {set} {}", crate::v4_key(k))?;
-                            } else {
-                                writeln!(restore, "add {set} {}", crate::v6_key(k))?;
-                            }
-                        }
-                    }
-                    let file = tmp.join(format!("r{i}.ipset"));
-                    std::fs::write(&file, restore)?;
-                    in_ns(&ns, &["ipset", "restore", "-file", file.to_str().unwrap()])?;
+                    hash_ip_sets(
+                        &ns,
+                        &tmp.join(format!("r{i}.ipset")),
+                        ["whitelist", "whitelist6"],
+                        n,
+                    )?;
                     for (tool, set) in [("iptables", "whitelist"), ("ip6tables", "whitelist6")] {
                         // IPv6 also needs neighbour discovery from the link (not whitelisted:
                         // link-local sources), or the host loses its neighbours: the four
@@ -504,25 +515,12 @@ pub fn run(md: &mut String, targets: &mut Vec<report::Target>, o: &LiveOpts) -> 
                     let f: Vec<&str> = k.split(':').collect();
                     let (table, size) = (f[1], f[2]);
                     let n = if size == "big" { big } else { 1 };
-                    let mut restore = String::new();
-                    for (set, family) in [("bench", "inet"), ("bench6", "inet6")] {
-                        writeln!(
-                            restore,
-                            "create {set} hash:ip family {family} hashsize {} maxelem {}",
-                            n.next_power_of_two().max(64),
-                            (n * 2).max(64)
-                        )?;
-                        for k in 0..n {
-                            if family == "inet" {
-                                writeln!(restore, "add {set} {}", crate::v4_key(k))?;
-                            } else {
-                                writeln!(restore, "add {set} {}", crate::v6_key(k))?;
-                            }
-                        }
-                    }
-                    let file = tmp.join(format!("r{i}.ipset"));
-                    std::fs::write(&file, restore)?;
-                    in_ns(&ns, &["ipset", "restore", "-file", file.to_str().unwrap()])?;
+                    hash_ip_sets(
+                        &ns,
+                        &tmp.join(format!("r{i}.ipset")),
+                        ["bench", "bench6"],
+                        n,
+                    )?;
                     let chain = if table == "raw" {
                         "PREROUTING"
                     } else {

@@ -8,7 +8,6 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
@@ -151,17 +150,6 @@ pub fn load_xdp_tx_random(off: i16, base: u32, modulus: u32) -> Result<RawFd> {
 
 #[repr(C)]
 #[derive(Default)]
-struct MapCreateAttr {
-    map_type: u32,
-    key_size: u32,
-    value_size: u32,
-    max_entries: u32,
-    map_flags: u32,
-    _rest: [u64; 12],
-}
-
-#[repr(C)]
-#[derive(Default)]
 struct MapElemAttr {
     map_fd: u32,
     _pad: u32,
@@ -186,15 +174,14 @@ fn update_u32(map: RawFd, key: u32, value: u32) -> std::io::Result<i64> {
 /// is the same kind as ours (allocated on demand), sized to `sources` and holding them.
 /// Anything that is not a whole IPv4 header passes.
 pub fn load_one_lookup(sources: &[std::net::Ipv4Addr]) -> Result<RawFd> {
-    let mut attr = MapCreateAttr {
-        map_type: BPF_MAP_TYPE_HASH,
-        key_size: 4,
-        value_size: 4,
-        max_entries: (sources.len() as u32).max(1),
-        map_flags: BPF_F_NO_PREALLOC,
-        ..Default::default()
-    };
-    let map = bpf(BPF_MAP_CREATE, &mut attr).context("cannot create the floor's hash")? as RawFd;
+    let map = isolation_user::backend::ebpf::syscall::create_map(
+        BPF_MAP_TYPE_HASH,
+        4,
+        4,
+        (sources.len() as u32).max(1),
+        BPF_F_NO_PREALLOC,
+    )
+    .context("cannot create the floor's hash")? as RawFd;
     for a in sources {
         update_u32(map, u32::from_ne_bytes(a.octets()), 1)
             .context("cannot fill the floor's hash")?;
@@ -238,14 +225,9 @@ pub fn load_random_wrapper_tc(off: i16, base: u32, modulus: u32, target: RawFd) 
 }
 
 fn random_wrapper(tc: bool, off: i16, base: u32, modulus: u32, target: RawFd) -> Result<RawFd> {
-    let mut attr = MapCreateAttr {
-        map_type: BPF_MAP_TYPE_PROG_ARRAY,
-        key_size: 4,
-        value_size: 4,
-        max_entries: 1,
-        ..Default::default()
-    };
-    let map = bpf(BPF_MAP_CREATE, &mut attr).context("cannot create a prog array")? as RawFd;
+    let map =
+        isolation_user::backend::ebpf::syscall::create_map(BPF_MAP_TYPE_PROG_ARRAY, 4, 4, 1, 0)
+            .context("cannot create a prog array")? as RawFd;
     let mut p = if tc {
         random_word_at(off, base, modulus, 76, 80)
     } else {

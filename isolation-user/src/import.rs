@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use ipnet::IpNet;
 
+use crate::backend::iptables::parse_member as net;
 use crate::policy::{
     AllowRule, DefaultAction, Endpoint, ExceptRule, Isolation, Policy, PortSpec, Whitelist,
     check_name,
@@ -139,13 +140,6 @@ fn parse_iptables(text: &str) -> Vec<Rule> {
         }
     }
     out
-}
-
-fn net(s: &str) -> Option<IpNet> {
-    s.parse::<IpNet>()
-        .ok()
-        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(IpNet::from))
-        .map(|n| n.trunc())
 }
 
 /// Whitelist entries with /0 put back together from the two halves ipset holds.
@@ -712,33 +706,7 @@ COMMIT
 
     #[test]
     fn our_own_export_reads_back_the_same() {
-        let p = policy::parse(
-            "p.toml",
-            r#"
-[isolation]
-default = "deny"
-reject = false
-[networks.hr]
-subnets = ["198.51.100.128/25", "2001:db8:2::/48"]
-[networks.it]
-subnets = ["198.51.100.0/25"]
-[[isolation.allow]]
-from = "hr"
-to = "it"
-ports = ["tcp:80", "udp:53-54", "icmp"]
-[[isolation.allow]]
-from = "it"
-to = "2001:db8:9::/48"
-[[isolation.except]]
-from = "192.0.2.10/32"
-to = "it"
-[whitelist]
-enabled = true
-log = true
-allow = ["203.0.113.7", "192.0.2.0/24", "0.0.0.0/0", "2001:db8::1"]
-"#,
-        )
-        .unwrap();
+        let p = policy::parse("p.toml", crate::backend::iptables::render::tests::POLICY).unwrap();
         let names = crate::backend::iptables::render::Names::new(std::path::Path::new(
             crate::state::DEFAULT_STATE_DIR,
         ));

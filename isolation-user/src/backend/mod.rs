@@ -63,6 +63,23 @@ pub struct Limits {
     pub whitelist_cidrs: usize,
 }
 
+impl Limits {
+    /// The eBPF datapath's map sizes. The iptables backend holds the same, so that a policy
+    /// one backend takes, the other takes too.
+    pub fn datapath() -> Limits {
+        use isolation_common::limits;
+        Limits {
+            networks: limits::NETWORKS,
+            allow_rules: limits::ALLOW_RULES,
+            except_rules: limits::EXCEPT_RULES,
+            vxlan_ports: limits::VXLAN_PORTS,
+            prefixes: limits::NET_PREFIXES as usize,
+            whitelist_addresses: limits::WL_EXACT as usize,
+            whitelist_cidrs: limits::WL_LPM as usize,
+        }
+    }
+}
+
 /// What `install` did, so that a failure later in the same transaction can undo it.
 #[derive(Clone, Debug, Default)]
 pub struct Installed {

@@ -48,15 +48,7 @@ impl Backend for Ebpf {
     }
 
     fn limits(&self) -> Limits {
-        Limits {
-            networks: limits::NETWORKS,
-            allow_rules: limits::ALLOW_RULES,
-            except_rules: limits::EXCEPT_RULES,
-            vxlan_ports: limits::VXLAN_PORTS,
-            prefixes: limits::NET_PREFIXES as usize,
-            whitelist_addresses: limits::WL_EXACT as usize,
-            whitelist_cidrs: limits::WL_LPM as usize,
-        }
+        Limits::datapath()
     }
 
     fn is_installed(&self) -> bool {

@@ -189,8 +189,6 @@ pub fn remove_pins(paths: &Paths) -> Vec<String> {
     files.push(paths.prog("tc"));
     files.push(paths.prog("tci"));
     files.push(paths.prog("xdp_vxlan"));
-    files.push(paths.prog("tci"));
-    files.push(paths.prog("xdp_vxlan"));
     for f in files {
         if let Err(e) = fs::remove_file(&f)
             && e.kind() != std::io::ErrorKind::NotFound

@@ -323,19 +323,31 @@ struct MapCreateAttr {
     map_flags: u32,
 }
 
+/// A new map (its fd), straight from `bpf(BPF_MAP_CREATE)`: for a probe, and for the
+/// benchmark's hand-assembled programs (aya creates the datapath's maps).
+pub fn create_map(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+) -> std::io::Result<i32> {
+    let mut attr = MapCreateAttr {
+        map_type,
+        key_size,
+        value_size,
+        max_entries,
+        map_flags,
+    };
+    sys_bpf_value(BPF_MAP_CREATE, &mut attr).map(|fd| fd as i32)
+}
+
 /// Does the kernel let this process create a BPF map? (A one-entry array, closed at once.)
 /// Raw, because aya's feature probes log warnings where BPF is refused, which is exactly
 /// where `--backend auto` asks.
 pub fn can_create_maps() -> std::io::Result<()> {
-    let mut attr = MapCreateAttr {
-        map_type: 2, // BPF_MAP_TYPE_ARRAY
-        key_size: 4,
-        value_size: 4,
-        max_entries: 1,
-        map_flags: 0,
-    };
-    let fd = sys_bpf_value(BPF_MAP_CREATE, &mut attr)?;
+    let fd = create_map(2, 4, 4, 1, 0)?; // BPF_MAP_TYPE_ARRAY
     // SAFETY: the kernel just gave us this fd; nothing else holds it.
-    unsafe { libc::close(fd as i32) };
+    unsafe { libc::close(fd) };
     Ok(())
 }

@@ -110,6 +110,33 @@ impl Iptables {
         Ok(())
     }
 
+    /// Runs, in each family, the deletions `lines` finds in its live filter table (one
+    /// `iptables-restore` each); going on past errors, which are returned.
+    fn remove_in_each_family(
+        &self,
+        what: &str,
+        lines: impl Fn(&Live) -> Vec<String>,
+    ) -> Vec<String> {
+        let Ok(v) = self.variant() else {
+            return vec![];
+        };
+        let mut errs = Vec::new();
+        for f in Fam::BOTH {
+            let text = v.save(f).map(|live| {
+                let mut t = String::from("*filter\n");
+                for l in lines(&live) {
+                    t.push_str(&l);
+                    t.push('\n');
+                }
+                t + "COMMIT\n"
+            });
+            if let Err(e) = text.and_then(|t| v.restore(f, &t)) {
+                errs.push(format!("cannot remove {what}: {e:#}"));
+            }
+        }
+        errs
+    }
+
     /// Destroys our sets that the live rules do not use and that are not the live
     /// whitelist's.
     fn collect_sets(&self, v: Variant, keep: &HashSet<String>) -> Result<Vec<String>> {
@@ -131,10 +158,12 @@ fn members_present(members: &HashSet<IpNet>, n: &IpNet) -> bool {
     render::members_of(n).iter().all(|m| members.contains(m))
 }
 
-fn parse_member(s: &str) -> Option<IpNet> {
+/// A set member as `ipset save` writes it: a CIDR, or an address (its host route).
+pub fn parse_member(s: &str) -> Option<IpNet> {
     s.parse::<IpNet>()
         .ok()
         .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+        .map(|n| n.trunc())
 }
 
 impl Backend for Iptables {
@@ -143,15 +172,7 @@ impl Backend for Iptables {
     }
 
     fn limits(&self) -> Limits {
-        Limits {
-            networks: limits::NETWORKS,
-            allow_rules: limits::ALLOW_RULES,
-            except_rules: limits::EXCEPT_RULES,
-            vxlan_ports: limits::VXLAN_PORTS,
-            prefixes: limits::NET_PREFIXES as usize,
-            whitelist_addresses: WHITELIST_ADDRESSES,
-            whitelist_cidrs: WHITELIST_CIDRS,
-        }
+        Limits::datapath()
     }
 
     fn is_installed(&self) -> bool {
@@ -672,66 +693,32 @@ impl Backend for Iptables {
     }
 
     fn detach(&mut self, iface: &str) -> Vec<String> {
-        let Ok(v) = self.variant() else {
-            return vec![];
-        };
-        let mut errs = Vec::new();
-        for f in Fam::BOTH {
-            let live = match v.save(f) {
-                Ok(l) => l,
-                Err(e) => {
-                    errs.push(e.to_string());
-                    continue;
-                }
-            };
-            let mut text = String::from("*filter\n");
-            for (_, i, l) in live.jumps(&self.names) {
-                if i == iface {
-                    text.push_str(&format!("-D{}\n", &l[2..]));
-                }
-            }
-            text.push_str("COMMIT\n");
-            if let Err(e) = v.restore(f, &text) {
-                errs.push(format!("cannot remove the jumps for {iface}: {e:#}"));
-            }
-        }
-        errs
+        self.remove_in_each_family(&format!("the jumps for {iface}"), |live| {
+            live.jumps(&self.names)
+                .into_iter()
+                .filter(|(_, i, _)| i == iface)
+                .map(|(_, _, l)| format!("-D{}", &l[2..]))
+                .collect()
+        })
     }
 
     fn teardown(&mut self) -> Vec<String> {
-        let Ok(v) = self.variant() else {
-            return vec![];
-        };
-        let mut errs = Vec::new();
-        for f in Fam::BOTH {
-            let live = match v.save(f) {
-                Ok(l) => l,
-                Err(e) => {
-                    errs.push(e.to_string());
-                    continue;
-                }
-            };
-            let mut text = String::from("*filter\n");
-            let mut jumps = live.jumps(&self.names);
-            jumps.extend(live.jumps_to(&self.names.tunnel()));
-            for (_, _, l) in jumps {
-                text.push_str(&format!("-D{}\n", &l[2..]));
-            }
-            for c in self.names.chains() {
-                if live.chains.contains(&c) {
-                    text.push_str(&format!("-F {c}\n"));
-                }
-            }
-            for c in self.names.chains() {
-                if live.chains.contains(&c) {
-                    text.push_str(&format!("-X {c}\n"));
-                }
-            }
-            text.push_str("COMMIT\n");
-            if let Err(e) = v.restore(f, &text) {
-                errs.push(format!("cannot remove the isolation chains: {e:#}"));
-            }
-        }
+        let names = &self.names;
+        let mut errs = self.remove_in_each_family("the isolation chains", |live| {
+            let mut jumps = live.jumps(names);
+            jumps.extend(live.jumps_to(&names.tunnel()));
+            let ours: Vec<String> = names
+                .chains()
+                .into_iter()
+                .filter(|c| live.chains.contains(c))
+                .collect();
+            jumps
+                .into_iter()
+                .map(|(_, _, l)| format!("-D{}", &l[2..]))
+                .chain(ours.iter().map(|c| format!("-F {c}")))
+                .chain(ours.iter().map(|c| format!("-X {c}")))
+                .collect()
+        });
         match tools::set_names() {
             Ok(all) => {
                 let ours: Vec<String> =

@@ -770,11 +770,12 @@ pub fn export(p: &Policy, names: &Names, ifaces: &[String]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::policy;
 
-    const POLICY: &str = r#"
+    /// A policy with every kind of rule, a /0 and both families (also import's round trip).
+    pub(crate) const POLICY: &str = r#"
 [isolation]
 default = "deny"
 reject = true
