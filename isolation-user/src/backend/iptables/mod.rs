@@ -50,11 +50,15 @@ pub const WHITELIST_CIDRS: usize = limits::WL_LPM as usize;
 /// What this backend keeps beside the engine's state: which iptables it loaded with, the
 /// generation in force, and the generation whose whitelist sets are live (they outlive
 /// rule changes, and exist even while the whitelist is off).
-#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct Record {
     variant: Variant,
     generation: u32,
     whitelist_generation: u32,
+    /// The pair and triple set types this kernel has, of those the classic recipe uses
+    /// (`hash:net,net`, `hash:net,port,net`). Said in `status`; the rules never need them.
+    #[serde(default)]
+    pair_types: Vec<String>,
 }
 
 pub struct Iptables {
@@ -223,6 +227,10 @@ impl Backend for Iptables {
                 variant: v,
                 generation: 0,
                 whitelist_generation: 0,
+                pair_types: tools::set_types_present(
+                    &self.names,
+                    &["hash:net,net", "hash:net,port,net"],
+                ),
             })?;
         }
         if let Err(e) = self.restore_both(v, &texts, &live) {
@@ -320,9 +328,9 @@ impl Backend for Iptables {
             progress(w.len() as u64);
         }
         let new_rec = Record {
-            variant: v,
             generation,
             whitelist_generation: wl_gen,
+            ..rec.clone()
         };
         // Packets a VXLAN device of this host decapsulates (on a policy's port) are judged
         // by isolation as they come out of the tunnel.
@@ -679,10 +687,18 @@ impl Backend for Iptables {
         Ok(Status {
             backend: Kind::Iptables,
             detail: format!(
-                "{}; chains {} and {}; pairs as rules over hash:net sets",
+                "{}; chains {} and {}; pairs as rules over hash:net sets ({})",
                 v.describe(),
                 self.names.input(),
-                self.names.isolation()
+                self.names.isolation(),
+                if rec.pair_types.is_empty() {
+                    "this kernel has neither hash:net,net nor hash:net,port,net".to_string()
+                } else {
+                    format!(
+                        "this kernel also has {}, not needed",
+                        rec.pair_types.join(" and ")
+                    )
+                }
             ),
             generation: rec.generation,
             whitelist_enabled,

@@ -103,6 +103,23 @@ pub fn ipset_restore(text: &str) -> Result<()> {
     run("ipset", &["restore"], Some(text)).map(|_| ())
 }
 
+/// Which of `types` this kernel's ipset has: a set of each is created (named after this
+/// instance, so nobody else's) and destroyed at once.
+pub fn set_types_present(names: &Names, types: &[&str]) -> Vec<String> {
+    types
+        .iter()
+        .filter(|t| {
+            let probe = names.set(0, "probe", super::render::Fam::V4);
+            let ok = ipset(&["create", &probe, t]).is_ok();
+            if ok {
+                let _ = ipset(&["destroy", &probe]);
+            }
+            ok
+        })
+        .map(|t| t.to_string())
+        .collect()
+}
+
 /// The names of every set in this network namespace.
 pub fn set_names() -> Result<Vec<String>> {
     Ok(ipset(&["list", "-n"])?
