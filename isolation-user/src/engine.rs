@@ -65,6 +65,9 @@ pub enum Done {
         seeded: usize,
     },
     Replaced,
+    /// The policy asked for is the live one already: nothing was touched, the generation
+    /// is the live one.
+    Unchanged,
     Rules {
         message: String,
     },
@@ -155,6 +158,13 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
         Change::Replace { policy, lines } => {
             let mut b = backend::installed(paths, state.as_ref())?;
             check_whole(&policy, lines.as_ref(), b.as_ref(), opts.force)?;
+            if plan_against(&store, &policy)?.is_empty() {
+                return Ok(Outcome {
+                    generation: meta.generation,
+                    backend: b.kind().name(),
+                    what: Done::Unchanged,
+                });
+            }
             b.apply(
                 &policy,
                 Some(&policy.whitelist.allow),
@@ -261,6 +271,103 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
     }
 }
 
+/// What replacing the live policy with another would change: the dry run of `apply`.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Plan {
+    pub networks_added: Vec<String>,
+    pub networks_removed: Vec<String>,
+    /// Networks whose subnets change.
+    pub networks_changed: Vec<String>,
+    pub allow_added: usize,
+    pub allow_removed: usize,
+    pub except_added: usize,
+    pub except_removed: usize,
+    /// default, reject, vxlan ports, whitelist on/off, log: "what: old -> new".
+    pub settings: Vec<String>,
+    pub whitelist_added: usize,
+    pub whitelist_removed: usize,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        *self == Plan::default()
+    }
+}
+
+/// What `apply` of `policy` would change, checked as `apply` checks it (file lines, the
+/// backend's limits, no lockout) and changing nothing.
+pub fn plan(paths: &Paths, policy: &Policy, lines: Option<&Lines>, force: bool) -> Result<Plan> {
+    let _lock = paths.lock()?;
+    let b = backend::installed(paths, State::load(paths)?.as_ref())?;
+    check_whole(policy, lines, b.as_ref(), force)?;
+    plan_against(&Store::new(paths), policy)
+}
+
+fn plan_against(store: &Store, new: &Policy) -> Result<Plan> {
+    let old = store.whole()?;
+    let mut p = Plan::default();
+    for (name, subnets) in &new.networks {
+        match old.networks.get(name) {
+            None => p.networks_added.push(name.clone()),
+            Some(o) if o != subnets => p.networks_changed.push(name.clone()),
+            _ => {}
+        }
+    }
+    p.networks_removed = old
+        .networks
+        .keys()
+        .filter(|n| !new.networks.contains_key(*n))
+        .cloned()
+        .collect();
+    // Rules by what they say (position does not change a verdict but is kept: a rule
+    // that moved counts as removed and added, as its counters restart).
+    let count = |a: &[String], b: &[String]| a.iter().filter(|x| !b.contains(x)).count();
+    let (oa, oe) = backend::rule_names(&old);
+    let (na, ne) = backend::rule_names(new);
+    p.allow_added = count(&na, &oa);
+    p.allow_removed = count(&oa, &na);
+    p.except_added = count(&ne, &oe);
+    p.except_removed = count(&oe, &ne);
+    if na != oa && p.allow_added == 0 && p.allow_removed == 0 {
+        p.settings.push("allow rules: reordered".into());
+    }
+    if ne != oe && p.except_added == 0 && p.except_removed == 0 {
+        p.settings.push("except rules: reordered".into());
+    }
+    let (oi, ni) = (&old.isolation, &new.isolation);
+    let mut setting = |what: &str, o: String, n: String| {
+        if o != n {
+            p.settings.push(format!("{what}: {o} -> {n}"));
+        }
+    };
+    setting(
+        "default",
+        format!("{:?}", oi.default).to_lowercase(),
+        format!("{:?}", ni.default).to_lowercase(),
+    );
+    setting("reject", oi.reject.to_string(), ni.reject.to_string());
+    setting(
+        "vxlan_ports",
+        format!("{:?}", oi.vxlan_ports),
+        format!("{:?}", ni.vxlan_ports),
+    );
+    setting(
+        "whitelist enabled",
+        old.whitelist.enabled.to_string(),
+        new.whitelist.enabled.to_string(),
+    );
+    setting(
+        "whitelist log",
+        old.whitelist.log.to_string(),
+        new.whitelist.log.to_string(),
+    );
+    let o: HashSet<IpNet> = old.whitelist.allow.iter().map(|n| n.trunc()).collect();
+    let n: HashSet<IpNet> = new.whitelist.allow.iter().map(|n| n.trunc()).collect();
+    p.whitelist_added = n.difference(&o).count();
+    p.whitelist_removed = o.difference(&n).count();
+    Ok(p)
+}
+
 fn outcome(generation: u32, b: &dyn Backend, what: Done) -> Outcome {
     Outcome {
         generation,
@@ -344,6 +451,11 @@ pub fn open(paths: &Paths) -> Result<(Box<dyn Backend>, State)> {
 /// The desired policy, rules only (whitelist entries left out: cheap at any size).
 pub fn rules(paths: &Paths) -> Result<Policy> {
     Store::new(paths).rules()
+}
+
+/// The desired policy, whitelist entries included.
+pub fn whole(paths: &Paths) -> Result<Policy> {
+    Store::new(paths).whole()
 }
 
 /// The desired whitelist entries.

@@ -62,6 +62,10 @@ pub enum Cmd {
     Except(commands::edit::ExceptCmd),
     /// The verdict the live datapath gives a new connection, and what decides it.
     Check(commands::check::CheckArgs),
+    /// Replace the whole live policy with a policy file, in one transaction.
+    Apply(commands::apply::ApplyArgs),
+    /// Print the live policy, whitelist included, as a policy file.
+    Save,
     /// Print the ipset and iptables rules the iptables backend would load for a policy.
     Export(commands::export::ExportArgs),
     /// Print a policy file for an existing ipset/iptables setup (the classic recipe).
@@ -86,6 +90,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Except(c) => commands::edit::except(&paths, c),
         Cmd::Check(a) => commands::check::run(&paths, a),
         Cmd::Export(a) => commands::export::run(&paths, a),
+        Cmd::Apply(a) => commands::apply::apply(&paths, a),
+        Cmd::Save => commands::apply::save(&paths),
         Cmd::Import(a) => commands::import::run(a),
     }
 }

@@ -1,4 +1,5 @@
 //! One module per verb, each with its clap arguments and a `run`.
+pub mod apply;
 pub mod check;
 pub mod edit;
 pub mod export;

@@ -89,7 +89,7 @@ fn collect(a: &EditArgs) -> Result<Vec<IpNet>> {
 }
 
 /// A progress bar on a terminal for big edits; nothing otherwise.
-fn progress(len: usize) -> indicatif::ProgressBar {
+pub fn progress(len: usize) -> indicatif::ProgressBar {
     if len < 50_000 || !std::io::stderr().is_terminal() {
         return indicatif::ProgressBar::hidden();
     }
