@@ -125,3 +125,138 @@ fn apply_replaces_the_policy_and_save_round_trips(#[case] backend: &str) {
     assert!(out.contains("nothing changed"), "{out}");
     assert_eq!(generation(&iso), g);
 }
+
+const P1: &str = r#"
+[isolation]
+default = "deny"
+reject = true
+[networks.it]
+subnets = ["198.51.100.0/25"]
+[networks.hr]
+subnets = ["198.51.100.128/25"]
+[[isolation.allow]]
+from = "hr"
+to = "it"
+ports = ["tcp:80"]
+"#;
+
+/// How a connection from `ns` to `addr` ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum End {
+    Passed,
+    Refused,
+    TimedOut,
+}
+
+fn connect(ns: &str, addr: SocketAddr) -> End {
+    tests::traffic::in_ns(ns, move || {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            Ok(mut s) => {
+                if tests::traffic::round_trip(&mut s, Duration::from_secs(2)) {
+                    End::Passed
+                } else {
+                    End::TimedOut
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => End::Refused,
+            Err(_) => End::TimedOut,
+        }
+    })
+}
+
+/// 100 applies alternate between two policies while new connections keep crossing the
+/// router: each ends as one of the two policies says (tcp:80 both allow: never lost;
+/// tcp:81 only the second allows: passed or refused; tcp:82 neither allows: refused),
+/// never dropped half way by a mix of the two.
+#[rstest]
+#[case::ebpf("ebpf")]
+#[case::iptables("iptables")]
+fn connections_across_100_applies_get_the_old_or_the_new_verdict(#[case] backend: &str) {
+    if !tests::can_run("end-to-end apply under traffic test") {
+        return;
+    }
+    let (router, it, hr) = (unique("aprt"), unique("apit"), unique("aphr"));
+    let ns = Netns::new(&[&router, &it, &hr]);
+    ns.spoke(
+        &router,
+        "r1",
+        ["198.51.100.1/28", "2001:db8:1:1::1/64"],
+        &it,
+        ["198.51.100.2/28", "2001:db8:1:1::2/64"],
+    );
+    ns.spoke(
+        &router,
+        "r3",
+        ["198.51.100.129/28", "2001:db8:2:1::1/64"],
+        &hr,
+        ["198.51.100.130/28", "2001:db8:2:1::2/64"],
+    );
+    ns.forwarding(&router);
+    let iso = Iso::with_backend(&router, backend);
+    let _echo = Echo::start(&it, &[sa("0.0.0.0:80"), sa("0.0.0.0:81"), sa("0.0.0.0:82")]);
+    let p1 = iso.policy(P1);
+    let p2 = iso.policy(&P1.replace(r#"ports = ["tcp:80"]"#, r#"ports = ["tcp:80", "tcp:81"]"#));
+    iso.ok(&["load", "--iface", "r1", "--iface", "r3", "--policy", &p1]);
+    // Positive controls of each port under each policy, before the race.
+    assert_eq!(connect(&hr, sa("198.51.100.2:80")), End::Passed);
+    assert_eq!(connect(&hr, sa("198.51.100.2:81")), End::Refused);
+    iso.ok(&["apply", &p2]);
+    assert_eq!(connect(&hr, sa("198.51.100.2:81")), End::Passed);
+    assert_eq!(connect(&hr, sa("198.51.100.2:82")), End::Refused);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = {
+        let (hr, stop) = (hr.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut seen: Vec<(u16, End)> = Vec::new();
+            let deadline = std::time::Instant::now() + Duration::from_secs(120);
+            // Bounded in count and time; paced under the REJECT rate limits.
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && seen.len() < 20_000
+                && std::time::Instant::now() < deadline
+            {
+                for port in [80u16, 81, 82] {
+                    seen.push((
+                        port,
+                        connect(&hr, SocketAddr::new([198, 51, 100, 2].into(), port)),
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            seen
+        })
+    };
+    for i in 0..100 {
+        iso.ok(&["apply", if i % 2 == 0 { &p1 } else { &p2 }]);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = prober.join().unwrap();
+    eprintln!("{backend}: {} connections during 100 applies", seen.len());
+    let wrong: Vec<_> = seen
+        .iter()
+        .filter(|(port, end)| match port {
+            80 => *end != End::Passed,
+            81 => *end == End::TimedOut,
+            _ => *end != End::Refused,
+        })
+        .collect();
+    assert!(
+        seen.len() >= 30,
+        "too few connections during the applies: {}",
+        seen.len()
+    );
+    assert!(
+        wrong.is_empty(),
+        "{} of {} connections ended as neither policy says: {:?}",
+        wrong.len(),
+        seen.len(),
+        &wrong[..wrong.len().min(10)]
+    );
+    // Both verdicts of the port that differs were seen: the applies really alternated.
+    for end in [End::Passed, End::Refused] {
+        assert!(
+            seen.iter().any(|(p, e)| *p == 81 && *e == end),
+            "tcp:81 never {end:?} across the applies"
+        );
+    }
+}
