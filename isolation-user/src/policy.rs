@@ -584,6 +584,25 @@ mod tests {
     use super::*;
     use rstest::rstest;
 
+    /// Every TOML example in the repository's docs parses: the docs cannot drift from the
+    /// parser.
+    #[test]
+    fn the_docs_examples_parse() {
+        let docs = [
+            ("README.md", include_str!("../../README.md")),
+            ("docs/policy.md", include_str!("../../docs/policy.md")),
+        ];
+        let mut seen = 0;
+        for (file, text) in docs {
+            for block in text.split("```toml\n").skip(1) {
+                let example = block.split("```").next().unwrap_or("");
+                parse(file, example).unwrap_or_else(|e| panic!("{file}: {e}\n{example}"));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 2, "no TOML example found");
+    }
+
     const EXAMPLE: &str = r#"[isolation]
 default = "deny"            # "deny" | "accept"
 reject = true
