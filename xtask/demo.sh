@@ -9,6 +9,8 @@ H=iso-demo-host F=iso-demo-friend S=iso-demo-stranger
 POLICY=$(mktemp /tmp/isolation-demo-XXXX.toml)
 
 cleanup() {
+    # The listener first: alive, it would hold the host namespace after its deletion.
+    if [ -n "${NC:-}" ]; then kill "$NC" 2>/dev/null || true; wait "$NC" 2>/dev/null || true; fi
     nsenter --net=/run/netns/$H "$BIN" unload >/dev/null 2>&1 || true
     for ns in $H $F $S; do ip netns del $ns 2>/dev/null || true; done
     rm -f "$POLICY"
@@ -37,7 +39,10 @@ ip -n $H link add h2 type veth peer name e0 netns $S
 ip -n $H addr add 192.0.2.1/24 dev h1;    ip -n $F addr add 192.0.2.10/24 dev e0
 ip -n $H addr add 198.51.100.1/24 dev h2; ip -n $S addr add 198.51.100.66/24 dev e0
 for l in "$H h1" "$H h2" "$F e0" "$S e0"; do set -- $l; ip -n $1 link set $2 up; done
-nsx $H nc -lk 8080 >/dev/null 2>&1 &
+# Not through nsx (a function: `&` would fork a subshell, and $! would be the subshell's):
+# nsenter execs nc, so $! is the listener itself.
+nsenter --net=/run/netns/$H nc -lk 8080 >/dev/null 2>&1 &
+NC=$!
 
 cat > "$POLICY" <<'TOML'
 [whitelist]
