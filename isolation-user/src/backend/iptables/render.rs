@@ -553,112 +553,74 @@ pub fn rules(p: &Policy, names: &Names, generation: u32, wl: &WhitelistSets, f: 
             );
         }
     }
-    // The tunnel chain: the same decision up to here; a denied packet is dropped.
-    let tail = out.len();
-    if !p.isolation.vxlan_ports.is_empty() {
-        let mut tunnel: Vec<Rule> = out
-            .iter()
-            .filter(|r| r.chain == Chain::Isolation)
-            .cloned()
-            .map(|r| Rule {
-                chain: Chain::Tunnel,
-                ..r
-            })
-            .collect();
-        match p.isolation.default {
-            DefaultAction::Accept => tunnel.push(Rule {
-                chain: Chain::Tunnel,
-                matches: String::new(),
-                key: key(Reason::PassDefault),
-                target: "RETURN".into(),
-            }),
-            DefaultAction::Deny => {
-                tunnel.push(Rule {
-                    chain: Chain::Tunnel,
-                    matches: log_limit(),
-                    key: "isolation:log".into(),
-                    target: nflog(Reason::DropIsolated.name()),
-                });
-                tunnel.push(Rule {
-                    chain: Chain::Tunnel,
-                    matches: String::new(),
-                    key: key(Reason::DropIsolated),
-                    target: "DROP".into(),
-                });
-            }
-        }
-        out.extend(tunnel);
-    }
-    let mut push = |chain: Chain, matches: String, key: String, target: String| {
-        out.insert(
-            tail,
-            Rule {
+    // The chain ends with the default. The tunnel chain is the same decision, but a packet
+    // out of a tunnel that is denied is dropped, never answered.
+    let body: Vec<Rule> = out
+        .iter()
+        .filter(|r| r.chain == Chain::Isolation)
+        .cloned()
+        .collect();
+    let end = |chain: Chain, reject: bool| {
+        default_rules(p.isolation.default, reject, f, &nflog)
+            .into_iter()
+            .map(move |(matches, key, target)| Rule {
                 chain,
                 matches,
                 key,
                 target,
-            },
-        )
+            })
     };
-    let mut tail_rules = Vec::new();
-    let mut push_tail = |chain: Chain, matches: String, key: String, target: String| {
-        tail_rules.push((chain, matches, key, target))
-    };
-    match (p.isolation.default, p.isolation.reject) {
-        (DefaultAction::Accept, _) => push_tail(
-            Chain::Isolation,
-            String::new(),
-            key(Reason::PassDefault),
-            "RETURN".into(),
-        ),
-        (DefaultAction::Deny, reject) => {
-            let r = if reject {
-                Reason::RejectIsolated
-            } else {
-                Reason::DropIsolated
-            };
-            push_tail(
-                Chain::Isolation,
-                log_limit(),
-                "isolation:log".into(),
-                nflog(r.name()),
-            );
-            if reject {
-                // Never an answer to an answer: a RST or an ICMP error of no connection
-                // is INVALID to conntrack, and dropped silently.
-                push_tail(
-                    Chain::Isolation,
-                    "-m conntrack --ctstate INVALID".into(),
-                    key(Reason::DropIsolated),
-                    "DROP".into(),
-                );
-                push_tail(
-                    Chain::Isolation,
-                    format!("-p tcp {REJECT_LIMIT}"),
-                    key(r),
-                    "REJECT --reject-with tcp-reset".into(),
-                );
-                push_tail(
-                    Chain::Isolation,
-                    format!("! -p tcp {REJECT_LIMIT}"),
-                    key(r),
-                    format!("REJECT --reject-with {}", f.admin_prohibited()),
-                );
-                push_tail(
-                    Chain::Isolation,
-                    String::new(),
-                    key(Reason::DropRejectLimited),
-                    "DROP".into(),
-                );
-            } else {
-                push_tail(Chain::Isolation, String::new(), key(r), "DROP".into());
-            }
-        }
-    }
-    for (chain, matches, key, target) in tail_rules.into_iter().rev() {
-        push(chain, matches, key, target);
+    out.extend(end(Chain::Isolation, p.isolation.reject));
+    if !p.isolation.vxlan_ports.is_empty() {
+        out.extend(body.into_iter().map(|r| Rule {
+            chain: Chain::Tunnel,
+            ..r
+        }));
+        out.extend(end(Chain::Tunnel, false));
     }
     out
+}
+
+/// The end of an isolation chain, what a packet no rule passed gets: (matches, key,
+/// target) of each rule.
+fn default_rules(
+    default: DefaultAction,
+    reject: bool,
+    f: Fam,
+    nflog: &dyn Fn(&str) -> String,
+) -> Vec<(String, String, String)> {
+    if default == DefaultAction::Accept {
+        return vec![(String::new(), key(Reason::PassDefault), "RETURN".into())];
+    }
+    let r = if reject {
+        Reason::RejectIsolated
+    } else {
+        Reason::DropIsolated
+    };
+    let mut v = vec![(log_limit(), "isolation:log".into(), nflog(r.name()))];
+    if !reject {
+        v.push((String::new(), key(r), "DROP".into()));
+        return v;
+    }
+    // Never an answer to an answer: a RST or an ICMP error of no connection is INVALID to
+    // conntrack, and dropped silently.
+    v.push((
+        "-m conntrack --ctstate INVALID".into(),
+        key(Reason::DropIsolated),
+        "DROP".into(),
+    ));
+    v.push((
+        format!("-p tcp {REJECT_LIMIT}"),
+        key(r),
+        "REJECT --reject-with tcp-reset".into(),
+    ));
+    v.push((
+        format!("! -p tcp {REJECT_LIMIT}"),
+        key(r),
+        format!("REJECT --reject-with {}", f.admin_prohibited()),
+    ));
+    v.push((String::new(), key(Reason::DropRejectLimited), "DROP".into()));
+    v
 }
 
 fn port_range(lo: u16, hi: u16) -> String {
