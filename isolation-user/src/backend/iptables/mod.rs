@@ -2,11 +2,11 @@
 //! iptables rules and ipset sets in the classic recipe's shape (see `render`).
 //!
 //! Changes are atomic the way iptables allows: a whole policy's sets are built beside the
-//! live ones under new names (the generation is in their names), then each family's two
-//! chains are replaced in one `iptables-restore --noflush` call, which switches every rule
-//! to the new sets at once; the old sets go afterwards. A failure part-way puts back what
-//! was replaced and removes what was built. Whitelist edits are `ipset restore` batches on
-//! the live sets, undone if the kernel refuses one.
+//! live ones under new names (the generation is in their names), then each family's chains
+//! are replaced in one `iptables-restore --noflush` call, which switches every rule to the
+//! new sets at once; the old sets go afterwards. A failure part-way puts back what was
+//! replaced and removes what was built. Whitelist edits add and delete members of the live
+//! sets over ipset's netlink protocol (`ipset_nl`), undone if the kernel refuses one.
 //!
 //! What the kernel's conntrack gives here, the eBPF datapath does itself: replies and ICMP
 //! errors of connections (ESTABLISHED, RELATED), and fragments (reassembled before the
@@ -140,21 +140,6 @@ impl Iptables {
         }
         errs
     }
-
-    /// Destroys our sets that the live rules do not use and that are not the live
-    /// whitelist's.
-    fn collect_sets(&self, v: Variant, keep: &HashSet<String>) -> Result<Vec<String>> {
-        let live = self.live(v)?;
-        let mut used: HashSet<String> = keep.clone();
-        for l in &live {
-            used.extend(l.sets(&self.names));
-        }
-        let old: Vec<String> = tools::set_names()?
-            .into_iter()
-            .filter(|n| self.names.owns_set(n) && !used.contains(n))
-            .collect();
-        Ok(tools::destroy_sets(&old))
-    }
 }
 
 /// Is every member `n` is held as (a /0 is two) in the set?
@@ -203,15 +188,14 @@ impl Backend for Iptables {
         let v = self.variant()?;
         let live = self.live(v)?;
         let fresh = !live[0].installed(&self.names) || self.record().is_none();
-        let mut texts: [String; 2] = Default::default();
-        for i in 0..2 {
+        let texts: [String; 2] = std::array::from_fn(|fam| {
             let mut s = String::from("*filter\n");
             for c in self.names.chains() {
-                if !live[i].chains.contains(&c) {
+                if !live[fam].chains.contains(&c) {
                     s.push_str(&format!(":{c} - [0:0]\n"));
                 }
             }
-            let jumps = live[i].jumps(&self.names);
+            let jumps = live[fam].jumps(&self.names);
             for w in ifaces {
                 if !jumps.iter().any(|(_, i, _)| *i == w.name) {
                     for l in render::jump_lines(&self.names, "-I", &w.name) {
@@ -220,8 +204,8 @@ impl Backend for Iptables {
                 }
             }
             s.push_str("COMMIT\n");
-            texts[i] = s;
-        }
+            s
+        });
         if fresh {
             self.save_record(&Record {
                 variant: v,
@@ -279,7 +263,7 @@ impl Backend for Iptables {
         progress: &mut dyn FnMut(u64),
     ) -> Result<()> {
         let v = self.variant()?;
-        let mut rec = self.record().ok_or_else(|| {
+        let rec = self.record().ok_or_else(|| {
             anyhow!(
                 "the iptables backend's record {} is missing (run `isolation-user load`)",
                 self.record_path().display()
@@ -330,7 +314,7 @@ impl Backend for Iptables {
         let new_rec = Record {
             generation,
             whitelist_generation: wl_gen,
-            ..rec.clone()
+            ..rec
         };
         // Packets a VXLAN device of this host decapsulates (on a policy's port) are judged
         // by isolation as they come out of the tunnel.
@@ -346,7 +330,7 @@ impl Backend for Iptables {
             let mut jumps: Vec<String> = live[i]
                 .jumps_to(&self.names.tunnel())
                 .into_iter()
-                .map(|(_, _, l)| format!("-D{}", &l[2..]))
+                .map(|(_, _, l)| tools::deletion(&l))
                 .collect();
             for t in &tunnels {
                 jumps.extend(render::tunnel_jump_lines(&self.names, "-I", t));
@@ -358,13 +342,18 @@ impl Backend for Iptables {
             tools::destroy_sets(&created);
             return Err(e.context("iptables refused the policy's rules; the previous rules stay"));
         }
-        rec = new_rec;
-        self.save_record(&rec)?;
-        let keep: HashSet<String> = Fam::BOTH
+        self.save_record(&new_rec)?;
+        // The old sets: ours that were there before, that the new rules do not name (they
+        // name the sets just built, and the live whitelist's).
+        let wl: Vec<String> = Fam::BOTH
             .iter()
-            .flat_map(|f| [self.whitelist_sets(&rec, *f).set])
+            .map(|f| self.whitelist_sets(&new_rec, *f).set)
             .collect();
-        for e in self.collect_sets(v, &keep)? {
+        let old: Vec<String> = existing
+            .into_iter()
+            .filter(|n| self.names.owns_set(n) && !created.contains(n) && !wl.contains(n))
+            .collect();
+        for e in tools::destroy_sets(&old) {
             tracing::warn!("{e}");
         }
         Ok(())
@@ -388,18 +377,15 @@ impl Backend for Iptables {
         let result = (|| -> Result<()> {
             for f in Fam::BOTH {
                 let set = self.whitelist_sets(&rec, f).set;
-                let dels = render::sorted(
-                    &del.iter()
+                let of_family = |v: &[IpNet]| {
+                    let mine: Vec<IpNet> = v
+                        .iter()
                         .filter(|n| Fam::of(n) == f)
                         .map(|n| n.trunc())
-                        .collect::<Vec<_>>(),
-                );
-                let adds = render::sorted(
-                    &add.iter()
-                        .filter(|n| Fam::of(n) == f)
-                        .map(|n| n.trunc())
-                        .collect::<Vec<_>>(),
-                );
+                        .collect();
+                    render::sorted(&mine)
+                };
+                let (dels, adds) = (of_family(del), of_family(add));
                 if adds.len() + dels.len() <= BULK {
                     // Entry by entry: the kernel says exactly which changed.
                     for n in &dels {
@@ -598,9 +584,7 @@ impl Backend for Iptables {
             .ok_or_else(|| anyhow!("the iptables backend is not loaded here"))?;
         let f = Fam::of_addr(&q.src);
         let live = v.save(f)?;
-        let enabled = live.chain(&self.names.input()).any(|(_, l, ..)| {
-            tools::comment(l).as_deref() == Some(&render::key(Reason::DropNotWhitelisted))
-        });
+        let enabled = live.whitelist_enforced(&self.names);
         let mut answer = Answer {
             verdict: Verdict::Pass,
             stage: "whitelist",
@@ -608,19 +592,16 @@ impl Backend for Iptables {
             generation: rec.generation,
         };
         if enabled {
-            let wl = self.whitelist_sets(&rec, f);
-            let src = q.src.to_string();
-            let admitting = Some(&wl.set).filter(|set| tools::ipset(&["test", set, &src]).is_ok());
-            match admitting {
-                Some(set) => answer.reason = format!("whitelisted (in set {set})"),
-                None => {
-                    answer.verdict = Verdict::Drop;
-                    answer.reason = format!(
-                        "{} is not whitelisted (only replies of connections opened from here get in)",
-                        q.src
-                    );
-                    return Ok(answer);
-                }
+            let set = self.whitelist_sets(&rec, f).set;
+            if tools::ipset(&["test", &set, &q.src.to_string()]).is_ok() {
+                answer.reason = format!("whitelisted (in set {set})");
+            } else {
+                answer.verdict = Verdict::Drop;
+                answer.reason = format!(
+                    "{} is not whitelisted (only replies of connections opened from here get in)",
+                    q.src
+                );
+                return Ok(answer);
             }
         }
         let ports = match (q.proto, q.dport) {
@@ -665,9 +646,7 @@ impl Backend for Iptables {
                     .all(|c| jumps.iter().any(|(jc, ji, _)| jc == c && *ji == i.name)),
             })
             .collect();
-        let whitelist_enabled = live[0].chain(&self.names.input()).any(|(_, l, ..)| {
-            tools::comment(l).as_deref() == Some(&render::key(Reason::DropNotWhitelisted))
-        });
+        let whitelist_enabled = live[0].whitelist_enforced(&self.names);
         let mut names: Vec<String> = live.iter().flat_map(|l| l.sets(&self.names)).collect();
         for f in Fam::BOTH {
             let w = self.whitelist_sets(&rec, f);
@@ -713,7 +692,7 @@ impl Backend for Iptables {
             live.jumps(&self.names)
                 .into_iter()
                 .filter(|(_, i, _)| i == iface)
-                .map(|(_, _, l)| format!("-D{}", &l[2..]))
+                .map(|(_, _, l)| tools::deletion(&l))
                 .collect()
         })
     }
@@ -730,7 +709,7 @@ impl Backend for Iptables {
                 .collect();
             jumps
                 .into_iter()
-                .map(|(_, _, l)| format!("-D{}", &l[2..]))
+                .map(|(_, _, l)| tools::deletion(&l))
                 .chain(ours.iter().map(|c| format!("-F {c}")))
                 .chain(ours.iter().map(|c| format!("-X {c}")))
                 .collect()

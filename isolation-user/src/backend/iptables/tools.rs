@@ -228,6 +228,13 @@ impl Live {
         self.chains.contains(&names.input())
     }
 
+    /// Is the whitelist enforced (the whitelist chain ends in its DROP)?
+    pub fn whitelist_enforced(&self, names: &Names) -> bool {
+        let drop = super::render::key(isolation_common::Reason::DropNotWhitelisted);
+        self.chain(&names.input())
+            .any(|(_, l, ..)| comment(l).as_deref() == Some(drop.as_str()))
+    }
+
     /// Packets and bytes per counter key, over our two chains.
     pub fn counters(&self, names: &Names) -> HashMap<String, (u64, u64)> {
         let mut out: HashMap<String, (u64, u64)> = HashMap::new();
@@ -284,6 +291,11 @@ impl Live {
             })
             .collect()
     }
+}
+
+/// The `iptables-restore` line deleting a saved `-A` rule.
+pub fn deletion(saved: &str) -> String {
+    format!("-D{}", saved.strip_prefix("-A").unwrap_or(saved))
 }
 
 /// The comment of a saved rule (unquoted as iptables-save prints it).
