@@ -13,6 +13,7 @@ pub mod import;
 pub mod lockout;
 pub mod policy;
 pub mod semantics;
+pub mod service;
 pub mod state;
 pub mod store;
 
@@ -70,6 +71,9 @@ pub enum Cmd {
     Export(commands::export::ExportArgs),
     /// Print a policy file for an existing ipset/iptables setup (the classic recipe).
     Import(commands::import::ImportArgs),
+    /// Run as a service: load, re-apply the policy file when it changes (or on SIGHUP), log
+    /// drops, serve Prometheus metrics.
+    Run(commands::run::RunArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -93,5 +97,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Apply(a) => commands::apply::apply(&paths, a),
         Cmd::Save => commands::apply::save(&paths),
         Cmd::Import(a) => commands::import::run(a),
+        Cmd::Run(a) => commands::run::run(paths, a),
     }
 }

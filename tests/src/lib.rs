@@ -8,6 +8,7 @@ pub mod iso;
 pub mod netns;
 pub mod pkt;
 pub mod scenario;
+pub mod service;
 pub mod traffic;
 
 use std::path::PathBuf;

@@ -56,6 +56,22 @@ pub struct UnloadArgs {
     pub iface: Option<String>,
 }
 
+/// The interfaces named on the command line, each once, in this network namespace.
+pub fn interfaces(names: &[String], mode: Mode) -> Result<Vec<IfaceState>> {
+    let mut ifaces: Vec<IfaceState> = Vec::new();
+    for name in names {
+        let ifindex = super::ifindex(name)?;
+        if !ifaces.iter().any(|w| w.name == *name) {
+            ifaces.push(IfaceState {
+                name: name.clone(),
+                ifindex,
+                mode: mode.as_str().into(),
+            });
+        }
+    }
+    Ok(ifaces)
+}
+
 pub fn load(paths: &Paths, a: LoadArgs) -> Result<()> {
     // Everything is read and checked before anything live changes.
     let path = a.policy.clone().or_else(|| {
@@ -69,17 +85,7 @@ pub fn load(paths: &Paths, a: LoadArgs) -> Result<()> {
         }
         None => (Policy::default(), None, "built-in allow-all".to_string()),
     };
-    let mut ifaces = Vec::new();
-    for name in &a.ifaces {
-        let ifindex = super::ifindex(name)?;
-        if !ifaces.iter().any(|w: &IfaceState| w.name == *name) {
-            ifaces.push(IfaceState {
-                name: name.clone(),
-                ifindex,
-                mode: a.mode.as_str().into(),
-            });
-        }
-    }
+    let ifaces = interfaces(&a.ifaces, a.mode)?;
     let change = Change::Load {
         ifaces,
         backend: a.backend,

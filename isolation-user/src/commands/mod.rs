@@ -5,6 +5,7 @@ pub mod edit;
 pub mod export;
 pub mod import;
 pub mod load;
+pub mod run;
 pub mod stats;
 pub mod status;
 pub mod trace;

@@ -18,7 +18,8 @@ pub struct StatsArgs {
     pub watch: bool,
 }
 
-fn verdict(r: Reason) -> &'static str {
+/// The target column of a reason, as `iptables -L` names it.
+pub fn verdict(r: Reason) -> &'static str {
     if r.is_egress() {
         "TRACK"
     } else if r == Reason::RejectIsolated {

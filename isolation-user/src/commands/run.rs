@@ -1,0 +1,52 @@
+//! `run`: the foreground service (see `service`).
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use anyhow::Result;
+use clap::Args;
+
+use super::load::{Mode, interfaces};
+use crate::{backend::Choice, service, state::Paths};
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Interface to attach to (repeat for several).
+    #[arg(long = "iface", required = true, value_name = "IF")]
+    pub ifaces: Vec<String>,
+    /// The policy file, applied at start and again whenever it changes.
+    #[arg(long, value_name = "FILE", default_value = crate::state::DEFAULT_POLICY)]
+    pub policy: PathBuf,
+    /// Serve Prometheus text on http://ADDR/metrics (e.g. 127.0.0.1:9108).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: Choice,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub mode: Mode,
+    /// Detach from the interfaces on SIGTERM/SIGINT (by default the datapath stays and
+    /// keeps enforcing the last policy, so a restart or an upgrade leaves no gap).
+    #[arg(long)]
+    pub detach_on_exit: bool,
+    /// Do not log each logged drop (leave the trace ring to `isolation-user trace`).
+    #[arg(long)]
+    pub no_drop_log: bool,
+    /// Apply a whitelist even if it would not admit this SSH session's client.
+    #[arg(long)]
+    pub force: bool,
+}
+
+pub fn run(paths: Paths, a: RunArgs) -> Result<()> {
+    let policy = std::path::absolute(&a.policy)?;
+    service::run(
+        paths,
+        service::Config {
+            ifaces: interfaces(&a.ifaces, a.mode)?,
+            policy,
+            backend: a.backend,
+            metrics: a.metrics,
+            detach_on_exit: a.detach_on_exit,
+            force: a.force,
+            log_drops: !a.no_drop_log,
+        },
+    )
+}

@@ -1,0 +1,186 @@
+//! `/metrics`: the datapath's counters and the service's health as Prometheus text
+//! (OpenMetrics, `prometheus-client`'s encoder). Read from the backend at every scrape, so
+//! a scrape always sees what `stats` and `status` would print at that moment.
+
+use anyhow::Result;
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use std::sync::atomic::AtomicU64;
+
+use super::Health;
+use crate::{commands::stats::verdict, engine, state::Paths};
+
+type Labels = Vec<(&'static str, String)>;
+type Fam<M> = Family<Labels, M>;
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+fn fam<M>(r: &mut Registry, name: &str, help: &str) -> Fam<M>
+where
+    Fam<M>: prometheus_client::registry::Metric + Default + Clone,
+{
+    let f = Fam::<M>::default();
+    r.register(name, help, f.clone());
+    f
+}
+
+fn gauge(r: &mut Registry, name: &str, help: &str, v: i64) {
+    let g = Gauge::<i64>::default();
+    g.set(v);
+    r.register(name, help, g);
+}
+
+/// The whole text of one scrape.
+pub fn render(paths: &Paths, health: &Health) -> String {
+    let mut r = Registry::with_prefix("isolation");
+    let reloads: Fam<Counter> = fam(
+        &mut r,
+        "reloads",
+        "Policy applies by the service (start, file change, SIGHUP), by result",
+    );
+    reloads
+        .get_or_create(&vec![("result", "ok".into())])
+        .inc_by(health.reloads_ok);
+    reloads
+        .get_or_create(&vec![("result", "error".into())])
+        .inc_by(health.reloads_failed);
+    gauge(
+        &mut r,
+        "last_reload_success",
+        "1 if the last apply of the policy file succeeded, 0 if it was refused (the old policy stays)",
+        health.last_ok as i64,
+    );
+    let t = FloatGauge::default();
+    t.set(health.last_time);
+    r.register(
+        "last_reload_timestamp_seconds",
+        "When the policy file was last applied or refused (Unix time)",
+        t,
+    );
+    let up = match datapath(&mut r, paths) {
+        Ok(()) => 1,
+        Err(e) => {
+            tracing::warn!("metrics: cannot read the datapath: {e:#}");
+            0
+        }
+    };
+    gauge(
+        &mut r,
+        "datapath_up",
+        "1 if the datapath's counters could be read at this scrape",
+        up,
+    );
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = encode(&mut out, &r);
+    out
+}
+
+/// What the backend says: verdicts, rules, map fill, ring losses, generation, backend.
+fn datapath(r: &mut Registry, paths: &Paths) -> Result<()> {
+    let (b, st) = engine::open(paths)?;
+    let live = engine::rules(paths)?;
+    let c = b.counters(&live)?;
+    let s = b.status(&st)?;
+    let info: Fam<Gauge> = fam(r, "backend_info", "The backend that enforces the policy");
+    info.get_or_create(&vec![
+        ("backend", b.kind().name().into()),
+        ("detail", s.detail.clone()),
+    ])
+    .set(1);
+    gauge(
+        r,
+        "policy_generation",
+        "Generation of the live policy (one more at every change)",
+        s.generation as i64,
+    );
+    let packets: Fam<Counter> = fam(
+        r,
+        "packets",
+        "Packets by verdict reason (as `stats`); direction ingress is the verdict, egress the tracking",
+    );
+    let bytes: Fam<Counter> = fam(r, "bytes", "Bytes by verdict reason (as `stats`)");
+    for (reason, n) in &c.reasons {
+        let l = vec![
+            ("reason", reason.name().to_string()),
+            ("verdict", verdict(*reason).to_lowercase()),
+            (
+                "direction",
+                if reason.is_egress() {
+                    "egress"
+                } else {
+                    "ingress"
+                }
+                .into(),
+            ),
+        ];
+        packets.get_or_create(&l).inc_by(n.packets);
+        bytes.get_or_create(&l).inc_by(n.bytes);
+    }
+    let rp: Fam<Counter> = fam(
+        r,
+        "rule_packets",
+        "Packets decided by each allow/except rule since the policy was last swapped in",
+    );
+    let rb: Fam<Counter> = fam(r, "rule_bytes", "Bytes decided by each allow/except rule");
+    for x in &c.rules {
+        let l = vec![
+            ("kind", x.kind.to_string()),
+            ("index", x.index.to_string()),
+            ("rule", x.rule.clone()),
+        ];
+        rp.get_or_create(&l).inc_by(x.packets);
+        rb.get_or_create(&l).inc_by(x.bytes);
+    }
+    let log: Fam<Counter> = fam(
+        r,
+        "log_events",
+        "Logged drops: written to the ring, suppressed by the rate limit, lost (ring full)",
+    );
+    for (k, v) in [
+        ("written", c.log.written),
+        ("suppressed", c.log.suppressed),
+        ("lost", c.log.lost),
+    ] {
+        log.get_or_create(&vec![("outcome", k.into())]).inc_by(v);
+    }
+    let conns: Fam<Gauge> = fam(r, "connections", "Connections remembered, by table");
+    let conns_max: Fam<Gauge> = fam(r, "connections_max", "Capacity of each connection table");
+    for (k, n, m) in [
+        ("new", c.connections.new, c.connections.new_max),
+        (
+            "established",
+            c.connections.established,
+            c.connections.established_max,
+        ),
+    ] {
+        conns
+            .get_or_create(&vec![("table", k.into())])
+            .set(n as i64);
+        conns_max
+            .get_or_create(&vec![("table", k.into())])
+            .set(m as i64);
+    }
+    let fill: Fam<Gauge> = fam(r, "map_entries", "Entries in each map (set)");
+    let cap: Fam<Gauge> = fam(r, "map_max_entries", "Capacity of each map (set)");
+    for m in &s.maps {
+        let l = vec![("map", m.name.clone())];
+        fill.get_or_create(&l).set(m.entries as i64);
+        cap.get_or_create(&l).set(m.max_entries as i64);
+    }
+    let att: Fam<Gauge> = fam(
+        r,
+        "interface_attached",
+        "1 if the datapath is attached to the interface",
+    );
+    for i in &s.interfaces {
+        att.get_or_create(&vec![
+            ("iface", i.name.clone()),
+            ("mode", i.xdp_mode.clone()),
+        ])
+        .set(i.attached as i64);
+    }
+    Ok(())
+}

@@ -1,0 +1,363 @@
+//! `run`: the foreground service. It loads (or takes over) the datapath, re-applies the
+//! policy file when it changes or on SIGHUP, turns logged drops into log lines, and serves
+//! Prometheus text on `/metrics`.
+//!
+//! The datapath is pinned and outlives this process: a restart (or an upgrade to a new
+//! binary) re-runs `load`, which finds the pins and attachments in place and changes
+//! nothing a packet could notice. SIGTERM and SIGINT leave it enforcing unless
+//! `--detach-on-exit`.
+//!
+//! Every change goes through `engine::commit`, on a blocking thread: the engine takes its
+//! file lock, so the service and the CLI's live edits never interleave.
+
+pub mod metrics;
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context as _, Result};
+use notify::Watcher as _;
+use tokio::sync::mpsc;
+
+use crate::{
+    backend::{Choice, Event},
+    commands::{self, trace},
+    engine::{self, Change, Done, Options},
+    state::{IfaceState, Paths},
+};
+
+/// What `run` was asked to do.
+pub struct Config {
+    pub ifaces: Vec<IfaceState>,
+    pub policy: PathBuf,
+    pub backend: Choice,
+    pub metrics: Option<SocketAddr>,
+    pub detach_on_exit: bool,
+    pub force: bool,
+    /// Log every logged drop as a line (the trace ring); off leaves the ring to `trace`.
+    pub log_drops: bool,
+}
+
+/// The service's own record of its reloads, for `/metrics`.
+#[derive(Clone, Debug, Default)]
+pub struct Health {
+    pub reloads_ok: u64,
+    pub reloads_failed: u64,
+    pub last_ok: bool,
+    /// Unix time of the last apply or refusal.
+    pub last_time: f64,
+    pub last_error: Option<String>,
+}
+
+fn now_unix() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Why a reload runs.
+#[derive(Clone, Copy, Debug)]
+enum Trigger {
+    Start,
+    File,
+    Hangup,
+}
+
+/// Reads and applies the policy file once; on refusal the live policy stays.
+fn reload(paths: &Paths, cfg: &Config, why: Trigger, health: &Mutex<Health>) -> Result<Done> {
+    let res = (|| -> Result<engine::Outcome> {
+        let (policy, lines) = engine::read_policy_file(&cfg.policy)?;
+        let change = match why {
+            Trigger::Start => Change::Load {
+                ifaces: cfg.ifaces.clone(),
+                backend: cfg.backend,
+                policy,
+                lines: Some(lines),
+            },
+            Trigger::File | Trigger::Hangup => Change::Replace {
+                policy,
+                lines: Some(lines),
+            },
+        };
+        engine::commit(
+            paths,
+            change,
+            Options {
+                force: cfg.force,
+                progress: &mut |_| {},
+            },
+        )
+    })();
+    let mut h = health.lock().unwrap_or_else(|p| p.into_inner());
+    h.last_time = now_unix();
+    match res {
+        Ok(out) => {
+            h.reloads_ok += 1;
+            h.last_ok = true;
+            h.last_error = None;
+            match &out.what {
+                Done::Unchanged => tracing::info!(
+                    generation = out.generation,
+                    "policy {} unchanged ({why:?}); nothing to do",
+                    cfg.policy.display()
+                ),
+                _ => tracing::info!(
+                    generation = out.generation,
+                    backend = out.backend,
+                    "applied {} ({why:?})",
+                    cfg.policy.display()
+                ),
+            }
+            Ok(out.what)
+        }
+        Err(e) => {
+            h.reloads_failed += 1;
+            h.last_ok = false;
+            h.last_error = Some(format!("{e:#}"));
+            tracing::error!(
+                "refused {} ({why:?}), the live policy is unchanged: {e:#}",
+                cfg.policy.display()
+            );
+            Err(e)
+        }
+    }
+}
+
+/// The file's bytes, to tell a real change from an event that changed nothing (editors
+/// write, rename and chmod; Kubernetes swaps a `..data` symlink).
+fn content(p: &Path) -> Option<Vec<u8>> {
+    std::fs::read(p).ok()
+}
+
+pub fn run(paths: Paths, cfg: Config) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(serve(paths, cfg))
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+async fn serve(paths: Paths, cfg: Config) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let cfg = Arc::new(cfg);
+    let health = Arc::new(Mutex::new(Health::default()));
+    // Signals first: a SIGTERM during the first load must not kill us half way.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+
+    // The first load decides whether we run at all: a file that cannot be applied with
+    // nothing loaded is an error; with a datapath already loaded (a restart with a broken
+    // file) the live policy keeps enforcing and we run, to take the fixed file later.
+    let first = {
+        let (p, c, h) = (paths.clone(), cfg.clone(), health.clone());
+        blocking(move || reload(&p, &c, Trigger::Start, &h)).await
+    };
+    if let Err(e) = first {
+        let p = paths.clone();
+        let loaded = blocking(move || engine::open(&p).is_ok()).await;
+        if !loaded {
+            return Err(e.context("nothing was loaded"));
+        }
+        // Attach to the interfaces anyway, with the live policy.
+        let (p, c) = (paths.clone(), cfg.clone());
+        blocking(move || {
+            let live = engine::whole(&p)?;
+            engine::commit(
+                &p,
+                Change::Load {
+                    ifaces: c.ifaces.clone(),
+                    backend: c.backend,
+                    policy: live,
+                    lines: None,
+                },
+                Options {
+                    force: true,
+                    progress: &mut |_| {},
+                },
+            )
+        })
+        .await?;
+        tracing::warn!("running with the live policy until the file can be applied");
+    }
+    let mut last = content(&cfg.policy);
+
+    // The file's directory is watched, not the file: an editor's rename replaces the inode
+    // a watch on the file would follow.
+    let (tx, mut rx) = mpsc::channel::<()>(64);
+    let dir = cfg
+        .policy
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if ev.is_ok() {
+            let _ = tx.try_send(());
+        }
+    })
+    .context("cannot start watching files (inotify)")?;
+    watcher
+        .watch(&dir, notify::RecursiveMode::NonRecursive)
+        .with_context(|| format!("cannot watch {}", dir.display()))?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let drops = cfg
+        .log_drops
+        .then(|| std::thread::spawn(log_drops(paths.clone(), stop.clone())));
+
+    if let Some(addr) = cfg.metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} for /metrics"))?;
+        tracing::info!("serving Prometheus metrics on http://{addr}/metrics");
+        tokio::spawn(serve_metrics(listener, paths.clone(), health.clone()));
+    }
+    tracing::info!(
+        "running on {}; watching {}",
+        cfg.ifaces
+            .iter()
+            .map(|i| i.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        cfg.policy.display()
+    );
+
+    let signal_name = loop {
+        let why = tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            _ = hup.recv() => Trigger::Hangup,
+            Some(()) = rx.recv() => Trigger::File,
+        };
+        if let Trigger::File = why {
+            // Let an editor's write + rename settle, then take every event so far as one.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            while rx.try_recv().is_ok() {}
+            let now = content(&cfg.policy);
+            if now.is_none() || now == last {
+                continue;
+            }
+            last = now;
+        } else {
+            last = content(&cfg.policy);
+        }
+        let (p, c, h) = (paths.clone(), cfg.clone(), health.clone());
+        let _ = blocking(move || reload(&p, &c, why, &h)).await;
+    };
+    tracing::info!("{signal_name}: stopping");
+    drop(watcher);
+    stop.store(true, Ordering::Relaxed);
+    if let Some(t) = drops {
+        let _ = t.join();
+    }
+    if cfg.detach_on_exit {
+        let (p, c) = (paths.clone(), cfg.clone());
+        blocking(move || -> Result<()> {
+            for i in &c.ifaces {
+                engine::unload(&p, Some(&i.name))?;
+            }
+            Ok(())
+        })
+        .await?;
+        tracing::info!("detached (--detach-on-exit)");
+    } else {
+        tracing::info!("the datapath stays loaded and enforcing");
+    }
+    Ok(())
+}
+
+/// The trace ring, as one log line per logged drop (iptables LOG's format), until `stop`.
+fn log_drops(paths: Paths, stop: Arc<AtomicBool>) -> impl FnOnce() + Send + 'static {
+    move || {
+        let mut events = match engine::open(&paths).and_then(|(b, _)| b.events(false)) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!("logged drops will not be shown: {e:#}");
+                return;
+            }
+        };
+        let mut last = events.counts().unwrap_or_default();
+        let mut checked = std::time::Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            match events.next(Duration::from_millis(200)) {
+                Ok(Some(Event::Log(e))) => {
+                    let line = trace::format_line(&e, &commands::ifname(e.ifindex));
+                    tracing::info!(target: "isolation::drop", "{line}");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!("reading logged drops failed, stopping: {e:#}");
+                    return;
+                }
+            }
+            if checked.elapsed() >= Duration::from_secs(1) {
+                checked = std::time::Instant::now();
+                if let Ok(now) = events.counts() {
+                    if now.suppressed > last.suppressed || now.lost > last.lost {
+                        tracing::warn!(
+                            target: "isolation::drop",
+                            "{} drop(s) not logged (rate limit), {} lost (ring buffer full)",
+                            now.suppressed - last.suppressed,
+                            now.lost - last.lost
+                        );
+                    }
+                    last = now;
+                }
+            }
+        }
+    }
+}
+
+async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    paths: Paths,
+    health: Arc<Mutex<Health>>,
+) {
+    use http_body_util::Full;
+    use hyper::{Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let (paths, health) = (paths.clone(), health.clone());
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let (paths, health) = (paths.clone(), health.clone());
+                async move {
+                    if req.uri().path() != "/metrics" {
+                        return Response::builder()
+                            .status(StatusCode::NOT_FOUND)
+                            .body(Full::new(Bytes::from("see /metrics\n")));
+                    }
+                    let h = health.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    let text = blocking(move || metrics::render(&paths, &h)).await;
+                    Response::builder()
+                        .header(
+                            hyper::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )
+                        .body(Full::new(Bytes::from(text)))
+                }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = http1::Builder::new().serve_connection(io, svc).await;
+        });
+    }
+}
