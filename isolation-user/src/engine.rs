@@ -449,6 +449,11 @@ pub fn open(paths: &Paths) -> Result<(Box<dyn Backend>, State)> {
 }
 
 /// The desired policy, rules only (whitelist entries left out: cheap at any size).
+/// The live policy's generation (0 before the first load).
+pub fn generation(paths: &Paths) -> Result<u32> {
+    Ok(Store::new(paths).meta()?.generation)
+}
+
 pub fn rules(paths: &Paths) -> Result<Policy> {
     Store::new(paths).rules()
 }

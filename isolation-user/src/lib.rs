@@ -12,6 +12,7 @@ pub mod engine;
 pub mod import;
 pub mod lockout;
 pub mod policy;
+pub mod rollback;
 pub mod semantics;
 pub mod service;
 pub mod state;
@@ -65,6 +66,8 @@ pub enum Cmd {
     Check(commands::check::CheckArgs),
     /// Replace the whole live policy with a policy file, in one transaction.
     Apply(commands::apply::ApplyArgs),
+    /// Keep the policy of an `apply --confirm-within`: cancel its rollback.
+    Confirm(commands::apply::ConfirmArgs),
     /// Print the live policy, whitelist included, as a policy file.
     Save,
     /// Print the ipset and iptables rules the iptables backend would load for a policy.
@@ -74,6 +77,9 @@ pub enum Cmd {
     /// Run as a service: load, re-apply the policy file when it changes (or on SIGHUP), log
     /// drops, serve Prometheus metrics.
     Run(commands::run::RunArgs),
+    /// The detached helper of `apply --confirm-within` (started by it, not by hand).
+    #[command(hide = true)]
+    RollbackTimer,
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -96,6 +102,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Export(a) => commands::export::run(&paths, a),
         Cmd::Apply(a) => commands::apply::apply(&paths, a),
         Cmd::Save => commands::apply::save(&paths),
+        Cmd::Confirm(a) => commands::apply::confirm(&paths, a),
+        Cmd::RollbackTimer => rollback::timer(&paths),
         Cmd::Import(a) => commands::import::run(a),
         Cmd::Run(a) => commands::run::run(paths, a),
     }

@@ -60,6 +60,17 @@ impl Paths {
     }
 }
 
+impl Paths {
+    /// Shared side of the same lock, for reads that span several kernel objects (`status`,
+    /// `stats`, `check`, `save`, a metrics scrape): they wait for a transaction in flight
+    /// instead of reading sets it is replacing. None when nothing was ever loaded here.
+    pub fn read_lock(&self) -> Option<fs::File> {
+        let f = fs::File::open(self.state_dir.join("lock")).ok()?;
+        // SAFETY: flock on a file descriptor we own for the duration of the call.
+        (unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH) } == 0).then_some(f)
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct IfaceState {
     pub name: String,

@@ -260,3 +260,126 @@ fn connections_across_100_applies_get_the_old_or_the_new_verdict(#[case] backend
         );
     }
 }
+
+/// The `rollback-timer` helpers of this instance still running.
+fn helpers(iso: &Iso) -> Vec<u32> {
+    let state = iso.state.display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            (cmd.contains("rollback-timer") && cmd.contains(&state)).then_some(pid)
+        })
+        .collect()
+}
+
+/// `apply --confirm-within`: unconfirmed, the previous policy comes back by itself within
+/// the deadline + 1 s although the CLI's whole process group was hung up and killed (an
+/// SSH session dropping); confirmed, the new policy stays and no helper is left.
+#[rstest]
+#[case::ebpf("ebpf")]
+#[case::iptables("iptables")]
+fn an_unconfirmed_apply_rolls_back_and_a_confirmed_one_stays(#[case] backend: &str) {
+    use std::os::unix::process::CommandExt as _;
+    use std::time::Instant;
+    if !tests::can_run("end-to-end confirm test") {
+        return;
+    }
+    let (srv, cw, cx) = (unique("cfsrv"), unique("cfcw"), unique("cfcx"));
+    let ns = Netns::new(&[&srv, &cw, &cx]);
+    ns.link(&srv, "s1", &["192.0.2.1/24"], &cw, "e0", &["192.0.2.2/24"]);
+    ns.link(
+        &srv,
+        "s2",
+        &["198.51.100.1/24"],
+        &cx,
+        "e0",
+        &["198.51.100.2/24"],
+    );
+    let iso = Iso::with_backend(&srv, backend);
+    let _echo = Echo::start(&srv, &[sa("0.0.0.0:8080")]);
+    let listed = || tcp_ok(&cw, sa("192.0.2.1:8080"), PASS_WAIT);
+    let stranger = |wait| tcp_ok(&cx, sa("198.51.100.1:8080"), wait);
+    let a = iso.policy(A);
+    let b = iso.policy(&A.replace(
+        r#"allow = ["192.0.2.2"]"#,
+        r#"allow = ["192.0.2.2", "198.51.100.2"]"#,
+    ));
+    iso.ok(&["load", "--iface", "s1", "--iface", "s2", "--policy", &a]);
+    assert!(listed() && !stranger(DROP_WAIT), "policy A");
+    let g = generation(&iso);
+
+    // Unconfirmed: B for 2 s, then A again. The CLI runs in a process group of its own,
+    // which is hung up and killed as soon as it has applied.
+    const SECS: f64 = 2.0;
+    let t0 = Instant::now();
+    let mut cli = iso.cmd(&["apply", &b, "--confirm-within", "2"]);
+    cli.process_group(0);
+    let child = cli
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pgid = child.id() as i32;
+    let out = child.wait_with_output().unwrap();
+    // SAFETY: kill(2) of the process group the test created for the CLI.
+    unsafe {
+        libc::kill(-pgid, libc::SIGHUP);
+        libc::kill(-pgid, libc::SIGKILL);
+    }
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("isolation-user confirm"), "{text}");
+    assert_eq!(generation(&iso), g + 1);
+    let found = helpers(&iso);
+    assert_eq!(found.len(), 1, "one helper: {found:?}");
+    assert!(stranger(PASS_WAIT), "B is live until the deadline");
+    let st: serde_json::Value = serde_json::from_str(&iso.ok(&["status", "--json"])).unwrap();
+    assert_eq!(st["pending_confirmation"]["rollback_generation"], g, "{st}");
+    let back = loop {
+        if generation(&iso) == g + 2 {
+            break t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs_f64(SECS + 1.0),
+            "no rollback within the deadline + 1 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    eprintln!("{backend}: rolled back {back:?} after the apply began");
+    assert!(
+        back >= Duration::from_secs_f64(SECS * 0.9),
+        "not before the deadline"
+    );
+    assert!(listed() && !stranger(DROP_WAIT), "A is back");
+    assert_eq!(
+        isolation_user::policy::parse("saved", &iso.ok(&["save"])).unwrap(),
+        isolation_user::policy::parse("a", A).unwrap()
+    );
+    let err = iso.fails(&["confirm"]);
+    assert!(err.contains("rolled back"), "{err}");
+    assert!(helpers(&iso).is_empty(), "the helper is gone");
+
+    // Confirmed: B stays past the deadline, and no helper is left.
+    let out = iso.ok(&["apply", &b, "--confirm-within", "2"]);
+    assert!(out.contains("confirm"), "{out}");
+    let err = iso.fails(&["apply", &a, "--confirm-within", "2"]);
+    assert!(err.contains("awaits confirmation"), "one at a time: {err}");
+    iso.ok(&["confirm"]);
+    let g_b = generation(&iso);
+    std::thread::sleep(Duration::from_secs_f64(SECS + 1.0));
+    assert_eq!(generation(&iso), g_b, "nothing rolled back");
+    assert!(stranger(PASS_WAIT) && listed(), "B stays");
+    assert!(helpers(&iso).is_empty(), "the helper is gone");
+    assert!(
+        iso.fails(&["confirm"])
+            .contains("nothing awaits confirmation")
+    );
+}

@@ -8,7 +8,7 @@ use clap::Args;
 
 use crate::{
     engine::{self, Change, Done, Options, Plan},
-    policy,
+    policy, rollback,
     state::Paths,
 };
 
@@ -25,6 +25,16 @@ pub struct ApplyArgs {
     /// Apply a whitelist even if it would not admit this SSH session's client.
     #[arg(long)]
     pub force: bool,
+    /// Roll back to the previous policy unless `isolation-user confirm` runs within SECS
+    /// seconds, even if this process is killed or the SSH session drops.
+    #[arg(long, value_name = "SECS")]
+    pub confirm_within: Option<f64>,
+}
+
+#[derive(Args, Debug)]
+pub struct ConfirmArgs {
+    #[arg(long)]
+    pub json: bool,
 }
 
 fn print_plan(p: &Plan) {
@@ -69,6 +79,15 @@ pub fn apply(paths: &Paths, a: ApplyArgs) -> Result<()> {
         }
         return Ok(());
     }
+    let armed = match a.confirm_within {
+        Some(secs) if !(secs.is_finite() && secs > 0.0 && secs <= 86_400.0) => {
+            anyhow::bail!(
+                "--confirm-within {secs}: give a number of seconds, more than 0 and at most 86400"
+            )
+        }
+        Some(secs) => Some(rollback::arm(paths, &a.file.display().to_string(), secs)?),
+        None => None,
+    };
     let bar = super::whitelist::progress(policy.whitelist.allow.len());
     let out = engine::commit(
         paths,
@@ -80,10 +99,29 @@ pub fn apply(paths: &Paths, a: ApplyArgs) -> Result<()> {
             force: a.force,
             progress: &mut |n| bar.set_position(n),
         },
-    )?;
+    );
     bar.finish_and_clear();
+    let out = match out {
+        Ok(o) => o,
+        Err(e) => {
+            if armed.is_some() {
+                rollback::disarm(paths);
+            }
+            return Err(e);
+        }
+    };
+    // Nothing changed: nothing to confirm.
+    let armed = armed.filter(|_| !matches!(out.what, Done::Unchanged));
+    if armed.is_none() && a.confirm_within.is_some() {
+        rollback::disarm(paths);
+    }
     if a.json {
-        println!("{}", serde_json::to_string(&out)?);
+        let mut v = serde_json::to_value(&out)?;
+        if let Some(p) = &armed {
+            v["confirm_deadline"] = serde_json::json!(p.deadline);
+            v["rollback_generation"] = serde_json::json!(p.previous_generation);
+        }
+        println!("{v}");
         return Ok(());
     }
     match out.what {
@@ -99,11 +137,34 @@ pub fn apply(paths: &Paths, a: ApplyArgs) -> Result<()> {
             out.generation
         ),
     }
+    if let Some(p) = armed {
+        println!(
+            "isolation: run `isolation-user confirm` within {:.0} s to keep it; otherwise \
+             generation {}'s policy comes back by itself",
+            p.deadline - rollback::now(),
+            p.previous_generation
+        );
+    }
+    Ok(())
+}
+
+/// `confirm`: keeps the policy of the pending `apply --confirm-within`.
+pub fn confirm(paths: &Paths, a: ConfirmArgs) -> Result<()> {
+    let c = rollback::confirm(paths)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&c)?);
+    } else {
+        println!(
+            "isolation: confirmed {} (generation {}); the rollback is cancelled",
+            c.file, c.generation
+        );
+    }
     Ok(())
 }
 
 /// `save`: the live policy, whitelist included, as a policy file on stdout.
 pub fn save(paths: &Paths) -> Result<()> {
+    let _read = paths.read_lock();
     engine::open(paths)?;
     print!("{}", policy::to_toml(&engine::whole(paths)?));
     Ok(())

@@ -42,6 +42,7 @@ fn human(n: u64) -> String {
 }
 
 fn print_once(paths: &Paths, as_json: bool) -> Result<()> {
+    let _read = paths.read_lock();
     let (backend, _) = engine::open(paths)?;
     let live = engine::rules(paths)?;
     let c = backend.counters(&live)?;

@@ -14,6 +14,7 @@ pub struct StatusArgs {
 }
 
 pub fn run(paths: &Paths, a: StatusArgs) -> Result<()> {
+    let _read = paths.read_lock();
     let opened = engine::open(paths).ok();
     let Some((b, st)) = opened.filter(|_| paths.state_file().exists()) else {
         if a.json {
@@ -27,6 +28,13 @@ pub fn run(paths: &Paths, a: StatusArgs) -> Result<()> {
         return Ok(());
     };
     let s = b.status(&st)?;
+    let pending = crate::rollback::pending(paths)?.map(|p| {
+        json!({
+            "file": p.file, "deadline": p.deadline,
+            "seconds_left": (p.deadline - crate::rollback::now()).max(0.0),
+            "rollback_generation": p.previous_generation,
+        })
+    });
     let id = |name: &str| {
         s.programs
             .iter()
@@ -44,6 +52,7 @@ pub fn run(paths: &Paths, a: StatusArgs) -> Result<()> {
                 "whitelist_enabled": s.whitelist_enabled,
                 "programs": { "xdp": id("xdp"), "tc_egress": id("tc_egress"), "tc_ingress": id("tc_ingress") },
                 "interfaces": s.interfaces, "maps": s.maps,
+                "pending_confirmation": pending,
             }))?
         );
         return Ok(());
@@ -74,6 +83,14 @@ pub fn run(paths: &Paths, a: StatusArgs) -> Result<()> {
             "off"
         }
     );
+    if let Some(p) = &pending {
+        println!(
+            "confirm:     {} awaits `isolation-user confirm` for {:.0} s more, else generation {} comes back",
+            p["file"].as_str().unwrap_or(""),
+            p["seconds_left"].as_f64().unwrap_or(0.0),
+            p["rollback_generation"]
+        );
+    }
     println!("interfaces:");
     for i in &s.interfaces {
         let how = match s.backend {

@@ -80,6 +80,7 @@ pub fn render(paths: &Paths, health: &Health) -> String {
 
 /// What the backend says: verdicts, rules, map fill, ring losses, generation, backend.
 fn datapath(r: &mut Registry, paths: &Paths) -> Result<()> {
+    let _read = paths.read_lock();
     let (b, st) = engine::open(paths)?;
     let live = engine::rules(paths)?;
     let c = b.counters(&live)?;

@@ -1,0 +1,315 @@
+//! `apply --confirm-within SECS` and `confirm`: an apply that undoes itself unless confirmed
+//! in time, as `iptables-apply` does for a remote admin.
+//!
+//! How the deadline outlives the CLI: before the new policy is applied, the CLI writes the
+//! live policy to the state dir and starts a detached helper (this binary's hidden
+//! `rollback-timer` verb, in a session of its own via setsid, stdio away from the terminal),
+//! which sleeps until the deadline and then applies the saved policy through the engine.
+//! A helper process, not a timer in the `run` service, because a host managed with the CLI
+//! alone has no service; and not a BPF timer, because the rollback is a whole engine
+//! transaction (the iptables backend has no BPF at all). Killing the CLI, or the SSH session
+//! dropping, leaves the helper running. `confirm` removes the pending record and stops the
+//! helper. Both sides decide under one lock (`confirm/lock`), so a confirmation and the
+//! rollback can never both happen.
+//!
+//! The helper is started before the apply: a CLI killed between the two leaves a rollback to
+//! the policy that is still live, which changes nothing.
+
+use std::{
+    fs,
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    engine::{self, Change, Options},
+    policy,
+    state::{Paths, write_atomic},
+};
+
+/// An apply awaiting confirmation.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Pending {
+    /// The file that was applied.
+    pub file: String,
+    /// Unix time after which the previous policy comes back.
+    pub deadline: f64,
+    /// Generation of the policy that comes back.
+    pub previous_generation: u32,
+    /// The helper that will roll back (0 until it is started).
+    pub helper_pid: u32,
+}
+
+/// The last rollback, to tell a late `confirm` what happened.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RolledBack {
+    pub file: String,
+    pub at: f64,
+    pub generation: u32,
+    /// Why the previous policy could not be restored (the new one stays).
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+fn dir(paths: &Paths) -> PathBuf {
+    paths.state_dir.join("confirm")
+}
+fn pending_file(paths: &Paths) -> PathBuf {
+    dir(paths).join("pending.json")
+}
+fn previous_file(paths: &Paths) -> PathBuf {
+    dir(paths).join("previous.toml")
+}
+fn rolled_back_file(paths: &Paths) -> PathBuf {
+    dir(paths).join("rolled-back.json")
+}
+
+pub fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// The confirmation lock, held while the pending record is read and acted on.
+fn lock(paths: &Paths) -> Result<fs::File> {
+    fs::create_dir_all(dir(paths))
+        .with_context(|| format!("cannot create {}", dir(paths).display()))?;
+    let p = dir(paths).join("lock");
+    let f = fs::File::create(&p).with_context(|| format!("cannot open {}", p.display()))?;
+    // SAFETY: flock on a descriptor we own for the duration of the call.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        bail!(
+            "cannot lock {}: {}",
+            p.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(f)
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(p: &std::path::Path) -> Result<Option<T>> {
+    match fs::read_to_string(p) {
+        Ok(s) => Ok(Some(
+            serde_json::from_str(&s).with_context(|| format!("{} is corrupt", p.display()))?,
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", p.display())),
+    }
+}
+
+/// The apply awaiting confirmation, if any.
+pub fn pending(paths: &Paths) -> Result<Option<Pending>> {
+    read_json(&pending_file(paths))
+}
+
+fn alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    pid != 0 && unsafe { libc::kill(pid as i32, 0) } == 0
+}
+
+fn clear(paths: &Paths) {
+    let _ = fs::remove_file(pending_file(paths));
+    let _ = fs::remove_file(previous_file(paths));
+}
+
+/// Saves the live policy and starts the helper that restores it at `now + secs`, unless
+/// `confirm` runs first. Call before applying the new policy; `disarm` if that fails.
+pub fn arm(paths: &Paths, file: &str, secs: f64) -> Result<Pending> {
+    let _l = lock(paths)?;
+    if let Some(p) = pending(paths)? {
+        if alive(p.helper_pid) {
+            bail!(
+                "an apply of {} awaits confirmation for {:.0} s more: run `isolation-user confirm` \
+                 to keep it, or wait for its rollback, before another --confirm-within",
+                p.file,
+                (p.deadline - now()).max(0.0)
+            );
+        }
+        bail!(
+            "an apply of {} awaits confirmation but its rollback timer (pid {}) is gone: run \
+             `isolation-user confirm` to keep the live policy",
+            p.file,
+            p.helper_pid
+        );
+    }
+    let previous = engine::whole(paths)?;
+    let generation = engine::generation(paths)?;
+    write_atomic(&previous_file(paths), policy::to_toml(&previous).as_bytes())?;
+    let mut p = Pending {
+        file: file.to_string(),
+        deadline: now() + secs,
+        previous_generation: generation,
+        helper_pid: 0,
+    };
+    write_atomic(&pending_file(paths), serde_json::to_string(&p)?.as_bytes())?;
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir(paths).join("rollback.log"))?;
+    let exe = std::env::current_exe().context("cannot find this program's own path")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("--pin-dir")
+        .arg(&paths.pin_dir)
+        .arg("--state-dir")
+        .arg(&paths.state_dir)
+        .arg("rollback-timer")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe; the child leaves the terminal's session, so a
+    // hangup of the SSH session (SIGHUP to its process group) does not reach it.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    let child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            clear(paths);
+            bail!("cannot start the rollback timer: {e}");
+        }
+    };
+    p.helper_pid = child.id();
+    // The child is reaped by init once we exit; we never wait for it.
+    std::mem::forget(child);
+    write_atomic(&pending_file(paths), serde_json::to_string(&p)?.as_bytes())?;
+    Ok(p)
+}
+
+/// The apply did not happen (refused) or changed nothing: nothing to confirm.
+pub fn disarm(paths: &Paths) {
+    if let Ok(_l) = lock(paths)
+        && let Ok(Some(p)) = pending(paths)
+    {
+        stop_helper(p.helper_pid);
+        clear(paths);
+    }
+}
+
+fn stop_helper(pid: u32) {
+    if alive(pid) {
+        // SAFETY: SIGTERM to the helper we started (checked alive just before).
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    }
+}
+
+/// What `confirm` did.
+#[derive(Clone, Debug, Serialize)]
+pub struct Confirmed {
+    pub file: String,
+    pub generation: u32,
+}
+
+/// Keeps the live policy: the pending rollback is cancelled.
+pub fn confirm(paths: &Paths) -> Result<Confirmed> {
+    let _l = lock(paths)?;
+    let Some(p) = pending(paths)? else {
+        if let Some(r) = read_json::<RolledBack>(&rolled_back_file(paths))? {
+            if let Some(e) = r.error {
+                bail!(
+                    "nothing awaits confirmation: the apply of {} was not confirmed in time, \
+                     but restoring the previous policy failed ({e}); the applied policy is live \
+                     (generation {})",
+                    r.file,
+                    r.generation
+                );
+            }
+            bail!(
+                "nothing awaits confirmation: the apply of {} was not confirmed in time and was \
+                 rolled back {:.0} s ago (generation {})",
+                r.file,
+                (now() - r.at).max(0.0),
+                r.generation
+            );
+        }
+        bail!("nothing awaits confirmation (no `apply --confirm-within` is pending)");
+    };
+    stop_helper(p.helper_pid);
+    clear(paths);
+    Ok(Confirmed {
+        file: p.file,
+        generation: engine::generation(paths)?,
+    })
+}
+
+/// The helper: sleeps until the deadline (leaving early if the apply is confirmed), then
+/// restores the saved policy unless it was confirmed meanwhile.
+pub fn timer(paths: &Paths) -> Result<()> {
+    let me = std::process::id();
+    loop {
+        let Some(p) = pending(paths)? else {
+            return Ok(());
+        };
+        if p.helper_pid != 0 && p.helper_pid != me {
+            return Ok(());
+        }
+        let left = p.deadline - now();
+        if left <= 0.0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs_f64(left.min(0.2)));
+    }
+    let _l = lock(paths)?;
+    let Some(p) = pending(paths)? else {
+        return Ok(());
+    };
+    if p.helper_pid != me {
+        return Ok(());
+    }
+    let (previous, lines) = engine::read_policy_file(&previous_file(paths))?;
+    // The previous policy was live a moment ago: it is restored even if it would not admit
+    // an SSH client now (it did not lock anyone out before).
+    let out = engine::commit(
+        paths,
+        Change::Replace {
+            policy: previous,
+            lines: Some(lines),
+        },
+        Options {
+            force: true,
+            progress: &mut |_| {},
+        },
+    );
+    let (generation, error) = match &out {
+        Ok(o) => (o.generation, None),
+        Err(e) => (
+            engine::generation(paths).unwrap_or(0),
+            Some(format!("{e:#}")),
+        ),
+    };
+    write_atomic(
+        &rolled_back_file(paths),
+        serde_json::to_string(&RolledBack {
+            file: p.file.clone(),
+            at: now(),
+            generation,
+            error,
+        })?
+        .as_bytes(),
+    )?;
+    clear(paths);
+    match out {
+        Ok(o) => {
+            eprintln!(
+                "isolation: the apply of {} was not confirmed in time; the previous policy is back \
+                 (generation {})",
+                p.file, o.generation
+            );
+            Ok(())
+        }
+        Err(e) => Err(e.context(format!(
+            "the apply of {} was not confirmed in time, and restoring the previous policy failed",
+            p.file
+        ))),
+    }
+}
