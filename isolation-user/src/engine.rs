@@ -33,6 +33,9 @@ pub enum Change {
         backend: Choice,
         policy: Policy,
         lines: Option<Lines>,
+        /// Swap this build's programs in even if the pinned ones came from it (a datapath
+        /// from another build gets them in any case: an upgrade).
+        replace_programs: bool,
     },
     /// Replace the whole policy, whitelist included.
     Replace {
@@ -63,6 +66,9 @@ pub enum Done {
         interfaces: Vec<String>,
         /// Connections already open that were remembered.
         seeded: usize,
+        /// The programs in place were replaced by this build's, on this many links.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        programs_replaced: Option<usize>,
     },
     Replaced,
     /// The policy asked for is the live one already: nothing was touched, the generation
@@ -99,6 +105,7 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
             backend,
             policy,
             lines,
+            replace_programs,
         } => {
             let (mut b, mut why) = backend::select(paths, backend, state.as_ref())?;
             let mut st = match state {
@@ -107,7 +114,11 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
             };
             check_whole(&policy, lines.as_ref(), b.as_ref(), opts.force)?;
             let mut new = b.preflight(&st, &ifaces)?;
-            let done = match b.install(&new) {
+            // Another build's datapath in place: this one's programs take over (an upgrade).
+            let replace = b.is_installed()
+                && (replace_programs
+                    || (!st.object_hash.is_empty() && st.object_hash != b.build()));
+            let done = match b.install(&new, replace) {
                 Ok(d) => d,
                 // `auto`: programs the kernel would not load or attach → iptables.
                 Err(e)
@@ -122,7 +133,7 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
                     st = State::new(b.kind());
                     check_whole(&policy, lines.as_ref(), b.as_ref(), opts.force)?;
                     new = b.preflight(&st, &ifaces)?;
-                    b.install(&new)?
+                    b.install(&new, false)?
                 }
                 Err(e) => return Err(e),
             };
@@ -138,7 +149,7 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
             store.put_whole(&policy, generation)?;
             st.backend = b.kind();
             st.why = why;
-            if st.object_hash.is_empty() || done.fresh {
+            if st.object_hash.is_empty() || done.fresh || done.replaced.is_some() {
                 st.object_hash = done.build.clone();
             }
             for w in &done.attached {
@@ -152,6 +163,7 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
                 what: Done::Loaded {
                     interfaces: st.interfaces.iter().map(|i| i.name.clone()).collect(),
                     seeded: done.seeded,
+                    programs_replaced: done.replaced,
                 },
             })
         }

@@ -89,8 +89,11 @@ pub struct Installed {
     pub attached: Vec<IfaceState>,
     /// Connections already open, remembered so they keep working.
     pub seeded: usize,
-    /// Which build of the datapath is installed (kept in the state file, to refuse mixing).
+    /// Which build of the datapath is installed (kept in the state file).
     pub build: String,
+    /// The programs in place were replaced by this build's (an upgrade); how many links
+    /// were switched.
+    pub replaced: Option<usize>,
 }
 
 /// The whitelist entries an edit really changed (an entry added twice is added once).
@@ -227,9 +230,14 @@ pub trait Backend {
     /// Refuses interfaces it could not attach to without harm (someone else's program),
     /// before anything changes.
     fn preflight(&self, state: &State, ifaces: &[IfaceState]) -> Result<Vec<IfaceState>>;
+    /// Which build of the datapath this binary installs (`State::object_hash` records the
+    /// one in place).
+    fn build(&self) -> String;
     /// Loads the datapath if needed and attaches it to `ifaces` (those not attached yet).
-    /// All or nothing: on failure what this call did is undone.
-    fn install(&mut self, ifaces: &[IfaceState]) -> Result<Installed>;
+    /// With `replace`, a datapath already in place gets this build's programs, its maps
+    /// (policy, connections, counters) kept. All or nothing: on failure what this call did
+    /// is undone.
+    fn install(&mut self, ifaces: &[IfaceState], replace: bool) -> Result<Installed>;
     /// Undoes an `install` (a later step of its transaction failed).
     fn uninstall(&mut self, done: &Installed) -> Vec<String>;
     /// Makes the datapath enforce `policy`, whose whitelist entries are `whitelist`, or are

@@ -47,6 +47,10 @@ pub struct LoadArgs {
     /// Apply a whitelist even if it would not admit this SSH session's client.
     #[arg(long)]
     pub force: bool,
+    /// Swap this build's programs in for the loaded ones, keeping every map (what loading
+    /// a new build does by itself): the interfaces never run without a program.
+    #[arg(long)]
+    pub replace_programs: bool,
 }
 
 #[derive(Args, Debug)]
@@ -91,6 +95,7 @@ pub fn load(paths: &Paths, a: LoadArgs) -> Result<()> {
         backend: a.backend,
         policy,
         lines,
+        replace_programs: a.replace_programs,
     };
     let out = engine::commit(
         paths,
@@ -100,7 +105,18 @@ pub fn load(paths: &Paths, a: LoadArgs) -> Result<()> {
             progress: &mut |_| {},
         },
     )?;
-    if let Done::Loaded { interfaces, seeded } = &out.what {
+    if let Done::Loaded {
+        interfaces,
+        seeded,
+        programs_replaced,
+    } = &out.what
+    {
+        if let Some(n) = programs_replaced {
+            println!(
+                "isolation: this build's programs replaced the loaded ones on {n} link(s); \
+                 maps, policy and connections kept"
+            );
+        }
         if out.backend == "iptables" {
             println!(
                 "isolation: loaded on {} (iptables + ipset), policy from {source}, generation {}; \

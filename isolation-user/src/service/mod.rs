@@ -81,6 +81,7 @@ fn reload(paths: &Paths, cfg: &Config, why: Trigger, health: &Mutex<Health>) -> 
                 backend: cfg.backend,
                 policy,
                 lines: Some(lines),
+                replace_programs: false,
             },
             Trigger::File | Trigger::Hangup => Change::Replace {
                 policy,
@@ -186,6 +187,7 @@ async fn serve(paths: Paths, cfg: Config) -> Result<()> {
                     backend: c.backend,
                     policy: live,
                     lines: None,
+                    replace_programs: false,
                 },
                 Options {
                     force: true,

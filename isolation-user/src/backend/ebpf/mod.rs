@@ -58,13 +58,6 @@ impl Backend for Ebpf {
     fn preflight(&self, state: &State, ifaces: &[IfaceState]) -> Result<Vec<IfaceState>> {
         let paths = &self.paths;
         let loaded = pins::is_loaded(paths);
-        if loaded && !state.object_hash.is_empty() && state.object_hash != pins::object_hash() {
-            bail!(
-                "the datapath pinned at {} was loaded by another build of isolation-user; \
-                 run `isolation-user unload` first, then load again",
-                paths.pin_dir.display()
-            );
-        }
         let mut new = Vec::new();
         for w in ifaces {
             if loaded && attach::is_attached(paths, &w.name) {
@@ -86,19 +79,28 @@ impl Backend for Ebpf {
         Ok(new)
     }
 
-    fn install(&mut self, ifaces: &[IfaceState]) -> Result<Installed> {
+    fn build(&self) -> String {
+        pins::object_hash()
+    }
+
+    fn install(&mut self, ifaces: &[IfaceState], replace: bool) -> Result<Installed> {
         let paths = &self.paths;
         let fresh = !pins::is_loaded(paths);
+        let mut replaced = None;
         if fresh {
             pins::ensure_pin_dir(paths)?;
             if let Err(e) = pins::load_and_pin(paths) {
                 pins::remove_pins(paths);
                 return Err(e);
             }
+        } else if replace {
+            // Before anything else: a build whose maps do not fit is refused untouched.
+            replaced = Some(pins::replace_programs(paths)?);
         }
         let mut done = Installed {
             fresh,
             build: pins::object_hash(),
+            replaced,
             ..Installed::default()
         };
         // Connections already open (the operator's SSH session) are remembered before the

@@ -152,6 +152,140 @@ pub fn load_and_pin(paths: &Paths) -> Result<()> {
     result
 }
 
+/// Swaps this build's programs in for the pinned ones, keeping every map (and so the
+/// policy, the whitelist, the remembered connections and the counters), for an upgrade to
+/// a new build or `load --replace-programs`:
+///
+/// 1. the object is loaded with every map taken from its pin (aya checks each pinned map
+///    against the new object's definition: a build whose maps changed shape is refused
+///    here, before anything live changes);
+/// 2. the new programs pass the verifier and are pinned beside the old ones;
+/// 3. each pinned link (XDP, TC ingress and egress, on every interface) is switched to its
+///    new program with BPF_LINK_UPDATE, and the VXLAN tail call with one JUMP write: a
+///    packet meets the old program or the new one, never no program;
+/// 4. the new pins are renamed over the old ones; the old programs go with their last
+///    reference.
+///
+/// A failure in 3 switches the links already switched back to the old programs.
+pub fn replace_programs(paths: &Paths) -> Result<usize> {
+    let mut loader = EbpfLoader::new();
+    for name in maps::ALL {
+        loader.map_pin_path(name, paths.map(name));
+    }
+    let mut ebpf: Ebpf = loader.load(OBJECT).map_err(|e| {
+        anyhow!(
+            "this build's BPF object cannot take over the pinned maps (run `isolation-user \
+             unload` then `load` to change to it, which forgets the remembered connections): {}",
+            error_chain(&e)
+        )
+    })?;
+    // (pin name, program in the object, XDP?)
+    let progs = [
+        ("xdp", progs::XDP_INGRESS, true),
+        ("xdp_vxlan", progs::XDP_VXLAN, true),
+        ("tci", progs::TC_INGRESS, false),
+        ("tc", progs::TC_EGRESS, false),
+    ];
+    let staged = |name: &str| paths.pin_dir.join(format!("new_prog_{name}"));
+    let unstage = || {
+        for (name, _, _) in progs {
+            let _ = fs::remove_file(staged(name));
+        }
+    };
+    let mut new_fds = std::collections::HashMap::new();
+    let loaded = (|| -> Result<()> {
+        for (name, prog, is_xdp) in progs {
+            let _ = fs::remove_file(staged(name));
+            let fd = if is_xdp {
+                let p: &mut Xdp = prog_mut(&mut ebpf, prog)?;
+                p.load().map_err(|e| {
+                    anyhow!(
+                        "the kernel refused the new {prog} program: {}",
+                        error_chain(&e)
+                    )
+                })?;
+                p.pin(staged(name))?;
+                p.fd()?.try_clone()?
+            } else {
+                let p: &mut SchedClassifier = prog_mut(&mut ebpf, prog)?;
+                p.load().map_err(|e| {
+                    anyhow!(
+                        "the kernel refused the new {prog} program: {}",
+                        error_chain(&e)
+                    )
+                })?;
+                p.pin(staged(name))?;
+                p.fd()?.try_clone()?
+            };
+            new_fds.insert(name, fd);
+        }
+        Ok(())
+    })();
+    if let Err(e) = loaded {
+        unstage();
+        return Err(e);
+    }
+    // The old programs, to switch back to if a link refuses the new one.
+    let old = |name: &str| -> Result<aya::programs::ProgramFd> {
+        Ok(if name.starts_with("xdp") {
+            Xdp::from_pin(
+                paths.prog(name),
+                aya_obj::programs::XdpAttachType::Interface,
+            )?
+            .fd()?
+            .try_clone()?
+        } else {
+            SchedClassifier::from_pin(paths.prog(name))?
+                .fd()?
+                .try_clone()?
+        })
+    };
+    let mut links: Vec<(std::path::PathBuf, &str)> = Vec::new();
+    for e in fs::read_dir(paths.links_dir())?.flatten() {
+        let f = e.file_name().to_string_lossy().into_owned();
+        let kind = ["xdp", "tci", "tc"]
+            .into_iter()
+            .find(|k| f.starts_with(&format!("{k}_")));
+        if let Some(k) = kind {
+            links.push((e.path(), k));
+        }
+    }
+    let mut switched: Vec<(std::path::PathBuf, &str)> = Vec::new();
+    let mut result = Ok(());
+    for (path, kind) in &links {
+        use std::os::fd::AsFd as _;
+        if let Err(e) = super::syscall::update_pinned_link(path, new_fds[kind].as_fd()) {
+            result = Err(anyhow!(
+                "cannot switch the link {} to the new program: {e}",
+                path.display()
+            ));
+            break;
+        }
+        switched.push((path.clone(), kind));
+    }
+    let mut jump: aya::maps::ProgramArray<MapData> = open_map(paths, maps::JUMP)?.try_into()?;
+    if result.is_ok()
+        && let Err(e) = jump.set(0, &new_fds["xdp_vxlan"], 0)
+    {
+        result = Err(anyhow!("cannot install the new VXLAN program in JUMP: {e}"));
+    }
+    if let Err(e) = result {
+        for (path, kind) in &switched {
+            use std::os::fd::AsFd as _;
+            if let Ok(fd) = old(kind) {
+                let _ = super::syscall::update_pinned_link(path, fd.as_fd());
+            }
+        }
+        unstage();
+        return Err(e);
+    }
+    for (name, _, _) in progs {
+        fs::rename(staged(name), paths.prog(name))
+            .with_context(|| format!("cannot pin the new {name} program"))?;
+    }
+    Ok(links.len())
+}
+
 fn prog_mut<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,

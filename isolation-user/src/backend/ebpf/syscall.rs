@@ -239,6 +239,43 @@ const BPF_LINK_DETACH: libc::c_long = 34;
 /// releases a link from a workqueue, so the hook could still hold our program for a moment
 /// after `unload` returns (and a program loaded next would see it there).
 pub fn detach_pinned_link(path: &std::path::Path) -> std::io::Result<()> {
+    let fd = obj_get(path)?;
+    #[repr(C)]
+    struct Detach {
+        link_fd: u32,
+    }
+    let mut d = Detach {
+        link_fd: fd.as_raw_fd() as u32,
+    };
+    sys_bpf(BPF_LINK_DETACH, &mut d)
+}
+
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+/// Swaps the program of a pinned link for `new_prog` in one step (BPF_LINK_UPDATE): the
+/// hook runs the old program or the new one, never neither. aya's `attach_to_link` does the
+/// same but wants an owned link, which only unpinning would give (and a crash between the
+/// unpin and the pin would detach it): the raw call works on the pinned link as it is.
+pub fn update_pinned_link(path: &std::path::Path, new_prog: BorrowedFd<'_>) -> std::io::Result<()> {
+    let link = obj_get(path)?;
+    #[repr(C)]
+    struct Update {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let mut u = Update {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: new_prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    sys_bpf(BPF_LINK_UPDATE, &mut u)
+}
+
+/// Opens a pinned object (BPF_OBJ_GET).
+fn obj_get(path: &std::path::Path) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
@@ -258,15 +295,8 @@ pub fn detach_pinned_link(path: &std::path::Path) -> std::io::Result<()> {
         _pad: 0,
     };
     let fd = sys_bpf_value(BPF_OBJ_GET, &mut get)?;
-    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
-    #[repr(C)]
-    struct Detach {
-        link_fd: u32,
-    }
-    let mut d = Detach {
-        link_fd: fd.as_raw_fd() as u32,
-    };
-    sys_bpf(BPF_LINK_DETACH, &mut d)
+    // SAFETY: BPF_OBJ_GET returned a new descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;

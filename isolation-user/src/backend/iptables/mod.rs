@@ -184,7 +184,12 @@ impl Backend for Iptables {
             .collect())
     }
 
-    fn install(&mut self, ifaces: &[IfaceState]) -> Result<Installed> {
+    fn build(&self) -> String {
+        format!("iptables:{}", env!("CARGO_PKG_VERSION"))
+    }
+
+    /// `replace` needs nothing here: every apply renders the whole chains anew.
+    fn install(&mut self, ifaces: &[IfaceState], _replace: bool) -> Result<Installed> {
         let v = self.variant()?;
         let live = self.live(v)?;
         let fresh = !live[0].installed(&self.names) || self.record().is_none();
@@ -240,7 +245,8 @@ impl Backend for Iptables {
             fresh,
             attached: ifaces.to_vec(),
             seeded,
-            build: format!("iptables:{}", env!("CARGO_PKG_VERSION")),
+            build: self.build(),
+            replaced: None,
         })
     }
 
