@@ -601,6 +601,10 @@ mod tests {
             }
         }
         assert!(seen >= 2, "no TOML example found");
+        // The packaged example is a whole file.
+        let example = include_str!("../../packaging/policy.example.toml");
+        let p = parse("packaging/policy.example.toml", example).unwrap();
+        assert!(p.whitelist.enabled && p.networks.len() == 2 && p.isolation.allow.len() == 1);
     }
 
     const EXAMPLE: &str = r#"[isolation]

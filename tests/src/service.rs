@@ -24,6 +24,11 @@ impl Service {
     /// Starts `run` with `args` (after `run`) and `--metrics 127.0.0.1:PORT`, and waits (at
     /// most 20 s) until `/metrics` answers.
     pub fn start(iso: &Iso, args: &[&str], metrics_port: u16) -> Service {
+        Service::start_wrapped(iso, &[], args, metrics_port)
+    }
+
+    /// `start`, with the binary run through `wrapper` (e.g. `setpriv --bounding-set …`).
+    pub fn start_wrapped(iso: &Iso, wrapper: &[&str], args: &[&str], metrics_port: u16) -> Service {
         fs::create_dir_all(iso.files_dir()).unwrap();
         let log = iso.files_dir().join(format!("{}.log", unique("service")));
         let addr = format!("127.0.0.1:{metrics_port}");
@@ -33,6 +38,20 @@ impl Service {
         let mut cmd = iso.cmd(&all);
         if let Some(b) = &iso.backend {
             cmd.args(["--backend", b]);
+        }
+        if !wrapper.is_empty() {
+            // nsenter --net=NS [wrapper…] BIN args: the wrapper goes before the binary.
+            let mut w = std::process::Command::new("nsenter");
+            w.arg(format!("--net=/run/netns/{}", iso.ns)).args(wrapper);
+            let argv: Vec<_> = cmd.get_args().skip(1).map(|a| a.to_owned()).collect();
+            w.args(argv);
+            for (k, v) in cmd.get_envs() {
+                match v {
+                    Some(v) => w.env(k, v),
+                    None => w.env_remove(k),
+                };
+            }
+            cmd = w;
         }
         let child = cmd
             .env("ISOLATION_LOG", "info")

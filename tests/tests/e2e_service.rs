@@ -486,3 +486,117 @@ fn restarts_and_program_replacement_lose_no_packet(#[case] backend: &str) {
         "new connections of the listed client"
     );
 }
+
+/// The capabilities `packaging/isolation.service` bounds the service to.
+fn unit_capabilities() -> Vec<String> {
+    let unit = include_str!("../../packaging/isolation.service");
+    let line = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("the unit bounds the capabilities");
+    line.split_whitespace()
+        .map(|c| c.trim_start_matches("CAP_").to_lowercase())
+        .collect()
+}
+
+/// The service runs with nothing but the capabilities the systemd unit leaves it (the
+/// bounding set, as `setpriv` applies it to root): it loads, enforces, re-applies an edited
+/// file and serves /metrics, on both backends. (The unit's filesystem sandboxing needs
+/// systemd as PID 1, which the test machine does not run.)
+#[rstest]
+#[case::ebpf("ebpf")]
+#[case::iptables("iptables")]
+fn the_units_capabilities_suffice(#[case] backend: &str) {
+    if !tests::can_run("end-to-end service capability test") {
+        return;
+    }
+    let caps = unit_capabilities();
+    assert!(caps.contains(&"bpf".to_string()), "{caps:?}");
+    let bounding = format!(
+        "-all,{}",
+        caps.iter()
+            .map(|c| format!("+{c}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let (srv, cw, cx) = (unique("cpsrv"), unique("cpcw"), unique("cpcx"));
+    let ns = Netns::new(&[&srv, &cw, &cx]);
+    ns.link(&srv, "s1", &["192.0.2.1/24"], &cw, "e0", &["192.0.2.2/24"]);
+    ns.link(
+        &srv,
+        "s2",
+        &["198.51.100.1/24"],
+        &cx,
+        "e0",
+        &["198.51.100.2/24"],
+    );
+    let iso = Iso::with_backend(&srv, backend);
+    let _echo = Echo::start(&srv, &[sa("0.0.0.0:8080")]);
+    let stranger = |wait| tcp_ok(&cx, sa("198.51.100.1:8080"), wait);
+    let dir = iso.files_dir().join("etc");
+    fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("policy.toml");
+    fs::write(&file, A).unwrap();
+    let f = file.display().to_string();
+    let wrapper = [
+        "setpriv",
+        "--bounding-set",
+        bounding.as_str(),
+        "--inh-caps",
+        "-all",
+    ];
+    let mut svc = Service::start_wrapped(
+        &iso,
+        &wrapper,
+        &["--iface", "s1", "--iface", "s2", "--policy", &f],
+        9108,
+    );
+    // The service's effective capabilities are exactly the unit's.
+    let number = |c: &str| match c {
+        "net_admin" => 12,
+        "net_raw" => 13,
+        "sys_admin" => 21,
+        "perfmon" => 38,
+        "bpf" => 39,
+        other => panic!("add {other}'s number here"),
+    };
+    let want: u64 = caps.iter().map(|c| 1u64 << number(c)).sum();
+    let status = fs::read_to_string(format!("/proc/{}/status", svc.child.id())).unwrap();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap();
+    assert_eq!(eff, want, "CapEff {eff:x}, the unit's {want:x}");
+    assert!(
+        tcp_ok(&cw, sa("192.0.2.1:8080"), PASS_WAIT),
+        "the listed client passes"
+    );
+    assert!(!stranger(DROP_WAIT), "the stranger is dropped");
+    fs::write(
+        &file,
+        A.replace(
+            r#"allow = ["192.0.2.2","#,
+            r#"allow = ["192.0.2.2", "198.51.100.2","#,
+        ),
+    )
+    .unwrap();
+    assert!(
+        until(Duration::from_secs(3), || stranger(Duration::from_millis(
+            200
+        )))
+        .is_some(),
+        "the edit applied: {}",
+        svc.log_text()
+    );
+    let m = samples(&svc.scrape());
+    assert_eq!(
+        metric(&m, "isolation_datapath_up{}"),
+        1.0,
+        "{}",
+        svc.log_text()
+    );
+    assert_eq!(metric(&m, "isolation_reloads_total{result=\"ok\"}"), 2.0);
+    assert!(svc.stop().success(), "{}", svc.log_text());
+    assert!(!svc.log_text().contains("WARN"), "{}", svc.log_text());
+}
