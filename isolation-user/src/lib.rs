@@ -40,46 +40,121 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Cmd {
     /// Load and attach the datapath (XDP ingress + TC egress) and apply a policy. Idempotent.
+    #[command(
+        after_help = "Examples:\n  isolation-user load --iface eth0 --policy /etc/isolation/policy.toml\n  isolation-user load --iface eth0 --iface eth1 --backend iptables\n  isolation-user load --iface eth0 --replace-programs   # swap in this build's programs, keep the maps"
+    )]
     Load(commands::load::LoadArgs),
     /// Detach and remove everything `load` created.
+    #[command(
+        after_help = "Examples:\n  isolation-user unload --iface eth1   # detach from one interface\n  isolation-user unload                # remove everything"
+    )]
     Unload(commands::load::UnloadArgs),
     /// Backend, interfaces, attach mode, program ids, policy generation, map fill levels.
+    #[command(
+        after_help = "Examples:\n  isolation-user status\n  isolation-user status --json | jq .generation"
+    )]
     Status(commands::status::StatusArgs),
     /// Live edits of the host whitelist.
     #[command(subcommand)]
+    #[command(
+        after_help = "Examples:\n  isolation-user whitelist add 203.0.113.7 2001:db8:42::/48\n  isolation-user whitelist add --file allowed.txt   # one entry a line, - = stdin\n  isolation-user whitelist del 203.0.113.7\n  isolation-user whitelist list --json\n  isolation-user whitelist flush"
+    )]
     Whitelist(commands::whitelist::WhitelistCmd),
     /// Packets and bytes per verdict reason, like `iptables -L -v -n`.
+    #[command(
+        after_help = "Examples:\n  isolation-user stats\n  isolation-user stats --watch\n  isolation-user stats --json"
+    )]
     Stats(commands::stats::StatsArgs),
     /// Stream logged drops as they happen, like iptables LOG lines.
+    #[command(
+        after_help = "Examples:\n  isolation-user trace\n  isolation-user trace --json --count 10 --timeout 30"
+    )]
     Trace(commands::trace::TraceArgs),
     /// Live edits of the virtual networks.
     #[command(subcommand)]
+    #[command(
+        after_help = "Examples:\n  isolation-user network add ops 198.51.100.0/28\n  isolation-user network del ops 198.51.100.0/28   # one subnet; without it the whole network\n  isolation-user network list --json"
+    )]
     Network(commands::edit::NetworkCmd),
     /// Let FROM open connections to TO (optionally only on some ports).
+    #[command(
+        after_help = "Examples:\n  isolation-user allow hr it --port tcp:80 --port tcp:443\n  isolation-user allow ops 198.51.100.0/25          # anything"
+    )]
     Allow(commands::edit::RuleArgs),
     /// Remove allow rules from FROM to TO (or only some of their ports).
+    #[command(
+        after_help = "Examples:\n  isolation-user disallow hr it --port tcp:443\n  isolation-user disallow ops 198.51.100.0/25"
+    )]
     Disallow(commands::edit::RuleArgs),
     /// Live edits of the pairs never filtered.
     #[command(subcommand)]
+    #[command(
+        after_help = "Examples:\n  isolation-user except add 198.51.100.10 198.51.100.200\n  isolation-user except del 198.51.100.10 198.51.100.200"
+    )]
     Except(commands::edit::ExceptCmd),
     /// The verdict the live datapath gives a new connection, and what decides it.
+    #[command(
+        after_help = "Examples:\n  isolation-user check 198.51.100.130 198.51.100.20 --proto tcp --dport 80\n  isolation-user check 203.0.113.9 192.0.2.1 --json"
+    )]
     Check(commands::check::CheckArgs),
     /// Replace the whole live policy with a policy file, in one transaction.
+    #[command(
+        after_help = "Examples:\n  isolation-user apply --dry-run /etc/isolation/policy.toml\n  isolation-user apply /etc/isolation/policy.toml\n  isolation-user apply new.toml --confirm-within 60 && isolation-user confirm"
+    )]
     Apply(commands::apply::ApplyArgs),
     /// Keep the policy of an `apply --confirm-within`: cancel its rollback.
+    #[command(
+        after_help = "Examples:\n  isolation-user apply new.toml --confirm-within 60\n  isolation-user confirm   # from a new SSH session: it still gets in"
+    )]
     Confirm(commands::apply::ConfirmArgs),
     /// Print the live policy, whitelist included, as a policy file.
+    #[command(after_help = "Examples:\n  isolation-user save > /etc/isolation/policy.toml")]
     Save,
     /// Print the ipset and iptables rules the iptables backend would load for a policy.
+    #[command(
+        after_help = "Examples:\n  isolation-user export --format iptables /etc/isolation/policy.toml --iface eth0"
+    )]
     Export(commands::export::ExportArgs),
     /// Print a policy file for an existing ipset/iptables setup (the classic recipe).
+    #[command(
+        after_help = "Examples:\n  ipset save > sets.txt; iptables-save > rules.txt\n  isolation-user import --ipset-save sets.txt --iptables-save rules.txt > policy.toml"
+    )]
     Import(commands::import::ImportArgs),
     /// Run as a service: load, re-apply the policy file when it changes (or on SIGHUP), log
     /// drops, serve Prometheus metrics.
+    #[command(
+        after_help = "Examples:\n  isolation-user run --iface eth0 --policy /etc/isolation/policy.toml --metrics 127.0.0.1:9108\n  kill -HUP $(pidof isolation-user)   # re-apply the file\n  curl -s 127.0.0.1:9108/metrics"
+    )]
     Run(commands::run::RunArgs),
     /// The detached helper of `apply --confirm-within` (started by it, not by hand).
     #[command(hide = true)]
     RollbackTimer,
+    /// Write the manual pages (section 8), generated from this command line, into DIR.
+    #[command(hide = true)]
+    Man { dir: PathBuf },
+}
+
+/// The man pages: isolation-user(8) and one per verb (isolation-user-load(8), …).
+fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
+    use clap::CommandFactory as _;
+    fn one(cmd: clap::Command, dir: &std::path::Path, n: &mut usize) -> anyhow::Result<()> {
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()).cloned() {
+            one(sub, dir, n)?;
+        }
+        clap_mangen::Man::new(cmd).section("8").generate_to(dir)?;
+        *n += 1;
+        Ok(())
+    }
+    std::fs::create_dir_all(dir)?;
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    cmd.build();
+    let mut n = 0;
+    one(cmd, dir, &mut n)?;
+    println!(
+        "isolation-user: {n} manual pages written to {}",
+        dir.display()
+    );
+    Ok(())
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -104,7 +179,42 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Save => commands::apply::save(&paths),
         Cmd::Confirm(a) => commands::apply::confirm(&paths, a),
         Cmd::RollbackTimer => rollback::timer(&paths),
+        Cmd::Man { dir } => write_man_pages(&dir),
         Cmd::Import(a) => commands::import::run(a),
         Cmd::Run(a) => commands::run::run(paths, a),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    /// Every verb a user sees has examples (they go into `--help` and the man pages), and
+    /// the man pages are written, one per verb.
+    #[test]
+    fn every_verb_has_examples_and_a_man_page() {
+        let cli = super::Cli::command();
+        let mut visible = 0;
+        for sub in cli.get_subcommands().filter(|s| !s.is_hide_set()) {
+            let help = sub
+                .get_after_help()
+                .map(|h| h.to_string())
+                .unwrap_or_default();
+            assert!(
+                help.contains(&format!("isolation-user {}", sub.get_name())),
+                "`{}` has no example",
+                sub.get_name()
+            );
+            visible += 1;
+        }
+        let dir = std::env::temp_dir().join(format!("isolation-man-{}", std::process::id()));
+        super::write_man_pages(&dir).unwrap();
+        for sub in cli.get_subcommands().filter(|s| !s.is_hide_set()) {
+            let page = dir.join(format!("isolation-user-{}.8", sub.get_name()));
+            assert!(page.exists(), "{}", page.display());
+        }
+        assert!(dir.join("isolation-user.8").exists());
+        assert!(visible >= 17, "{visible} verbs");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
