@@ -1,80 +1,141 @@
 #!/usr/bin/env bash
-# A small network of namespaces: a host running isolation, a whitelisted friend and a
-# stranger. Shows traffic allowed and denied, the counters and the trace, then cleans up.
+# Both jobs of isolation on a small network of namespaces, then cleans up (namespaces,
+# listeners, pins, state):
+#
+#   friend   192.0.2.10    --f0--+
+#   stranger 198.51.100.66 --s0--+
+#   it1      203.0.113.2   --i1--+-- host (router, isolation on every port)
+#   it2      203.0.113.18  --i2--+
+#   hr1      203.0.113.130 --h1--+
+#
+# 1. The host whitelist: only the friend (and the virtual networks) may open connections.
+# 2. Virtual-network isolation, the classic ipset recipe: HR may reach IT on tcp:80 and IT's
+#    replies flow; IT cannot open to HR and gets a REJECT at once; inside IT (hairpin) all
+#    passes. Then a live edit, `check`, the counters, and unload.
 set -euo pipefail
 BIN=${BIN:?BIN must point at isolation-user}
 export ISOLATION_PIN_DIR=/sys/fs/bpf/isolation-demo ISOLATION_STATE_DIR=/run/isolation-demo
 unset SSH_CONNECTION
-H=iso-demo-host F=iso-demo-friend S=iso-demo-stranger
+H=iso-demo-host
+NS=(iso-demo-friend iso-demo-stranger iso-demo-it1 iso-demo-it2 iso-demo-hr1)
 POLICY=$(mktemp /tmp/isolation-demo-XXXX.toml)
+TRACE_OUT=$(mktemp /tmp/isolation-demo-trace-XXXX.txt)
+LISTENERS=()
 
 cleanup() {
-    # The listener first: alive, it would hold the host namespace after its deletion.
-    if [ -n "${NC:-}" ]; then kill "$NC" 2>/dev/null || true; wait "$NC" 2>/dev/null || true; fi
+    # Listeners first: alive, they would hold their namespaces after the deletion.
+    for p in "${LISTENERS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+    LISTENERS=()
     nsenter --net=/run/netns/$H "$BIN" unload >/dev/null 2>&1 || true
-    for ns in $H $F $S; do ip netns del $ns 2>/dev/null || true; done
-    rm -f "$POLICY"
+    for ns in $H "${NS[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
+    rm -f "$POLICY" "$TRACE_OUT"
 }
 trap cleanup EXIT
 cleanup
 
 nsx() { local ns=$1; shift; nsenter --net=/run/netns/$ns "$@"; }
 iso() { echo "# isolation-user $*"; nsx $H "$BIN" "$@"; }
-try() { # try LABEL NS CMD...: run CMD in NS and say whether it got through
-    local label=$1 ns=$2; shift 2
-    if nsx $ns timeout 2 "$@" >/dev/null 2>&1; then printf '  %-44s \e[32mok\e[0m\n' "$label"
-    else printf '  %-44s \e[31mblocked\e[0m\n' "$label"; fi
+listen() { # listen NS PORT: a TCP listener, killed at cleanup
+    # Not through nsx (a function: `&` would fork a subshell, and $! would be the
+    # subshell's): nsenter execs nc, so $! is the listener itself.
+    nsenter --net=/run/netns/$1 nc -lk "$2" >/dev/null 2>&1 &
+    LISTENERS+=($!)
+}
+probe() { # probe LABEL NS tcp ADDR PORT | probe LABEL NS ping ADDR: how it ended
+    local label=$1 ns=$2 kind=$3 addr=$4 port=${5:-} out rc t0 ms
+    t0=$(date +%s%N)
+    if [ "$kind" = tcp ]; then
+        out=$(nsx "$ns" timeout 2 nc -zv -w1 "$addr" "$port" 2>&1) && rc=0 || rc=$?
+    else
+        out=$(nsx "$ns" ping -c1 -W1 "$addr" 2>&1) && rc=0 || rc=$?
+    fi
+    ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+    if [ $rc -eq 0 ]; then printf '  %-46s \e[32mpasses\e[0m\n' "$label"
+    elif [[ "$out" == *refused* ]]; then printf '  %-46s \e[33mREJECTED\e[0m (refused after %d ms)\n' "$label" "$ms"
+    else printf '  %-46s \e[31mdropped\e[0m (no answer in %d ms)\n' "$label" "$ms"; fi
 }
 traffic() {
-    try "friend   192.0.2.10   -> host  ping"     $F ping -c1 -W1 192.0.2.1
-    try "friend   192.0.2.10   -> host  tcp:8080" $F nc -z -w1 192.0.2.1 8080
-    try "stranger 198.51.100.66 -> host  ping"    $S ping -c1 -W1 198.51.100.1
-    try "stranger 198.51.100.66 -> host  tcp:8080" $S nc -z -w1 198.51.100.1 8080
-    try "host -> stranger ping (its reply)"      $H ping -c1 -W1 198.51.100.66
+    echo " whitelist (who may reach the host):"
+    probe "friend 192.0.2.10 -> host tcp:8080" iso-demo-friend tcp 192.0.2.1 8080
+    probe "stranger 198.51.100.66 -> host tcp:8080" iso-demo-stranger tcp 198.51.100.1 8080
+    probe "host -> stranger ping (its reply comes back)" $H ping 198.51.100.66
+    echo " isolation (hr may reach it on tcp:80 only):"
+    probe "hr1 -> it1 tcp:80 (and it1's replies)" iso-demo-hr1 tcp 203.0.113.2 80
+    probe "hr1 -> it1 tcp:22" iso-demo-hr1 tcp 203.0.113.2 22
+    probe "it1 -> hr1 tcp:80" iso-demo-it1 tcp 203.0.113.130 80
+    probe "it1 -> it2 tcp:80 (same network)" iso-demo-it1 tcp 203.0.113.18 80
 }
 
-for ns in $H $F $S; do ip netns add $ns; ip -n $ns link set lo up; done
-ip -n $H link add h1 type veth peer name e0 netns $F
-ip -n $H link add h2 type veth peer name e0 netns $S
-ip -n $H addr add 192.0.2.1/24 dev h1;    ip -n $F addr add 192.0.2.10/24 dev e0
-ip -n $H addr add 198.51.100.1/24 dev h2; ip -n $S addr add 198.51.100.66/24 dev e0
-for l in "$H h1" "$H h2" "$F e0" "$S e0"; do set -- $l; ip -n $1 link set $2 up; done
-# Not through nsx (a function: `&` would fork a subshell, and $! would be the subshell's):
-# nsenter execs nc, so $! is the listener itself.
-nsenter --net=/run/netns/$H nc -lk 8080 >/dev/null 2>&1 &
-NC=$!
+ip netns add $H; ip -n $H link set lo up
+nsx $H sysctl -qw net.ipv4.ip_forward=1
+spoke() { # spoke NS HOST_IF HOST_ADDR/LEN PEER_ADDR/LEN
+    ip netns add "$1"; ip -n "$1" link set lo up
+    ip -n $H link add "$2" type veth peer name e0 netns "$1"
+    ip -n $H addr add "$3" dev "$2"; ip -n "$1" addr add "$4" dev e0
+    ip -n $H link set "$2" up; ip -n "$1" link set e0 up
+    ip -n "$1" route add default via "${3%/*}"
+}
+spoke iso-demo-friend f0 192.0.2.1/24 192.0.2.10/24
+spoke iso-demo-stranger s0 198.51.100.1/24 198.51.100.66/24
+spoke iso-demo-it1 i1 203.0.113.1/28 203.0.113.2/28
+spoke iso-demo-it2 i2 203.0.113.17/28 203.0.113.18/28
+spoke iso-demo-hr1 h1 203.0.113.129/28 203.0.113.130/28
+listen $H 8080
+for ns in iso-demo-it1 iso-demo-it2 iso-demo-hr1; do listen $ns 80; listen $ns 22; done
+sleep 0.2
 
 cat > "$POLICY" <<'TOML'
 [whitelist]
 enabled = true
 log = true
-allow = ["192.0.2.10"]
+allow = ["192.0.2.10", "203.0.113.0/24"]   # the friend, and the virtual networks
+
+[isolation]
+default = "deny"
+reject = true
+
+[networks.it]
+subnets = ["203.0.113.0/25"]
+[networks.hr]
+subnets = ["203.0.113.128/25"]
+
+[[isolation.allow]]
+from = "hr"
+to = "it"
+ports = ["tcp:80"]
 TOML
 
-echo "== before: no filter"
+echo "== before: no filter, everything passes"
 traffic
 echo
-echo "== load the datapath with a whitelist of one address"
+echo "== load the datapath on every port of the host, with this policy"
 cat "$POLICY"
-iso load --iface h1 --iface h2 --policy "$POLICY"
+echo
+iso load --iface f0 --iface s0 --iface i1 --iface i2 --iface h1 --policy "$POLICY"
 iso status
 echo
 echo "== after load"
-nsx $H "$BIN" trace --count 2 --timeout 6 > /tmp/isolation-demo-trace.txt &
+nsx $H "$BIN" trace --count 3 --timeout 12 > "$TRACE_OUT" &
 TRACE=$!
 sleep 0.3
 traffic
 wait $TRACE || true
 echo
-echo "# isolation-user trace   (drops, as iptables LOG lines)"
-cat /tmp/isolation-demo-trace.txt; rm -f /tmp/isolation-demo-trace.txt
+echo "# isolation-user trace   (drops and rejects, as iptables LOG lines)"
+cat "$TRACE_OUT"
 echo
-iso stats
+echo "== why? the verdict the live maps give, and the rule that decides it"
+iso check 203.0.113.130 203.0.113.2 --proto tcp --dport 80 || true
+iso check 203.0.113.2 203.0.113.130 --proto tcp --dport 80 || true
+iso check 198.51.100.66 192.0.2.1 --proto tcp --dport 8080 || true
 echo
-echo "== live edit: whitelist the stranger"
+echo "== live edits: let it reach hr on tcp:80, whitelist the stranger"
+iso allow it hr --port tcp:80
 iso whitelist add 198.51.100.66
 traffic
 echo
-echo "== unload"
+iso stats
+echo
+echo "== unload: everything passes again"
 iso unload
 traffic

@@ -563,6 +563,7 @@ fn stats_count_per_rule_and_trace_shows_denials(#[case] backend: &str) {
     let line: serde_json::Value =
         serde_json::from_slice(out.stdout.split(|b| *b == b'\n').next().unwrap()).unwrap();
     assert_eq!(line["reason"], "isolated-drop", "{line}");
+    assert_eq!(line["action"], "drop", "{line}");
     assert_eq!(line["src"], "198.51.100.2");
     assert_eq!(line["dst"], "198.51.100.130");
     assert_eq!(line["in"], "r1");

@@ -1,4 +1,4 @@
-//! `build-ebpf`: the BPF object is built by isolation-user's build.rs (aya-build), the one
+//! `build-ebpf`: the BPF object is built by isolation-user's build.rs, the one
 //! path; this builds that crate and copies the object out for bpftool and llvm-objdump.
 
 use std::path::PathBuf;

@@ -63,13 +63,22 @@ fn tcp_flags(f: u8) -> String {
         .join(" ")
 }
 
+/// What was done with a logged packet: answered (REJECT) or dropped.
+fn action(r: Option<Reason>) -> &'static str {
+    if r == Some(Reason::RejectIsolated) {
+        "REJECT"
+    } else {
+        "DROP"
+    }
+}
+
 /// `IN=eth0 SRC=... DST=... LEN=60 TTL=64 PROTO=TCP SPT=1 DPT=2 SYN`, as iptables LOG.
 pub fn format_line(e: &LogEvent, ifname: &str) -> String {
-    let reason = Reason::from_u32(e.reason)
-        .map(|r| r.name())
-        .unwrap_or("unknown");
+    let r = Reason::from_u32(e.reason);
+    let reason = r.map(|r| r.name()).unwrap_or("unknown");
+    let action = action(r);
     let mut s = format!(
-        "isolation DROP {reason}: IN={ifname} SRC={} DST={} LEN={} TTL={} PROTO={}",
+        "isolation {action} {reason}: IN={ifname} SRC={} DST={} LEN={} TTL={} PROTO={}",
         addr(e.family, &e.src),
         addr(e.family, &e.dst),
         e.len,
@@ -95,7 +104,8 @@ pub fn format_line(e: &LogEvent, ifname: &str) -> String {
 
 pub fn format_json(e: &LogEvent, ifname: &str, wall_ns: u128) -> serde_json::Value {
     json!({
-        "time_ns": wall_ns as u64, "action": "drop",
+        "time_ns": wall_ns as u64,
+        "action": action(Reason::from_u32(e.reason)).to_lowercase(),
         "reason": Reason::from_u32(e.reason).map(|r| r.name()).unwrap_or("unknown"),
         "in": ifname, "src": addr(e.family, &e.src).to_string(), "dst": addr(e.family, &e.dst).to_string(),
         "len": e.len, "ttl": e.ttl, "proto": proto_name(e.proto), "sport": e.sport, "dport": e.dport,
@@ -165,4 +175,33 @@ fn monotonic_ns() -> u64 {
     // SAFETY: clock_gettime writes one timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A REJECT is logged as one, in the line and in JSON; anything else as a DROP.
+    #[test]
+    fn a_reject_is_logged_as_reject() {
+        let mut e: LogEvent = bytemuck::Zeroable::zeroed();
+        e.family = AF_INET;
+        e.src[..4].copy_from_slice(&[203, 0, 113, 2]);
+        e.dst[..4].copy_from_slice(&[203, 0, 113, 130]);
+        e.proto = 6;
+        e.sport = 40000;
+        e.dport = 80;
+        e.tcp_flags = 0x02;
+        e.len = 60;
+        e.ttl = 64;
+        e.reason = Reason::RejectIsolated as u32;
+        assert_eq!(
+            format_line(&e, "i1"),
+            "isolation REJECT isolated-reject: IN=i1 SRC=203.0.113.2 DST=203.0.113.130 LEN=60 TTL=64 PROTO=TCP SPT=40000 DPT=80 SYN"
+        );
+        assert_eq!(format_json(&e, "i1", 0)["action"], "reject");
+        e.reason = Reason::DropIsolated as u32;
+        assert!(format_line(&e, "i1").starts_with("isolation DROP isolated-drop: "));
+        assert_eq!(format_json(&e, "i1", 0)["action"], "drop");
+    }
 }
