@@ -4,6 +4,7 @@
 //! spread; the verdict is the ratio, since the machine is shared and noisy.
 
 mod live;
+mod ops;
 mod raw;
 mod report;
 
@@ -48,7 +49,7 @@ struct Opts {
     #[arg(long)]
     live_seconds: Option<f64>,
     /// Run only these parts (default: all).
-    #[arg(long, value_delimiter = ',', value_parser = ["verdict", "live", "load"])]
+    #[arg(long, value_delimiter = ',', value_parser = ["verdict", "live", "load", "ops"])]
     only: Vec<String>,
 }
 
@@ -183,6 +184,19 @@ fn main() -> Result<()> {
             &o.bin,
             n,
             if o.quick { 5 } else { 21 },
+        )?;
+    }
+    if part("ops") {
+        ops::run(
+            &mut md,
+            &mut targets,
+            &ops::OpsOpts {
+                bin: &o.bin,
+                big: if o.quick { 10_000 } else { 1_000_000 },
+                prefixes: if o.quick { 1024 } else { 1 << 16 },
+                rounds: if o.quick { 1 } else { 3 },
+                latency_rounds: if o.quick { 3 } else { 21 },
+            },
         )?;
     }
     let mut head = String::new();
