@@ -120,6 +120,7 @@ fn ifindex(ns: &str, dev: &str) -> Result<u32> {
 }
 
 fn pin_to_cpu(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; the calls read and write only the set we own.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);

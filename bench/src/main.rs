@@ -146,6 +146,7 @@ const V6_SRC_LOW: i16 = 14 + 8 + 12;
 
 fn main() -> Result<()> {
     let o = Opts::parse();
+    // SAFETY: geteuid cannot fail and touches no memory.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the benchmarks load BPF programs and create namespaces: run them as root");
     }

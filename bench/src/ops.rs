@@ -28,10 +28,11 @@ pub struct OpsOpts<'a> {
 
 const NETS: u32 = 64;
 
-/// The isolation policy at the caps: 64 networks over `prefixes` /24s (10.0.0.0/8 and up:
-/// policy data only, no traffic goes there), 64 allow rules, 64 except entries.
+/// The isolation policy at the caps: 64 networks, 64 allow rules, 64 except entries (whose
+/// 64 /32s count among the prefixes), `prefixes` distinct IPv4 prefixes in all (10.0.0.0/8
+/// and up: policy data only, no traffic goes there).
 fn caps_policy(prefixes: u32) -> String {
-    let per = prefixes / NETS;
+    let per = (prefixes - NETS) / NETS;
     let mut p = String::from("[isolation]\ndefault = \"deny\"\nreject = true\n");
     for k in 0..NETS {
         let subnets: Vec<String> = (0..per)
@@ -91,8 +92,9 @@ pub fn run(md: &mut String, targets: &mut Vec<report::Target>, o: &OpsOpts) -> R
     writeln!(
         md,
         "`isolation-user apply FILE` against a loaded datapath, command start to exit (the \
-         policy is enforced before the exit). *caps*: {NETS} networks over {} IPv4 /24s, {NETS} \
-         allow rules and {NETS} except entries, applied over an empty policy; *{} whitelist*: \
+         policy is enforced before the exit). *caps*: {NETS} networks, {NETS} allow rules and \
+         {NETS} except entries naming {} distinct IPv4 prefixes in all, applied over an empty \
+         policy; *{} whitelist*: \
          that many IPv4 addresses, over an empty policy; *no-op*: the live policy applied again \
          (what the service does on a SIGHUP with an unchanged file); *back to empty*: from the \
          big whitelist. {} rounds, interleaved; median (spread).\n",

@@ -27,6 +27,7 @@ pub const XDP_PASS: i32 = 2;
 pub const XDP_TX: i32 = 3;
 
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<i64> {
+    // SAFETY: `attr` is a live, exclusively borrowed #[repr(C)] struct of the size passed.
     let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>()) };
     if r < 0 {
         Err(std::io::Error::last_os_error())

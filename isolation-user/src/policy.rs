@@ -446,14 +446,33 @@ pub fn parse_with_lines(file: &str, text: &str) -> Result<(Policy, Lines), Polic
         // A [whitelist] section is meant to be enforced unless it says otherwise.
         policy.whitelist.enabled = wl.enabled.unwrap_or(true);
         policy.whitelist.log = wl.log.unwrap_or(true);
-        let mut seen = std::collections::HashSet::new();
         for a in &wl.allow {
             let net =
                 parse_net(a.get_ref()).or_else(|r| cx.err(a.span(), format!("whitelist: {r}")))?;
-            if seen.insert(net) {
-                policy.whitelist.allow.push(net);
-                lines.whitelist_entries.push(cx.line(a.span().start));
+            policy.whitelist.allow.push(net);
+            lines.whitelist_entries.push(cx.line(a.span().start));
+        }
+        // An entry given twice counts once, at its first line. Found by sorting positions
+        // (a million entries: a sort walks memory in order, a hash set misses at each insert).
+        let allow = &policy.whitelist.allow;
+        let mut order: Vec<u32> = (0..allow.len() as u32).collect();
+        order.sort_unstable_by_key(|&i| (allow[i as usize], i));
+        let mut dup = vec![false; allow.len()];
+        for w in order.windows(2) {
+            if allow[w[0] as usize] == allow[w[1] as usize] {
+                dup[w[1] as usize] = true;
             }
+        }
+        if dup.contains(&true) {
+            let kept = |i: &usize| !dup[*i];
+            policy.whitelist.allow = (0..dup.len())
+                .filter(kept)
+                .map(|i| policy.whitelist.allow[i])
+                .collect();
+            lines.whitelist_entries = (0..dup.len())
+                .filter(kept)
+                .map(|i| lines.whitelist_entries[i])
+                .collect();
         }
     }
     Ok((policy, lines))
@@ -757,5 +776,14 @@ allow = ["203.0.113.7", "192.0.2.0/24", "2001:db8::/32", "127.0.0.1"]
         )
         .unwrap();
         assert_eq!(p.whitelist.allow.len(), 1);
+        // Each entry at its first place and line, in the file's order.
+        let (p, lines) = parse_with_lines(
+            "p",
+            "[whitelist]\nallow = [\n\"192.0.2.3\",\n\"192.0.2.1\",\n\"192.0.2.3\",\n\"192.0.2.2\",\n\"192.0.2.1/32\",\n]\n",
+        )
+        .unwrap();
+        let got: Vec<String> = p.whitelist.allow.iter().map(|n| n.to_string()).collect();
+        assert_eq!(got, ["192.0.2.3/32", "192.0.2.1/32", "192.0.2.2/32"]);
+        assert_eq!(lines.whitelist_entries, [3, 4, 6]);
     }
 }

@@ -113,11 +113,21 @@ impl Store {
 
     /// The whitelist entries: the snapshot, then the journal replayed over it.
     pub fn whitelist(&self) -> Result<Vec<IpNet>> {
-        let mut set = Ordered::default();
+        // The snapshot holds each entry once: read as it is. Only a journal to replay needs
+        // the index (after a whole apply there is none, and a million entries go unhashed).
+        let mut snapshot = Vec::new();
         for_lines(&self.snapshot_file(), |line| {
-            set.insert(policy::parse_net(line)?);
+            snapshot.push(policy::parse_net(line)?);
             Ok(())
         })?;
+        if fs::metadata(self.journal_file()).map_or(true, |m| m.len() == 0) {
+            return Ok(snapshot);
+        }
+        let mut set = Ordered::default();
+        set.at.reserve(snapshot.len());
+        for n in snapshot {
+            set.insert(n);
+        }
         for_lines(&self.journal_file(), |line| {
             if let Some(e) = line.strip_prefix('+') {
                 set.insert(policy::parse_net(e)?);
@@ -342,13 +352,15 @@ fn for_lines(path: &PathBuf, mut f: impl FnMut(&str) -> Result<(), String>) -> R
 #[derive(Default)]
 struct Ordered {
     items: Vec<Option<IpNet>>,
-    at: HashMap<IpNet, usize>,
+    // foldhash: a million entries hashed per `whitelist`/`save`/`apply` read (the keys are the
+    // operator's own: no flooding adversary to resist).
+    at: HashMap<IpNet, usize, foldhash::fast::RandomState>,
 }
 
 impl Ordered {
     fn insert(&mut self, n: IpNet) {
-        if !self.at.contains_key(&n) {
-            self.at.insert(n, self.items.len());
+        if let std::collections::hash_map::Entry::Vacant(e) = self.at.entry(n) {
+            e.insert(self.items.len());
             self.items.push(Some(n));
         }
     }

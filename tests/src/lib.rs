@@ -15,6 +15,7 @@ use std::path::PathBuf;
 
 /// Skips (returns false) or fails, as the environment asks, when root is missing.
 pub fn can_run(what: &str) -> bool {
+    // SAFETY: geteuid cannot fail and touches no memory.
     let root = unsafe { libc::geteuid() } == 0;
     if root {
         return true;

@@ -18,6 +18,7 @@ use std::{
 pub fn enter(ns: &str) {
     let f = File::open(format!("/run/netns/{ns}")).unwrap_or_else(|e| panic!("netns {ns}: {e}"));
     assert_eq!(
+        // SAFETY: setns on a namespace file we hold open; moves only this thread.
         unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) },
         0,
         "setns {ns}"

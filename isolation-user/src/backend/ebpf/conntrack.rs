@@ -9,7 +9,9 @@ use crate::state::Paths;
 
 /// Clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
+    // SAFETY: timespec is plain data; clock_gettime writes one we own.
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

@@ -31,7 +31,10 @@ fn is_bpffs(p: &Path) -> bool {
     let Ok(c) = CString::new(p.as_os_str().as_encoded_bytes()) else {
         return false;
     };
+    // SAFETY: statfs is plain data (all zeroes is valid), filled by statfs(2) from a
+    // NUL-terminated path we own.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
     unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
 }
 
@@ -48,6 +51,7 @@ pub fn ensure_pin_dir(paths: &Paths) -> Result<()> {
     let lock_path = Path::new(lock_dir).join("isolation-bpffs.lock");
     let lock = fs::File::create(&lock_path)
         .with_context(|| format!("cannot open {}", lock_path.display()))?;
+    // SAFETY: flock on a descriptor we own for the duration of the call.
     if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
         bail!(
             "cannot lock {}: {}",

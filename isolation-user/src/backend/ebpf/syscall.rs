@@ -6,6 +6,8 @@ use std::os::fd::{AsRawFd as _, BorrowedFd};
 /// The `bpf(2)` syscall with one attribute struct: its result (a new fd for the commands
 /// that open one); Err carries errno.
 fn sys_bpf_value<A>(cmd: libc::c_long, attr: &mut A) -> std::io::Result<i64> {
+    // SAFETY: `attr` is a live, exclusively borrowed #[repr(C)] attribute struct of the
+    // size passed; the kernel reads and writes only within it.
     let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut A, std::mem::size_of::<A>()) };
     if r < 0 {
         Err(std::io::Error::last_os_error())

@@ -257,7 +257,11 @@ impl<K: aya::Pod + bytemuck::Pod + Eq + std::hash::Hash + Send + Sync + ExactKey
     /// If the hash is far bigger than `final_len` entries need (a whitelist that shrank),
     /// swaps in one of the right size holding the keys of `keep` that it has now (so no
     /// moment admits an address the old whitelist did not). Returns the keys it dropped.
-    fn shrink_for(&mut self, final_len: usize, keep: &HashSet<K>) -> Result<Vec<K>> {
+    fn shrink_for(
+        &mut self,
+        final_len: usize,
+        keep: &HashSet<K, foldhash::fast::RandomState>,
+    ) -> Result<Vec<K>> {
         if self.max_entries() <= 4 * capacity(final_len) as usize {
             return Ok(Vec::new());
         }
@@ -693,11 +697,14 @@ pub fn revert(paths: &Paths, done: &WhitelistDelta) -> Result<()> {
 /// An exact hash much bigger than its family's new whitelist needs is first replaced by one
 /// of the right size holding the entries both whitelists share (`Exact::shrink_for`).
 pub fn sync(paths: &Paths, wanted: &[IpNet], progress: impl FnMut(u64)) -> Result<WhitelistDelta> {
+    // foldhash: millions of the operator's own entries (no flooding adversary), where
+    // SipHash was a quarter of a whole-policy apply.
+    type Set<T> = HashSet<T, foldhash::fast::RandomState>;
     let mut m = WhitelistMaps::open(paths)?;
-    let current: HashSet<IpNet> = m.entries()?.into_iter().collect();
-    let want: HashSet<IpNet> = wanted.iter().copied().collect();
-    let mut keep4 = HashSet::new();
-    let mut keep6 = HashSet::new();
+    let current: Set<IpNet> = m.entries()?.into_iter().collect();
+    let want: Set<IpNet> = wanted.iter().copied().collect();
+    let mut keep4 = Set::default();
+    let mut keep6 = Set::default();
     for n in &want {
         match n {
             IpNet::V4(a) if a.prefix_len() == 32 => {
@@ -722,7 +729,7 @@ pub fn sync(paths: &Paths, wanted: &[IpNet], progress: impl FnMut(u64)) -> Resul
         }
     };
     dropped.extend(dropped6.iter().map(ExactKey::to_net));
-    let dropped_set: HashSet<IpNet> = dropped.iter().copied().collect();
+    let dropped_set: Set<IpNet> = dropped.iter().copied().collect();
     let gone: Vec<IpNet> = current
         .difference(&want)
         .filter(|n| !dropped_set.contains(n))
