@@ -116,3 +116,43 @@ impl Drop for Netns {
         }
     }
 }
+
+/// A server with two clients, each on a link of its own: the whitelisted client `cw` and
+/// the stranger `cx`:
+///
+///   cw (192.0.2.2, 2001:db8:1::2) --s1-- srv --s2-- cx (198.51.100.2)
+pub struct TwoClients {
+    pub ns: Netns,
+    pub srv: String,
+    pub cw: String,
+    pub cx: String,
+}
+
+impl TwoClients {
+    /// Namespaces named after `prefix` (unique per call).
+    pub fn new(prefix: &str) -> TwoClients {
+        let (srv, cw, cx) = (
+            crate::unique(&format!("{prefix}s")),
+            crate::unique(&format!("{prefix}w")),
+            crate::unique(&format!("{prefix}x")),
+        );
+        let ns = Netns::new(&[&srv, &cw, &cx]);
+        ns.link(
+            &srv,
+            "s1",
+            &["192.0.2.1/24", "2001:db8:1::1/64"],
+            &cw,
+            "e0",
+            &["192.0.2.2/24", "2001:db8:1::2/64"],
+        );
+        ns.link(
+            &srv,
+            "s2",
+            &["198.51.100.1/24"],
+            &cx,
+            "e0",
+            &["198.51.100.2/24"],
+        );
+        TwoClients { ns, srv, cw, cx }
+    }
+}

@@ -8,7 +8,13 @@
 use std::{net::SocketAddr, time::Duration};
 
 use rstest::rstest;
-use tests::{iso::Iso, netns::Netns, traffic::Echo, traffic::tcp_ok, unique};
+use tests::{
+    iso::Iso,
+    netns::{Netns, TwoClients},
+    traffic::Echo,
+    traffic::tcp_ok,
+    unique,
+};
 
 const PASS_WAIT: Duration = Duration::from_secs(3);
 const DROP_WAIT: Duration = Duration::from_millis(700);
@@ -41,17 +47,12 @@ fn apply_replaces_the_policy_and_save_round_trips(#[case] backend: &str) {
     if !tests::can_run("end-to-end apply test") {
         return;
     }
-    let (srv, cw, cx) = (unique("apsrv"), unique("apcw"), unique("apcx"));
-    let ns = Netns::new(&[&srv, &cw, &cx]);
-    ns.link(&srv, "s1", &["192.0.2.1/24"], &cw, "e0", &["192.0.2.2/24"]);
-    ns.link(
-        &srv,
-        "s2",
-        &["198.51.100.1/24"],
-        &cx,
-        "e0",
-        &["198.51.100.2/24"],
-    );
+    let TwoClients {
+        ns: _ns,
+        srv,
+        cw,
+        cx,
+    } = TwoClients::new("apsr");
     let iso = Iso::with_backend(&srv, backend);
     let _echo = Echo::start(&srv, &[sa("0.0.0.0:8080")]);
     let listed = || tcp_ok(&cw, sa("192.0.2.1:8080"), PASS_WAIT);
@@ -288,17 +289,12 @@ fn an_unconfirmed_apply_rolls_back_and_a_confirmed_one_stays(#[case] backend: &s
     if !tests::can_run("end-to-end confirm test") {
         return;
     }
-    let (srv, cw, cx) = (unique("cfsrv"), unique("cfcw"), unique("cfcx"));
-    let ns = Netns::new(&[&srv, &cw, &cx]);
-    ns.link(&srv, "s1", &["192.0.2.1/24"], &cw, "e0", &["192.0.2.2/24"]);
-    ns.link(
-        &srv,
-        "s2",
-        &["198.51.100.1/24"],
-        &cx,
-        "e0",
-        &["198.51.100.2/24"],
-    );
+    let TwoClients {
+        ns: _ns,
+        srv,
+        cw,
+        cx,
+    } = TwoClients::new("cfsr");
     let iso = Iso::with_backend(&srv, backend);
     let _echo = Echo::start(&srv, &[sa("0.0.0.0:8080")]);
     let listed = || tcp_ok(&cw, sa("192.0.2.1:8080"), PASS_WAIT);

@@ -16,7 +16,7 @@ use std::{
 use rstest::rstest;
 use tests::{
     iso::Iso,
-    netns::Netns,
+    netns::{Netns, TwoClients},
     service::Service,
     traffic::{Echo, ping_ok, tcp_ok},
     unique,
@@ -99,24 +99,12 @@ fn service_reloads_logs_and_serves_metrics(#[case] backend: &str) {
     if !tests::can_run("end-to-end service test") {
         return;
     }
-    let (srv, cw, cx) = (unique("svsrv"), unique("svcw"), unique("svcx"));
-    let ns = Netns::new(&[&srv, &cw, &cx]);
-    ns.link(
-        &srv,
-        "s1",
-        &["192.0.2.1/24", "2001:db8:1::1/64"],
-        &cw,
-        "e0",
-        &["192.0.2.2/24", "2001:db8:1::2/64"],
-    );
-    ns.link(
-        &srv,
-        "s2",
-        &["198.51.100.1/24"],
-        &cx,
-        "e0",
-        &["198.51.100.2/24"],
-    );
+    let TwoClients {
+        ns: _ns,
+        srv,
+        cw,
+        cx,
+    } = TwoClients::new("svsr");
     let iso = Iso::with_backend(&srv, backend);
     let _echo = Echo::start(&srv, &[sa("0.0.0.0:8080")]);
     let listed = || tcp_ok(&cw, sa("192.0.2.1:8080"), PASS_WAIT);
@@ -362,17 +350,12 @@ fn restarts_and_program_replacement_lose_no_packet(#[case] backend: &str) {
     if !tests::can_run("end-to-end restart test") {
         return;
     }
-    let (srv, cw, cx) = (unique("rssrv"), unique("rscw"), unique("rscx"));
-    let ns = Netns::new(&[&srv, &cw, &cx]);
-    ns.link(&srv, "s1", &["192.0.2.1/24"], &cw, "e0", &["192.0.2.2/24"]);
-    ns.link(
-        &srv,
-        "s2",
-        &["198.51.100.1/24"],
-        &cx,
-        "e0",
-        &["198.51.100.2/24"],
-    );
+    let TwoClients {
+        ns: _ns,
+        srv,
+        cw,
+        cx,
+    } = TwoClients::new("rssr");
     let iso = Iso::with_backend(&srv, backend);
     let _echo = Echo::start(&srv, &[sa("0.0.0.0:8080")]);
     let stranger = |wait| tcp_ok(&cx, sa("198.51.100.1:8080"), wait);
@@ -519,17 +502,12 @@ fn the_units_capabilities_suffice(#[case] backend: &str) {
             .collect::<Vec<_>>()
             .join(",")
     );
-    let (srv, cw, cx) = (unique("cpsrv"), unique("cpcw"), unique("cpcx"));
-    let ns = Netns::new(&[&srv, &cw, &cx]);
-    ns.link(&srv, "s1", &["192.0.2.1/24"], &cw, "e0", &["192.0.2.2/24"]);
-    ns.link(
-        &srv,
-        "s2",
-        &["198.51.100.1/24"],
-        &cx,
-        "e0",
-        &["198.51.100.2/24"],
-    );
+    let TwoClients {
+        ns: _ns,
+        srv,
+        cw,
+        cx,
+    } = TwoClients::new("cpsr");
     let iso = Iso::with_backend(&srv, backend);
     let _echo = Echo::start(&srv, &[sa("0.0.0.0:8080")]);
     let stranger = |wait| tcp_ok(&cx, sa("198.51.100.1:8080"), wait);

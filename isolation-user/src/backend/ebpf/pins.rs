@@ -200,26 +200,24 @@ pub fn replace_programs(paths: &Paths) -> Result<usize> {
     let loaded = (|| -> Result<()> {
         for (name, prog, is_xdp) in progs {
             let _ = fs::remove_file(staged(name));
+            // The same steps for both program types (aya has no trait for `load()`).
+            macro_rules! load_pin {
+                ($t:ty) => {{
+                    let p: &mut $t = prog_mut(&mut ebpf, prog)?;
+                    p.load().map_err(|e| {
+                        anyhow!(
+                            "the kernel refused the new {prog} program: {}",
+                            error_chain(&e)
+                        )
+                    })?;
+                    p.pin(staged(name))?;
+                    p.fd()?.try_clone()?
+                }};
+            }
             let fd = if is_xdp {
-                let p: &mut Xdp = prog_mut(&mut ebpf, prog)?;
-                p.load().map_err(|e| {
-                    anyhow!(
-                        "the kernel refused the new {prog} program: {}",
-                        error_chain(&e)
-                    )
-                })?;
-                p.pin(staged(name))?;
-                p.fd()?.try_clone()?
+                load_pin!(Xdp)
             } else {
-                let p: &mut SchedClassifier = prog_mut(&mut ebpf, prog)?;
-                p.load().map_err(|e| {
-                    anyhow!(
-                        "the kernel refused the new {prog} program: {}",
-                        error_chain(&e)
-                    )
-                })?;
-                p.pin(staged(name))?;
-                p.fd()?.try_clone()?
+                load_pin!(SchedClassifier)
             };
             new_fds.insert(name, fd);
         }
