@@ -9,6 +9,7 @@
 pub mod backend;
 pub mod commands;
 pub mod engine;
+pub mod fleet;
 pub mod import;
 pub mod lockout;
 pub mod policy;
@@ -126,6 +127,12 @@ pub enum Cmd {
         after_help = "Examples:\n  isolation-user run --iface eth0 --policy /etc/isolation/policy.toml --metrics 127.0.0.1:9108\n  kill -HUP $(pidof isolation-user)   # re-apply the file\n  curl -s 127.0.0.1:9108/metrics"
     )]
     Run(commands::run::RunArgs),
+    /// The policy of every node, kept in etcd (`run --policy-source etcd://…` follows it).
+    #[command(subcommand)]
+    #[command(
+        after_help = "Examples:\n  isolation-user fleet push policy.toml --etcd etcd://10.0.0.1:2379/isolation\n  isolation-user fleet status --etcd etcd://10.0.0.1:2379/isolation"
+    )]
+    Fleet(commands::fleet::FleetCmd),
     /// The detached helper of `apply --confirm-within` (started by it, not by hand).
     #[command(hide = true)]
     RollbackTimer,
@@ -182,6 +189,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Man { dir } => write_man_pages(&dir),
         Cmd::Import(a) => commands::import::run(a),
         Cmd::Run(a) => commands::run::run(paths, a),
+        Cmd::Fleet(c) => commands::fleet::run(c),
     }
 }
 

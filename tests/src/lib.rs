@@ -4,6 +4,7 @@
 //! `ISOLATION_REQUIRE_E2E=1` (set by `cargo xtask test` and CI) turns the skip into a failure.
 
 pub mod dump;
+pub mod fleet;
 pub mod iso;
 pub mod netns;
 pub mod pkt;

@@ -31,6 +31,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("procps", "/usr/bin/pgrep"),
     ("time", "/usr/bin/time"),
     ("ethtool", "/usr/sbin/ethtool"),
+    // The fleet: the tests run a real etcd; the etcd client crate compiles its protocol
+    // with protoc.
+    ("etcd-server", "/usr/bin/etcd"),
+    ("protobuf-compiler", "/usr/bin/protoc"),
 ];
 
 impl Options {

@@ -3,6 +3,7 @@ pub mod apply;
 pub mod check;
 pub mod edit;
 pub mod export;
+pub mod fleet;
 pub mod import;
 pub mod load;
 pub mod run;

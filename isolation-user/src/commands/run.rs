@@ -16,6 +16,15 @@ pub struct RunArgs {
     /// The policy file, applied at start and again whenever it changes.
     #[arg(long, value_name = "FILE", default_value = crate::state::DEFAULT_POLICY)]
     pub policy: PathBuf,
+    /// Take the policy from etcd instead of a file: etcd://HOST:PORT[,HOST:PORT…]/PREFIX
+    /// (PREFIX/policy is applied and watched; this node's record goes to PREFIX/nodes/NODE).
+    #[arg(long, value_name = "URL", conflicts_with = "policy")]
+    pub policy_source: Option<crate::fleet::EtcdUrl>,
+    /// This node's name in PREFIX/nodes/ (default: the host name).
+    #[arg(long, value_name = "NAME", requires = "policy_source")]
+    pub node_name: Option<String>,
+    #[command(flatten)]
+    pub etcd: crate::fleet::EtcdOpts,
     /// Serve Prometheus text on http://ADDR/metrics (e.g. 127.0.0.1:9108).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
@@ -36,12 +45,19 @@ pub struct RunArgs {
 }
 
 pub fn run(paths: Paths, a: RunArgs) -> Result<()> {
-    let policy = std::path::absolute(&a.policy)?;
+    let source = match a.policy_source {
+        Some(url) => service::Source::Etcd {
+            url,
+            opts: a.etcd,
+            node: crate::fleet::node_name(a.node_name.as_deref()),
+        },
+        None => service::Source::File(std::path::absolute(&a.policy)?),
+    };
     service::run(
         paths,
         service::Config {
             ifaces: interfaces(&a.ifaces, a.mode)?,
-            policy,
+            source,
             backend: a.backend,
             metrics: a.metrics,
             detach_on_exit: a.detach_on_exit,

@@ -28,6 +28,9 @@ pub fn run(paths: &Paths, a: StatusArgs) -> Result<()> {
         return Ok(());
     };
     let s = b.status(&st)?;
+    let source: Option<serde_json::Value> = std::fs::read(crate::service::source_file(paths))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
     let pending = crate::rollback::pending(paths)?.map(|p| {
         json!({
             "file": p.file, "deadline": p.deadline,
@@ -53,6 +56,7 @@ pub fn run(paths: &Paths, a: StatusArgs) -> Result<()> {
                 "programs": { "xdp": id("xdp"), "tc_egress": id("tc_egress"), "tc_ingress": id("tc_ingress") },
                 "interfaces": s.interfaces, "maps": s.maps,
                 "pending_confirmation": pending,
+                "source": source,
             }))?
         );
         return Ok(());
@@ -83,6 +87,23 @@ pub fn run(paths: &Paths, a: StatusArgs) -> Result<()> {
             "off"
         }
     );
+    if let Some(s) = &source {
+        println!(
+            "source:      {} as node {}: {}, running revision {}{}",
+            s["source"].as_str().unwrap_or(""),
+            s["node"].as_str().unwrap_or(""),
+            if s["connected"] == true {
+                "connected"
+            } else {
+                "UNREACHABLE (the live policy stays; retrying)"
+            },
+            s["revision"],
+            s["last_error"]
+                .as_str()
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default()
+        );
+    }
     if let Some(p) = &pending {
         println!(
             "confirm:     {} awaits `isolation-user confirm` for {:.0} s more, else generation {} comes back",

@@ -59,6 +59,20 @@ pub fn render(paths: &Paths, health: &Health) -> String {
         "When the policy file was last applied or refused (Unix time)",
         t,
     );
+    if let Some(up) = health.source_up {
+        gauge(
+            &mut r,
+            "source_up",
+            "1 if the policy source (etcd) is reachable now",
+            up as i64,
+        );
+        gauge(
+            &mut r,
+            "source_revision",
+            "The etcd mod revision of the policy this node runs (0: none yet)",
+            health.source_revision,
+        );
+    }
     let up = match datapath(&mut r, paths) {
         Ok(()) => 1,
         Err(e) => {

@@ -30,13 +30,38 @@ use crate::{
     backend::{Choice, Event},
     commands::{self, trace},
     engine::{self, Change, Done, Options},
+    fleet,
     state::{IfaceState, Paths},
 };
+
+mod etcd;
+pub use etcd::source_file;
+
+/// Where the policy comes from.
+pub enum Source {
+    /// A file, watched.
+    File(PathBuf),
+    /// `P/policy` in etcd, watched; this node's record goes under `P/nodes/NODE`.
+    Etcd {
+        url: fleet::EtcdUrl,
+        opts: fleet::EtcdOpts,
+        node: String,
+    },
+}
+
+impl Source {
+    fn name(&self) -> String {
+        match self {
+            Source::File(p) => p.display().to_string(),
+            Source::Etcd { url, .. } => format!("{url}/policy"),
+        }
+    }
+}
 
 /// What `run` was asked to do.
 pub struct Config {
     pub ifaces: Vec<IfaceState>,
-    pub policy: PathBuf,
+    pub source: Source,
     pub backend: Choice,
     pub metrics: Option<SocketAddr>,
     pub detach_on_exit: bool,
@@ -54,6 +79,10 @@ pub struct Health {
     /// Unix time of the last apply or refusal.
     pub last_time: f64,
     pub last_error: Option<String>,
+    /// etcd: reachable now (None for a file).
+    pub source_up: Option<bool>,
+    /// etcd: the mod revision of the policy applied (0: none yet).
+    pub source_revision: i64,
 }
 
 fn now_unix() -> f64 {
@@ -69,12 +98,31 @@ enum Trigger {
     Start,
     File,
     Hangup,
+    Etcd,
 }
 
 /// Reads and applies the policy file once; on refusal the live policy stays.
 fn reload(paths: &Paths, cfg: &Config, why: Trigger, health: &Mutex<Health>) -> Result<Done> {
+    let Source::File(file) = &cfg.source else {
+        unreachable!("only a file is reloaded from disk")
+    };
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read policy {}", file.display()));
+    apply_text(paths, cfg, text, &file.display().to_string(), why, health)
+}
+
+/// Applies a policy's text (named `name` in errors); `Start` loads and attaches first. On
+/// refusal the live policy stays; either way the outcome is logged and counted.
+fn apply_text(
+    paths: &Paths,
+    cfg: &Config,
+    text: Result<String>,
+    name: &str,
+    why: Trigger,
+    health: &Mutex<Health>,
+) -> Result<Done> {
     let res = (|| -> Result<engine::Outcome> {
-        let (policy, lines) = engine::read_policy_file(&cfg.policy)?;
+        let (policy, lines) = crate::policy::parse_with_lines(name, &text?)?;
         let change = match why {
             Trigger::Start => Change::Load {
                 ifaces: cfg.ifaces.clone(),
@@ -83,7 +131,7 @@ fn reload(paths: &Paths, cfg: &Config, why: Trigger, health: &Mutex<Health>) -> 
                 lines: Some(lines),
                 replace_programs: false,
             },
-            Trigger::File | Trigger::Hangup => Change::Replace {
+            Trigger::File | Trigger::Hangup | Trigger::Etcd => Change::Replace {
                 policy,
                 lines: Some(lines),
             },
@@ -107,14 +155,12 @@ fn reload(paths: &Paths, cfg: &Config, why: Trigger, health: &Mutex<Health>) -> 
             match &out.what {
                 Done::Unchanged => tracing::info!(
                     generation = out.generation,
-                    "policy {} unchanged ({why:?}); nothing to do",
-                    cfg.policy.display()
+                    "policy {name} unchanged ({why:?}); nothing to do"
                 ),
                 _ => tracing::info!(
                     generation = out.generation,
                     backend = out.backend,
-                    "applied {} ({why:?})",
-                    cfg.policy.display()
+                    "applied {name} ({why:?})"
                 ),
             }
             Ok(out.what)
@@ -123,10 +169,7 @@ fn reload(paths: &Paths, cfg: &Config, why: Trigger, health: &Mutex<Health>) -> 
             h.reloads_failed += 1;
             h.last_ok = false;
             h.last_error = Some(format!("{e:#}"));
-            tracing::error!(
-                "refused {} ({why:?}), the live policy is unchanged: {e:#}",
-                cfg.policy.display()
-            );
+            tracing::error!("refused {name} ({why:?}), the live policy is unchanged: {e:#}");
             Err(e)
         }
     }
@@ -163,67 +206,18 @@ async fn serve(paths: Paths, cfg: Config) -> Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
 
-    // The first load decides whether we run at all: a file that cannot be applied with
-    // nothing loaded is an error; with a datapath already loaded (a restart with a broken
-    // file) the live policy keeps enforcing and we run, to take the fixed file later.
-    let first = {
-        let (p, c, h) = (paths.clone(), cfg.clone(), health.clone());
-        blocking(move || reload(&p, &c, Trigger::Start, &h)).await
-    };
-    if let Err(e) = first {
-        let p = paths.clone();
-        let loaded = blocking(move || engine::open(&p).is_ok()).await;
-        if !loaded {
-            return Err(e.context("nothing was loaded"));
-        }
-        // Attach to the interfaces anyway, with the live policy.
-        let (p, c) = (paths.clone(), cfg.clone());
-        blocking(move || {
-            let live = engine::whole(&p)?;
-            engine::commit(
-                &p,
-                Change::Load {
-                    ifaces: c.ifaces.clone(),
-                    backend: c.backend,
-                    policy: live,
-                    lines: None,
-                    replace_programs: false,
-                },
-                Options {
-                    force: true,
-                    progress: &mut |_| {},
-                },
-            )
-        })
-        .await?;
-        tracing::warn!("running with the live policy until the file can be applied");
+    // A file is applied before anything else: one that cannot be applied with nothing
+    // loaded is an error. From etcd the policy may take a while (etcd down, no policy
+    // yet): the service runs, serves its metrics and says so.
+    let mut file_events = None;
+    if let Source::File(file) = &cfg.source {
+        first_file_load(&paths, &cfg, &health).await?;
+        file_events = Some(watch_dir(file)?);
     }
-    let mut last = content(&cfg.policy);
-
-    // The file's directory is watched, not the file: an editor's rename replaces the inode
-    // a watch on the file would follow.
-    let (tx, mut rx) = mpsc::channel::<()>(64);
-    let dir = cfg
-        .policy
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .to_path_buf();
-    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if ev.is_ok() {
-            let _ = tx.try_send(());
-        }
-    })
-    .context("cannot start watching files (inotify)")?;
-    watcher
-        .watch(&dir, notify::RecursiveMode::NonRecursive)
-        .with_context(|| format!("cannot watch {}", dir.display()))?;
-
     let stop = Arc::new(AtomicBool::new(false));
     let drops = cfg
         .log_drops
         .then(|| std::thread::spawn(log_drops(paths.clone(), stop.clone())));
-
     if let Some(addr) = cfg.metrics {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -231,44 +225,70 @@ async fn serve(paths: Paths, cfg: Config) -> Result<()> {
         tracing::info!("serving Prometheus metrics on http://{addr}/metrics");
         tokio::spawn(serve_metrics(listener, paths.clone(), health.clone()));
     }
+    let (hup_tx, hup_rx) = mpsc::channel::<()>(4);
+    if let Source::Etcd { .. } = &cfg.source {
+        tokio::spawn(etcd::follow(
+            paths.clone(),
+            cfg.clone(),
+            health.clone(),
+            hup_rx,
+        ));
+    }
     tracing::info!(
-        "running on {}; watching {}",
+        "running on {}; policy from {}",
         cfg.ifaces
             .iter()
             .map(|i| i.name.as_str())
             .collect::<Vec<_>>()
             .join(", "),
-        cfg.policy.display()
+        cfg.source.name()
     );
 
+    let (mut rx, _watcher, mut last) = match file_events {
+        Some((rx, w)) => (Some(rx), Some(w), file_content(&cfg)),
+        None => (None, None, None),
+    };
     let signal_name = loop {
+        let file_event = async {
+            match rx.as_mut() {
+                Some(rx) => rx.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         let why = tokio::select! {
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
             _ = hup.recv() => Trigger::Hangup,
-            Some(()) = rx.recv() => Trigger::File,
+            Some(()) = file_event => Trigger::File,
         };
+        if !matches!(cfg.source, Source::File(_)) {
+            // etcd: the follower re-applies the last policy it received.
+            let _ = hup_tx.try_send(());
+            continue;
+        }
         if let Trigger::File = why {
             // Let an editor's write + rename settle, then take every event so far as one.
             tokio::time::sleep(Duration::from_millis(50)).await;
-            while rx.try_recv().is_ok() {}
-            let now = content(&cfg.policy);
+            if let Some(rx) = rx.as_mut() {
+                while rx.try_recv().is_ok() {}
+            }
+            let now = file_content(&cfg);
             if now.is_none() || now == last {
                 continue;
             }
             last = now;
         } else {
-            last = content(&cfg.policy);
+            last = file_content(&cfg);
         }
         let (p, c, h) = (paths.clone(), cfg.clone(), health.clone());
         let _ = blocking(move || reload(&p, &c, why, &h)).await;
     };
     tracing::info!("{signal_name}: stopping");
-    drop(watcher);
     stop.store(true, Ordering::Relaxed);
     if let Some(t) = drops {
         let _ = t.join();
     }
+    let _ = std::fs::remove_file(etcd::source_file(&paths));
     if cfg.detach_on_exit {
         let (p, c) = (paths.clone(), cfg.clone());
         blocking(move || -> Result<()> {
@@ -285,14 +305,93 @@ async fn serve(paths: Paths, cfg: Config) -> Result<()> {
     Ok(())
 }
 
+fn file_content(cfg: &Config) -> Option<Vec<u8>> {
+    match &cfg.source {
+        Source::File(f) => content(f),
+        Source::Etcd { .. } => None,
+    }
+}
+
+/// The first apply of a file. With a datapath already loaded (a restart with a broken
+/// file) the live policy keeps enforcing and the service runs, to take the fixed file.
+async fn first_file_load(
+    paths: &Paths,
+    cfg: &Arc<Config>,
+    health: &Arc<Mutex<Health>>,
+) -> Result<()> {
+    let first = {
+        let (p, c, h) = (paths.clone(), cfg.clone(), health.clone());
+        blocking(move || reload(&p, &c, Trigger::Start, &h)).await
+    };
+    let Err(e) = first else { return Ok(()) };
+    let p = paths.clone();
+    let loaded = blocking(move || engine::open(&p).is_ok()).await;
+    if !loaded {
+        return Err(e.context("nothing was loaded"));
+    }
+    // Attach to the interfaces anyway, with the live policy.
+    let (p, c) = (paths.clone(), cfg.clone());
+    blocking(move || {
+        let live = engine::whole(&p)?;
+        engine::commit(
+            &p,
+            Change::Load {
+                ifaces: c.ifaces.clone(),
+                backend: c.backend,
+                policy: live,
+                lines: None,
+                replace_programs: false,
+            },
+            Options {
+                force: true,
+                progress: &mut |_| {},
+            },
+        )
+    })
+    .await?;
+    tracing::warn!("running with the live policy until the file can be applied");
+    Ok(())
+}
+
+/// Events in the file's directory (not on the file: an editor's rename replaces the inode
+/// a watch on the file would follow).
+fn watch_dir(file: &Path) -> Result<(mpsc::Receiver<()>, notify::RecommendedWatcher)> {
+    let (tx, rx) = mpsc::channel::<()>(64);
+    let dir = file
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if ev.is_ok() {
+            let _ = tx.try_send(());
+        }
+    })
+    .context("cannot start watching files (inotify)")?;
+    watcher
+        .watch(&dir, notify::RecursiveMode::NonRecursive)
+        .with_context(|| format!("cannot watch {}", dir.display()))?;
+    Ok((rx, watcher))
+}
+
 /// The trace ring, as one log line per logged drop (iptables LOG's format), until `stop`.
 fn log_drops(paths: Paths, stop: Arc<AtomicBool>) -> impl FnOnce() + Send + 'static {
     move || {
-        let mut events = match engine::open(&paths).and_then(|(b, _)| b.events(false)) {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::warn!("logged drops will not be shown: {e:#}");
-                return;
+        // From etcd the datapath may come later: wait for it.
+        let mut warned = false;
+        let mut events = loop {
+            match engine::open(&paths).and_then(|(b, _)| b.events(false)) {
+                Ok(e) => break e,
+                Err(e) => {
+                    if !warned {
+                        tracing::warn!("logged drops are not shown yet: {e:#}");
+                        warned = true;
+                    }
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                }
             }
         };
         let mut last = events.counts().unwrap_or_default();

@@ -1,0 +1,138 @@
+//! A fleet's management network: a hub namespace with a bridge (203.0.113.1/24) where a
+//! real etcd (Debian's `etcd-server`) listens, and nodes, each in a namespace of its own,
+//! joined to the bridge by a veth `m0`. etcd is killed and its data dir removed on drop.
+
+use std::{
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{netns::Netns, traffic::in_ns, unique};
+
+pub const ETCD_ADDR: &str = "203.0.113.1:2379";
+
+pub struct Hub {
+    pub ns: Netns,
+    pub hub: String,
+    etcd: Option<Child>,
+    data: PathBuf,
+    next: u32,
+}
+
+impl Hub {
+    pub fn new() -> Hub {
+        let hub = unique("fhub");
+        let ns = Netns::new(&[&hub]);
+        for args in [
+            vec!["link", "add", "br0", "type", "bridge"],
+            vec!["addr", "add", "203.0.113.1/24", "dev", "br0"],
+            vec!["link", "set", "br0", "up"],
+        ] {
+            let mut a = vec!["ip", "-n", &hub];
+            a.extend(args);
+            crate::netns::ok(&a);
+        }
+        let data = std::env::temp_dir().join(unique("etcd"));
+        let mut h = Hub {
+            ns,
+            hub,
+            etcd: None,
+            data,
+            next: 0,
+        };
+        h.start_etcd();
+        h
+    }
+
+    /// Starts etcd (again, on the same data dir) and waits until it accepts connections.
+    pub fn start_etcd(&mut self) {
+        assert!(self.etcd.is_none(), "etcd runs already");
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.hub))
+            .arg("etcd")
+            .args(["--name", "fleet-test", "--data-dir"])
+            .arg(&self.data)
+            .args([
+                "--listen-client-urls",
+                &format!("http://{ETCD_ADDR},http://127.0.0.1:2379"),
+                "--advertise-client-urls",
+                &format!("http://{ETCD_ADDR}"),
+                "--listen-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-advertise-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-cluster",
+                "fleet-test=http://127.0.0.1:2380",
+                "--log-level",
+                "error",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start etcd (cargo xtask setup installs etcd-server)");
+        self.etcd = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let addr: SocketAddr = ETCD_ADDR.parse().unwrap();
+        while Instant::now() < deadline {
+            let up = in_ns(&self.hub, move || {
+                TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+            });
+            if up {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("etcd did not start within 20 s");
+    }
+
+    /// Kills etcd (SIGKILL, as a crash would).
+    pub fn kill_etcd(&mut self) {
+        if let Some(mut c) = self.etcd.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// `etcd://203.0.113.1:2379/PREFIX`.
+    pub fn url(&self, prefix: &str) -> String {
+        format!("etcd://{ETCD_ADDR}/{prefix}")
+    }
+
+    /// Joins namespace `node` to the bridge as `m0` with address `addr` (in 203.0.113.0/24).
+    pub fn attach(&mut self, node: &str, addr: &str) {
+        let port = format!("v{}", self.next);
+        self.next += 1;
+        crate::netns::ok(&[
+            "ip", "-n", node, "link", "add", "m0", "type", "veth", "peer", "name", &port, "netns",
+            &self.hub,
+        ]);
+        crate::netns::ok(&[
+            "ip",
+            "-n",
+            node,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            "m0",
+        ]);
+        crate::netns::ok(&["ip", "-n", node, "link", "set", "m0", "up"]);
+        crate::netns::ok(&["ip", "-n", &self.hub, "link", "set", &port, "master", "br0"]);
+        crate::netns::ok(&["ip", "-n", &self.hub, "link", "set", &port, "up"]);
+    }
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Hub::new()
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        self.kill_etcd();
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
+}

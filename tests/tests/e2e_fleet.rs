@@ -1,0 +1,203 @@
+//! One policy on every node, from a real etcd: 20 services (`run --policy-source etcd://…`),
+//! each in a namespace of its own and filtering its own interface, follow `fleet push`.
+//!
+//!   probe (203.0.113.2) --+
+//!   other (203.0.113.3) --+-- br0 (hub: etcd on 203.0.113.1:2379)
+//!   node0..node19 (203.0.113.10..29, m0 filtered) --+
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use tests::{fleet::Hub, iso::Iso, service::Service, traffic::Echo, traffic::tcp_ok, unique};
+
+const N: usize = 20;
+/// Nodes that also get traffic checks.
+const PROBED: [usize; 3] = [0, 7, 19];
+
+fn policy(allow: &str) -> String {
+    format!("[whitelist]\nenabled = true\nlog = false\nallow = [\"{allow}\"]\n")
+}
+
+/// `fleet` run from the hub (the etcd CLI side), with the prefix's URL.
+fn fleet(hub: &Hub, args: &[&str]) -> std::process::Output {
+    std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", hub.hub))
+        .arg(tests::bin())
+        .arg("fleet")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn status(hub: &Hub, url: &str) -> serde_json::Value {
+    let o = fleet(hub, &["status", "--json", "--etcd", url]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// Waits (at most 30 s) until every one of `n` nodes reports `rev` applied; the time taken.
+fn converge(hub: &Hub, url: &str, rev: i64, n: usize) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        let s = status(hub, url);
+        let nodes = s["nodes"].as_array().unwrap();
+        let done = nodes
+            .iter()
+            .filter(|x| x["revision"] == rev && x["result"] == "ok")
+            .count();
+        if done == n && nodes.len() == n {
+            return t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{done} of {n} nodes on revision {rev} after 30 s: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn push(hub: &Hub, url: &str, file: &str, extra: &[&str]) -> Result<i64, String> {
+    let mut args = vec!["push", file, "--etcd", url];
+    args.extend_from_slice(extra);
+    let o = fleet(hub, &args);
+    if !o.status.success() {
+        return Err(String::from_utf8_lossy(&o.stderr).into_owned());
+    }
+    let out = String::from_utf8_lossy(&o.stdout);
+    let rev = out
+        .split("as revision ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("no revision in {out}"));
+    Ok(rev)
+}
+
+#[test]
+fn a_fleet_of_20_follows_every_push() {
+    if !tests::can_run("end-to-end fleet test") {
+        return;
+    }
+    let mut hub = Hub::new();
+    let (probe, other) = (unique("fprb"), unique("foth"));
+    let nodes: Vec<String> = (0..N).map(|_| unique("fnod")).collect();
+    let mut all: Vec<&str> = vec![&probe, &other];
+    all.extend(nodes.iter().map(String::as_str));
+    let ns = tests::netns::Netns::new(&all);
+    hub.attach(&probe, "203.0.113.2");
+    hub.attach(&other, "203.0.113.3");
+    for (i, n) in nodes.iter().enumerate() {
+        hub.attach(n, &format!("203.0.113.{}", 10 + i));
+    }
+    let url = hub.url("fleet-e2e");
+    let isos: Vec<Iso> = nodes.iter().map(|n| Iso::new(n)).collect();
+    let dir = isos[0].files_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let a = dir.join("a.toml");
+    let b = dir.join("b.toml");
+    std::fs::write(&a, policy("203.0.113.2")).unwrap();
+    std::fs::write(&b, policy("203.0.113.3")).unwrap();
+    let (a, b) = (a.display().to_string(), b.display().to_string());
+
+    // The first push, before any node runs: they start on it.
+    let rev_a = push(&hub, &url, &a, &[]).unwrap();
+    let _echo: Vec<Echo> = PROBED
+        .iter()
+        .map(|&i| Echo::start(&nodes[i], &["0.0.0.0:8080".parse().unwrap()]))
+        .collect();
+    let services: Vec<Service> = isos
+        .iter()
+        .enumerate()
+        .map(|(i, iso)| {
+            Service::start(
+                iso,
+                &[
+                    "--iface",
+                    "m0",
+                    "--policy-source",
+                    &url,
+                    "--node-name",
+                    &format!("node{i:02}"),
+                    "--no-drop-log",
+                ],
+                9108,
+            )
+        })
+        .collect();
+    let took = converge(&hub, &url, rev_a, N);
+    eprintln!("{N} nodes started on revision {rev_a} in {took:?}");
+    let addr = |i: usize| -> SocketAddr { format!("203.0.113.{}:8080", 10 + i).parse().unwrap() };
+    for &i in &PROBED {
+        assert!(
+            tcp_ok(&probe, addr(i), Duration::from_secs(3)),
+            "A: probe -> node{i}"
+        );
+        assert!(
+            !tcp_ok(&other, addr(i), Duration::from_millis(700)),
+            "A: other -> node{i}"
+        );
+    }
+
+    // Push B: every node converges, and the verdicts turn.
+    let t0 = Instant::now();
+    let rev_b = push(&hub, &url, &b, &[]).unwrap();
+    converge(&hub, &url, rev_b, N);
+    let took = t0.elapsed();
+    eprintln!("push -> {N} nodes applied revision {rev_b}: {took:?}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    for &i in &PROBED {
+        assert!(
+            tcp_ok(&other, addr(i), Duration::from_secs(3)),
+            "B: other -> node{i}"
+        );
+        assert!(
+            !tcp_ok(&probe, addr(i), Duration::from_millis(700)),
+            "B: probe -> node{i}"
+        );
+    }
+    let text =
+        String::from_utf8_lossy(&fleet(&hub, &["status", "--etcd", &url]).stdout).into_owned();
+    assert!(
+        text.contains(&format!(
+            "{N} node(s): {N} on revision {rev_b}, 0 lagging, 0 failed"
+        )),
+        "{text}"
+    );
+    let s = status(&hub, &url);
+    assert!(
+        s["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["backend"] == "ebpf"),
+        "{s}"
+    );
+
+    // Two admins who both read revision B: one push wins, the other is told; nothing lost.
+    let rb = rev_b.to_string();
+    let first = push(&hub, &url, &a, &["--expect-revision", &rb]);
+    let second = push(&hub, &url, &b, &["--expect-revision", &rb]);
+    let rev_c = first.expect("the first push wins");
+    let err = second.expect_err("the second push is refused");
+    assert!(err.contains("changed since it was read"), "{err}");
+    converge(&hub, &url, rev_c, N);
+    for &i in &PROBED {
+        assert!(
+            tcp_ok(&probe, addr(i), Duration::from_secs(3)),
+            "C (= A): probe -> node{i}"
+        );
+    }
+
+    // A policy no node can take is refused by `push` itself (same parser and limits).
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[whitelist]\nallow = [\"203.0.113.300\"]\n").unwrap();
+    let err = push(&hub, &url, &bad.display().to_string(), &[]).unwrap_err();
+    assert!(err.contains("bad.toml:2:"), "{err}");
+    assert_eq!(status(&hub, &url)["revision"], rev_c, "nothing was written");
+
+    drop(services);
+    drop(isos);
+    drop(ns);
+}
