@@ -201,3 +201,122 @@ fn a_fleet_of_20_follows_every_push() {
     drop(isos);
     drop(ns);
 }
+
+fn metric(svc: &Service, name: &str) -> Option<f64> {
+    svc.try_scrape()?
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// etcd killed while nodes run: the verdicts stay, the nodes say so (status, metrics);
+/// etcd back and a push: all converge. A node stopped: its record expires with its lease;
+/// two pushes later it comes back and ends on the latest revision.
+#[test]
+fn the_fleet_survives_etcd_and_node_faults() {
+    if !tests::can_run("end-to-end fleet fault test") {
+        return;
+    }
+    const M: usize = 3;
+    let mut hub = Hub::new();
+    let (probe, other) = (unique("gprb"), unique("goth"));
+    let nodes: Vec<String> = (0..M).map(|_| unique("gnod")).collect();
+    let mut all: Vec<&str> = vec![&probe, &other];
+    all.extend(nodes.iter().map(String::as_str));
+    let ns = tests::netns::Netns::new(&all);
+    hub.attach(&probe, "203.0.113.2");
+    hub.attach(&other, "203.0.113.3");
+    for (i, n) in nodes.iter().enumerate() {
+        hub.attach(n, &format!("203.0.113.{}", 10 + i));
+    }
+    let url = hub.url("fleet-faults");
+    let isos: Vec<Iso> = nodes.iter().map(|n| Iso::new(n)).collect();
+    let dir = isos[0].files_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = |name: &str, allow: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, policy(allow)).unwrap();
+        p.display().to_string()
+    };
+    let (a, b, c) = (
+        file("a.toml", "203.0.113.2"),
+        file("b.toml", "203.0.113.3"),
+        file("c.toml", "192.0.2.1"),
+    );
+    let _echo = Echo::start(&nodes[0], &["0.0.0.0:8080".parse().unwrap()]);
+    let to0: SocketAddr = "203.0.113.10:8080".parse().unwrap();
+    let args = |i: usize| -> Vec<String> {
+        ["--iface", "m0", "--policy-source", &url, "--node-name"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([format!("node{i}"), "--no-drop-log".into()])
+            .collect()
+    };
+    let start = |i: usize| {
+        let a = args(i);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        Service::start(&isos[i], &a, 9108)
+    };
+    let rev_a = push(&hub, &url, &a, &[]).unwrap();
+    let mut services: Vec<Service> = (0..M).map(start).collect();
+    converge(&hub, &url, rev_a, M);
+    assert!(tcp_ok(&probe, to0, Duration::from_secs(3)));
+    assert!(!tcp_ok(&other, to0, Duration::from_millis(700)));
+
+    // etcd dies: the nodes keep enforcing A and say etcd is unreachable.
+    hub.kill_etcd();
+    let t0 = Instant::now();
+    while metric(&services[0], "isolation_source_up") != Some(0.0) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "{}",
+            services[0].log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let st = isos[0].ok(&["status"]);
+    assert!(st.contains("UNREACHABLE"), "{st}");
+    assert!(
+        tcp_ok(&probe, to0, Duration::from_secs(3)),
+        "A still enforced"
+    );
+    assert!(
+        !tcp_ok(&other, to0, Duration::from_millis(700)),
+        "A still enforced"
+    );
+    assert_eq!(
+        metric(&services[0], "isolation_source_revision"),
+        Some(rev_a as f64)
+    );
+
+    // etcd back: a push reaches every node (after their backoff).
+    hub.start_etcd();
+    let rev_b = push(&hub, &url, &b, &[]).unwrap();
+    let took = converge(&hub, &url, rev_b, M);
+    eprintln!("after etcd came back, {M} nodes on revision {rev_b} in {took:?}");
+    assert!(tcp_ok(&other, to0, Duration::from_secs(3)), "B on node0");
+    assert_eq!(metric(&services[0], "isolation_source_up"), Some(1.0));
+
+    // node2 stops: its record goes with its lease; two pushes while it is down.
+    let mut gone = services.pop().unwrap();
+    assert!(gone.stop().success());
+    drop(gone);
+    let t0 = Instant::now();
+    while status(&hub, &url)["nodes"].as_array().unwrap().len() != M - 1 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "node2's record did not expire"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    push(&hub, &url, &c, &[]).unwrap();
+    let rev_last = push(&hub, &url, &a, &[]).unwrap();
+    converge(&hub, &url, rev_last, M - 1);
+    // It comes back and catches up on the latest revision.
+    services.push(start(M - 1));
+    let took = converge(&hub, &url, rev_last, M);
+    eprintln!("node2 back on revision {rev_last} in {took:?}");
+    drop(services);
+    drop(isos);
+    drop(ns);
+}
