@@ -316,7 +316,11 @@ pub fn plan(paths: &Paths, policy: &Policy, lines: Option<&Lines>, force: bool) 
 }
 
 fn plan_against(store: &Store, new: &Policy) -> Result<Plan> {
-    let old = store.whole()?;
+    Ok(diff(&store.whole()?, new))
+}
+
+/// What replacing `old` with `new` changes (networks, rules, settings, whitelist counts).
+pub fn diff(old: &Policy, new: &Policy) -> Plan {
     let mut p = Plan::default();
     for (name, subnets) in &new.networks {
         match old.networks.get(name) {
@@ -393,7 +397,7 @@ fn plan_against(store: &Store, new: &Policy) -> Result<Plan> {
             _ => (p.whitelist_added, j) = (p.whitelist_added + 1, j + 1),
         }
     }
-    Ok(p)
+    p
 }
 
 fn outcome(generation: u32, b: &dyn Backend, what: Done) -> Outcome {

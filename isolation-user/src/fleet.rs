@@ -157,6 +157,30 @@ pub async fn read_policy(c: &mut Client, url: &EtcdUrl) -> Result<Option<(String
     })
 }
 
+/// The version of `P/policy` before the one at mod revision `rev`: its text and mod
+/// revision (from etcd's history: gone once etcd has compacted past it).
+pub async fn previous_policy(c: &mut Client, url: &EtcdUrl, rev: i64) -> Result<(String, i64)> {
+    let r = c
+        .get(
+            url.policy_key(),
+            Some(etcd_client::GetOptions::new().with_revision(rev - 1)),
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "cannot read {} before revision {rev} (compacted?)",
+                url.policy_key()
+            )
+        })?;
+    let kv = r
+        .kvs()
+        .first()
+        .ok_or_else(|| anyhow!("{} has no version before revision {rev}", url.policy_key()))?;
+    let text = String::from_utf8(kv.value().to_vec())
+        .map_err(|_| anyhow!("{} is not UTF-8 text", url.policy_key()))?;
+    Ok((text, kv.mod_revision()))
+}
+
 /// Every node's record.
 pub async fn read_nodes(c: &mut Client, url: &EtcdUrl) -> Result<Vec<NodeRecord>> {
     let r = c

@@ -316,6 +316,30 @@ fn the_fleet_survives_etcd_and_node_faults() {
     services.push(start(M - 1));
     let took = converge(&hub, &url, rev_last, M);
     eprintln!("node2 back on revision {rev_last} in {took:?}");
+
+    // diff says what a push would change; rollback restores the version before (C).
+    let o = fleet(&hub, &["diff", &b, "--json", "--etcd", &url]);
+    let plan: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(plan["whitelist_added"], 1, "{plan}");
+    assert_eq!(plan["whitelist_removed"], 1, "{plan}");
+    assert_eq!(plan["revision"], rev_last, "{plan}");
+    assert!(
+        tcp_ok(&probe, to0, Duration::from_secs(3)),
+        "A before the rollback"
+    );
+    let o = fleet(&hub, &["rollback", "--etcd", &url]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rev_c2 = status(&hub, &url)["revision"].as_i64().unwrap();
+    assert!(rev_c2 > rev_last);
+    converge(&hub, &url, rev_c2, M);
+    assert!(
+        !tcp_ok(&probe, to0, Duration::from_millis(700)),
+        "C after the rollback"
+    );
+    assert!(
+        isos[0].ok(&["save"]).contains("192.0.2.1"),
+        "node0 runs C's whitelist"
+    );
     drop(services);
     drop(isos);
     drop(ns);

@@ -37,7 +37,8 @@ pub struct ConfirmArgs {
     pub json: bool,
 }
 
-fn print_plan(p: &Plan) {
+/// A plan in words, one line per kind of change.
+pub fn print_plan(p: &Plan) {
     if p.is_empty() {
         println!("no change: the file is the live policy");
         return;

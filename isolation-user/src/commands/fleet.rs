@@ -34,6 +34,20 @@ pub enum FleetCmd {
         #[command(flatten)]
         to: Target,
     },
+    /// What pushing a file would change, against the fleet's policy.
+    Diff {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        to: Target,
+    },
+    /// Restore the fleet's previous policy (the version before the current revision), with
+    /// the same compare-and-swap as push.
+    Rollback {
+        #[command(flatten)]
+        to: Target,
+    },
     /// Every node's applied revision, result and backend; who lags, who failed.
     Status {
         #[arg(long)]
@@ -60,6 +74,8 @@ pub fn run(c: FleetCmd) -> Result<()> {
             to,
         } => push(&file, expect_revision, &to),
         FleetCmd::Status { json, to } => status(json, &to),
+        FleetCmd::Diff { file, json, to } => diff(&file, json, &to),
+        FleetCmd::Rollback { to } => rollback(&to),
     }
 }
 
@@ -91,6 +107,46 @@ fn push(file: &std::path::Path, expect: Option<i64>, to: &Target) -> Result<()> 
         println!(
             "isolation: pushed {} to {} as revision {rev} (was {expected})",
             file.display(),
+            to.etcd.policy_key()
+        );
+        Ok(())
+    })
+}
+
+fn diff(file: &std::path::Path, json: bool, to: &Target) -> Result<()> {
+    let (new, _) = engine::read_policy_file(file)?;
+    runtime()?.block_on(async {
+        let mut c = fleet::connect(&to.etcd, &to.opts, TIMEOUT).await?;
+        let (old, rev) = match fleet::read_policy(&mut c, &to.etcd).await? {
+            Some((text, rev)) => (
+                policy::parse(&format!("{}@{rev}", to.etcd.policy_key()), &text)?,
+                rev,
+            ),
+            None => (policy::Policy::default(), 0),
+        };
+        let plan = engine::diff(&old, &new);
+        if json {
+            let mut v = serde_json::to_value(&plan)?;
+            v["revision"] = serde_json::json!(rev);
+            println!("{v}");
+        } else {
+            println!("against {} at revision {rev}:", to.etcd.policy_key());
+            super::apply::print_plan(&plan);
+        }
+        Ok(())
+    })
+}
+
+fn rollback(to: &Target) -> Result<()> {
+    runtime()?.block_on(async {
+        let mut c = fleet::connect(&to.etcd, &to.opts, TIMEOUT).await?;
+        let Some((_, rev)) = fleet::read_policy(&mut c, &to.etcd).await? else {
+            anyhow::bail!("no policy at {} to roll back", to.etcd.policy_key());
+        };
+        let (text, prev) = fleet::previous_policy(&mut c, &to.etcd, rev).await?;
+        let new = fleet::push(&mut c, &to.etcd, &text, rev).await?;
+        println!(
+            "isolation: {} rolled back to the version of revision {prev}, as revision {new}",
             to.etcd.policy_key()
         );
         Ok(())
