@@ -338,7 +338,7 @@ pub fn diff(old: &Policy, new: &Policy) -> Plan {
     // Rules by what they say (position does not change a verdict but is kept: a rule
     // that moved counts as removed and added, as its counters restart).
     let count = |a: &[String], b: &[String]| a.iter().filter(|x| !b.contains(x)).count();
-    let (oa, oe) = backend::rule_names(&old);
+    let (oa, oe) = backend::rule_names(old);
     let (na, ne) = backend::rule_names(new);
     p.allow_added = count(&na, &oa);
     p.allow_removed = count(&oa, &na);
