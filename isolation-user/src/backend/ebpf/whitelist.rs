@@ -255,18 +255,19 @@ impl<K: aya::Pod + bytemuck::Pod + Eq + std::hash::Hash + Send + Sync + ExactKey
     }
 
     /// If the hash is far bigger than `final_len` entries need (a whitelist that shrank),
-    /// swaps in one of the right size holding the keys of `keep` that it has now (so no
-    /// moment admits an address the old whitelist did not). Returns the keys it dropped.
+    /// swaps in one of the right size holding the keys of `keep` that it has now (`keys`,
+    /// read by the caller: so no moment admits an address the old whitelist did not).
+    /// Returns the keys it dropped.
     fn shrink_for(
         &mut self,
         final_len: usize,
         keep: &HashSet<K, foldhash::fast::RandomState>,
+        keys: &[K],
     ) -> Result<Vec<K>> {
         if self.max_entries() <= 4 * capacity(final_len) as usize {
             return Ok(Vec::new());
         }
-        let (kept, dropped): (Vec<K>, Vec<K>) =
-            self.keys()?.into_iter().partition(|k| keep.contains(k));
+        let (kept, dropped): (Vec<K>, Vec<K>) = keys.iter().partition(|k| keep.contains(k));
         let entries: Vec<(K, WlEntry)> = kept.iter().map(|k| (*k, self.value)).collect();
         self.replace(&entries, final_len, &mut |_| {})?;
         Ok(dropped)
@@ -301,6 +302,13 @@ impl WhitelistMaps {
         let mut out = Vec::new();
         out.extend(self.v4.keys()?.iter().map(ExactKey::to_net));
         out.extend(self.v6.keys()?.iter().map(ExactKey::to_net));
+        out.extend(self.cidrs()?);
+        Ok(out)
+    }
+
+    /// The CIDR entries (the LPM tries).
+    fn cidrs(&self) -> Result<Vec<IpNet>> {
+        let mut out = Vec::new();
         for k in self.v4_lpm.keys() {
             let k = k?;
             out.push(IpNet::new(
@@ -701,7 +709,14 @@ pub fn sync(paths: &Paths, wanted: &[IpNet], progress: impl FnMut(u64)) -> Resul
     // SipHash was a quarter of a whole-policy apply.
     type Set<T> = HashSet<T, foldhash::fast::RandomState>;
     let mut m = WhitelistMaps::open(paths)?;
-    let current: Set<IpNet> = m.entries()?.into_iter().collect();
+    // The exact keys are read once: for the delta, and for what a smaller hash keeps.
+    let (keys4, keys6) = (m.v4.keys()?, m.v6.keys()?);
+    let current: Set<IpNet> = keys4
+        .iter()
+        .map(ExactKey::to_net)
+        .chain(keys6.iter().map(ExactKey::to_net))
+        .chain(m.cidrs()?)
+        .collect();
     let want: Set<IpNet> = wanted.iter().copied().collect();
     let mut keep4 = Set::default();
     let mut keep6 = Set::default();
@@ -717,11 +732,11 @@ pub fn sync(paths: &Paths, wanted: &[IpNet], progress: impl FnMut(u64)) -> Resul
         }
     }
     let mut dropped: Vec<IpNet> =
-        m.v4.shrink_for(keep4.len(), &keep4)?
+        m.v4.shrink_for(keep4.len(), &keep4, &keys4)?
             .iter()
             .map(ExactKey::to_net)
             .collect();
-    let dropped6 = match m.v6.shrink_for(keep6.len(), &keep6) {
+    let dropped6 = match m.v6.shrink_for(keep6.len(), &keep6, &keys6) {
         Ok(d) => d,
         Err(e) => {
             let _ = m.insert_many(&dropped, |_| {});
