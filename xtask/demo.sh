@@ -23,7 +23,8 @@ TRACE_OUT=$(mktemp /tmp/isolation-demo-trace-XXXX.txt)
 LISTENERS=()
 
 cleanup() {
-    # Listeners first: alive, they would hold their namespaces after the deletion.
+    # Listeners (and a trace) first: alive, they would hold their namespaces after the deletion.
+    if [ -n "${TRACE:-}" ]; then kill "$TRACE" 2>/dev/null || true; wait "$TRACE" 2>/dev/null || true; fi
     for p in "${LISTENERS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
     LISTENERS=()
     nsenter --net=/run/netns/$H "$BIN" unload >/dev/null 2>&1 || true
@@ -115,11 +116,15 @@ iso load --iface f0 --iface s0 --iface i1 --iface i2 --iface h1 --policy "$POLIC
 iso status
 echo
 echo "== after load"
-nsx $H "$BIN" trace --count 3 --timeout 12 > "$TRACE_OUT" &
+# Every logged drop of the probes below (the stranger's SYN may be retried, so no fixed
+# count): trace runs until the probes are done. nsenter execs it, so $! is trace itself.
+nsenter --net=/run/netns/$H "$BIN" trace --timeout 30 > "$TRACE_OUT" &
 TRACE=$!
 sleep 0.3
 traffic
-wait $TRACE || true
+sleep 0.3
+kill $TRACE 2>/dev/null || true
+wait $TRACE 2>/dev/null || true
 echo
 echo "# isolation-user trace   (drops and rejects, as iptables LOG lines)"
 cat "$TRACE_OUT"
