@@ -17,10 +17,10 @@
 
 use std::{
     fs,
-    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    os::unix::process::CommandExt as _,
     path::PathBuf,
     process::{Command, Stdio},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     engine::{self, Change, Options},
     policy,
-    state::{Paths, write_atomic},
+    state::{Paths, lock_file, read_json, unix_now as now, write_atomic},
 };
 
 /// An apply awaiting confirmation.
@@ -69,38 +69,9 @@ fn rolled_back_file(paths: &Paths) -> PathBuf {
     dir(paths).join("rolled-back.json")
 }
 
-pub fn now() -> f64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
-
 /// The confirmation lock, held while the pending record is read and acted on.
 fn lock(paths: &Paths) -> Result<fs::File> {
-    fs::create_dir_all(dir(paths))
-        .with_context(|| format!("cannot create {}", dir(paths).display()))?;
-    let p = dir(paths).join("lock");
-    let f = fs::File::create(&p).with_context(|| format!("cannot open {}", p.display()))?;
-    // SAFETY: flock on a descriptor we own for the duration of the call.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        bail!(
-            "cannot lock {}: {}",
-            p.display(),
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(f)
-}
-
-fn read_json<T: for<'de> Deserialize<'de>>(p: &std::path::Path) -> Result<Option<T>> {
-    match fs::read_to_string(p) {
-        Ok(s) => Ok(Some(
-            serde_json::from_str(&s).with_context(|| format!("{} is corrupt", p.display()))?,
-        )),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("cannot read {}", p.display())),
-    }
+    lock_file(&dir(paths).join("lock"))
 }
 
 /// The apply awaiting confirmation, if any.

@@ -45,22 +45,9 @@ impl Paths {
     pub fn lock(&self) -> Result<fs::File> {
         fs::create_dir_all(&self.state_dir)
             .with_context(|| format!("cannot create state dir {}", self.state_dir.display()))?;
-        let path = self.state_dir.join("lock");
-        let f =
-            fs::File::create(&path).with_context(|| format!("cannot open {}", path.display()))?;
-        // SAFETY: flock on a file descriptor we own for the duration of the call.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            anyhow::bail!(
-                "cannot lock {}: {}",
-                path.display(),
-                std::io::Error::last_os_error()
-            );
-        }
-        Ok(f)
+        lock_file(&self.state_dir.join("lock"))
     }
-}
 
-impl Paths {
     /// Shared side of the same lock, for reads that span several kernel objects (`status`,
     /// `stats`, `check`, `save`, a metrics scrape): they wait for a transaction in flight
     /// instead of reading sets it is replacing. None when nothing was ever loaded here.
@@ -102,14 +89,7 @@ impl State {
     }
 
     pub fn load(paths: &Paths) -> Result<Option<State>> {
-        let f = paths.state_file();
-        match fs::read_to_string(&f) {
-            Ok(s) => Ok(Some(
-                serde_json::from_str(&s).with_context(|| format!("{} is corrupt", f.display()))?,
-            )),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("cannot read {}", f.display())),
-        }
+        read_json(&paths.state_file())
     }
 
     pub fn save(&self, paths: &Paths) -> Result<()> {
@@ -118,6 +98,45 @@ impl State {
             serde_json::to_string_pretty(self)?.as_bytes(),
         )
     }
+}
+
+/// A JSON file of ours: None when it does not exist.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
+    match fs::read_to_string(path) {
+        Ok(s) => {
+            Ok(Some(serde_json::from_str(&s).with_context(|| {
+                format!("{} is corrupt", path.display())
+            })?))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// An exclusive lock on `path` (created, with its directory, if missing), released when
+/// the returned file is dropped.
+pub fn lock_file(path: &Path) -> Result<fs::File> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let f = fs::File::create(path).with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: flock on a file descriptor we own for the duration of the call.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        anyhow::bail!(
+            "cannot lock {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(f)
+}
+
+/// Now, as Unix time in seconds (deadlines, record times, metrics).
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// Write-then-rename, so a crash never leaves half a file behind.

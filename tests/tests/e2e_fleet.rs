@@ -75,22 +75,54 @@ fn push(hub: &Hub, url: &str, file: &str, extra: &[&str]) -> Result<i64, String>
     Ok(rev)
 }
 
+/// The hub with etcd, a probe host (203.0.113.2), another host (203.0.113.3) and `n` node
+/// namespaces (203.0.113.10 and up), all on the management bridge.
+struct Fleet {
+    hub: Hub,
+    ns: tests::netns::Netns,
+    probe: String,
+    other: String,
+    nodes: Vec<String>,
+}
+
+impl Fleet {
+    fn new(prefix: &str, n: usize) -> Fleet {
+        let mut hub = Hub::new();
+        let (probe, other) = (
+            unique(&format!("{prefix}prb")),
+            unique(&format!("{prefix}oth")),
+        );
+        let nodes: Vec<String> = (0..n).map(|_| unique(&format!("{prefix}nod"))).collect();
+        let mut all: Vec<&str> = vec![&probe, &other];
+        all.extend(nodes.iter().map(String::as_str));
+        let ns = tests::netns::Netns::new(&all);
+        hub.attach(&probe, "203.0.113.2");
+        hub.attach(&other, "203.0.113.3");
+        for (i, node) in nodes.iter().enumerate() {
+            hub.attach(node, &format!("203.0.113.{}", 10 + i));
+        }
+        Fleet {
+            hub,
+            ns,
+            probe,
+            other,
+            nodes,
+        }
+    }
+}
+
 #[test]
 fn a_fleet_of_20_follows_every_push() {
     if !tests::can_run("end-to-end fleet test") {
         return;
     }
-    let mut hub = Hub::new();
-    let (probe, other) = (unique("fprb"), unique("foth"));
-    let nodes: Vec<String> = (0..N).map(|_| unique("fnod")).collect();
-    let mut all: Vec<&str> = vec![&probe, &other];
-    all.extend(nodes.iter().map(String::as_str));
-    let ns = tests::netns::Netns::new(&all);
-    hub.attach(&probe, "203.0.113.2");
-    hub.attach(&other, "203.0.113.3");
-    for (i, n) in nodes.iter().enumerate() {
-        hub.attach(n, &format!("203.0.113.{}", 10 + i));
-    }
+    let Fleet {
+        hub,
+        ns,
+        probe,
+        other,
+        nodes,
+    } = Fleet::new("f", N);
     let url = hub.url("fleet-e2e");
     let isos: Vec<Iso> = nodes.iter().map(|n| Iso::new(n)).collect();
     let dir = isos[0].files_dir();
@@ -218,17 +250,13 @@ fn the_fleet_survives_etcd_and_node_faults() {
         return;
     }
     const M: usize = 3;
-    let mut hub = Hub::new();
-    let (probe, other) = (unique("gprb"), unique("goth"));
-    let nodes: Vec<String> = (0..M).map(|_| unique("gnod")).collect();
-    let mut all: Vec<&str> = vec![&probe, &other];
-    all.extend(nodes.iter().map(String::as_str));
-    let ns = tests::netns::Netns::new(&all);
-    hub.attach(&probe, "203.0.113.2");
-    hub.attach(&other, "203.0.113.3");
-    for (i, n) in nodes.iter().enumerate() {
-        hub.attach(n, &format!("203.0.113.{}", 10 + i));
-    }
+    let Fleet {
+        mut hub,
+        ns,
+        probe,
+        other,
+        nodes,
+    } = Fleet::new("g", M);
     let url = hub.url("fleet-faults");
     let isos: Vec<Iso> = nodes.iter().map(|n| Iso::new(n)).collect();
     let dir = isos[0].files_dir();

@@ -102,20 +102,13 @@ pub fn apply(paths: &Paths, a: ApplyArgs) -> Result<()> {
         },
     );
     bar.finish_and_clear();
-    let out = match out {
-        Ok(o) => o,
-        Err(e) => {
-            if armed.is_some() {
-                rollback::disarm(paths);
-            }
-            return Err(e);
-        }
-    };
-    // Nothing changed: nothing to confirm.
-    let armed = armed.filter(|_| !matches!(out.what, Done::Unchanged));
-    if armed.is_none() && a.confirm_within.is_some() {
+    // Refused, or nothing changed: nothing to confirm.
+    let changed = matches!(&out, Ok(o) if !matches!(o.what, Done::Unchanged));
+    if armed.is_some() && !changed {
         rollback::disarm(paths);
     }
+    let out = out?;
+    let armed = armed.filter(|_| changed);
     if a.json {
         let mut v = serde_json::to_value(&out)?;
         if let Some(p) = &armed {
@@ -142,7 +135,7 @@ pub fn apply(paths: &Paths, a: ApplyArgs) -> Result<()> {
         println!(
             "isolation: run `isolation-user confirm` within {:.0} s to keep it; otherwise \
              generation {}'s policy comes back by itself",
-            p.deadline - rollback::now(),
+            p.deadline - crate::state::unix_now(),
             p.previous_generation
         );
     }

@@ -159,7 +159,7 @@ fn status(json: bool, to: &Target) -> Result<()> {
         let policy = fleet::read_policy(&mut c, &to.etcd).await?;
         let revision = policy.map(|(_, r)| r).unwrap_or(0);
         let nodes = fleet::read_nodes(&mut c, &to.etcd).await?;
-        let now = crate::rollback::now();
+        let now = crate::state::unix_now();
         if json {
             let nodes: Vec<_> = nodes
                 .iter()

@@ -28,13 +28,14 @@ pub fn run(paths: &Paths, a: StatusArgs) -> Result<()> {
         return Ok(());
     };
     let s = b.status(&st)?;
-    let source: Option<serde_json::Value> = std::fs::read(crate::service::source_file(paths))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
+    let source: Option<serde_json::Value> =
+        crate::state::read_json(&crate::service::source_file(paths))
+            .ok()
+            .flatten();
     let pending = crate::rollback::pending(paths)?.map(|p| {
         json!({
             "file": p.file, "deadline": p.deadline,
-            "seconds_left": (p.deadline - crate::rollback::now()).max(0.0),
+            "seconds_left": (p.deadline - crate::state::unix_now()).max(0.0),
             "rollback_generation": p.previous_generation,
         })
     });

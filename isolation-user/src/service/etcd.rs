@@ -16,7 +16,8 @@ use etcd_client::{Client, EventType, PutOptions, WatchOptions};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use super::{Config, Health, Source, Trigger, apply_text, blocking, now_unix};
+use super::{Config, Health, Source, Trigger, apply_parsed, blocking};
+use crate::state::unix_now;
 use crate::{engine, fleet, state::Paths};
 
 /// Lease of the node record: it disappears this long after the node stops renewing it.
@@ -40,28 +41,6 @@ struct SourceState<'a> {
     time: f64,
 }
 
-fn say(paths: &Paths, cfg: &Config, health: &Mutex<Health>, connected: bool, err: Option<String>) {
-    let Source::Etcd { node, .. } = &cfg.source else {
-        return;
-    };
-    let revision = {
-        let mut h = health.lock().unwrap_or_else(|p| p.into_inner());
-        h.source_up = Some(connected);
-        h.source_revision
-    };
-    let s = SourceState {
-        source: cfg.source.name(),
-        node,
-        connected,
-        revision,
-        last_error: err,
-        time: now_unix(),
-    };
-    if let Ok(text) = serde_json::to_vec_pretty(&s) {
-        let _ = crate::state::write_atomic(&source_file(paths), &text);
-    }
-}
-
 /// Runs until the process ends: sessions with etcd, retried with backoff.
 pub async fn follow(
     paths: Paths,
@@ -69,18 +48,24 @@ pub async fn follow(
     health: Arc<Mutex<Health>>,
     mut hup: mpsc::Receiver<()>,
 ) {
-    let mut f = Follower {
-        paths,
-        cfg,
-        health,
-        last: None,
-        loaded: false,
+    let Source::Etcd { url, opts, node } = &cfg.source else {
+        return;
     };
-    f.loaded = {
-        let p = f.paths.clone();
+    let loaded = {
+        let p = paths.clone();
         blocking(move || engine::open(&p).is_ok()).await
     };
-    say(&f.paths, &f.cfg, &f.health, false, None);
+    let mut f = Follower {
+        url: url.clone(),
+        opts: opts.clone(),
+        node: node.clone(),
+        paths,
+        cfg: cfg.clone(),
+        health,
+        last: None,
+        loaded,
+    };
+    f.say(false, None);
     let mut backoff = Duration::from_millis(200);
     loop {
         let began = std::time::Instant::now();
@@ -96,13 +81,16 @@ pub async fn follow(
             "etcd: {e:#}; the live policy stays, retrying in {:.1} s",
             backoff.as_secs_f64()
         );
-        say(&f.paths, &f.cfg, &f.health, false, Some(format!("{e:#}")));
+        f.say(false, Some(format!("{e:#}")));
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
 
 struct Follower {
+    url: fleet::EtcdUrl,
+    opts: fleet::EtcdOpts,
+    node: String,
     paths: Paths,
     cfg: Arc<Config>,
     health: Arc<Mutex<Health>>,
@@ -113,32 +101,48 @@ struct Follower {
 }
 
 impl Follower {
-    async fn session(&mut self, hup: &mut mpsc::Receiver<()>) -> Result<()> {
-        let Source::Etcd { url, opts, node } = &self.cfg.source else {
-            bail!("not an etcd source");
+    /// Tells `status` (and the metrics) how the source is doing.
+    fn say(&self, connected: bool, err: Option<String>) {
+        let revision = {
+            let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+            h.source_up = Some(connected);
+            h.source_revision
         };
-        let (url, node) = (url.clone(), node.clone());
-        let mut c = fleet::connect(&url, opts, Duration::from_secs(3)).await?;
+        let s = SourceState {
+            source: self.cfg.source.name(),
+            node: &self.node,
+            connected,
+            revision,
+            last_error: err,
+            time: unix_now(),
+        };
+        if let Ok(text) = serde_json::to_vec_pretty(&s) {
+            let _ = crate::state::write_atomic(&source_file(&self.paths), &text);
+        }
+    }
+
+    async fn session(&mut self, hup: &mut mpsc::Receiver<()>) -> Result<()> {
+        let key = self.url.policy_key();
+        let mut c = fleet::connect(&self.url, &self.opts, Duration::from_secs(3)).await?;
         let lease = c.lease_grant(LEASE_TTL, None).await?.id();
         let (mut keeper, mut acks) = c.lease_keep_alive(lease).await?;
-        tracing::info!("etcd: connected to {url} as node {node}");
-        say(&self.paths, &self.cfg, &self.health, true, None);
-        let r = c.get(url.policy_key(), None).await?;
+        tracing::info!("etcd: connected to {} as node {}", self.url, self.node);
+        self.say(true, None);
+        let r = c.get(key.clone(), None).await?;
         let at = r.header().map(|h| h.revision()).unwrap_or(0);
         match r.kvs().first() {
             Some(kv) => {
                 let text = String::from_utf8_lossy(kv.value()).into_owned();
-                self.take(&mut c, &url, &node, lease, text, kv.mod_revision())
-                    .await?;
+                self.take(&mut c, lease, text, kv.mod_revision()).await?;
             }
             None => {
-                tracing::warn!("etcd: no policy at {} yet", url.policy_key());
-                self.record(&mut c, &url, &node, lease, None).await?;
+                tracing::warn!("etcd: no policy at {key} yet");
+                self.record(&mut c, lease, None).await?;
             }
         }
         let mut watch = c
             .watch(
-                url.policy_key(),
+                key.clone(),
                 Some(WatchOptions::new().with_start_revision(at + 1)),
             )
             .await?;
@@ -159,9 +163,9 @@ impl Follower {
                         .and_then(|e| e.kv())
                         .map(|kv| (String::from_utf8_lossy(kv.value()).into_owned(), kv.mod_revision()));
                     if let Some((text, rev)) = put {
-                        self.take(&mut c, &url, &node, lease, text, rev).await?;
+                        self.take(&mut c, lease, text, rev).await?;
                     } else if !resp.events().is_empty() {
-                        tracing::warn!("etcd: {} was deleted; the live policy stays", url.policy_key());
+                        tracing::warn!("etcd: {key} was deleted; the live policy stays");
                     }
                 }
                 _ = tick.tick() => keeper.keep_alive().await?,
@@ -173,8 +177,8 @@ impl Follower {
                 }
                 Some(()) = hup.recv() => {
                     if let Some((text, rev)) = self.last.clone() {
-                        self.apply(text, rev, Trigger::Hangup).await;
-                        self.record(&mut c, &url, &node, lease, None).await?;
+                        let refused = self.apply(text, rev, Trigger::Hangup).await;
+                        self.record(&mut c, lease, refused.map(|e| (rev, e))).await?;
                     }
                 }
             }
@@ -182,15 +186,7 @@ impl Follower {
     }
 
     /// A policy from etcd: applied unless it is the one already applied, then recorded.
-    async fn take(
-        &mut self,
-        c: &mut Client,
-        url: &fleet::EtcdUrl,
-        node: &str,
-        lease: i64,
-        text: String,
-        rev: i64,
-    ) -> Result<()> {
+    async fn take(&mut self, c: &mut Client, lease: i64, text: String, rev: i64) -> Result<()> {
         let done = self.health.lock().map(|h| h.source_revision).unwrap_or(0);
         let refused = if done == rev && self.loaded {
             None
@@ -198,19 +194,19 @@ impl Follower {
             self.last = Some((text.clone(), rev));
             self.apply(text, rev, Trigger::Etcd).await
         };
-        self.record(c, url, node, lease, refused.map(|e| (rev, e)))
-            .await
+        self.record(c, lease, refused.map(|e| (rev, e))).await
     }
 
     /// Applies through the engine; the refusal, if any.
     async fn apply(&mut self, text: String, rev: i64, why: Trigger) -> Option<String> {
-        let Source::Etcd { url, .. } = &self.cfg.source else {
-            return None;
-        };
-        let name = format!("{}@{rev}", url.policy_key());
+        let name = format!("{}@{rev}", self.url.policy_key());
         let why = if self.loaded { why } else { Trigger::Start };
         let (p, c, h) = (self.paths.clone(), self.cfg.clone(), self.health.clone());
-        let res = blocking(move || apply_text(&p, &c, Ok(text), &name, why, &h)).await;
+        let res = blocking(move || {
+            let parsed = crate::policy::parse_with_lines(&name, &text).map_err(Into::into);
+            apply_parsed(&p, &c, parsed, &name, why, &h)
+        })
+        .await;
         match res {
             Ok(_) => {
                 self.loaded = true;
@@ -218,12 +214,12 @@ impl Follower {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .source_revision = rev;
-                say(&self.paths, &self.cfg, &self.health, true, None);
+                self.say(true, None);
                 None
             }
             Err(e) => {
                 let e = format!("{e:#}");
-                say(&self.paths, &self.cfg, &self.health, true, Some(e.clone()));
+                self.say(true, Some(e.clone()));
                 Some(e)
             }
         }
@@ -233,39 +229,33 @@ impl Follower {
     async fn record(
         &mut self,
         c: &mut Client,
-        url: &fleet::EtcdUrl,
-        node: &str,
         lease: i64,
         refused: Option<(i64, String)>,
     ) -> Result<()> {
-        let (revision, backend, generation) = {
-            let p = self.paths.clone();
-            let (b, g) = blocking(move || {
-                let b = crate::state::State::load(&p)
-                    .ok()
-                    .flatten()
-                    .map(|s| s.backend.name().to_string())
-                    .unwrap_or_else(|| "none".into());
-                (b, engine::generation(&p).unwrap_or(0))
-            })
-            .await;
-            let rev = self.health.lock().map(|h| h.source_revision).unwrap_or(0);
-            (rev, b, g)
-        };
+        let p = self.paths.clone();
+        let (backend, generation) = blocking(move || {
+            let b = crate::state::State::load(&p)
+                .ok()
+                .flatten()
+                .map(|s| s.backend.name().to_string())
+                .unwrap_or_else(|| "none".into());
+            (b, engine::generation(&p).unwrap_or(0))
+        })
+        .await;
         let rec = fleet::NodeRecord {
-            node: node.to_string(),
-            revision,
+            node: self.node.clone(),
+            revision: self.health.lock().map(|h| h.source_revision).unwrap_or(0),
             backend,
             result: refused
                 .as_ref()
                 .map(|(_, e)| e.clone())
                 .unwrap_or_else(|| "ok".into()),
             refused_revision: refused.map(|(r, _)| r),
-            time: now_unix(),
+            time: unix_now(),
             generation,
         };
         c.put(
-            url.node_key(node),
+            self.url.node_key(&self.node),
             serde_json::to_vec(&rec)?,
             Some(PutOptions::new().with_lease(lease)),
         )

@@ -19,7 +19,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result};
@@ -31,7 +31,7 @@ use crate::{
     commands::{self, trace},
     engine::{self, Change, Done, Options},
     fleet,
-    state::{IfaceState, Paths},
+    state::{IfaceState, Paths, unix_now},
 };
 
 mod etcd;
@@ -78,18 +78,10 @@ pub struct Health {
     pub last_ok: bool,
     /// Unix time of the last apply or refusal.
     pub last_time: f64,
-    pub last_error: Option<String>,
     /// etcd: reachable now (None for a file).
     pub source_up: Option<bool>,
     /// etcd: the mod revision of the policy applied (0: none yet).
     pub source_revision: i64,
-}
-
-fn now_unix() -> f64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
 }
 
 /// Why a reload runs.
@@ -106,23 +98,23 @@ fn reload(paths: &Paths, cfg: &Config, why: Trigger, health: &Mutex<Health>) -> 
     let Source::File(file) = &cfg.source else {
         unreachable!("only a file is reloaded from disk")
     };
-    let text = std::fs::read_to_string(file)
-        .with_context(|| format!("cannot read policy {}", file.display()));
-    apply_text(paths, cfg, text, &file.display().to_string(), why, health)
+    let parsed = engine::read_policy_file(file);
+    apply_parsed(paths, cfg, parsed, &file.display().to_string(), why, health)
 }
 
-/// Applies a policy's text (named `name` in errors); `Start` loads and attaches first. On
-/// refusal the live policy stays; either way the outcome is logged and counted.
-fn apply_text(
+/// Applies a parsed policy (named `name` in the log), or logs why it could not be read;
+/// `Start` loads and attaches first. On refusal the live policy stays; either way the
+/// outcome is logged and counted.
+fn apply_parsed(
     paths: &Paths,
     cfg: &Config,
-    text: Result<String>,
+    parsed: Result<(crate::policy::Policy, crate::policy::Lines)>,
     name: &str,
     why: Trigger,
     health: &Mutex<Health>,
 ) -> Result<Done> {
     let res = (|| -> Result<engine::Outcome> {
-        let (policy, lines) = crate::policy::parse_with_lines(name, &text?)?;
+        let (policy, lines) = parsed?;
         let change = match why {
             Trigger::Start => Change::Load {
                 ifaces: cfg.ifaces.clone(),
@@ -146,12 +138,11 @@ fn apply_text(
         )
     })();
     let mut h = health.lock().unwrap_or_else(|p| p.into_inner());
-    h.last_time = now_unix();
+    h.last_time = unix_now();
     match res {
         Ok(out) => {
             h.reloads_ok += 1;
             h.last_ok = true;
-            h.last_error = None;
             match &out.what {
                 Done::Unchanged => tracing::info!(
                     generation = out.generation,
@@ -168,7 +159,6 @@ fn apply_text(
         Err(e) => {
             h.reloads_failed += 1;
             h.last_ok = false;
-            h.last_error = Some(format!("{e:#}"));
             tracing::error!("refused {name} ({why:?}), the live policy is unchanged: {e:#}");
             Err(e)
         }
@@ -244,9 +234,9 @@ async fn serve(paths: Paths, cfg: Config) -> Result<()> {
         cfg.source.name()
     );
 
-    let (mut rx, _watcher, mut last) = match file_events {
-        Some((rx, w)) => (Some(rx), Some(w), file_content(&cfg)),
-        None => (None, None, None),
+    let (mut rx, _watcher, mut last) = match (file_events, &cfg.source) {
+        (Some((rx, w)), Source::File(f)) => (Some(rx), Some(w), content(f)),
+        _ => (None, None, None),
     };
     let signal_name = loop {
         let file_event = async {
@@ -261,24 +251,24 @@ async fn serve(paths: Paths, cfg: Config) -> Result<()> {
             _ = hup.recv() => Trigger::Hangup,
             Some(()) = file_event => Trigger::File,
         };
-        if !matches!(cfg.source, Source::File(_)) {
+        let Source::File(file) = &cfg.source else {
             // etcd: the follower re-applies the last policy it received.
             let _ = hup_tx.try_send(());
             continue;
-        }
+        };
         if let Trigger::File = why {
             // Let an editor's write + rename settle, then take every event so far as one.
             tokio::time::sleep(Duration::from_millis(50)).await;
             if let Some(rx) = rx.as_mut() {
                 while rx.try_recv().is_ok() {}
             }
-            let now = file_content(&cfg);
+            let now = content(file);
             if now.is_none() || now == last {
                 continue;
             }
             last = now;
         } else {
-            last = file_content(&cfg);
+            last = content(file);
         }
         let (p, c, h) = (paths.clone(), cfg.clone(), health.clone());
         let _ = blocking(move || reload(&p, &c, why, &h)).await;
@@ -303,13 +293,6 @@ async fn serve(paths: Paths, cfg: Config) -> Result<()> {
         tracing::info!("the datapath stays loaded and enforcing");
     }
     Ok(())
-}
-
-fn file_content(cfg: &Config) -> Option<Vec<u8>> {
-    match &cfg.source {
-        Source::File(f) => content(f),
-        Source::Etcd { .. } => None,
-    }
 }
 
 /// The first apply of a file. With a datapath already loaded (a restart with a broken

@@ -48,17 +48,7 @@ pub fn ensure_pin_dir(paths: &Paths) -> Result<()> {
     } else {
         "/tmp"
     };
-    let lock_path = Path::new(lock_dir).join("isolation-bpffs.lock");
-    let lock = fs::File::create(&lock_path)
-        .with_context(|| format!("cannot open {}", lock_path.display()))?;
-    // SAFETY: flock on a descriptor we own for the duration of the call.
-    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
-        bail!(
-            "cannot lock {}: {}",
-            lock_path.display(),
-            std::io::Error::last_os_error()
-        );
-    }
+    let _lock = crate::state::lock_file(&Path::new(lock_dir).join("isolation-bpffs.lock"))?;
     // The usual place: mount the bpffs at /sys/fs/bpf itself, as systemd would.
     let sys = Path::new("/sys/fs/bpf");
     if dir.starts_with(sys) && sys.is_dir() && !is_bpffs(sys) {
@@ -190,6 +180,17 @@ pub fn replace_programs(paths: &Paths) -> Result<usize> {
         ("tci", progs::TC_INGRESS, false),
         ("tc", progs::TC_EGRESS, false),
     ];
+    // The pinned links to switch, read before anything is staged.
+    let mut links: Vec<(std::path::PathBuf, &str)> = Vec::new();
+    for e in fs::read_dir(paths.links_dir())?.flatten() {
+        let f = e.file_name().to_string_lossy().into_owned();
+        let kind = ["xdp", "tci", "tc"]
+            .into_iter()
+            .find(|k| f.starts_with(&format!("{k}_")));
+        if let Some(k) = kind {
+            links.push((e.path(), k));
+        }
+    }
     let staged = |name: &str| paths.pin_dir.join(format!("new_prog_{name}"));
     let unstage = || {
         for (name, _, _) in progs {
@@ -242,16 +243,15 @@ pub fn replace_programs(paths: &Paths) -> Result<usize> {
                 .try_clone()?
         })
     };
-    let mut links: Vec<(std::path::PathBuf, &str)> = Vec::new();
-    for e in fs::read_dir(paths.links_dir())?.flatten() {
-        let f = e.file_name().to_string_lossy().into_owned();
-        let kind = ["xdp", "tci", "tc"]
-            .into_iter()
-            .find(|k| f.starts_with(&format!("{k}_")));
-        if let Some(k) = kind {
-            links.push((e.path(), k));
-        }
-    }
+    // Opened before any link switches: a failure past this point switches them back.
+    let mut jump: aya::maps::ProgramArray<MapData> =
+        match open_map(paths, maps::JUMP).and_then(|m| Ok(m.try_into()?)) {
+            Ok(j) => j,
+            Err(e) => {
+                unstage();
+                return Err(e);
+            }
+        };
     let mut switched: Vec<(std::path::PathBuf, &str)> = Vec::new();
     let mut result = Ok(());
     for (path, kind) in &links {
@@ -265,7 +265,6 @@ pub fn replace_programs(paths: &Paths) -> Result<usize> {
         }
         switched.push((path.clone(), kind));
     }
-    let mut jump: aya::maps::ProgramArray<MapData> = open_map(paths, maps::JUMP)?.try_into()?;
     if result.is_ok()
         && let Err(e) = jump.set(0, &new_fds["xdp_vxlan"], 0)
     {
