@@ -170,19 +170,35 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
         Change::Replace { policy, lines } => {
             let mut b = backend::installed(paths, state.as_ref())?;
             check_whole(&policy, lines.as_ref(), b.as_ref(), opts.force)?;
-            if plan_against(&store, &policy)?.is_empty() {
+            let old = store.whole()?;
+            let (plan, add, del) = diff_and_delta(&old, &policy);
+            if plan.is_empty() {
                 return Ok(Outcome {
                     generation: meta.generation,
                     backend: b.kind().name(),
                     what: Done::Unchanged,
                 });
             }
-            b.apply(
-                &policy,
-                Some(&policy.whitelist.allow),
-                generation,
-                opts.progress,
-            )?;
+            let only_whitelist = Plan {
+                whitelist_added: 0,
+                whitelist_removed: 0,
+                ..plan.clone()
+            }
+            .is_empty();
+            if only_whitelist && plan.whitelist_added + plan.whitelist_removed <= DELTA_MAX {
+                // A few entries of a big whitelist changed (a fleet's one-line edit): only
+                // they are written, as `whitelist add/remove` would, instead of the whole
+                // whitelist being read back from the datapath and compared. The store is
+                // what the datapath holds: every change goes through this transaction.
+                b.edit_whitelist(&add, &del, generation, opts.progress)?;
+            } else {
+                b.apply(
+                    &policy,
+                    Some(&policy.whitelist.allow),
+                    generation,
+                    opts.progress,
+                )?;
+            }
             store.put_whole(&policy, generation)?;
             Ok(outcome(generation, b.as_ref(), Done::Replaced))
         }
@@ -315,12 +331,21 @@ pub fn plan(paths: &Paths, policy: &Policy, lines: Option<&Lines>, force: bool) 
     plan_against(&Store::new(paths), policy)
 }
 
+/// Whitelist changes up to this many entries, with nothing else changed, are applied as
+/// an edit of those entries rather than a sync of the whole whitelist.
+const DELTA_MAX: usize = 65_536;
+
 fn plan_against(store: &Store, new: &Policy) -> Result<Plan> {
     Ok(diff(&store.whole()?, new))
 }
 
 /// What replacing `old` with `new` changes (networks, rules, settings, whitelist counts).
 pub fn diff(old: &Policy, new: &Policy) -> Plan {
+    diff_and_delta(old, new).0
+}
+
+/// `diff`, and the whitelist entries `new` adds and removes.
+fn diff_and_delta(old: &Policy, new: &Policy) -> (Plan, Vec<IpNet>, Vec<IpNet>) {
     let mut p = Plan::default();
     for (name, subnets) in &new.networks {
         match old.networks.get(name) {
@@ -377,27 +402,43 @@ pub fn diff(old: &Policy, new: &Policy) -> Plan {
         old.whitelist.log.to_string(),
         new.whitelist.log.to_string(),
     );
-    // Sorted and merged rather than hashed: at a million entries a sort walks memory in
-    // order, where a hash set misses the cache at every insert.
+    let (added, removed) = whitelist_delta(&old.whitelist.allow, &new.whitelist.allow);
+    (p.whitelist_added, p.whitelist_removed) = (added.len(), removed.len());
+    (p, added, removed)
+}
+
+/// The whitelist entries `new` adds to `old`, and those it removes. Sorted and merged
+/// rather than hashed: at a million entries a sort walks memory in order, where a hash set
+/// misses the cache at every insert.
+pub fn whitelist_delta(old: &[IpNet], new: &[IpNet]) -> (Vec<IpNet>, Vec<IpNet>) {
     let sorted = |v: &[IpNet]| {
         let mut s: Vec<IpNet> = v.iter().map(|n| n.trunc()).collect();
         s.sort_unstable();
         s.dedup();
         s
     };
-    let (o, n) = (sorted(&old.whitelist.allow), sorted(&new.whitelist.allow));
+    let (o, n) = (sorted(old), sorted(new));
+    let (mut added, mut removed) = (Vec::new(), Vec::new());
     let (mut i, mut j) = (0, 0);
     while i < o.len() || j < n.len() {
         match (o.get(i), n.get(j)) {
             (Some(a), Some(b)) if a == b => (i, j) = (i + 1, j + 1),
-            (Some(a), Some(b)) if a < b => {
-                (p.whitelist_removed, i) = (p.whitelist_removed + 1, i + 1)
+            (Some(a), Some(b)) if a > b => {
+                added.push(*b);
+                j += 1;
             }
-            (Some(_), None) => (p.whitelist_removed, i) = (p.whitelist_removed + 1, i + 1),
-            _ => (p.whitelist_added, j) = (p.whitelist_added + 1, j + 1),
+            (Some(a), _) => {
+                removed.push(*a);
+                i += 1;
+            }
+            (None, Some(b)) => {
+                added.push(*b);
+                j += 1;
+            }
+            (None, None) => break,
         }
     }
-    p
+    (added, removed)
 }
 
 fn outcome(generation: u32, b: &dyn Backend, what: Done) -> Outcome {
@@ -671,6 +712,29 @@ mod tests {
             whitelist_addresses: 2,
             whitelist_cidrs: 1,
         }
+    }
+
+    #[test]
+    fn the_whitelist_delta_is_exact_whatever_the_order_and_duplicates() {
+        let n = |s: &[&str]| -> Vec<IpNet> { s.iter().map(|x| x.parse().unwrap()).collect() };
+        let old = n(&[
+            "192.0.2.9/32",
+            "2001:db8::/64",
+            "192.0.2.1/32",
+            "192.0.2.1/32",
+        ]);
+        let new = n(&[
+            "198.51.100.0/24",
+            "192.0.2.1/32",
+            "2001:db8::/64",
+            "203.0.113.5/32",
+        ]);
+        let (add, del) = whitelist_delta(&old, &new);
+        assert_eq!(add, n(&["198.51.100.0/24", "203.0.113.5/32"]));
+        assert_eq!(del, n(&["192.0.2.9/32"]));
+        assert_eq!(whitelist_delta(&new, &new), (vec![], vec![]));
+        let (add, del) = whitelist_delta(&[], &old);
+        assert_eq!((add.len(), del.len()), (3, 0));
     }
 
     fn err(text: &str) -> String {
