@@ -7,13 +7,23 @@
 //! `fleet push` writes `P/policy` with a compare-and-swap on the revision it read, so two
 //! admins cannot overwrite each other silently; the service (`run --policy-source
 //! etcd://…`) reads and watches it and applies it through the engine.
+//!
+//! A policy bigger than `INLINE_MAX` (a whitelist of a million addresses is ~16 MiB of
+//! text; etcd refuses requests over 1.5 MiB by default) is cut into parts stored under
+//! `P/parts/SHA256` before `P/policy` is swapped for a manifest naming them (`Manifest`).
+//! The cuts are content-defined (FastCDC), so an edit of a few lines writes a part or two,
+//! not the whole text again, and etcd's history grows by what changed. Nodes read the parts
+//! at the manifest's revision, so a later push or clean-up never hands them a mix.
 
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use clap::Args;
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
+
+use crate::policy::{self, Policy};
 
 /// `etcd://HOST:PORT[,HOST:PORT…]/PREFIX`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,6 +77,12 @@ impl EtcdUrl {
     pub fn node_key(&self, node: &str) -> String {
         format!("{}{node}", self.nodes_prefix())
     }
+    pub fn parts_prefix(&self) -> String {
+        format!("{}/parts/", self.prefix)
+    }
+    pub fn part_key(&self, sha256: &str) -> String {
+        format!("{}{sha256}", self.parts_prefix())
+    }
 }
 
 /// How to reach etcd, as etcdctl takes it.
@@ -91,7 +107,9 @@ pub async fn connect(url: &EtcdUrl, o: &EtcdOpts, timeout: Duration) -> Result<C
     let mut opts = ConnectOptions::new()
         .with_connect_timeout(timeout)
         .with_timeout(timeout)
-        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        // HTTP/2 pings find a silent partition (a killed etcd resets the connection at
+        // once); 5 s leaves room for a host busy applying a big policy on every core.
+        .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
     let scheme = if o.etcd_cacert.is_some() {
         let read = |p: &std::path::Path| {
             std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
@@ -144,41 +162,321 @@ pub struct NodeRecord {
     pub generation: u32,
 }
 
-/// The policy stored under `P/policy`: its text and mod revision (None when absent).
-pub async fn read_policy(c: &mut Client, url: &EtcdUrl) -> Result<Option<(String, i64)>> {
-    let r = c.get(url.policy_key(), None).await?;
-    Ok(match r.kvs().first() {
-        Some(kv) => Some((
-            String::from_utf8(kv.value().to_vec())
-                .map_err(|_| anyhow!("{} is not UTF-8 text", url.policy_key()))?,
-            kv.mod_revision(),
-        )),
-        None => None,
-    })
+/// Policy files up to this size are stored as they are in `P/policy` (readable with
+/// `etcdctl get`); bigger ones in parts. Below etcd's default 1.5 MiB request limit.
+pub const INLINE_MAX: usize = 1 << 20;
+/// Part sizes (FastCDC's minimum, average and maximum): the maximum stays under etcd's
+/// request limit; the average keeps the rewrite an edit costs around half a MiB.
+const PART_MIN: usize = 256 << 10;
+const PART_AVG: usize = 512 << 10;
+const PART_MAX: usize = 1 << 20;
+
+/// What `P/policy` holds for a policy stored in parts. JSON, so it starts with `{`, which
+/// no TOML document does: the two kinds of value cannot be mistaken for each other.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    /// The format's version (1: the parts hold `compact`'s encoding).
+    pub isolation_policy_parts: u32,
+    /// Bytes of the whole encoding.
+    pub size: usize,
+    /// SHA-256 of the whole encoding (hex).
+    pub sha256: String,
+    /// The parts' SHA-256 (hex), in order; each stored under `P/parts/SHA256`.
+    pub parts: Vec<String>,
 }
 
-/// The version of `P/policy` before the one at mod revision `rev`: its text and mod
-/// revision (from etcd's history: gone once etcd has compacted past it).
-pub async fn previous_policy(c: &mut Client, url: &EtcdUrl, rev: i64) -> Result<(String, i64)> {
+fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest as _;
+    use std::fmt::Write as _;
+    let d = sha2::Sha256::digest(b);
+    let mut s = String::with_capacity(64);
+    for x in d.iter() {
+        let _ = write!(s, "{x:02x}");
+    }
+    s
+}
+
+const COMPACT_MAGIC: &[u8] = b"isolation-policy/1\n";
+
+/// A big policy as its parts hold it: a magic line, the policy file without its whitelist
+/// entries (`policy::to_toml`, length-prefixed), then the entries in the policy's order,
+/// each a tag byte (an IPv4 prefix length, or 64 + an IPv6 one) and the address's 4 or 16
+/// bytes. A node reads a million entries from it in milliseconds and a few MiB, where the
+/// TOML of the same whitelist costs its parser ~240 MiB and a second of CPU.
+pub fn compact(p: &Policy) -> Vec<u8> {
+    let head = policy::to_toml(&Policy {
+        isolation: p.isolation.clone(),
+        networks: p.networks.clone(),
+        whitelist: policy::Whitelist {
+            enabled: p.whitelist.enabled,
+            log: p.whitelist.log,
+            allow: Vec::new(),
+        },
+    });
+    let mut out =
+        Vec::with_capacity(COMPACT_MAGIC.len() + 4 + head.len() + p.whitelist.allow.len() * 5);
+    out.extend_from_slice(COMPACT_MAGIC);
+    out.extend_from_slice(&(head.len() as u32).to_le_bytes());
+    out.extend_from_slice(head.as_bytes());
+    for n in &p.whitelist.allow {
+        match n {
+            IpNet::V4(a) => {
+                out.push(a.prefix_len());
+                out.extend_from_slice(&a.addr().octets());
+            }
+            IpNet::V6(a) => {
+                out.push(64 + a.prefix_len());
+                out.extend_from_slice(&a.addr().octets());
+            }
+        }
+    }
+    out
+}
+
+/// The policy `compact` encoded (named `name` in errors).
+pub fn uncompact(name: &str, b: &[u8]) -> Result<Policy, String> {
+    let rest = b
+        .strip_prefix(COMPACT_MAGIC)
+        .ok_or_else(|| format!("{name}: not an encoding this build reads"))?;
+    let short = || format!("{name}: the encoding is cut short");
+    let len = u32::from_le_bytes(
+        rest.get(..4)
+            .ok_or_else(short)?
+            .try_into()
+            .map_err(|_| short())?,
+    ) as usize;
+    let head = rest.get(4..4 + len).ok_or_else(short)?;
+    let head = std::str::from_utf8(head).map_err(|_| format!("{name}: the policy is not UTF-8"))?;
+    let mut p = policy::parse(name, head).map_err(|e| e.to_string())?;
+    let mut at = &rest[4 + len..];
+    let mut allow = Vec::with_capacity(at.len() / 5);
+    while let Some((&tag, tail)) = at.split_first() {
+        let (n, tail) = match tag {
+            0..=32 => {
+                let (a, t) = tail.split_at_checked(4).ok_or_else(short)?;
+                let a = <[u8; 4]>::try_from(a).map_err(|_| short())?;
+                (Ipv4Net::new(a.into(), tag).map(IpNet::V4), t)
+            }
+            64..=192 => {
+                let (a, t) = tail.split_at_checked(16).ok_or_else(short)?;
+                let a = <[u8; 16]>::try_from(a).map_err(|_| short())?;
+                (Ipv6Net::new(a.into(), tag - 64).map(IpNet::V6), t)
+            }
+            _ => return Err(format!("{name}: entry {} has tag {tag}", allow.len() + 1)),
+        };
+        let n = n.map_err(|e| format!("{name}: entry {}: {e}", allow.len() + 1))?;
+        if n.trunc() != n {
+            return Err(format!(
+                "{name}: entry {} ({n}) has host bits set",
+                allow.len() + 1
+            ));
+        }
+        allow.push(n);
+        at = tail;
+    }
+    p.whitelist.allow = allow;
+    Ok(p)
+}
+
+/// What `P/policy` is set to for a policy file, and the parts to store first (none when
+/// the file is stored whole).
+pub struct Encoded {
+    pub value: Vec<u8>,
+    pub manifest: Option<Manifest>,
+    /// The encoding the parts are cut from, and where each part lies in it.
+    blob: Vec<u8>,
+    parts: Vec<std::ops::Range<usize>>,
+}
+
+impl Encoded {
+    fn parts(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        let names = self.manifest.iter().flat_map(|m| m.parts.iter());
+        names
+            .zip(&self.parts)
+            .map(|(h, r)| (h.as_str(), &self.blob[r.clone()]))
+    }
+}
+
+/// `text`, the policy file, parsed as `policy`: stored whole up to `INLINE_MAX`, else
+/// compacted and cut into content-defined parts.
+pub fn encode(text: &str, policy: &Policy) -> Encoded {
+    if text.len() <= INLINE_MAX {
+        return Encoded {
+            value: text.as_bytes().to_vec(),
+            manifest: None,
+            blob: Vec::new(),
+            parts: Vec::new(),
+        };
+    }
+    let blob = compact(policy);
+    let parts: Vec<std::ops::Range<usize>> =
+        fastcdc::v2020::FastCDC::new(&blob, PART_MIN, PART_AVG, PART_MAX)
+            .map(|c| c.offset..c.offset + c.length)
+            .collect();
+    let m = Manifest {
+        isolation_policy_parts: 1,
+        size: blob.len(),
+        sha256: sha256_hex(&blob),
+        parts: parts.iter().map(|r| sha256_hex(&blob[r.clone()])).collect(),
+    };
+    Encoded {
+        value: serde_json::to_vec(&m).unwrap_or_default(),
+        manifest: Some(m),
+        blob,
+        parts,
+    }
+}
+
+/// The manifest in a value of `P/policy`, if it holds one (Err: it looks like one but is
+/// not).
+pub fn manifest_of(value: &[u8]) -> Option<Result<Manifest, String>> {
+    if value.first() != Some(&b'{') {
+        return None;
+    }
+    Some(
+        serde_json::from_slice::<Manifest>(value)
+            .map_err(|e| format!("not a policy manifest ({e})"))
+            .and_then(|m| {
+                if m.isolation_policy_parts == 1 {
+                    Ok(m)
+                } else {
+                    Err(format!(
+                        "a manifest of format {}, newer than this build reads (1)",
+                        m.isolation_policy_parts
+                    ))
+                }
+            }),
+    )
+}
+
+/// Parts already read, by SHA-256: a node keeps the last policy's, so an edit of a big
+/// policy fetches only the parts that changed.
+pub type PartCache = std::collections::HashMap<String, Vec<u8>>;
+
+/// The policy a value of `P/policy` (at mod revision `rev`) stands for, with the lines of
+/// its file when it is one: the file itself, or the parts its manifest names, read at
+/// `rev` (so parts removed since do not matter) and checked against their hashes. Err:
+/// etcd failed (try again); Ok(Err): the value is not a policy this build takes (trying
+/// again will not help).
+pub async fn resolve(
+    c: &mut Client,
+    url: &EtcdUrl,
+    value: &[u8],
+    rev: i64,
+    cache: &mut PartCache,
+) -> Result<Result<(Policy, policy::Lines), String>> {
+    let name = format!("{}@{rev}", url.policy_key());
+    let m = match manifest_of(value) {
+        None => {
+            return Ok(std::str::from_utf8(value)
+                .map_err(|_| format!("{name} is not UTF-8 text"))
+                .and_then(|t| policy::parse_with_lines(&name, t).map_err(|e| e.to_string())));
+        }
+        Some(Err(e)) => return Ok(Err(format!("{name}: {e}"))),
+        Some(Ok(m)) => m,
+    };
+    let mut blob = Vec::with_capacity(m.size);
+    let mut got = PartCache::new();
+    for h in &m.parts {
+        let bytes = match cache.remove(h).or_else(|| got.get(h).cloned()) {
+            Some(b) => b,
+            None => {
+                let key = url.part_key(h);
+                let r = c
+                    .get(
+                        key.clone(),
+                        Some(etcd_client::GetOptions::new().with_revision(rev)),
+                    )
+                    .await
+                    .with_context(|| format!("cannot read {key} at revision {rev}"))?;
+                let Some(kv) = r.kvs().first() else {
+                    return Ok(Err(format!(
+                        "{key}, named by the manifest of revision {rev}, is missing"
+                    )));
+                };
+                let b = kv.value().to_vec();
+                if sha256_hex(&b) != *h {
+                    return Ok(Err(format!("{key} does not match its hash")));
+                }
+                b
+            }
+        };
+        blob.extend_from_slice(&bytes);
+        got.insert(h.clone(), bytes);
+    }
+    *cache = got;
+    if blob.len() != m.size || sha256_hex(&blob) != m.sha256 {
+        return Ok(Err(format!(
+            "the parts of {name} do not add up to the policy its manifest names"
+        )));
+    }
+    Ok(uncompact(&name, &blob).map(|p| {
+        let lines = policy::Lines {
+            file: name.clone(),
+            ..Default::default()
+        };
+        (p, lines)
+    }))
+}
+
+/// The raw value of `P/policy` and its mod revision (None when absent).
+async fn read_raw(
+    c: &mut Client,
+    url: &EtcdUrl,
+    at: Option<i64>,
+) -> Result<Option<(Vec<u8>, i64)>> {
+    let opts = at.map(|r| etcd_client::GetOptions::new().with_revision(r));
     let r = c
-        .get(
-            url.policy_key(),
-            Some(etcd_client::GetOptions::new().with_revision(rev - 1)),
-        )
+        .get(url.policy_key(), opts)
         .await
-        .with_context(|| {
-            format!(
-                "cannot read {} before revision {rev} (compacted?)",
+        .with_context(|| match at {
+            Some(r) => format!(
+                "cannot read {} at revision {r} (compacted?)",
                 url.policy_key()
-            )
+            ),
+            None => format!("cannot read {}", url.policy_key()),
         })?;
-    let kv = r
-        .kvs()
+    Ok(r.kvs()
         .first()
+        .map(|kv| (kv.value().to_vec(), kv.mod_revision())))
+}
+
+/// The value of `P/policy` as stored (a policy file or a manifest) and its mod revision.
+pub async fn read_value(c: &mut Client, url: &EtcdUrl) -> Result<Option<(Vec<u8>, i64)>> {
+    read_raw(c, url, None).await
+}
+
+/// The fleet's policy and its mod revision (None when absent).
+pub async fn read_policy(c: &mut Client, url: &EtcdUrl) -> Result<Option<(Policy, i64)>> {
+    let Some((v, rev)) = read_raw(c, url, None).await? else {
+        return Ok(None);
+    };
+    let (p, _) = resolve(c, url, &v, rev, &mut PartCache::new())
+        .await?
+        .map_err(anyhow::Error::msg)?;
+    Ok(Some((p, rev)))
+}
+
+/// Puts back the version of `P/policy` before the current one (`rev`), with a
+/// compare-and-swap on `rev`: its value as it was (a big policy's parts are kept for this,
+/// see `clean_parts`). Ok((the restored version's revision, the new revision)).
+pub async fn rollback(c: &mut Client, url: &EtcdUrl, rev: i64) -> Result<(i64, i64)> {
+    let (value, prev) = read_raw(c, url, Some(rev - 1))
+        .await?
         .ok_or_else(|| anyhow!("{} has no version before revision {rev}", url.policy_key()))?;
-    let text = String::from_utf8(kv.value().to_vec())
-        .map_err(|_| anyhow!("{} is not UTF-8 text", url.policy_key()))?;
-    Ok((text, kv.mod_revision()))
+    // Its parts must still be there (they are, unless removed by hand or a failed push's
+    // clean-up raced it): checked before anything is written.
+    resolve(c, url, &value, prev, &mut PartCache::new())
+        .await?
+        .map_err(|e| anyhow!("the version of revision {prev} cannot be restored: {e}"))?;
+    let enc = Encoded {
+        value,
+        manifest: None,
+        blob: Vec::new(),
+        parts: Vec::new(),
+    };
+    let (new, _) = put_encoded(c, url, &enc, rev).await?;
+    Ok((prev, new))
 }
 
 /// Every node's record.
@@ -203,28 +501,151 @@ pub async fn read_nodes(c: &mut Client, url: &EtcdUrl) -> Result<Vec<NodeRecord>
     Ok(out)
 }
 
-/// Stores `text` as the policy if `P/policy` is still at `expected` (0: absent). Ok(new
-/// revision), or Err naming the revision that got there first.
-pub async fn push(c: &mut Client, url: &EtcdUrl, text: &str, expected: i64) -> Result<i64> {
+/// The parts a value of `P/policy` names (none for an inline policy or a bad manifest).
+fn parts_named(value: Option<&[u8]>) -> Vec<String> {
+    match value.and_then(manifest_of) {
+        Some(Ok(m)) => m.parts,
+        _ => Vec::new(),
+    }
+}
+
+/// The current value of `P/policy` (at its mod revision) and the one before it.
+async fn current_and_previous(
+    c: &mut Client,
+    url: &EtcdUrl,
+) -> Result<(Option<(Vec<u8>, i64)>, Option<Vec<u8>>)> {
+    let cur = read_raw(c, url, None).await?;
+    let prev = match &cur {
+        Some((_, rev)) if *rev > 1 => read_raw(c, url, Some(rev - 1))
+            .await
+            .ok()
+            .flatten()
+            .map(|(v, _)| v),
+        _ => None,
+    };
+    Ok((cur, prev))
+}
+
+/// Stores the policy file `text` (parsed as `policy`) if `P/policy` is still at `expected`
+/// (0: absent). Ok(new revision and the number of parts written), or Err naming the
+/// revision that got there first.
+pub async fn push(
+    c: &mut Client,
+    url: &EtcdUrl,
+    text: &str,
+    policy: &Policy,
+    expected: i64,
+) -> Result<(i64, usize)> {
+    put_encoded(c, url, &encode(text, policy), expected).await
+}
+
+/// A big policy's parts are written first; only those of the current and previous versions
+/// are taken as stored (the clean-up never removes them, see `clean_parts`), every other
+/// one is written again. Then `P/policy`, with a compare-and-swap on `expected`.
+async fn put_encoded(
+    c: &mut Client,
+    url: &EtcdUrl,
+    enc: &Encoded,
+    expected: i64,
+) -> Result<(i64, usize)> {
     use etcd_client::{Compare, CompareOp, Txn, TxnOp};
     let key = url.policy_key();
+    let mut written = std::collections::HashSet::new();
+    if enc.manifest.is_some() {
+        let (cur, prev) = current_and_previous(c, url).await?;
+        let kept: std::collections::HashSet<String> =
+            parts_named(cur.as_ref().map(|(v, _)| &v[..]))
+                .into_iter()
+                .chain(parts_named(prev.as_deref()))
+                .collect();
+        for (h, bytes) in enc.parts() {
+            if kept.contains(h) || !written.insert(h.to_string()) {
+                continue;
+            }
+            c.put(url.part_key(h), bytes, None)
+                .await
+                .with_context(|| format!("cannot write {}", url.part_key(h)))?;
+        }
+    }
     let txn = Txn::new()
         .when([Compare::mod_revision(
             key.clone(),
             CompareOp::Equal,
             expected,
         )])
-        .and_then([TxnOp::put(key.clone(), text, None)]);
+        .and_then([TxnOp::put(key.clone(), enc.value.clone(), None)]);
     let r = c.txn(txn).await?;
     let revision = r.header().map(|h| h.revision()).unwrap_or(0);
     if !r.succeeded() {
-        let now = read_policy(c, url).await?.map(|(_, r)| r).unwrap_or(0);
+        let now = read_raw(c, url, None).await?.map(|(_, r)| r).unwrap_or(0);
+        let _ = clean_parts(c, url).await;
         bail!(
             "refused: {key} changed since it was read (revision {expected}, now {now}); \
              nothing was written. Look at it (`isolation-user fleet diff`), then push again"
         );
     }
-    Ok(revision)
+    // The push has landed: a clean-up that fails (etcd busy) is left to the next push.
+    if let Err(e) = clean_parts(c, url).await {
+        tracing::warn!(
+            "pushed as revision {revision}; removing the parts no version needs failed \
+             ({e:#}): the next push removes them"
+        );
+    }
+    Ok((revision, written.len()))
+}
+
+/// How many parts are stored under `P/parts/`.
+pub async fn count_parts(c: &mut Client, url: &EtcdUrl) -> Result<usize> {
+    let r = c
+        .get(
+            url.parts_prefix(),
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_count_only(),
+            ),
+        )
+        .await?;
+    Ok(r.count() as usize)
+}
+
+/// Removes the parts under `P/parts/` that neither the current version of the policy nor
+/// the one before it (what `fleet rollback` restores) names. Safe beside a concurrent push:
+/// a part written after the current version (mod revision above it) may belong to a push
+/// under way and is left, and a push reuses only the parts of the current and previous
+/// versions, which are never removed. How many parts were removed.
+pub async fn clean_parts(c: &mut Client, url: &EtcdUrl) -> Result<usize> {
+    let (cur, prev) = current_and_previous(c, url).await?;
+    let at = cur.as_ref().map(|(_, r)| *r).unwrap_or(0);
+    let named: std::collections::HashSet<String> = parts_named(cur.as_ref().map(|(v, _)| &v[..]))
+        .into_iter()
+        .chain(parts_named(prev.as_deref()))
+        .collect();
+    let r = c
+        .get(
+            url.parts_prefix(),
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only(),
+            ),
+        )
+        .await?;
+    let gone: Vec<etcd_client::TxnOp> = r
+        .kvs()
+        .iter()
+        .filter(|kv| {
+            let h = &kv.key()[url.parts_prefix().len()..];
+            kv.mod_revision() <= at && !named.contains(&*String::from_utf8_lossy(h))
+        })
+        .map(|kv| etcd_client::TxnOp::delete(kv.key(), None))
+        .collect();
+    // A few requests rather than one per part (etcd takes up to 128 operations in one).
+    for ops in gone.chunks(64) {
+        c.txn(etcd_client::Txn::new().and_then(ops.to_vec()))
+            .await?;
+    }
+    Ok(gone.len())
 }
 
 /// The node name: `--node-name`, else the host name.
@@ -245,6 +666,97 @@ pub fn node_name(given: Option<&str>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn big_policy(n: u32, skip: u32) -> (String, Policy) {
+        use std::fmt::Write as _;
+        let mut p = String::from(
+            "[isolation]\ndefault = \"accept\"\n[networks.a]\nsubnets = [\"192.0.2.0/24\"]\n\
+             [whitelist]\nenabled = true\nallow = [\"2001:db8::/64\", \"198.51.100.0/24\",\n",
+        );
+        for i in (0..n).filter(|i| *i != skip) {
+            let _ = writeln!(p, "\"{}\",", std::net::Ipv4Addr::from(0x0a00_0000u32 + i));
+        }
+        p.push_str("\"2001:db8::1\"]\n");
+        let policy = policy::parse("big.toml", &p).unwrap();
+        (p, policy)
+    }
+
+    #[test]
+    fn small_files_stay_inline_and_big_ones_go_compact_in_parts_under_the_limit() {
+        let small = "[isolation]\ndefault = \"deny\"\n";
+        let e = encode(small, &policy::parse("s", small).unwrap());
+        assert_eq!(e.value, small.as_bytes());
+        assert!(e.manifest.is_none() && e.parts().count() == 0);
+        assert!(manifest_of(&e.value).is_none());
+
+        let (text, big) = big_policy(600_000, u32::MAX);
+        assert!(text.len() > 4 * INLINE_MAX);
+        let e = encode(&text, &big);
+        let m = e.manifest.clone().unwrap();
+        assert_eq!(manifest_of(&e.value), Some(Ok(m.clone())));
+        assert!(e.value.len() < 64 * 1024, "the manifest is small");
+        assert!(e.parts().all(|(_, p)| p.len() <= PART_MAX));
+        let joined: Vec<u8> = e.parts().flat_map(|(_, p)| p.iter().copied()).collect();
+        assert_eq!(joined, compact(&big));
+        assert!(joined.len() < text.len() / 2, "{} bytes", joined.len());
+        assert_eq!((m.size, m.sha256), (joined.len(), sha256_hex(&joined)));
+        assert_eq!(
+            m.parts,
+            e.parts().map(|(h, _)| h.to_string()).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            uncompact("x", &joined).unwrap(),
+            big,
+            "the same policy back"
+        );
+    }
+
+    #[test]
+    fn an_edit_of_one_entry_changes_few_parts() {
+        let parts = |skip| {
+            let (t, p) = big_policy(600_000, skip);
+            encode(&t, &p).manifest.unwrap().parts
+        };
+        let (a, b) = (parts(u32::MAX), parts(300_000));
+        let new: Vec<_> = b.iter().filter(|h| !a.contains(h)).collect();
+        assert!(a.len() >= 4, "{} parts", a.len());
+        assert!(new.len() <= 2, "{} of {} parts changed", new.len(), b.len());
+    }
+
+    #[test]
+    fn a_broken_encoding_is_refused_with_its_reason() {
+        let (_, p) = big_policy(10, u32::MAX);
+        let b = compact(&p);
+        assert!(
+            uncompact("x", &b[..b.len() - 3])
+                .unwrap_err()
+                .contains("cut short")
+        );
+        assert!(
+            uncompact("x", b"nonsense")
+                .unwrap_err()
+                .contains("not an encoding")
+        );
+        let mut host_bits = b.clone();
+        // The last entry is 2001:db8::1/128; make it a /64 with host bits set.
+        let tag = host_bits.len() - 17;
+        host_bits[tag] = 64 + 64;
+        assert!(
+            uncompact("x", &host_bits)
+                .unwrap_err()
+                .contains("host bits")
+        );
+        let mut bad_tag = b;
+        bad_tag[tag] = 40;
+        assert!(uncompact("x", &bad_tag).unwrap_err().contains("tag 40"));
+    }
+
+    #[test]
+    fn manifests_of_another_format_are_refused_not_misread() {
+        assert!(matches!(manifest_of(b"{\"x\": 1}"), Some(Err(_))));
+        let m = br#"{"isolation_policy_parts":2,"size":1,"sha256":"","parts":[]}"#;
+        assert!(manifest_of(m).unwrap().unwrap_err().contains("newer"));
+    }
 
     #[test]
     fn urls_parse_with_one_or_more_endpoints() {

@@ -65,14 +65,15 @@ fn push(hub: &Hub, url: &str, file: &str, extra: &[&str]) -> Result<i64, String>
     if !o.status.success() {
         return Err(String::from_utf8_lossy(&o.stderr).into_owned());
     }
-    let out = String::from_utf8_lossy(&o.stdout);
-    let rev = out
-        .split("as revision ")
+    Ok(push_revision(&String::from_utf8_lossy(&o.stdout)))
+}
+
+fn push_revision(out: &str) -> i64 {
+    out.split("as revision ")
         .nth(1)
         .and_then(|r| r.split_whitespace().next())
         .and_then(|r| r.parse().ok())
-        .unwrap_or_else(|| panic!("no revision in {out}"));
-    Ok(rev)
+        .unwrap_or_else(|| panic!("no revision in {out}"))
 }
 
 /// The hub with etcd, a probe host (203.0.113.2), another host (203.0.113.3) and `n` node
@@ -367,6 +368,215 @@ fn the_fleet_survives_etcd_and_node_faults() {
     assert!(
         isos[0].ok(&["save"]).contains("192.0.2.1"),
         "node0 runs C's whitelist"
+    );
+    drop(services);
+    drop(isos);
+    drop(ns);
+}
+
+/// A whitelist of 1,000,000 IPv6 addresses (2001:db8:1::/48) plus `v4`, as a file of
+/// ~25 MiB: far over etcd's 1.5 MiB request limit.
+fn million(v4: &str) -> String {
+    use std::fmt::Write as _;
+    let mut p = String::with_capacity(26_000_000);
+    p.push_str("[whitelist]\nenabled = true\nlog = false\nallow = [\n");
+    for i in 0..1_000_000u32 {
+        if i == 500_000 {
+            let _ = writeln!(p, "\"{v4}\",");
+        }
+        let a = std::net::Ipv6Addr::from(0x2001_0db8_0001_0000_0000_0000_0000_0000u128 + i as u128);
+        let _ = writeln!(p, "\"{a}\",");
+    }
+    p.push_str("]\n");
+    p
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// The keys stored under the prefix's `parts/`, read from inside the hub.
+fn parts_stored(hub: &Hub, url: &str) -> usize {
+    let url: isolation_user::fleet::EtcdUrl = url.parse().unwrap();
+    tests::traffic::in_ns(&hub.hub, move || {
+        block_on(async move {
+            let opts = isolation_user::fleet::EtcdOpts::default();
+            let mut c = isolation_user::fleet::connect(&url, &opts, Duration::from_secs(5))
+                .await
+                .unwrap();
+            isolation_user::fleet::count_parts(&mut c, &url)
+                .await
+                .unwrap()
+        })
+    })
+}
+
+/// The positive control of the chunking: etcd itself refuses the policy as one value.
+fn put_whole(hub: &Hub, url: &str, text: String) -> Result<(), String> {
+    let url: isolation_user::fleet::EtcdUrl = url.parse().unwrap();
+    tests::traffic::in_ns(&hub.hub, move || {
+        block_on(async move {
+            let opts = isolation_user::fleet::EtcdOpts::default();
+            let mut c = isolation_user::fleet::connect(&url, &opts, Duration::from_secs(5))
+                .await
+                .unwrap();
+            c.put(format!("{}/whole", url.prefix), text, None)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        })
+    })
+}
+
+fn wl_v6_entries(iso: &Iso) -> u64 {
+    let s: serde_json::Value = serde_json::from_str(&iso.ok(&["status", "--json"])).unwrap();
+    s["maps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "WL_V6")
+        .and_then(|m| m["entries"].as_u64())
+        .unwrap_or_else(|| panic!("no WL_V6 in {s}"))
+}
+
+/// A 1M-entry whitelist goes through etcd in parts (etcd refuses it whole) and every node
+/// applies it; an edit of one line writes a part or two, not the 25 MiB again; parts no
+/// version needs are removed, those of the previous version stay for `fleet rollback`.
+#[test]
+fn a_million_entry_whitelist_travels_in_parts() {
+    if !tests::can_run("end-to-end fleet test of a 1M whitelist") {
+        return;
+    }
+    const M: usize = 3;
+    let Fleet {
+        hub,
+        ns,
+        probe,
+        other,
+        nodes,
+    } = Fleet::new("h", M);
+    let url = hub.url("fleet-big");
+    let isos: Vec<Iso> = nodes.iter().map(|n| Iso::new(n)).collect();
+    let dir = isos[0].files_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let big_a = million("203.0.113.2");
+    let err = put_whole(&hub, &url, big_a.clone()).expect_err("etcd takes 25 MiB in one put");
+    // (gRPC's own message limit, 1.5 MiB + 512 KiB, refuses it before etcd's request check.)
+    assert!(
+        err.contains("larger than max") || err.contains("too large"),
+        "{err}"
+    );
+    let (a, b, small) = (
+        file("a.toml", &big_a),
+        file("b.toml", &million("203.0.113.3")),
+        file("small.toml", &policy("203.0.113.2")),
+    );
+    drop(big_a);
+    let _echo = Echo::start(&nodes[0], &["0.0.0.0:8080".parse().unwrap()]);
+    let to0: SocketAddr = "203.0.113.10:8080".parse().unwrap();
+
+    let services: Vec<Service> = (0..M)
+        .map(|i| {
+            Service::start(
+                &isos[i],
+                &[
+                    "--iface",
+                    "m0",
+                    "--policy-source",
+                    &url,
+                    "--node-name",
+                    &format!("big{i}"),
+                    "--no-drop-log",
+                ],
+                9108,
+            )
+        })
+        .collect();
+    // The nodes start with no policy in etcd yet; the first push is the 1M whitelist.
+    let t0 = Instant::now();
+    let o = fleet(&hub, &["push", &a, "--etcd", &url]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    eprintln!("1M whitelist: push took {:?}", t0.elapsed());
+    let rev_a = push_revision(&out);
+    let total: usize = out
+        .split(" in ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no part count in {out}"));
+    assert!(out.contains(&format!("({total} written)")), "{out}");
+    assert!(total >= 10, "{out}");
+    assert_eq!(parts_stored(&hub, &url), total);
+    converge(&hub, &url, rev_a, M);
+    eprintln!(
+        "1M whitelist: push -> {M} nodes applied in {:?}",
+        t0.elapsed()
+    );
+    eprintln!("{}", services[0].log_text());
+    for iso in &isos {
+        assert_eq!(wl_v6_entries(iso), 1_000_000);
+    }
+    assert!(
+        tcp_ok(&probe, to0, Duration::from_secs(3)),
+        "A: probe listed"
+    );
+    assert!(
+        !tcp_ok(&other, to0, Duration::from_millis(700)),
+        "A: other not listed"
+    );
+
+    // One line edited: a part or two written, and the verdicts turn on every node.
+    let o = fleet(&hub, &["push", &b, "--etcd", &url]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let rev_b = push_revision(&out);
+    let written: usize = out
+        .split(" parts (")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no written count in {out}"));
+    assert!((1..=3).contains(&written), "{out}");
+    let both = parts_stored(&hub, &url);
+    assert_eq!(both, total + written, "A's parts stay for a rollback");
+    converge(&hub, &url, rev_b, M);
+    assert!(
+        tcp_ok(&other, to0, Duration::from_secs(3)),
+        "B: other listed"
+    );
+    assert!(
+        !tcp_ok(&probe, to0, Duration::from_millis(700)),
+        "B: probe not listed"
+    );
+
+    // A small policy: stored inline; A's own parts go, B's stay (the previous version).
+    let rev_s = push(&hub, &url, &small, &[]).unwrap();
+    assert_eq!(parts_stored(&hub, &url), total, "only B's parts are left");
+    converge(&hub, &url, rev_s, M);
+    assert_eq!(wl_v6_entries(&isos[1]), 0);
+    // And back to B from its parts, by rollback.
+    let o = fleet(&hub, &["rollback", "--etcd", &url]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rev_b2 = status(&hub, &url)["revision"].as_i64().unwrap();
+    converge(&hub, &url, rev_b2, M);
+    assert_eq!(wl_v6_entries(&isos[2]), 1_000_000);
+    assert!(
+        tcp_ok(&other, to0, Duration::from_secs(3)),
+        "B again: other"
+    );
+    assert!(
+        !tcp_ok(&probe, to0, Duration::from_millis(700)),
+        "B again: probe"
     );
     drop(services);
     drop(isos);

@@ -64,7 +64,8 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-const TIMEOUT: Duration = Duration::from_secs(5);
+/// Per request: etcd can be slow to answer while a whole fleet reads a big policy from it.
+const TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn run(c: FleetCmd) -> Result<()> {
     match c {
@@ -94,18 +95,23 @@ fn push(file: &std::path::Path, expect: Option<i64>, to: &Target) -> Result<()> 
     )?;
     runtime()?.block_on(async {
         let mut c = fleet::connect(&to.etcd, &to.opts, TIMEOUT).await?;
-        let before = fleet::read_policy(&mut c, &to.etcd).await?;
+        let before = fleet::read_value(&mut c, &to.etcd).await?;
         let expected = expect.unwrap_or(before.as_ref().map(|(_, r)| *r).unwrap_or(0));
-        if expect.is_none() && before.as_ref().is_some_and(|(t, _)| *t == text) {
+        let enc_value = fleet::encode(&text, &p).value;
+        if expect.is_none() && before.is_some_and(|(v, _)| v == enc_value) {
             println!(
                 "isolation: {} is the fleet's policy already (revision {expected}); nothing pushed",
                 file.display()
             );
             return Ok(());
         }
-        let rev = fleet::push(&mut c, &to.etcd, &text, expected).await?;
+        let (rev, written) = fleet::push(&mut c, &to.etcd, &text, &p, expected).await?;
+        let parts = match fleet::manifest_of(&enc_value) {
+            Some(Ok(m)) => format!(" in {} parts ({written} written)", m.parts.len()),
+            _ => String::new(),
+        };
         println!(
-            "isolation: pushed {} to {} as revision {rev} (was {expected})",
+            "isolation: pushed {}{parts} to {} as revision {rev} (was {expected})",
             file.display(),
             to.etcd.policy_key()
         );
@@ -117,13 +123,9 @@ fn diff(file: &std::path::Path, json: bool, to: &Target) -> Result<()> {
     let (new, _) = engine::read_policy_file(file)?;
     runtime()?.block_on(async {
         let mut c = fleet::connect(&to.etcd, &to.opts, TIMEOUT).await?;
-        let (old, rev) = match fleet::read_policy(&mut c, &to.etcd).await? {
-            Some((text, rev)) => (
-                policy::parse(&format!("{}@{rev}", to.etcd.policy_key()), &text)?,
-                rev,
-            ),
-            None => (policy::Policy::default(), 0),
-        };
+        let (old, rev) = fleet::read_policy(&mut c, &to.etcd)
+            .await?
+            .unwrap_or((policy::Policy::default(), 0));
         let plan = engine::diff(&old, &new);
         if json {
             let mut v = serde_json::to_value(&plan)?;
@@ -143,8 +145,7 @@ fn rollback(to: &Target) -> Result<()> {
         let Some((_, rev)) = fleet::read_policy(&mut c, &to.etcd).await? else {
             anyhow::bail!("no policy at {} to roll back", to.etcd.policy_key());
         };
-        let (text, prev) = fleet::previous_policy(&mut c, &to.etcd, rev).await?;
-        let new = fleet::push(&mut c, &to.etcd, &text, rev).await?;
+        let (prev, new) = fleet::rollback(&mut c, &to.etcd, rev).await?;
         println!(
             "isolation: {} rolled back to the version of revision {prev}, as revision {new}",
             to.etcd.policy_key()

@@ -64,6 +64,7 @@ pub async fn follow(
         health,
         last: None,
         loaded,
+        parts: fleet::PartCache::new(),
     };
     f.say(false, None);
     let mut backoff = Duration::from_millis(200);
@@ -87,6 +88,15 @@ pub async fn follow(
     }
 }
 
+/// Aborts a task when the session that spawned it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 struct Follower {
     url: fleet::EtcdUrl,
     opts: fleet::EtcdOpts,
@@ -94,10 +104,12 @@ struct Follower {
     paths: Paths,
     cfg: Arc<Config>,
     health: Arc<Mutex<Health>>,
-    /// The last policy received: (text, mod revision).
-    last: Option<(String, i64)>,
+    /// The last value of `P/policy` received (a policy or a manifest), and its revision.
+    last: Option<(Vec<u8>, i64)>,
     /// A datapath is in place (else the first policy loads it).
     loaded: bool,
+    /// The parts of the last policy stored in parts: an edit fetches only what changed.
+    parts: fleet::PartCache,
 }
 
 impl Follower {
@@ -125,15 +137,34 @@ impl Follower {
         let key = self.url.policy_key();
         let mut c = fleet::connect(&self.url, &self.opts, Duration::from_secs(3)).await?;
         let lease = c.lease_grant(LEASE_TTL, None).await?.id();
+        // The lease is kept alive by a task of its own: an apply of a big policy on a busy
+        // host can outlast the lease's TTL, and must not take the node's record with it.
         let (mut keeper, mut acks) = c.lease_keep_alive(lease).await?;
+        let (lost_tx, mut lost) = tokio::sync::oneshot::channel::<String>();
+        let _keepalive = AbortOnDrop(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(KEEPALIVE);
+            let why = loop {
+                tick.tick().await;
+                if let Err(e) = keeper.keep_alive().await {
+                    break format!("keeping the node record's lease: {e}");
+                }
+                match acks.message().await {
+                    Ok(Some(a)) if a.ttl() > 0 => {}
+                    Ok(_) => break "the node record's lease expired".to_string(),
+                    Err(e) => break format!("keeping the node record's lease: {e}"),
+                }
+            };
+            let _ = lost_tx.send(why);
+        }));
         tracing::info!("etcd: connected to {} as node {}", self.url, self.node);
         self.say(true, None);
         let r = c.get(key.clone(), None).await?;
         let at = r.header().map(|h| h.revision()).unwrap_or(0);
         match r.kvs().first() {
             Some(kv) => {
-                let text = String::from_utf8_lossy(kv.value()).into_owned();
-                self.take(&mut c, lease, text, kv.mod_revision()).await?;
+                let value = kv.value().to_vec();
+                self.take(&mut c, lease, value, kv.mod_revision(), Trigger::Etcd)
+                    .await?;
             }
             None => {
                 tracing::warn!("etcd: no policy at {key} yet");
@@ -146,7 +177,6 @@ impl Follower {
                 Some(WatchOptions::new().with_start_revision(at + 1)),
             )
             .await?;
-        let mut tick = tokio::time::interval(KEEPALIVE);
         loop {
             tokio::select! {
                 m = watch.message() => {
@@ -161,52 +191,73 @@ impl Follower {
                         .rev()
                         .find(|e| e.event_type() == EventType::Put)
                         .and_then(|e| e.kv())
-                        .map(|kv| (String::from_utf8_lossy(kv.value()).into_owned(), kv.mod_revision()));
-                    if let Some((text, rev)) = put {
-                        self.take(&mut c, lease, text, rev).await?;
+                        .map(|kv| (kv.value().to_vec(), kv.mod_revision()));
+                    if let Some((value, rev)) = put {
+                        self.take(&mut c, lease, value, rev, Trigger::Etcd).await?;
                     } else if !resp.events().is_empty() {
                         tracing::warn!("etcd: {key} was deleted; the live policy stays");
                     }
                 }
-                _ = tick.tick() => keeper.keep_alive().await?,
-                a = acks.message() => {
-                    match a? {
-                        Some(a) if a.ttl() > 0 => {}
-                        _ => bail!("the node record's lease expired"),
-                    }
-                }
+                why = &mut lost => bail!("{}", why.unwrap_or_else(|_| "the lease task ended".into())),
                 Some(()) = hup.recv() => {
-                    if let Some((text, rev)) = self.last.clone() {
-                        let refused = self.apply(text, rev, Trigger::Hangup).await;
-                        self.record(&mut c, lease, refused.map(|e| (rev, e))).await?;
+                    if let Some((value, rev)) = self.last.clone() {
+                        self.take(&mut c, lease, value, rev, Trigger::Hangup).await?;
                     }
                 }
             }
         }
     }
 
-    /// A policy from etcd: applied unless it is the one already applied, then recorded.
-    async fn take(&mut self, c: &mut Client, lease: i64, text: String, rev: i64) -> Result<()> {
+    /// A value of `P/policy`: unless it came from etcd and is the one already applied, its
+    /// policy (read from its parts if it is a manifest; a SIGHUP finds them in the cache) is
+    /// applied; then the outcome is recorded.
+    async fn take(
+        &mut self,
+        c: &mut Client,
+        lease: i64,
+        value: Vec<u8>,
+        rev: i64,
+        why: Trigger,
+    ) -> Result<()> {
         let done = self.health.lock().map(|h| h.source_revision).unwrap_or(0);
-        let refused = if done == rev && self.loaded {
+        let refused = if why == Trigger::Etcd && done == rev && self.loaded {
             None
         } else {
-            self.last = Some((text.clone(), rev));
-            self.apply(text, rev, Trigger::Etcd).await
+            let t0 = std::time::Instant::now();
+            match fleet::resolve(c, &self.url, &value, rev, &mut self.parts).await? {
+                Ok(parsed) => {
+                    if let Some(Ok(m)) = fleet::manifest_of(&value) {
+                        tracing::info!(
+                            "etcd: revision {rev}: {} parts ({:.1} MiB) read in {:.3} s",
+                            m.parts.len(),
+                            m.size as f64 / (1 << 20) as f64,
+                            t0.elapsed().as_secs_f64()
+                        );
+                    }
+                    self.last = Some((value, rev));
+                    self.apply(parsed, rev, why).await
+                }
+                Err(e) => {
+                    tracing::error!("etcd: revision {rev} refused: {e}");
+                    self.say(true, Some(e.clone()));
+                    Some(e)
+                }
+            }
         };
         self.record(c, lease, refused.map(|e| (rev, e))).await
     }
 
     /// Applies through the engine; the refusal, if any.
-    async fn apply(&mut self, text: String, rev: i64, why: Trigger) -> Option<String> {
+    async fn apply(
+        &mut self,
+        parsed: (crate::policy::Policy, crate::policy::Lines),
+        rev: i64,
+        why: Trigger,
+    ) -> Option<String> {
         let name = format!("{}@{rev}", self.url.policy_key());
         let why = if self.loaded { why } else { Trigger::Start };
         let (p, c, h) = (self.paths.clone(), self.cfg.clone(), self.health.clone());
-        let res = blocking(move || {
-            let parsed = crate::policy::parse_with_lines(&name, &text).map_err(Into::into);
-            apply_parsed(&p, &c, parsed, &name, why, &h)
-        })
-        .await;
+        let res = blocking(move || apply_parsed(&p, &c, Ok(parsed), &name, why, &h)).await;
         match res {
             Ok(_) => {
                 self.loaded = true;

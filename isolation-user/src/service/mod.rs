@@ -85,7 +85,7 @@ pub struct Health {
 }
 
 /// Why a reload runs.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Trigger {
     Start,
     File,
@@ -113,6 +113,7 @@ fn apply_parsed(
     why: Trigger,
     health: &Mutex<Health>,
 ) -> Result<Done> {
+    let t0 = std::time::Instant::now();
     let res = (|| -> Result<engine::Outcome> {
         let (policy, lines) = parsed?;
         let change = match why {
@@ -137,6 +138,7 @@ fn apply_parsed(
             },
         )
     })();
+    give_back_memory();
     let mut h = health.lock().unwrap_or_else(|p| p.into_inner());
     h.last_time = unix_now();
     match res {
@@ -151,7 +153,8 @@ fn apply_parsed(
                 _ => tracing::info!(
                     generation = out.generation,
                     backend = out.backend,
-                    "applied {name} ({why:?})"
+                    "applied {name} ({why:?}) in {:.3} s",
+                    t0.elapsed().as_secs_f64()
                 ),
             }
             Ok(out.what)
@@ -178,6 +181,17 @@ pub fn run(paths: Paths, cfg: Config) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     rt.block_on(serve(paths, cfg))
+}
+
+/// Returns the memory an apply freed to the kernel. Applies run on tokio's blocking threads,
+/// each with a malloc arena of its own, and a 1M-entry policy frees a few hundred MiB in
+/// whichever arena it used: kept, they add up across applies on a long-running service.
+fn give_back_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap pages; it touches no live allocation.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
