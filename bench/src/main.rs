@@ -3,6 +3,7 @@
 //! figure is a median of interleaved rounds in one run, next to its baseline, with the
 //! spread; the verdict is the ratio, since the machine is shared and noisy.
 
+mod fleet;
 mod live;
 mod ops;
 mod raw;
@@ -48,8 +49,11 @@ struct Opts {
     /// Seconds per live drop-rate case (default 2, or 0.2 with --quick).
     #[arg(long)]
     live_seconds: Option<f64>,
+    /// Fleet sizes of the fleet part (default 20,50, or 3 with --quick).
+    #[arg(long, value_delimiter = ',')]
+    fleet_nodes: Vec<usize>,
     /// Run only these parts (default: all).
-    #[arg(long, value_delimiter = ',', value_parser = ["verdict", "live", "load", "ops"])]
+    #[arg(long, value_delimiter = ',', value_parser = ["verdict", "live", "load", "ops", "fleet"])]
     only: Vec<String>,
 }
 
@@ -197,6 +201,23 @@ fn main() -> Result<()> {
                 prefixes: if o.quick { 1024 } else { 1 << 16 },
                 rounds: if o.quick { 1 } else { 3 },
                 latency_rounds: if o.quick { 3 } else { 21 },
+            },
+        )?;
+    }
+    if part("fleet") {
+        fleet::run(
+            &mut md,
+            &mut targets,
+            &fleet::FleetOpts {
+                bin: &o.bin,
+                sizes: match (&o.fleet_nodes[..], o.quick) {
+                    ([], true) => &[3],
+                    ([], false) => &[20, 50],
+                    (given, _) => given,
+                },
+                big: if o.quick { 10_000 } else { 1_000_000 },
+                rounds_small: if o.quick { 2 } else { 11 },
+                rounds_big: if o.quick { 1 } else { 3 },
             },
         )?;
     }

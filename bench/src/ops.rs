@@ -61,7 +61,7 @@ fn caps_policy(prefixes: u32) -> String {
     p
 }
 
-fn whitelist_policy(n: u32) -> String {
+pub fn whitelist_policy(n: u32) -> String {
     let mut p = String::with_capacity(n as usize * 18 + 64);
     p.push_str("[whitelist]\nenabled = true\nlog = false\nallow = [\n");
     for i in 0..n {

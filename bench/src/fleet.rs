@@ -1,0 +1,335 @@
+//! The fleet: from `fleet push` to the last node's applied record in etcd, for fleets of 20
+//! and 50 nodes (each a service in a namespace of its own, filtering its own interface, all
+//! on one bridge with a real etcd), with a small policy and with a 1M-entry whitelist.
+//!
+//! The clock starts when the `fleet push` command starts (it reads, checks and writes the
+//! file, as an operator runs it) and stops at the `time` the last node wrote in its record
+//! (after its engine transaction), so the poll that notices the end adds nothing.
+
+use std::{
+    fmt::Write as _,
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use isolation_user::{fleet, state::unix_now};
+use tests::{fleet::Hub, iso::Iso, netns::Netns, service::Service};
+
+use crate::report::{self, median, spread};
+
+pub struct FleetOpts<'a> {
+    pub bin: &'a Path,
+    /// Fleet sizes, ascending (nodes are added to reach each).
+    pub sizes: &'a [usize],
+    /// Whitelist entries of the big policy.
+    pub big: u32,
+    pub rounds_small: usize,
+    pub rounds_big: usize,
+}
+
+/// One push: (first node, last node) in seconds after the push command started, and the
+/// push command's own time.
+struct Took {
+    first: f64,
+    last: f64,
+    push: f64,
+}
+
+fn small(allow: &str) -> String {
+    format!("[whitelist]\nenabled = true\nlog = false\nallow = [\"{allow}\"]\n")
+}
+
+pub fn run(md: &mut String, targets: &mut Vec<report::Target>, o: &FleetOpts) -> Result<()> {
+    let mut hub = Hub::new();
+    let url = hub.url("bench");
+    let dir = std::env::temp_dir().join(tests::unique("isobf"));
+    std::fs::create_dir_all(&dir)?;
+    let write = |name: &str, text: &str| -> Result<String> {
+        let p = dir.join(name);
+        std::fs::write(&p, text)?;
+        Ok(p.display().to_string())
+    };
+    let small_a = write("small-a.toml", &small("192.0.2.1"))?;
+    let small_b = write("small-b.toml", &small("192.0.2.2"))?;
+    let big_text = crate::ops::whitelist_policy(o.big);
+    let big_a = write("big-a.toml", &big_text)?;
+    // The same whitelist with one address in the middle changed.
+    let mid = format!(
+        "\"{}\",",
+        std::net::Ipv4Addr::from(0x0a00_0000u32 + o.big / 2)
+    );
+    if !big_text.contains(&mid) {
+        bail!("{mid} is not in the big policy");
+    }
+    let big_b = write("big-b.toml", &big_text.replacen(&mid, "\"192.0.2.77\",", 1))?;
+    let push_size = std::fs::metadata(&big_a)?.len() as f64 / (1 << 20) as f64;
+    let parsed = isolation_user::policy::parse("big", &big_text)?;
+    let stored = match fleet::encode(&big_text, &parsed).manifest {
+        Some(m) => format!(
+            "stored in {} parts, {:.1} MiB in all",
+            m.parts.len(),
+            m.size as f64 / (1 << 20) as f64
+        ),
+        None => "stored whole".into(),
+    };
+    drop((big_text, parsed));
+
+    writeln!(
+        md,
+        "## Fleet: `fleet push` → the last node's applied record\n"
+    )?;
+    writeln!(
+        md,
+        "N services (`run --policy-source etcd://…`), each in a namespace of its own filtering \
+         its own veth, all on one bridge with a real etcd (Debian's 3.4, defaults), all on this \
+         machine's 2 cores. The clock starts as the `fleet push` command starts and stops at the \
+         time the last node wrote in its record, after its engine transaction; *first* is the \
+         first node's. *small*: a whitelist of one address, changed; *small → {big}*: a \
+         {big}-address whitelist ({push_size:.1} MiB of TOML, {stored}) over the small \
+         one; *{big}, one address changed*: the next push, one line edited; *{big} → small*: \
+         back. {} rounds for the small policy, {} for the big ones; median (spread). *push*: the \
+         `fleet push` command's own time.\n",
+        o.rounds_small,
+        o.rounds_big,
+        big = o.big,
+    )?;
+    writeln!(
+        md,
+        "| nodes | change | first node | last node | push |\n| ---: | --- | ---: | ---: | ---: |"
+    )?;
+
+    let mut rev = push(&hub, o.bin, &small_a)?.0;
+    let mut spaces: Vec<Netns> = Vec::new();
+    let mut services: Vec<Service> = Vec::new();
+    let mut names: Vec<String> = Vec::new();
+    let mut isos: Vec<Iso> = Vec::new();
+    let mut peak_rss = 0u64;
+    for &n in o.sizes {
+        let add: Vec<String> = (names.len()..n).map(|_| tests::unique("isobn")).collect();
+        let refs: Vec<&str> = add.iter().map(String::as_str).collect();
+        spaces.push(Netns::new(&refs));
+        for name in &add {
+            let i = names.len();
+            hub.attach(name, &format!("203.0.113.{}", 10 + i));
+            // Kept until the end: an Iso unloads its datapath when dropped.
+            isos.push(Iso::with_bin(name, o.bin.into()));
+            let iso = isos.last().unwrap();
+            let node = format!("n{i:02}");
+            services.push(Service::start(
+                iso,
+                &[
+                    "--iface",
+                    "m0",
+                    "--policy-source",
+                    &url,
+                    "--node-name",
+                    &node,
+                    "--no-drop-log",
+                ],
+                9108,
+            ));
+            names.push(name.clone());
+        }
+        wait_all(&hub, &url, n, rev, Duration::from_secs(120))?;
+
+        let mut rows: Vec<(String, Vec<Took>)> = Vec::new();
+        let mut s = Vec::new();
+        for r in 0..o.rounds_small {
+            let f = if r % 2 == 0 { &small_b } else { &small_a };
+            s.push(measure(&hub, o.bin, &url, f, n)?.0);
+        }
+        rows.push(("small".into(), s));
+        let (mut up, mut edit, mut down) = (vec![], vec![], vec![]);
+        for _ in 0..o.rounds_big {
+            let (t, _) = measure(&hub, o.bin, &url, &big_a, n)?;
+            up.push(t);
+            let (t, _) = measure(&hub, o.bin, &url, &big_b, n)?;
+            edit.push(t);
+            peak_rss = peak_rss.max(services.iter().map(vm_hwm).max().unwrap_or(0));
+            // Back to the small policy the fleet was not on before.
+            let back = if down.len() % 2 == 0 {
+                &small_a
+            } else {
+                &small_b
+            };
+            let (t, r2) = measure(&hub, o.bin, &url, back, n)?;
+            down.push(t);
+            rev = r2;
+        }
+        rows.push((format!("small → {}", o.big), up));
+        rows.push((format!("{}, one address changed", o.big), edit));
+        rows.push((format!("{} → small", o.big), down));
+        for (what, v) in &rows {
+            let f: Vec<f64> = v.iter().map(|t| t.first).collect();
+            let l: Vec<f64> = v.iter().map(|t| t.last).collect();
+            let p: Vec<f64> = v.iter().map(|t| t.push).collect();
+            writeln!(
+                md,
+                "| {n} | {what} | {} | {} | {} |",
+                cell(&f),
+                cell(&l),
+                cell(&p)
+            )?;
+        }
+        let last: Vec<f64> = rows[0].1.iter().map(|t| t.last).collect();
+        let worst = last.iter().cloned().fold(0.0, f64::max);
+        targets.push(report::Target {
+            what: format!(
+                "`fleet push` → last of {n} nodes applied, small policy ≤ 1 s (worst round)"
+            ),
+            measured: format!(
+                "{:.0} ms (median {:.0} ms)",
+                worst * 1e3,
+                median(&last) * 1e3
+            ),
+            met: worst <= 1.0,
+        });
+    }
+    writeln!(
+        md,
+        "\nThe most memory a node's service held (peak RSS, `VmHWM`) over these pushes: {:.0} MiB.\n",
+        peak_rss as f64 / 1024.0
+    )?;
+    drop(services);
+    drop(isos);
+    drop(spaces);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn cell(v: &[f64]) -> String {
+    let m = median(v);
+    if m < 1.0 {
+        format!("{:.0} ms ({:.0}%)", m * 1e3, spread(v))
+    } else {
+        format!("{m:.2} s ({:.0}%)", spread(v))
+    }
+}
+
+/// Peak resident memory of a service, in KiB.
+fn vm_hwm(s: &Service) -> u64 {
+    std::fs::read_to_string(format!("/proc/{}/status", s.child.id()))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// `fleet push FILE`, run in the hub as an operator runs it: the new revision and the
+/// command's time.
+fn push(hub: &Hub, bin: &Path, file: &str) -> Result<(i64, f64)> {
+    let t = Instant::now();
+    let o = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", hub.hub))
+        .arg(bin)
+        .args(["fleet", "push", file, "--etcd", &hub.url("bench")])
+        .output()?;
+    let took = t.elapsed().as_secs_f64();
+    let out = String::from_utf8_lossy(&o.stdout);
+    if !o.status.success() {
+        bail!("fleet push {file}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let rev = out
+        .split("as revision ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|r| r.parse().ok())
+        .with_context(|| format!("no revision in {out}"))?;
+    Ok((rev, took))
+}
+
+/// Pushes `file` and waits until all `n` nodes recorded its revision: the times.
+fn measure(hub: &Hub, bin: &Path, url: &str, file: &str, n: usize) -> Result<(Took, i64)> {
+    let t0 = unix_now();
+    let (rev, push_s) = push(hub, bin, file)?;
+    let times = wait_all(hub, url, n, rev, Duration::from_secs(600))?;
+    let first = times.iter().cloned().fold(f64::MAX, f64::min) - t0;
+    let last = times.iter().cloned().fold(f64::MIN, f64::max) - t0;
+    Ok((
+        Took {
+            first,
+            last,
+            push: push_s,
+        },
+        rev,
+    ))
+}
+
+/// Polls (every 20 ms, from inside the hub) until `n` nodes report `rev` applied; their
+/// records' times.
+fn wait_all(hub: &Hub, url: &str, n: usize, rev: i64, limit: Duration) -> Result<Vec<f64>> {
+    let url: fleet::EtcdUrl = url.parse().map_err(anyhow::Error::msg)?;
+    tests::traffic::in_ns(&hub.hub, move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(async move {
+                let opts = fleet::EtcdOpts::default();
+                let mut c = fleet::connect(&url, &opts, Duration::from_secs(5)).await?;
+                let t = Instant::now();
+                loop {
+                    // A fleet starting or applying on 2 cores can starve this connection:
+                    // a failed read reconnects, within the same time limit.
+                    let nodes = match fleet::read_nodes(&mut c, &url).await {
+                        Ok(n) => n,
+                        Err(e) if t.elapsed() < limit => {
+                            eprintln!("fleet bench: reading the node records: {e:#}; reconnecting");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            if let Ok(c2) =
+                                fleet::connect(&url, &opts, Duration::from_secs(5)).await
+                            {
+                                c = c2;
+                            }
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    if let Some(bad) = nodes.iter().find(|r| r.refused_revision == Some(rev)) {
+                        bail!("node {} refused revision {rev}: {}", bad.node, bad.result);
+                    }
+                    let done: Vec<f64> = nodes
+                        .iter()
+                        .filter(|r| r.revision == rev && r.result == "ok")
+                        .map(|r| r.time)
+                        .collect();
+                    if done.len() == n {
+                        return Ok(done);
+                    }
+                    // Every node of the fleet shares this machine's memory: stop before the
+                    // kernel's OOM killer picks a victim (etcd, a node, this harness).
+                    let avail = mem_available_mib();
+                    if avail < 768 {
+                        bail!(
+                            "the machine is out of memory ({avail} MiB available) with {n} \
+                             nodes applying revision {rev}"
+                        );
+                    }
+                    if t.elapsed() > limit {
+                        bail!(
+                            "{} of {n} nodes on revision {rev} after {limit:?}",
+                            done.len()
+                        );
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+    })
+}
+
+/// MemAvailable of /proc/meminfo, in MiB (a large number when unreadable).
+fn mem_available_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .map(|kib| kib / 1024)
+        .unwrap_or(u64::MAX)
+}
