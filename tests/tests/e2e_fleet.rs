@@ -522,7 +522,6 @@ fn a_million_entry_whitelist_travels_in_parts() {
         "1M whitelist: push -> {M} nodes applied in {:?}",
         t0.elapsed()
     );
-    eprintln!("{}", services[0].log_text());
     for iso in &isos {
         assert_eq!(wl_v6_entries(iso), 1_000_000);
     }
