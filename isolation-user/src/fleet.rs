@@ -509,11 +509,12 @@ fn parts_named(value: Option<&[u8]>) -> Vec<String> {
     }
 }
 
-/// The current value of `P/policy` (at its mod revision) and the one before it.
-async fn current_and_previous(
+/// The parts named by the current version of `P/policy` and by the one before it (what
+/// `fleet rollback` restores), and the current version's mod revision (0: none).
+async fn parts_in_use(
     c: &mut Client,
     url: &EtcdUrl,
-) -> Result<(Option<(Vec<u8>, i64)>, Option<Vec<u8>>)> {
+) -> Result<(std::collections::HashSet<String>, i64)> {
     let cur = read_raw(c, url, None).await?;
     let prev = match &cur {
         Some((_, rev)) if *rev > 1 => read_raw(c, url, Some(rev - 1))
@@ -523,7 +524,11 @@ async fn current_and_previous(
             .map(|(v, _)| v),
         _ => None,
     };
-    Ok((cur, prev))
+    let named = parts_named(cur.as_ref().map(|(v, _)| &v[..]))
+        .into_iter()
+        .chain(parts_named(prev.as_deref()))
+        .collect();
+    Ok((named, cur.map(|(_, r)| r).unwrap_or(0)))
 }
 
 /// Stores the policy file `text` (parsed as `policy`) if `P/policy` is still at `expected`
@@ -552,12 +557,7 @@ async fn put_encoded(
     let key = url.policy_key();
     let mut written = std::collections::HashSet::new();
     if enc.manifest.is_some() {
-        let (cur, prev) = current_and_previous(c, url).await?;
-        let kept: std::collections::HashSet<String> =
-            parts_named(cur.as_ref().map(|(v, _)| &v[..]))
-                .into_iter()
-                .chain(parts_named(prev.as_deref()))
-                .collect();
+        let (kept, _) = parts_in_use(c, url).await?;
         for (h, bytes) in enc.parts() {
             if kept.contains(h) || !written.insert(h.to_string()) {
                 continue;
@@ -615,12 +615,7 @@ pub async fn count_parts(c: &mut Client, url: &EtcdUrl) -> Result<usize> {
 /// under way and is left, and a push reuses only the parts of the current and previous
 /// versions, which are never removed. How many parts were removed.
 pub async fn clean_parts(c: &mut Client, url: &EtcdUrl) -> Result<usize> {
-    let (cur, prev) = current_and_previous(c, url).await?;
-    let at = cur.as_ref().map(|(_, r)| *r).unwrap_or(0);
-    let named: std::collections::HashSet<String> = parts_named(cur.as_ref().map(|(v, _)| &v[..]))
-        .into_iter()
-        .chain(parts_named(prev.as_deref()))
-        .collect();
+    let (named, at) = parts_in_use(c, url).await?;
     let r = c
         .get(
             url.parts_prefix(),

@@ -19,10 +19,22 @@ pub struct Hub {
     etcd: Option<Child>,
     data: PathBuf,
     next: u32,
+    /// With TLS: where the CA, server and client certificates are.
+    tls: Option<PathBuf>,
 }
 
 impl Hub {
     pub fn new() -> Hub {
+        Hub::build(false)
+    }
+
+    /// etcd over TLS, requiring a client certificate signed by the test's own CA (made
+    /// with openssl); `client_args` are the options a client needs.
+    pub fn with_tls() -> Hub {
+        Hub::build(true)
+    }
+
+    fn build(tls: bool) -> Hub {
         let hub = unique("fhub");
         let ns = Netns::new(&[&hub]);
         for args in [
@@ -35,12 +47,14 @@ impl Hub {
             crate::netns::ok(&a);
         }
         let data = std::env::temp_dir().join(unique("etcd"));
+        let tls = tls.then(|| make_certs(&data.with_extension("tls")));
         let mut h = Hub {
             ns,
             hub,
             etcd: None,
             data,
             next: 0,
+            tls,
         };
         h.start_etcd();
         h
@@ -49,16 +63,27 @@ impl Hub {
     /// Starts etcd (again, on the same data dir) and waits until it accepts connections.
     pub fn start_etcd(&mut self) {
         assert!(self.etcd.is_none(), "etcd runs already");
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.hub))
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.hub))
             .arg("etcd")
             .args(["--name", "fleet-test", "--data-dir"])
-            .arg(&self.data)
+            .arg(&self.data);
+        if let Some(dir) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(dir.join("server.pem"))
+                .arg("--key-file")
+                .arg(dir.join("server.key"))
+                .arg("--trusted-ca-file")
+                .arg(dir.join("ca.pem"))
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .args([
                 "--listen-client-urls",
-                &format!("http://{ETCD_ADDR},http://127.0.0.1:2379"),
+                &format!("{scheme}://{ETCD_ADDR},{scheme}://127.0.0.1:2379"),
                 "--advertise-client-urls",
-                &format!("http://{ETCD_ADDR}"),
+                &format!("{scheme}://{ETCD_ADDR}"),
                 "--listen-peer-urls",
                 "http://127.0.0.1:2380",
                 "--initial-advertise-peer-urls",
@@ -92,6 +117,19 @@ impl Hub {
         if let Some(mut c) = self.etcd.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// What a client passes to reach this etcd: nothing, or the TLS options (the CA and a
+    /// client certificate).
+    pub fn client_args(&self) -> Vec<String> {
+        match &self.tls {
+            None => Vec::new(),
+            Some(d) => ["cacert", "cert", "key"]
+                .iter()
+                .zip(["ca.pem", "client.pem", "client.key"])
+                .flat_map(|(o, f)| [format!("--etcd-{o}"), d.join(f).display().to_string()])
+                .collect(),
         }
     }
 
@@ -134,5 +172,80 @@ impl Drop for Hub {
     fn drop(&mut self) {
         self.kill_etcd();
         let _ = std::fs::remove_dir_all(&self.data);
+        if let Some(d) = &self.tls {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
+}
+
+/// A CA, a server certificate for 203.0.113.1 and 127.0.0.1, and a client certificate, in
+/// `dir` (openssl, RSA 2048, valid a day).
+fn make_certs(dir: &std::path::Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let ssl = |args: &[&str]| {
+        let o = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("run openssl");
+        assert!(
+            o.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    ssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=isolation-test-ca",
+    ]);
+    for (name, ext) in [
+        (
+            "server",
+            "subjectAltName=IP:203.0.113.1,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        ),
+        ("client", "extendedKeyUsage=clientAuth\n"),
+    ] {
+        std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+        ssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            &format!("/CN=isolation-test-{name}"),
+        ]);
+        ssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "1",
+            "-extfile",
+            &format!("{name}.ext"),
+        ]);
+    }
+    dir.to_path_buf()
 }

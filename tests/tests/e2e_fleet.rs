@@ -22,11 +22,17 @@ fn policy(allow: &str) -> String {
 
 /// `fleet` run from the hub (the etcd CLI side), with the prefix's URL.
 fn fleet(hub: &Hub, args: &[&str]) -> std::process::Output {
+    fleet_with(hub, args, &hub.client_args())
+}
+
+/// `fleet` with the given etcd client options instead of the hub's.
+fn fleet_with(hub: &Hub, args: &[&str], client: &[String]) -> std::process::Output {
     std::process::Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}", hub.hub))
         .arg(tests::bin())
         .arg("fleet")
         .args(args)
+        .args(client)
         .output()
         .unwrap()
 }
@@ -84,11 +90,41 @@ struct Fleet {
     probe: String,
     other: String,
     nodes: Vec<String>,
+    /// One per node (drop them before `ns`: each unloads its datapath).
+    isos: Vec<Iso>,
+    /// Where the test's policy files go.
+    dir: std::path::PathBuf,
+}
+
+/// Writes a policy file into `dir`; its path.
+fn write(dir: &std::path::Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+/// The service of a node, following `url` as `name`.
+fn follower(hub: &Hub, iso: &Iso, url: &str, name: &str) -> Service {
+    let tls = hub.client_args();
+    let mut args = vec![
+        "--iface",
+        "m0",
+        "--policy-source",
+        url,
+        "--node-name",
+        name,
+        "--no-drop-log",
+    ];
+    args.extend(tls.iter().map(String::as_str));
+    Service::start(iso, &args, 9108)
 }
 
 impl Fleet {
     fn new(prefix: &str, n: usize) -> Fleet {
-        let mut hub = Hub::new();
+        Fleet::on(Hub::new(), prefix, n)
+    }
+
+    fn on(mut hub: Hub, prefix: &str, n: usize) -> Fleet {
         let (probe, other) = (
             unique(&format!("{prefix}prb")),
             unique(&format!("{prefix}oth")),
@@ -102,12 +138,17 @@ impl Fleet {
         for (i, node) in nodes.iter().enumerate() {
             hub.attach(node, &format!("203.0.113.{}", 10 + i));
         }
+        let isos: Vec<Iso> = nodes.iter().map(|n| Iso::new(n)).collect();
+        let dir = isos[0].files_dir();
+        std::fs::create_dir_all(&dir).unwrap();
         Fleet {
             hub,
             ns,
             probe,
             other,
             nodes,
+            isos,
+            dir,
         }
     }
 }
@@ -123,16 +164,12 @@ fn a_fleet_of_20_follows_every_push() {
         probe,
         other,
         nodes,
+        isos,
+        dir,
     } = Fleet::new("f", N);
     let url = hub.url("fleet-e2e");
-    let isos: Vec<Iso> = nodes.iter().map(|n| Iso::new(n)).collect();
-    let dir = isos[0].files_dir();
-    std::fs::create_dir_all(&dir).unwrap();
-    let a = dir.join("a.toml");
-    let b = dir.join("b.toml");
-    std::fs::write(&a, policy("203.0.113.2")).unwrap();
-    std::fs::write(&b, policy("203.0.113.3")).unwrap();
-    let (a, b) = (a.display().to_string(), b.display().to_string());
+    let a = write(&dir, "a.toml", &policy("203.0.113.2"));
+    let b = write(&dir, "b.toml", &policy("203.0.113.3"));
 
     // The first push, before any node runs: they start on it.
     let rev_a = push(&hub, &url, &a, &[]).unwrap();
@@ -143,21 +180,7 @@ fn a_fleet_of_20_follows_every_push() {
     let services: Vec<Service> = isos
         .iter()
         .enumerate()
-        .map(|(i, iso)| {
-            Service::start(
-                iso,
-                &[
-                    "--iface",
-                    "m0",
-                    "--policy-source",
-                    &url,
-                    "--node-name",
-                    &format!("node{i:02}"),
-                    "--no-drop-log",
-                ],
-                9108,
-            )
-        })
+        .map(|(i, iso)| follower(&hub, iso, &url, &format!("node{i:02}")))
         .collect();
     let took = converge(&hub, &url, rev_a, N);
     eprintln!("{N} nodes started on revision {rev_a} in {took:?}");
@@ -224,9 +247,12 @@ fn a_fleet_of_20_follows_every_push() {
     }
 
     // A policy no node can take is refused by `push` itself (same parser and limits).
-    let bad = dir.join("bad.toml");
-    std::fs::write(&bad, "[whitelist]\nallow = [\"203.0.113.300\"]\n").unwrap();
-    let err = push(&hub, &url, &bad.display().to_string(), &[]).unwrap_err();
+    let bad = write(
+        &dir,
+        "bad.toml",
+        "[whitelist]\nallow = [\"203.0.113.300\"]\n",
+    );
+    let err = push(&hub, &url, &bad, &[]).unwrap_err();
     assert!(err.contains("bad.toml:2:"), "{err}");
     assert_eq!(status(&hub, &url)["revision"], rev_c, "nothing was written");
 
@@ -257,37 +283,20 @@ fn the_fleet_survives_etcd_and_node_faults() {
         probe,
         other,
         nodes,
+        isos,
+        dir,
     } = Fleet::new("g", M);
     let url = hub.url("fleet-faults");
-    let isos: Vec<Iso> = nodes.iter().map(|n| Iso::new(n)).collect();
-    let dir = isos[0].files_dir();
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = |name: &str, allow: &str| {
-        let p = dir.join(name);
-        std::fs::write(&p, policy(allow)).unwrap();
-        p.display().to_string()
-    };
     let (a, b, c) = (
-        file("a.toml", "203.0.113.2"),
-        file("b.toml", "203.0.113.3"),
-        file("c.toml", "192.0.2.1"),
+        write(&dir, "a.toml", &policy("203.0.113.2")),
+        write(&dir, "b.toml", &policy("203.0.113.3")),
+        write(&dir, "c.toml", &policy("192.0.2.1")),
     );
     let _echo = Echo::start(&nodes[0], &["0.0.0.0:8080".parse().unwrap()]);
     let to0: SocketAddr = "203.0.113.10:8080".parse().unwrap();
-    let args = |i: usize| -> Vec<String> {
-        ["--iface", "m0", "--policy-source", &url, "--node-name"]
-            .iter()
-            .map(|s| s.to_string())
-            .chain([format!("node{i}"), "--no-drop-log".into()])
-            .collect()
-    };
-    let start = |i: usize| {
-        let a = args(i);
-        let a: Vec<&str> = a.iter().map(String::as_str).collect();
-        Service::start(&isos[i], &a, 9108)
-    };
+    let start = |hub: &Hub, i: usize| follower(hub, &isos[i], &url, &format!("node{i}"));
     let rev_a = push(&hub, &url, &a, &[]).unwrap();
-    let mut services: Vec<Service> = (0..M).map(start).collect();
+    let mut services: Vec<Service> = (0..M).map(|i| start(&hub, i)).collect();
     converge(&hub, &url, rev_a, M);
     assert!(tcp_ok(&probe, to0, Duration::from_secs(3)));
     assert!(!tcp_ok(&other, to0, Duration::from_millis(700)));
@@ -342,7 +351,7 @@ fn the_fleet_survives_etcd_and_node_faults() {
     let rev_last = push(&hub, &url, &a, &[]).unwrap();
     converge(&hub, &url, rev_last, M - 1);
     // It comes back and catches up on the latest revision.
-    services.push(start(M - 1));
+    services.push(start(&hub, M - 1));
     let took = converge(&hub, &url, rev_last, M);
     eprintln!("node2 back on revision {rev_last} in {took:?}");
 
@@ -458,16 +467,10 @@ fn a_million_entry_whitelist_travels_in_parts() {
         probe,
         other,
         nodes,
+        isos,
+        dir,
     } = Fleet::new("h", M);
     let url = hub.url("fleet-big");
-    let isos: Vec<Iso> = nodes.iter().map(|n| Iso::new(n)).collect();
-    let dir = isos[0].files_dir();
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = |name: &str, text: &str| {
-        let p = dir.join(name);
-        std::fs::write(&p, text).unwrap();
-        p.display().to_string()
-    };
     let big_a = million("203.0.113.2");
     let err = put_whole(&hub, &url, big_a.clone()).expect_err("etcd takes 25 MiB in one put");
     // (gRPC's own message limit, 1.5 MiB + 512 KiB, refuses it before etcd's request check.)
@@ -476,30 +479,16 @@ fn a_million_entry_whitelist_travels_in_parts() {
         "{err}"
     );
     let (a, b, small) = (
-        file("a.toml", &big_a),
-        file("b.toml", &million("203.0.113.3")),
-        file("small.toml", &policy("203.0.113.2")),
+        write(&dir, "a.toml", &big_a),
+        write(&dir, "b.toml", &million("203.0.113.3")),
+        write(&dir, "small.toml", &policy("203.0.113.2")),
     );
     drop(big_a);
     let _echo = Echo::start(&nodes[0], &["0.0.0.0:8080".parse().unwrap()]);
     let to0: SocketAddr = "203.0.113.10:8080".parse().unwrap();
 
     let services: Vec<Service> = (0..M)
-        .map(|i| {
-            Service::start(
-                &isos[i],
-                &[
-                    "--iface",
-                    "m0",
-                    "--policy-source",
-                    &url,
-                    "--node-name",
-                    &format!("big{i}"),
-                    "--no-drop-log",
-                ],
-                9108,
-            )
-        })
+        .map(|i| follower(&hub, &isos[i], &url, &format!("big{i}")))
         .collect();
     // The nodes start with no policy in etcd yet; the first push is the 1M whitelist.
     let t0 = Instant::now();
@@ -577,6 +566,61 @@ fn a_million_entry_whitelist_travels_in_parts() {
         !tcp_ok(&probe, to0, Duration::from_millis(700)),
         "B again: probe"
     );
+    drop(services);
+    drop(isos);
+    drop(ns);
+}
+
+/// etcd over TLS, requiring client certificates: nodes given `--etcd-cacert/--etcd-cert/
+/// --etcd-key` (as etcdctl takes them) follow pushes; a client without the CA, or without
+/// a client certificate, reads and writes nothing.
+#[test]
+fn the_fleet_runs_over_tls_with_client_certificates() {
+    if !tests::can_run("end-to-end fleet test over TLS") {
+        return;
+    }
+    const M: usize = 2;
+    let Fleet {
+        hub,
+        ns,
+        probe,
+        other,
+        nodes,
+        isos,
+        dir,
+    } = Fleet::on(Hub::with_tls(), "t", M);
+    let url = hub.url("fleet-tls");
+    let a = write(&dir, "a.toml", &policy("203.0.113.2"));
+    let b = write(&dir, "b.toml", &policy("203.0.113.3"));
+    let tls = hub.client_args();
+
+    // Refused: plain HTTP to a TLS etcd, and TLS without a client certificate.
+    for (client, hint) in [
+        (&[][..], "give --etcd-cacert"),
+        (&tls[..2], "give --etcd-cert and --etcd-key"),
+    ] {
+        let o = fleet_with(&hub, &["push", &a, "--etcd", &url], client);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(hint),
+            "{client:?}: {err}"
+        );
+    }
+    assert_eq!(status(&hub, &url)["revision"], 0, "nothing was written");
+
+    let rev_a = push(&hub, &url, &a, &[]).unwrap();
+    let _echo = Echo::start(&nodes[0], &["0.0.0.0:8080".parse().unwrap()]);
+    let services: Vec<Service> = (0..M)
+        .map(|i| follower(&hub, &isos[i], &url, &format!("tls{i}")))
+        .collect();
+    converge(&hub, &url, rev_a, M);
+    let to0: SocketAddr = "203.0.113.10:8080".parse().unwrap();
+    assert!(tcp_ok(&probe, to0, Duration::from_secs(3)), "A: probe");
+    assert!(!tcp_ok(&other, to0, Duration::from_millis(700)), "A: other");
+    let rev_b = push(&hub, &url, &b, &[]).unwrap();
+    converge(&hub, &url, rev_b, M);
+    assert!(tcp_ok(&other, to0, Duration::from_secs(3)), "B: other");
+    assert!(!tcp_ok(&probe, to0, Duration::from_millis(700)), "B: probe");
     drop(services);
     drop(isos);
     drop(ns);

@@ -68,6 +68,12 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn run(c: FleetCmd) -> Result<()> {
+    let opts = match &c {
+        FleetCmd::Push { to, .. }
+        | FleetCmd::Diff { to, .. }
+        | FleetCmd::Rollback { to }
+        | FleetCmd::Status { to, .. } => to.opts.clone(),
+    };
     match c {
         FleetCmd::Push {
             file,
@@ -77,6 +83,26 @@ pub fn run(c: FleetCmd) -> Result<()> {
         FleetCmd::Status { json, to } => status(json, &to),
         FleetCmd::Diff { file, json, to } => diff(&file, json, &to),
         FleetCmd::Rollback { to } => rollback(&to),
+    }
+    .map_err(|e| with_tls_hint(e, &opts))
+}
+
+/// A connection etcd closes at once is, most often, TLS asked for and not given: say which
+/// option is missing rather than leave the user with gRPC's "transport error".
+fn with_tls_hint(e: anyhow::Error, o: &EtcdOpts) -> anyhow::Error {
+    let text = format!("{e:#}");
+    if !(text.contains("transport error") || text.contains("connection closed")) {
+        return e;
+    }
+    if o.etcd_cacert.is_none() {
+        e.context("etcd closed the connection: if it is served over TLS, give --etcd-cacert")
+    } else if o.etcd_cert.is_none() {
+        e.context(
+            "etcd closed the connection: if it asks for a client certificate, give \
+             --etcd-cert and --etcd-key",
+        )
+    } else {
+        e
     }
 }
 
