@@ -130,7 +130,8 @@ pub async fn connect(url: &EtcdUrl, o: &EtcdOpts, timeout: Duration) -> Result<C
         let (u, p) = up
             .split_once(':')
             .ok_or_else(|| anyhow!("--etcd-user takes USER:PASSWORD"))?;
-        opts = opts.with_user(u, p);
+        // etcd's tokens expire (5 min by default): a long-running node renews its own.
+        opts = opts.with_user(u, p).with_auto_token_refresh(true);
     }
     let endpoints: Vec<String> = url
         .endpoints

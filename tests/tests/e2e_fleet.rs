@@ -625,3 +625,116 @@ fn the_fleet_runs_over_tls_with_client_certificates() {
     drop(isos);
     drop(ns);
 }
+
+/// Turns on etcd's authentication: `root` (as etcd requires), and `node`, who may read and
+/// write the keys under `prefix` only.
+fn enable_auth(hub: &Hub, url: &str) {
+    let url: isolation_user::fleet::EtcdUrl = url.parse().unwrap();
+    tests::traffic::in_ns(&hub.hub, move || {
+        block_on(async move {
+            let opts = isolation_user::fleet::EtcdOpts::default();
+            let mut c = isolation_user::fleet::connect(&url, &opts, Duration::from_secs(5))
+                .await
+                .unwrap();
+            let under = format!("{}/", url.prefix);
+            c.role_add("isolation").await.unwrap();
+            c.role_grant_permission(
+                "isolation",
+                etcd_client::Permission::read_write(under).with_prefix(),
+            )
+            .await
+            .unwrap();
+            for (user, pw, role) in [("root", "rootpw", "root"), ("node", "nodepw", "isolation")] {
+                c.user_add(user, pw, None).await.unwrap();
+                c.user_grant_role(user, role).await.unwrap();
+            }
+            c.auth_enable().await.unwrap();
+        })
+    })
+}
+
+/// etcd with authentication on: nodes and admins given `--etcd-user USER:PASSWORD` (as
+/// etcdctl's `--user`) follow and push; without it, or with a wrong password, nothing is
+/// written.
+#[test]
+fn the_fleet_runs_with_etcd_authentication() {
+    if !tests::can_run("end-to-end fleet test with etcd authentication") {
+        return;
+    }
+    const M: usize = 2;
+    let Fleet {
+        hub,
+        ns,
+        probe,
+        other,
+        nodes,
+        isos,
+        dir,
+    } = Fleet::new("u", M);
+    let url = hub.url("fleet-auth");
+    enable_auth(&hub, &url);
+    let a = write(&dir, "a.toml", &policy("203.0.113.2"));
+    let user = ["--etcd-user".to_string(), "node:nodepw".to_string()];
+    for (client, says) in [
+        (vec![], "give --etcd-user"),
+        (
+            vec!["--etcd-user".to_string(), "node:wrong".into()],
+            "invalid user ID or password",
+        ),
+    ] {
+        let o = fleet_with(&hub, &["push", &a, "--etcd", &url], &client);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(says),
+            "{client:?}: {err}"
+        );
+    }
+    let o = fleet_with(&hub, &["push", &a, "--etcd", &url], &user);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rev_a = push_revision(&String::from_utf8_lossy(&o.stdout));
+    let _echo = Echo::start(&nodes[0], &["0.0.0.0:8080".parse().unwrap()]);
+    let services: Vec<Service> = (0..M)
+        .map(|i| {
+            let name = format!("auth{i}");
+            Service::start(
+                &isos[i],
+                &[
+                    "--iface",
+                    "m0",
+                    "--policy-source",
+                    &url,
+                    "--node-name",
+                    &name,
+                    "--no-drop-log",
+                    &user[0],
+                    &user[1],
+                ],
+                9108,
+            )
+        })
+        .collect();
+    // The node records, read as `node`.
+    let t0 = Instant::now();
+    loop {
+        let o = fleet_with(&hub, &["status", "--json", "--etcd", &url], &user);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let on = s["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["revision"] == rev_a && n["result"] == "ok")
+            .count();
+        if on == M {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "{s}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let to0: SocketAddr = "203.0.113.10:8080".parse().unwrap();
+    assert!(tcp_ok(&probe, to0, Duration::from_secs(3)), "A: probe");
+    assert!(!tcp_ok(&other, to0, Duration::from_millis(700)), "A: other");
+    drop(services);
+    drop(isos);
+    drop(ns);
+}

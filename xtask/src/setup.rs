@@ -35,6 +35,8 @@ const PACKAGES: &[(&str, &str)] = &[
     // with protoc.
     ("etcd-server", "/usr/bin/etcd"),
     ("protobuf-compiler", "/usr/bin/protoc"),
+    // The certificates of the fleet's TLS test.
+    ("openssl", "/usr/bin/openssl"),
 ];
 
 impl Options {

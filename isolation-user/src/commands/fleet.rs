@@ -84,13 +84,16 @@ pub fn run(c: FleetCmd) -> Result<()> {
         FleetCmd::Diff { file, json, to } => diff(&file, json, &to),
         FleetCmd::Rollback { to } => rollback(&to),
     }
-    .map_err(|e| with_tls_hint(e, &opts))
+    .map_err(|e| with_hint(e, &opts))
 }
 
-/// A connection etcd closes at once is, most often, TLS asked for and not given: say which
-/// option is missing rather than leave the user with gRPC's "transport error".
-fn with_tls_hint(e: anyhow::Error, o: &EtcdOpts) -> anyhow::Error {
+/// etcd's answer when it asks for TLS or a login the command did not give is gRPC's
+/// "transport error" or "user name is empty": say which option is missing.
+fn with_hint(e: anyhow::Error, o: &EtcdOpts) -> anyhow::Error {
     let text = format!("{e:#}");
+    if text.contains("user name is empty") {
+        return e.context("etcd asks for a login: give --etcd-user USER:PASSWORD");
+    }
     if !(text.contains("transport error") || text.contains("connection closed")) {
         return e;
     }
