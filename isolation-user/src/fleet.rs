@@ -1,19 +1,21 @@
 //! One policy for a fleet, kept in etcd (as Calico and Cilium keep theirs).
 //!
-//! Keys under a prefix P: `P/policy` (the policy file's text; its mod revision names the
-//! version every node reports) and `P/nodes/NODE` (what that node runs: `NodeRecord` as
-//! JSON, written with a lease, so a dead node's record goes away by itself).
+//! Keys under a prefix P: `P/policy` (the policy file's text, or the manifest of a big
+//! policy's parts; its mod revision names the version every node reports) and
+//! `P/nodes/NODE` (what that node runs: `NodeRecord` as JSON, written with a lease, so a
+//! dead node's record goes away by itself).
 //!
 //! `fleet push` writes `P/policy` with a compare-and-swap on the revision it read, so two
 //! admins cannot overwrite each other silently; the service (`run --policy-source
 //! etcd://…`) reads and watches it and applies it through the engine.
 //!
-//! A policy bigger than `INLINE_MAX` (a whitelist of a million addresses is ~16 MiB of
-//! text; etcd refuses requests over 1.5 MiB by default) is cut into parts stored under
-//! `P/parts/SHA256` before `P/policy` is swapped for a manifest naming them (`Manifest`).
-//! The cuts are content-defined (FastCDC), so an edit of a few lines writes a part or two,
-//! not the whole text again, and etcd's history grows by what changed. Nodes read the parts
-//! at the manifest's revision, so a later push or clean-up never hands them a mix.
+//! A policy file bigger than `INLINE_MAX` (a whitelist of a million addresses is ~16 MiB
+//! of text; etcd refuses requests over 1.5 MiB by default) is encoded compactly (`compact`)
+//! and cut into parts stored under `P/parts/SHA256` before `P/policy` is swapped for a
+//! manifest naming them (`Manifest`). The cuts are content-defined (FastCDC), so an edit of
+//! a few entries writes a part or two, not the whole policy again, and etcd's history grows
+//! by what changed. Nodes read the parts at the manifest's revision, so a later push or
+//! clean-up never hands them a mix.
 
 use std::time::Duration;
 
@@ -476,7 +478,7 @@ pub async fn rollback(c: &mut Client, url: &EtcdUrl, rev: i64) -> Result<(i64, i
         blob: Vec::new(),
         parts: Vec::new(),
     };
-    let (new, _) = put_encoded(c, url, &enc, rev).await?;
+    let (new, _) = push(c, url, &enc, rev).await?;
     Ok((prev, new))
 }
 
@@ -532,23 +534,13 @@ async fn parts_in_use(
     Ok((named, cur.map(|(_, r)| r).unwrap_or(0)))
 }
 
-/// Stores the policy file `text` (parsed as `policy`) if `P/policy` is still at `expected`
-/// (0: absent). Ok(new revision and the number of parts written), or Err naming the
-/// revision that got there first.
+/// Stores an encoded policy (`encode`) if `P/policy` is still at `expected` (0: absent).
+/// Ok(new revision and the number of parts written), or Err naming the revision that got
+/// there first. A big policy's parts are written first; only those of the current and
+/// previous versions are taken as stored (the clean-up never removes them, see
+/// `clean_parts`), every other one is written again. Then `P/policy`, with a
+/// compare-and-swap on `expected`.
 pub async fn push(
-    c: &mut Client,
-    url: &EtcdUrl,
-    text: &str,
-    policy: &Policy,
-    expected: i64,
-) -> Result<(i64, usize)> {
-    put_encoded(c, url, &encode(text, policy), expected).await
-}
-
-/// A big policy's parts are written first; only those of the current and previous versions
-/// are taken as stored (the clean-up never removes them, see `clean_parts`), every other
-/// one is written again. Then `P/policy`, with a compare-and-swap on `expected`.
-async fn put_encoded(
     c: &mut Client,
     url: &EtcdUrl,
     enc: &Encoded,

@@ -126,18 +126,19 @@ fn push(file: &std::path::Path, expect: Option<i64>, to: &Target) -> Result<()> 
         let mut c = fleet::connect(&to.etcd, &to.opts, TIMEOUT).await?;
         let before = fleet::read_value(&mut c, &to.etcd).await?;
         let expected = expect.unwrap_or(before.as_ref().map(|(_, r)| *r).unwrap_or(0));
-        let enc_value = fleet::encode(&text, &p).value;
-        if expect.is_none() && before.is_some_and(|(v, _)| v == enc_value) {
+        // Encoded once: compared with what etcd holds, then pushed.
+        let enc = fleet::encode(&text, &p);
+        if expect.is_none() && before.is_some_and(|(v, _)| v == enc.value) {
             println!(
                 "isolation: {} is the fleet's policy already (revision {expected}); nothing pushed",
                 file.display()
             );
             return Ok(());
         }
-        let (rev, written) = fleet::push(&mut c, &to.etcd, &text, &p, expected).await?;
-        let parts = match fleet::manifest_of(&enc_value) {
-            Some(Ok(m)) => format!(" in {} parts ({written} written)", m.parts.len()),
-            _ => String::new(),
+        let (rev, written) = fleet::push(&mut c, &to.etcd, &enc, expected).await?;
+        let parts = match &enc.manifest {
+            Some(m) => format!(" in {} parts ({written} written)", m.parts.len()),
+            None => String::new(),
         };
         println!(
             "isolation: pushed {}{parts} to {} as revision {rev} (was {expected})",
