@@ -21,6 +21,8 @@ pub struct Hub {
     next: u32,
     /// With TLS: where the CA, server and client certificates are.
     tls: Option<PathBuf>,
+    /// USER:PASSWORD, once the test has turned etcd's authentication on.
+    user: Option<String>,
 }
 
 impl Hub {
@@ -55,6 +57,7 @@ impl Hub {
             data,
             next: 0,
             tls,
+            user: None,
         };
         h.start_etcd();
         h
@@ -120,17 +123,27 @@ impl Hub {
         }
     }
 
-    /// What a client passes to reach this etcd: nothing, or the TLS options (the CA and a
-    /// client certificate).
+    /// What a client passes to reach this etcd: the TLS options (the CA and a client
+    /// certificate) and the login, where the hub has them.
     pub fn client_args(&self) -> Vec<String> {
-        match &self.tls {
+        let mut args: Vec<String> = match &self.tls {
             None => Vec::new(),
             Some(d) => ["cacert", "cert", "key"]
                 .iter()
                 .zip(["ca.pem", "client.pem", "client.key"])
                 .flat_map(|(o, f)| [format!("--etcd-{o}"), d.join(f).display().to_string()])
                 .collect(),
+        };
+        if let Some(u) = &self.user {
+            args.extend(["--etcd-user".to_string(), u.clone()]);
         }
+        args
+    }
+
+    /// Clients log in as `user_password` (USER:PASSWORD) from now on: etcd's
+    /// authentication has been turned on.
+    pub fn login(&mut self, user_password: &str) {
+        self.user = Some(user_password.to_string());
     }
 
     /// `etcd://203.0.113.1:2379/PREFIX`.

@@ -120,7 +120,7 @@ impl Drop for Netns {
 /// A server with two clients, each on a link of its own: the whitelisted client `cw` and
 /// the stranger `cx`:
 ///
-///   cw (192.0.2.2, 2001:db8:1::2) --s1-- srv --s2-- cx (198.51.100.2)
+///   cw (192.0.2.2, 2001:db8:1::2) --s1-- srv --s2-- cx (198.51.100.2, 2001:db8:2::2)
 pub struct TwoClients {
     pub ns: Netns,
     pub srv: String,
@@ -148,10 +148,10 @@ impl TwoClients {
         ns.link(
             &srv,
             "s2",
-            &["198.51.100.1/24"],
+            &["198.51.100.1/24", "2001:db8:2::1/64"],
             &cx,
             "e0",
-            &["198.51.100.2/24"],
+            &["198.51.100.2/24", "2001:db8:2::2/64"],
         );
         TwoClients { ns, srv, cw, cx }
     }

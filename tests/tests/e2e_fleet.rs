@@ -20,6 +20,19 @@ fn policy(allow: &str) -> String {
     format!("[whitelist]\nenabled = true\nlog = false\nallow = [\"{allow}\"]\n")
 }
 
+/// `allowed` reaches `to` over TCP and `denied` does not: each check of a drop has its
+/// positive control beside it.
+fn only(allowed: &str, denied: &str, to: SocketAddr, what: &str) {
+    assert!(
+        tcp_ok(allowed, to, Duration::from_secs(3)),
+        "{what}: {allowed} -> {to} should pass"
+    );
+    assert!(
+        !tcp_ok(denied, to, Duration::from_millis(700)),
+        "{what}: {denied} -> {to} should be dropped"
+    );
+}
+
 /// `fleet` run from the hub (the etcd CLI side), with the prefix's URL.
 fn fleet(hub: &Hub, args: &[&str]) -> std::process::Output {
     fleet_with(hub, args, &hub.client_args())
@@ -186,14 +199,7 @@ fn a_fleet_of_20_follows_every_push() {
     eprintln!("{N} nodes started on revision {rev_a} in {took:?}");
     let addr = |i: usize| -> SocketAddr { format!("203.0.113.{}:8080", 10 + i).parse().unwrap() };
     for &i in &PROBED {
-        assert!(
-            tcp_ok(&probe, addr(i), Duration::from_secs(3)),
-            "A: probe -> node{i}"
-        );
-        assert!(
-            !tcp_ok(&other, addr(i), Duration::from_millis(700)),
-            "A: other -> node{i}"
-        );
+        only(&probe, &other, addr(i), "A");
     }
 
     // Push B: every node converges, and the verdicts turn.
@@ -204,14 +210,7 @@ fn a_fleet_of_20_follows_every_push() {
     eprintln!("push -> {N} nodes applied revision {rev_b}: {took:?}");
     assert!(took < Duration::from_secs(10), "{took:?}");
     for &i in &PROBED {
-        assert!(
-            tcp_ok(&other, addr(i), Duration::from_secs(3)),
-            "B: other -> node{i}"
-        );
-        assert!(
-            !tcp_ok(&probe, addr(i), Duration::from_millis(700)),
-            "B: probe -> node{i}"
-        );
+        only(&other, &probe, addr(i), "B");
     }
     let text =
         String::from_utf8_lossy(&fleet(&hub, &["status", "--etcd", &url]).stdout).into_owned();
@@ -298,8 +297,7 @@ fn the_fleet_survives_etcd_and_node_faults() {
     let rev_a = push(&hub, &url, &a, &[]).unwrap();
     let mut services: Vec<Service> = (0..M).map(|i| start(&hub, i)).collect();
     converge(&hub, &url, rev_a, M);
-    assert!(tcp_ok(&probe, to0, Duration::from_secs(3)));
-    assert!(!tcp_ok(&other, to0, Duration::from_millis(700)));
+    only(&probe, &other, to0, "A");
 
     // etcd dies: the nodes keep enforcing A and say etcd is unreachable.
     hub.kill_etcd();
@@ -314,14 +312,7 @@ fn the_fleet_survives_etcd_and_node_faults() {
     }
     let st = isos[0].ok(&["status"]);
     assert!(st.contains("UNREACHABLE"), "{st}");
-    assert!(
-        tcp_ok(&probe, to0, Duration::from_secs(3)),
-        "A still enforced"
-    );
-    assert!(
-        !tcp_ok(&other, to0, Duration::from_millis(700)),
-        "A still enforced"
-    );
+    only(&probe, &other, to0, "A still enforced");
     assert_eq!(
         metric(&services[0], "isolation_source_revision"),
         Some(rev_a as f64)
@@ -514,14 +505,7 @@ fn a_million_entry_whitelist_travels_in_parts() {
     for iso in &isos {
         assert_eq!(wl_v6_entries(iso), 1_000_000);
     }
-    assert!(
-        tcp_ok(&probe, to0, Duration::from_secs(3)),
-        "A: probe listed"
-    );
-    assert!(
-        !tcp_ok(&other, to0, Duration::from_millis(700)),
-        "A: other not listed"
-    );
+    only(&probe, &other, to0, "A");
 
     // One line edited: a part or two written, and the verdicts turn on every node.
     let o = fleet(&hub, &["push", &b, "--etcd", &url]);
@@ -538,14 +522,7 @@ fn a_million_entry_whitelist_travels_in_parts() {
     let both = parts_stored(&hub, &url);
     assert_eq!(both, total + written, "A's parts stay for a rollback");
     converge(&hub, &url, rev_b, M);
-    assert!(
-        tcp_ok(&other, to0, Duration::from_secs(3)),
-        "B: other listed"
-    );
-    assert!(
-        !tcp_ok(&probe, to0, Duration::from_millis(700)),
-        "B: probe not listed"
-    );
+    only(&other, &probe, to0, "B");
 
     // A small policy: stored inline; A's own parts go, B's stay (the previous version).
     let rev_s = push(&hub, &url, &small, &[]).unwrap();
@@ -558,14 +535,7 @@ fn a_million_entry_whitelist_travels_in_parts() {
     let rev_b2 = status(&hub, &url)["revision"].as_i64().unwrap();
     converge(&hub, &url, rev_b2, M);
     assert_eq!(wl_v6_entries(&isos[2]), 1_000_000);
-    assert!(
-        tcp_ok(&other, to0, Duration::from_secs(3)),
-        "B again: other"
-    );
-    assert!(
-        !tcp_ok(&probe, to0, Duration::from_millis(700)),
-        "B again: probe"
-    );
+    only(&other, &probe, to0, "B again");
     drop(services);
     drop(isos);
     drop(ns);
@@ -615,12 +585,10 @@ fn the_fleet_runs_over_tls_with_client_certificates() {
         .collect();
     converge(&hub, &url, rev_a, M);
     let to0: SocketAddr = "203.0.113.10:8080".parse().unwrap();
-    assert!(tcp_ok(&probe, to0, Duration::from_secs(3)), "A: probe");
-    assert!(!tcp_ok(&other, to0, Duration::from_millis(700)), "A: other");
+    only(&probe, &other, to0, "A");
     let rev_b = push(&hub, &url, &b, &[]).unwrap();
     converge(&hub, &url, rev_b, M);
-    assert!(tcp_ok(&other, to0, Duration::from_secs(3)), "B: other");
-    assert!(!tcp_ok(&probe, to0, Duration::from_millis(700)), "B: probe");
+    only(&other, &probe, to0, "B");
     drop(services);
     drop(isos);
     drop(ns);
@@ -663,7 +631,7 @@ fn the_fleet_runs_with_etcd_authentication() {
     }
     const M: usize = 2;
     let Fleet {
-        hub,
+        mut hub,
         ns,
         probe,
         other,
@@ -674,7 +642,6 @@ fn the_fleet_runs_with_etcd_authentication() {
     let url = hub.url("fleet-auth");
     enable_auth(&hub, &url);
     let a = write(&dir, "a.toml", &policy("203.0.113.2"));
-    let user = ["--etcd-user".to_string(), "node:nodepw".to_string()];
     for (client, says) in [
         (vec![], "give --etcd-user"),
         (
@@ -689,51 +656,15 @@ fn the_fleet_runs_with_etcd_authentication() {
             "{client:?}: {err}"
         );
     }
-    let o = fleet_with(&hub, &["push", &a, "--etcd", &url], &user);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let rev_a = push_revision(&String::from_utf8_lossy(&o.stdout));
+    // From here on every command and node logs in as `node`; the records are read as it.
+    hub.login("node:nodepw");
+    let rev_a = push(&hub, &url, &a, &[]).unwrap();
     let _echo = Echo::start(&nodes[0], &["0.0.0.0:8080".parse().unwrap()]);
     let services: Vec<Service> = (0..M)
-        .map(|i| {
-            let name = format!("auth{i}");
-            Service::start(
-                &isos[i],
-                &[
-                    "--iface",
-                    "m0",
-                    "--policy-source",
-                    &url,
-                    "--node-name",
-                    &name,
-                    "--no-drop-log",
-                    &user[0],
-                    &user[1],
-                ],
-                9108,
-            )
-        })
+        .map(|i| follower(&hub, &isos[i], &url, &format!("auth{i}")))
         .collect();
-    // The node records, read as `node`.
-    let t0 = Instant::now();
-    loop {
-        let o = fleet_with(&hub, &["status", "--json", "--etcd", &url], &user);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        let on = s["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|n| n["revision"] == rev_a && n["result"] == "ok")
-            .count();
-        if on == M {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(30), "{s}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let to0: SocketAddr = "203.0.113.10:8080".parse().unwrap();
-    assert!(tcp_ok(&probe, to0, Duration::from_secs(3)), "A: probe");
-    assert!(!tcp_ok(&other, to0, Duration::from_millis(700)), "A: other");
+    converge(&hub, &url, rev_a, M);
+    only(&probe, &other, "203.0.113.10:8080".parse().unwrap(), "A");
     drop(services);
     drop(isos);
     drop(ns);

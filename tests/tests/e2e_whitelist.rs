@@ -10,9 +10,8 @@ use rstest::rstest;
 
 use tests::{
     iso::Iso,
-    netns::Netns,
+    netns::{Netns, TwoClients},
     traffic::{Echo, ping_ok, round_trip, tcp_ok, tcp_open, udp_ok},
-    unique,
 };
 
 const PASS_WAIT: Duration = Duration::from_secs(3);
@@ -40,24 +39,7 @@ impl Lab {
         if !tests::can_run("end-to-end test") {
             return None;
         }
-        let (srv, cw, cx) = (unique("srv"), unique("cw"), unique("cx"));
-        let ns = Netns::new(&[&srv, &cw, &cx]);
-        ns.link(
-            &srv,
-            "s1",
-            &["192.0.2.1/24", "2001:db8:1::1/64"],
-            &cw,
-            "e0",
-            &["192.0.2.2/24", "2001:db8:1::2/64"],
-        );
-        ns.link(
-            &srv,
-            "s2",
-            &["198.51.100.1/24", "2001:db8:2::1/64"],
-            &cx,
-            "e0",
-            &["198.51.100.2/24", "2001:db8:2::2/64"],
-        );
+        let TwoClients { ns, srv, cw, cx } = TwoClients::new("wl");
         Some(Lab {
             iso: Iso::with_backend(&srv, backend),
             _ns: ns,
