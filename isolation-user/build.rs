@@ -132,5 +132,53 @@ fn main() -> anyhow::Result<()> {
         std::fs::copy(&exe, &dst)
             .with_context(|| format!("cannot copy {} to {}", exe.display(), dst.display()))?;
     }
+    // What `--version` and `status` name: the BPF object's hash (also what tells a pinned
+    // datapath's build from this one's) and the commit the binary was built from.
+    let object = std::fs::read(out_dir.join("isolation-bpf"))
+        .context("the BPF build produced no isolation-bpf")?;
+    println!("cargo::rustc-env=ISOLATION_BPF_HASH={}", fnv1a(&object));
+    println!("cargo::rustc-env=ISOLATION_COMMIT={}", commit());
     Ok(())
+}
+
+/// FNV-1a, 64 bits, as hex: the build identity of the BPF object.
+fn fnv1a(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in bytes {
+        h = (h ^ *b as u64).wrapping_mul(0x100000001b3);
+    }
+    format!("{h:016x}")
+}
+
+/// The git commit of the source tree (12 hex digits), `ISOLATION_COMMIT` where the source
+/// is not a git checkout (a source tarball), else "unknown". Rebuilt when HEAD moves.
+fn commit() -> String {
+    println!("cargo::rerun-if-env-changed=ISOLATION_COMMIT");
+    if let Ok(c) = env::var("ISOLATION_COMMIT") {
+        return c;
+    }
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .arg("-C")
+            .arg(root)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let Some(head) = git(&["rev-parse", "--short=12", "HEAD"]) else {
+        return "unknown".into();
+    };
+    if let Some(dir) = git(&["rev-parse", "--absolute-git-dir"]) {
+        // Only paths that exist: cargo reruns a build script every time for a missing one.
+        for p in ["HEAD", "refs/heads", "packed-refs"] {
+            let p = PathBuf::from(&dir).join(p);
+            if p.exists() {
+                println!("cargo::rerun-if-changed={}", p.display());
+            }
+        }
+    }
+    head
 }

@@ -25,8 +25,23 @@ use clap::{Parser, Subcommand};
 
 use crate::state::Paths;
 
+/// This build: the package version, the git commit it was built from, and the hash of the
+/// BPF object inside it (what `status` also names for the datapath in place).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub const COMMIT: &str = env!("ISOLATION_COMMIT");
+pub const BPF_HASH: &str = env!("ISOLATION_BPF_HASH");
+/// `isolation-user --version`: `isolation-user 0.1.0 (commit 0123456789ab, bpf 0123456789abcdef)`.
+const VERSION_LINE: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("ISOLATION_COMMIT"),
+    ", bpf ",
+    env!("ISOLATION_BPF_HASH"),
+    ")"
+);
+
 #[derive(Parser, Debug)]
-#[command(name = "isolation-user", version, about = "Host whitelist and virtual-network isolation in XDP/TC", long_about = None)]
+#[command(name = "isolation-user", version = VERSION_LINE, about = "Host whitelist and virtual-network isolation in XDP/TC", long_about = None)]
 pub struct Cli {
     /// Where BPF objects are pinned (a bpffs is mounted there if needed).
     #[arg(long, global = true, env = "ISOLATION_PIN_DIR", default_value = state::DEFAULT_PIN_DIR)]
@@ -139,6 +154,38 @@ pub enum Cmd {
     /// Write the manual pages (section 8), generated from this command line, into DIR.
     #[command(hide = true)]
     Man { dir: PathBuf },
+    /// Print the shell completion script for bash, zsh or fish.
+    #[command(
+        after_help = "Examples:\n  isolation-user completions bash > /etc/bash_completion.d/isolation-user\n  isolation-user completions zsh > /usr/local/share/zsh/site-functions/_isolation-user\n  isolation-user completions fish > ~/.config/fish/completions/isolation-user.fish"
+    )]
+    Completions {
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+}
+
+/// The shells `completions` writes for.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum Shell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+/// The completion script of `shell` for this command line, on stdout.
+fn write_completions(shell: Shell) {
+    use clap::CommandFactory as _;
+    let shell = match shell {
+        Shell::Bash => clap_complete::Shell::Bash,
+        Shell::Zsh => clap_complete::Shell::Zsh,
+        Shell::Fish => clap_complete::Shell::Fish,
+    };
+    clap_complete::generate(
+        shell,
+        &mut Cli::command(),
+        "isolation-user",
+        &mut std::io::stdout(),
+    );
 }
 
 /// The man pages: isolation-user(8) and one per verb (isolation-user-load(8), …).
@@ -187,6 +234,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Confirm(a) => commands::apply::confirm(&paths, a),
         Cmd::RollbackTimer => rollback::timer(&paths),
         Cmd::Man { dir } => write_man_pages(&dir),
+        Cmd::Completions { shell } => {
+            write_completions(shell);
+            Ok(())
+        }
         Cmd::Import(a) => commands::import::run(a),
         Cmd::Run(a) => commands::run::run(paths, a),
         Cmd::Fleet(c) => commands::fleet::run(c),

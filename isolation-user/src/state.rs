@@ -114,12 +114,30 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T
 }
 
 /// An exclusive lock on `path` (created, with its directory, if missing), released when
-/// the returned file is dropped.
+/// the returned file is dropped. Opened without following a symbolic link and without
+/// truncating, and refused unless it is a regular file owned by this user: a link or a file
+/// planted by someone else can neither redirect nor empty a file of ours.
 pub fn lock_file(path: &Path) -> Result<fs::File> {
+    use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let f = fs::File::create(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+    let meta = f.metadata()?;
+    // SAFETY: geteuid cannot fail and touches no memory.
+    let me = unsafe { libc::geteuid() };
+    if !meta.is_file() || meta.uid() != me {
+        anyhow::bail!(
+            "the lock file {} is not a regular file owned by uid {me}: remove it",
+            path.display()
+        );
+    }
     // SAFETY: flock on a file descriptor we own for the duration of the call.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
         anyhow::bail!(
@@ -149,4 +167,30 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     f.write_all(data)?;
     f.sync_all()?;
     fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lock_file;
+
+    /// A symbolic link planted where a lock goes is refused, and what it points to is
+    /// neither emptied nor locked; a real lock file is reused, its content kept.
+    #[test]
+    fn a_lock_never_follows_a_link_nor_truncates() {
+        let dir = std::env::temp_dir().join(format!("isolation-lock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let link = dir.join("planted.lock");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        let err = lock_file(&link).unwrap_err();
+        assert!(format!("{err:#}").contains("planted.lock"), "{err:#}");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+
+        let real = dir.join("real.lock");
+        std::fs::write(&real, "kept").unwrap();
+        drop(lock_file(&real).unwrap());
+        assert_eq!(std::fs::read_to_string(&real).unwrap(), "kept");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

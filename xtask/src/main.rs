@@ -3,6 +3,7 @@
 
 mod bench;
 mod build;
+mod deb;
 mod demo;
 mod mutants;
 mod setup;
@@ -24,6 +25,8 @@ enum Cmd {
     Setup(setup::Options),
     /// Build the BPF object (embedded in isolation-user) and copy it to target/bpf/.
     BuildEbpf(build::Options),
+    /// The Debian package: target/debian/isolation_VERSION_ARCH.deb.
+    Deb(deb::Options),
     /// Lints, unit tests, BPF verdict tests and end-to-end tests in network namespaces.
     Test(test::Options),
     /// Build a small network of namespaces, load a policy, show traffic allowed and denied.
@@ -38,6 +41,7 @@ fn main() -> std::process::ExitCode {
     let r = match Cli::parse().cmd {
         Cmd::Setup(o) => setup::run(o),
         Cmd::BuildEbpf(o) => build::run(o).map(|_| ()),
+        Cmd::Deb(o) => deb::run(o).map(|_| ()),
         Cmd::Test(o) => test::run(o),
         Cmd::Demo(o) => demo::run(o),
         Cmd::Bench(o) => bench::run(o),

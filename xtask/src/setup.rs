@@ -32,11 +32,24 @@ const PACKAGES: &[(&str, &str)] = &[
     ("time", "/usr/bin/time"),
     ("ethtool", "/usr/sbin/ethtool"),
     // The fleet: the tests run a real etcd; the etcd client crate compiles its protocol
-    // with protoc.
+    // with protoc, and its protos import protobuf's well-known types, which protoc only
+    // recommends (setup installs without recommends).
     ("etcd-server", "/usr/bin/etcd"),
     ("protobuf-compiler", "/usr/bin/protoc"),
+    (
+        "libprotobuf-dev",
+        "/usr/include/google/protobuf/descriptor.proto",
+    ),
     // The certificates of the fleet's TLS test.
     ("openssl", "/usr/bin/openssl"),
+    // The release: `cargo xtask deb` (dpkg-shlibdeps for the libc dependency, strip), its
+    // test (lintian; a clean Debian root made by debootstrap to install it into), and the
+    // alert rules and dashboard, checked by promtool and a real Prometheus.
+    ("dpkg-dev", "/usr/bin/dpkg-shlibdeps"),
+    ("binutils", "/usr/bin/strip"),
+    ("lintian", "/usr/bin/lintian"),
+    ("debootstrap", "/usr/sbin/debootstrap"),
+    ("prometheus", "/usr/bin/promtool"),
 ];
 
 impl Options {

@@ -4,7 +4,7 @@
 use anyhow::Result;
 
 use crate::{
-    bench, build, mutants, setup,
+    bench, build, deb, mutants, setup,
     util::{self, cmd, exec},
 };
 
@@ -41,8 +41,11 @@ pub fn run(o: Options) -> Result<()> {
         ]))?;
     }
     build::run(build::Options::debug())?;
+    // The package, for its test (contents, lintian, install on a clean root).
+    let package = deb::run(deb::Options::default())?;
     let mut c = cmd("cargo");
     c.args(["test", "--workspace"]);
+    c.env("ISOLATION_DEB", &package);
     if !o.rest.is_empty() {
         c.arg("--").args(&o.rest);
     }

@@ -13,12 +13,17 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
+/// This binary's build, as `--version` names it.
+fn version() -> serde_json::Value {
+    json!({ "version": crate::VERSION, "commit": crate::COMMIT, "bpf_object": crate::BPF_HASH })
+}
+
 pub fn run(paths: &Paths, a: StatusArgs) -> Result<()> {
     let _read = paths.read_lock();
     let opened = engine::open(paths).ok();
     let Some((b, st)) = opened.filter(|_| paths.state_file().exists()) else {
         if a.json {
-            println!("{}", json!({ "loaded": false }));
+            println!("{}", json!({ "loaded": false, "version": version() }));
         } else {
             println!(
                 "isolation: not loaded (pin dir {})",
@@ -58,6 +63,8 @@ pub fn run(paths: &Paths, a: StatusArgs) -> Result<()> {
                 "interfaces": s.interfaces, "maps": s.maps,
                 "pending_confirmation": pending,
                 "source": source,
+                "version": version(),
+                "datapath_build": st.object_hash,
             }))?
         );
         return Ok(());
@@ -79,6 +86,17 @@ pub fn run(paths: &Paths, a: StatusArgs) -> Result<()> {
             id("tc_ingress")
         );
     }
+    println!(
+        "version:     {} (commit {}, bpf {}){}",
+        crate::VERSION,
+        crate::COMMIT,
+        crate::BPF_HASH,
+        if st.object_hash.is_empty() || st.object_hash == b.build() {
+            String::new()
+        } else {
+            format!("; the datapath in place is build {}", st.object_hash)
+        }
+    );
     println!(
         "policy:      generation {}, whitelist {}",
         s.generation,

@@ -35,6 +35,18 @@ fn gauge(r: &mut Registry, name: &str, help: &str, v: i64) {
 /// The whole text of one scrape.
 pub fn render(paths: &Paths, health: &Health) -> String {
     let mut r = Registry::with_prefix("isolation");
+    let build: Fam<Gauge> = fam(
+        &mut r,
+        "build_info",
+        "This service's build: version, git commit and the hash of its BPF object",
+    );
+    build
+        .get_or_create(&vec![
+            ("version", crate::VERSION.into()),
+            ("commit", crate::COMMIT.into()),
+            ("bpf_object", crate::BPF_HASH.into()),
+        ])
+        .set(1);
     let reloads: Fam<Counter> = fam(
         &mut r,
         "reloads",

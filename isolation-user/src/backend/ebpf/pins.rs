@@ -16,16 +16,16 @@ use crate::state::Paths;
 /// The BPF object, built by build.rs from `isolation-ebpf`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/isolation-bpf"));
 
-/// FNV-1a of the object: tells whether the pinned datapath came from this build.
+/// FNV-1a of the object (computed by build.rs): tells whether the pinned datapath came
+/// from this build.
 pub fn object_hash() -> String {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in OBJECT {
-        h = (h ^ *b as u64).wrapping_mul(0x100000001b3);
-    }
-    format!("{h:016x}")
+    crate::BPF_HASH.to_string()
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// The machine-wide lock of the bpffs mount, in /run.
+const BPFFS_LOCK: &str = "isolation-bpffs.lock";
 
 fn is_bpffs(p: &Path) -> bool {
     let Ok(c) = CString::new(p.as_os_str().as_encoded_bytes()) else {
@@ -42,13 +42,14 @@ fn is_bpffs(p: &Path) -> bool {
 pub fn ensure_pin_dir(paths: &Paths) -> Result<()> {
     let dir = &paths.pin_dir;
     // Two loaders mounting at once would stack two bpffs, the second hiding the first's
-    // pins: check and mount under a machine-wide lock.
-    let lock_dir = if Path::new("/run/lock").is_dir() {
-        "/run/lock"
+    // pins: check and mount under a machine-wide lock. It lives in /run itself, where only
+    // root writes (not /run/lock or /tmp, where any user could plant or hold it).
+    let lock = if Path::new("/run").is_dir() {
+        Path::new("/run").join(BPFFS_LOCK)
     } else {
-        "/tmp"
+        paths.state_dir.join(BPFFS_LOCK)
     };
-    let _lock = crate::state::lock_file(&Path::new(lock_dir).join("isolation-bpffs.lock"))?;
+    let _lock = crate::state::lock_file(&lock)?;
     // The usual place: mount the bpffs at /sys/fs/bpf itself, as systemd would.
     let sys = Path::new("/sys/fs/bpf");
     if dir.starts_with(sys) && sys.is_dir() && !is_bpffs(sys) {
