@@ -172,20 +172,15 @@ pub enum Shell {
     Fish,
 }
 
-/// The completion script of `shell` for this command line, on stdout.
-fn write_completions(shell: Shell) {
+/// The completion script of `shell` for this command line.
+fn write_completions(shell: Shell, out: &mut dyn std::io::Write) {
     use clap::CommandFactory as _;
     let shell = match shell {
         Shell::Bash => clap_complete::Shell::Bash,
         Shell::Zsh => clap_complete::Shell::Zsh,
         Shell::Fish => clap_complete::Shell::Fish,
     };
-    clap_complete::generate(
-        shell,
-        &mut Cli::command(),
-        "isolation-user",
-        &mut std::io::stdout(),
-    );
+    clap_complete::generate(shell, &mut Cli::command(), "isolation-user", out);
 }
 
 /// The man pages: isolation-user(8) and one per verb (isolation-user-load(8), …).
@@ -235,7 +230,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::RollbackTimer => rollback::timer(&paths),
         Cmd::Man { dir } => write_man_pages(&dir),
         Cmd::Completions { shell } => {
-            write_completions(shell);
+            write_completions(shell, &mut std::io::stdout());
             Ok(())
         }
         Cmd::Import(a) => commands::import::run(a),
@@ -273,7 +268,39 @@ mod tests {
             assert!(page.exists(), "{}", page.display());
         }
         assert!(dir.join("isolation-user.8").exists());
+        assert!(dir.join("isolation-user-completions.8").exists());
         assert!(visible >= 17, "{visible} verbs");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// `--version` names the version, the commit and the BPF object's hash.
+    #[test]
+    fn the_version_names_the_build() {
+        let v = super::Cli::command().render_version();
+        assert!(
+            v.starts_with(&format!("isolation-user {}", super::VERSION)),
+            "{v}"
+        );
+        assert!(v.contains(&format!("commit {}", super::COMMIT)), "{v}");
+        assert!(v.contains(&format!("bpf {}", super::BPF_HASH)), "{v}");
+        assert_eq!(super::BPF_HASH.len(), 16, "{v}");
+    }
+
+    /// Each shell's completion script completes the verbs and their options.
+    #[test]
+    fn completions_for_every_shell() {
+        for shell in [super::Shell::Bash, super::Shell::Zsh, super::Shell::Fish] {
+            let mut out = Vec::new();
+            super::write_completions(shell, &mut out);
+            let text = String::from_utf8(out).unwrap();
+            for word in [
+                "whitelist",
+                "confirm",
+                "--policy-source",
+                "--confirm-within",
+            ] {
+                assert!(text.contains(word), "{shell:?} lacks {word}");
+            }
+        }
     }
 }
