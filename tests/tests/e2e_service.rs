@@ -310,6 +310,79 @@ fn service_reloads_logs_and_serves_metrics(#[case] backend: &str) {
     assert!(stranger(PASS_WAIT), "detached on exit");
 }
 
+/// The policy file written in place, as `cat new > policy.toml` or a tool writing in
+/// chunks does: truncated, then filled a while later. The empty file is refused (the
+/// policy it would lift stays), a write in chunks is applied once, whole.
+#[test]
+fn an_in_place_write_never_lifts_the_policy() {
+    if !tests::can_run("end-to-end service test") {
+        return;
+    }
+    let TwoClients {
+        ns: _ns,
+        srv,
+        cw,
+        cx,
+    } = TwoClients::new("svip");
+    let iso = Iso::with_backend(&srv, "ebpf");
+    let _echo = Echo::start(&srv, &[sa("0.0.0.0:8080")]);
+    let listed = || tcp_ok(&cw, sa("192.0.2.1:8080"), PASS_WAIT);
+    let stranger = |wait| tcp_ok(&cx, sa("198.51.100.1:8080"), wait);
+    let dir = iso.files_dir().join("etc");
+    fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("policy.toml");
+    fs::write(&file, A).unwrap();
+    let f = file.display().to_string();
+    let svc = Service::start(
+        &iso,
+        &["--iface", "s1", "--iface", "s2", "--policy", &f],
+        9108,
+    );
+    assert!(listed() && !stranger(DROP_WAIT), "A enforced");
+
+    // Truncated, and left empty for a while: still A (the stranger is dropped), and the
+    // empty file is refused in the log.
+    let mut w = fs::File::create(&file).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!stranger(DROP_WAIT), "the empty file lifted the whitelist");
+    assert!(listed());
+    assert!(
+        svc.wait_log("is empty", Duration::from_secs(3)),
+        "the empty file is refused: {}",
+        svc.log_text()
+    );
+
+    // Then filled in three chunks, 20 ms apart: applied once, whole (B lists the stranger).
+    use std::io::Write as _;
+    let b = A.replace(
+        r#"allow = ["192.0.2.2","#,
+        r#"allow = ["192.0.2.2", "198.51.100.2","#,
+    );
+    let bytes = b.as_bytes();
+    for part in bytes.chunks(bytes.len() / 3 + 1) {
+        w.write_all(part).unwrap();
+        w.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(w);
+    assert!(
+        until(Duration::from_secs(3), || stranger(Duration::from_millis(
+            200
+        )))
+        .is_some(),
+        "B applied: {}",
+        svc.log_text()
+    );
+    let m = samples(&svc.scrape());
+    assert_eq!(
+        metric(&m, "isolation_reloads_total{result=\"error\"}"),
+        1.0,
+        "only the empty file was refused, no half-written one: {}",
+        svc.log_text()
+    );
+    assert_eq!(metric(&m, "isolation_reloads_total{result=\"ok\"}"), 2.0);
+}
+
 /// A file that cannot be applied at start with nothing loaded: the service refuses to run,
 /// naming the line, and nothing is loaded.
 #[test]

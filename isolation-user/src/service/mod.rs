@@ -98,7 +98,19 @@ fn reload(paths: &Paths, cfg: &Config, why: Trigger, health: &Mutex<Health>) -> 
     let Source::File(file) = &cfg.source else {
         unreachable!("only a file is reloaded from disk")
     };
-    let parsed = engine::read_policy_file(file);
+    let mut parsed = engine::read_policy_file(file);
+    // An empty file is what an in-place write (`cat new > policy.toml`) shows before its
+    // first bytes land; applied, it would be the built-in allow-all and lift the policy.
+    // While a policy runs it is refused; a policy meant to filter nothing says so
+    // (`[whitelist]` with `enabled = false`, or a comment).
+    if why != Trigger::Start
+        && std::fs::read(file).is_ok_and(|b| b.iter().all(u8::is_ascii_whitespace))
+    {
+        parsed = Err(anyhow::anyhow!(
+            "{} is empty (still being written?); an empty file would lift the whole policy: to filter nothing, write `[whitelist]` with `enabled = false`",
+            file.display()
+        ));
+    }
     apply_parsed(paths, cfg, parsed, &file.display().to_string(), why, health)
 }
 
@@ -167,6 +179,9 @@ fn apply_parsed(
         }
     }
 }
+
+/// How long a policy file's content must stay the same before it is applied.
+const SETTLE: Duration = Duration::from_millis(50);
 
 /// The file's bytes, to tell a real change from an event that changed nothing (editors
 /// write, rename and chmod; Kubernetes swaps a `..data` symlink).
@@ -271,12 +286,21 @@ async fn serve(paths: Paths, cfg: Config) -> Result<()> {
             continue;
         };
         if let Trigger::File = why {
-            // Let an editor's write + rename settle, then take every event so far as one.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            if let Some(rx) = rx.as_mut() {
-                while rx.try_recv().is_ok() {}
+            // Let an editor's write + rename, or a write in several chunks, settle: the
+            // content must read the same twice 50 ms apart (waiting at most 2 s); every
+            // event meanwhile is taken as one.
+            let mut now = content(file);
+            for _ in 0..40 {
+                tokio::time::sleep(SETTLE).await;
+                if let Some(rx) = rx.as_mut() {
+                    while rx.try_recv().is_ok() {}
+                }
+                let again = content(file);
+                if again == now {
+                    break;
+                }
+                now = again;
             }
-            let now = content(file);
             if now.is_none() || now == last {
                 continue;
             }
