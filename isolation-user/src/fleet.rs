@@ -482,25 +482,48 @@ pub async fn rollback(c: &mut Client, url: &EtcdUrl, rev: i64) -> Result<(i64, i
     Ok((prev, new))
 }
 
-/// Every node's record.
-pub async fn read_nodes(c: &mut Client, url: &EtcdUrl) -> Result<Vec<NodeRecord>> {
+/// A key under `P/nodes/` as read: the node its key names, and its record, or why it is
+/// not one (anyone who can write the prefix can write anything there).
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeEntry {
+    pub name: String,
+    pub record: Result<NodeRecord, String>,
+}
+
+impl NodeEntry {
+    /// The entry of key `P/nodes/NAME` (`name`) holding `value`: a record that does not
+    /// parse, or that names another node than its key, is malformed.
+    pub fn read(name: &str, value: &[u8]) -> NodeEntry {
+        let record = match serde_json::from_slice::<NodeRecord>(value) {
+            Err(e) => Err(format!("not a node record: {e}")),
+            Ok(r) if r.node != name => Err(format!("its record names another node, '{}'", r.node)),
+            Ok(r) => Ok(r),
+        };
+        NodeEntry {
+            name: name.to_string(),
+            record,
+        }
+    }
+}
+
+/// Every key under `P/nodes/`, by name.
+pub async fn read_nodes(c: &mut Client, url: &EtcdUrl) -> Result<Vec<NodeEntry>> {
+    let prefix = url.nodes_prefix();
     let r = c
         .get(
-            url.nodes_prefix(),
+            prefix.as_str(),
             Some(etcd_client::GetOptions::new().with_prefix()),
         )
         .await?;
-    let mut out = Vec::new();
-    for kv in r.kvs() {
-        match serde_json::from_slice::<NodeRecord>(kv.value()) {
-            Ok(n) => out.push(n),
-            Err(e) => tracing::warn!(
-                "skipping {}: not a node record ({e})",
-                String::from_utf8_lossy(kv.key())
-            ),
-        }
-    }
-    out.sort_by(|a, b| a.node.cmp(&b.node));
+    let mut out: Vec<NodeEntry> = r
+        .kvs()
+        .iter()
+        .map(|kv| {
+            let key = String::from_utf8_lossy(kv.key());
+            NodeEntry::read(key.strip_prefix(&prefix).unwrap_or(&key), kv.value())
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
 }
 

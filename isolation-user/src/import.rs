@@ -222,7 +222,9 @@ fn import_ours(sets: &[(String, Set)], rules: &[Rule], prefix: &str) -> Imported
     let what = |name: &str| -> Option<(String, String)> {
         let mut parts = name.rsplitn(3, '-');
         let tail = parts.next()?;
-        let (w, fam) = tail.split_at(tail.len().checked_sub(2)?);
+        // By characters: a set name is the file's text, and may end in any character.
+        let cut = tail.char_indices().rev().nth(1)?.0;
+        let (w, fam) = tail.split_at(cut);
         Some((w.to_string(), fam.to_string()))
     };
     let mut p = Policy::default();
@@ -702,6 +704,18 @@ COMMIT
         assert!(e.contains("line 2"), "{e}");
         let e = import("add a 192.0.2.1\n", None).unwrap_err();
         assert!(e.contains("before `create a`"), "{e}");
+    }
+
+    /// Set names are the file's text: one ending in a multi-byte character (beside our
+    /// own chains, so that names are cut into their parts) is read, not a panic.
+    #[test]
+    fn a_set_name_ending_in_any_character_is_read() {
+        for name in ["ISO-1-né", "ISO-1-n0v€", "ISO-1-€", "€"] {
+            let ipset = format!("create {name} hash:net family inet\nadd {name} 192.0.2.0/24\n");
+            let rules = "*filter\n:ISOLATION-IN - [0:0]\n-A ISOLATION-IN -j DROP\nCOMMIT\n";
+            let got = import(&ipset, Some(rules));
+            assert!(got.is_ok(), "{name}: {got:?}");
+        }
     }
 
     #[test]

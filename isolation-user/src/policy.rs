@@ -411,8 +411,19 @@ pub fn parse_with_lines(file: &str, text: &str) -> Result<(Policy, Lines), Polic
         }
         for r in &iso.allow {
             lines.allow.push(cx.line(r.span().start));
+            let rule_span = r.span();
             let r = r.get_ref();
             let mut ports = Vec::new();
+            // `ports = []` would read as "no port" and mean "every port": a script that
+            // empties the list must not open the pair. Absent means anything; empty is refused.
+            if let Some(list) = &r.ports
+                && list.is_empty()
+            {
+                return cx.err(
+                    rule_span,
+                    "an allow rule with `ports = []` allows no port: remove the key to allow anything, or name the ports",
+                );
+            }
             for p in r.ports.iter().flatten() {
                 ports.push(
                     p.get_ref()
@@ -741,6 +752,11 @@ allow = ["203.0.113.7", "192.0.2.0/24", "2001:db8::/32", "127.0.0.1"]
     #[case::not_toml("[whitelist\n", 1, "")]
     #[case::bad_vxlan("[isolation]\nvxlan_ports = [0]\n", 2, "bad vxlan port 0")]
     #[case::empty_network("[networks.a]\nsubnets = []\n", 1, "has no subnets")]
+    #[case::empty_ports(
+        "[networks.a]\nsubnets=[\"192.0.2.0/24\"]\n[[isolation.allow]]\nfrom=\"a\"\nto=\"a\"\nports=[]\n",
+        3,
+        "`ports = []` allows no port"
+    )]
     #[case::bad_subnet(
         "[networks.a]\nsubnets = [\"198.51.100.0/25\",\n\"x\"]\n",
         3,

@@ -192,48 +192,160 @@ fn status(json: bool, to: &Target) -> Result<()> {
         let nodes = fleet::read_nodes(&mut c, &to.etcd).await?;
         let now = crate::state::unix_now();
         if json {
-            let nodes: Vec<_> = nodes
-                .iter()
-                .map(|n| {
-                    let mut v = serde_json::to_value(n).unwrap_or_default();
-                    v["current"] = serde_json::json!(n.revision == revision);
-                    v["failed"] = serde_json::json!(n.result != "ok");
-                    v
-                })
-                .collect();
-            println!(
+            println!("{}", status_json(&nodes, revision));
+        } else {
+            print!(
                 "{}",
-                serde_json::json!({ "revision": revision, "nodes": nodes })
-            );
-            return Ok(());
-        }
-        println!("policy: {} at revision {revision}", to.etcd.policy_key());
-        println!(
-            "{:<24} {:>9} {:<9} {:>6}  result",
-            "node", "revision", "backend", "age"
-        );
-        for n in &nodes {
-            let lag = if n.revision == revision {
-                ""
-            } else {
-                " (lags)"
-            };
-            println!(
-                "{:<24} {:>9} {:<9} {:>5.0}s  {}{lag}",
-                n.node,
-                n.revision,
-                n.backend,
-                (now - n.time).max(0.0),
-                n.result
+                status_text(&nodes, revision, now, &to.etcd.policy_key())
             );
         }
-        let current = nodes.iter().filter(|n| n.revision == revision).count();
-        let failed = nodes.iter().filter(|n| n.result != "ok").count();
-        println!(
-            "{} node(s): {current} on revision {revision}, {} lagging, {failed} failed",
-            nodes.len(),
-            nodes.len() - current
-        );
         Ok(())
     })
+}
+
+/// `fleet status --json`: the well-formed records (each with `current` and `failed`), and
+/// the keys under `P/nodes/` that hold no record of their own node.
+fn status_json(nodes: &[fleet::NodeEntry], revision: i64) -> serde_json::Value {
+    let good: Vec<_> = nodes
+        .iter()
+        .filter_map(|e| e.record.as_ref().ok())
+        .map(|n| {
+            let mut v = serde_json::to_value(n).unwrap_or_default();
+            v["current"] = serde_json::json!(n.revision == revision);
+            v["failed"] = serde_json::json!(n.result != "ok");
+            v
+        })
+        .collect();
+    let malformed: Vec<_> = nodes
+        .iter()
+        .filter_map(|e| {
+            e.record
+                .as_ref()
+                .err()
+                .map(|why| serde_json::json!({ "node": e.name, "error": why }))
+        })
+        .collect();
+    serde_json::json!({ "revision": revision, "nodes": good, "malformed": malformed })
+}
+
+/// `fleet status` for a terminal. Everything read from etcd is printed escaped: a record
+/// cannot send control sequences to the admin's terminal.
+fn status_text(nodes: &[fleet::NodeEntry], revision: i64, now: f64, key: &str) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(out, "policy: {} at revision {revision}", printable(key));
+    let _ = writeln!(
+        out,
+        "{:<24} {:>9} {:<9} {:>6}  result",
+        "node", "revision", "backend", "age"
+    );
+    let (mut current, mut failed, mut good) = (0, 0, 0);
+    for e in nodes {
+        match &e.record {
+            Ok(n) => {
+                good += 1;
+                current += (n.revision == revision) as usize;
+                failed += (n.result != "ok") as usize;
+                let lag = if n.revision == revision {
+                    ""
+                } else {
+                    " (lags)"
+                };
+                let _ = writeln!(
+                    out,
+                    "{:<24} {:>9} {:<9} {:>5.0}s  {}{lag}",
+                    printable(&n.node),
+                    n.revision,
+                    printable(&n.backend),
+                    (now - n.time).max(0.0),
+                    printable(&n.result)
+                );
+            }
+            Err(why) => {
+                let _ = writeln!(
+                    out,
+                    "{:<24} MALFORMED: {}",
+                    printable(&e.name),
+                    printable(why)
+                );
+            }
+        }
+    }
+    let bad = nodes.len() - good;
+    let _ = writeln!(
+        out,
+        "{good} node(s): {current} on revision {revision}, {} lagging, {failed} failed{}",
+        good - current,
+        if bad > 0 {
+            format!("; {bad} malformed record(s)")
+        } else {
+            String::new()
+        }
+    );
+    out
+}
+
+/// `s` with every control character (ESC, CR, ...) written as an escape.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::{NodeEntry, NodeRecord};
+
+    fn record(node: &str, revision: i64, result: &str) -> Vec<u8> {
+        serde_json::to_vec(&NodeRecord {
+            node: node.into(),
+            revision,
+            backend: "ebpf".into(),
+            result: result.into(),
+            refused_revision: None,
+            time: 0.0,
+            generation: 1,
+        })
+        .unwrap()
+    }
+
+    /// Records written by whoever can write `P/nodes/`: escape sequences are printed
+    /// escaped, a record claiming another node's name and a value that is no record are
+    /// shown as malformed, not as nodes (no node is printed twice).
+    #[test]
+    fn forged_records_are_shown_as_such_and_escaped() {
+        let nodes = vec![
+            NodeEntry::read("a", &record("a", 7, "ok")),
+            NodeEntry::read("b", &record("a", 7, "ok")),
+            NodeEntry::read("c\x1b[2J", &record("c\x1b[2J", 7, "\x1b]0;owned\x07ok")),
+            NodeEntry::read("d", b"\x1b[31mnot json"),
+        ];
+        let text = status_text(&nodes, 7, 0.0, "P/policy");
+        assert!(!text.contains('\x1b') && !text.contains('\x07'), "{text:?}");
+        assert!(text.contains("c\\u{1b}[2J"), "{text}");
+        assert_eq!(text.matches("\na ").count(), 1, "a once: {text}");
+        assert!(
+            text.contains("b                        MALFORMED: its record names another node, 'a'"),
+            "{text}"
+        );
+        assert!(
+            text.contains("d                        MALFORMED: not a node record"),
+            "{text}"
+        );
+        assert!(
+            text.contains("2 node(s): 2 on revision 7, 0 lagging, 1 failed; 2 malformed record(s)"),
+            "{text}"
+        );
+        let json = status_json(&nodes, 7);
+        assert_eq!(json["nodes"].as_array().unwrap().len(), 2, "{json}");
+        assert_eq!(json["malformed"].as_array().unwrap().len(), 2, "{json}");
+        assert!(!json.to_string().contains('\x1b'), "{json}");
+    }
 }
