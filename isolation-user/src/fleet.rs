@@ -330,6 +330,33 @@ pub fn encode(text: &str, policy: &Policy) -> Encoded {
     }
 }
 
+/// The largest encoding a manifest may name: the biggest policy any backend holds (2M
+/// addresses and 1M CIDRs per family, 17 bytes an IPv6 entry and 5 an IPv4 one: 66 MiB)
+/// with room for its policy file. Whoever can write `P/policy` must not make a node
+/// allocate more.
+pub const MAX_ENCODED: usize = 96 << 20;
+
+/// Refuses a manifest that names more than a pushed one ever can: an encoding over
+/// `MAX_ENCODED`, or more parts than its size cut into parts of `PART_MIN` makes (`push`
+/// cuts at least that much into each part but the last).
+fn check_manifest(m: &Manifest) -> Result<(), String> {
+    if m.size > MAX_ENCODED {
+        return Err(format!(
+            "the manifest names {} bytes, more than any policy ({MAX_ENCODED})",
+            m.size
+        ));
+    }
+    let most = m.size.div_ceil(PART_MIN).max(1);
+    if m.parts.len() > most {
+        return Err(format!(
+            "the manifest names {} parts for {} bytes (at most {most})",
+            m.parts.len(),
+            m.size
+        ));
+    }
+    Ok(())
+}
+
 /// The manifest in a value of `P/policy`, if it holds one (Err: it looks like one but is
 /// not).
 pub fn manifest_of(value: &[u8]) -> Option<Result<Manifest, String>> {
@@ -341,7 +368,7 @@ pub fn manifest_of(value: &[u8]) -> Option<Result<Manifest, String>> {
             .map_err(|e| format!("not a policy manifest ({e})"))
             .and_then(|m| {
                 if m.isolation_policy_parts == 1 {
-                    Ok(m)
+                    check_manifest(&m).map(|()| m)
                 } else {
                     Err(format!(
                         "a manifest of format {}, newer than this build reads (1)",
@@ -378,6 +405,7 @@ pub async fn resolve(
         Some(Err(e)) => return Ok(Err(format!("{name}: {e}"))),
         Some(Ok(m)) => m,
     };
+    // m.size is bounded by `check_manifest`; the parts are held to it as they come.
     let mut blob = Vec::with_capacity(m.size);
     let mut got = PartCache::new();
     for h in &m.parts {
@@ -404,6 +432,12 @@ pub async fn resolve(
                 b
             }
         };
+        if bytes.len() > PART_MAX || blob.len() + bytes.len() > m.size {
+            return Ok(Err(format!(
+                "the parts of {name} add up to more than the {} bytes its manifest names",
+                m.size
+            )));
+        }
         blob.extend_from_slice(&bytes);
         got.insert(h.clone(), bytes);
     }
@@ -760,6 +794,33 @@ mod tests {
         let mut bad_tag = b;
         bad_tag[tag] = 40;
         assert!(uncompact("x", &bad_tag).unwrap_err().contains("tag 40"));
+    }
+
+    /// A hostile manifest (a size no policy has, or more parts than a size holds) is
+    /// refused before anything is allocated or read.
+    #[test]
+    fn a_manifest_naming_too_much_is_refused_before_reading() {
+        let m = |size: u64, parts: usize| {
+            let parts: Vec<String> = (0..parts).map(|_| "00".repeat(32)).collect();
+            format!(
+                r#"{{"isolation_policy_parts":1,"size":{size},"sha256":"","parts":{}}}"#,
+                serde_json::to_string(&parts).unwrap()
+            )
+        };
+        for (size, parts, why) in [
+            (u64::MAX, 1, "more than any policy"),
+            (1 << 62, 1, "more than any policy"),
+            (1, 600, "600 parts for 1 bytes"),
+            (5 << 20, 600, "600 parts"),
+        ] {
+            let e = manifest_of(m(size, parts).as_bytes()).unwrap().unwrap_err();
+            assert!(e.contains(why), "{size} {parts}: {e}");
+        }
+        // What push writes passes.
+        let (text, p) = big_policy(300_000, 0);
+        let enc = encode(&text, &p);
+        let m = enc.manifest.clone().unwrap();
+        assert_eq!(manifest_of(&enc.value).unwrap().unwrap(), m);
     }
 
     #[test]

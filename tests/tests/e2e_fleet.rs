@@ -415,21 +415,129 @@ fn parts_stored(hub: &Hub, url: &str) -> usize {
     })
 }
 
-/// The positive control of the chunking: etcd itself refuses the policy as one value.
-fn put_whole(hub: &Hub, url: &str, text: String) -> Result<(), String> {
+/// Puts `value` under `key` (below the prefix) as whoever can write etcd would; the
+/// revision it got.
+fn put(hub: &Hub, url: &str, key: &str, value: Vec<u8>) -> Result<i64, String> {
     let url: isolation_user::fleet::EtcdUrl = url.parse().unwrap();
+    let key = format!("{}/{key}", url.prefix);
     tests::traffic::in_ns(&hub.hub, move || {
         block_on(async move {
             let opts = isolation_user::fleet::EtcdOpts::default();
             let mut c = isolation_user::fleet::connect(&url, &opts, Duration::from_secs(5))
                 .await
                 .unwrap();
-            c.put(format!("{}/whole", url.prefix), text, None)
+            c.put(key, value, None)
                 .await
-                .map(drop)
+                .map(|r| r.header().map(|h| h.revision()).unwrap_or(0))
                 .map_err(|e| e.to_string())
         })
     })
+}
+
+/// The positive control of the chunking: etcd itself refuses the policy as one value.
+fn put_whole(hub: &Hub, url: &str, text: String) -> Result<(), String> {
+    put(hub, url, "whole", text.into_bytes()).map(drop)
+}
+
+/// Whoever can write `P/policy` puts manifests no push makes: a size of 2^64-1 (it
+/// panicked the follower), 2^62 (it aborted the service), one 1 MiB part named 600 times
+/// (it grew a node by 600 MiB). Each is refused by the node, which keeps its policy (the
+/// traffic says so), stays small, and still follows the next real push; its follower never
+/// died.
+#[test]
+fn hostile_manifests_are_refused_and_the_node_keeps_following() {
+    if !tests::can_run("end-to-end fleet test") {
+        return;
+    }
+    let Fleet {
+        hub,
+        ns,
+        probe,
+        other,
+        nodes,
+        isos,
+        dir,
+    } = Fleet::new("m", 1);
+    let url = hub.url("fleet-hostile");
+    let a = write(&dir, "a.toml", &policy("203.0.113.2"));
+    let b = write(&dir, "b.toml", &policy("203.0.113.3"));
+    let _echo = Echo::start(&nodes[0], &["0.0.0.0:8080".parse().unwrap()]);
+    let to: SocketAddr = "203.0.113.10:8080".parse().unwrap();
+    let rev_a = push(&hub, &url, &a, &[]).unwrap();
+    let mut svc = follower(&hub, &isos[0], &url, "node0");
+    converge(&hub, &url, rev_a, 1);
+    only(&probe, &other, to, "A");
+
+    // One real 1 MiB part, stored as push stores parts.
+    let part: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    let sha = {
+        let o = std::process::Command::new("sha256sum")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write as _;
+        o.stdin.as_ref().unwrap().write_all(&part).unwrap();
+        let out = o.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout)[..64].to_string()
+    };
+    put(&hub, &url, &format!("parts/{sha}"), part).unwrap();
+    let manifest = |size: &str, n: usize| {
+        let parts = vec![format!("\"{sha}\""); n].join(",");
+        format!(
+            r#"{{"isolation_policy_parts":1,"size":{size},"sha256":"{sha}","parts":[{parts}]}}"#
+        )
+        .into_bytes()
+    };
+    for (what, value) in [
+        ("size 2^64-1", manifest("18446744073709551615", 1)),
+        ("size 2^62", manifest("4611686018427387904", 1)),
+        ("600 parts", manifest("629145600", 600)),
+        ("600 parts, small size", manifest("1048576", 600)),
+    ] {
+        let rev = put(&hub, &url, "policy", value).unwrap();
+        let t0 = Instant::now();
+        let node = loop {
+            let s = status(&hub, &url);
+            let n = s["nodes"][0].clone();
+            if n["refused_revision"] == rev {
+                break n;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "{what}: not refused: {s}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(
+            node["revision"], rev_a,
+            "{what}: the node runs A still: {node}"
+        );
+        assert_ne!(node["result"], "ok", "{what}: {node}");
+        assert!(
+            svc.child.try_wait().unwrap().is_none(),
+            "{what}: the service died"
+        );
+        only(&probe, &other, to, what);
+    }
+    let rss_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", svc.child.id()))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    assert!(rss_kib < 200 << 10, "the node grew to {rss_kib} KiB");
+
+    // A real push still reaches it: its follower lives.
+    let rev_b = push(&hub, &url, &b, &[]).unwrap();
+    converge(&hub, &url, rev_b, 1);
+    only(&other, &probe, to, "B");
+    assert_eq!(metric(&svc, "isolation_source_restarts_total"), Some(0.0));
+    assert!(svc.stop().success());
+    drop(isos);
+    drop(ns);
 }
 
 fn wl_v6_entries(iso: &Iso) -> u64 {

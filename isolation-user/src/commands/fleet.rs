@@ -187,8 +187,11 @@ fn rollback(to: &Target) -> Result<()> {
 fn status(json: bool, to: &Target) -> Result<()> {
     runtime()?.block_on(async {
         let mut c = fleet::connect(&to.etcd, &to.opts, TIMEOUT).await?;
-        let policy = fleet::read_policy(&mut c, &to.etcd).await?;
-        let revision = policy.map(|(_, r)| r).unwrap_or(0);
+        // The revision only: a value no node takes still has one, and the nodes say why.
+        let revision = fleet::read_value(&mut c, &to.etcd)
+            .await?
+            .map(|(_, r)| r)
+            .unwrap_or(0);
         let nodes = fleet::read_nodes(&mut c, &to.etcd).await?;
         let now = crate::state::unix_now();
         if json {

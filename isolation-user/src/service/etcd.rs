@@ -46,11 +46,13 @@ pub async fn follow(
     paths: Paths,
     cfg: Arc<Config>,
     health: Arc<Mutex<Health>>,
-    mut hup: mpsc::Receiver<()>,
+    hup: Arc<tokio::sync::Mutex<mpsc::Receiver<()>>>,
 ) {
     let Source::Etcd { url, opts, node } = &cfg.source else {
         return;
     };
+    // Held while this follower runs; a follower that died lets its successor take it.
+    let mut hup = hup.lock().await;
     let loaded = {
         let p = paths.clone();
         blocking(move || engine::open(&p).is_ok()).await

@@ -84,6 +84,13 @@ pub fn render(paths: &Paths, health: &Health) -> String {
             "The etcd mod revision of the policy this node runs (0: none yet)",
             health.source_revision,
         );
+        let restarts = Counter::<u64>::default();
+        restarts.inc_by(health.follower_restarts);
+        r.register(
+            "source_restarts",
+            "How often the etcd follower died and was started again",
+            restarts,
+        );
     }
     let up = match datapath(&mut r, paths) {
         Ok(()) => 1,

@@ -82,6 +82,8 @@ pub struct Health {
     pub source_up: Option<bool>,
     /// etcd: the mod revision of the policy applied (0: none yet).
     pub source_revision: i64,
+    /// etcd: how often the follower died and was started again.
+    pub follower_restarts: u64,
 }
 
 /// Why a reload runs.
@@ -246,7 +248,7 @@ async fn serve(paths: Paths, cfg: Config) -> Result<()> {
     }
     let (hup_tx, hup_rx) = mpsc::channel::<()>(4);
     if let Source::Etcd { .. } = &cfg.source {
-        tokio::spawn(etcd::follow(
+        tokio::spawn(supervise_follower(
             paths.clone(),
             cfg.clone(),
             health.clone(),
@@ -442,6 +444,39 @@ fn log_drops(paths: Paths, stop: Arc<AtomicBool>) -> impl FnOnce() + Send + 'sta
                     }
                     last = now;
                 }
+            }
+        }
+    }
+}
+
+/// Runs the etcd follower, and starts it again when it dies (a panic: input or a state
+/// nothing foresaw): logged and counted (`isolation_source_restarts_total`), never silently
+/// gone, so a node keeps following its fleet.
+async fn supervise_follower(
+    paths: Paths,
+    cfg: Arc<Config>,
+    health: Arc<Mutex<Health>>,
+    hup: mpsc::Receiver<()>,
+) {
+    let hup = Arc::new(tokio::sync::Mutex::new(hup));
+    loop {
+        let task = tokio::spawn(etcd::follow(
+            paths.clone(),
+            cfg.clone(),
+            health.clone(),
+            hup.clone(),
+        ));
+        match task.await {
+            Ok(()) => return,
+            Err(e) => {
+                health
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .follower_restarts += 1;
+                tracing::error!(
+                    "etcd: the follower stopped ({e}); the live policy stays, starting it again in 1 s"
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
     }
