@@ -669,3 +669,168 @@ fn the_units_capabilities_suffice(#[case] backend: &str) {
     assert!(svc.stop().success(), "{}", svc.log_text());
     assert!(!svc.log_text().contains("WARN"), "{}", svc.log_text());
 }
+
+/// A service as the unit runs it (1,024 descriptors at most), on `srv`, enforcing A from a
+/// file in its own directory; the file's path.
+fn service_with_1024_fds(iso: &Iso) -> (Service, std::path::PathBuf) {
+    let dir = iso.files_dir().join("etc");
+    fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("policy.toml");
+    fs::write(&file, A).unwrap();
+    let f = file.display().to_string();
+    let svc = Service::start_wrapped(
+        iso,
+        &["prlimit", "--nofile=1024:1024"],
+        &["--iface", "s1", "--iface", "s2", "--policy", &f],
+        9108,
+    );
+    (svc, file)
+}
+
+/// A local unprivileged user (nobody, through setpriv) opens 1,100 idle connections to
+/// /metrics: the service neither runs out of descriptors nor spins; a change of the policy
+/// file is applied as ever, and /metrics answers again once the idle ones are timed out.
+#[test]
+fn idle_metrics_connections_do_not_freeze_the_service() {
+    if !tests::can_run("end-to-end service test") {
+        return;
+    }
+    let TwoClients {
+        ns: _ns,
+        srv,
+        cw,
+        cx,
+    } = TwoClients::new("svid");
+    let iso = Iso::with_backend(&srv, "ebpf");
+    let _echo = Echo::start(&srv, &[sa("0.0.0.0:8080")]);
+    let stranger = |wait| tcp_ok(&cx, sa("198.51.100.1:8080"), wait);
+    let (svc, file) = service_with_1024_fds(&iso);
+    assert!(tcp_ok(&cw, sa("192.0.2.1:8080"), PASS_WAIT) && !stranger(DROP_WAIT));
+
+    const OPENER: &str = "import socket, sys, time
+held = []
+for _ in range(1100):
+    s = socket.socket()
+    s.settimeout(2)
+    try:
+        s.connect(('127.0.0.1', 9108))
+        held.append(s)
+    except OSError:
+        s.close()
+print(len(held), flush=True)
+time.sleep(25)
+";
+    let mut idle = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{srv}"))
+        .args(["prlimit", "--nofile=4096:4096"])
+        .args([
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ])
+        .args(["/usr/bin/python3", "-c", OPENER])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(idle.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let opened: usize = line.trim().parse().unwrap_or(0);
+    assert!(opened >= 1000, "the user opened {opened} connections");
+
+    // The policy loop does not wait on them: B (the stranger listed) is applied.
+    let b = A.replace(
+        r#"allow = ["192.0.2.2","#,
+        r#"allow = ["192.0.2.2", "198.51.100.2","#,
+    );
+    fs::write(&file, b).unwrap();
+    assert!(
+        until(Duration::from_secs(3), || stranger(Duration::from_millis(
+            200
+        )))
+        .is_some(),
+        "the file change was not applied with the idle connections open: {}",
+        svc.log_text()
+    );
+    let fds = fs::read_dir(format!("/proc/{}/fd", svc.child.id()))
+        .unwrap()
+        .count();
+    assert!(fds < 200, "the service holds {fds} descriptors");
+    // /metrics answers again once the idle connections are timed out.
+    assert!(
+        until(Duration::from_secs(15), || svc.try_scrape().is_some()).is_some(),
+        "/metrics never answered again: {}",
+        svc.log_text()
+    );
+    let _ = idle.kill();
+    let _ = idle.wait();
+}
+
+/// 16 scrapers in a loop do not hold off a change: `whitelist add` runs as fast as the
+/// scrapes' absence would let it (they once kept it waiting 20 s).
+#[test]
+fn scrapes_do_not_hold_off_changes() {
+    if !tests::can_run("end-to-end service test") {
+        return;
+    }
+    let TwoClients {
+        ns: _ns,
+        srv,
+        cw: _,
+        cx,
+    } = TwoClients::new("svsc");
+    let iso = Iso::with_backend(&srv, "ebpf");
+    let _echo = Echo::start(&srv, &[sa("0.0.0.0:8080")]);
+    let (_svc, _file) = service_with_1024_fds(&iso);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scrapers: Vec<_> = (0..16)
+        .map(|_| {
+            let (srv, stop) = (srv.clone(), stop.clone());
+            std::thread::spawn(move || {
+                tests::traffic::enter(&srv);
+                let mut n = 0u32;
+                let t0 = Instant::now();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                    && t0.elapsed() < Duration::from_secs(60)
+                {
+                    use std::io::{Read as _, Write as _};
+                    let Ok(mut s) = std::net::TcpStream::connect("127.0.0.1:9108") else {
+                        continue;
+                    };
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                    let _ = s.write_all(
+                        b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+                    );
+                    let mut out = Vec::new();
+                    if s.read_to_end(&mut out).is_ok() && out.starts_with(b"HTTP/1.1 200") {
+                        n += 1;
+                    }
+                }
+                n
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut slowest = Duration::ZERO;
+    for i in 0..5 {
+        let t0 = Instant::now();
+        iso.ok(&["whitelist", "add", &format!("203.0.113.{}", 10 + i)]);
+        slowest = slowest.max(t0.elapsed());
+    }
+    iso.ok(&["whitelist", "add", "198.51.100.2"]);
+    assert!(
+        tcp_ok(&cx, sa("198.51.100.1:8080"), PASS_WAIT),
+        "the edits took effect"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let scraped: u32 = scrapers.into_iter().map(|t| t.join().unwrap()).sum();
+    assert!(scraped >= 32, "the scrapers scraped {scraped} times");
+    assert!(
+        slowest < Duration::from_secs(2),
+        "a whitelist add waited {slowest:?} behind the scrapes"
+    );
+}

@@ -42,6 +42,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ),
     // The certificates of the fleet's TLS test.
     ("openssl", "/usr/bin/openssl"),
+    // The service tests open idle connections as an unprivileged user with a script.
+    ("python3", "/usr/bin/python3"),
     // The release: `cargo xtask deb` (dpkg-shlibdeps for the libc dependency, strip), its
     // test (lintian; a clean Debian root made by debootstrap to install it into), and the
     // alert rules and dashboard, checked by promtool and a real Prometheus.

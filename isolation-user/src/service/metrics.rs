@@ -92,7 +92,13 @@ pub fn render(paths: &Paths, health: &Health) -> String {
             restarts,
         );
     }
-    let up = match datapath(&mut r, paths) {
+    // Without the engine's lock: a scrape must never hold off a change. A read that met a
+    // change halfway (the iptables backend's sets being swapped) is tried once more
+    // (`datapath` reads everything before it registers anything).
+    let up = match datapath(&mut r, paths).or_else(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        datapath(&mut r, paths)
+    }) {
         Ok(()) => 1,
         Err(e) => {
             tracing::warn!("metrics: cannot read the datapath: {e:#}");
@@ -112,8 +118,8 @@ pub fn render(paths: &Paths, health: &Health) -> String {
 }
 
 /// What the backend says: verdicts, rules, map fill, ring losses, generation, backend.
+/// Every read comes before the first registration, so a failed call registered nothing.
 fn datapath(r: &mut Registry, paths: &Paths) -> Result<()> {
-    let _read = paths.read_lock();
     let (b, st) = engine::open(paths)?;
     let live = engine::rules(paths)?;
     let c = b.counters(&live)?;

@@ -482,6 +482,42 @@ async fn supervise_follower(
     }
 }
 
+/// At most this many connections to `/metrics` at once; more are closed as they come.
+const METRICS_CONNECTIONS: usize = 64;
+/// A connection (idle or not) is closed after this long; a scrape takes milliseconds.
+const METRICS_CONNECTION_LIFETIME: Duration = Duration::from_secs(10);
+/// A request's headers must arrive within this long.
+const METRICS_HEADER_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// One read of the datapath at a time for every scraper: a scrape that asked while another
+/// was rendering waits for the next render and shares it (or takes the one that started
+/// after it asked), so any number of scrapers cost one reader.
+#[derive(Default)]
+struct Scrapes {
+    last: tokio::sync::Mutex<Option<(std::time::Instant, Arc<String>)>>,
+}
+
+impl Scrapes {
+    async fn text(&self, paths: &Paths, health: &Mutex<Health>) -> Arc<String> {
+        let asked = std::time::Instant::now();
+        let mut last = self.last.lock().await;
+        if let Some((began, text)) = &*last
+            && *began >= asked
+        {
+            return text.clone();
+        }
+        let began = std::time::Instant::now();
+        let h = health.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let p = paths.clone();
+        let text = Arc::new(blocking(move || metrics::render(&p, &h)).await);
+        *last = Some((began, text.clone()));
+        text
+    }
+}
+
+/// Serves `/metrics`. Bounded against whoever can connect (any local user): a cap on
+/// connections, a header timeout and a lifetime per connection, a pause after a failed
+/// accept (out of descriptors) instead of a spin; the policy loop never waits on it.
 async fn serve_metrics(
     listener: tokio::net::TcpListener,
     paths: Paths,
@@ -489,32 +525,47 @@ async fn serve_metrics(
 ) {
     use http_body_util::Full;
     use hyper::{Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
+    let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
+    let scrapes = Arc::new(Scrapes::default());
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!("metrics: accept failed ({e}); pausing 100 ms");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(stream);
             continue;
         };
-        let (paths, health) = (paths.clone(), health.clone());
+        let (paths, health, scrapes) = (paths.clone(), health.clone(), scrapes.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let (paths, health) = (paths.clone(), health.clone());
+                let (paths, health, scrapes) = (paths.clone(), health.clone(), scrapes.clone());
                 async move {
                     if req.uri().path() != "/metrics" {
                         return Response::builder()
                             .status(StatusCode::NOT_FOUND)
                             .body(Full::new(Bytes::from("see /metrics\n")));
                     }
-                    let h = health.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                    let text = blocking(move || metrics::render(&paths, &h)).await;
+                    let text = scrapes.text(&paths, &health).await;
                     Response::builder()
                         .header(
                             hyper::header::CONTENT_TYPE,
                             "application/openmetrics-text; version=1.0.0; charset=utf-8",
                         )
-                        .body(Full::new(Bytes::from(text)))
+                        .body(Full::new(Bytes::from(text.as_bytes().to_vec())))
                 }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = http1::Builder::new().serve_connection(io, svc).await;
+            let conn = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(METRICS_HEADER_TIMEOUT)
+                .serve_connection(io, svc);
+            let _ = tokio::time::timeout(METRICS_CONNECTION_LIFETIME, conn).await;
         });
     }
 }
