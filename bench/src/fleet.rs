@@ -289,6 +289,11 @@ fn wait_all(hub: &Hub, url: &str, n: usize, rev: i64, limit: Duration) -> Result
                         }
                         Err(e) => return Err(e),
                     };
+                    // Well-formed records only (the bench writes nothing else there).
+                    let nodes: Vec<&fleet::NodeRecord> = nodes
+                        .iter()
+                        .filter_map(|e| e.record.as_ref().ok())
+                        .collect();
                     if let Some(bad) = nodes.iter().find(|r| r.refused_revision == Some(rev)) {
                         bail!("node {} refused revision {rev}: {}", bad.node, bad.result);
                     }
