@@ -120,22 +120,24 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
                     || (!st.object_hash.is_empty() && st.object_hash != b.build()));
             let done = match b.install(&new, replace) {
                 Ok(d) => d,
-                // `auto`: programs the kernel would not load or attach → iptables.
-                Err(e)
-                    if backend == Choice::Auto
+                // `auto`: programs the kernel would not load or attach → the fallback
+                // backend; any other error is the operator's to see.
+                Err(e) => {
+                    let fallback = (backend == Choice::Auto
                         && b.kind() == backend::Kind::Ebpf
-                        && !b.is_installed() =>
-                {
-                    why = Some(format!(
-                        "auto: the eBPF datapath could not be installed ({e:#})"
-                    ));
-                    b = Box::new(backend::iptables::Iptables::new(paths.clone()));
+                        && !b.is_installed())
+                    .then(|| backend::auto_fallback(paths, &e))
+                    .flatten();
+                    let Some((other, reason)) = fallback else {
+                        return Err(e);
+                    };
+                    why = Some(reason);
+                    b = other;
                     st = State::new(b.kind());
                     check_whole(&policy, lines.as_ref(), b.as_ref(), opts.force)?;
                     new = b.preflight(&st, &ifaces)?;
                     b.install(&new, false)?
                 }
-                Err(e) => return Err(e),
             };
             if let Err(e) = b.apply(
                 &policy,

@@ -43,6 +43,10 @@ pub struct Pending {
     pub previous_generation: u32,
     /// The helper that will roll back (0 until it is started).
     pub helper_pid: u32,
+    /// When the helper started (clock ticks after boot, /proc/PID/stat): with the pid, it
+    /// names that process and no other that later gets the same pid.
+    #[serde(default)]
+    pub helper_start: u64,
 }
 
 /// The last rollback, to tell a late `confirm` what happened.
@@ -79,9 +83,34 @@ pub fn pending(paths: &Paths) -> Result<Option<Pending>> {
     read_json(&pending_file(paths))
 }
 
-fn alive(pid: u32) -> bool {
-    // SAFETY: signal 0 only checks that the process exists.
-    pid != 0 && unsafe { libc::kill(pid as i32, 0) } == 0
+/// When process `pid` started (field 22 of /proc/PID/stat), if it exists.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count after its end.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+/// The helper of `p`, as a pidfd, if it still runs: the process with its pid *and* its
+/// start time (a pid reused by another process since is not it). The pidfd is opened
+/// before the check, so it names the process checked, whatever happens to the pid after.
+fn helper(p: &Pending) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    if p.helper_pid == 0 {
+        return None;
+    }
+    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, p.helper_pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: a descriptor pidfd_open just returned, owned by nothing else.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    (start_time(p.helper_pid)? == p.helper_start).then_some(fd)
 }
 
 fn clear(paths: &Paths) {
@@ -94,7 +123,7 @@ fn clear(paths: &Paths) {
 pub fn arm(paths: &Paths, file: &str, secs: f64) -> Result<Pending> {
     let _l = lock(paths)?;
     if let Some(p) = pending(paths)? {
-        if alive(p.helper_pid) {
+        if helper(&p).is_some() {
             bail!(
                 "an apply of {} awaits confirmation for {:.0} s more: run `isolation-user confirm` \
                  to keep it, or wait for its rollback, before another --confirm-within",
@@ -117,6 +146,7 @@ pub fn arm(paths: &Paths, file: &str, secs: f64) -> Result<Pending> {
         deadline: now() + secs,
         previous_generation: generation,
         helper_pid: 0,
+        helper_start: 0,
     };
     write_atomic(&pending_file(paths), serde_json::to_string(&p)?.as_bytes())?;
     let log = fs::OpenOptions::new()
@@ -151,7 +181,9 @@ pub fn arm(paths: &Paths, file: &str, secs: f64) -> Result<Pending> {
         }
     };
     p.helper_pid = child.id();
-    // The child is reaped by init once we exit; we never wait for it.
+    // Not reaped before we exit (we never wait for it), so /proc still has it.
+    p.helper_start = start_time(p.helper_pid).unwrap_or(0);
+    // The child is reaped by init once we exit.
     std::mem::forget(child);
     write_atomic(&pending_file(paths), serde_json::to_string(&p)?.as_bytes())?;
     Ok(p)
@@ -162,15 +194,26 @@ pub fn disarm(paths: &Paths) {
     if let Ok(_l) = lock(paths)
         && let Ok(Some(p)) = pending(paths)
     {
-        stop_helper(p.helper_pid);
+        stop_helper(&p);
         clear(paths);
     }
 }
 
-fn stop_helper(pid: u32) {
-    if alive(pid) {
-        // SAFETY: SIGTERM to the helper we started (checked alive just before).
-        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+/// SIGTERM to the helper of `p`, if it still runs; never to a process that merely has its
+/// pid now.
+fn stop_helper(p: &Pending) {
+    if let Some(fd) = helper(p) {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: pidfd_send_signal(2) on a pidfd we own, no siginfo, no flags.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                fd.as_raw_fd(),
+                libc::SIGTERM,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
     }
 }
 
@@ -205,7 +248,7 @@ pub fn confirm(paths: &Paths) -> Result<Confirmed> {
         }
         bail!("nothing awaits confirmation (no `apply --confirm-within` is pending)");
     };
-    stop_helper(p.helper_pid);
+    stop_helper(&p);
     clear(paths);
     Ok(Confirmed {
         file: p.file,

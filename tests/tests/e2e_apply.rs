@@ -379,3 +379,61 @@ fn an_unconfirmed_apply_rolls_back_and_a_confirmed_one_stays(#[case] backend: &s
             .contains("nothing awaits confirmation")
     );
 }
+
+/// `confirm` signals the rollback helper, and only it: once the helper is gone and another
+/// process has its pid (here: the pid written into the pending record, as a reuse would
+/// make it), `confirm` keeps the policy and that process lives (before, it was sent
+/// SIGTERM, as root).
+#[test]
+fn confirm_never_signals_a_process_that_took_the_helpers_pid() {
+    if !tests::can_run("end-to-end confirm test") {
+        return;
+    }
+    let TwoClients {
+        ns: _ns,
+        srv,
+        cw: _,
+        cx,
+    } = TwoClients::new("cfpi");
+    let iso = Iso::with_backend(&srv, "ebpf");
+    let _echo = Echo::start(&srv, &[sa("0.0.0.0:8080")]);
+    let a = iso.policy(A);
+    let b = iso.policy(&A.replace(
+        r#"allow = ["192.0.2.2"]"#,
+        r#"allow = ["192.0.2.2", "198.51.100.2"]"#,
+    ));
+    iso.ok(&["load", "--iface", "s1", "--iface", "s2", "--policy", &a]);
+    iso.ok(&["apply", &b, "--confirm-within", "60"]);
+    let found = helpers(&iso);
+    assert_eq!(found.len(), 1, "{found:?}");
+    // The helper dies; a process of someone else's takes its pid.
+    // SAFETY: kill(2) of the helper this test's apply started.
+    unsafe { libc::kill(found[0] as i32, libc::SIGKILL) };
+    let t0 = std::time::Instant::now();
+    while !helpers(&iso).is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the helper did not die"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut victim = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    let pending = iso.state.join("confirm/pending.json");
+    let mut p: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&pending).unwrap()).unwrap();
+    p["helper_pid"] = victim.id().into();
+    std::fs::write(&pending, p.to_string()).unwrap();
+
+    iso.ok(&["confirm"]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        victim.try_wait().unwrap().is_none(),
+        "confirm killed the process that took the helper's pid"
+    );
+    assert!(tcp_ok(&cx, sa("198.51.100.1:8080"), PASS_WAIT), "B is kept");
+    let _ = victim.kill();
+    let _ = victim.wait();
+}

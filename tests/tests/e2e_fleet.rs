@@ -418,11 +418,26 @@ fn parts_stored(hub: &Hub, url: &str) -> usize {
 /// Puts `value` under `key` (below the prefix) as whoever can write etcd would; the
 /// revision it got.
 fn put(hub: &Hub, url: &str, key: &str, value: Vec<u8>) -> Result<i64, String> {
+    put_as(hub, url, key, value, None)
+}
+
+/// `put`, logged in as `user` (USER:PASSWORD) when given.
+fn put_as(
+    hub: &Hub,
+    url: &str,
+    key: &str,
+    value: Vec<u8>,
+    user: Option<&str>,
+) -> Result<i64, String> {
     let url: isolation_user::fleet::EtcdUrl = url.parse().unwrap();
     let key = format!("{}/{key}", url.prefix);
+    let user = user.map(str::to_string);
     tests::traffic::in_ns(&hub.hub, move || {
         block_on(async move {
-            let opts = isolation_user::fleet::EtcdOpts::default();
+            let opts = isolation_user::fleet::EtcdOpts {
+                etcd_user: user,
+                ..Default::default()
+            };
             let mut c = isolation_user::fleet::connect(&url, &opts, Duration::from_secs(5))
                 .await
                 .unwrap();
@@ -773,6 +788,139 @@ fn the_fleet_runs_with_etcd_authentication() {
         .collect();
     converge(&hub, &url, rev_a, M);
     only(&probe, &other, "203.0.113.10:8080".parse().unwrap(), "A");
+    drop(services);
+    drop(isos);
+    drop(ns);
+}
+
+/// The least-privilege layout of docs/security.md: `admin` may read and write the prefix;
+/// each node's user reads `P/policy` and `P/parts/` and writes `P/nodes/NODE` only.
+fn least_privilege(hub: &Hub, url: &str, nodes: &[&str]) {
+    let url: isolation_user::fleet::EtcdUrl = url.parse().unwrap();
+    let nodes: Vec<String> = nodes.iter().map(|n| n.to_string()).collect();
+    tests::traffic::in_ns(&hub.hub, move || {
+        block_on(async move {
+            use etcd_client::Permission;
+            let opts = isolation_user::fleet::EtcdOpts::default();
+            let mut c = isolation_user::fleet::connect(&url, &opts, Duration::from_secs(5))
+                .await
+                .unwrap();
+            let p = &url.prefix;
+            c.role_add("admin").await.unwrap();
+            c.role_grant_permission(
+                "admin",
+                Permission::read_write(format!("{p}/")).with_prefix(),
+            )
+            .await
+            .unwrap();
+            for (user, pw, role) in [("root", "rootpw", "root"), ("admin", "adminpw", "admin")] {
+                c.user_add(user, pw, None).await.unwrap();
+                c.user_grant_role(user, role).await.unwrap();
+            }
+            for n in &nodes {
+                let role = format!("node-{n}");
+                c.role_add(role.as_str()).await.unwrap();
+                for perm in [
+                    Permission::read(format!("{p}/policy")),
+                    Permission::read(format!("{p}/parts/")).with_prefix(),
+                    Permission::read_write(format!("{p}/nodes/{n}")),
+                ] {
+                    c.role_grant_permission(role.as_str(), perm).await.unwrap();
+                }
+                c.user_add(role.as_str(), format!("pw-{n}"), None)
+                    .await
+                    .unwrap();
+                c.user_grant_role(role.as_str(), role.as_str())
+                    .await
+                    .unwrap();
+            }
+            c.auth_enable().await.unwrap();
+        })
+    })
+}
+
+/// Nodes with least privilege (each its own etcd user: read the policy and its parts, write
+/// its own record) follow a small push and one stored in parts, and report; a node's login
+/// can neither push a policy nor write another node's record.
+#[test]
+fn nodes_with_least_privilege_follow_and_write_only_their_own_record() {
+    if !tests::can_run("end-to-end fleet test with least-privilege etcd users") {
+        return;
+    }
+    const M: usize = 2;
+    let Fleet {
+        mut hub,
+        ns,
+        probe,
+        other,
+        nodes,
+        isos,
+        dir,
+    } = Fleet::new("l", M);
+    let url = hub.url("fleet-lp");
+    let names = ["lp0", "lp1"];
+    least_privilege(&hub, &url, &names);
+    hub.login("admin:adminpw");
+    let a = write(&dir, "a.toml", &policy("203.0.113.2"));
+    // B lists the stranger and enough filler to be stored in parts (over 1 MiB).
+    let filler: String = (0..70_000u32)
+        .map(|i| format!("  \"2001:db8:{:x}:{:x}::1\",\n", i >> 16, i & 0xffff))
+        .collect();
+    let b = write(
+        &dir,
+        "b.toml",
+        &format!(
+            "[whitelist]\nenabled = true\nlog = false\nallow = [\n{filler}  \"203.0.113.3\",\n]\n"
+        ),
+    );
+    assert!(std::fs::metadata(&b).unwrap().len() > 1 << 20);
+    let rev_a = push(&hub, &url, &a, &[]).unwrap();
+    let _echo = Echo::start(&nodes[0], &["0.0.0.0:8080".parse().unwrap()]);
+    let services: Vec<Service> = (0..M)
+        .map(|i| {
+            let login = format!("node-{}:pw-{}", names[i], names[i]);
+            let args = [
+                "--iface",
+                "m0",
+                "--policy-source",
+                &url,
+                "--node-name",
+                names[i],
+                "--no-drop-log",
+                "--etcd-user",
+                &login,
+            ];
+            Service::start(&isos[i], &args, 9108)
+        })
+        .collect();
+    converge(&hub, &url, rev_a, M);
+    let to0: SocketAddr = "203.0.113.10:8080".parse().unwrap();
+    only(&probe, &other, to0, "A");
+    let o = fleet(&hub, &["push", &b, "--etcd", &url]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(out.contains(" parts ("), "B went in parts: {out}");
+    let rev_b = push_revision(&out);
+    converge(&hub, &url, rev_b, M);
+    only(&other, &probe, to0, "B, from its parts");
+
+    // What a node's login cannot do: push, or write another node's record.
+    let node0 = vec!["--etcd-user".to_string(), "node-lp0:pw-lp0".into()];
+    let o = fleet_with(&hub, &["push", &a, "--etcd", &url], &node0);
+    assert!(!o.status.success(), "a node pushed a policy");
+    assert_eq!(status(&hub, &url)["revision"], rev_b, "nothing was written");
+    let err = put_as(
+        &hub,
+        &url,
+        "nodes/lp1",
+        b"{}".to_vec(),
+        Some("node-lp0:pw-lp0"),
+    )
+    .expect_err("a node wrote another node's record");
+    assert!(err.contains("permission denied"), "{err}");
+    // Its own record it may write (the positive control of the refusal above).
+    let own = serde_json::to_vec(&status(&hub, &url)["nodes"][0]).unwrap();
+    put_as(&hub, &url, "nodes/lp0", own, Some("node-lp0:pw-lp0")).expect("its own record");
     drop(services);
     drop(isos);
     drop(ns);

@@ -84,6 +84,38 @@ fn auto_falls_back_to_iptables_where_bpf_is_refused() {
     assert!(!err.contains("WARN"), "{err}");
 }
 
+/// `auto` falls back to iptables only when the kernel refuses BPF: an install that fails
+/// for another reason (here a file where the pin dir should be; before, a directory a user
+/// planted at the lock's path) is an error the operator sees, and nothing is loaded. With
+/// the path cleared, the same load installs the eBPF datapath (the positive control).
+#[test]
+fn auto_never_falls_back_on_an_error_that_is_not_the_kernels() {
+    if !tests::can_run("end-to-end auto backend test") {
+        return;
+    }
+    let (srv, cl) = (unique("afsrv"), unique("afcl"));
+    let ns = Netns::new(&[&srv, &cl]);
+    ns.link(&srv, "s1", &["192.0.2.1/24"], &cl, "e0", &["192.0.2.2/24"]);
+    let mut iso = Iso::new(&srv);
+    let blocker = iso.files_dir().join("not-a-dir");
+    std::fs::create_dir_all(iso.files_dir()).unwrap();
+    std::fs::write(&blocker, "").unwrap();
+    iso.pin = blocker.join("pins");
+    let err = iso.fails(&["load", "--iface", "s1", "--backend", "auto"]);
+    assert!(err.contains("cannot create pin dir"), "{err}");
+    let status: serde_json::Value = serde_json::from_str(&iso.ok(&["status", "--json"])).unwrap();
+    assert_eq!(status["loaded"], false, "nothing was loaded: {status}");
+    let chains = ok(&["ip", "netns", "exec", &srv, "iptables-save"]);
+    assert!(!chains.contains("ISO"), "iptables was installed: {chains}");
+
+    std::fs::remove_file(&blocker).unwrap();
+    iso.ok(&["load", "--iface", "s1", "--backend", "auto"]);
+    let status: serde_json::Value = serde_json::from_str(&iso.ok(&["status", "--json"])).unwrap();
+    assert_eq!(status["backend"], "ebpf", "{status}");
+    drop(iso);
+    drop(ns);
+}
+
 /// The host's own rules, chains and sets are left exactly as they were through load, live
 /// edits, a whole-table `iptables-save | iptables-restore` round trip and unload; ours keep
 /// enforcing across the round trip.

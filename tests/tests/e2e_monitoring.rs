@@ -267,6 +267,21 @@ fn prometheus_scrapes_the_service_and_every_dashboard_panel_has_data() {
         ],
         9108,
     );
+    // The node has applied the fleet's policy (its follower runs apart from /metrics).
+    let t0 = Instant::now();
+    while !svc.try_scrape().is_some_and(|m| {
+        m.lines().any(|l| {
+            l.strip_prefix("isolation_source_revision ")
+                .is_some_and(|v| v.trim() != "0")
+        })
+    }) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the node applied no revision: {}",
+            svc.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let prom = Prometheus::start(&node, "127.0.0.1:9108");
 
     // Traffic: the whitelisted client through its allow rule (TCP and ping), the stranger

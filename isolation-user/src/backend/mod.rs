@@ -127,6 +127,32 @@ pub struct Counters {
     pub rules: Vec<RuleCounter>,
     pub log: LogCounts,
     pub connections: Connections,
+    /// What this backend cannot count (those fields read 0 and mean nothing).
+    pub uncounted: Uncounted,
+}
+
+/// What a backend cannot count: left out of `/metrics` and named in `stats --json`
+/// (`"uncounted"`), never shown as a 0 an operator would alert on.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Uncounted {
+    /// Logged drops lost before a reader got them (`log.lost`).
+    pub log_lost: bool,
+    /// New (unconfirmed) connections apart from established ones (`connections.new`).
+    pub new_connections: bool,
+}
+
+impl Uncounted {
+    /// The names `stats --json` gives them.
+    pub fn names(self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.log_lost {
+            out.push("log.lost");
+        }
+        if self.new_connections {
+            out.push("connections.new");
+        }
+        out
+    }
 }
 
 /// How full the connection tables are: new (unconfirmed) and established connections, each
@@ -309,6 +335,19 @@ pub fn select(
             )),
         },
     }
+}
+
+/// Where `--backend auto` turns when the eBPF datapath could not be installed (`err`):
+/// iptables, with why, but only when the kernel refused the programs themselves (load,
+/// verifier, attach). Any other error (a file or directory in the way, a lock) is no reason
+/// to enforce with another backend than the one the host supports, and is returned as is.
+pub fn auto_fallback(paths: &Paths, err: &anyhow::Error) -> Option<(Box<dyn Backend>, String)> {
+    ebpf::kernel_refused(err).then(|| {
+        (
+            Box::new(iptables::Iptables::new(paths.clone())) as Box<dyn Backend>,
+            format!("auto: the kernel would not load or attach the eBPF programs ({err:#})"),
+        )
+    })
 }
 
 /// The backend the state file names (eBPF when there is none), installed or not.

@@ -192,32 +192,112 @@ pub fn disallow(paths: &Paths, a: RuleArgs) -> Result<()> {
     let ports = ports(&a.ports)?;
     edit(paths, move |p| {
         let (from, to) = (endpoint(&a.from, p)?, endpoint(&a.to, p)?);
-        let before = p.isolation.allow.len();
-        let mut touched = 0;
-        for r in p
-            .isolation
-            .allow
-            .iter_mut()
-            .filter(|r| r.from == from && r.to == to)
-        {
-            touched += 1;
-            if !ports.is_empty() {
-                r.ports.retain(|x| !ports.contains(x));
-            }
-        }
-        // Without --port the whole pair goes; a rule left with no ports goes too (no ports
-        // would mean "any port", the opposite of what was asked).
-        p.isolation.allow.retain(|r| {
-            !(r.from == from && r.to == to && (ports.is_empty() || r.ports.is_empty()))
-        });
-        if touched == 0 {
-            bail!("no allow rule from {from} to {to}");
-        }
-        Ok(format!(
+        disallow_in(p, &from, &to, &ports)
+    })
+}
+
+/// Removes the allow rules from `from` to `to`, or, with `ports`, those ports from them: a
+/// range loses the ports inside it (`tcp:1-100` without `tcp:22` is `tcp:1-21` and
+/// `tcp:23-100`), and a rule left with no port goes. Refused when nothing would change, and
+/// for a rule that allows any port (what would be left cannot be written as ports).
+fn disallow_in(
+    p: &mut Policy,
+    from: &Endpoint,
+    to: &Endpoint,
+    ports: &[PortSpec],
+) -> Result<String> {
+    let pair = |r: &AllowRule| r.from == *from && r.to == *to;
+    if !p.isolation.allow.iter().any(pair) {
+        bail!("no allow rule from {from} to {to}");
+    }
+    let before = p.isolation.allow.len();
+    if ports.is_empty() {
+        p.isolation.allow.retain(|r| !pair(r));
+        return Ok(format!(
             "disallowed {from} -> {to} ({} rule(s) removed)",
             before - p.isolation.allow.len()
-        ))
-    })
+        ));
+    }
+    if p.isolation
+        .allow
+        .iter()
+        .any(|r| pair(r) && r.ports.is_empty())
+    {
+        bail!(
+            "the rule from {from} to {to} allows any protocol and port, so no port can be taken out of it: disallow the pair, then allow the ports it should keep"
+        );
+    }
+    let mut changed = false;
+    for r in p.isolation.allow.iter_mut().filter(|r| pair(r)) {
+        let kept: Vec<PortSpec> = r
+            .ports
+            .iter()
+            .flat_map(|&have| {
+                ports.iter().fold(vec![have], |left, &d| {
+                    left.into_iter().flat_map(|x| without(x, d)).collect()
+                })
+            })
+            .collect();
+        changed |= kept != r.ports;
+        r.ports = kept;
+    }
+    if !changed {
+        bail!(
+            "no allow rule from {from} to {to} allows {}: nothing to disallow",
+            list(ports)
+        );
+    }
+    // A rule left with no port goes (no ports would mean "any port", the opposite).
+    p.isolation
+        .allow
+        .retain(|r| !(pair(r) && r.ports.is_empty()));
+    let left: Vec<PortSpec> = p
+        .isolation
+        .allow
+        .iter()
+        .filter(|r| pair(r))
+        .flat_map(|r| r.ports.clone())
+        .collect();
+    Ok(format!(
+        "disallowed {} from {from} -> {to}; {}",
+        list(ports),
+        if left.is_empty() {
+            "no rule left for the pair".to_string()
+        } else {
+            format!("it keeps {}", list(&left))
+        }
+    ))
+}
+
+fn list(ports: &[PortSpec]) -> String {
+    ports
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `have` without the ports of `d`: none, itself, or the one or two pieces of its range
+/// left on either side.
+fn without(have: PortSpec, d: PortSpec) -> Vec<PortSpec> {
+    type Make = fn(u16, u16) -> PortSpec;
+    let ((lo, hi), (dlo, dhi), make): ((u16, u16), (u16, u16), Make) = match (have, d) {
+        (PortSpec::Icmp, PortSpec::Icmp) => return vec![],
+        (PortSpec::Tcp(lo, hi), PortSpec::Tcp(dlo, dhi)) => ((lo, hi), (dlo, dhi), PortSpec::Tcp),
+        (PortSpec::Udp(lo, hi), PortSpec::Udp(dlo, dhi)) => ((lo, hi), (dlo, dhi), PortSpec::Udp),
+        _ => return vec![have],
+    };
+    if dhi < lo || dlo > hi {
+        return vec![have];
+    }
+    let mut out = Vec::new();
+    if dlo > lo {
+        out.push(make(lo, dlo - 1));
+    }
+    if dhi < hi {
+        out.push(make(dhi + 1, hi));
+    }
+    out
 }
 
 pub fn except(paths: &Paths, cmd: ExceptCmd) -> Result<()> {
@@ -248,5 +328,91 @@ pub fn except(paths: &Paths, cmd: ExceptCmd) -> Result<()> {
             }
             Ok(format!("except {from} <-> {to} removed"))
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule_policy(ports: &[&str]) -> Policy {
+        let text = format!(
+            "[networks.a]\nsubnets = [\"192.0.2.0/25\"]\n[networks.b]\nsubnets = [\"192.0.2.128/25\"]\n[[isolation.allow]]\nfrom = \"a\"\nto = \"b\"\n{}",
+            if ports.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "ports = [{}]\n",
+                    ports
+                        .iter()
+                        .map(|p| format!("\"{p}\""))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                )
+            }
+        );
+        policy::parse("p.toml", &text).unwrap()
+    }
+
+    fn ports_of(p: &Policy) -> Vec<String> {
+        p.isolation
+            .allow
+            .iter()
+            .flat_map(|r| r.ports.iter().map(|x| x.to_string()))
+            .collect()
+    }
+
+    fn net(n: &str) -> Endpoint {
+        Endpoint::Network(n.into())
+    }
+
+    /// `disallow --port` takes the ports out of ranges, refuses what would change nothing
+    /// (it once printed "disallowed" and changed nothing), and refuses to carve a port out
+    /// of a rule that allows anything (it once removed the whole rule).
+    #[test]
+    fn disallow_takes_ports_out_of_ranges_or_says_why_not() {
+        let mut p = rule_policy(&["tcp:1-100", "udp:53", "icmp"]);
+        let msg = disallow_in(&mut p, &net("a"), &net("b"), &["tcp:22".parse().unwrap()]).unwrap();
+        assert_eq!(
+            ports_of(&p),
+            ["tcp:1-21", "tcp:23-100", "udp:53", "icmp"],
+            "{msg}"
+        );
+        disallow_in(
+            &mut p,
+            &net("a"),
+            &net("b"),
+            &["tcp:1-21".parse().unwrap(), "icmp".parse().unwrap()],
+        )
+        .unwrap();
+        assert_eq!(ports_of(&p), ["tcp:23-100", "udp:53"]);
+
+        let e =
+            disallow_in(&mut p, &net("a"), &net("b"), &["tcp:22".parse().unwrap()]).unwrap_err();
+        assert!(e.to_string().contains("nothing to disallow"), "{e}");
+        assert_eq!(ports_of(&p), ["tcp:23-100", "udp:53"], "unchanged");
+
+        disallow_in(
+            &mut p,
+            &net("a"),
+            &net("b"),
+            &["tcp:1-65535".parse().unwrap(), "udp:53".parse().unwrap()],
+        )
+        .unwrap();
+        assert!(
+            p.isolation.allow.is_empty(),
+            "a rule left with no port goes"
+        );
+
+        let mut any = rule_policy(&[]);
+        let e =
+            disallow_in(&mut any, &net("a"), &net("b"), &["tcp:22".parse().unwrap()]).unwrap_err();
+        assert!(
+            e.to_string().contains("allows any protocol and port"),
+            "{e}"
+        );
+        assert_eq!(any.isolation.allow.len(), 1, "the rule stays");
+        disallow_in(&mut any, &net("a"), &net("b"), &[]).unwrap();
+        assert!(any.isolation.allow.is_empty());
     }
 }

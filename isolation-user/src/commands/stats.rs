@@ -60,7 +60,7 @@ fn print_once(paths: &Paths, as_json: bool) -> Result<()> {
             .collect();
         println!(
             "{}",
-            json!({ "reasons": reasons, "rules": c.rules, "log": c.log, "connections": c.connections })
+            json!({ "reasons": reasons, "rules": c.rules, "log": c.log, "connections": c.connections, "uncounted": c.uncounted.names() })
         );
         return Ok(());
     }

@@ -184,6 +184,10 @@ fn datapath(r: &mut Registry, paths: &Paths) -> Result<()> {
         ("suppressed", c.log.suppressed),
         ("lost", c.log.lost),
     ] {
+        // What the backend cannot count is left out, not shown as a 0.
+        if k == "lost" && c.uncounted.log_lost {
+            continue;
+        }
         log.get_or_create(&vec![("outcome", k.into())]).inc_by(v);
     }
     let conns: Fam<Gauge> = fam(r, "connections", "Connections remembered, by table");
@@ -196,6 +200,9 @@ fn datapath(r: &mut Registry, paths: &Paths) -> Result<()> {
             c.connections.established_max,
         ),
     ] {
+        if k == "new" && c.uncounted.new_connections {
+            continue;
+        }
         conns
             .get_or_create(&vec![("table", k.into())])
             .set(n as i64);

@@ -515,6 +515,25 @@ impl Scrapes {
     }
 }
 
+/// A Host header (absent, or naming a loopback address or `localhost`, with or without a
+/// port) that a request to a loopback listener may carry.
+fn names_loopback(host: Option<&hyper::header::HeaderValue>) -> bool {
+    let Some(host) = host else {
+        return true;
+    };
+    let Ok(host) = host.to_str() else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Serves `/metrics`. Bounded against whoever can connect (any local user): a cap on
 /// connections, a header timeout and a lifetime per connection, a pause after a failed
 /// accept (out of descriptors) instead of a spin; the policy loop never waits on it.
@@ -527,6 +546,9 @@ async fn serve_metrics(
     use hyper::{Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
     let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
     let scrapes = Arc::new(Scrapes::default());
+    // Served on loopback only: a request must name a loopback host. A web page in a browser
+    // on this host could otherwise read it by rebinding its own name to 127.0.0.1.
+    let loopback = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -546,6 +568,13 @@ async fn serve_metrics(
             let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let (paths, health, scrapes) = (paths.clone(), health.clone(), scrapes.clone());
                 async move {
+                    if loopback && !names_loopback(req.headers().get(hyper::header::HOST)) {
+                        return Response::builder()
+                            .status(StatusCode::FORBIDDEN)
+                            .body(Full::new(Bytes::from(
+                                "served to this host only: the Host header must name 127.0.0.1, ::1 or localhost\n",
+                            )));
+                    }
                     if req.uri().path() != "/metrics" {
                         return Response::builder()
                             .status(StatusCode::NOT_FOUND)
@@ -567,5 +596,38 @@ async fn serve_metrics(
                 .serve_connection(io, svc);
             let _ = tokio::time::timeout(METRICS_CONNECTION_LIFETIME, conn).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::names_loopback;
+    use hyper::header::HeaderValue;
+
+    #[test]
+    fn only_loopback_hosts_are_served_on_loopback() {
+        for ok in [
+            "127.0.0.1:9108",
+            "127.0.0.1",
+            "localhost:9108",
+            "LOCALHOST",
+            "[::1]:9108",
+            "[::1]",
+        ] {
+            assert!(names_loopback(Some(&HeaderValue::from_static(ok))), "{ok}");
+        }
+        assert!(names_loopback(None), "no Host (HTTP/1.0)");
+        for bad in [
+            "evil.example:9108",
+            "evil.example",
+            "192.0.2.1:9108",
+            "[2001:db8::1]:9108",
+            "localhost.evil.example",
+        ] {
+            assert!(
+                !names_loopback(Some(&HeaderValue::from_static(bad))),
+                "{bad}"
+            );
+        }
     }
 }

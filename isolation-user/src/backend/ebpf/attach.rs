@@ -3,7 +3,8 @@
 
 use std::{fs, process::Command};
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use super::refused;
+use anyhow::{Context as _, Result, bail};
 use aya::programs::{
     SchedClassifier, TcAttach, TcAttachType, Xdp, XdpMode,
     links::{FdLink, LinkOrder, PinnedLink},
@@ -105,7 +106,7 @@ pub fn attach(paths: &Paths, iface: &IfaceState) -> Result<()> {
     let id = xdp
         .attach(iface.ifindex, xdp_mode(&iface.mode))
         .map_err(|e| {
-            anyhow!(
+            refused!(
                 "cannot attach XDP ({} mode) to {}: {}",
                 iface.mode,
                 iface.name,
@@ -126,7 +127,7 @@ pub fn attach(paths: &Paths, iface: &IfaceState) -> Result<()> {
             order: LinkOrder::first(),
         };
         let id = tci.attach(iface.ifindex, order).map_err(|e| {
-            anyhow!(
+            refused!(
                 "cannot attach TC ingress to {}: {}",
                 iface.name,
                 error_chain(&e)
@@ -139,7 +140,7 @@ pub fn attach(paths: &Paths, iface: &IfaceState) -> Result<()> {
         let id = tc
             .attach(iface.ifindex, TcAttachType::Egress)
             .map_err(|e| {
-                anyhow!(
+                refused!(
                     "cannot attach TC egress to {}: {}",
                     iface.name,
                     error_chain(&e)

@@ -32,6 +32,26 @@ pub fn probe() -> Result<(), String> {
     syscall::can_create_maps().map_err(|e| format!("bpf() refused: {e}"))
 }
 
+/// The kernel refused the BPF object or one of its programs (map creation, load, the
+/// verifier, attach): what makes `--backend auto` fall back, unlike an error of files, pins
+/// or locks.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct KernelRefused(pub String);
+
+/// `anyhow!` for a refusal by the kernel (a `KernelRefused`).
+macro_rules! refused {
+    ($($t:tt)*) => {
+        anyhow::Error::new($crate::backend::ebpf::KernelRefused(format!($($t)*)))
+    };
+}
+pub(crate) use refused;
+
+/// Is `e` (or its cause) the kernel refusing the object or its programs?
+pub fn kernel_refused(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<KernelRefused>())
+}
+
 pub struct Ebpf {
     paths: Paths,
 }
@@ -211,6 +231,7 @@ impl Backend for Ebpf {
             rules,
             log: counters::log_counts(paths)?,
             connections: counters::connections(paths)?,
+            uncounted: super::Uncounted::default(),
         })
     }
 

@@ -3,6 +3,7 @@
 
 use std::{ffi::CString, fs, path::Path, process::Command};
 
+use super::refused;
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
@@ -92,7 +93,7 @@ pub fn is_loaded(paths: &Paths) -> bool {
 /// Loads the object into the kernel and pins its maps and programs. Nothing is attached.
 pub fn load_and_pin(paths: &Paths) -> Result<()> {
     let mut ebpf: Ebpf = EbpfLoader::new().load(OBJECT).map_err(|e| {
-        anyhow!(
+        refused!(
             "the kernel refused the isolation BPF object: {}",
             error_chain(&e)
         )
@@ -109,12 +110,12 @@ pub fn load_and_pin(paths: &Paths) -> Result<()> {
         super::whitelist::install_empty(paths)?;
         let xdp: &mut Xdp = prog_mut(&mut ebpf, progs::XDP_INGRESS)?;
         xdp.load()
-            .map_err(|e| anyhow!("the kernel refused the XDP program: {}", error_chain(&e)))?;
+            .map_err(|e| refused!("the kernel refused the XDP program: {}", error_chain(&e)))?;
         xdp.pin(paths.prog("xdp"))
             .context("cannot pin the XDP program")?;
         let vx: &mut Xdp = prog_mut(&mut ebpf, progs::XDP_VXLAN)?;
         vx.load().map_err(|e| {
-            anyhow!(
+            refused!(
                 "the kernel refused the VXLAN XDP program: {}",
                 error_chain(&e)
             )
@@ -127,7 +128,7 @@ pub fn load_and_pin(paths: &Paths) -> Result<()> {
             .context("cannot install the VXLAN program in JUMP")?;
         let tci: &mut SchedClassifier = prog_mut(&mut ebpf, progs::TC_INGRESS)?;
         tci.load().map_err(|e| {
-            anyhow!(
+            refused!(
                 "the kernel refused the TC ingress program: {}",
                 error_chain(&e)
             )
@@ -136,7 +137,7 @@ pub fn load_and_pin(paths: &Paths) -> Result<()> {
             .context("cannot pin the TC ingress program")?;
         let tc: &mut SchedClassifier = prog_mut(&mut ebpf, progs::TC_EGRESS)?;
         tc.load()
-            .map_err(|e| anyhow!("the kernel refused the TC program: {}", error_chain(&e)))?;
+            .map_err(|e| refused!("the kernel refused the TC program: {}", error_chain(&e)))?;
         tc.pin(paths.prog("tc"))
             .context("cannot pin the TC program")?;
         Ok(())

@@ -31,7 +31,7 @@ use self::{
 };
 use super::{
     Answer, Backend, Connections, Counters, Events, IfaceStatus, Installed, Kind, Limits,
-    LogCounts, MapFill, Query, RuleCounter, Status, Verdict, WhitelistDelta,
+    LogCounts, MapFill, Query, RuleCounter, Status, Uncounted, Verdict, WhitelistDelta,
 };
 use crate::{
     policy::Policy,
@@ -575,6 +575,12 @@ impl Backend for Iptables {
                 new_max: 0,
                 established: proc("nf_conntrack_count"),
                 established_max: proc("nf_conntrack_max"),
+            },
+            // NFLOG has no ring whose losses could be counted, and conntrack keeps new and
+            // established connections in one table.
+            uncounted: Uncounted {
+                log_lost: true,
+                new_connections: true,
             },
         })
     }
