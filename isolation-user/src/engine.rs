@@ -211,6 +211,7 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
             policy::validate(&p)
                 .map_err(|e| anyhow!("refused, the live policy is unchanged: {e}"))?;
             check_limits(&p, meta.whitelist, None, &b.limits(), b.kind().name())?;
+            lockout::check_isolation(&p, opts.force)?;
             b.apply(&p, None, generation, opts.progress)?;
             store.put_rules(&p, generation)?;
             Ok(outcome(generation, b.as_ref(), Done::Rules { message }))
@@ -461,7 +462,7 @@ fn check_whole(p: &Policy, lines: Option<&Lines>, b: &dyn Backend, force: bool) 
         &b.limits(),
         b.kind().name(),
     )?;
-    lockout::check(&p.whitelist, force)
+    lockout::check_policy(p, force)
 }
 
 /// What `unload` did.

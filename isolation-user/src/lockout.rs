@@ -1,18 +1,113 @@
-//! Refuse whitelists that would lock out the operator running the command over SSH.
+//! Refuse policies that would lock out the operator running the command over SSH: a new
+//! connection from the session's client to its server port must still get in, whitelist
+//! and isolation alike (judged by the oracle, `semantics`).
 
 use std::net::IpAddr;
 
 use anyhow::{Result, bail};
 
-use crate::policy::Whitelist;
+use crate::{
+    policy::{Policy, Whitelist},
+    semantics::{self, Decision, Pkt},
+};
 
-/// The client address of the SSH session this command runs in, from `SSH_CONNECTION`
-/// ("client_ip client_port server_ip server_port").
-pub fn ssh_client() -> Option<IpAddr> {
-    let v = std::env::var("SSH_CONNECTION").ok()?;
-    let ip = v.split_whitespace().next()?;
+/// The SSH session this command runs in: its client and the server end it reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Session {
+    pub client: IpAddr,
+    pub client_port: u16,
+    pub server: IpAddr,
+    pub server_port: u16,
+}
+
+/// `SSH_CONNECTION`'s "client_ip client_port server_ip server_port".
+fn parse(v: &str) -> Option<Session> {
     // OpenSSH writes IPv4-mapped clients as plain IPv4; strip a zone id if any.
-    ip.split('%').next()?.parse().ok()
+    let ip = |s: &str| s.split('%').next()?.parse::<IpAddr>().ok();
+    let mut w = v.split_whitespace();
+    Some(Session {
+        client: ip(w.next()?)?,
+        client_port: w.next()?.parse().ok()?,
+        server: ip(w.next()?)?,
+        server_port: w.next()?.parse().ok()?,
+    })
+}
+
+/// The SSH session of this command: `SSH_CONNECTION`, or, where it was dropped (`sudo`
+/// does), that of the nearest ancestor that has it, if that process shares this network
+/// namespace (a session in another namespace does not go through these interfaces).
+pub fn session() -> Option<Session> {
+    if let Ok(v) = std::env::var("SSH_CONNECTION") {
+        return parse(&v);
+    }
+    let netns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
+    let mine = netns("self")?;
+    let mut pid = std::process::id();
+    for _ in 0..32 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The parent pid is the second field after the command name's closing parenthesis.
+        pid = stat
+            .rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        if pid <= 1 {
+            return None;
+        }
+        if netns(&pid.to_string()).as_ref() != Some(&mine) {
+            continue;
+        }
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        if let Some(v) = env
+            .split(|b| *b == 0)
+            .find_map(|kv| kv.strip_prefix(b"SSH_CONNECTION="))
+        {
+            return parse(&String::from_utf8_lossy(v));
+        }
+    }
+    None
+}
+
+/// The client address of the SSH session this command runs in.
+pub fn ssh_client() -> Option<IpAddr> {
+    session().map(|s| s.client)
+}
+
+/// Errors unless a new connection of the SSH session (a TCP SYN from its client to its
+/// server port) passes `p` whole: whitelist, then isolation (or there is no session, or
+/// `force`).
+pub fn check_policy(p: &Policy, force: bool) -> Result<()> {
+    let s = session();
+    check_client(&p.whitelist, s.map(|s| s.client), force)?;
+    check_isolation_for(p, s, force)
+}
+
+/// As `check_policy`, for the isolation part alone (a live edit of the rules).
+pub fn check_isolation(p: &Policy, force: bool) -> Result<()> {
+    check_isolation_for(p, session(), force)
+}
+
+fn check_isolation_for(p: &Policy, s: Option<Session>, force: bool) -> Result<()> {
+    let Some(s) = s.filter(|_| !force) else {
+        return Ok(());
+    };
+    let syn = Pkt {
+        src: s.client,
+        dst: s.server,
+        proto: 6,
+        ports: Some((s.client_port, s.server_port)),
+    };
+    if semantics::isolation(p, &syn, false) == Decision::Deny {
+        bail!(
+            "refusing: the isolation rules would refuse a new connection from {} to {} port {},              this SSH session's; new sessions would be cut off. Allow it (an allow or except              rule) first, or pass --force if you are sure",
+            s.client,
+            s.server,
+            s.server_port
+        );
+    }
+    Ok(())
 }
 
 pub fn admits(wl: &Whitelist, addr: IpAddr) -> bool {
@@ -45,6 +140,33 @@ mod tests {
             log: true,
             allow: allow.iter().map(|a| a.parse().unwrap()).collect(),
         }
+    }
+
+    #[test]
+    fn isolation_that_refuses_the_session_is_refused() {
+        let s = parse("198.51.100.130 50022 198.51.100.20 22").unwrap();
+        assert_eq!(s.server_port, 22);
+        let policy = |allow: &str| {
+            crate::policy::parse(
+                "p.toml",
+                &format!(
+                    "[isolation]\ndefault = \"deny\"\n[networks.hr]\nsubnets = [\"198.51.100.128/25\"]\n[networks.it]\nsubnets = [\"198.51.100.0/25\"]\n{allow}"
+                ),
+            )
+            .unwrap()
+        };
+        let cut = policy("");
+        let e = check_isolation_for(&cut, Some(s), false).unwrap_err();
+        assert!(e.to_string().contains("198.51.100.20 port 22"), "{e}");
+        assert!(check_isolation_for(&cut, Some(s), true).is_ok(), "--force");
+        assert!(check_isolation_for(&cut, None, false).is_ok(), "no session");
+        let ssh = policy("[[isolation.allow]]\nfrom = \"hr\"\nto = \"it\"\nports = [\"tcp:22\"]\n");
+        assert!(check_isolation_for(&ssh, Some(s), false).is_ok());
+        let web = policy("[[isolation.allow]]\nfrom = \"hr\"\nto = \"it\"\nports = [\"tcp:80\"]\n");
+        assert!(
+            check_isolation_for(&web, Some(s), false).is_err(),
+            "tcp:80 only"
+        );
     }
 
     #[test]

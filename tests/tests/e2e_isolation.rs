@@ -670,3 +670,70 @@ fn reject_never_answers_an_answer(#[case] backend: &str) {
         }
     }
 }
+
+/// The lockout guard judges isolation too, with the oracle: an `apply` whose isolation
+/// rules would refuse a new connection of the SSH session running it (its client to its
+/// server port) is refused, and so is a live `disallow` that would; under `sudo`, which
+/// drops `SSH_CONNECTION`, the session is found in the nearest ancestor of the same network
+/// namespace. `--force` overrides, and then a new connection to port 22 is refused indeed
+/// (the guard's premise, beside its positive control before).
+#[test]
+fn isolation_that_would_lock_out_the_ssh_session_is_refused() {
+    use std::process::Command;
+    if !tests::can_run("end-to-end lockout test") {
+        return;
+    }
+    let tests::netns::TwoClients {
+        ns: _ns,
+        srv,
+        cw,
+        cx: _,
+    } = tests::netns::TwoClients::new("lko");
+    let iso = Iso::with_backend(&srv, "ebpf");
+    let _sshd = tests::traffic::Echo::start(&srv, &["0.0.0.0:22".parse().unwrap()]);
+    let ssh: SocketAddr = "192.0.2.1:22".parse().unwrap();
+    const SESSION: &str = "192.0.2.2 50022 192.0.2.1 22";
+    let base = "[isolation]\ndefault = \"deny\"\nreject = true\n[networks.admins]\nsubnets = [\"192.0.2.2/32\"]\n[networks.host]\nsubnets = [\"192.0.2.1/32\"]\n";
+    let with_ssh = iso.policy(&format!(
+        "{base}[[isolation.allow]]\nfrom = \"admins\"\nto = \"host\"\nports = [\"tcp:22\"]\n"
+    ));
+    let cut = iso.policy(base);
+    iso.ok(&["load", "--iface", "s1", "--policy", &with_ssh]);
+    assert!(tcp_ok(&cw, ssh, PASS_WAIT), "the session's port is open");
+
+    // As the SSH session itself, and as `sudo` run from it (SSH_CONNECTION dropped, found
+    // in the parent shell).
+    let bin = iso.bin.display().to_string();
+    let as_session = |args: &str, sudo: bool| {
+        let inner = if sudo {
+            format!("env -u SSH_CONNECTION {bin} {args}; exit $?")
+        } else {
+            format!("{bin} {args}")
+        };
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{srv}"))
+            .args(["sh", "-c", &inner])
+            .env("SSH_CONNECTION", SESSION)
+            .env("ISOLATION_PIN_DIR", &iso.pin)
+            .env("ISOLATION_STATE_DIR", &iso.state)
+            .output()
+            .unwrap()
+    };
+    for sudo in [false, true] {
+        for args in [format!("apply {cut}"), "disallow admins host".to_string()] {
+            let o = as_session(&args, sudo);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(
+                !o.status.success() && err.contains("192.0.2.1 port 22"),
+                "{args} (sudo: {sudo}): {err}"
+            );
+        }
+    }
+    assert!(tcp_ok(&cw, ssh, PASS_WAIT), "nothing changed");
+    let o = as_session(&format!("apply {cut} --force"), true);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        !tcp_ok(&cw, ssh, DROP_WAIT),
+        "the forced policy cuts port 22"
+    );
+}
