@@ -134,6 +134,11 @@ pub async fn connect(url: &EtcdUrl, o: &EtcdOpts, timeout: Duration) -> Result<C
             .ok_or_else(|| anyhow!("--etcd-user takes USER:PASSWORD"))?;
         // etcd's tokens expire (5 min by default): a long-running node renews its own.
         opts = opts.with_user(u, p).with_auto_token_refresh(true);
+        if scheme == "http" {
+            tracing::warn!(
+                "etcd: the login of {u} to {url} goes over plaintext: anyone on the path reads                  the password; give --etcd-cacert (TLS)"
+            );
+        }
     }
     let endpoints: Vec<String> = url
         .endpoints

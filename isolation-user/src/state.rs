@@ -43,8 +43,7 @@ impl Paths {
     /// Serialises the engine's transactions (two `whitelist add` at once would otherwise
     /// race on the store). Released when the returned file is dropped.
     pub fn lock(&self) -> Result<fs::File> {
-        fs::create_dir_all(&self.state_dir)
-            .with_context(|| format!("cannot create state dir {}", self.state_dir.display()))?;
+        private_dir(&self.state_dir)?;
         lock_file(&self.state_dir.join("lock"))
     }
 
@@ -157,21 +156,108 @@ pub fn unix_now() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Write-then-rename, so a crash never leaves half a file behind.
+/// Creates `dir` (and its parents) if missing, the last one with mode 0700; refuses a
+/// `dir` that is a symbolic link or not owned by this user (someone else's directory, or a
+/// link planted where the state dir goes, would get root's files).
+pub fn private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    match fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot create {}", dir.display())),
+    }
+    let meta =
+        fs::symlink_metadata(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    // SAFETY: geteuid cannot fail and touches no memory.
+    let me = unsafe { libc::geteuid() };
+    if !meta.is_dir() || meta.uid() != me {
+        anyhow::bail!(
+            "{} is not a directory of uid {me} (a symbolic link, or another user's): refusing to keep state there",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Write-then-rename, so a crash never leaves half a file behind. The temporary file is
+/// new (never a file or link someone placed: O_EXCL, O_NOFOLLOW), of a name of its own,
+/// and readable by this user only, whatever the umask.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tmp = path.with_extension("tmp");
-    let mut f =
-        fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(
+        ".{name}.{}.{}.tmp",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let written = (|| -> Result<()> {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        // rename(2) replaces whatever is at `path`, a link included, without following it.
+        fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written
 }
 
 #[cfg(test)]
 mod tests {
-    use super::lock_file;
+    use super::{lock_file, private_dir, write_atomic};
+
+    /// Files are written new and private; a link planted at a file's name is replaced, not
+    /// followed; a state dir that is a link, or another user's, is refused.
+    #[test]
+    fn state_files_are_private_and_never_follow_links() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("isolation-state-{}", std::process::id()));
+        let state = dir.join("state");
+        private_dir(&state).unwrap();
+        assert_eq!(
+            std::fs::metadata(&state).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let file = state.join("state.json");
+        std::os::unix::fs::symlink(&victim, &file).unwrap();
+        write_atomic(&file, b"{}").unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "{}");
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(
+            std::fs::read_dir(&state).unwrap().count(),
+            1,
+            "no temporary left"
+        );
+        let link = dir.join("linked-state");
+        std::os::unix::fs::symlink(&state, &link).unwrap();
+        let e = private_dir(&link).unwrap_err();
+        assert!(e.to_string().contains("not a directory of uid"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     /// A symbolic link planted where a lock goes is refused, and what it points to is
     /// neither emptied nor locked; a real lock file is reused, its content kept.
