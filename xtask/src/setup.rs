@@ -36,10 +36,8 @@ const PACKAGES: &[(&str, &str)] = &[
     // recommends (setup installs without recommends).
     ("etcd-server", "/usr/bin/etcd"),
     ("protobuf-compiler", "/usr/bin/protoc"),
-    (
-        "libprotobuf-dev",
-        "/usr/include/google/protobuf/descriptor.proto",
-    ),
+    // (the .proto files come with its headers)
+    ("libprotobuf-dev", "/usr/include/google/protobuf/any.h"),
     // The certificates of the fleet's TLS test.
     ("openssl", "/usr/bin/openssl"),
     // The service tests open idle connections as an unprivileged user with a script.
