@@ -470,3 +470,18 @@ pub fn udp_echo_once(ns: &str, addr: SocketAddr, size: usize, timeout: Duration)
         matches!(u.recv_from(&mut buf), Ok((n, from)) if from == addr && buf[..n] == data[..])
     })
 }
+
+/// `ping`'s summary: (transmitted, received).
+pub fn ping_summary(out: &str) -> (u64, u64) {
+    let line = out
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_else(|| panic!("no ping summary in {out}"));
+    let n: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|w| !w.is_empty())
+        .take(2)
+        .map(|w| w.parse().unwrap())
+        .collect();
+    (n[0], n[1])
+}

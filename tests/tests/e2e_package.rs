@@ -18,7 +18,7 @@ use std::{
 
 use tests::{
     netns::TwoClients,
-    traffic::{Echo, tcp_ok},
+    traffic::{Echo, ping_summary, tcp_ok},
     unique,
 };
 
@@ -336,21 +336,6 @@ impl Root {
     fn path(&self, p: &str) -> PathBuf {
         self.dir.join(p.trim_start_matches('/'))
     }
-}
-
-/// Transmitted and received of a `ping` summary.
-fn ping_summary(out: &str) -> (u64, u64) {
-    let line = out
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .unwrap_or_else(|| panic!("no ping summary in {out}"));
-    let n: Vec<u64> = line
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|s| !s.is_empty())
-        .take(2)
-        .map(|s| s.parse().unwrap())
-        .collect();
-    (n[0], n[1])
 }
 
 const POLICY: &str = r#"# edited by the operator

@@ -18,7 +18,7 @@ use tests::{
     iso::Iso,
     netns::{Netns, TwoClients},
     service::Service,
-    traffic::{Echo, ping_ok, tcp_ok},
+    traffic::{Echo, ping_ok, ping_summary, tcp_ok},
     unique,
 };
 
@@ -432,21 +432,6 @@ fn service_refuses_a_broken_file_at_first_start() {
     assert!(iso.ok(&["status"]).contains("not loaded"));
     assert!(!iso.pin.exists(), "no pins left");
     assert!(ping_ok(&peer, "192.0.2.1"), "nothing filters");
-}
-
-/// `ping`'s summary: (transmitted, received).
-fn ping_summary(out: &str) -> (u64, u64) {
-    let line = out
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .unwrap_or_else(|| panic!("no ping summary in {out}"));
-    let n: Vec<u64> = line
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|w| !w.is_empty())
-        .take(2)
-        .map(|w| w.parse().unwrap())
-        .collect();
-    (n[0], n[1])
 }
 
 /// Restart and upgrade without a gap: bounded ping floods (2,500 echoes, 2 ms apart, from
