@@ -693,12 +693,17 @@ fn check_whitelist_sizes(s: WhitelistSizes, l: &Limits, backend: &str) -> Result
 
 /// Reads a policy file whole (and where each item is), refusing a bad one.
 pub fn read_policy_file(path: &std::path::Path) -> Result<(Policy, Lines)> {
-    let text = fs::read_to_string(path)
-        .with_context(|| format!("cannot read policy {}", path.display()))?;
-    Ok(policy::parse_with_lines(
-        &path.display().to_string(),
-        &text,
-    )?)
+    parse_policy_file(path, &read_policy_text(path)?)
+}
+
+/// The text of a policy file.
+pub fn read_policy_text(path: &std::path::Path) -> Result<String> {
+    fs::read_to_string(path).with_context(|| format!("cannot read policy {}", path.display()))
+}
+
+/// A policy file's `text`, parsed (errors name `path` and the line).
+pub fn parse_policy_file(path: &std::path::Path, text: &str) -> Result<(Policy, Lines)> {
+    Ok(policy::parse_with_lines(&path.display().to_string(), text)?)
 }
 
 #[cfg(test)]

@@ -100,19 +100,19 @@ fn reload(paths: &Paths, cfg: &Config, why: Trigger, health: &Mutex<Health>) -> 
     let Source::File(file) = &cfg.source else {
         unreachable!("only a file is reloaded from disk")
     };
-    let mut parsed = engine::read_policy_file(file);
-    // An empty file is what an in-place write (`cat new > policy.toml`) shows before its
-    // first bytes land; applied, it would be the built-in allow-all and lift the policy.
-    // While a policy runs it is refused; a policy meant to filter nothing says so
-    // (`[whitelist]` with `enabled = false`, or a comment).
-    if why != Trigger::Start
-        && std::fs::read(file).is_ok_and(|b| b.iter().all(u8::is_ascii_whitespace))
-    {
-        parsed = Err(anyhow::anyhow!(
-            "{} is empty (still being written?); an empty file would lift the whole policy: to filter nothing, write `[whitelist]` with `enabled = false`",
-            file.display()
-        ));
-    }
+    let parsed = engine::read_policy_text(file).and_then(|text| {
+        // An empty file is what an in-place write (`cat new > policy.toml`) shows before
+        // its first bytes land; applied, it would be the built-in allow-all and lift the
+        // policy. While a policy runs it is refused; a policy meant to filter nothing says
+        // so (`[whitelist]` with `enabled = false`, or a comment).
+        if why != Trigger::Start && text.trim().is_empty() {
+            anyhow::bail!(
+                "{} is empty (still being written?); an empty file would lift the whole policy: to filter nothing, write `[whitelist]` with `enabled = false`",
+                file.display()
+            );
+        }
+        engine::parse_policy_file(file, &text)
+    });
     apply_parsed(paths, cfg, parsed, &file.display().to_string(), why, health)
 }
 
