@@ -44,15 +44,8 @@ pub fn session() -> Option<Session> {
     let mine = netns("self")?;
     let mut pid = std::process::id();
     for _ in 0..32 {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // The parent pid is the second field after the command name's closing parenthesis.
-        pid = stat
-            .rsplit_once(')')?
-            .1
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()?;
+        // The parent pid: field 4 of /proc/PID/stat.
+        pid = crate::state::proc_stat_field(pid, 4)? as u32;
         if pid <= 1 {
             return None;
         }

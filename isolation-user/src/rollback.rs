@@ -85,14 +85,7 @@ pub fn pending(paths: &Paths) -> Result<Option<Pending>> {
 
 /// When process `pid` started (field 22 of /proc/PID/stat), if it exists.
 fn start_time(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: count after its end.
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()
+    crate::state::proc_stat_field(pid, 22)
 }
 
 /// The helper of `p`, as a pidfd, if it still runs: the process with its pid *and* its

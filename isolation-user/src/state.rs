@@ -148,6 +148,19 @@ pub fn lock_file(path: &Path) -> Result<fs::File> {
     Ok(f)
 }
 
+/// Field `n` (1-based, as proc(5) numbers them; 3 or more) of /proc/PID/stat, if the
+/// process exists. The command name (field 2) may hold spaces and parentheses: fields are
+/// counted after its closing parenthesis.
+pub fn proc_stat_field(pid: u32, n: usize) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(n.checked_sub(3)?)?
+        .parse()
+        .ok()
+}
+
 /// Now, as Unix time in seconds (deadlines, record times, metrics).
 pub fn unix_now() -> f64 {
     std::time::SystemTime::now()
