@@ -45,6 +45,23 @@ pub fn policy_maps(pin: &Path) -> Dump {
         .collect()
 }
 
+/// What the datapath reads of a dump: the idle isolation slot's maps (and its META
+/// element) left out. An apply refused half-way may leave its policy there, unread; the next
+/// apply overwrites it.
+pub fn live_only(d: &Dump) -> Dump {
+    let config = &d[maps::CONFIG][0].1;
+    let live = u32::from_ne_bytes(config[8..12].try_into().unwrap()) as usize & 1;
+    let idle = 1 - live;
+    let mut out = d.clone();
+    for name in [maps::NET_V4[idle], maps::NET_V6[idle], maps::PORTS[idle]] {
+        out.remove(name);
+    }
+    out.get_mut(maps::META)
+        .unwrap()
+        .retain(|(k, _)| u32::from_ne_bytes(k[..4].try_into().unwrap()) as usize == live);
+    out
+}
+
 /// Every file of a state dir (but the lock), by name.
 pub fn state_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     std::fs::read_dir(dir)

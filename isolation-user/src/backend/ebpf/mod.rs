@@ -166,23 +166,46 @@ impl Backend for Ebpf {
         generation: u32,
         progress: &mut dyn FnMut(u64),
     ) -> Result<()> {
-        // Compiled first: a policy the compiler refuses changes nothing.
+        // Compiled and written into the idle slot first: a policy the compiler or the
+        // kernel refuses changes nothing the datapath reads.
         let compiled = compile::compile(policy).map_err(anyhow::Error::msg)?;
-        // The whitelist entries, all or nothing, before the isolation slot is touched: if
-        // the kernel refuses an entry, the maps are restored and nothing else has changed.
         let paths = &self.paths;
-        let undo = match whitelist {
-            Some(wl) => Some(whitelist::with_map_flags(paths, wl, || {
-                whitelist::sync(paths, wl, progress)
-            })?),
-            None => None,
+        let slot = slots::prepare(paths, &compiled)?;
+        // The whitelist maps have no slots (two copies of millions of entries would double
+        // their memory), so the whitelist changes around the isolation flip, in the order
+        // that gives every packet the old policy's verdict or the new one's: a packet must
+        // pass both stages, and while the old whitelist is enforced its maps only lose
+        // entries the new one lacks before the flip and gain the new ones after it. So no
+        // moment admits what neither policy admits, nor drops what both admit.
+        let was_on = slots::read_config(paths)?.flags & flags::WHITELIST_ENABLED != 0;
+        let (before, after) = match whitelist {
+            None => (Step::None, Step::None),
+            // The old policy reads no map: all of the new whitelist goes in before the flip.
+            Some(_) if !was_on => (Step::Whole, Step::None),
+            Some(_) if policy.whitelist.enabled => (Step::Narrow, Step::Widen),
+            // The new policy reads no map: the old whitelist stays until the flip.
+            Some(_) => (Step::None, Step::Whole),
         };
-        if let Err(e) = slots::swap_in(paths, policy, &compiled, generation) {
-            if let Some(done) = undo {
-                let _ = whitelist::with_map_flags(paths, &done.removed, || {
-                    whitelist::revert(paths, &done)
-                });
+        let wl = whitelist.unwrap_or_default();
+        let mut done = WhitelistDelta::default();
+        let mut to_add = Vec::new();
+        run_step(paths, before, wl, &mut done, &mut to_add, &mut *progress)?;
+        let undo_before = |done: &WhitelistDelta| {
+            let _ =
+                whitelist::with_map_flags(paths, &done.removed, || whitelist::revert(paths, done));
+        };
+        let old = match slots::flip(paths, policy, slot, generation) {
+            Ok(old) => old,
+            Err(e) => {
+                undo_before(&done);
+                return Err(e);
             }
+        };
+        let mut later = WhitelistDelta::default();
+        if let Err(e) = run_step(paths, after, wl, &mut later, &mut to_add, progress) {
+            // Each step is all or nothing: back to the old slot, then the old entries.
+            let _ = slots::flip_back(paths, &old);
+            undo_before(&done);
             return Err(e);
         }
         Ok(())
@@ -293,6 +316,66 @@ impl Backend for Ebpf {
     fn teardown(&mut self) -> Vec<String> {
         pins::remove_pins(&self.paths)
     }
+}
+
+/// A part of an apply's whitelist sync, before or after the isolation flip.
+#[derive(Clone, Copy)]
+enum Step {
+    None,
+    /// Remove what the new whitelist lacks (`whitelist::narrow`).
+    Narrow,
+    /// Add what `Narrow` left to add (`whitelist::widen`).
+    Widen,
+    /// Both.
+    Whole,
+}
+
+/// Runs one step, all or nothing, with the map switches kept safe; what it changed is added
+/// to `done`, and what a `Narrow` leaves to add goes to `to_add`.
+fn run_step(
+    paths: &Paths,
+    step: Step,
+    wanted: &[IpNet],
+    done: &mut WhitelistDelta,
+    to_add: &mut Vec<IpNet>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<()> {
+    let narrow = |to_add: &mut Vec<IpNet>, progress: &mut dyn FnMut(u64)| {
+        whitelist::with_map_flags(paths, &[], || whitelist::narrow(paths, wanted, progress)).map(
+            |(removed, add)| {
+                *to_add = add;
+                removed.removed
+            },
+        )
+    };
+    match step {
+        Step::None => {}
+        Step::Narrow => done.removed = narrow(to_add, progress)?,
+        Step::Widen => {
+            done.added = whitelist::with_map_flags(paths, to_add, || {
+                whitelist::widen(paths, to_add, progress)
+            })?;
+        }
+        Step::Whole => {
+            let removed = narrow(to_add, &mut *progress)?;
+            match whitelist::with_map_flags(paths, to_add, || {
+                whitelist::widen(paths, to_add, &mut *progress)
+            }) {
+                Ok(added) => *done = WhitelistDelta { added, removed },
+                Err(e) => {
+                    let back = WhitelistDelta {
+                        added: Vec::new(),
+                        removed,
+                    };
+                    let _ = whitelist::with_map_flags(paths, &back.removed, || {
+                        whitelist::revert(paths, &back)
+                    });
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `check` from the live maps: the whitelist maps for stage 1, the live slot's tries and

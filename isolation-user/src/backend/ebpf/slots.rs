@@ -40,24 +40,27 @@ pub fn config_flags(policy: &Policy) -> u32 {
     f
 }
 
-/// Applies a policy's whitelist switches and isolation: the isolation maps of the slot not
-/// in use are filled, then one config write flips to it. Packets see the old policy or the
-/// new one, never a mix. The old slot is left as it was (a rollback is one flip back).
-pub fn swap_in(
-    paths: &Paths,
-    policy: &Policy,
-    compiled: &super::compile::Compiled,
-    generation: u32,
-) -> Result<()> {
-    let cur = read_config(paths)?;
-    let next = 1 - (cur.slot & 1);
+/// Fills the isolation maps of the slot not in use with a compiled policy and returns that
+/// slot. Nothing the datapath reads changes until `flip`; the old slot is left as it was
+/// (a rollback is one flip back).
+pub fn prepare(paths: &Paths, compiled: &super::compile::Compiled) -> Result<u32> {
+    let next = 1 - (read_config(paths)?.slot & 1);
     fill_slot(paths, next as usize, compiled)?;
+    Ok(next)
+}
+
+/// Flips to a `prepare`d slot with the policy's switches: one config write, so packets see
+/// the old isolation or the new one, never a mix. Returns the config it replaced, for
+/// `flip_back`.
+pub fn flip(paths: &Paths, policy: &Policy, slot: u32, generation: u32) -> Result<Config> {
+    let mut before = Config::default();
     update_config(paths, |c| {
+        before = *c;
         // The CIDR and filter bits follow the maps, not the policy text (see
         // `whitelist::with_map_flags`).
         c.flags = config_flags(policy) | (c.flags & flags::WL_FOLLOW_MAPS);
         c.generation = generation;
-        c.slot = next;
+        c.slot = slot;
     })?;
     // Rules are numbered by position: after a swap a number may name another rule, so
     // their counters start again (as iptables-restore's do).
@@ -70,6 +73,17 @@ pub fn swap_in(
             0,
         )?;
     }
+    Ok(before)
+}
+
+/// Puts back the config `flip` replaced (a later step of the apply failed): the old slot,
+/// switches and generation in one write; the map bits stay as the maps say.
+pub fn flip_back(paths: &Paths, before: &Config) -> Result<()> {
+    update_config(paths, |c| {
+        c.flags = (before.flags & !flags::WL_FOLLOW_MAPS) | (c.flags & flags::WL_FOLLOW_MAPS);
+        c.generation = before.generation;
+        c.slot = before.slot;
+    })?;
     Ok(())
 }
 

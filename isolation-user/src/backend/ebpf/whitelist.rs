@@ -690,6 +690,14 @@ pub fn install_empty(paths: &Paths) -> Result<()> {
     Ok(())
 }
 
+/// The second half of a sync (`narrow`): adds `add`, all or nothing. Returns what was
+/// really added.
+pub fn widen(paths: &Paths, add: &[IpNet], progress: impl FnMut(u64)) -> Result<Vec<IpNet>> {
+    Ok(WhitelistMaps::open(paths)?
+        .change(&[], add, progress)?
+        .added)
+}
+
 /// Puts back what a `change` did (a later step of its transaction failed).
 pub fn revert(paths: &Paths, done: &WhitelistDelta) -> Result<()> {
     let mut m = WhitelistMaps::open(paths)?;
@@ -697,14 +705,20 @@ pub fn revert(paths: &Paths, done: &WhitelistDelta) -> Result<()> {
     Ok(())
 }
 
-/// Makes the maps hold exactly `wanted`. Entries in both the old and the new whitelist
-/// are not touched; the others go first and the new ones come after, so the maps never hold
-/// more than the larger of the two whitelists (adding first could overflow them half-way),
-/// and no moment admits an address that neither whitelist admits. All or nothing.
+/// The first half of making the maps hold exactly `wanted`: removes what `wanted` lacks and
+/// returns the entries still to add (`widen`). Entries in both the old and the new whitelist
+/// are not touched; removing first means the maps never hold more than the larger of the
+/// two whitelists (adding first could overflow them half-way), and between the halves they
+/// hold only what both whitelists admit, which is what lets `apply` flip the isolation slot
+/// there (see `EbpfBackend::apply`). All or nothing.
 ///
 /// An exact hash much bigger than its family's new whitelist needs is first replaced by one
 /// of the right size holding the entries both whitelists share (`Exact::shrink_for`).
-pub fn sync(paths: &Paths, wanted: &[IpNet], progress: impl FnMut(u64)) -> Result<WhitelistDelta> {
+pub fn narrow(
+    paths: &Paths,
+    wanted: &[IpNet],
+    progress: impl FnMut(u64),
+) -> Result<(WhitelistDelta, Vec<IpNet>)> {
     // foldhash: millions of the operator's own entries (no flooding adversary), where
     // SipHash was a quarter of a whole-policy apply.
     type Set<T> = HashSet<T, foldhash::fast::RandomState>;
@@ -755,10 +769,10 @@ pub fn sync(paths: &Paths, wanted: &[IpNet], progress: impl FnMut(u64)) -> Resul
         .filter(|n| !current.contains(n))
         .copied()
         .collect();
-    match m.change(&gone, &add, progress) {
+    match m.change(&gone, &[], progress) {
         Ok(mut delta) => {
             delta.removed.extend(dropped);
-            Ok(delta)
+            Ok((delta, add))
         }
         Err(e) => {
             m.insert_many(&dropped, |_| {})
