@@ -18,6 +18,7 @@ use crate::{
     backend::{self, Backend, Choice, Limits},
     lockout,
     policy::{self, Endpoint, Lines, Policy, WHITELIST_KINDS, WhitelistSizes},
+    rollback,
     state::{IfaceState, Paths, State},
     store::Store,
 };
@@ -41,12 +42,25 @@ pub enum Change {
     Replace {
         policy: Policy,
         lines: Option<Lines>,
+        /// `apply --confirm-within`: the policy this replaces comes back by itself unless
+        /// `confirm` runs in time (`rollback`).
+        confirm: Option<Confirm>,
     },
+    /// The rollback of an unconfirmed apply, run by its helper (this process): restores
+    /// the policy the apply replaced, if the apply is still pending and due.
+    RollBack,
     /// Edit the rules (networks, allow, except); returns what it did, in words.
     Rules(RulesEdit),
     WhitelistAdd(Vec<IpNet>),
     WhitelistDel(Vec<IpNet>),
     WhitelistFlush,
+}
+
+/// An apply that undoes itself unless confirmed: the file's name (for messages) and the
+/// seconds it has.
+pub struct Confirm {
+    pub file: String,
+    pub within: f64,
 }
 
 /// What a transaction did.
@@ -56,6 +70,18 @@ pub struct Outcome {
     pub backend: &'static str,
     #[serde(flatten)]
     pub what: Done,
+    /// An armed rollback (`Change::Replace { confirm }`).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub armed: Option<Armed>,
+}
+
+/// The rollback an apply armed.
+#[derive(Clone, Debug, Serialize)]
+pub struct Armed {
+    /// Unix time after which the previous policy comes back.
+    pub confirm_deadline: f64,
+    /// The generation whose policy comes back.
+    pub rollback_generation: u32,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -167,42 +193,68 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
                     seeded: done.seeded,
                     programs_replaced: done.replaced,
                 },
+                armed: None,
             })
         }
-        Change::Replace { policy, lines } => {
+        Change::Replace {
+            policy,
+            lines,
+            confirm,
+        } => {
             let mut b = backend::installed(paths, state.as_ref())?;
             check_whole(&policy, lines.as_ref(), b.as_ref(), opts.force)?;
             let old = store.whole()?;
-            let (plan, add, del) = diff_and_delta(&old, &policy);
-            if plan.is_empty() {
+            if diff_and_delta(&old, &policy).0.is_empty() {
                 return Ok(Outcome {
                     generation: meta.generation,
                     backend: b.kind().name(),
                     what: Done::Unchanged,
+                    armed: None,
                 });
             }
-            let only_whitelist = Plan {
-                whitelist_added: 0,
-                whitelist_removed: 0,
-                ..plan.clone()
+            // Armed under the lock: the policy saved is the one replaced here.
+            let armed = match confirm {
+                Some(c) => Some(rollback::arm(
+                    paths,
+                    &c.file,
+                    c.within,
+                    &old,
+                    meta.generation,
+                )?),
+                None => None,
+            };
+            if let Err(e) = replace(&store, b.as_mut(), &old, &policy, generation, opts) {
+                if armed.is_some() {
+                    rollback::disarm(paths);
+                }
+                return Err(e);
             }
-            .is_empty();
-            if only_whitelist && plan.whitelist_added + plan.whitelist_removed <= DELTA_MAX {
-                // A few entries of a big whitelist changed (a fleet's one-line edit): only
-                // they are written, as `whitelist add/remove` would, instead of the whole
-                // whitelist being read back from the datapath and compared. The store is
-                // what the datapath holds: every change goes through this transaction.
-                b.edit_whitelist(&add, &del, generation, opts.progress)?;
-            } else {
-                b.apply(
-                    &policy,
-                    Some(&policy.whitelist.allow),
-                    generation,
-                    opts.progress,
-                )?;
-            }
-            store.put_whole(&policy, generation)?;
-            Ok(outcome(generation, b.as_ref(), Done::Replaced))
+            let mut out = outcome(generation, b.as_ref(), Done::Replaced);
+            out.armed = armed.map(|p| Armed {
+                confirm_deadline: p.deadline,
+                rollback_generation: p.previous_generation,
+            });
+            Ok(out)
+        }
+        Change::RollBack => {
+            let mut b = backend::installed(paths, state.as_ref())?;
+            let Some(due) = rollback::take_due(paths, std::process::id())? else {
+                return Ok(outcome(meta.generation, b.as_ref(), Done::Unchanged));
+            };
+            // The previous policy was live a moment ago: it is restored even if it would
+            // not admit an SSH client now (it did not lock anyone out before).
+            let restored =
+                read_policy_file(&rollback::previous_file(paths)).and_then(|(previous, lines)| {
+                    check_whole(&previous, Some(&lines), b.as_ref(), true)?;
+                    let old = store.whole()?;
+                    replace(&store, b.as_mut(), &old, &previous, generation, opts)
+                });
+            let (now, error) = match &restored {
+                Ok(()) => (generation, None),
+                Err(e) => (meta.generation, Some(format!("{e:#}"))),
+            };
+            due.finish(paths, now, error)?;
+            restored.map(|()| outcome(generation, b.as_ref(), Done::Replaced))
         }
         Change::Rules(edit) => {
             let mut b = backend::installed(paths, state.as_ref())?;
@@ -449,7 +501,41 @@ fn outcome(generation: u32, b: &dyn Backend, what: Done) -> Outcome {
         generation,
         backend: b.kind().name(),
         what,
+        armed: None,
     }
+}
+
+/// Makes the backend enforce `policy` in place of `old` (which differ), then the store.
+fn replace(
+    store: &Store,
+    b: &mut dyn Backend,
+    old: &Policy,
+    policy: &Policy,
+    generation: u32,
+    opts: Options<'_>,
+) -> Result<()> {
+    let (plan, add, del) = diff_and_delta(old, policy);
+    let only_whitelist = Plan {
+        whitelist_added: 0,
+        whitelist_removed: 0,
+        ..plan.clone()
+    }
+    .is_empty();
+    if only_whitelist && plan.whitelist_added + plan.whitelist_removed <= DELTA_MAX {
+        // A few entries of a big whitelist changed (a fleet's one-line edit): only they
+        // are written, as `whitelist add/remove` would, instead of the whole whitelist
+        // being read back from the datapath and compared. The store is what the datapath
+        // holds: every change goes through this transaction.
+        b.edit_whitelist(&add, &del, generation, opts.progress)?;
+    } else {
+        b.apply(
+            policy,
+            Some(&policy.whitelist.allow),
+            generation,
+            opts.progress,
+        )?;
+    }
+    store.put_whole(policy, generation)
 }
 
 /// A whole policy: PRODUCT.md's rules, the backend's limits, no lockout.

@@ -227,7 +227,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Apply(a) => commands::apply::apply(&paths, a),
         Cmd::Save => commands::apply::save(&paths),
         Cmd::Confirm(a) => commands::apply::confirm(&paths, a),
-        Cmd::RollbackTimer => rollback::timer(&paths),
+        Cmd::RollbackTimer => commands::apply::rollback_timer(&paths),
         Cmd::Man { dir } => write_man_pages(&dir),
         Cmd::Completions { shell } => {
             write_completions(shell, &mut std::io::stdout());

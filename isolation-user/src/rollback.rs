@@ -14,6 +14,12 @@
 //!
 //! The helper is started before the apply: a CLI killed between the two leaves a rollback to
 //! the policy that is still live, which changes nothing.
+//!
+//! Both ends run inside the engine's transaction (`Change::Replace { confirm }` arms,
+//! `Change::RollBack` restores), under the engine lock and then the confirmation lock, in
+//! that order everywhere: the policy saved is the one the apply replaces, never an older
+//! one that a change landing between the two would leave out. This module keeps the
+//! records; the engine changes the policy.
 
 use std::{
     fs,
@@ -27,8 +33,7 @@ use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    engine::{self, Change, Options},
-    policy,
+    policy::{self, Policy},
     state::{Paths, lock_file, read_json, unix_now as now, write_atomic},
 };
 
@@ -66,7 +71,8 @@ fn dir(paths: &Paths) -> PathBuf {
 fn pending_file(paths: &Paths) -> PathBuf {
     dir(paths).join("pending.json")
 }
-fn previous_file(paths: &Paths) -> PathBuf {
+/// The policy a rollback restores.
+pub fn previous_file(paths: &Paths) -> PathBuf {
     dir(paths).join("previous.toml")
 }
 fn rolled_back_file(paths: &Paths) -> PathBuf {
@@ -111,9 +117,16 @@ fn clear(paths: &Paths) {
     let _ = fs::remove_file(previous_file(paths));
 }
 
-/// Saves the live policy and starts the helper that restores it at `now + secs`, unless
-/// `confirm` runs first. Call before applying the new policy; `disarm` if that fails.
-pub fn arm(paths: &Paths, file: &str, secs: f64) -> Result<Pending> {
+/// Saves the live policy (`previous`, of generation `generation`) and starts the helper that
+/// restores it at `now + secs`, unless `confirm` runs first. The engine calls it under its
+/// lock, before applying the new policy, and `disarm`s if that fails.
+pub fn arm(
+    paths: &Paths,
+    file: &str,
+    secs: f64,
+    previous: &Policy,
+    generation: u32,
+) -> Result<Pending> {
     let _l = lock(paths)?;
     if let Some(p) = pending(paths)? {
         if helper(&p).is_some() {
@@ -131,9 +144,7 @@ pub fn arm(paths: &Paths, file: &str, secs: f64) -> Result<Pending> {
             p.helper_pid
         );
     }
-    let previous = engine::whole(paths)?;
-    let generation = engine::generation(paths)?;
-    write_atomic(&previous_file(paths), policy::to_toml(&previous).as_bytes())?;
+    write_atomic(&previous_file(paths), policy::to_toml(previous).as_bytes())?;
     let mut p = Pending {
         file: file.to_string(),
         deadline: now() + secs,
@@ -210,15 +221,8 @@ fn stop_helper(p: &Pending) {
     }
 }
 
-/// What `confirm` did.
-#[derive(Clone, Debug, Serialize)]
-pub struct Confirmed {
-    pub file: String,
-    pub generation: u32,
-}
-
-/// Keeps the live policy: the pending rollback is cancelled.
-pub fn confirm(paths: &Paths) -> Result<Confirmed> {
+/// Keeps the live policy: the pending rollback is cancelled. Returns what was pending.
+pub fn confirm(paths: &Paths) -> Result<Pending> {
     let _l = lock(paths)?;
     let Some(p) = pending(paths)? else {
         if let Some(r) = read_json::<RolledBack>(&rolled_back_file(paths))? {
@@ -243,80 +247,58 @@ pub fn confirm(paths: &Paths) -> Result<Confirmed> {
     };
     stop_helper(&p);
     clear(paths);
-    Ok(Confirmed {
-        file: p.file,
-        generation: engine::generation(paths)?,
-    })
+    Ok(p)
 }
 
-/// The helper: sleeps until the deadline (leaving early if the apply is confirmed), then
-/// restores the saved policy unless it was confirmed meanwhile.
-pub fn timer(paths: &Paths) -> Result<()> {
+/// The helper's wait: until the deadline of the apply it was started for, or until that
+/// apply is confirmed. True if the deadline came and the apply is still pending.
+pub fn wait_for_deadline(paths: &Paths) -> Result<bool> {
     let me = std::process::id();
     loop {
         let Some(p) = pending(paths)? else {
-            return Ok(());
+            return Ok(false);
         };
         if p.helper_pid != 0 && p.helper_pid != me {
-            return Ok(());
+            return Ok(false);
         }
         let left = p.deadline - now();
         if left <= 0.0 {
-            break;
+            return Ok(true);
         }
         std::thread::sleep(Duration::from_secs_f64(left.min(0.2)));
     }
-    let _l = lock(paths)?;
-    let Some(p) = pending(paths)? else {
-        return Ok(());
-    };
-    if p.helper_pid != me {
-        return Ok(());
-    }
-    let (previous, lines) = engine::read_policy_file(&previous_file(paths))?;
-    // The previous policy was live a moment ago: it is restored even if it would not admit
-    // an SSH client now (it did not lock anyone out before).
-    let out = engine::commit(
-        paths,
-        Change::Replace {
-            policy: previous,
-            lines: Some(lines),
-        },
-        Options {
-            force: true,
-            progress: &mut |_| {},
-        },
-    );
-    let (generation, error) = match &out {
-        Ok(o) => (o.generation, None),
-        Err(e) => (
-            engine::generation(paths).unwrap_or(0),
-            Some(format!("{e:#}")),
-        ),
-    };
-    write_atomic(
-        &rolled_back_file(paths),
-        serde_json::to_string(&RolledBack {
-            file: p.file.clone(),
-            at: now(),
-            generation,
-            error,
-        })?
-        .as_bytes(),
-    )?;
-    clear(paths);
-    match out {
-        Ok(o) => {
-            eprintln!(
-                "isolation: the apply of {} was not confirmed in time; the previous policy is back \
-                 (generation {})",
-                p.file, o.generation
-            );
-            Ok(())
-        }
-        Err(e) => Err(e.context(format!(
-            "the apply of {} was not confirmed in time, and restoring the previous policy failed",
-            p.file
-        ))),
+}
+
+/// A rollback that is due, held under the confirmation lock until it is `finish`ed: a
+/// `confirm` meanwhile waits, then finds it done.
+pub struct Due {
+    _lock: fs::File,
+    pub pending: Pending,
+}
+
+/// The rollback this helper (`me`) owes, if its apply is still pending: called by the
+/// engine under its lock.
+pub fn take_due(paths: &Paths, me: u32) -> Result<Option<Due>> {
+    let l = lock(paths)?;
+    Ok(pending(paths)?
+        .filter(|p| p.helper_pid == me && p.deadline <= now())
+        .map(|pending| Due { _lock: l, pending }))
+}
+
+impl Due {
+    /// Records how the rollback ended (for a late `confirm`) and clears the pending apply.
+    pub fn finish(self, paths: &Paths, generation: u32, error: Option<String>) -> Result<()> {
+        write_atomic(
+            &rolled_back_file(paths),
+            serde_json::to_string(&RolledBack {
+                file: self.pending.file.clone(),
+                at: now(),
+                generation,
+                error,
+            })?
+            .as_bytes(),
+        )?;
+        clear(paths);
+        Ok(())
     }
 }

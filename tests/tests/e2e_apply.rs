@@ -139,7 +139,34 @@ subnets = ["198.51.100.128/25"]
 from = "hr"
 to = "it"
 ports = ["tcp:80"]
+[whitelist]
+enabled = true
+allow = ["198.51.100.0/25", "198.51.100.130", "198.51.100.146"]
 "#;
+
+/// The second policy: hr may also reach tcp:81 and tcp:83, and x (198.51.100.146) is no
+/// longer whitelisted. So x's tcp:83 is refused by the first policy's isolation and dropped
+/// by the second's whitelist: only the first whitelist with the second isolation (a mix)
+/// lets it through.
+fn p2() -> String {
+    P1.replace(
+        r#"ports = ["tcp:80"]"#,
+        r#"ports = ["tcp:80", "tcp:81", "tcp:83"]"#,
+    )
+    .replace(r#", "198.51.100.146"]"#, "]")
+}
+
+/// A network of 2,000 addresses both policies share: filling an isolation slot takes a few
+/// milliseconds, as it does for a real policy, instead of microseconds.
+fn padded(policy: &str) -> String {
+    let subnets: Vec<String> = (0..2000)
+        .map(|i| format!("\"2001:db8:ff::{i:x}/128\""))
+        .collect();
+    format!(
+        "{policy}[networks.pad]\nsubnets = [{}]\n",
+        subnets.join(", ")
+    )
+}
 
 /// How a connection from `ns` to `addr` ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,8 +177,24 @@ enum End {
 }
 
 fn connect(ns: &str, addr: SocketAddr) -> End {
+    connect_within(ns, addr, Duration::from_secs(2))
+}
+
+/// Whether a SYN from `ns` to `addr` is answered within `wait`: `Passed` as soon as the
+/// handshake completes (the SYN was admitted, whatever later packets meet).
+fn syn_answered(ns: &str, addr: SocketAddr, wait: Duration) -> End {
     tests::traffic::in_ns(ns, move || {
-        match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+        match std::net::TcpStream::connect_timeout(&addr, wait) {
+            Ok(_) => End::Passed,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => End::Refused,
+            Err(_) => End::TimedOut,
+        }
+    })
+}
+
+fn connect_within(ns: &str, addr: SocketAddr, wait: Duration) -> End {
+    tests::traffic::in_ns(ns, move || {
+        match std::net::TcpStream::connect_timeout(&addr, wait) {
             Ok(mut s) => {
                 if tests::traffic::round_trip(&mut s, Duration::from_secs(2)) {
                     End::Passed
@@ -165,19 +208,51 @@ fn connect(ns: &str, addr: SocketAddr) -> End {
     })
 }
 
-/// 100 applies alternate between two policies while new connections keep crossing the
-/// router: each ends as one of the two policies says (tcp:80 both allow: never lost;
-/// tcp:81 only the second allows: passed or refused; tcp:82 neither allows: refused),
-/// never dropped half way by a mix of the two.
+/// Runs `probe` in a loop on its own thread until `stop` (bounded in count and time),
+/// recording when each probe started and how it ended.
+fn prober<T: Send + 'static>(
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    mut probe: impl FnMut() -> Vec<T> + Send + 'static,
+) -> std::thread::JoinHandle<Vec<(std::time::Instant, T)>> {
+    let stop = stop.clone();
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed)
+            && seen.len() < 20_000
+            && std::time::Instant::now() < deadline
+        {
+            let at = std::time::Instant::now();
+            seen.extend(probe().into_iter().map(|r| (at, r)));
+            // Paced under the REJECT rate limits.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        seen
+    })
+}
+
+/// 100 applies alternate between two policies that differ in isolation and in whitelist,
+/// while new connections keep crossing the router: each ends as one of the two policies
+/// says, never as a mix of the two would. From hr: tcp:80 both allow (never lost), tcp:81
+/// only the second allows (passed or refused), tcp:82 neither allows (refused). From x:
+/// tcp:83 is refused by the first and dropped by the second, and passes only if a packet
+/// meets the first whitelist with the second isolation. Connections run all along the
+/// applies (at least half the applies see one start), and both verdicts of each differing port are seen.
 #[rstest]
 #[case::ebpf("ebpf")]
 #[case::iptables("iptables")]
 fn connections_across_100_applies_get_the_old_or_the_new_verdict(#[case] backend: &str) {
+    use std::time::Instant;
     if !tests::can_run("end-to-end apply under traffic test") {
         return;
     }
-    let (router, it, hr) = (unique("aprt"), unique("apit"), unique("aphr"));
-    let ns = Netns::new(&[&router, &it, &hr]);
+    let (router, it, hr, x) = (
+        unique("aprt"),
+        unique("apit"),
+        unique("aphr"),
+        unique("apx"),
+    );
+    let ns = Netns::new(&[&router, &it, &hr, &x]);
     ns.spoke(
         &router,
         "r1",
@@ -192,49 +267,88 @@ fn connections_across_100_applies_get_the_old_or_the_new_verdict(#[case] backend
         &hr,
         ["198.51.100.130/28", "2001:db8:2:1::2/64"],
     );
+    ns.spoke(
+        &router,
+        "r5",
+        ["198.51.100.145/28", "2001:db8:3:1::1/64"],
+        &x,
+        ["198.51.100.146/28", "2001:db8:3:1::2/64"],
+    );
     ns.forwarding(&router);
     let iso = Iso::with_backend(&router, backend);
-    let _echo = Echo::start(&it, &[sa("0.0.0.0:80"), sa("0.0.0.0:81"), sa("0.0.0.0:82")]);
-    let p1 = iso.policy(P1);
-    let p2 = iso.policy(&P1.replace(r#"ports = ["tcp:80"]"#, r#"ports = ["tcp:80", "tcp:81"]"#));
-    iso.ok(&["load", "--iface", "r1", "--iface", "r3", "--policy", &p1]);
+    let _echo = Echo::start(
+        &it,
+        &[
+            sa("0.0.0.0:80"),
+            sa("0.0.0.0:81"),
+            sa("0.0.0.0:82"),
+            sa("0.0.0.0:83"),
+        ],
+    );
+    let p1 = iso.policy(&padded(P1));
+    let p2 = iso.policy(&padded(&p2()));
+    let ifaces = ["--iface", "r1", "--iface", "r3", "--iface", "r5"];
+    iso.ok(&[&["load"][..], &ifaces, &["--policy", &p1]].concat());
     // Positive controls of each port under each policy, before the race.
+    let x83 = |wait| syn_answered(&x, sa("198.51.100.2:83"), wait);
     assert_eq!(connect(&hr, sa("198.51.100.2:80")), End::Passed);
     assert_eq!(connect(&hr, sa("198.51.100.2:81")), End::Refused);
+    assert_eq!(x83(Duration::from_secs(2)), End::Refused);
     iso.ok(&["apply", &p2]);
     assert_eq!(connect(&hr, sa("198.51.100.2:81")), End::Passed);
     assert_eq!(connect(&hr, sa("198.51.100.2:82")), End::Refused);
+    assert_eq!(connect(&hr, sa("198.51.100.2:83")), End::Passed);
+    assert_eq!(x83(Duration::from_millis(700)), End::TimedOut);
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let prober = {
-        let (hr, stop) = (hr.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let mut seen: Vec<(u16, End)> = Vec::new();
-            let deadline = std::time::Instant::now() + Duration::from_secs(120);
-            // Bounded in count and time; paced under the REJECT rate limits.
-            while !stop.load(std::sync::atomic::Ordering::Relaxed)
-                && seen.len() < 20_000
-                && std::time::Instant::now() < deadline
-            {
-                for port in [80u16, 81, 82] {
-                    seen.push((
+    let from_hr = prober(&stop, {
+        let hr = hr.clone();
+        move || {
+            [80u16, 81, 82]
+                .map(|port| {
+                    (
                         port,
                         connect(&hr, SocketAddr::new([198, 51, 100, 2].into(), port)),
-                    ));
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            seen
+                    )
+                })
+                .to_vec()
+        }
+    });
+    // x's SYNs are answered within a millisecond or dropped: a short timeout keeps the
+    // probers sending through every apply (a slow answer only counts as dropped).
+    let from_x: Vec<_> = (0..2)
+        .map(|_| {
+            let x = x.clone();
+            prober(&stop, move || {
+                vec![syn_answered(
+                    &x,
+                    sa("198.51.100.2:83"),
+                    Duration::from_millis(20),
+                )]
+            })
         })
-    };
+        .collect();
+    let mut applied = Vec::new();
     for i in 0..100 {
+        applied.push(Instant::now());
         iso.ok(&["apply", if i % 2 == 0 { &p1 } else { &p2 }]);
     }
+    applied.push(Instant::now());
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let seen = prober.join().unwrap();
-    eprintln!("{backend}: {} connections during 100 applies", seen.len());
+    let seen = from_hr.join().unwrap();
+    let seen_x: Vec<(Instant, End)> = from_x.into_iter().flat_map(|p| p.join().unwrap()).collect();
+    let covered = applied
+        .windows(2)
+        .filter(|w| seen.iter().any(|(at, _)| (w[0]..w[1]).contains(at)))
+        .count();
+    eprintln!(
+        "{backend}: {} connections from hr and {} from x during 100 applies; {covered} applies saw one start",
+        seen.len(),
+        seen_x.len()
+    );
     let wrong: Vec<_> = seen
         .iter()
+        .map(|(_, r)| r)
         .filter(|(port, end)| match port {
             80 => *end != End::Passed,
             81 => *end == End::TimedOut,
@@ -242,22 +356,34 @@ fn connections_across_100_applies_get_the_old_or_the_new_verdict(#[case] backend
         })
         .collect();
     assert!(
-        seen.len() >= 30,
-        "too few connections during the applies: {}",
-        seen.len()
-    );
-    assert!(
         wrong.is_empty(),
         "{} of {} connections ended as neither policy says: {:?}",
         wrong.len(),
         seen.len(),
         &wrong[..wrong.len().min(10)]
     );
-    // Both verdicts of the port that differs were seen: the applies really alternated.
+    let mixed = seen_x.iter().filter(|(_, e)| *e == End::Passed).count();
+    assert_eq!(
+        mixed,
+        0,
+        "{mixed} of {} connections from x passed: the first whitelist met the second isolation",
+        seen_x.len()
+    );
+    assert!(
+        covered >= 50,
+        "connections started during only {covered} of the 100 applies"
+    );
+    // Both verdicts of the ports that differ were seen: the applies really alternated.
     for end in [End::Passed, End::Refused] {
         assert!(
-            seen.iter().any(|(p, e)| *p == 81 && *e == end),
+            seen.iter().any(|(_, (p, e))| *p == 81 && *e == end),
             "tcp:81 never {end:?} across the applies"
+        );
+    }
+    for end in [End::Refused, End::TimedOut] {
+        assert!(
+            seen_x.iter().any(|(_, e)| *e == end),
+            "x's tcp:83 never {end:?} across the applies"
         );
     }
 }
@@ -436,4 +562,95 @@ fn confirm_never_signals_a_process_that_took_the_helpers_pid() {
     assert!(tcp_ok(&cx, sa("198.51.100.1:8080"), PASS_WAIT), "B is kept");
     let _ = victim.kill();
     let _ = victim.wait();
+}
+
+/// A change that holds the engine when `apply --confirm-within` starts is part of what the
+/// rollback restores: the apply saves the policy it replaces under the engine lock, not the
+/// one it read before waiting (which lacked the change, so its rollback took the change
+/// back out for good).
+#[test]
+fn a_change_in_flight_when_an_apply_is_armed_survives_its_rollback() {
+    use std::os::fd::AsRawFd as _;
+    use std::time::Instant;
+    if !tests::can_run("end-to-end confirm test") {
+        return;
+    }
+    let TwoClients {
+        ns: _ns,
+        srv,
+        cw,
+        cx: _cx,
+    } = TwoClients::new("cfif");
+    let iso = Iso::with_backend(&srv, "ebpf");
+    let _echo = Echo::start(&srv, &[sa("0.0.0.0:8080")]);
+    iso.ok(&[
+        "load",
+        "--iface",
+        "s1",
+        "--iface",
+        "s2",
+        "--policy",
+        &iso.policy(A),
+    ]);
+    // A whitelist add long enough to be caught holding the engine: 300,000 addresses.
+    let bulk = iso.files_dir().join("bulk.txt");
+    let mut text = String::new();
+    for i in 0..300_000u32 {
+        text.push_str(&format!("2001:db8:77::{:x}:{:x}\n", i >> 16, i & 0xffff));
+    }
+    std::fs::write(&bulk, text).unwrap();
+    let mut add = iso
+        .cmd(&["whitelist", "add", "--file", &bulk.display().to_string()])
+        .spawn()
+        .unwrap();
+    // Wait (bounded) until the add holds the engine lock.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let held = loop {
+        let busy = std::fs::OpenOptions::new()
+            .read(true)
+            .open(iso.state.join("lock"))
+            .map(|f| {
+                // SAFETY: flock(2) on a descriptor we own; released when `f` closes.
+                unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 }
+            })
+            .unwrap_or(false);
+        if busy || Instant::now() > deadline || add.try_wait().unwrap().is_some() {
+            break busy;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    assert!(
+        held,
+        "the whitelist add was never seen holding the engine lock"
+    );
+    let b = iso.policy(&A.replace(
+        r#"allow = ["192.0.2.2"]"#,
+        r#"allow = ["192.0.2.2", "192.0.2.9"]"#,
+    ));
+    let out = iso.ok(&["apply", "--confirm-within", "3", &b]);
+    assert!(out.contains("confirm"), "{out}");
+    assert!(add.wait().unwrap().success(), "the whitelist add failed");
+    let listed = |iso: &Iso| iso.ok(&["whitelist", "list"]);
+    let now = listed(&iso);
+    assert!(
+        now.contains("192.0.2.9"),
+        "the apply is live:\n{}",
+        &now[..now.len().min(300)]
+    );
+    // Unconfirmed: the policy the apply replaced comes back, the add's addresses with it.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !helpers(&iso).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let back = listed(&iso);
+    assert!(!back.contains("192.0.2.9"), "the apply was rolled back");
+    let bulk_back = back.lines().filter(|l| l.contains("2001:db8:77::")).count();
+    assert_eq!(
+        bulk_back, 300_000,
+        "the whitelist add that held the engine when the apply was armed was rolled back too"
+    );
+    assert!(
+        tcp_ok(&cw, sa("192.0.2.1:8080"), PASS_WAIT),
+        "cw still passes"
+    );
 }

@@ -3,11 +3,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use clap::Args;
 
 use crate::{
-    engine::{self, Change, Done, Options, Plan},
+    engine::{self, Change, Confirm, Done, Options, Plan},
     policy, rollback,
     state::Paths,
 };
@@ -80,13 +80,16 @@ pub fn apply(paths: &Paths, a: ApplyArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let armed = match a.confirm_within {
+    let confirm = match a.confirm_within {
         Some(secs) if !(secs.is_finite() && secs > 0.0 && secs <= 86_400.0) => {
             anyhow::bail!(
                 "--confirm-within {secs}: give a number of seconds, more than 0 and at most 86400"
             )
         }
-        Some(secs) => Some(rollback::arm(paths, &a.file.display().to_string(), secs)?),
+        Some(within) => Some(Confirm {
+            file: a.file.display().to_string(),
+            within,
+        }),
         None => None,
     };
     let bar = super::whitelist::progress(policy.whitelist.allow.len());
@@ -95,6 +98,7 @@ pub fn apply(paths: &Paths, a: ApplyArgs) -> Result<()> {
         Change::Replace {
             policy,
             lines: Some(lines),
+            confirm,
         },
         Options {
             force: a.force,
@@ -102,20 +106,9 @@ pub fn apply(paths: &Paths, a: ApplyArgs) -> Result<()> {
         },
     );
     bar.finish_and_clear();
-    // Refused, or nothing changed: nothing to confirm.
-    let changed = matches!(&out, Ok(o) if !matches!(o.what, Done::Unchanged));
-    if armed.is_some() && !changed {
-        rollback::disarm(paths);
-    }
     let out = out?;
-    let armed = armed.filter(|_| changed);
     if a.json {
-        let mut v = serde_json::to_value(&out)?;
-        if let Some(p) = &armed {
-            v["confirm_deadline"] = serde_json::json!(p.deadline);
-            v["rollback_generation"] = serde_json::json!(p.previous_generation);
-        }
-        println!("{v}");
+        println!("{}", serde_json::to_string(&out)?);
         return Ok(());
     }
     match out.what {
@@ -131,12 +124,12 @@ pub fn apply(paths: &Paths, a: ApplyArgs) -> Result<()> {
             out.generation
         ),
     }
-    if let Some(p) = armed {
+    if let Some(p) = out.armed {
         println!(
             "isolation: run `isolation-user confirm` within {:.0} s to keep it; otherwise \
              generation {}'s policy comes back by itself",
-            p.deadline - crate::state::unix_now(),
-            p.previous_generation
+            p.confirm_deadline - crate::state::unix_now(),
+            p.rollback_generation
         );
     }
     Ok(())
@@ -144,13 +137,43 @@ pub fn apply(paths: &Paths, a: ApplyArgs) -> Result<()> {
 
 /// `confirm`: keeps the policy of the pending `apply --confirm-within`.
 pub fn confirm(paths: &Paths, a: ConfirmArgs) -> Result<()> {
-    let c = rollback::confirm(paths)?;
+    let p = rollback::confirm(paths)?;
+    let generation = engine::generation(paths)?;
     if a.json {
-        println!("{}", serde_json::to_string(&c)?);
+        println!(
+            "{}",
+            serde_json::json!({"file": p.file, "generation": generation})
+        );
     } else {
         println!(
-            "isolation: confirmed {} (generation {}); the rollback is cancelled",
-            c.file, c.generation
+            "isolation: confirmed {} (generation {generation}); the rollback is cancelled",
+            p.file
+        );
+    }
+    Ok(())
+}
+
+/// The hidden `rollback-timer` verb: the helper of an `apply --confirm-within`. Sleeps until
+/// the deadline (leaving early if the apply is confirmed), then restores the policy the
+/// apply replaced, unless it was confirmed meanwhile.
+pub fn rollback_timer(paths: &Paths) -> Result<()> {
+    if !rollback::wait_for_deadline(paths)? {
+        return Ok(());
+    }
+    let out = engine::commit(
+        paths,
+        Change::RollBack,
+        Options {
+            force: true,
+            progress: &mut |_| {},
+        },
+    )
+    .context("the apply was not confirmed in time, and restoring the previous policy failed")?;
+    if matches!(out.what, Done::Replaced) {
+        eprintln!(
+            "isolation: the apply was not confirmed in time; the previous policy is back \
+             (generation {})",
+            out.generation
         );
     }
     Ok(())

@@ -139,6 +139,7 @@ fn apply_parsed(
                 replace_programs: false,
             },
             Trigger::File | Trigger::Hangup | Trigger::Etcd => Change::Replace {
+                confirm: None,
                 policy,
                 lines: Some(lines),
             },
