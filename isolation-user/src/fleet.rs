@@ -99,9 +99,67 @@ pub struct EtcdOpts {
     /// Client key (PEM).
     #[arg(long, value_name = "FILE", requires = "etcd_cert")]
     pub etcd_key: Option<std::path::PathBuf>,
-    /// USER:PASSWORD for etcd's authentication.
+    /// USER:PASSWORD for etcd's authentication. On the command line, every local user reads
+    /// it in /proc: prefer --etcd-user-file, or this variable in a root-only file.
     #[arg(long, value_name = "USER:PASSWORD", env = "ISOLATION_ETCD_USER")]
     pub etcd_user: Option<String>,
+    /// A file whose first line is USER:PASSWORD, readable by its owner only (chmod 600).
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with = "etcd_user",
+        env = "ISOLATION_ETCD_USER_FILE"
+    )]
+    pub etcd_user_file: Option<std::path::PathBuf>,
+}
+
+/// The longest --etcd-user-file read.
+const MAX_LOGIN_FILE: u64 = 4096;
+
+impl EtcdOpts {
+    /// USER:PASSWORD, from --etcd-user or --etcd-user-file.
+    fn login(&self) -> Result<Option<String>> {
+        use std::io::Read as _;
+        use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+        let Some(path) = &self.etcd_user_file else {
+            return Ok(self.etcd_user.clone());
+        };
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .with_context(|| format!("--etcd-user-file {}: cannot open it", path.display()))?;
+        let m = f.metadata()?;
+        // SAFETY: geteuid(2) cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if !m.is_file() || (m.uid() != me && m.uid() != 0) || m.mode() & 0o077 != 0 {
+            bail!(
+                "--etcd-user-file {}: a password file must be a regular file of this user's or \
+                 root's, readable by its owner only (chmod 600); it is mode {:o}, uid {}",
+                path.display(),
+                m.mode() & 0o7777,
+                m.uid()
+            );
+        }
+        let mut text = String::new();
+        f.take(MAX_LOGIN_FILE + 1)
+            .read_to_string(&mut text)
+            .with_context(|| format!("--etcd-user-file {}: not text", path.display()))?;
+        if text.len() as u64 > MAX_LOGIN_FILE {
+            bail!(
+                "--etcd-user-file {}: longer than {MAX_LOGIN_FILE} bytes; it holds one line, USER:PASSWORD",
+                path.display()
+            );
+        }
+        let line = text.lines().next().unwrap_or("").trim();
+        if !line.contains(':') {
+            bail!(
+                "--etcd-user-file {}: its first line must be USER:PASSWORD",
+                path.display()
+            );
+        }
+        Ok(Some(line.to_string()))
+    }
 }
 
 /// Connects, failing within `timeout`.
@@ -128,7 +186,7 @@ pub async fn connect(url: &EtcdUrl, o: &EtcdOpts, timeout: Duration) -> Result<C
     } else {
         "http"
     };
-    if let Some(up) = &o.etcd_user {
+    if let Some(up) = &o.login()? {
         let (u, p) = up
             .split_once(':')
             .ok_or_else(|| anyhow!("--etcd-user takes USER:PASSWORD"))?;

@@ -876,9 +876,25 @@ fn nodes_with_least_privilege_follow_and_write_only_their_own_record() {
     assert!(std::fs::metadata(&b).unwrap().len() > 1 << 20);
     let rev_a = push(&hub, &url, &a, &[]).unwrap();
     let _echo = Echo::start(&nodes[0], &["0.0.0.0:8080".parse().unwrap()]);
+    // lp0's login on its command line, lp1's in a file (kept out of /proc/PID/cmdline).
+    let login_file = dir.join("lp1.login");
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&login_file)
+            .unwrap();
+        std::io::Write::write_all(&mut f, b"node-lp1:pw-lp1\n").unwrap();
+    }
     let services: Vec<Service> = (0..M)
         .map(|i| {
             let login = format!("node-{}:pw-{}", names[i], names[i]);
+            let (opt, value) = match i {
+                0 => ("--etcd-user", login),
+                _ => ("--etcd-user-file", login_file.display().to_string()),
+            };
             let args = [
                 "--iface",
                 "m0",
@@ -887,13 +903,30 @@ fn nodes_with_least_privilege_follow_and_write_only_their_own_record() {
                 "--node-name",
                 names[i],
                 "--no-drop-log",
-                "--etcd-user",
-                &login,
+                opt,
+                &value,
             ];
             Service::start(&isos[i], &args, 9108)
         })
         .collect();
     converge(&hub, &url, rev_a, M);
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", services[1].child.id())).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&cmdline).contains("pw-lp1"),
+        "the password of --etcd-user-file is not on the command line"
+    );
+    // A password file others can read is refused, and says why (the file above is the
+    // positive control).
+    let loose = dir.join("loose.login");
+    std::fs::write(&loose, "node-lp0:pw-lp0\n").unwrap();
+    std::fs::set_permissions(&loose, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let o = fleet_with(
+        &hub,
+        &["status", "--etcd", &url],
+        &["--etcd-user-file".to_string(), loose.display().to_string()],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("chmod 600"), "{err}");
     let to0: SocketAddr = "203.0.113.10:8080".parse().unwrap();
     only(&probe, &other, to0, "A");
     let o = fleet(&hub, &["push", &b, "--etcd", &url]);

@@ -92,7 +92,9 @@ pub fn run(c: FleetCmd) -> Result<()> {
 fn with_hint(e: anyhow::Error, o: &EtcdOpts) -> anyhow::Error {
     let text = format!("{e:#}");
     if text.contains("user name is empty") {
-        return e.context("etcd asks for a login: give --etcd-user USER:PASSWORD");
+        return e.context(
+            "etcd asks for a login: give --etcd-user-file FILE (a line USER:PASSWORD) or --etcd-user USER:PASSWORD",
+        );
     }
     if !(text.contains("transport error") || text.contains("connection closed")) {
         return e;
