@@ -10,7 +10,7 @@
 
 use std::{collections::HashSet, fs};
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use ipnet::IpNet;
 use serde::Serialize;
 
@@ -784,7 +784,7 @@ pub fn read_policy_file(path: &std::path::Path) -> Result<(Policy, Lines)> {
 
 /// The text of a policy file.
 pub fn read_policy_text(path: &std::path::Path) -> Result<String> {
-    fs::read_to_string(path).with_context(|| format!("cannot read policy {}", path.display()))
+    crate::state::read_trusted("policy", path)
 }
 
 /// A policy file's `text`, parsed (errors name `path` and the line).

@@ -190,7 +190,12 @@ fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
         for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()).cloned() {
             one(sub, dir, n)?;
         }
-        clap_mangen::Man::new(cmd).section("8").generate_to(dir)?;
+        let man = clap_mangen::Man::new(cmd).section("8");
+        let mut page = Vec::new();
+        man.render(&mut page)?;
+        // A new file renamed into place: a link planted at a page's name in DIR is
+        // replaced, never written through.
+        state::write_atomic_mode(&dir.join(man.get_filename()), &page, 0o644)?;
         *n += 1;
         Ok(())
     }

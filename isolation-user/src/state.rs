@@ -8,7 +8,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::Kind;
@@ -97,6 +97,76 @@ impl State {
             serde_json::to_string_pretty(self)?.as_bytes(),
         )
     }
+}
+
+/// Opens a file whose contents root acts on (a policy, a list of addresses), refusing one
+/// that anyone but root and this user could have written: the file and every directory
+/// above it (along the path as given and along the links it resolves to) must be owned by
+/// root or this user and writable by no one else. A sticky directory (as /tmp) may be
+/// writable by all: its other users cannot replace what root or this user put in it.
+/// As sshd's StrictModes judges `authorized_keys`.
+pub fn open_trusted(what: &str, path: &Path) -> Result<fs::File> {
+    use std::os::unix::fs::MetadataExt as _;
+    let f =
+        fs::File::open(path).with_context(|| format!("cannot read {what} {}", path.display()))?;
+    // SAFETY: geteuid(2) cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let judge = |what: &Path, m: &fs::Metadata, dir: bool| -> Result<()> {
+        let sticky = dir && m.mode() & 0o1000 != 0;
+        if m.uid() != 0 && m.uid() != me {
+            bail!(
+                "{} is not safe to act on: {} {} is owned by uid {}, and whoever owns it \
+                 controls this firewall (make it root's: chown root)",
+                path.display(),
+                if dir { "its directory" } else { "the file" },
+                what.display(),
+                m.uid()
+            );
+        }
+        if m.mode() & 0o022 != 0 && !sticky {
+            bail!(
+                "{} is not safe to act on: {} {} (mode {:o}) is writable by others than its \
+                 owner, who could change this firewall (chmod go-w)",
+                path.display(),
+                if dir { "its directory" } else { "the file" },
+                what.display(),
+                m.mode() & 0o7777
+            );
+        }
+        Ok(())
+    };
+    judge(path, &f.metadata()?, false)?;
+    let absolute = std::path::absolute(path)?;
+    let resolved = fs::canonicalize(path)?;
+    for chain in [&absolute, &resolved] {
+        for dir in chain.ancestors().skip(1) {
+            let m = fs::metadata(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+            judge(dir, &m, true)?;
+        }
+    }
+    Ok(f)
+}
+
+/// The most a policy file (or a list of addresses) may hold: beyond the largest whitelist
+/// the backends take, with room for comments.
+pub const MAX_POLICY_FILE: u64 = 512 << 20;
+
+/// The text of a file root acts on (`open_trusted`), at most `MAX_POLICY_FILE` bytes.
+pub fn read_trusted(what: &str, path: &Path) -> Result<String> {
+    use std::io::Read as _;
+    let f = open_trusted(what, path)?;
+    let mut text = String::new();
+    f.take(MAX_POLICY_FILE + 1)
+        .read_to_string(&mut text)
+        .with_context(|| format!("cannot read {} (not UTF-8 text?)", path.display()))?;
+    if text.len() as u64 > MAX_POLICY_FILE {
+        bail!(
+            "{} is over {} MiB: refused",
+            path.display(),
+            MAX_POLICY_FILE >> 20
+        );
+    }
+    Ok(text)
 }
 
 /// A JSON file of ours: None when it does not exist.
@@ -200,6 +270,11 @@ pub fn private_dir(dir: &Path) -> Result<()> {
 /// new (never a file or link someone placed: O_EXCL, O_NOFOLLOW), of a name of its own,
 /// and readable by this user only, whatever the umask.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    write_atomic_mode(path, data, 0o600)
+}
+
+/// `write_atomic` with the file's mode.
+pub fn write_atomic_mode(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt as _;
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
@@ -218,7 +293,7 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
         let mut f = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(0o600)
+            .mode(mode)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&tmp)
             .with_context(|| format!("cannot write {}", tmp.display()))?;
@@ -235,7 +310,7 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{lock_file, private_dir, write_atomic};
+    use super::{lock_file, open_trusted, private_dir, write_atomic};
 
     /// Files are written new and private; a link planted at a file's name is replaced, not
     /// followed; a state dir that is a link, or another user's, is refused.
@@ -290,6 +365,62 @@ mod tests {
         std::fs::write(&real, "kept").unwrap();
         drop(lock_file(&real).unwrap());
         assert_eq!(std::fs::read_to_string(&real).unwrap(), "kept");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A policy root acts on is refused when someone else could have written it: a file or
+    /// a directory above it owned by another user, or writable by others (a sticky
+    /// directory excepted), also behind a link. Root's own file in root's directory, and in
+    /// a sticky world-writable one, is read (the positive controls).
+    #[test]
+    fn a_file_others_could_write_is_not_acted_on() {
+        use std::os::unix::fs::{PermissionsExt as _, chown};
+        // SAFETY: geteuid(2) cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root to give files to another user");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("isolation-trust-{}", std::process::id()));
+        let mode = |p: &std::path::Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        let file = |p: &std::path::Path| {
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, "[whitelist]\n").unwrap();
+            mode(p, 0o644);
+            p.to_path_buf()
+        };
+        std::fs::create_dir_all(&dir).unwrap();
+        mode(&dir, 0o755);
+        let refused = |p: &std::path::Path, why: &str| {
+            let e = format!("{:#}", open_trusted("policy", p).unwrap_err());
+            assert!(e.contains(why), "{}: {e}", p.display());
+        };
+        let good = file(&dir.join("root/policy.toml"));
+        mode(good.parent().unwrap(), 0o755);
+        open_trusted("policy", &good).unwrap();
+
+        let theirs = file(&dir.join("root/theirs.toml"));
+        chown(&theirs, Some(65534), None).unwrap();
+        refused(&theirs, "owned by uid 65534");
+
+        let loose = file(&dir.join("root/loose.toml"));
+        mode(&loose, 0o664);
+        refused(&loose, "writable by others");
+
+        let open_dir = file(&dir.join("open/policy.toml"));
+        mode(open_dir.parent().unwrap(), 0o777);
+        refused(&open_dir, "its directory");
+
+        let sticky = file(&dir.join("sticky/policy.toml"));
+        mode(sticky.parent().unwrap(), 0o1777);
+        open_trusted("policy", &sticky).unwrap();
+
+        let their_dir = file(&dir.join("user/policy.toml"));
+        chown(their_dir.parent().unwrap(), Some(65534), None).unwrap();
+        let link = dir.join("root/linked.toml");
+        std::os::unix::fs::symlink(&their_dir, &link).unwrap();
+        refused(&link, "owned by uid 65534");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -113,8 +113,7 @@ fn with_hint(e: anyhow::Error, o: &EtcdOpts) -> anyhow::Error {
 
 fn push(file: &std::path::Path, expect: Option<i64>, to: &Target) -> Result<()> {
     // The same checks a node makes, before anything is written.
-    let text = std::fs::read_to_string(file)
-        .with_context(|| format!("cannot read policy {}", file.display()))?;
+    let text = engine::read_policy_text(file)?;
     let (p, lines) = policy::parse_with_lines(&file.display().to_string(), &text)?;
     policy::validate(&p).map_err(anyhow::Error::msg)?;
     engine::check_limits(

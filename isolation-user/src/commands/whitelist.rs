@@ -61,8 +61,9 @@ fn collect(a: &EditArgs) -> Result<Vec<IpNet>> {
         let (name, reader): (String, Box<dyn std::io::BufRead>) = if f.as_os_str() == "-" {
             ("<stdin>".into(), Box::new(std::io::stdin().lock()))
         } else {
+            use std::io::Read as _;
             let file =
-                std::fs::File::open(f).with_context(|| format!("cannot read {}", f.display()))?;
+                crate::state::open_trusted("address list", f)?.take(crate::state::MAX_POLICY_FILE);
             (
                 f.display().to_string(),
                 Box::new(std::io::BufReader::new(file)),
