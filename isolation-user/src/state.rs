@@ -169,6 +169,19 @@ pub fn read_trusted(what: &str, path: &Path) -> Result<String> {
     Ok(text)
 }
 
+/// A system tool (`iptables-nft`, `ipset`, `ip`, `mount`) to run as root: looked up in the
+/// system's own directories only, never through `PATH`, which whoever starts the command
+/// may have set (a directory of theirs first would run their `iptables` as root).
+pub fn system_tool(name: &str) -> std::process::Command {
+    const DIRS: [&str; 4] = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"];
+    let found = DIRS
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file());
+    // Not installed: the first place it would be, so the error names a path.
+    std::process::Command::new(found.unwrap_or_else(|| Path::new(DIRS[0]).join(name)))
+}
+
 /// A JSON file of ours: None when it does not exist.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
     match fs::read_to_string(path) {

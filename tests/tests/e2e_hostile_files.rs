@@ -114,3 +114,87 @@ fn man_never_writes_through_a_link() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Root's commands find the system's tools in the system's directories, never through a
+/// `PATH` whoever starts them set: with a directory of fake `iptables`, `ipset`, `ip` and
+/// `mount` first in `PATH`, a load on each backend runs none of them and works.
+#[test]
+fn tools_are_never_found_through_path() {
+    if !tests::can_run("end-to-end PATH test") {
+        return;
+    }
+    let TwoClients {
+        ns: _ns,
+        srv,
+        cw,
+        cx,
+    } = TwoClients::new("hfpa");
+    let _echo = Echo::start(&srv, &["0.0.0.0:8080".parse().unwrap()]);
+    let evil = std::env::temp_dir().join(tests::unique("isolation-path-"));
+    std::fs::create_dir_all(&evil).unwrap();
+    let marker = evil.join("ran");
+    for tool in [
+        "iptables-nft",
+        "iptables-nft-restore",
+        "iptables-nft-save",
+        "ip6tables-nft",
+        "ip6tables-nft-restore",
+        "ip6tables-nft-save",
+        "iptables-legacy",
+        "ipset",
+        "ip",
+        "mount",
+    ] {
+        let p = evil.join(tool);
+        std::fs::write(
+            &p,
+            format!("#!/bin/sh\necho {tool} >> {}\nexit 1\n", marker.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let path = format!(
+        "{}:{}",
+        evil.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    for backend in ["iptables", "ebpf"] {
+        let iso = Iso::with_backend(&srv, backend);
+        let policy = iso.policy(A);
+        let mut load = iso.cmd(&[
+            "load", "--iface", "s1", "--iface", "s2", "--policy", &policy,
+        ]);
+        load.env("PATH", &path);
+        let out = load.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{backend}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut status = iso.cmd(&["status"]);
+        status.env("PATH", &path);
+        assert!(status.output().unwrap().status.success());
+        assert!(
+            tcp_ok(
+                &cw,
+                "192.0.2.1:8080".parse().unwrap(),
+                std::time::Duration::from_secs(3)
+            ),
+            "{backend}: the whitelisted client passes"
+        );
+        assert!(
+            !tcp_ok(
+                &cx,
+                "198.51.100.1:8080".parse().unwrap(),
+                std::time::Duration::from_millis(700)
+            ),
+            "{backend}: the stranger is dropped"
+        );
+        let mut unload = iso.cmd(&["unload"]);
+        unload.env("PATH", &path);
+        assert!(unload.output().unwrap().status.success());
+        let ran = std::fs::read_to_string(&marker).unwrap_or_default();
+        assert!(ran.is_empty(), "{backend}: ran the PATH's fakes: {ran}");
+    }
+    std::fs::remove_dir_all(&evil).unwrap();
+}

@@ -223,6 +223,15 @@ fn the_hosts_own_rules_and_sets_are_untouched() {
         !has_pairs,
         "{detail}"
     );
+    // A set of the host's named like ours (our prefix, then a number): the edits below
+    // destroy our old sets, and unload all of ours, never this one.
+    let prefix = in_srv(&["ipset", "list", "-n"])
+        .lines()
+        .find(|l| l.starts_with("iso-"))
+        .map(|l| l.splitn(3, '-').take(2).collect::<Vec<_>>().join("-"))
+        .expect("our sets are tagged iso-TAG-");
+    let lookalike = format!("{prefix}-2024-servers");
+    in_srv(&["ipset", "create", &lookalike, "hash:ip"]);
     iso.ok(&["network", "add", "b", "198.51.100.128/25"]);
     iso.ok(&["whitelist", "add", "198.51.100.7"]);
     assert_eq!(host(), before, "load and edits left the host's rules alone");
@@ -252,8 +261,16 @@ fn the_hosts_own_rules_and_sets_are_untouched() {
 
     iso.ok(&["unload"]);
     assert_eq!(host(), before, "unload left the host's rules alone");
-    let sets = in_srv(&["ipset", "list", "-n"]);
-    assert_eq!(sets.trim(), "mine", "only the host's set is left");
+    let mut sets: Vec<String> = in_srv(&["ipset", "list", "-n"])
+        .lines()
+        .map(String::from)
+        .collect();
+    sets.sort();
+    assert_eq!(
+        sets,
+        [lookalike.clone(), "mine".to_string()],
+        "only the host's sets are left"
+    );
     let rules = in_srv(&["iptables-save"]);
     assert!(!rules.contains("ISO"), "{rules}");
 }

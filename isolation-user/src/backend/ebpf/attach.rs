@@ -1,7 +1,7 @@
 //! Attaching the pinned programs to interfaces (XDP ingress, TC ingress and egress) and
 //! detaching them; what is attached where.
 
-use std::{fs, process::Command};
+use std::fs;
 
 use super::refused;
 use anyhow::{Context as _, Result, bail};
@@ -23,7 +23,7 @@ pub fn xdp_mode(mode: &str) -> XdpMode {
 
 /// What `ip -d link` says is attached at XDP on an interface: (program id, name, mode).
 pub fn attached_xdp(iface: &str) -> Result<Option<(u32, String, String)>> {
-    let out = Command::new("ip")
+    let out = crate::state::system_tool("ip")
         .args(["-j", "-d", "link", "show", "dev", iface])
         .output()
         .context("cannot run `ip` (iproute2) to inspect the interface")?;

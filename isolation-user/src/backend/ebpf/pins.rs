@@ -1,7 +1,7 @@
 //! The BPF object and its pins: loading it into the kernel, pinning maps and programs
 //! under the pin dir (so the datapath outlives this process), and removing them.
 
-use std::{ffi::CString, fs, path::Path, process::Command};
+use std::{ffi::CString, fs, path::Path};
 
 use super::refused;
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -54,7 +54,7 @@ pub fn ensure_pin_dir(paths: &Paths) -> Result<()> {
     // The usual place: mount the bpffs at /sys/fs/bpf itself, as systemd would.
     let sys = Path::new("/sys/fs/bpf");
     if dir.starts_with(sys) && sys.is_dir() && !is_bpffs(sys) {
-        let ok = Command::new("mount")
+        let ok = crate::state::system_tool("mount")
             .args(["-t", "bpf", "bpf"])
             .arg(sys)
             .status();
@@ -64,7 +64,7 @@ pub fn ensure_pin_dir(paths: &Paths) -> Result<()> {
     }
     fs::create_dir_all(dir).with_context(|| format!("cannot create pin dir {}", dir.display()))?;
     if !is_bpffs(dir) {
-        let out = Command::new("mount")
+        let out = crate::state::system_tool("mount")
             .args(["-t", "bpf", "bpf"])
             .arg(dir)
             .output();

@@ -59,6 +59,10 @@ struct Record {
     /// (`hash:net,net`, `hash:net,port,net`). Said in `status`; the rules never need them.
     #[serde(default)]
     pair_types: Vec<String>,
+    /// The names of the chains and sets this instance made (none in a record written by a
+    /// build that gave 20-bit tags: `Names::legacy`).
+    #[serde(default)]
+    names: Option<Names>,
 }
 
 pub struct Iptables {
@@ -68,8 +72,17 @@ pub struct Iptables {
 
 impl Iptables {
     pub fn new(paths: Paths) -> Iptables {
-        let names = Names::new(&paths.state_dir);
-        Iptables { paths, names }
+        let mut me = Iptables {
+            names: Names::new(&paths.state_dir),
+            paths,
+        };
+        // Loaded already: the names it was loaded with, whatever this build would pick.
+        if let Some(r) = me.record() {
+            me.names = r
+                .names
+                .unwrap_or_else(|| Names::legacy(&me.paths.state_dir));
+        }
+        me
     }
 
     fn record_path(&self) -> PathBuf {
@@ -220,6 +233,7 @@ impl Backend for Iptables {
                     &self.names,
                     &["hash:net,net", "hash:net,port,net"],
                 ),
+                names: Some(self.names.clone()),
             })?;
         }
         if let Err(e) = self.restore_both(v, &texts, &live) {
@@ -749,4 +763,35 @@ impl Backend for Iptables {
 /// The text `export --format iptables` prints for a policy.
 pub fn export(paths: &Paths, policy: &Policy, ifaces: &[String]) -> String {
     render::export(policy, &Names::new(&paths.state_dir), ifaces)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Iptables, Names};
+    use crate::state::Paths;
+
+    /// An instance keeps the names it was loaded with: a record from a build that gave
+    /// 20-bit tags (no names in it) means those; no record means this build's.
+    #[test]
+    fn an_instance_keeps_the_names_it_was_loaded_with() {
+        let dir = std::env::temp_dir().join(format!("isolation-names-{}", std::process::id()));
+        let paths = || Paths {
+            pin_dir: dir.join("pins"),
+            state_dir: dir.clone(),
+        };
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(Iptables::new(paths()).names, Names::new(&dir));
+        std::fs::write(
+            dir.join("iptables.json"),
+            r#"{"variant":"nft","generation":3,"whitelist_generation":3}"#,
+        )
+        .unwrap();
+        assert_eq!(Iptables::new(paths()).names, Names::legacy(&dir));
+        let ours = Iptables::new(paths());
+        let mut r = ours.record().unwrap();
+        r.names = Some(Names::new(&dir));
+        ours.save_record(&r).unwrap();
+        assert_eq!(Iptables::new(paths()).names, Names::new(&dir));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -79,17 +79,26 @@ impl Fam {
 }
 
 /// The names of one instance's chains and sets. The default state dir gets the plain
-/// names (`ISOLATION-IN`, `isolation-7-n0v4`); any other gets a tag from its path, so two
-/// instances in one network namespace never touch each other's rules.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// names (`ISOLATION-IN`, `isolation-7-n0v4`); any other gets a 32-bit tag from its path, so
+/// two instances in one network namespace never touch each other's rules. An instance
+/// keeps the names it was loaded with in its record (`Iptables::new`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Names {
     chain: String,
     set: String,
 }
 
-/// Chain names hold 28 characters; set names 31. `{set}-{generation}-n63v6` fits.
+/// Chain names hold 28 characters; set names 31. `{set}-{generation}-n1023v6` fits.
 impl Names {
     pub fn new(state_dir: &Path) -> Names {
+        Names::tagged(state_dir, 8)
+    }
+    /// The names of an instance loaded by a build that gave 20-bit tags (its record names
+    /// none).
+    pub fn legacy(state_dir: &Path) -> Names {
+        Names::tagged(state_dir, 5)
+    }
+    fn tagged(state_dir: &Path, hex_digits: usize) -> Names {
         if state_dir == Path::new(crate::state::DEFAULT_STATE_DIR) {
             return Names {
                 chain: "ISOLATION".into(),
@@ -104,7 +113,8 @@ impl Names {
             .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
                 (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3)
             });
-        let tag = format!("{:05x}", h & 0xf_ffff);
+        let tag = format!("{:016x}", h);
+        let tag = &tag[16 - hex_digits..];
         Names {
             chain: format!("ISO-{}", tag.to_uppercase()),
             set: format!("iso-{tag}"),
@@ -142,12 +152,29 @@ impl Names {
     pub fn set(&self, generation: u32, what: &str, f: Fam) -> String {
         format!("{}-{generation}-{what}{}", self.set, f.tag())
     }
-    /// Is this set one of ours (any generation)?
+    /// Is this set one of ours (any generation)? Only names of the exact form `set` gives
+    /// (`{set}-{generation}-{all|wl|nN|probe}{v4|v6}`, and a whitelist's `-t` being
+    /// rebuilt): an operator's own set that merely starts like ours (`isolation-2024-servers`)
+    /// is never taken for one and destroyed.
     pub fn owns_set(&self, name: &str) -> bool {
-        name.strip_prefix(&self.set)
+        let name = name.strip_suffix("-t").unwrap_or(name);
+        let Some((generation, what)) = name
+            .strip_prefix(&self.set)
             .and_then(|r| r.strip_prefix('-'))
-            .and_then(|r| r.split('-').next())
-            .is_some_and(|g| !g.is_empty() && g.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|r| r.split_once('-'))
+        else {
+            return false;
+        };
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        let Some(what) = what
+            .strip_suffix(Fam::V4.tag())
+            .or_else(|| what.strip_suffix(Fam::V6.tag()))
+        else {
+            return false;
+        };
+        digits(generation)
+            && (["all", "wl", "probe"].contains(&what)
+                || what.strip_prefix('n').is_some_and(digits))
     }
     /// The NFLOG group `trace` listens on: one per instance.
     pub fn nflog_group(&self) -> u16 {
@@ -893,10 +920,22 @@ allow = ["203.0.113.7", "192.0.2.0/24", "0.0.0.0/0", "2001:db8::1"]
         assert!(!a.owns_set(&b.set(12, "n3", Fam::V6)));
         assert!(!d.owns_set(&a.set(12, "n3", Fam::V6)));
         assert!(!a.owns_set("isolation"));
+        assert!(d.owns_set("isolation-7-wlv4") && d.owns_set("isolation-7-n12v6"));
+        for theirs in [
+            "isolation-2024-servers",
+            "isolation-7-n0v4-backup",
+            "isolation-7-wlv5",
+            "isolation-7-nv4",
+            "isolation--allv4",
+        ] {
+            assert!(!d.owns_set(theirs), "{theirs}");
+        }
+        assert_eq!(a.set(1, "wl", Fam::V4).len(), "iso-12345678-1-wlv4".len());
+        assert_ne!(Names::legacy(Path::new("/tmp/a")), a);
         // Kernel limits: chain names 28 characters, set names 31.
         assert!(a.isolation().len() <= 28);
         assert!(format!("{}-t", a.set(u32::MAX, "wl", Fam::V6)).len() <= 31);
-        assert!(a.set(u32::MAX, "n63", Fam::V6).len() <= 31);
+        assert!(a.set(u32::MAX, "n1023", Fam::V6).len() <= 31);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::{
     collections::{HashMap, HashSet},
     io::Write as _,
-    process::{Command, Stdio},
+    process::Stdio,
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -32,7 +32,7 @@ impl Variant {
     /// The nf_tables-backed iptables where it answers, legacy otherwise.
     pub fn detect() -> Result<Variant> {
         for v in [Variant::Nft, Variant::Legacy] {
-            let ok = Command::new(v.bin(Fam::V4, ""))
+            let ok = crate::state::system_tool(&v.bin(Fam::V4, ""))
                 .args(["-w", "-t", "filter", "-n", "-L", "INPUT"])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -58,7 +58,7 @@ impl Variant {
 }
 
 fn run(cmd: &str, args: &[&str], input: Option<&str>) -> Result<String> {
-    let mut c = Command::new(cmd);
+    let mut c = crate::state::system_tool(cmd);
     c.args(args)
         .stdin(if input.is_some() {
             Stdio::piped()
