@@ -5,6 +5,7 @@ mod bench;
 mod build;
 mod deb;
 mod demo;
+mod fuzz;
 mod mutants;
 mod setup;
 mod test;
@@ -31,6 +32,8 @@ enum Cmd {
     Test(test::Options),
     /// Build a small network of namespaces, load a policy, show traffic allowed and denied.
     Demo(demo::Options),
+    /// Every parser of untrusted input under libFuzzer for a bounded time (default 60 s each).
+    Fuzz(fuzz::Options),
     /// Deliberate bugs the differential test must catch: proves it can fail.
     Mutants(mutants::Options),
     /// Verdict cost, load time and edit latency against their baselines: BENCHMARKS.md.
@@ -46,6 +49,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Demo(o) => demo::run(o),
         Cmd::Bench(o) => bench::run(o),
         Cmd::Mutants(o) => mutants::run(o),
+        Cmd::Fuzz(o) => fuzz::run(o),
     };
     match r {
         Ok(()) => std::process::ExitCode::SUCCESS,

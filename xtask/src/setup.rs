@@ -50,6 +50,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("lintian", "/usr/bin/lintian"),
     ("debootstrap", "/usr/sbin/debootstrap"),
     ("prometheus", "/usr/bin/promtool"),
+    // libFuzzer (C++, built by libfuzzer-sys) for `cargo xtask fuzz`.
+    ("g++", "/usr/bin/g++"),
 ];
 
 impl Options {

@@ -4,7 +4,7 @@
 use anyhow::Result;
 
 use crate::{
-    bench, build, deb, mutants, setup,
+    bench, build, deb, fuzz, mutants, setup,
     util::{self, cmd, exec},
 };
 
@@ -19,6 +19,9 @@ pub struct Options {
     /// Skip the benchmark smoke run (`cargo xtask bench --quick`).
     #[arg(long)]
     no_bench: bool,
+    /// Skip the fuzz targets (`cargo xtask fuzz --seconds 30`).
+    #[arg(long)]
+    no_fuzz: bool,
     /// Seed of the randomized differential test (default: a fixed one).
     #[arg(long)]
     seed: Option<u64>,
@@ -31,6 +34,8 @@ pub fn run(o: Options) -> Result<()> {
     setup::run(setup::Options::quiet())?;
     if !o.no_lint {
         exec(cmd("cargo").args(["fmt", "--all", "--check"]))?;
+        // The fuzz targets are a workspace of their own.
+        exec(cmd("cargo").args(["fmt", "--manifest-path", "fuzz/Cargo.toml", "--check"]))?;
         exec(cmd("cargo").args([
             "clippy",
             "--workspace",
@@ -59,6 +64,10 @@ pub fn run(o: Options) -> Result<()> {
     // The differential test must be able to fail: each deliberate bug is caught.
     if !o.allow_skip || util::is_root() {
         mutants::run(mutants::Options::default())?;
+    }
+    // Every parser of untrusted input, fuzzed 30 s (the packet target needs root).
+    if !o.no_fuzz && (!o.allow_skip || util::is_root()) {
+        fuzz::run(fuzz::Options::for_test())?;
     }
     // The benchmark code runs once so it cannot rot; its figures go under target/.
     if !o.no_bench && util::is_root() {

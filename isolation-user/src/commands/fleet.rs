@@ -234,7 +234,7 @@ fn status_json(nodes: &[fleet::NodeEntry], revision: i64) -> serde_json::Value {
 
 /// `fleet status` for a terminal. Everything read from etcd is printed escaped: a record
 /// cannot send control sequences to the admin's terminal.
-fn status_text(nodes: &[fleet::NodeEntry], revision: i64, now: f64, key: &str) -> String {
+pub fn status_text(nodes: &[fleet::NodeEntry], revision: i64, now: f64, key: &str) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let _ = writeln!(out, "policy: {} at revision {revision}", printable(key));

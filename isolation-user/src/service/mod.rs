@@ -543,13 +543,11 @@ async fn serve_metrics(
     paths: Paths,
     health: Arc<Mutex<Health>>,
 ) {
-    use http_body_util::Full;
-    use hyper::{Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
     let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
-    let scrapes = Arc::new(Scrapes::default());
     // Served on loopback only: a request must name a loopback host. A web page in a browser
     // on this host could otherwise read it by rebinding its own name to 127.0.0.1.
     let loopback = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
+    let server = Arc::new(MetricsServer::new(paths, health, loopback));
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -563,40 +561,78 @@ async fn serve_metrics(
             drop(stream);
             continue;
         };
-        let (paths, health, scrapes) = (paths.clone(), health.clone(), scrapes.clone());
+        let server = server.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let (paths, health, scrapes) = (paths.clone(), health.clone(), scrapes.clone());
-                async move {
-                    if loopback && !names_loopback(req.headers().get(hyper::header::HOST)) {
-                        return Response::builder()
-                            .status(StatusCode::FORBIDDEN)
-                            .body(Full::new(Bytes::from(
-                                "served to this host only: the Host header must name 127.0.0.1, ::1 or localhost\n",
-                            )));
-                    }
-                    if req.uri().path() != "/metrics" {
-                        return Response::builder()
-                            .status(StatusCode::NOT_FOUND)
-                            .body(Full::new(Bytes::from("see /metrics\n")));
-                    }
-                    let text = scrapes.text(&paths, &health).await;
-                    Response::builder()
-                        .header(
-                            hyper::header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )
-                        .body(Full::new(Bytes::from(text.as_bytes().to_vec())))
-                }
-            });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let conn = http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(METRICS_HEADER_TIMEOUT)
-                .serve_connection(io, svc);
-            let _ = tokio::time::timeout(METRICS_CONNECTION_LIFETIME, conn).await;
+            server.serve(stream).await;
         });
+    }
+}
+
+/// What answers one connection to `/metrics`: HTTP/1 by hyper, the header read and the
+/// whole connection bounded in time, scrapes shared (`Scrapes`).
+pub struct MetricsServer {
+    paths: Paths,
+    health: Arc<Mutex<Health>>,
+    scrapes: Arc<Scrapes>,
+    /// Served on a loopback address: requests must name a loopback host.
+    loopback: bool,
+}
+
+impl MetricsServer {
+    pub fn new(paths: Paths, health: Arc<Mutex<Health>>, loopback: bool) -> MetricsServer {
+        MetricsServer {
+            paths,
+            health,
+            scrapes: Arc::new(Scrapes::default()),
+            loopback,
+        }
+    }
+
+    /// Serves one connection (a TCP stream, or any byte stream: the fuzz target's) until
+    /// it ends, times out or passes its lifetime.
+    pub async fn serve<IO>(&self, io: IO)
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        use http_body_util::Full;
+        use hyper::{Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
+        let loopback = self.loopback;
+        let (paths, health, scrapes) = (
+            self.paths.clone(),
+            self.health.clone(),
+            self.scrapes.clone(),
+        );
+        let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let (paths, health, scrapes) = (paths.clone(), health.clone(), scrapes.clone());
+            async move {
+                if loopback && !names_loopback(req.headers().get(hyper::header::HOST)) {
+                    return Response::builder()
+                        .status(StatusCode::FORBIDDEN)
+                        .body(Full::new(Bytes::from(
+                            "served to this host only: the Host header must name 127.0.0.1, ::1 or localhost\n",
+                        )));
+                }
+                if req.uri().path() != "/metrics" {
+                    return Response::builder()
+                        .status(StatusCode::NOT_FOUND)
+                        .body(Full::new(Bytes::from("see /metrics\n")));
+                }
+                let text = scrapes.text(&paths, &health).await;
+                Response::builder()
+                    .header(
+                        hyper::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )
+                    .body(Full::new(Bytes::from(text.as_bytes().to_vec())))
+            }
+        });
+        let io = hyper_util::rt::TokioIo::new(io);
+        let conn = http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(METRICS_HEADER_TIMEOUT)
+            .serve_connection(io, svc);
+        let _ = tokio::time::timeout(METRICS_CONNECTION_LIFETIME, conn).await;
     }
 }
 
