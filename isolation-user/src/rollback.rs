@@ -13,7 +13,10 @@
 //! rollback can never both happen.
 //!
 //! The helper is started before the apply: a CLI killed between the two leaves a rollback to
-//! the policy that is still live, which changes nothing.
+//! the policy that is still live, which changes nothing. It is moved out of the login
+//! session's cgroup (into `isolation-rollback`, beside the session tree) before the apply:
+//! a session manager that ends a session's processes at logout (logind's
+//! `KillUserProcesses=yes`) does not end it.
 //!
 //! Both ends run inside the engine's transaction (`Change::Replace { confirm }` arms,
 //! `Change::RollBack` restores), under the engine lock and then the confirmation lock, in
@@ -185,12 +188,65 @@ pub fn arm(
         }
     };
     p.helper_pid = child.id();
+    // Out of the login session's cgroup before the apply: logind (`KillUserProcesses=yes`)
+    // ends every process of a session at logout, and the helper must outlive it.
+    for e in leave_session(p.helper_pid) {
+        tracing::warn!("the rollback timer may end with this login session: {e}");
+    }
     // Not reaped before we exit (we never wait for it), so /proc still has it.
     p.helper_start = start_time(p.helper_pid).unwrap_or(0);
     // The child is reaped by init once we exit.
     std::mem::forget(child);
     write_atomic(&pending_file(paths), serde_json::to_string(&p)?.as_bytes())?;
     Ok(p)
+}
+
+/// The cgroup the rollback helpers run in, under each hierarchy that tracks sessions.
+const HELPER_CGROUP: &str = "isolation-rollback";
+
+/// Moves process `pid` out of the login session's cgroup into `HELPER_CGROUP`, in every
+/// hierarchy where a session manager keeps sessions: the unified one (cgroup v2) and a
+/// named v1 one (`name=systemd`, `name=elogind`). The errors, one per hierarchy it could
+/// not move to.
+fn leave_session(pid: u32) -> Vec<String> {
+    let Ok(mounts) = fs::read_to_string("/proc/self/mountinfo") else {
+        return vec!["cannot read /proc/self/mountinfo".into()];
+    };
+    let mut errs = Vec::new();
+    for line in mounts.lines() {
+        // ID PARENT MAJ:MIN ROOT MOUNT-POINT OPTIONS ... - FSTYPE SOURCE SUPER-OPTIONS
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let mut r = right.split(' ');
+        let (fstype, super_opts) = (r.next(), r.nth(1).unwrap_or(""));
+        let named = super_opts.split(',').any(|o| o.starts_with("name="));
+        let sessions = match fstype {
+            Some("cgroup2") => true,
+            Some("cgroup") => named,
+            _ => false,
+        };
+        let Some(point) = left.split(' ').nth(4) else {
+            continue;
+        };
+        if !sessions {
+            continue;
+        }
+        let dir = PathBuf::from(point).join(HELPER_CGROUP);
+        let moved = fs::create_dir(&dir)
+            .or_else(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+            .and_then(|()| fs::write(dir.join("cgroup.procs"), pid.to_string()));
+        if let Err(e) = moved {
+            errs.push(format!("cannot move it to {}: {e}", dir.display()));
+        }
+    }
+    errs
 }
 
 /// The apply did not happen (refused) or changed nothing: nothing to confirm.

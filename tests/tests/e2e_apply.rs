@@ -654,3 +654,107 @@ fn a_change_in_flight_when_an_apply_is_armed_survives_its_rollback() {
         "cw still passes"
     );
 }
+
+/// The unified cgroup hierarchy's mount point.
+fn cgroup2_mount() -> Option<std::path::PathBuf> {
+    let m = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    m.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        right
+            .starts_with("cgroup2 ")
+            .then(|| left.split(' ').nth(4).map(std::path::PathBuf::from))?
+    })
+}
+
+/// Logout under logind's `KillUserProcesses=yes`: every process of the session's cgroup is
+/// killed (here through `cgroup.kill`, as systemd stops a session scope). The CLI ran
+/// `apply --confirm-within` in that cgroup; its rollback still comes at the deadline
+/// (before: its helper stayed in the session's cgroup and died with it, and the unconfirmed
+/// policy stayed for good).
+#[test]
+fn an_unconfirmed_apply_rolls_back_after_the_session_is_killed_at_logout() {
+    use std::time::Instant;
+    if !tests::can_run("end-to-end confirm logout test") {
+        return;
+    }
+    let TwoClients {
+        ns: _ns,
+        srv,
+        cw,
+        cx,
+    } = TwoClients::new("cflo");
+    let iso = Iso::with_backend(&srv, "ebpf");
+    let _echo = Echo::start(&srv, &[sa("0.0.0.0:8080")]);
+    let stranger = |wait| tcp_ok(&cx, sa("198.51.100.1:8080"), wait);
+    let a = iso.policy(A);
+    let b = iso.policy(&A.replace(
+        r#"allow = ["192.0.2.2"]"#,
+        r#"allow = ["192.0.2.2", "198.51.100.2"]"#,
+    ));
+    iso.ok(&["load", "--iface", "s1", "--iface", "s2", "--policy", &a]);
+    assert!(!stranger(DROP_WAIT), "policy A drops the stranger");
+    let g = generation(&iso);
+
+    // The login session: a cgroup of its own, as logind makes a session scope.
+    let session = cgroup2_mount()
+        .expect("a cgroup2 hierarchy")
+        .join(unique("isolation-test-session-"));
+    std::fs::create_dir(&session).unwrap();
+    struct Gone(std::path::PathBuf);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = std::fs::write(self.0.join("cgroup.kill"), "1");
+            std::thread::sleep(Duration::from_millis(100));
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _gone = Gone(session.clone());
+    let t0 = Instant::now();
+    let cli = iso.cmd(&["apply", &b, "--confirm-within", "2"]);
+    let (program, args) = (
+        cli.get_program().to_owned(),
+        cli.get_args().map(|a| a.to_owned()).collect::<Vec<_>>(),
+    );
+    // Joins the session, then runs the CLI.
+    let mut sh = std::process::Command::new("sh");
+    sh.arg("-c")
+        .arg("echo $$ > \"$0/cgroup.procs\" && exec \"$@\"")
+        .arg(&session)
+        .arg(program)
+        .args(args)
+        .envs(cli.get_envs().filter_map(|(k, v)| Some((k, v?))));
+    let out = sh.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(generation(&iso), g + 1);
+    assert!(stranger(PASS_WAIT), "B is live until the deadline");
+    // Logout: the session's processes are killed.
+    std::fs::write(session.join("cgroup.kill"), "1").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !std::fs::read_to_string(session.join("cgroup.procs"))
+        .unwrap()
+        .trim()
+        .is_empty()
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let back = loop {
+        if generation(&iso) == g + 2 {
+            break t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(4),
+            "no rollback within the deadline + 2 s after the session was killed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    eprintln!("rolled back {back:?} after the apply began, the session killed");
+    assert!(
+        tcp_ok(&cw, sa("192.0.2.1:8080"), PASS_WAIT) && !stranger(DROP_WAIT),
+        "A is back"
+    );
+}
