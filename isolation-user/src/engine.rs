@@ -204,7 +204,8 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
             let mut b = backend::installed(paths, state.as_ref())?;
             check_whole(&policy, lines.as_ref(), b.as_ref(), opts.force)?;
             let old = store.whole()?;
-            if diff_and_delta(&old, &policy).0.is_empty() {
+            let delta = diff_and_delta(&old, &policy);
+            if delta.0.is_empty() {
                 return Ok(Outcome {
                     generation: meta.generation,
                     backend: b.kind().name(),
@@ -223,7 +224,7 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
                 )?),
                 None => None,
             };
-            if let Err(e) = replace(&store, b.as_mut(), &old, &policy, generation, opts) {
+            if let Err(e) = replace(&store, b.as_mut(), delta, &policy, generation, opts) {
                 if armed.is_some() {
                     rollback::disarm(paths);
                 }
@@ -246,15 +247,27 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
             let restored =
                 read_policy_file(&rollback::previous_file(paths)).and_then(|(previous, lines)| {
                     check_whole(&previous, Some(&lines), b.as_ref(), true)?;
-                    let old = store.whole()?;
-                    replace(&store, b.as_mut(), &old, &previous, generation, opts)
+                    let delta = diff_and_delta(&store.whole()?, &previous);
+                    if delta.0.is_empty() {
+                        return Ok(false);
+                    }
+                    replace(&store, b.as_mut(), delta, &previous, generation, opts)?;
+                    Ok(true)
                 });
             let (now, error) = match &restored {
-                Ok(()) => (generation, None),
+                Ok(true) => (generation, None),
+                Ok(false) => (meta.generation, None),
                 Err(e) => (meta.generation, Some(format!("{e:#}"))),
             };
             due.finish(paths, now, error)?;
-            restored.map(|()| outcome(generation, b.as_ref(), Done::Replaced))
+            restored.map(|changed| {
+                let what = if changed {
+                    Done::Replaced
+                } else {
+                    Done::Unchanged
+                };
+                outcome(now, b.as_ref(), what)
+            })
         }
         Change::Rules(edit) => {
             let mut b = backend::installed(paths, state.as_ref())?;
@@ -505,16 +518,18 @@ fn outcome(generation: u32, b: &dyn Backend, what: Done) -> Outcome {
     }
 }
 
-/// Makes the backend enforce `policy` in place of `old` (which differ), then the store.
+/// Makes the backend enforce `policy` in place of the live policy, which differs from it
+/// by `delta` (`diff_and_delta`: the plan, the whitelist entries added and removed), then
+/// the store.
 fn replace(
     store: &Store,
     b: &mut dyn Backend,
-    old: &Policy,
+    delta: (Plan, Vec<IpNet>, Vec<IpNet>),
     policy: &Policy,
     generation: u32,
     opts: Options<'_>,
 ) -> Result<()> {
-    let (plan, add, del) = diff_and_delta(old, policy);
+    let (plan, add, del) = delta;
     let only_whitelist = Plan {
         whitelist_added: 0,
         whitelist_removed: 0,

@@ -201,9 +201,9 @@ impl Backend for Ebpf {
                 return Err(e);
             }
         };
-        let mut later = WhitelistDelta::default();
-        if let Err(e) = run_step(paths, after, wl, &mut later, &mut to_add, progress) {
-            // Each step is all or nothing: back to the old slot, then the old entries.
+        if let Err(e) = run_step(paths, after, wl, &mut done, &mut to_add, progress) {
+            // Each step is all or nothing (a failed one left `done` as it was): back to the
+            // old slot, then the old entries.
             let _ = slots::flip_back(paths, &old);
             undo_before(&done);
             return Err(e);
