@@ -194,12 +194,52 @@ pub fn import(ipset_save: &str, iptables_save: Option<&str>) -> Result<Imported,
         let c = r.chain.strip_suffix("-IN")?;
         (c == "ISOLATION" || c.starts_with("ISO-")).then(|| c.to_string())
     });
-    match ours {
-        Some(prefix) => Ok(import_ours(&sets, &rules, &prefix)),
-        None => Ok(import_recipe(
-            &sets,
-            iptables_save.map(|_| rules.as_slice()),
-        )),
+    let mut imported = match ours {
+        Some(prefix) => import_ours(&sets, &rules, &prefix),
+        None => import_recipe(&sets, iptables_save.map(|_| rules.as_slice())),
+    };
+    drop_empty_networks(&mut imported);
+    // What is printed must be a policy file `apply` takes: anything else the saves made is
+    // refused here, not by the operator's next command.
+    let text = crate::policy::to_toml(&imported.policy);
+    if let Err(e) = crate::policy::parse("the imported policy", &text) {
+        return Err(format!("the saves make no valid policy: {e}"));
+    }
+    Ok(imported)
+}
+
+/// A set with no member (or none that is an address) makes no network: a policy cannot
+/// hold one. It is left out with a note, and so are the rules that name it.
+fn drop_empty_networks(imported: &mut Imported) {
+    let p = &mut imported.policy;
+    let empty: Vec<String> = p
+        .networks
+        .iter()
+        .filter(|(_, subnets)| subnets.is_empty())
+        .map(|(n, _)| n.clone())
+        .collect();
+    if empty.is_empty() {
+        return;
+    }
+    let names = |e: &Endpoint| matches!(e, Endpoint::Network(n) if empty.contains(n));
+    let (rules, excepts) = (p.isolation.allow.len(), p.isolation.except.len());
+    p.isolation
+        .allow
+        .retain(|r| !names(&r.from) && !names(&r.to));
+    p.isolation
+        .except
+        .retain(|r| !names(&r.from) && !names(&r.to));
+    let dropped = rules - p.isolation.allow.len() + excepts - p.isolation.except.len();
+    for n in &empty {
+        p.networks.remove(n);
+        imported.notes.push(format!(
+            "network '{n}' has no address in its set: left out, with the rules naming it"
+        ));
+    }
+    if dropped > 0 {
+        imported
+            .notes
+            .push(format!("{dropped} rule(s) named a network left out"));
     }
 }
 
@@ -704,6 +744,34 @@ COMMIT
         assert!(e.contains("line 2"), "{e}");
         let e = import("add a 192.0.2.1\n", None).unwrap_err();
         assert!(e.contains("before `create a`"), "{e}");
+    }
+
+    /// Found by the `import` fuzz target: a set of ours with no member made a network with
+    /// no subnets, printed as a policy that does not parse. The network is left out with a
+    /// note, with the rules naming it; a network with members stays (positive control).
+    #[test]
+    fn an_empty_set_makes_no_network() {
+        let ipset = "create isolatio-n3v4 hash:net family inet\n\
+                     create isolation-1-n4v4 hash:net family inet\n\
+                     add isolation-1-n4v4 192.0.2.0/24\n";
+        let rules = "*filter\n:ISOLATION-IN - [0:0]\n-A ISOLATION-IN -j DROP\nCOMMIT\n";
+        let got = import(ipset, Some(rules)).unwrap();
+        assert!(
+            !got.policy.networks.values().any(|s| s.is_empty()),
+            "{:?}",
+            got.policy.networks
+        );
+        assert!(crate::policy::parse("x", &crate::policy::to_toml(&got.policy)).is_ok());
+        let empty = "create isolation-1-n3v4 hash:net family inet\n";
+        let got = import(empty, Some(rules)).unwrap();
+        assert!(got.policy.networks.is_empty(), "{:?}", got.policy.networks);
+        assert!(
+            got.notes.iter().any(|n| n.contains("'n03' has no address")),
+            "{:?}",
+            got.notes
+        );
+        let got = import(ipset, Some(rules)).unwrap();
+        assert_eq!(got.policy.networks.len(), 1, "{:?}", got.policy.networks);
     }
 
     /// Set names are the file's text: one ending in a multi-byte character (beside our
