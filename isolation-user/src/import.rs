@@ -14,10 +14,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use ipnet::IpNet;
 
-use crate::backend::iptables::parse_member as net;
 use crate::policy::{
     AllowRule, DefaultAction, Endpoint, ExceptRule, Isolation, Policy, PortSpec, Whitelist,
-    check_name,
+    check_name, parse_member as net,
 };
 
 /// The policy read back, and what could not be carried over.

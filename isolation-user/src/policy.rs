@@ -205,6 +205,15 @@ pub fn parse_net(s: &str) -> Result<IpNet, String> {
     Ok(net)
 }
 
+/// A set member as `ipset save` writes it: a CIDR (host bits dropped), or an address (its
+/// host route). Lenient where `parse_net` is strict: it reads what a kernel wrote.
+pub fn parse_member(s: &str) -> Option<IpNet> {
+    s.parse::<IpNet>()
+        .ok()
+        .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+        .map(|n| n.trunc())
+}
+
 /// A rule endpoint: a CIDR or address, or the name of a defined network.
 pub fn parse_endpoint(
     s: &str,

@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::Kind;
+use crate::backend::kind::Kind;
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/isolation";
 pub const DEFAULT_STATE_DIR: &str = "/run/isolation";

@@ -441,7 +441,7 @@ fn drops_are_logged_with_a_rate_limit() {
         .unwrap();
     let item = rb.next().expect("an event in the ring buffer");
     let e: LogEvent = *bytemuck::from_bytes(&item[..std::mem::size_of::<LogEvent>()]);
-    let line = isolation_user::commands::trace::format_line(&e, "eth0");
+    let line = isolation_user::render::format_line(&e, "eth0");
     assert_eq!(
         line,
         "isolation DROP not-whitelisted: IN=eth0 SRC=198.51.100.9 DST=192.0.2.1 LEN=54 TTL=64 PROTO=TCP SPT=41000 DPT=22 SYN"

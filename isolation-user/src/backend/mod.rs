@@ -7,45 +7,23 @@
 
 pub mod ebpf;
 pub mod iptables;
+pub mod kind;
+pub mod seed;
+
+pub use kind::{Choice, Kind};
 
 use std::{net::IpAddr, time::Duration};
 
 use anyhow::{Result, bail};
 use ipnet::IpNet;
 use isolation_common::{Counter, LogEvent, Reason};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::{
     policy::Policy,
     semantics::Decision,
     state::{IfaceState, Paths, State},
 };
-
-/// What `--backend` asks for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Choice {
-    /// eBPF where the kernel takes the programs, iptables + ipset where it refuses them.
-    Auto,
-    Ebpf,
-    Iptables,
-}
-
-/// The backend that runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Kind {
-    Ebpf,
-    Iptables,
-}
-
-impl Kind {
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::Ebpf => "ebpf",
-            Kind::Iptables => "iptables",
-        }
-    }
-}
 
 /// What a backend can hold. The engine refuses a policy over any of these before anything
 /// live changes. Per-family figures apply to IPv4 and IPv6 separately.
@@ -205,6 +183,9 @@ pub struct Answer {
 #[derive(Clone, Debug, Serialize)]
 pub struct IfaceStatus {
     pub name: String,
+    /// How it is attached there, in words (`status`).
+    #[serde(skip)]
+    pub how: String,
     pub ifindex: u32,
     pub requested_mode: String,
     pub xdp_mode: String,
@@ -247,9 +228,29 @@ pub trait Events {
     fn counts(&self) -> Result<LogCounts>;
 }
 
+/// What a backend is, in the words the verbs print: data they render, so that no verb asks
+/// which backend runs (netavark's firewall drivers describe themselves the same way).
+#[derive(Clone, Copy, Debug)]
+pub struct Profile {
+    /// How it enforces, for `load`'s line: "XDP ingress, TC ingress and egress".
+    pub enforces: &'static str,
+    /// Where the connections it keeps live, when not in tables of its own: "the kernel's
+    /// conntrack".
+    pub conntrack: Option<&'static str>,
+    /// `stats`' counter sections: a title, and whether it holds the egress reasons.
+    pub sections: &'static [(&'static str, bool)],
+    /// How its drops are logged: "ring buffer", "NFLOG".
+    pub log: &'static str,
+    /// What `status` calls the tables the policy is held in: "maps", "sets".
+    pub tables: &'static str,
+    /// Its programs are pinned under the pin directory (`status` names them and their ids).
+    pub pinned: bool,
+}
+
 /// One way of enforcing a policy.
 pub trait Backend {
     fn kind(&self) -> Kind;
+    fn profile(&self) -> Profile;
     fn limits(&self) -> Limits;
     /// Is a datapath of this backend in place (for these directories)?
     fn is_installed(&self) -> bool;
@@ -341,13 +342,37 @@ pub fn select(
 /// iptables, with why, but only when the kernel refused the programs themselves (load,
 /// verifier, attach). Any other error (a file or directory in the way, a lock) is no reason
 /// to enforce with another backend than the one the host supports, and is returned as is.
-pub fn auto_fallback(paths: &Paths, err: &anyhow::Error) -> Option<(Box<dyn Backend>, String)> {
-    ebpf::kernel_refused(err).then(|| {
+/// Only a fresh install asked for with `auto` falls back: a datapath in place stays the
+/// backend it is.
+pub fn auto_fallback(
+    paths: &Paths,
+    choice: Choice,
+    tried: &dyn Backend,
+    err: &anyhow::Error,
+) -> Option<(Box<dyn Backend>, String)> {
+    let fresh_auto = choice == Choice::Auto && tried.kind() == Kind::Ebpf && !tried.is_installed();
+    (fresh_auto && ebpf::kernel_refused(err)).then(|| {
         (
             Box::new(iptables::Iptables::new(paths.clone())) as Box<dyn Backend>,
             format!("auto: the kernel would not load or attach the eBPF programs ({err:#})"),
         )
     })
+}
+
+/// The text forms a policy can be exported in (`export --format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// `ipset restore` input, then `iptables-restore --noflush` and `ip6tables-restore
+    /// --noflush` input, each after a `#` line naming its command.
+    Iptables,
+}
+
+/// A policy as text in `format`, with the jumps from the interfaces `ifaces` when the
+/// format has any.
+pub fn export(paths: &Paths, format: Format, policy: &Policy, ifaces: &[String]) -> String {
+    match format {
+        Format::Iptables => iptables::export(paths, policy, ifaces),
+    }
 }
 
 /// The backend the state file names (eBPF when there is none), installed or not.

@@ -160,15 +160,8 @@ pub fn rollback_timer(paths: &Paths) -> Result<()> {
     if !rollback::wait_for_deadline(paths)? {
         return Ok(());
     }
-    let out = engine::commit(
-        paths,
-        Change::RollBack,
-        Options {
-            force: true,
-            progress: &mut |_| {},
-        },
-    )
-    .context("the apply was not confirmed in time, and restoring the previous policy failed")?;
+    let out = engine::commit(paths, Change::RollBack, Options::quiet(true))
+        .context("the apply was not confirmed in time, and restoring the previous policy failed")?;
     if matches!(out.what, Done::Replaced) {
         eprintln!(
             "isolation: the apply was not confirmed in time; the previous policy is back \
@@ -181,8 +174,6 @@ pub fn rollback_timer(paths: &Paths) -> Result<()> {
 
 /// `save`: the live policy, whitelist included, as a policy file on stdout.
 pub fn save(paths: &Paths) -> Result<()> {
-    let _read = paths.read_lock();
-    engine::open(paths)?;
-    print!("{}", policy::to_toml(&engine::whole(paths)?));
+    print!("{}", policy::to_toml(&engine::saved(paths)?));
     Ok(())
 }

@@ -43,11 +43,8 @@ pub fn run(paths: &Paths, a: CheckArgs) -> Result<()> {
     if matches!(proto, Some(6 | 17)) && a.dport.is_none() {
         bail!("give --dport for {}", a.proto.as_deref().unwrap_or(""));
     }
-    let _read = paths.read_lock();
-    let (backend, _) = engine::open(paths)?;
-    let live = engine::rules(paths)?;
-    let answer = backend.check(
-        &live,
+    let answer = engine::check(
+        paths,
         &Query {
             src: a.src,
             dst: a.dst,

@@ -70,14 +70,7 @@ fn endpoint(s: &str, p: &Policy) -> Result<Endpoint> {
 
 /// One rules edit through the engine: it validates the whole result and swaps it in.
 fn edit(paths: &Paths, f: impl FnOnce(&mut Policy) -> Result<String> + 'static) -> Result<()> {
-    let out = engine::commit(
-        paths,
-        Change::Rules(Box::new(f)),
-        Options {
-            force: false,
-            progress: &mut |_| {},
-        },
-    )?;
+    let out = engine::commit(paths, Change::Rules(Box::new(f)), Options::quiet(false))?;
     if let Done::Rules { message } = out.what {
         println!("isolation: {message} (generation {})", out.generation);
     }

@@ -1,19 +1,16 @@
-//! `export --format iptables FILE`: the `ipset restore` and `iptables-restore` text the
-//! iptables backend loads for a policy, for review or to load by hand.
+//! `export --format F FILE`: what a backend would load for a policy, as text, for review
+//! or to load by hand.
 
 use std::path::PathBuf;
 
 use anyhow::Result;
-use clap::{Args, ValueEnum};
+use clap::Args;
 
-use crate::{backend::iptables, engine, policy, state::Paths};
-
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-pub enum Format {
-    /// `ipset restore` input, then `iptables-restore --noflush` and `ip6tables-restore
-    /// --noflush` input, each after a `#` line naming its command.
-    Iptables,
-}
+use crate::{
+    backend::{self, Format},
+    engine, policy,
+    state::Paths,
+};
 
 #[derive(Args, Debug)]
 pub struct ExportArgs {
@@ -29,6 +26,6 @@ pub struct ExportArgs {
 pub fn run(paths: &Paths, a: ExportArgs) -> Result<()> {
     let (p, _) = engine::read_policy_file(&a.file)?;
     policy::validate(&p).map_err(anyhow::Error::msg)?;
-    print!("{}", iptables::export(paths, &p, &a.ifaces));
+    print!("{}", backend::export(paths, a.format, &p, &a.ifaces));
     Ok(())
 }

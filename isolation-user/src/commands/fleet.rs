@@ -125,27 +125,24 @@ fn push(file: &std::path::Path, expect: Option<i64>, to: &Target) -> Result<()> 
     )?;
     runtime()?.block_on(async {
         let mut c = fleet::connect(&to.etcd, &to.opts, TIMEOUT).await?;
-        let before = fleet::read_value(&mut c, &to.etcd).await?;
-        let expected = expect.unwrap_or(before.as_ref().map(|(_, r)| *r).unwrap_or(0));
-        // Encoded once: compared with what etcd holds, then pushed.
-        let enc = fleet::encode(&text, &p);
-        if expect.is_none() && before.is_some_and(|(v, _)| v == enc.value) {
-            println!(
-                "isolation: {} is the fleet's policy already (revision {expected}); nothing pushed",
+        match fleet::push_file(&mut c, &to.etcd, &text, &p, expect).await? {
+            fleet::Pushed::Already { revision } => println!(
+                "isolation: {} is the fleet's policy already (revision {revision}); nothing pushed",
                 file.display()
-            );
-            return Ok(());
+            ),
+            fleet::Pushed::Landed {
+                revision,
+                was,
+                parts,
+            } => println!(
+                "isolation: pushed {}{} to {} as revision {revision} (was {was})",
+                file.display(),
+                parts
+                    .map(|(n, written)| format!(" in {n} parts ({written} written)"))
+                    .unwrap_or_default(),
+                to.etcd.policy_key()
+            ),
         }
-        let (rev, written) = fleet::push(&mut c, &to.etcd, &enc, expected).await?;
-        let parts = match &enc.manifest {
-            Some(m) => format!(" in {} parts ({written} written)", m.parts.len()),
-            None => String::new(),
-        };
-        println!(
-            "isolation: pushed {}{parts} to {} as revision {rev} (was {expected})",
-            file.display(),
-            to.etcd.policy_key()
-        );
         Ok(())
     })
 }

@@ -64,7 +64,7 @@ pub struct UnloadArgs {
 pub fn interfaces(names: &[String], mode: Mode) -> Result<Vec<IfaceState>> {
     let mut ifaces: Vec<IfaceState> = Vec::new();
     for name in names {
-        let ifindex = super::ifindex(name)?;
+        let ifindex = crate::iface::index(name)?;
         if !ifaces.iter().any(|w| w.name == *name) {
             ifaces.push(IfaceState {
                 name: name.clone(),
@@ -97,14 +97,7 @@ pub fn load(paths: &Paths, a: LoadArgs) -> Result<()> {
         lines,
         replace_programs: a.replace_programs,
     };
-    let out = engine::commit(
-        paths,
-        change,
-        Options {
-            force: a.force,
-            progress: &mut |_| {},
-        },
-    )?;
+    let out = engine::commit(paths, change, Options::quiet(a.force))?;
     if let Done::Loaded {
         interfaces,
         seeded,
@@ -117,21 +110,17 @@ pub fn load(paths: &Paths, a: LoadArgs) -> Result<()> {
                  maps, policy and connections kept"
             );
         }
-        if out.backend == "iptables" {
-            println!(
-                "isolation: loaded on {} (iptables + ipset), policy from {source}, generation {}; \
-                 {seeded} established connection(s) kept (in the kernel's conntrack)",
-                interfaces.join(", "),
-                out.generation
-            );
-        } else {
-            println!(
-                "isolation: loaded on {} (XDP ingress, TC ingress and egress), policy from {source}, generation {}; \
-                 {seeded} established connection(s) kept",
-                interfaces.join(", "),
-                out.generation
-            );
-        }
+        println!(
+            "isolation: loaded on {} ({}), policy from {source}, generation {}; \
+             {seeded} established connection(s) kept{}",
+            interfaces.join(", "),
+            out.profile.enforces,
+            out.generation,
+            out.profile
+                .conntrack
+                .map(|t| format!(" (in {t})"))
+                .unwrap_or_default()
+        );
     }
     Ok(())
 }

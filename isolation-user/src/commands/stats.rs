@@ -4,10 +4,9 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
-use isolation_common::Reason;
 use serde_json::json;
 
-use crate::{engine, state::Paths};
+use crate::{engine, render::verdict, state::Paths};
 
 #[derive(Args, Debug)]
 pub struct StatsArgs {
@@ -16,19 +15,6 @@ pub struct StatsArgs {
     /// Refresh every second until interrupted.
     #[arg(long)]
     pub watch: bool,
-}
-
-/// The target column of a reason, as `iptables -L` names it.
-pub fn verdict(r: Reason) -> &'static str {
-    if r.is_egress() {
-        "TRACK"
-    } else if r == Reason::RejectIsolated {
-        "REJECT"
-    } else if r.is_drop() {
-        "DROP"
-    } else {
-        "PASS"
-    }
 }
 
 fn human(n: u64) -> String {
@@ -42,10 +28,7 @@ fn human(n: u64) -> String {
 }
 
 fn print_once(paths: &Paths, as_json: bool) -> Result<()> {
-    let _read = paths.read_lock();
-    let (backend, _) = engine::open(paths)?;
-    let live = engine::rules(paths)?;
-    let c = backend.counters(&live)?;
+    let (c, profile) = engine::counters(paths)?;
     if as_json {
         let reasons: Vec<_> = c
             .reasons
@@ -64,20 +47,7 @@ fn print_once(paths: &Paths, as_json: bool) -> Result<()> {
         );
         return Ok(());
     }
-    let iptables = backend.kind() == crate::backend::Kind::Iptables;
-    let sections: &[(&str, bool)] = if iptables {
-        // The kernel's conntrack tracks connections there: no egress counters.
-        &[(
-            "Ingress (iptables: whitelist chain, then isolation chain; a packet counts at each)",
-            false,
-        )]
-    } else {
-        &[
-            ("Ingress (XDP: whitelist, then isolation)", false),
-            ("Egress (TC)", true),
-        ]
-    };
-    for &(title, egress) in sections {
+    for &(title, egress) in profile.sections {
         println!("{title}");
         println!("{:>8} {:>8}  {:<6} reason", "pkts", "bytes", "target");
         for (r, n) in c.reasons.iter().filter(|(r, _)| r.is_egress() == egress) {
@@ -100,25 +70,32 @@ fn print_once(paths: &Paths, as_json: bool) -> Result<()> {
         println!();
     }
     let t = &c.connections;
-    if iptables {
+    if c.uncounted.new_connections {
         println!(
-            "Connections: {} in the kernel's conntrack (of {})",
-            t.established, t.established_max
+            "Connections: {} {} (of {})",
+            t.established,
+            profile
+                .conntrack
+                .map_or("established".to_string(), |table| format!("in {table}")),
+            t.established_max
         );
+    } else {
         println!(
-            "Log: {} logged (NFLOG), {} suppressed by the rate limit",
-            c.log.written, c.log.suppressed
+            "Connections: {} new (of {}; a flood of new flows evicts only these), {} established (of {})",
+            t.new, t.new_max, t.established, t.established_max
         );
-        return Ok(());
     }
-    println!(
-        "Connections: {} new (of {}; a flood of new flows evicts only these), {} established (of {})",
-        t.new, t.new_max, t.established, t.established_max
-    );
-    println!(
-        "Log: {} written, {} suppressed by the rate limit, {} lost (ring buffer full)",
-        c.log.written, c.log.suppressed, c.log.lost
-    );
+    if c.uncounted.log_lost {
+        println!(
+            "Log: {} logged ({}), {} suppressed by the rate limit",
+            c.log.written, profile.log, c.log.suppressed
+        );
+    } else {
+        println!(
+            "Log: {} written, {} suppressed by the rate limit, {} lost ({} full)",
+            c.log.written, c.log.suppressed, c.log.lost, profile.log
+        );
+    }
     Ok(())
 }
 

@@ -4,7 +4,7 @@ use anyhow::Result;
 use clap::Args;
 use serde_json::json;
 
-use crate::{backend, engine, state::Paths};
+use crate::{engine, state::Paths};
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
@@ -33,10 +33,7 @@ pub fn run(paths: &Paths, a: StatusArgs) -> Result<()> {
         return Ok(());
     };
     let s = b.status(&st)?;
-    let source: Option<serde_json::Value> =
-        crate::state::read_json(&crate::service::source_file(paths))
-            .ok()
-            .flatten();
+    let source = crate::fleet::SourceStatus::load(paths);
     let pending = crate::rollback::pending(paths)?.map(|p| {
         json!({
             "file": p.file, "deadline": p.deadline,
@@ -69,15 +66,12 @@ pub fn run(paths: &Paths, a: StatusArgs) -> Result<()> {
         );
         return Ok(());
     }
-    println!(
-        "backend:     {} ({})",
-        backend::Kind::name(s.backend),
-        s.detail
-    );
+    let profile = b.profile();
+    println!("backend:     {} ({})", s.backend.name(), s.detail);
     if let Some(why) = &st.why {
         println!("chosen:      {why}");
     }
-    if s.backend == backend::Kind::Ebpf {
+    if profile.pinned {
         println!("pin dir:     {}", paths.pin_dir.display());
         println!(
             "programs:    xdp id {}, tc egress id {}, tc ingress (reject) id {}",
@@ -109,16 +103,16 @@ pub fn run(paths: &Paths, a: StatusArgs) -> Result<()> {
     if let Some(s) = &source {
         println!(
             "source:      {} as node {}: {}, running revision {}{}",
-            s["source"].as_str().unwrap_or(""),
-            s["node"].as_str().unwrap_or(""),
-            if s["connected"] == true {
+            s.source,
+            s.node,
+            if s.connected {
                 "connected"
             } else {
                 "UNREACHABLE (the live policy stays; retrying)"
             },
-            s["revision"],
-            s["last_error"]
-                .as_str()
+            s.revision,
+            s.last_error
+                .as_ref()
                 .map(|e| format!("; last error: {e}"))
                 .unwrap_or_default()
         );
@@ -133,23 +127,14 @@ pub fn run(paths: &Paths, a: StatusArgs) -> Result<()> {
     }
     println!("interfaces:");
     for i in &s.interfaces {
-        let how = match s.backend {
-            backend::Kind::Ebpf => format!("xdp {} (asked {})", i.xdp_mode, i.requested_mode),
-            backend::Kind::Iptables => "jumps from INPUT and FORWARD".to_string(),
-        };
         println!(
-            "  {:<16} {how}{}",
+            "  {:<16} {}{}",
             i.name,
+            i.how,
             if i.attached { "" } else { "  NOT ATTACHED" }
         );
     }
-    println!(
-        "{}",
-        match s.backend {
-            backend::Kind::Ebpf => "maps:",
-            backend::Kind::Iptables => "sets:",
-        }
-    );
+    println!("{}:", profile.tables);
     for m in &s.maps {
         println!("  {:<24} {:>9} / {}", m.name, m.entries, m.max_entries);
     }

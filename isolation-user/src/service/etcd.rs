@@ -6,14 +6,12 @@
 //! is reported in its record and never half applied (the engine's transaction).
 
 use std::{
-    path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use anyhow::{Result, anyhow, bail};
-use etcd_client::{Client, EventType, PutOptions, WatchOptions};
-use serde::Serialize;
+use etcd_client::Client;
 use tokio::sync::mpsc;
 
 use super::{Config, Health, Source, Trigger, apply_parsed, blocking};
@@ -24,22 +22,6 @@ use crate::{engine, fleet, state::Paths};
 const LEASE_TTL: i64 = 10;
 const KEEPALIVE: Duration = Duration::from_secs(3);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
-
-/// Where the service says how its source is doing, for `status`.
-pub fn source_file(paths: &Paths) -> PathBuf {
-    paths.state_dir.join("source.json")
-}
-
-#[derive(Serialize)]
-struct SourceState<'a> {
-    source: String,
-    node: &'a str,
-    connected: bool,
-    /// The mod revision of the policy this node runs (0: none yet).
-    revision: i64,
-    last_error: Option<String>,
-    time: f64,
-}
 
 /// Runs until the process ends: sessions with etcd, retried with backoff.
 pub async fn follow(
@@ -90,15 +72,6 @@ pub async fn follow(
     }
 }
 
-/// Aborts a task when the session that spawned it ends.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 struct Follower {
     url: fleet::EtcdUrl,
     opts: fleet::EtcdOpts,
@@ -122,88 +95,51 @@ impl Follower {
             h.source_up = Some(connected);
             h.source_revision
         };
-        let s = SourceState {
+        fleet::SourceStatus {
             source: self.cfg.source.name(),
-            node: &self.node,
+            node: self.node.clone(),
             connected,
             revision,
             last_error: err,
             time: unix_now(),
-        };
-        if let Ok(text) = serde_json::to_vec_pretty(&s) {
-            let _ = crate::state::write_atomic(&source_file(&self.paths), &text);
         }
+        .save(&self.paths);
     }
 
     async fn session(&mut self, hup: &mut mpsc::Receiver<()>) -> Result<()> {
         let key = self.url.policy_key();
         let mut c = fleet::connect(&self.url, &self.opts, Duration::from_secs(3)).await?;
-        let lease = c.lease_grant(LEASE_TTL, None).await?.id();
         // The lease is kept alive by a task of its own: an apply of a big policy on a busy
         // host can outlast the lease's TTL, and must not take the node's record with it.
-        let (mut keeper, mut acks) = c.lease_keep_alive(lease).await?;
-        let (lost_tx, mut lost) = tokio::sync::oneshot::channel::<String>();
-        let _keepalive = AbortOnDrop(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(KEEPALIVE);
-            let why = loop {
-                tick.tick().await;
-                if let Err(e) = keeper.keep_alive().await {
-                    break format!("keeping the node record's lease: {e}");
-                }
-                match acks.message().await {
-                    Ok(Some(a)) if a.ttl() > 0 => {}
-                    Ok(_) => break "the node record's lease expired".to_string(),
-                    Err(e) => break format!("keeping the node record's lease: {e}"),
-                }
-            };
-            let _ = lost_tx.send(why);
-        }));
+        let mut lease = fleet::Lease::hold(&mut c, LEASE_TTL, KEEPALIVE).await?;
         tracing::info!("etcd: connected to {} as node {}", self.url, self.node);
         self.say(true, None);
-        let r = c.get(key.clone(), None).await?;
-        let at = r.header().map(|h| h.revision()).unwrap_or(0);
-        match r.kvs().first() {
-            Some(kv) => {
-                let value = kv.value().to_vec();
-                self.take(&mut c, lease, value, kv.mod_revision(), Trigger::Etcd)
-                    .await?;
+        let (current, at) = fleet::read_current(&mut c, &self.url).await?;
+        match current {
+            Some((value, rev)) => {
+                self.take(&mut c, lease.id, value, rev, Trigger::Etcd)
+                    .await?
             }
             None => {
                 tracing::warn!("etcd: no policy at {key} yet");
-                self.record(&mut c, lease, None).await?;
+                self.record(&mut c, lease.id, None).await?;
             }
         }
-        let mut watch = c
-            .watch(
-                key.clone(),
-                Some(WatchOptions::new().with_start_revision(at + 1)),
-            )
-            .await?;
+        let mut watch = fleet::PolicyWatch::start(&mut c, &self.url, at + 1).await?;
         loop {
             tokio::select! {
-                m = watch.message() => {
-                    let Some(resp) = m? else { bail!("etcd closed the watch") };
-                    if resp.canceled() {
-                        bail!("etcd canceled the watch: {}", resp.cancel_reason());
+                w = watch.next() => match w? {
+                    fleet::Watched::Put(value, rev) => {
+                        self.take(&mut c, lease.id, value, rev, Trigger::Etcd).await?
                     }
-                    // The last put of a batch is the one that counts.
-                    let put = resp
-                        .events()
-                        .iter()
-                        .rev()
-                        .find(|e| e.event_type() == EventType::Put)
-                        .and_then(|e| e.kv())
-                        .map(|kv| (kv.value().to_vec(), kv.mod_revision()));
-                    if let Some((value, rev)) = put {
-                        self.take(&mut c, lease, value, rev, Trigger::Etcd).await?;
-                    } else if !resp.events().is_empty() {
-                        tracing::warn!("etcd: {key} was deleted; the live policy stays");
+                    fleet::Watched::Deleted => {
+                        tracing::warn!("etcd: {key} was deleted; the live policy stays")
                     }
-                }
-                why = &mut lost => bail!("{}", why.unwrap_or_else(|_| "the lease task ended".into())),
+                },
+                why = lease.lost() => bail!("{why}"),
                 Some(()) = hup.recv() => {
                     if let Some((value, rev)) = self.last.clone() {
-                        self.take(&mut c, lease, value, rev, Trigger::Hangup).await?;
+                        self.take(&mut c, lease.id, value, rev, Trigger::Hangup).await?;
                     }
                 }
             }
@@ -226,7 +162,8 @@ impl Follower {
             None
         } else {
             let t0 = std::time::Instant::now();
-            match fleet::resolve(c, &self.url, &value, rev, &mut self.parts).await? {
+            match fleet::resolve(c, &self.url, &value, rev, &mut self.parts).await {
+                Err(fleet::Unresolved::Etcd(e)) => return Err(e),
                 Ok(parsed) => {
                     if let Some(Ok(m)) = fleet::manifest_of(&value) {
                         tracing::info!(
@@ -239,7 +176,7 @@ impl Follower {
                     self.last = Some((value, rev));
                     self.apply(parsed, rev, why).await
                 }
-                Err(e) => {
+                Err(fleet::Unresolved::Refused(e)) => {
                     tracing::error!("etcd: revision {rev} refused: {e}");
                     self.say(true, Some(e.clone()));
                     Some(e)
@@ -307,12 +244,6 @@ impl Follower {
             time: unix_now(),
             generation,
         };
-        c.put(
-            self.url.node_key(&self.node),
-            serde_json::to_vec(&rec)?,
-            Some(PutOptions::new().with_lease(lease)),
-        )
-        .await?;
-        Ok(())
+        fleet::write_record(c, &self.url, &rec, lease).await
     }
 }

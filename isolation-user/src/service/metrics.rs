@@ -11,7 +11,7 @@ use prometheus_client::{
 use std::sync::atomic::AtomicU64;
 
 use super::Health;
-use crate::{commands::stats::verdict, engine, state::Paths};
+use crate::{engine, render::verdict, state::Paths};
 
 type Labels = Vec<(&'static str, String)>;
 type Fam<M> = Family<Labels, M>;

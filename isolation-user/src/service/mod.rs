@@ -28,14 +28,12 @@ use tokio::sync::mpsc;
 
 use crate::{
     backend::{Choice, Event},
-    commands::{self, trace},
     engine::{self, Change, Done, Options},
     fleet,
     state::{IfaceState, Paths, unix_now},
 };
 
 mod etcd;
-pub use etcd::source_file;
 
 /// Where the policy comes from.
 pub enum Source {
@@ -144,14 +142,7 @@ fn apply_parsed(
                 lines: Some(lines),
             },
         };
-        engine::commit(
-            paths,
-            change,
-            Options {
-                force: cfg.force,
-                progress: &mut |_| {},
-            },
-        )
+        engine::commit(paths, change, Options::quiet(cfg.force))
     })();
     give_back_memory();
     let mut h = health.lock().unwrap_or_else(|p| p.into_inner());
@@ -319,7 +310,7 @@ async fn serve(paths: Paths, cfg: Config) -> Result<()> {
     if let Some(t) = drops {
         let _ = t.join();
     }
-    let _ = std::fs::remove_file(etcd::source_file(&paths));
+    let _ = std::fs::remove_file(crate::fleet::source_file(&paths));
     if cfg.detach_on_exit {
         let (p, c) = (paths.clone(), cfg.clone());
         blocking(move || -> Result<()> {
@@ -366,10 +357,7 @@ async fn first_file_load(
                 lines: None,
                 replace_programs: false,
             },
-            Options {
-                force: true,
-                progress: &mut |_| {},
-            },
+            Options::quiet(true),
         )
     })
     .await?;
@@ -423,7 +411,7 @@ fn log_drops(paths: Paths, stop: Arc<AtomicBool>) -> impl FnOnce() + Send + 'sta
         while !stop.load(Ordering::Relaxed) {
             match events.next(Duration::from_millis(200)) {
                 Ok(Some(Event::Log(e))) => {
-                    let line = trace::format_line(&e, &commands::ifname(e.ifindex));
+                    let line = crate::render::format_line(&e, &crate::iface::name(e.ifindex));
                     tracing::info!(target: "isolation::drop", "{line}");
                 }
                 Ok(_) => {}

@@ -9,7 +9,6 @@ pub mod conntrack;
 pub mod counters;
 pub mod events;
 pub mod pins;
-pub mod seed;
 pub mod slots;
 pub mod syscall;
 pub mod whitelist;
@@ -19,8 +18,8 @@ use ipnet::IpNet;
 use isolation_common::{flags, iso_flags, limits, ports};
 
 use super::{
-    Answer, Backend, Counters, Events, IfaceStatus, Installed, Kind, Limits, MapFill, Query,
-    RuleCounter, Status, Verdict, WhitelistDelta,
+    Answer, Backend, Counters, Events, IfaceStatus, Installed, Kind, Limits, MapFill, Profile,
+    Query, RuleCounter, Status, Verdict, WhitelistDelta,
 };
 use crate::{
     policy::Policy,
@@ -65,6 +64,20 @@ impl Ebpf {
 impl Backend for Ebpf {
     fn kind(&self) -> Kind {
         Kind::Ebpf
+    }
+
+    fn profile(&self) -> Profile {
+        Profile {
+            enforces: "XDP ingress, TC ingress and egress",
+            conntrack: None,
+            sections: &[
+                ("Ingress (XDP: whitelist, then isolation)", false),
+                ("Egress (TC)", true),
+            ],
+            log: "ring buffer",
+            tables: "maps",
+            pinned: true,
+        }
     }
 
     fn limits(&self) -> Limits {
@@ -125,7 +138,7 @@ impl Backend for Ebpf {
         };
         // Connections already open (the operator's SSH session) are remembered before the
         // programs can see a packet, so they keep working whatever the whitelist says.
-        let flows = seed::established_flows();
+        let flows = crate::backend::seed::established_flows();
         tracing::debug!(
             count = flows.len(),
             "seeding established flows from /proc/self/net"
@@ -280,6 +293,7 @@ impl Backend for Ebpf {
             };
             interfaces.push(IfaceStatus {
                 name: i.name.clone(),
+                how: format!("xdp {xdp_mode} (asked {})", i.mode),
                 ifindex: i.ifindex,
                 requested_mode: i.mode.clone(),
                 xdp_mode,

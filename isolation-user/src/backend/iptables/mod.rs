@@ -18,7 +18,7 @@ pub mod ipset_nl;
 pub mod render;
 pub mod tools;
 
-use std::{collections::HashSet, fs, net::IpAddr, path::PathBuf};
+use std::{collections::HashSet, fs, path::PathBuf};
 
 use anyhow::{Result, anyhow};
 use ipnet::IpNet;
@@ -31,7 +31,7 @@ use self::{
 };
 use super::{
     Answer, Backend, Connections, Counters, Events, IfaceStatus, Installed, Kind, Limits,
-    LogCounts, MapFill, Query, RuleCounter, Status, Uncounted, Verdict, WhitelistDelta,
+    LogCounts, MapFill, Profile, Query, RuleCounter, Status, Uncounted, Verdict, WhitelistDelta,
 };
 use crate::{
     policy::Policy,
@@ -160,17 +160,24 @@ fn members_present(members: &HashSet<IpNet>, n: &IpNet) -> bool {
     render::members_of(n).iter().all(|m| members.contains(m))
 }
 
-/// A set member as `ipset save` writes it: a CIDR, or an address (its host route).
-pub fn parse_member(s: &str) -> Option<IpNet> {
-    s.parse::<IpNet>()
-        .ok()
-        .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
-        .map(|n| n.trunc())
-}
-
 impl Backend for Iptables {
     fn kind(&self) -> Kind {
         Kind::Iptables
+    }
+
+    fn profile(&self) -> Profile {
+        Profile {
+            enforces: "iptables + ipset",
+            conntrack: Some("the kernel's conntrack"),
+            // The kernel's conntrack tracks connections here: no egress counters.
+            sections: &[(
+                "Ingress (iptables: whitelist chain, then isolation chain; a packet counts at each)",
+                false,
+            )],
+            log: "NFLOG",
+            tables: "sets",
+            pinned: false,
+        }
     }
 
     fn limits(&self) -> Limits {
@@ -243,7 +250,7 @@ impl Backend for Iptables {
             return Err(e.context("iptables refused the isolation chains"));
         }
         // Before the rules can judge a packet: open connections are known to conntrack.
-        let flows = crate::backend::ebpf::seed::established_flows();
+        let flows = crate::backend::seed::established_flows();
         let seeded = match conntrack::seed(&flows) {
             Ok(n) => n,
             Err(e) => {
@@ -440,7 +447,7 @@ impl Backend for Iptables {
                 // in-place fill would rehash the live set again and again).
                 let mut present: HashSet<IpNet> = tools::members(&set)?
                     .iter()
-                    .filter_map(|m| parse_member(m))
+                    .filter_map(|m| crate::policy::parse_member(m))
                     .collect();
                 let before = present.len();
                 let (mut gone, mut new) = (Vec::new(), Vec::new());
@@ -664,6 +671,7 @@ impl Backend for Iptables {
             .iter()
             .map(|i| IfaceStatus {
                 name: i.name.clone(),
+                how: "jumps from INPUT and FORWARD".into(),
                 ifindex: i.ifindex,
                 requested_mode: i.mode.clone(),
                 xdp_mode: "none (iptables)".into(),

@@ -1,5 +1,5 @@
-//! The one transaction every change goes through, whatever asked for it (a verb today; the
-//! service, `apply --confirm-within` and the fleet watcher later):
+//! The one transaction every change goes through, whatever asked for it (a verb, the
+//! service, the rollback of `apply --confirm-within`, the fleet follower):
 //!
 //! lock → the desired policy from the store → the change → validation against PRODUCT.md's
 //! rules and the backend's limits (every limit, before anything live changes) → the
@@ -7,6 +7,20 @@
 //!
 //! "Nothing is ever half applied" is kept here once: a change refused at any step leaves
 //! the backend and the store as they were. Nothing here prints.
+//!
+//! Beside it: `plan` (what a whole-policy change would do), `limits` (a policy against a
+//! backend's limits), `read` (reads for the verbs; no transaction).
+
+mod limits;
+mod plan;
+mod read;
+
+pub use limits::check_limits;
+pub use plan::{Plan, diff, plan, whitelist_delta};
+pub use read::{
+    check, counters, generation, open, parse_policy_file, read_policy_file, read_policy_text,
+    rules, saved, whitelist, whole,
+};
 
 use std::{collections::HashSet, fs};
 
@@ -14,10 +28,14 @@ use anyhow::{Result, anyhow, bail};
 use ipnet::IpNet;
 use serde::Serialize;
 
+use self::{
+    limits::check_whitelist_sizes,
+    plan::{DELTA_MAX, diff_and_delta},
+};
 use crate::{
-    backend::{self, Backend, Choice, Limits},
+    backend::{self, Backend, Choice, Profile},
     lockout,
-    policy::{self, Endpoint, Lines, Policy, WHITELIST_KINDS, WhitelistSizes},
+    policy::{self, Lines, Policy, WhitelistSizes},
     rollback,
     state::{IfaceState, Paths, State},
     store::Store,
@@ -68,6 +86,9 @@ pub struct Confirm {
 pub struct Outcome {
     pub generation: u32,
     pub backend: &'static str,
+    /// The backend in its own words, for the verb to render.
+    #[serde(skip)]
+    pub profile: Profile,
     #[serde(flatten)]
     pub what: Done,
     /// An armed rollback (`Change::Replace { confirm }`).
@@ -118,6 +139,17 @@ pub struct Options<'a> {
     pub progress: &'a mut dyn FnMut(u64),
 }
 
+impl Options<'static> {
+    /// No progress to show.
+    pub fn quiet(force: bool) -> Options<'static> {
+        // A closure that captures nothing is zero-sized: its leaked box allocates nothing.
+        Options {
+            force,
+            progress: Box::leak(Box::new(|_: u64| {})),
+        }
+    }
+}
+
 /// Runs one change as one transaction.
 pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcome> {
     let _lock = paths.lock()?;
@@ -149,12 +181,9 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
                 // `auto`: programs the kernel would not load or attach → the fallback
                 // backend; any other error is the operator's to see.
                 Err(e) => {
-                    let fallback = (backend == Choice::Auto
-                        && b.kind() == backend::Kind::Ebpf
-                        && !b.is_installed())
-                    .then(|| backend::auto_fallback(paths, &e))
-                    .flatten();
-                    let Some((other, reason)) = fallback else {
+                    let Some((other, reason)) =
+                        backend::auto_fallback(paths, backend, b.as_ref(), &e)
+                    else {
                         return Err(e);
                     };
                     why = Some(reason);
@@ -188,6 +217,7 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
             Ok(Outcome {
                 generation,
                 backend: b.kind().name(),
+                profile: b.profile(),
                 what: Done::Loaded {
                     interfaces: st.interfaces.iter().map(|i| i.name.clone()).collect(),
                     seeded: done.seeded,
@@ -206,12 +236,7 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
             let old = store.whole()?;
             let delta = diff_and_delta(&old, &policy);
             if delta.0.is_empty() {
-                return Ok(Outcome {
-                    generation: meta.generation,
-                    backend: b.kind().name(),
-                    what: Done::Unchanged,
-                    armed: None,
-                });
+                return Ok(outcome(meta.generation, b.as_ref(), Done::Unchanged));
             }
             // Armed under the lock: the policy saved is the one replaced here.
             let armed = match confirm {
@@ -367,152 +392,11 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
     }
 }
 
-/// What replacing the live policy with another would change: the dry run of `apply`.
-#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
-pub struct Plan {
-    pub networks_added: Vec<String>,
-    pub networks_removed: Vec<String>,
-    /// Networks whose subnets change.
-    pub networks_changed: Vec<String>,
-    pub allow_added: usize,
-    pub allow_removed: usize,
-    pub except_added: usize,
-    pub except_removed: usize,
-    /// default, reject, vxlan ports, whitelist on/off, log: "what: old -> new".
-    pub settings: Vec<String>,
-    pub whitelist_added: usize,
-    pub whitelist_removed: usize,
-}
-
-impl Plan {
-    pub fn is_empty(&self) -> bool {
-        *self == Plan::default()
-    }
-}
-
-/// What `apply` of `policy` would change, checked as `apply` checks it (file lines, the
-/// backend's limits, no lockout) and changing nothing.
-pub fn plan(paths: &Paths, policy: &Policy, lines: Option<&Lines>, force: bool) -> Result<Plan> {
-    let _lock = paths.lock()?;
-    let b = backend::installed(paths, State::load(paths)?.as_ref())?;
-    check_whole(policy, lines, b.as_ref(), force)?;
-    plan_against(&Store::new(paths), policy)
-}
-
-/// Whitelist changes up to this many entries, with nothing else changed, are applied as
-/// an edit of those entries rather than a sync of the whole whitelist.
-const DELTA_MAX: usize = 65_536;
-
-fn plan_against(store: &Store, new: &Policy) -> Result<Plan> {
-    Ok(diff(&store.whole()?, new))
-}
-
-/// What replacing `old` with `new` changes (networks, rules, settings, whitelist counts).
-pub fn diff(old: &Policy, new: &Policy) -> Plan {
-    diff_and_delta(old, new).0
-}
-
-/// `diff`, and the whitelist entries `new` adds and removes.
-fn diff_and_delta(old: &Policy, new: &Policy) -> (Plan, Vec<IpNet>, Vec<IpNet>) {
-    let mut p = Plan::default();
-    for (name, subnets) in &new.networks {
-        match old.networks.get(name) {
-            None => p.networks_added.push(name.clone()),
-            Some(o) if o != subnets => p.networks_changed.push(name.clone()),
-            _ => {}
-        }
-    }
-    p.networks_removed = old
-        .networks
-        .keys()
-        .filter(|n| !new.networks.contains_key(*n))
-        .cloned()
-        .collect();
-    // Rules by what they say (position does not change a verdict but is kept: a rule
-    // that moved counts as removed and added, as its counters restart).
-    let count = |a: &[String], b: &[String]| a.iter().filter(|x| !b.contains(x)).count();
-    let (oa, oe) = backend::rule_names(old);
-    let (na, ne) = backend::rule_names(new);
-    p.allow_added = count(&na, &oa);
-    p.allow_removed = count(&oa, &na);
-    p.except_added = count(&ne, &oe);
-    p.except_removed = count(&oe, &ne);
-    if na != oa && p.allow_added == 0 && p.allow_removed == 0 {
-        p.settings.push("allow rules: reordered".into());
-    }
-    if ne != oe && p.except_added == 0 && p.except_removed == 0 {
-        p.settings.push("except rules: reordered".into());
-    }
-    let (oi, ni) = (&old.isolation, &new.isolation);
-    let mut setting = |what: &str, o: String, n: String| {
-        if o != n {
-            p.settings.push(format!("{what}: {o} -> {n}"));
-        }
-    };
-    setting(
-        "default",
-        format!("{:?}", oi.default).to_lowercase(),
-        format!("{:?}", ni.default).to_lowercase(),
-    );
-    setting("reject", oi.reject.to_string(), ni.reject.to_string());
-    setting(
-        "vxlan_ports",
-        format!("{:?}", oi.vxlan_ports),
-        format!("{:?}", ni.vxlan_ports),
-    );
-    setting(
-        "whitelist enabled",
-        old.whitelist.enabled.to_string(),
-        new.whitelist.enabled.to_string(),
-    );
-    setting(
-        "whitelist log",
-        old.whitelist.log.to_string(),
-        new.whitelist.log.to_string(),
-    );
-    let (added, removed) = whitelist_delta(&old.whitelist.allow, &new.whitelist.allow);
-    (p.whitelist_added, p.whitelist_removed) = (added.len(), removed.len());
-    (p, added, removed)
-}
-
-/// The whitelist entries `new` adds to `old`, and those it removes. Sorted and merged
-/// rather than hashed: at a million entries a sort walks memory in order, where a hash set
-/// misses the cache at every insert.
-pub fn whitelist_delta(old: &[IpNet], new: &[IpNet]) -> (Vec<IpNet>, Vec<IpNet>) {
-    let sorted = |v: &[IpNet]| {
-        let mut s: Vec<IpNet> = v.iter().map(|n| n.trunc()).collect();
-        s.sort_unstable();
-        s.dedup();
-        s
-    };
-    let (o, n) = (sorted(old), sorted(new));
-    let (mut added, mut removed) = (Vec::new(), Vec::new());
-    let (mut i, mut j) = (0, 0);
-    while i < o.len() || j < n.len() {
-        match (o.get(i), n.get(j)) {
-            (Some(a), Some(b)) if a == b => (i, j) = (i + 1, j + 1),
-            (Some(a), Some(b)) if a > b => {
-                added.push(*b);
-                j += 1;
-            }
-            (Some(a), _) => {
-                removed.push(*a);
-                i += 1;
-            }
-            (None, Some(b)) => {
-                added.push(*b);
-                j += 1;
-            }
-            (None, None) => break,
-        }
-    }
-    (added, removed)
-}
-
 fn outcome(generation: u32, b: &dyn Backend, what: Done) -> Outcome {
     Outcome {
         generation,
         backend: b.kind().name(),
+        profile: b.profile(),
         what,
         armed: None,
     }
@@ -554,7 +438,12 @@ fn replace(
 }
 
 /// A whole policy: PRODUCT.md's rules, the backend's limits, no lockout.
-fn check_whole(p: &Policy, lines: Option<&Lines>, b: &dyn Backend, force: bool) -> Result<()> {
+pub(crate) fn check_whole(
+    p: &Policy,
+    lines: Option<&Lines>,
+    b: &dyn Backend,
+    force: bool,
+) -> Result<()> {
     policy::validate(p).map_err(anyhow::Error::msg)?;
     check_limits(
         p,
@@ -615,301 +504,4 @@ pub fn unload(paths: &Paths, iface: Option<&str>) -> Result<Unloaded> {
         was_loaded,
         detached: None,
     })
-}
-
-/// The installed backend and what it is installed on, for the reading verbs.
-pub fn open(paths: &Paths) -> Result<(Box<dyn Backend>, State)> {
-    let st = State::load(paths)?;
-    let b = backend::installed(paths, st.as_ref())?;
-    let st = st.unwrap_or_else(|| State::new(b.kind()));
-    Ok((b, st))
-}
-
-/// The desired policy, rules only (whitelist entries left out: cheap at any size).
-/// The live policy's generation (0 before the first load).
-pub fn generation(paths: &Paths) -> Result<u32> {
-    Ok(Store::new(paths).meta()?.generation)
-}
-
-pub fn rules(paths: &Paths) -> Result<Policy> {
-    Store::new(paths).rules()
-}
-
-/// The desired policy, whitelist entries included.
-pub fn whole(paths: &Paths) -> Result<Policy> {
-    Store::new(paths).whole()
-}
-
-/// The desired whitelist entries.
-pub fn whitelist(paths: &Paths) -> Result<Vec<IpNet>> {
-    Store::new(paths).whitelist()
-}
-
-fn at(lines: Option<&Lines>, line: Option<usize>) -> String {
-    match (lines, line) {
-        (Some(l), Some(n)) if n > 0 => format!("{}:{n}: ", l.file),
-        _ => String::new(),
-    }
-}
-
-/// Every limit of the backend, before anything live changes. An error names the line of the
-/// item that goes over (when the policy came from a file) and the limit.
-pub fn check_limits(
-    p: &Policy,
-    sizes: WhitelistSizes,
-    lines: Option<&Lines>,
-    l: &Limits,
-    backend: &str,
-) -> Result<()> {
-    let over = |line: Option<usize>, n: usize, what: &str, max: usize| -> anyhow::Error {
-        anyhow!(
-            "{}the policy has {n} {what}; the {backend} backend holds at most {max}, so nothing was changed",
-            at(lines, line)
-        )
-    };
-    // The items of a kind in file order; the line of the one past the limit.
-    let nth_line = |v: Option<&Vec<usize>>, max: usize| v.and_then(|v| v.get(max).copied());
-    if p.networks.len() > l.networks {
-        let mut by_line: Vec<usize> = lines
-            .map(|x| x.networks.values().copied().collect())
-            .unwrap_or_default();
-        by_line.sort_unstable();
-        return Err(over(
-            by_line.get(l.networks).copied(),
-            p.networks.len(),
-            "networks",
-            l.networks,
-        ));
-    }
-    let checks = [
-        (
-            p.isolation.allow.len(),
-            l.allow_rules,
-            "allow rules",
-            lines.map(|x| &x.allow),
-        ),
-        (
-            p.isolation.except.len(),
-            l.except_rules,
-            "except rules",
-            lines.map(|x| &x.except),
-        ),
-        (
-            p.isolation.vxlan_ports.len(),
-            l.vxlan_ports,
-            "vxlan ports",
-            lines.map(|x| &x.vxlan_ports),
-        ),
-    ];
-    for (n, max, what, at_lines) in checks {
-        if n > max {
-            return Err(over(nth_line(at_lines, max), n, what, max));
-        }
-    }
-    // Distinct prefixes per family, walked in file order.
-    let mut items: Vec<(usize, IpNet)> = Vec::new();
-    let line_of = |v: Option<&Vec<usize>>, i: usize| v.and_then(|v| v.get(i).copied()).unwrap_or(0);
-    for (name, subnets) in &p.networks {
-        let ls = lines.and_then(|x| x.subnets.get(name));
-        for (i, s) in subnets.iter().enumerate() {
-            items.push((line_of(ls, i), s.trunc()));
-        }
-    }
-    let allow = p.isolation.allow.iter().map(|r| (&r.from, &r.to));
-    let except = p.isolation.except.iter().map(|r| (&r.from, &r.to));
-    for (rules, ls) in [
-        (allow.collect::<Vec<_>>(), lines.map(|x| &x.allow)),
-        (except.collect(), lines.map(|x| &x.except)),
-    ] {
-        for (i, (from, to)) in rules.into_iter().enumerate() {
-            for e in [from, to] {
-                if let Endpoint::Cidr(c) = e {
-                    items.push((line_of(ls, i), c.trunc()));
-                }
-            }
-        }
-    }
-    items.sort_by_key(|(line, _)| *line);
-    let mut seen: [HashSet<IpNet>; 2] = Default::default();
-    let mut first_over: [Option<usize>; 2] = [None, None];
-    for (line, net) in &items {
-        let fam = matches!(net, IpNet::V6(_)) as usize;
-        if seen[fam].insert(*net) && seen[fam].len() == l.prefixes + 1 {
-            first_over[fam] = Some(*line);
-        }
-    }
-    for (fam, what) in [
-        "distinct IPv4 prefixes in networks and rules",
-        "distinct IPv6 prefixes in networks and rules",
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        if seen[fam].len() > l.prefixes {
-            return Err(over(first_over[fam], seen[fam].len(), what, l.prefixes));
-        }
-    }
-    // The whitelist: with lines, name the entry that goes over.
-    let max = whitelist_limits(l);
-    if let Some(x) = lines
-        && x.whitelist_entries.len() == p.whitelist.allow.len()
-    {
-        let total = sizes.as_array();
-        let mut count = [0usize; 4];
-        for (n, line) in p.whitelist.allow.iter().zip(&x.whitelist_entries) {
-            let k = WhitelistSizes::kind(n);
-            count[k] += 1;
-            if count[k] == max[k] + 1 {
-                let what = format!("whitelisted {}", WHITELIST_KINDS[k]);
-                return Err(over(Some(*line), total[k], &what, max[k]));
-            }
-        }
-    }
-    check_whitelist_sizes(sizes, l, backend)
-}
-
-/// What each kind of whitelist entry (`WhitelistSizes::kind`) may number.
-fn whitelist_limits(l: &Limits) -> [usize; 4] {
-    [
-        l.whitelist_addresses,
-        l.whitelist_cidrs,
-        l.whitelist_addresses,
-        l.whitelist_cidrs,
-    ]
-}
-
-fn check_whitelist_sizes(s: WhitelistSizes, l: &Limits, backend: &str) -> Result<()> {
-    let max = whitelist_limits(l);
-    for (k, n) in s.as_array().into_iter().enumerate() {
-        if n > max[k] {
-            bail!(
-                "the whitelist would have {n} whitelisted {}; the {backend} backend holds at most {}, so nothing was changed",
-                WHITELIST_KINDS[k],
-                max[k]
-            );
-        }
-    }
-    Ok(())
-}
-
-/// Reads a policy file whole (and where each item is), refusing a bad one.
-pub fn read_policy_file(path: &std::path::Path) -> Result<(Policy, Lines)> {
-    parse_policy_file(path, &read_policy_text(path)?)
-}
-
-/// The text of a policy file.
-pub fn read_policy_text(path: &std::path::Path) -> Result<String> {
-    crate::state::read_trusted("policy", path)
-}
-
-/// A policy file's `text`, parsed (errors name `path` and the line).
-pub fn parse_policy_file(path: &std::path::Path, text: &str) -> Result<(Policy, Lines)> {
-    Ok(policy::parse_with_lines(&path.display().to_string(), text)?)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn limits() -> Limits {
-        Limits {
-            networks: 2,
-            allow_rules: 1,
-            except_rules: 1,
-            vxlan_ports: 1,
-            prefixes: 2,
-            whitelist_addresses: 2,
-            whitelist_cidrs: 1,
-        }
-    }
-
-    #[test]
-    fn the_whitelist_delta_is_exact_whatever_the_order_and_duplicates() {
-        let n = |s: &[&str]| -> Vec<IpNet> { s.iter().map(|x| x.parse().unwrap()).collect() };
-        let old = n(&[
-            "192.0.2.9/32",
-            "2001:db8::/64",
-            "192.0.2.1/32",
-            "192.0.2.1/32",
-        ]);
-        let new = n(&[
-            "198.51.100.0/24",
-            "192.0.2.1/32",
-            "2001:db8::/64",
-            "203.0.113.5/32",
-        ]);
-        let (add, del) = whitelist_delta(&old, &new);
-        assert_eq!(add, n(&["198.51.100.0/24", "203.0.113.5/32"]));
-        assert_eq!(del, n(&["192.0.2.9/32"]));
-        assert_eq!(whitelist_delta(&new, &new), (vec![], vec![]));
-        let (add, del) = whitelist_delta(&[], &old);
-        assert_eq!((add.len(), del.len()), (3, 0));
-    }
-
-    fn err(text: &str) -> String {
-        let (p, lines) = policy::parse_with_lines("p.toml", text).unwrap();
-        check_limits(
-            &p,
-            WhitelistSizes::of(&p.whitelist.allow),
-            Some(&lines),
-            &limits(),
-            "test",
-        )
-        .unwrap_err()
-        .to_string()
-    }
-
-    #[test]
-    fn a_limit_error_names_the_line_of_what_exceeds_it() {
-        let e = err(
-            "[networks.a]\nsubnets = [\"192.0.2.0/26\"]\n[networks.b]\nsubnets = [\"192.0.2.64/26\"]\n[networks.c]\nsubnets = [\"192.0.2.128/26\"]\n",
-        );
-        assert!(
-            e.starts_with("p.toml:5: the policy has 3 networks; the test backend holds at most 2"),
-            "{e}"
-        );
-        let e = err(
-            "[networks.a]\nsubnets = [\"192.0.2.0/26\"]\n[[isolation.allow]]\nfrom = \"a\"\nto = \"a\"\n[[isolation.allow]]\nfrom = \"a\"\nto = \"192.0.2.0/24\"\n",
-        );
-        assert!(
-            e.starts_with("p.toml:6: the policy has 2 allow rules"),
-            "{e}"
-        );
-        let e = err(
-            "[networks.a]\nsubnets = [\"192.0.2.0/26\",\n \"192.0.2.64/26\"]\n[[isolation.allow]]\nfrom = \"a\"\nto = \"198.51.100.0/24\"\n",
-        );
-        assert!(
-            e.starts_with("p.toml:4: the policy has 3 distinct IPv4 prefixes"),
-            "{e}"
-        );
-        let e = err(
-            "[whitelist]\nallow = [\n\"192.0.2.1\",\n\"192.0.2.2\",\n\"2001:db8::1\",\n\"192.0.2.3\",\n]\n",
-        );
-        assert!(
-            e.starts_with("p.toml:6: the policy has 3 whitelisted IPv4 addresses"),
-            "{e}"
-        );
-        let e = err("[isolation]\nvxlan_ports = [4789,\n 8472]\n");
-        assert!(
-            e.starts_with("p.toml:3: the policy has 2 vxlan ports"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn within_the_limits_passes() {
-        let (p, lines) = policy::parse_with_lines(
-            "p.toml",
-            "[networks.a]\nsubnets = [\"192.0.2.0/26\", \"2001:db8::/64\"]\n[whitelist]\nallow = [\"192.0.2.1\", \"192.0.2.0/24\"]\n",
-        )
-        .unwrap();
-        check_limits(
-            &p,
-            WhitelistSizes::of(&p.whitelist.allow),
-            Some(&lines),
-            &limits(),
-            "test",
-        )
-        .unwrap();
-    }
 }

@@ -1,0 +1,219 @@
+//! Where etcd is and how to reach it: the `etcd://` URL and the keys under its prefix, the
+//! TLS and login options as etcdctl takes them, and the connection.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use clap::Args;
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+
+/// `etcd://HOST:PORT[,HOST:PORT…]/PREFIX`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdUrl {
+    pub endpoints: Vec<String>,
+    /// Starts with `/`, no trailing `/`.
+    pub prefix: String,
+}
+
+impl std::str::FromStr for EtcdUrl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let rest = s
+            .strip_prefix("etcd://")
+            .ok_or_else(|| format!("'{s}' is not an etcd://HOST:PORT[,HOST:PORT…]/PREFIX URL"))?;
+        let (hosts, prefix) = rest
+            .split_once('/')
+            .ok_or_else(|| format!("'{s}' names no prefix (etcd://HOST:PORT/PREFIX)"))?;
+        let prefix = prefix.trim_end_matches('/');
+        if prefix.is_empty() {
+            return Err(format!("'{s}' names no prefix (etcd://HOST:PORT/PREFIX)"));
+        }
+        let endpoints: Vec<String> = hosts
+            .split(',')
+            .filter(|h| !h.is_empty())
+            .map(String::from)
+            .collect();
+        if endpoints.is_empty() || endpoints.iter().any(|h| !h.contains(':')) {
+            return Err(format!("'{s}': give each etcd endpoint as HOST:PORT"));
+        }
+        Ok(EtcdUrl {
+            endpoints,
+            prefix: format!("/{prefix}"),
+        })
+    }
+}
+
+impl std::fmt::Display for EtcdUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "etcd://{}{}", self.endpoints.join(","), self.prefix)
+    }
+}
+
+impl EtcdUrl {
+    pub fn policy_key(&self) -> String {
+        format!("{}/policy", self.prefix)
+    }
+    pub fn nodes_prefix(&self) -> String {
+        format!("{}/nodes/", self.prefix)
+    }
+    pub fn node_key(&self, node: &str) -> String {
+        format!("{}{node}", self.nodes_prefix())
+    }
+    pub fn parts_prefix(&self) -> String {
+        format!("{}/parts/", self.prefix)
+    }
+    pub fn part_key(&self, sha256: &str) -> String {
+        format!("{}{sha256}", self.parts_prefix())
+    }
+}
+
+/// How to reach etcd, as etcdctl takes it.
+#[derive(Args, Clone, Debug, Default)]
+pub struct EtcdOpts {
+    /// CA certificate (PEM) that signed the etcd servers' certificates: connect over TLS.
+    #[arg(long, value_name = "FILE")]
+    pub etcd_cacert: Option<std::path::PathBuf>,
+    /// Client certificate (PEM), with --etcd-key.
+    #[arg(long, value_name = "FILE", requires = "etcd_key")]
+    pub etcd_cert: Option<std::path::PathBuf>,
+    /// Client key (PEM).
+    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+    pub etcd_key: Option<std::path::PathBuf>,
+    /// USER:PASSWORD for etcd's authentication. On the command line, every local user reads
+    /// it in /proc: prefer --etcd-user-file, or this variable in a root-only file.
+    #[arg(long, value_name = "USER:PASSWORD", env = "ISOLATION_ETCD_USER")]
+    pub etcd_user: Option<String>,
+    /// A file whose first line is USER:PASSWORD, readable by its owner only (chmod 600).
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with = "etcd_user",
+        env = "ISOLATION_ETCD_USER_FILE"
+    )]
+    pub etcd_user_file: Option<std::path::PathBuf>,
+}
+
+/// The longest --etcd-user-file read.
+const MAX_LOGIN_FILE: u64 = 4096;
+
+impl EtcdOpts {
+    /// USER:PASSWORD, from --etcd-user or --etcd-user-file.
+    fn login(&self) -> Result<Option<String>> {
+        use std::io::Read as _;
+        use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+        let Some(path) = &self.etcd_user_file else {
+            return Ok(self.etcd_user.clone());
+        };
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .with_context(|| format!("--etcd-user-file {}: cannot open it", path.display()))?;
+        let m = f.metadata()?;
+        // SAFETY: geteuid(2) cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if !m.is_file() || (m.uid() != me && m.uid() != 0) || m.mode() & 0o077 != 0 {
+            bail!(
+                "--etcd-user-file {}: a password file must be a regular file of this user's or \
+                 root's, readable by its owner only (chmod 600); it is mode {:o}, uid {}",
+                path.display(),
+                m.mode() & 0o7777,
+                m.uid()
+            );
+        }
+        let mut text = String::new();
+        f.take(MAX_LOGIN_FILE + 1)
+            .read_to_string(&mut text)
+            .with_context(|| format!("--etcd-user-file {}: not text", path.display()))?;
+        if text.len() as u64 > MAX_LOGIN_FILE {
+            bail!(
+                "--etcd-user-file {}: longer than {MAX_LOGIN_FILE} bytes; it holds one line, USER:PASSWORD",
+                path.display()
+            );
+        }
+        let line = text.lines().next().unwrap_or("").trim();
+        if !line.contains(':') {
+            bail!(
+                "--etcd-user-file {}: its first line must be USER:PASSWORD",
+                path.display()
+            );
+        }
+        Ok(Some(line.to_string()))
+    }
+}
+
+/// Connects, failing within `timeout`.
+pub async fn connect(url: &EtcdUrl, o: &EtcdOpts, timeout: Duration) -> Result<Client> {
+    let mut opts = ConnectOptions::new()
+        .with_connect_timeout(timeout)
+        .with_timeout(timeout)
+        // HTTP/2 pings find a silent partition (a killed etcd resets the connection at
+        // once); 5 s leaves room for a host busy applying a big policy on every core.
+        .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
+    let scheme = if o.etcd_cacert.is_some() {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
+        };
+        let mut tls = TlsOptions::new();
+        if let Some(ca) = &o.etcd_cacert {
+            tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+        }
+        if let (Some(c), Some(k)) = (&o.etcd_cert, &o.etcd_key) {
+            tls = tls.identity(Identity::from_pem(read(c)?, read(k)?));
+        }
+        opts = opts.with_tls(tls);
+        "https"
+    } else {
+        "http"
+    };
+    if let Some(up) = &o.login()? {
+        let (u, p) = up
+            .split_once(':')
+            .ok_or_else(|| anyhow!("--etcd-user takes USER:PASSWORD"))?;
+        // etcd's tokens expire (5 min by default): a long-running node renews its own.
+        opts = opts.with_user(u, p).with_auto_token_refresh(true);
+        if scheme == "http" {
+            tracing::warn!(
+                "etcd: the login of {u} to {url} goes over plaintext: anyone on the path reads                  the password; give --etcd-cacert (TLS)"
+            );
+        }
+    }
+    let endpoints: Vec<String> = url
+        .endpoints
+        .iter()
+        .map(|e| format!("{scheme}://{e}"))
+        .collect();
+    let c = tokio::time::timeout(timeout, Client::connect(endpoints, Some(opts)))
+        .await
+        .map_err(|_| anyhow!("etcd at {url} did not answer within {timeout:?}"))?
+        .with_context(|| format!("cannot reach etcd at {url}"))?;
+    Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_with_one_or_more_endpoints() {
+        let u: EtcdUrl = "etcd://192.0.2.1:2379,192.0.2.2:2379/isolation/prod/"
+            .parse()
+            .unwrap();
+        assert_eq!(u.endpoints, ["192.0.2.1:2379", "192.0.2.2:2379"]);
+        assert_eq!(u.policy_key(), "/isolation/prod/policy");
+        assert_eq!(u.node_key("n1"), "/isolation/prod/nodes/n1");
+        assert_eq!(
+            u.to_string(),
+            "etcd://192.0.2.1:2379,192.0.2.2:2379/isolation/prod"
+        );
+        for bad in [
+            "http://x:1/p",
+            "etcd://x:1",
+            "etcd://x:1/",
+            "etcd://x/p",
+            "etcd:///p",
+        ] {
+            assert!(bad.parse::<EtcdUrl>().is_err(), "{bad}");
+        }
+    }
+}
