@@ -2,13 +2,15 @@
 # Both jobs of isolation on a small network of namespaces, then cleans up (namespaces,
 # listeners, pins, state):
 #
-#   friend   192.0.2.10    --f0--+
-#   stranger 198.51.100.66 --s0--+
-#   it1      203.0.113.2   --i1--+-- host (router, isolation on every port)
-#   it2      203.0.113.18  --i2--+
-#   hr1      203.0.113.130 --h1--+
+#   friend   192.0.2.10     --f0--+
+#   stranger 203.0.113.66   --s0--+
+#   it1      198.51.100.2   --i1--+-- host (router, isolation on every port)
+#   it2      198.51.100.18  --i2--+
+#   hr1      198.51.100.130 --h1--+
 #
-# 1. The host whitelist: only the friend (and the virtual networks) may open connections.
+# The policy is the packaged example (packaging/policy.example.toml), as it is:
+# 1. The host whitelist: only the admin network (the friend) and the virtual networks may
+#    open connections.
 # 2. Virtual-network isolation, the classic ipset recipe: HR may reach IT on tcp:80 and IT's
 #    replies flow; IT cannot open to HR and gets a REJECT at once; inside IT (hairpin) all
 #    passes. Then a live edit, `check`, the counters, and unload.
@@ -18,7 +20,7 @@ export ISOLATION_PIN_DIR=/sys/fs/bpf/isolation-demo ISOLATION_STATE_DIR=/run/iso
 unset SSH_CONNECTION
 H=iso-demo-host
 NS=(iso-demo-friend iso-demo-stranger iso-demo-it1 iso-demo-it2 iso-demo-hr1)
-POLICY=$(mktemp /tmp/isolation-demo-XXXX.toml)
+POLICY=$(cd "$(dirname "$0")/.." && pwd)/packaging/policy.example.toml
 TRACE_OUT=$(mktemp /tmp/isolation-demo-trace-XXXX.txt)
 LISTENERS=()
 
@@ -29,7 +31,7 @@ cleanup() {
     LISTENERS=()
     nsenter --net=/run/netns/$H "$BIN" unload >/dev/null 2>&1 || true
     for ns in $H "${NS[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
-    rm -f "$POLICY" "$TRACE_OUT"
+    rm -f "$TRACE_OUT"
 }
 trap cleanup EXIT
 cleanup
@@ -58,13 +60,13 @@ probe() { # probe LABEL NS tcp ADDR PORT | probe LABEL NS ping ADDR: how it ende
 traffic() {
     echo " whitelist (who may reach the host):"
     probe "friend 192.0.2.10 -> host tcp:8080" iso-demo-friend tcp 192.0.2.1 8080
-    probe "stranger 198.51.100.66 -> host tcp:8080" iso-demo-stranger tcp 198.51.100.1 8080
-    probe "host -> stranger ping (its reply comes back)" $H ping 198.51.100.66
+    probe "stranger 203.0.113.66 -> host tcp:8080" iso-demo-stranger tcp 203.0.113.65 8080
+    probe "host -> stranger ping (its reply comes back)" $H ping 203.0.113.66
     echo " isolation (hr may reach it on tcp:80 only):"
-    probe "hr1 -> it1 tcp:80 (and it1's replies)" iso-demo-hr1 tcp 203.0.113.2 80
-    probe "hr1 -> it1 tcp:22" iso-demo-hr1 tcp 203.0.113.2 22
-    probe "it1 -> hr1 tcp:80" iso-demo-it1 tcp 203.0.113.130 80
-    probe "it1 -> it2 tcp:80 (same network)" iso-demo-it1 tcp 203.0.113.18 80
+    probe "hr1 -> it1 tcp:80 (and it1's replies)" iso-demo-hr1 tcp 198.51.100.2 80
+    probe "hr1 -> it1 tcp:22" iso-demo-hr1 tcp 198.51.100.2 22
+    probe "it1 -> hr1 tcp:80" iso-demo-it1 tcp 198.51.100.130 80
+    probe "it1 -> it2 tcp:80 (same network)" iso-demo-it1 tcp 198.51.100.18 80
 }
 
 ip netns add $H; ip -n $H link set lo up
@@ -77,34 +79,14 @@ spoke() { # spoke NS HOST_IF HOST_ADDR/LEN PEER_ADDR/LEN
     ip -n "$1" route add default via "${3%/*}"
 }
 spoke iso-demo-friend f0 192.0.2.1/24 192.0.2.10/24
-spoke iso-demo-stranger s0 198.51.100.1/24 198.51.100.66/24
-spoke iso-demo-it1 i1 203.0.113.1/28 203.0.113.2/28
-spoke iso-demo-it2 i2 203.0.113.17/28 203.0.113.18/28
-spoke iso-demo-hr1 h1 203.0.113.129/28 203.0.113.130/28
+spoke iso-demo-stranger s0 203.0.113.65/26 203.0.113.66/26
+spoke iso-demo-it1 i1 198.51.100.1/28 198.51.100.2/28
+spoke iso-demo-it2 i2 198.51.100.17/28 198.51.100.18/28
+spoke iso-demo-hr1 h1 198.51.100.129/28 198.51.100.130/28
 listen $H 8080
 for ns in iso-demo-it1 iso-demo-it2 iso-demo-hr1; do listen $ns 80; listen $ns 22; done
 sleep 0.2
 
-cat > "$POLICY" <<'TOML'
-[whitelist]
-enabled = true
-log = true
-allow = ["192.0.2.10", "203.0.113.0/24"]   # the friend, and the virtual networks
-
-[isolation]
-default = "deny"
-reject = true
-
-[networks.it]
-subnets = ["203.0.113.0/25"]
-[networks.hr]
-subnets = ["203.0.113.128/25"]
-
-[[isolation.allow]]
-from = "hr"
-to = "it"
-ports = ["tcp:80"]
-TOML
 
 echo "== before: no filter, everything passes"
 traffic
@@ -130,13 +112,13 @@ echo "# isolation-user trace   (drops and rejects, as iptables LOG lines)"
 cat "$TRACE_OUT"
 echo
 echo "== why? the verdict the live maps give, and the rule that decides it"
-iso check 203.0.113.130 203.0.113.2 --proto tcp --dport 80 || true
-iso check 203.0.113.2 203.0.113.130 --proto tcp --dport 80 || true
-iso check 198.51.100.66 192.0.2.1 --proto tcp --dport 8080 || true
+iso check 198.51.100.130 198.51.100.2 --proto tcp --dport 80 || true
+iso check 198.51.100.2 198.51.100.130 --proto tcp --dport 80 || true
+iso check 203.0.113.66 192.0.2.1 --proto tcp --dport 8080 || true
 echo
 echo "== live edits: let it reach hr on tcp:80, whitelist the stranger"
 iso allow it hr --port tcp:80
-iso whitelist add 198.51.100.66
+iso whitelist add 203.0.113.66
 traffic
 echo
 iso stats

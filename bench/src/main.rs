@@ -72,7 +72,7 @@ impl Dp {
             state_dir: std::env::temp_dir().join(&id),
         };
         pins::ensure_pin_dir(&paths)?;
-        pins::load_and_pin(&paths)?;
+        isolation_user::backend::ebpf::load_and_pin(&paths)?;
         let xdp = Xdp::from_pin(
             paths.prog("xdp"),
             aya_obj::programs::XdpAttachType::Interface,

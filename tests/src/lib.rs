@@ -107,7 +107,7 @@ pub fn private_datapath(
         state_dir: std::env::temp_dir().join(&id),
     };
     pins::ensure_pin_dir(&paths).expect("a pin dir");
-    pins::load_and_pin(&paths).expect("load and pin the datapath");
+    isolation_user::backend::ebpf::load_and_pin(&paths).expect("load and pin the datapath");
     let (xdp, tc) = pinned_programs(&paths);
     (paths, xdp, tc)
 }

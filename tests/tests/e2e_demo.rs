@@ -50,7 +50,7 @@ fn the_demo_shows_both_jobs_and_leaves_nothing() {
             ["passes", "passes", "passes", "passes"],
         ),
         (
-            "stranger 198.51.100.66 -> host tcp:8080",
+            "stranger 203.0.113.66 -> host tcp:8080",
             ["passes", "dropped", "passes", "passes"],
         ),
         (
@@ -85,11 +85,11 @@ fn the_demo_shows_both_jobs_and_leaves_nothing() {
         }
     }
     assert!(
-        out.contains("isolation REJECT isolated-reject: IN=i1 SRC=203.0.113.2"),
+        out.contains("isolation REJECT isolated-reject: IN=i1 SRC=198.51.100.2"),
         "{out}"
     );
     assert!(
-        out.contains("isolation DROP not-whitelisted: IN=s0 SRC=198.51.100.66"),
+        out.contains("isolation DROP not-whitelisted: IN=s0 SRC=203.0.113.66"),
         "{out}"
     );
     assert!(

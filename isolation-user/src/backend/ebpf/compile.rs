@@ -255,23 +255,14 @@ mod tests {
     use super::*;
     use crate::policy;
 
-    const EXAMPLE: &str = r#"
-[isolation]
-default = "deny"
-[networks.it]
-subnets = ["198.51.100.0/25"]
-[networks.hr]
-subnets = ["198.51.100.128/25", "2001:db8:100::/64"]
-[networks.ops]
-subnets = ["198.51.100.0/28"]
-[[isolation.allow]]
-from = "hr"
-to = "it"
-ports = ["tcp:80"]
-[[isolation.except]]
-from = "198.51.100.10/32"
-to = "198.51.100.200/32"
-"#;
+    /// The example policy, with a network `ops` inside `it`.
+    fn example() -> Policy {
+        let text = format!(
+            "{}\n[networks.ops]\nsubnets = [\"198.51.100.0/28\"]\n",
+            policy::EXAMPLE
+        );
+        policy::parse("p", &text).unwrap()
+    }
 
     fn pkt(src: &str, dst: &str, proto: u8, dport: u16) -> Pkt {
         Pkt {
@@ -284,7 +275,7 @@ to = "198.51.100.200/32"
 
     #[test]
     fn the_product_scenario() {
-        let p = policy::parse("p", EXAMPLE).unwrap();
+        let p = example();
         let c = compile(&p).unwrap();
         let cases = [
             (
@@ -341,7 +332,7 @@ to = "198.51.100.200/32"
 
     #[test]
     fn a_longer_prefix_carries_the_shorter_ones() {
-        let p = policy::parse("p", EXAMPLE).unwrap();
+        let p = example();
         let c = compile(&p).unwrap();
         let ops = c
             .prefixes
@@ -356,9 +347,10 @@ to = "198.51.100.200/32"
 
     #[test]
     fn ports_table() {
-        let p = policy::parse("p", EXAMPLE).unwrap();
+        let p = example();
         let c = compile(&p).unwrap();
         assert_eq!(c.ports[(ports::TCP_BASE + 80) as usize], 1);
+        assert_eq!(c.ports[(ports::TCP_BASE + 443) as usize], 1);
         assert_eq!(c.ports[(ports::TCP_BASE + 81) as usize], 0);
         assert_eq!(c.ports[(ports::UDP_BASE + 80) as usize], 0);
         assert_eq!(c.ports[ports::NO_PORT as usize], 0);
@@ -366,7 +358,7 @@ to = "198.51.100.200/32"
 
     #[test]
     fn too_many_rules_are_refused() {
-        let mut p = policy::parse("p", EXAMPLE).unwrap();
+        let mut p = example();
         let r = p.isolation.allow[0].clone();
         p.isolation.allow = vec![r; limits::ALLOW_RULES + 1];
         assert!(compile(&p).unwrap_err().contains("at most 64"));

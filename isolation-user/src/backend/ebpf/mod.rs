@@ -51,6 +51,12 @@ pub fn kernel_refused(e: &anyhow::Error) -> bool {
     e.chain().any(|c| c.is::<KernelRefused>())
 }
 
+/// Loads the object and pins its maps and programs, nothing attached: the exact whitelist
+/// hashes, empty and small, go in before any program can run.
+pub fn load_and_pin(paths: &Paths) -> Result<()> {
+    pins::load_and_pin(paths, whitelist::install_empty)
+}
+
 pub struct Ebpf {
     paths: Paths,
 }
@@ -122,7 +128,7 @@ impl Backend for Ebpf {
         let mut replaced = None;
         if fresh {
             pins::ensure_pin_dir(paths)?;
-            if let Err(e) = pins::load_and_pin(paths) {
+            if let Err(e) = load_and_pin(paths) {
                 pins::remove_pins(paths);
                 return Err(e);
             }

@@ -91,7 +91,9 @@ pub fn is_loaded(paths: &Paths) -> bool {
 }
 
 /// Loads the object into the kernel and pins its maps and programs. Nothing is attached.
-pub fn load_and_pin(paths: &Paths) -> Result<()> {
+/// `fill` runs once the maps are pinned and before any program is loaded (the exact
+/// whitelist hashes go in there: no program may ever run without them).
+pub fn load_and_pin(paths: &Paths, fill: impl FnOnce(&Paths) -> Result<()>) -> Result<()> {
     let mut ebpf: Ebpf = EbpfLoader::new().load(OBJECT).map_err(|e| {
         refused!(
             "the kernel refused the isolation BPF object: {}",
@@ -106,8 +108,7 @@ pub fn load_and_pin(paths: &Paths) -> Result<()> {
             map.pin(paths.map(name))
                 .with_context(|| format!("cannot pin map {name}"))?;
         }
-        // The exact whitelist hashes, empty and small, before any program can run.
-        super::whitelist::install_empty(paths)?;
+        fill(paths)?;
         let xdp: &mut Xdp = prog_mut(&mut ebpf, progs::XDP_INGRESS)?;
         xdp.load()
             .map_err(|e| refused!("the kernel refused the XDP program: {}", error_chain(&e)))?;
