@@ -132,7 +132,7 @@ pub fn judge(
         count_rule(64 + lowest_bit(ex), len);
         return Some(Reason::PassExcept);
     }
-    if s.nets & d.nets != 0 && !cfg!(feature = "mutant-hairpin-off") {
+    if s.nets & d.nets != 0 && !crate::mutants::HAIRPIN_OFF {
         return Some(Reason::PassHairpin);
     }
     // The whitelist stage may already have found the packet's connection: same table,
@@ -161,7 +161,7 @@ pub fn judge(
         // Its later fragments carry no ports: they follow the first one. The flow itself
         // is recorded where the packet leaves, if the kernel lets it.
         conntrack::remember_fragment(pkt);
-        if cfg!(feature = "mutant-record-at-ingress") {
+        if crate::mutants::RECORD_AT_INGRESS {
             let _ = conntrack::track(pkt);
         }
         return Some(Reason::PassAllow);
@@ -171,7 +171,7 @@ pub fn judge(
     } else if flags & iso_flags::REJECT != 0
         && can_reject
         && crate::reject::answerable(pkt)
-        && !cfg!(feature = "mutant-reject-as-drop")
+        && !crate::mutants::REJECT_AS_DROP
     {
         Reason::RejectIsolated
     } else {

@@ -17,6 +17,8 @@ mod conntrack;
 #[cfg(target_arch = "bpf")]
 mod isolation;
 #[cfg(target_arch = "bpf")]
+mod mutants;
+#[cfg(target_arch = "bpf")]
 mod parse;
 #[cfg(target_arch = "bpf")]
 mod ratelimit;

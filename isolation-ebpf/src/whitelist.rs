@@ -74,7 +74,7 @@ pub fn whitelisted(pkt: &Packet, cfg_flags: u32) -> bool {
         {
             return true;
         }
-        if cfg!(feature = "mutant-skip-cidr-trie") || cfg_flags & flags::WL_CIDR_V4 == 0 {
+        if crate::mutants::SKIP_CIDR_TRIE || cfg_flags & flags::WL_CIDR_V4 == 0 {
             return false;
         }
         WL_V4_LPM.get(&Key::new(32, a)).is_some()
@@ -84,7 +84,7 @@ pub fn whitelisted(pkt: &Packet, cfg_flags: u32) -> bool {
         {
             return true;
         }
-        if cfg!(feature = "mutant-skip-cidr-trie") || cfg_flags & flags::WL_CIDR_V6 == 0 {
+        if crate::mutants::SKIP_CIDR_TRIE || cfg_flags & flags::WL_CIDR_V6 == 0 {
             return false;
         }
         WL_V6_LPM.get(&Key::new(128, pkt.src)).is_some()

@@ -13,6 +13,7 @@ pub mod fleet;
 pub mod iface;
 pub mod import;
 pub mod lockout;
+mod mutants;
 pub mod policy;
 pub mod render;
 pub mod rollback;

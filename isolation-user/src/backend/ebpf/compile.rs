@@ -105,7 +105,7 @@ pub fn compile(p: &Policy) -> Result<Compiled, String> {
     for net in own.keys() {
         let mut e = NetEntry::default();
         // (The mutant keeps only the prefix's own bits: the differential test must notice.)
-        let shortest = if cfg!(feature = "mutant-no-containment") {
+        let shortest = if crate::mutants::NO_CONTAINMENT {
             net.prefix_len()
         } else {
             0
@@ -150,7 +150,7 @@ pub fn compile(p: &Policy) -> Result<Compiled, String> {
                 PortSpec::Udp(lo, hi) => (ports::UDP_BASE, lo, hi),
                 PortSpec::Icmp => (ports::ICMP, 0, 0),
             };
-            let hi = if cfg!(feature = "mutant-port-range-end") && hi > lo {
+            let hi = if crate::mutants::PORT_RANGE_END && hi > lo {
                 hi - 1
             } else {
                 hi

@@ -531,7 +531,7 @@ pub fn rules(p: &Policy, names: &Names, generation: u32, wl: &WhitelistSets, f: 
         }
     }
     for (i, (_, subnets)) in p.networks.iter().enumerate() {
-        if cfg!(feature = "mutant-iptables-hairpin-off") {
+        if crate::mutants::IPTABLES_HAIRPIN_OFF {
             break;
         }
         if subnets.iter().any(|s| Fam::of(s) == f) {
