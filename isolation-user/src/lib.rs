@@ -24,7 +24,7 @@ pub mod store;
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 
 use crate::state::Paths;
 
@@ -43,6 +43,13 @@ const VERSION_LINE: &str = concat!(
     ")"
 );
 
+/// A verb's `after_help`: "Examples:" and one indented command line each.
+macro_rules! examples {
+    ($($line:literal),+ $(,)?) => {
+        concat!("Examples:", $("\n  ", $line),+)
+    };
+}
+
 #[derive(Parser, Debug)]
 #[command(name = "isolation-user", version = VERSION_LINE, about = "Host whitelist and virtual-network isolation in XDP/TC", long_about = None)]
 pub struct Cli {
@@ -60,95 +67,155 @@ pub struct Cli {
 pub enum Cmd {
     /// Load and attach the datapath (XDP ingress + TC egress) and apply a policy. Idempotent.
     #[command(
-        after_help = "Examples:\n  isolation-user load --iface eth0 --policy /etc/isolation/policy.toml\n  isolation-user load --iface eth0 --iface eth1 --backend iptables\n  isolation-user load --iface eth0 --replace-programs   # swap in this build's programs, keep the maps"
+        after_help = examples!(
+            "isolation-user load --iface eth0 --policy /etc/isolation/policy.toml",
+            "isolation-user load --iface eth0 --iface eth1 --backend iptables",
+            "isolation-user load --iface eth0 --replace-programs   # swap in this build's programs, keep the maps"
+        )
     )]
     Load(commands::load::LoadArgs),
     /// Detach and remove everything `load` created.
     #[command(
-        after_help = "Examples:\n  isolation-user unload --iface eth1   # detach from one interface\n  isolation-user unload                # remove everything"
+        after_help = examples!(
+            "isolation-user unload --iface eth1   # detach from one interface",
+            "isolation-user unload                # remove everything"
+        )
     )]
     Unload(commands::load::UnloadArgs),
     /// Backend, interfaces, attach mode, program ids, policy generation, map fill levels.
     #[command(
-        after_help = "Examples:\n  isolation-user status\n  isolation-user status --json | jq .generation"
+        after_help = examples!(
+            "isolation-user status",
+            "isolation-user status --json | jq .generation"
+        )
     )]
     Status(commands::status::StatusArgs),
     /// Live edits of the host whitelist.
     #[command(subcommand)]
     #[command(
-        after_help = "Examples:\n  isolation-user whitelist add 203.0.113.7 2001:db8:42::/48\n  isolation-user whitelist add --file allowed.txt   # one entry a line, - = stdin\n  isolation-user whitelist del 203.0.113.7\n  isolation-user whitelist list --json\n  isolation-user whitelist flush"
+        after_help = examples!(
+            "isolation-user whitelist add 203.0.113.7 2001:db8:42::/48",
+            "isolation-user whitelist add --file allowed.txt   # one entry a line, - = stdin",
+            "isolation-user whitelist del 203.0.113.7",
+            "isolation-user whitelist list --json",
+            "isolation-user whitelist flush"
+        )
     )]
     Whitelist(commands::whitelist::WhitelistCmd),
     /// Packets and bytes per verdict reason, like `iptables -L -v -n`.
     #[command(
-        after_help = "Examples:\n  isolation-user stats\n  isolation-user stats --watch\n  isolation-user stats --json"
+        after_help = examples!(
+            "isolation-user stats",
+            "isolation-user stats --watch",
+            "isolation-user stats --json"
+        )
     )]
     Stats(commands::stats::StatsArgs),
     /// Stream logged drops as they happen, like iptables LOG lines.
     #[command(
-        after_help = "Examples:\n  isolation-user trace\n  isolation-user trace --json --count 10 --timeout 30"
+        after_help = examples!(
+            "isolation-user trace",
+            "isolation-user trace --json --count 10 --timeout 30"
+        )
     )]
     Trace(commands::trace::TraceArgs),
     /// Live edits of the virtual networks.
     #[command(subcommand)]
     #[command(
-        after_help = "Examples:\n  isolation-user network add ops 198.51.100.0/28\n  isolation-user network del ops 198.51.100.0/28   # one subnet; without it the whole network\n  isolation-user network list --json"
+        after_help = examples!(
+            "isolation-user network add ops 198.51.100.0/28",
+            "isolation-user network del ops 198.51.100.0/28   # one subnet; without it the whole network",
+            "isolation-user network list --json"
+        )
     )]
     Network(commands::edit::NetworkCmd),
     /// Let FROM open connections to TO (optionally only on some ports).
     #[command(
-        after_help = "Examples:\n  isolation-user allow hr it --port tcp:80 --port tcp:443\n  isolation-user allow ops 198.51.100.0/25          # anything"
+        after_help = examples!(
+            "isolation-user allow hr it --port tcp:80 --port tcp:443",
+            "isolation-user allow ops 198.51.100.0/25          # anything"
+        )
     )]
     Allow(commands::edit::RuleArgs),
     /// Remove allow rules from FROM to TO (or only some of their ports).
     #[command(
-        after_help = "Examples:\n  isolation-user disallow hr it --port tcp:443\n  isolation-user disallow ops 198.51.100.0/25"
+        after_help = examples!(
+            "isolation-user disallow hr it --port tcp:443",
+            "isolation-user disallow ops 198.51.100.0/25"
+        )
     )]
     Disallow(commands::edit::RuleArgs),
     /// Live edits of the pairs never filtered.
     #[command(subcommand)]
     #[command(
-        after_help = "Examples:\n  isolation-user except add 198.51.100.10 198.51.100.200\n  isolation-user except del 198.51.100.10 198.51.100.200"
+        after_help = examples!(
+            "isolation-user except add 198.51.100.10 198.51.100.200",
+            "isolation-user except del 198.51.100.10 198.51.100.200"
+        )
     )]
     Except(commands::edit::ExceptCmd),
     /// The verdict the live datapath gives a new connection, and what decides it.
     #[command(
-        after_help = "Examples:\n  isolation-user check 198.51.100.130 198.51.100.20 --proto tcp --dport 80\n  isolation-user check 203.0.113.9 192.0.2.1 --json"
+        after_help = examples!(
+            "isolation-user check 198.51.100.130 198.51.100.20 --proto tcp --dport 80",
+            "isolation-user check 203.0.113.9 192.0.2.1 --json"
+        )
     )]
     Check(commands::check::CheckArgs),
     /// Replace the whole live policy with a policy file, in one transaction.
     #[command(
-        after_help = "Examples:\n  isolation-user apply --dry-run /etc/isolation/policy.toml\n  isolation-user apply /etc/isolation/policy.toml\n  isolation-user apply new.toml --confirm-within 60 && isolation-user confirm"
+        after_help = examples!(
+            "isolation-user apply --dry-run /etc/isolation/policy.toml",
+            "isolation-user apply /etc/isolation/policy.toml",
+            "isolation-user apply new.toml --confirm-within 60 && isolation-user confirm"
+        )
     )]
     Apply(commands::apply::ApplyArgs),
     /// Keep the policy of an `apply --confirm-within`: cancel its rollback.
     #[command(
-        after_help = "Examples:\n  isolation-user apply new.toml --confirm-within 60\n  isolation-user confirm   # from a new SSH session: it still gets in"
+        after_help = examples!(
+            "isolation-user apply new.toml --confirm-within 60",
+            "isolation-user confirm   # from a new SSH session: it still gets in"
+        )
     )]
     Confirm(commands::apply::ConfirmArgs),
     /// Print the live policy, whitelist included, as a policy file.
-    #[command(after_help = "Examples:\n  isolation-user save > /etc/isolation/policy.toml")]
+    #[command(after_help = examples!(
+            "isolation-user save > /etc/isolation/policy.toml"
+        ))]
     Save,
     /// Print the ipset and iptables rules the iptables backend would load for a policy.
     #[command(
-        after_help = "Examples:\n  isolation-user export --format iptables /etc/isolation/policy.toml --iface eth0"
+        after_help = examples!(
+            "isolation-user export --format iptables /etc/isolation/policy.toml --iface eth0"
+        )
     )]
     Export(commands::export::ExportArgs),
     /// Print a policy file for an existing ipset/iptables setup (the classic recipe).
     #[command(
-        after_help = "Examples:\n  ipset save > sets.txt; iptables-save > rules.txt\n  isolation-user import --ipset-save sets.txt --iptables-save rules.txt > policy.toml"
+        after_help = examples!(
+            "ipset save > sets.txt; iptables-save > rules.txt",
+            "isolation-user import --ipset-save sets.txt --iptables-save rules.txt > policy.toml"
+        )
     )]
     Import(commands::import::ImportArgs),
     /// Run as a service: load, re-apply the policy file when it changes (or on SIGHUP), log
     /// drops, serve Prometheus metrics.
     #[command(
-        after_help = "Examples:\n  isolation-user run --iface eth0 --policy /etc/isolation/policy.toml --metrics 127.0.0.1:9108\n  kill -HUP $(pidof isolation-user)   # re-apply the file\n  curl -s 127.0.0.1:9108/metrics"
+        after_help = examples!(
+            "isolation-user run --iface eth0 --policy /etc/isolation/policy.toml --metrics 127.0.0.1:9108",
+            "kill -HUP $(pidof isolation-user)   # re-apply the file",
+            "curl -s 127.0.0.1:9108/metrics"
+        )
     )]
     Run(commands::run::RunArgs),
     /// The policy of every node, kept in etcd (`run --policy-source etcd://…` follows it).
     #[command(subcommand)]
     #[command(
-        after_help = "Examples:\n  isolation-user fleet push policy.toml --etcd etcd://10.0.0.1:2379/isolation\n  isolation-user fleet status --etcd etcd://10.0.0.1:2379/isolation"
+        after_help = examples!(
+            "isolation-user fleet push policy.toml --etcd etcd://192.0.2.1:2379/isolation",
+            "isolation-user fleet status --etcd etcd://192.0.2.1:2379/isolation"
+        )
     )]
     Fleet(commands::fleet::FleetCmd),
     /// The detached helper of `apply --confirm-within` (started by it, not by hand).
@@ -159,59 +226,16 @@ pub enum Cmd {
     Man { dir: PathBuf },
     /// Print the shell completion script for bash, zsh or fish.
     #[command(
-        after_help = "Examples:\n  isolation-user completions bash > /etc/bash_completion.d/isolation-user\n  isolation-user completions zsh > /usr/local/share/zsh/site-functions/_isolation-user\n  isolation-user completions fish > ~/.config/fish/completions/isolation-user.fish"
+        after_help = examples!(
+            "isolation-user completions bash > /etc/bash_completion.d/isolation-user",
+            "isolation-user completions zsh > /usr/local/share/zsh/site-functions/_isolation-user",
+            "isolation-user completions fish > ~/.config/fish/completions/isolation-user.fish"
+        )
     )]
     Completions {
         #[arg(value_enum)]
-        shell: Shell,
+        shell: commands::docs::Shell,
     },
-}
-
-/// The shells `completions` writes for.
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-pub enum Shell {
-    Bash,
-    Zsh,
-    Fish,
-}
-
-/// The completion script of `shell` for this command line.
-fn write_completions(shell: Shell, out: &mut dyn std::io::Write) {
-    use clap::CommandFactory as _;
-    let shell = match shell {
-        Shell::Bash => clap_complete::Shell::Bash,
-        Shell::Zsh => clap_complete::Shell::Zsh,
-        Shell::Fish => clap_complete::Shell::Fish,
-    };
-    clap_complete::generate(shell, &mut Cli::command(), "isolation-user", out);
-}
-
-/// The man pages: isolation-user(8) and one per verb (isolation-user-load(8), …).
-fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
-    use clap::CommandFactory as _;
-    fn one(cmd: clap::Command, dir: &std::path::Path, n: &mut usize) -> anyhow::Result<()> {
-        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()).cloned() {
-            one(sub, dir, n)?;
-        }
-        let man = clap_mangen::Man::new(cmd).section("8");
-        let mut page = Vec::new();
-        man.render(&mut page)?;
-        // A new file renamed into place: a link planted at a page's name in DIR is
-        // replaced, never written through.
-        state::write_atomic_mode(&dir.join(man.get_filename()), &page, 0o644)?;
-        *n += 1;
-        Ok(())
-    }
-    std::fs::create_dir_all(dir)?;
-    let mut cmd = Cli::command().disable_help_subcommand(true);
-    cmd.build();
-    let mut n = 0;
-    one(cmd, dir, &mut n)?;
-    println!(
-        "isolation-user: {n} manual pages written to {}",
-        dir.display()
-    );
-    Ok(())
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -236,9 +260,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Save => commands::apply::save(&paths),
         Cmd::Confirm(a) => commands::apply::confirm(&paths, a),
         Cmd::RollbackTimer => commands::apply::rollback_timer(&paths),
-        Cmd::Man { dir } => write_man_pages(&dir),
+        Cmd::Man { dir } => commands::docs::man(Cli::command(), &dir),
         Cmd::Completions { shell } => {
-            write_completions(shell, &mut std::io::stdout());
+            commands::docs::completions(Cli::command(), shell, &mut std::io::stdout());
             Ok(())
         }
         Cmd::Import(a) => commands::import::run(a),
@@ -250,6 +274,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory as _;
+
+    use super::{Cli, commands};
 
     /// Every verb a user sees has examples (they go into `--help` and the man pages), and
     /// the man pages are written, one per verb.
@@ -270,7 +296,7 @@ mod tests {
             visible += 1;
         }
         let dir = std::env::temp_dir().join(format!("isolation-man-{}", std::process::id()));
-        super::write_man_pages(&dir).unwrap();
+        commands::docs::man(Cli::command(), &dir).unwrap();
         for sub in cli.get_subcommands().filter(|s| !s.is_hide_set()) {
             let page = dir.join(format!("isolation-user-{}.8", sub.get_name()));
             assert!(page.exists(), "{}", page.display());
@@ -297,9 +323,13 @@ mod tests {
     /// Each shell's completion script completes the verbs and their options.
     #[test]
     fn completions_for_every_shell() {
-        for shell in [super::Shell::Bash, super::Shell::Zsh, super::Shell::Fish] {
+        for shell in [
+            commands::docs::Shell::Bash,
+            commands::docs::Shell::Zsh,
+            commands::docs::Shell::Fish,
+        ] {
             let mut out = Vec::new();
-            super::write_completions(shell, &mut out);
+            commands::docs::completions(Cli::command(), shell, &mut out);
             let text = String::from_utf8(out).unwrap();
             for word in [
                 "whitelist",

@@ -1,6 +1,7 @@
 //! One module per verb, each with its clap arguments and a `run`.
 pub mod apply;
 pub mod check;
+pub mod docs;
 pub mod edit;
 pub mod export;
 pub mod fleet;
