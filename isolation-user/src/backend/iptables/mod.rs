@@ -15,7 +15,9 @@
 pub mod conntrack;
 pub mod events;
 pub mod ipset_nl;
+pub mod names;
 pub mod render;
+pub mod sets;
 pub mod tools;
 
 use std::{collections::HashSet, fs, path::PathBuf};
