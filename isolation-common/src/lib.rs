@@ -2,6 +2,9 @@
 //!
 //! Everything here is `#[repr(C)]` without implicit padding so that both sides read the
 //! same bytes (explicit `_pad` fields, `u32` flags instead of `bool`).
+//!
+//! Its size: every type and constant both sides share, one module each (maps, limits, flags,
+//! ports, the bit filter's hashing), kept in one file so that a layout change is seen whole.
 #![no_std]
 
 use bytemuck::{Pod, Zeroable};

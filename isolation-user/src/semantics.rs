@@ -1,6 +1,9 @@
 //! What a packet gets, read straight off the policy: the decision of PRODUCT.md, pure and
 //! without compilation. It is the oracle every backend is tested against, and shares nothing
 //! with a backend's compiler but the policy types, so a compiler bug cannot be mirrored here.
+//!
+//! Its size: PRODUCT.md's rules in their order, each beside its reason; read top to bottom it
+//! is the specification.
 
 use std::{
     collections::{HashMap, HashSet},

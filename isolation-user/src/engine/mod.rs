@@ -10,6 +10,9 @@
 //!
 //! Beside it: `plan` (what a whole-policy change would do), `limits` (a policy against a
 //! backend's limits), `read` (reads for the verbs; no transaction).
+//!
+//! Its size: `commit` holds one arm per kind of change, each its whole transaction read top
+//! to bottom; split, a reader would lose the order of its steps.
 
 mod limits;
 mod plan;

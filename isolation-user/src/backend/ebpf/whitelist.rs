@@ -4,6 +4,10 @@
 //! (`capacity`): when an edit would overflow it, or a whole-policy sync leaves it mostly
 //! empty, a new hash of the right size is filled beside it and swapped in with one write, so
 //! the datapath sees the old contents or the new, never a half-filled map.
+//!
+//! Its size: the exact hashes, the LPM tries and the bit filter in front of them are one
+//! structure kept consistent by one sync (`narrow`/`widen`); split, each half would have to
+//! know the other's invariants.
 
 use std::{
     collections::HashSet,

@@ -455,8 +455,8 @@ pub fn export(p: &Policy, names: &Names, ifaces: &[String]) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use std::path::Path;
     use crate::policy;
+    use std::path::Path;
 
     /// A policy with every kind of rule, a /0 and both families (also import's round trip).
     pub(crate) const POLICY: &str = r#"
