@@ -790,15 +790,17 @@ COMMIT
 
     #[test]
     fn our_own_export_reads_back_the_same() {
-        let p = policy::parse("p.toml", crate::backend::iptables::render::tests::POLICY).unwrap();
-        let names = crate::backend::iptables::render::Names::new(std::path::Path::new(
-            crate::state::DEFAULT_STATE_DIR,
-        ));
-        let first = crate::backend::iptables::render::export(&p, &names, &[]);
+        use crate::backend::{Format, export};
+        let p = policy::parse("p.toml", policy::tests::EVERY_KIND).unwrap();
+        let paths = crate::state::Paths {
+            pin_dir: crate::state::DEFAULT_PIN_DIR.into(),
+            state_dir: crate::state::DEFAULT_STATE_DIR.into(),
+        };
+        let first = export(&paths, Format::Iptables, &p, &[]);
         let (ipset, iptables) = first.split_once("# iptables-restore").unwrap();
         let back = import(ipset, Some(iptables)).unwrap();
         assert!(back.notes.is_empty(), "{:?}", back.notes);
-        let again = crate::backend::iptables::render::export(&back.policy, &names, &[]);
+        let again = export(&paths, Format::Iptables, &back.policy, &[]);
         assert_eq!(first, again);
     }
 }

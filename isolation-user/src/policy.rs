@@ -631,9 +631,32 @@ pub fn to_toml(p: &Policy) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rstest::rstest;
+
+    /// A policy with every kind of rule, a /0 and both families: what the iptables backend
+    /// renders and import reads back.
+    pub(crate) const EVERY_KIND: &str = r#"
+[isolation]
+default = "deny"
+reject = true
+[networks.hr]
+subnets = ["198.51.100.128/25", "2001:db8:2::/48"]
+[networks.it]
+subnets = ["198.51.100.0/25"]
+[[isolation.allow]]
+from = "hr"
+to = "it"
+ports = ["tcp:80", "udp:53-54", "icmp"]
+[[isolation.except]]
+from = "192.0.2.10/32"
+to = "it"
+[whitelist]
+enabled = true
+log = true
+allow = ["203.0.113.7", "192.0.2.0/24", "0.0.0.0/0", "2001:db8::1"]
+"#;
 
     /// Every TOML example in the repository's docs parses: the docs cannot drift from the
     /// parser.

@@ -458,27 +458,7 @@ pub(crate) mod tests {
     use crate::policy;
     use std::path::Path;
 
-    /// A policy with every kind of rule, a /0 and both families (also import's round trip).
-    pub(crate) const POLICY: &str = r#"
-[isolation]
-default = "deny"
-reject = true
-[networks.hr]
-subnets = ["198.51.100.128/25", "2001:db8:2::/48"]
-[networks.it]
-subnets = ["198.51.100.0/25"]
-[[isolation.allow]]
-from = "hr"
-to = "it"
-ports = ["tcp:80", "udp:53-54", "icmp"]
-[[isolation.except]]
-from = "192.0.2.10/32"
-to = "it"
-[whitelist]
-enabled = true
-log = true
-allow = ["203.0.113.7", "192.0.2.0/24", "0.0.0.0/0", "2001:db8::1"]
-"#;
+    use crate::policy::tests::EVERY_KIND as POLICY;
 
     fn names() -> Names {
         Names::new(Path::new("/run/isolation"))
