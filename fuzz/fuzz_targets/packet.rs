@@ -50,7 +50,7 @@ fn dp() -> &'static Dp {
             state_dir: std::env::temp_dir().join(format!("isolation-fuzz-{}", std::process::id())),
         };
         pins::ensure_pin_dir(&paths).expect("a pin dir (run as root)");
-        pins::load_and_pin(&paths).expect("load and pin the datapath");
+        isolation_user::backend::ebpf::load_and_pin(&paths).expect("load and pin the datapath");
         let p = policy::parse("fuzz.toml", POLICY).unwrap();
         tests::apply_with(&paths, &p, Some(&p.whitelist.allow), 1);
         let (xdp, tc) = tests::pinned_programs(&paths);
