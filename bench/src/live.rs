@@ -69,6 +69,8 @@ pub struct LiveOpts<'a> {
     pub big: u32,
     pub seconds: f64,
     pub rounds: usize,
+    /// Receiver kinds to run (empty: all).
+    pub receivers: &'a [String],
 }
 
 /// A tool's version as it reports it (the word after its first "version"), or "version
@@ -374,6 +376,12 @@ pub fn run(md: &mut String, targets: &mut Vec<report::Target>, o: &LiveOpts) -> 
             "iptbig",
         ),
     ];
+    let specs: Vec<(String, &str)> = specs
+        .into_iter()
+        .filter(|(_, k)| {
+            o.receivers.is_empty() || *k == "xdpdrop" || o.receivers.iter().any(|r| r == k)
+        })
+        .collect();
     for i in 0..specs.len() {
         names.push(format!("{gen_ns}r{i}"));
     }

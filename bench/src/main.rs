@@ -49,6 +49,10 @@ struct Opts {
     /// Seconds per live drop-rate case (default 2, or 0.2 with --quick).
     #[arg(long)]
     live_seconds: Option<f64>,
+    /// Live part: only the receivers of these kinds (none, xdpdrop, ours1, oursbig,
+    /// xdpfilter, ipt:raw:1, …; default: all). For a look at a few filters.
+    #[arg(long, value_delimiter = ',')]
+    live_receivers: Vec<String>,
     /// Fleet sizes of the fleet part (default 20,50, or 3 with --quick).
     #[arg(long, value_delimiter = ',')]
     fleet_nodes: Vec<usize>,
@@ -178,6 +182,7 @@ fn main() -> Result<()> {
                 big: if o.quick { 1000 } else { 1_000_000 },
                 seconds: o.live_seconds.unwrap_or(if o.quick { 0.2 } else { 2.0 }),
                 rounds: if o.quick { 1 } else { 3 },
+                receivers: &o.live_receivers,
             },
         )?;
     }

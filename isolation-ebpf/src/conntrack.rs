@@ -18,7 +18,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use isolation_common::{
-    FlowKey, FlowValue, FragKey, Reason, flow_origin, flow_state, limits, timing,
+    Addr, FlowKey, FlowValue, FragKey, Reason, flow_origin, flow_state, limits, timing,
 };
 
 use crate::parse::{
@@ -54,8 +54,8 @@ static PEERS: Array<u64, { limits::PEER_WORDS as usize }, BPF_F_MMAPABLE> = Arra
 
 /// The byte of `a`'s slot, inside its element of PEERS.
 #[inline(always)]
-fn peer_byte(family: u8, a: &[u8; 16]) -> Option<*mut u8> {
-    let slot = isolation_common::peer_slot(family, a);
+fn peer_byte(family: u8, a: &Addr) -> Option<*mut u8> {
+    let slot = isolation_common::peer_slot_of(isolation_common::addr_hash(family, a));
     let w = PEERS.get_ptr_mut(slot >> 3)?;
     // SAFETY: slot & 7 < 8, the element's size: inside the map value.
     Some(unsafe { (w as *mut u8).add((slot & 7) as usize) })
@@ -63,7 +63,7 @@ fn peer_byte(family: u8, a: &[u8; 16]) -> Option<*mut u8> {
 
 /// Could `a` be the remote end of a recorded flow?
 #[inline(always)]
-fn maybe_peer(family: u8, a: &[u8; 16]) -> bool {
+fn maybe_peer(family: u8, a: &Addr) -> bool {
     match peer_byte(family, a) {
         // SAFETY: a byte of a PEERS element, which lives as long as the program.
         Some(b) => unsafe { *b != 0 },
@@ -74,7 +74,7 @@ fn maybe_peer(family: u8, a: &[u8; 16]) -> bool {
 /// Marks `a` as the remote end of a flow (written only when it changes: every packet of a
 /// flow comes through here, and a write would pull the line away from other CPUs).
 #[inline(always)]
-fn mark_peer(family: u8, a: &[u8; 16]) {
+fn mark_peer(family: u8, a: &Addr) {
     if let Some(b) = peer_byte(family, a) {
         // SAFETY: as in maybe_peer; a byte store touches no other slot.
         unsafe {
@@ -191,8 +191,8 @@ pub fn is_reply(pkt: &Packet) -> bool {
         return false;
     }
     let key = FlowKey {
-        src: pkt.dst,
-        dst: pkt.src,
+        src: pkt.dst.0,
+        dst: pkt.src.0,
         sport: pkt.dport,
         dport: pkt.sport,
         proto: pkt.proto,
@@ -233,7 +233,7 @@ pub fn is_related(start: usize, end: usize, pkt: &Packet) -> bool {
         return false;
     }
     // The quoted packet is one we sent, and it must be about the host this error is for.
-    if q.src != pkt.dst {
+    if q.src != pkt.dst.0 {
         return false;
     }
     let key = FlowKey {
@@ -251,8 +251,8 @@ pub fn is_related(start: usize, end: usize, pkt: &Packet) -> bool {
 #[inline(always)]
 fn frag_key(pkt: &Packet) -> FragKey {
     FragKey {
-        src: pkt.src,
-        dst: pkt.dst,
+        src: pkt.src.0,
+        dst: pkt.dst.0,
         id: pkt.frag_id,
         proto: pkt.proto,
         family: pkt.family,
@@ -284,8 +284,8 @@ pub fn is_admitted_fragment(pkt: &Packet) -> bool {
 #[inline(always)]
 fn flow_of(pkt: &Packet) -> FlowKey {
     FlowKey {
-        src: pkt.src,
-        dst: pkt.dst,
+        src: pkt.src.0,
+        dst: pkt.dst.0,
         sport: pkt.sport,
         dport: pkt.dport,
         proto: pkt.proto,
@@ -320,7 +320,7 @@ pub fn track(pkt: &Packet) -> Reason {
     }
     let key = flow_of(pkt);
     // Before the flow is recorded: its replies must never find the slot empty.
-    mark_peer(key.family, &key.dst);
+    mark_peer(pkt.family, &pkt.dst);
     let close = close_bits(pkt, flow_state::FIN_OUT);
     // A SYN on a tuple whose connection was closing (FIN or RST seen) opens a new one, as
     // the kernel's conntrack does: it must not inherit the short close timeout.

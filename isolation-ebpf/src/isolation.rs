@@ -46,7 +46,7 @@ static RULE_COUNTERS: PerCpuArray<Counter, 128> = PerCpuArray::new();
 
 #[inline(always)]
 fn net(slot: u32, pkt: &Packet, src: bool) -> Option<&'static NetEntry> {
-    let a = if src { &pkt.src } else { &pkt.dst };
+    let a = if src { &pkt.src.0 } else { &pkt.dst.0 };
     if pkt.family == AF_INET {
         let k = Key::new(32, [a[0], a[1], a[2], a[3]]);
         if slot == 0 {

@@ -178,8 +178,8 @@ mod programs {
         p.ifindex = ingress_ifindex(ctx);
         // SAFETY: [u8; 16] and [u32; 4] have the same size; both stay in network order.
         unsafe {
-            p.__bindgen_anon_3.ipv6_src = core::mem::transmute::<[u8; 16], [u32; 4]>(pkt.src);
-            p.__bindgen_anon_4.ipv6_dst = core::mem::transmute::<[u8; 16], [u32; 4]>(pkt.dst);
+            p.__bindgen_anon_3.ipv6_src = core::mem::transmute::<[u8; 16], [u32; 4]>(pkt.src.0);
+            p.__bindgen_anon_4.ipv6_dst = core::mem::transmute::<[u8; 16], [u32; 4]>(pkt.dst.0);
         }
         // SAFETY: the helper reads and writes only `p`, whose size it is given.
         let r = unsafe {

@@ -6,7 +6,7 @@
 
 use core::mem::size_of;
 
-use isolation_common::{AF_INET, AF_INET6, limits};
+use isolation_common::{AF_INET, AF_INET6, Addr, limits};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -74,8 +74,8 @@ pub struct Packet {
     pub frag_id: u32,
     /// Offset of the L4 header from the start of the frame.
     pub l4_off: usize,
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
+    pub src: Addr,
+    pub dst: Addr,
 }
 
 pub enum Parsed {
@@ -83,6 +83,35 @@ pub enum Parsed {
     TooManyVlans,
     Malformed,
     Ip(Packet),
+}
+
+/// An IPv6 address read from the frame as two 64-bit words.
+///
+/// # Safety
+/// `p` points at 16 readable bytes of the frame (inside a header `ptr_at` checked). They
+/// may sit at any offset: the verifier allows unaligned packet loads where the CPU does
+/// them (x86-64, arm64), and the JIT emits plain loads there.
+#[inline(always)]
+unsafe fn addr_v6(p: *const u8) -> Addr {
+    // SAFETY: as the caller promised; Addr is plain bytes.
+    unsafe { core::ptr::read(p as *const Addr) }
+}
+
+/// An IPv4 address read from the frame as one 32-bit word, in an `Addr` (rest zero).
+///
+/// # Safety
+/// As `addr_v6`, for 4 bytes.
+#[inline(always)]
+unsafe fn addr_v4(p: *const u8) -> Addr {
+    let mut a = Addr([0; 16]);
+    // SAFETY: 4 readable bytes at `p` (caller), written into the first word of `a`.
+    unsafe {
+        core::ptr::write(
+            a.0.as_mut_ptr() as *mut [u32; 4],
+            [core::ptr::read(p as *const u32), 0, 0, 0],
+        )
+    };
+    a
 }
 
 #[inline(always)]
@@ -169,11 +198,10 @@ fn parse_ipv4(start: usize, end: usize, off: usize, vlan: u16) -> Parsed {
         dport: 0,
         frag_id: be16(ip.id) as u32,
         l4_off: off + ihl,
-        src: [0; 16],
-        dst: [0; 16],
+        // SAFETY: both addresses are inside the IPv4 header `ptr_at` checked.
+        src: unsafe { addr_v4(ip.src_addr.as_ptr()) },
+        dst: unsafe { addr_v4(ip.dst_addr.as_ptr()) },
     };
-    pkt.src[..4].copy_from_slice(&ip.src_addr);
-    pkt.dst[..4].copy_from_slice(&ip.dst_addr);
     if frag != Frag::Later {
         parse_l4(start, end, &mut pkt);
     }
@@ -218,8 +246,9 @@ fn parse_ipv6<const FULL: bool>(start: usize, end: usize, off: usize, vlan: u16)
         dport: 0,
         frag_id: 0,
         l4_off: off + Ipv6Hdr::LEN,
-        src: ip.src_addr,
-        dst: ip.dst_addr,
+        // SAFETY: both addresses are inside the IPv6 header `ptr_at` checked.
+        src: unsafe { addr_v6(ip.src_addr.as_ptr()) },
+        dst: unsafe { addr_v6(ip.dst_addr.as_ptr()) },
     };
     // Walk extension headers to a fixed bound; past it the L4 header stays unknown.
     let mut next = ip.next_hdr;

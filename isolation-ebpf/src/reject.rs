@@ -54,7 +54,10 @@ static REJECT_BUCKET: PerCpuArray<LogBucket, 1> = PerCpuArray::new();
 /// packet whose L4 header could not be read is not answered either: it might be one of those.
 #[inline(always)]
 pub fn answerable(pkt: &Packet) -> bool {
-    if pkt.frag == Frag::Later || !unicast(pkt.family, &pkt.src) || !unicast(pkt.family, &pkt.dst) {
+    if pkt.frag == Frag::Later
+        || !unicast(pkt.family, &pkt.src.0)
+        || !unicast(pkt.family, &pkt.dst.0)
+    {
         return false;
     }
     match pkt.proto {

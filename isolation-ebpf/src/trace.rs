@@ -64,8 +64,8 @@ fn write(pkt: &Packet, reason: u32, ifindex: u32, len: u64) {
         (*e).ts_ns = now;
         (*e).ifindex = ifindex;
         (*e).reason = reason;
-        (*e).src = pkt.src;
-        (*e).dst = pkt.dst;
+        (*e).src = pkt.src.0;
+        (*e).dst = pkt.dst.0;
         (*e).sport = u16::from_be(pkt.sport);
         (*e).dport = u16::from_be(pkt.dport);
         (*e).len = len as u16;

@@ -10,7 +10,7 @@ use aya_ebpf::{
     btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, lpm_trie::Key},
     macros::btf_map,
 };
-use isolation_common::{AF_INET, WlEntry, flags, limits};
+use isolation_common::{AF_INET, Addr, WlEntry, flags, limits};
 
 use crate::parse::Packet;
 
@@ -54,9 +54,9 @@ static WL_V6_FILTER: Array<u64, { limits::WL_FILTER_WORDS as usize }, BPF_F_MMAP
 fn in_filter(
     filter: &Array<u64, { limits::WL_FILTER_WORDS as usize }, BPF_F_MMAPABLE>,
     family: u8,
-    src: &[u8; 16],
+    src: &Addr,
 ) -> bool {
-    let b = isolation_common::wl_filter_bit(family, src);
+    let b = isolation_common::wl_filter_bit_of(isolation_common::addr_hash(family, src));
     match filter.get(b >> 6) {
         Some(w) => *w & (1u64 << (b & 63)) != 0,
         None => true,
@@ -68,25 +68,25 @@ fn in_filter(
 #[inline(always)]
 pub fn whitelisted(pkt: &Packet, cfg_flags: u32) -> bool {
     if pkt.family == AF_INET {
-        let a = [pkt.src[0], pkt.src[1], pkt.src[2], pkt.src[3]];
+        let a = pkt.src.words()[0];
         if (cfg_flags & flags::WL_FILTER_V4 == 0 || in_filter(&WL_V4_FILTER, AF_INET, &pkt.src))
-            && WL_V4.get_value_ptr_mut(0, &u32::from_ne_bytes(a)).is_some()
+            && WL_V4.get_value_ptr_mut(0, &a).is_some()
         {
             return true;
         }
         if crate::mutants::SKIP_CIDR_TRIE || cfg_flags & flags::WL_CIDR_V4 == 0 {
             return false;
         }
-        WL_V4_LPM.get(&Key::new(32, a)).is_some()
+        WL_V4_LPM.get(&Key::new(32, a.to_ne_bytes())).is_some()
     } else {
         if (cfg_flags & flags::WL_FILTER_V6 == 0 || in_filter(&WL_V6_FILTER, pkt.family, &pkt.src))
-            && WL_V6.get_value_ptr_mut(0, &pkt.src).is_some()
+            && WL_V6.get_value_ptr_mut(0, &pkt.src.0).is_some()
         {
             return true;
         }
         if crate::mutants::SKIP_CIDR_TRIE || cfg_flags & flags::WL_CIDR_V6 == 0 {
             return false;
         }
-        WL_V6_LPM.get(&Key::new(128, pkt.src)).is_some()
+        WL_V6_LPM.get(&Key::new(128, pkt.src.0)).is_some()
     }
 }
