@@ -742,6 +742,74 @@ fn tcp_connections_are_confirmed_closed_and_reopened() {
     assert_eq!(dp.count(Reason::EgressConfirmed), 2, "confirmed again");
 }
 
+/// A flood of answered new flows, four times the size of the table of new flows, leaves an
+/// established connection alone, beside its negative control: a flow that was answered but
+/// never confirmed (so it sits in the new-flow LRU, as every connection sat in the single
+/// table of earlier builds) is evicted by the same flood.
+#[test]
+fn a_flood_of_answered_flows_evicts_new_flows_not_established_ones() {
+    let Some(dp) = Dp::new(WL) else { return };
+    let out = |dst: &str, flags| v4_tcp(LOCAL4, dst, 50000, 443, flags);
+    let back = |src: &str, flags| v4_tcp(src, LOCAL4, 443, 50000, flags);
+    let (est, new) = (STRANGER4, "198.51.100.10");
+    dp.egress(&out(est, SYN));
+    dp.expect(
+        &back(est, SYN | ACK),
+        XDP_PASS,
+        Reason::PassEstablished,
+        "est SYN-ACK",
+    );
+    dp.egress(&out(est, ACK));
+    dp.egress(&out(new, SYN));
+    dp.expect(
+        &back(new, SYN | ACK),
+        XDP_PASS,
+        Reason::PassEstablished,
+        "new SYN-ACK",
+    );
+    // The flood: remote ends 203.0.113.1-16 (outside the whitelist's /25), every local port
+    // of each; each flow out through TC egress, then answered through XDP. One frame each
+    // way, its ports and remote address patched in place.
+    let (mut o, mut b) = (
+        v4_tcp(LOCAL4, "203.0.113.1", 1, 443, SYN),
+        v4_tcp("203.0.113.1", LOCAL4, 443, 1, SYN | ACK),
+    );
+    let flows = 4 * isolation_common::limits::CONNTRACK;
+    let mut answered = 0;
+    for i in 0..flows {
+        let (host, port) = (1 + (i >> 16) as u8, (i & 0xffff) as u16);
+        o[33] = host;
+        o[34..36].copy_from_slice(&port.to_be_bytes());
+        b[29] = host;
+        b[36..38].copy_from_slice(&port.to_be_bytes());
+        dp.egress(&o);
+        answered += u32::from(dp.ingress(&b) == XDP_PASS);
+    }
+    assert_eq!(answered, flows, "every flood flow was answered");
+    let c = counters::connections(&dp.paths).unwrap();
+    assert!(
+        c.new * 10 >= c.new_max * 9,
+        "the flood filled the new-flow table: {} of {}",
+        c.new,
+        c.new_max
+    );
+    // The negative control: the flood was big enough to evict an answered flow from an
+    // LRU of this size (the established table has the same size).
+    assert_eq!(c.new_max, c.established_max, "the two tables have one size");
+    dp.expect(
+        &back(new, ACK),
+        XDP_DROP,
+        Reason::DropNotWhitelisted,
+        "new flow evicted",
+    );
+    dp.expect(
+        &back(est, ACK),
+        XDP_PASS,
+        Reason::PassEstablished,
+        "established kept",
+    );
+}
+
 /// Connections seeded at load are answered before any packet of theirs has left: the
 /// loader marks their remote ends in the peer filter too.
 #[test]
