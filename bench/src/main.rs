@@ -625,8 +625,9 @@ fn isolation_load(md: &mut String, bin: &std::path::Path, prefixes: u32) -> Resu
 
 type Rows = BTreeMap<u32, Vec<(String, f64, f64, f64)>>;
 
-/// xdp-filter (default deny) on a veth of a namespace of its own, for its program's verdict
-/// cost. It keeps its maps under /sys/fs/bpf/xdp-filter for the whole machine: the
+/// xdp-filter (default deny, with the address features the job needs: `-f ipv4,ipv6`, as
+/// its users load it for a whitelist) on a veth of a namespace of its own, for its
+/// program's verdict cost. It keeps its maps under /sys/fs/bpf/xdp-filter for the whole machine: the
 /// benchmark refuses to run if that exists rather than change a user's filter.
 struct XdpFilter {
     ns: tests::netns::Netns,
@@ -648,7 +649,17 @@ impl XdpFilter {
         ns.link(&name, "x0", &[], &name, "x1", &[]);
         let st = nsenter(
             &name,
-            &["xdp-filter", "load", "x0", "-m", "native", "-p", "deny"],
+            &[
+                "xdp-filter",
+                "load",
+                "x0",
+                "-m",
+                "native",
+                "-p",
+                "deny",
+                "-f",
+                "ipv4,ipv6",
+            ],
         )
         .output()?;
         if !st.status.success() {
