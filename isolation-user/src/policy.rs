@@ -200,7 +200,14 @@ pub const EXAMPLE: &str = include_str!("../../packaging/policy.example.toml");
 /// host bits set is refused: "192.0.2.5/24" is more likely a typo than a wish for the /24.
 pub fn parse_net(s: &str) -> Result<IpNet, String> {
     let s = s.trim();
-    if let Ok(a) = IpAddr::from_str(s) {
+    // One family's parser, chosen by the colon every IPv6 form has and no IPv4 one does
+    // (`IpAddr::from_str` tries IPv4 first: for a million IPv6 entries, a million failures).
+    let addr = if s.contains(':') {
+        s.parse::<std::net::Ipv6Addr>().map(IpAddr::V6)
+    } else {
+        s.parse::<std::net::Ipv4Addr>().map(IpAddr::V4)
+    };
+    if let Ok(a) = addr {
         return Ok(IpNet::from(a));
     }
     let net = IpNet::from_str(s).map_err(|_| format!("'{s}' is not an IP address or CIDR"))?;

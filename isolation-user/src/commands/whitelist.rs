@@ -83,10 +83,27 @@ fn collect(a: &EditArgs) -> Result<Vec<IpNet>> {
     if out.is_empty() {
         bail!("no addresses given (name some, or use --file FILE)");
     }
+    dedup(&mut out);
+    Ok(out)
+}
+
+/// Drops repeated entries, keeping the first of each in the given order. Repeats are rare:
+/// a sorted copy of the keys says whether there are any (measured on 1M IPv6 addresses: a
+/// sort of plain integers costs a fraction of a million inserts into a hash set, which was
+/// a quarter of `whitelist add --file`), and only then does a set remove them.
+fn dedup(out: &mut Vec<IpNet>) {
+    let key = |n: &IpNet| match n {
+        IpNet::V4(v) => (u128::from(v.addr().to_bits()), u16::from(v.prefix_len())),
+        IpNet::V6(v) => (v.addr().to_bits(), 0x100 | u16::from(v.prefix_len())),
+    };
+    let mut keys: Vec<(u128, u16)> = out.iter().map(key).collect();
+    keys.sort_unstable();
+    if keys.windows(2).all(|w| w[0] != w[1]) {
+        return;
+    }
     let mut seen: HashSet<IpNet, foldhash::fast::RandomState> =
         HashSet::with_capacity_and_hasher(out.len(), Default::default());
     out.retain(|n| seen.insert(*n));
-    Ok(out)
 }
 
 /// A progress bar on a terminal for big edits; nothing otherwise.
@@ -173,5 +190,30 @@ pub fn run(paths: &Paths, cmd: WhitelistCmd) -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dedup_keeps_the_first_of_each_in_order() {
+        let n = |s: &str| crate::policy::parse_net(s).unwrap();
+        let mut v = vec![
+            n("2001:db8::1"),
+            n("192.0.2.1"),
+            n("::c000:201"),
+            n("192.0.2.1"),
+        ];
+        dedup(&mut v);
+        assert_eq!(v, [n("2001:db8::1"), n("192.0.2.1"), n("::c000:201")]);
+        let mut once = vec![n("192.0.2.0/24"), n("192.0.2.0/25")];
+        dedup(&mut once);
+        assert_eq!(
+            once.len(),
+            2,
+            "the same address with another prefix is another entry"
+        );
     }
 }
