@@ -128,19 +128,21 @@ impl Runs {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn load_table(
     md: &mut String,
     n: u32,
+    fam: &str,
     ours: &Runs,
     ours_ipt: &Runs,
     ipset: &Runs,
     nft: &Runs,
     kernel: &[(String, u64)],
 ) -> Result<()> {
-    writeln!(md, "## Loading {n} whitelist addresses\n")?;
+    writeln!(md, "## Loading {n} {fam} whitelist addresses\n")?;
     writeln!(
         md,
-        "Each tool loads the same {n} IPv4 addresses into an empty set ({} runs, interleaved; \
+        "Each tool loads the same {n} {fam} addresses into an empty set ({} runs, interleaved; \
          median and spread). Ours: `load` (no whitelist), then the timed `whitelist add --file`, \
          on the eBPF backend and on the iptables backend (which fills its `hash:net` set over \
          ipset's netlink protocol).\n",
@@ -155,7 +157,14 @@ pub fn load_table(
                 ours_ipt,
             ),
             ("`ipset restore` (hash:ip)", ipset),
-            ("`nft -f` (set of ipv4_addr)", nft),
+            (
+                if fam == "IPv6" {
+                    "`nft -f` (set of ipv6_addr)"
+                } else {
+                    "`nft -f` (set of ipv4_addr)"
+                },
+                nft,
+            ),
         ],
     )?;
     writeln!(
