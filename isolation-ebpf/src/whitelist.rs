@@ -38,27 +38,33 @@ static WL_V6_LPM: LpmTrie<[u8; 16], WlEntry, { limits::WL_LPM as usize }> = LpmT
 /// through a shared mapping).
 pub const BPF_F_MMAPABLE: usize = 1 << 10;
 
-/// A bit per hash of each exact address (`isolation_common::wl_filter_bit`), written only by
-/// the loader (through a shared mapping), before the address enters the hash; never cleared
-/// while loaded. A clear bit means "not in the hash": under a flood from random sources a
-/// big whitelist's miss tests one bit in 2 MiB, not a bucket and an element in DRAM.
+/// Four bits of one word per exact address (`isolation_common::wl_bloom`), in two halves:
+/// the live one (`flags::WL_BLOOM_HI_*` says which) and one the loader rebuilds from the
+/// hash's keys beside it when deletions have left too many stale bits, then swaps in with
+/// one config write. Written only by the loader (through a shared mapping), before an
+/// address enters the hash. A word without all four bits means "not in the hash": under a
+/// flood from random sources a big whitelist's miss reads one word, not a bucket and an
+/// element in DRAM.
 #[btf_map]
-static WL_V4_FILTER: Array<u64, { limits::WL_FILTER_WORDS as usize }, BPF_F_MMAPABLE> =
+static WL_V4_BLOOM: Array<u64, { limits::WL_BLOOM_LEN as usize }, BPF_F_MMAPABLE> =
     Array::new();
 #[btf_map]
-static WL_V6_FILTER: Array<u64, { limits::WL_FILTER_WORDS as usize }, BPF_F_MMAPABLE> =
+static WL_V6_BLOOM: Array<u64, { limits::WL_BLOOM_LEN as usize }, BPF_F_MMAPABLE> =
     Array::new();
 
-/// May `src` be in the family's exact hash? Asked only of big hashes (`flags::WL_FILTER_*`).
+/// May `src` be in the family's exact hash? Asked only of big hashes (`flags::WL_BLOOM_*`);
+/// `hi` picks the live half.
 #[inline(always)]
 fn in_filter(
-    filter: &Array<u64, { limits::WL_FILTER_WORDS as usize }, BPF_F_MMAPABLE>,
+    filter: &Array<u64, { limits::WL_BLOOM_LEN as usize }, BPF_F_MMAPABLE>,
     family: u8,
     src: &Addr,
+    hi: bool,
 ) -> bool {
-    let b = isolation_common::wl_filter_bit_of(isolation_common::addr_hash(family, src));
-    match filter.get(b >> 6) {
-        Some(w) => *w & (1u64 << (b & 63)) != 0,
+    let (w, m) = isolation_common::wl_bloom_of(isolation_common::addr_hash(family, src));
+    let i = if hi { w + limits::WL_BLOOM_WORDS } else { w };
+    match filter.get(i) {
+        Some(v) => *v & m == m,
         None => true,
     }
 }
@@ -69,7 +75,13 @@ fn in_filter(
 pub fn whitelisted(pkt: &Packet, cfg_flags: u32) -> bool {
     if pkt.family == AF_INET {
         let a = pkt.src.words()[0];
-        if (cfg_flags & flags::WL_FILTER_V4 == 0 || in_filter(&WL_V4_FILTER, AF_INET, &pkt.src))
+        if (cfg_flags & flags::WL_BLOOM_V4 == 0
+            || in_filter(
+                &WL_V4_BLOOM,
+                AF_INET,
+                &pkt.src,
+                cfg_flags & flags::WL_BLOOM_HI_V4 != 0,
+            ))
             && WL_V4.get_value_ptr_mut(0, &a).is_some()
         {
             return true;
@@ -79,7 +91,13 @@ pub fn whitelisted(pkt: &Packet, cfg_flags: u32) -> bool {
         }
         WL_V4_LPM.get(&Key::new(32, a.to_ne_bytes())).is_some()
     } else {
-        if (cfg_flags & flags::WL_FILTER_V6 == 0 || in_filter(&WL_V6_FILTER, pkt.family, &pkt.src))
+        if (cfg_flags & flags::WL_BLOOM_V6 == 0
+            || in_filter(
+                &WL_V6_BLOOM,
+                pkt.family,
+                &pkt.src,
+                cfg_flags & flags::WL_BLOOM_HI_V6 != 0,
+            ))
             && WL_V6.get_value_ptr_mut(0, &pkt.src.0).is_some()
         {
             return true;

@@ -827,17 +827,17 @@ fn seeded_connections_pass_before_any_egress() {
     dp.expect(&reply, XDP_PASS, Reason::PassEstablished, "seeded");
 }
 
-/// A whitelist big enough for its bit filter: the filter switches on, every listed address
-/// still passes (v4 and v6), an unlisted one whose bit happens to be set (a false positive)
-/// is still dropped by the hash, and an unlisted one with a clear bit is dropped by the
-/// filter alone. Shrunk below the threshold, the filter switches off again.
+/// A whitelist big enough for its filter: the filter switches on, every listed address
+/// still passes (v4 and v6), an unlisted one whose bits are all set (a false positive) is
+/// still dropped by the hash, and an unlisted one is dropped. Shrunk below the threshold,
+/// the filter switches off again.
 #[test]
 fn a_big_whitelist_is_filtered_by_its_bits_first() {
-    use isolation_common::{AF_INET6, limits, wl_filter_bit};
+    use isolation_common::{AF_INET6, limits, wl_bloom};
     use isolation_user::backend::Backend as _;
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
     let Some(dp) = Dp::new(&[]) else { return };
-    let n = limits::WL_FILTER_FROM;
+    let n = limits::WL_BLOOM_FROM;
     let v4 = |i: u32| Ipv4Addr::from(0x0a00_0000 + i);
     let v6 = |i: u32| Ipv6Addr::new(0x2001, 0xdb8, 0xaa, 0, 0, 0, (i >> 16) as u16, i as u16);
     let nets: Vec<ipnet::IpNet> = (0..n)
@@ -846,11 +846,11 @@ fn a_big_whitelist_is_filtered_by_its_bits_first() {
     let mut b = isolation_user::backend::ebpf::Ebpf::new(dp.paths.clone());
     b.edit_whitelist(&nets, &[], 2, &mut |_| {}).unwrap();
     let filter_bits = |dp: &Dp| {
-        slots::read_config(&dp.paths).unwrap().flags & (flags::WL_FILTER_V4 | flags::WL_FILTER_V6)
+        slots::read_config(&dp.paths).unwrap().flags & (flags::WL_BLOOM_V4 | flags::WL_BLOOM_V6)
     };
     assert_eq!(
         filter_bits(&dp),
-        flags::WL_FILTER_V4 | flags::WL_FILTER_V6,
+        flags::WL_BLOOM_V4 | flags::WL_BLOOM_V6,
         "both hashes are big: their filters are consulted"
     );
     for i in [0, 1, n / 2, n - 1] {
@@ -868,57 +868,63 @@ fn a_big_whitelist_is_filtered_by_its_bits_first() {
             &b6,
         );
     }
-    // The datapath does consult the filters: with one listed address's bit cleared by hand,
-    // that address is refused (v4 and v6), and passes again once the bit is back.
-    for (family, name, a) in [
-        (
-            isolation_common::AF_INET,
-            maps::WL_V4_FILTER,
-            IpAddr::V4(v4(5)),
-        ),
-        (AF_INET6, maps::WL_V6_FILTER, IpAddr::V6(v6(5))),
-    ] {
+    let key = |a: IpAddr| {
         let mut key = [0u8; 16];
         match a {
             IpAddr::V4(x) => key[..4].copy_from_slice(&x.octets()),
             IpAddr::V6(x) => key = x.octets(),
         }
-        let bit = wl_filter_bit(family, &key);
+        key
+    };
+    let frame = |a: IpAddr| match a {
+        IpAddr::V4(_) => v4_tcp(&a.to_string(), LOCAL4, 1, 22, SYN),
+        IpAddr::V6(_) => v6_tcp(&a.to_string(), LOCAL6, 1, 22, SYN),
+    };
+    // The datapath does consult the filters, in their live half: with one listed address's
+    // bits cleared by hand, that address is refused (v4 and v6), and passes again once the
+    // bits are back. An unlisted address given all its bits by hand (a false positive) is
+    // still refused: the hash has the last word.
+    for (family, name, hi, a, stranger) in [
+        (
+            isolation_common::AF_INET,
+            maps::WL_V4_BLOOM,
+            flags::WL_BLOOM_HI_V4,
+            IpAddr::V4(v4(5)),
+            IpAddr::V4(Ipv4Addr::new(192, 0, 2, 77)),
+        ),
+        (
+            AF_INET6,
+            maps::WL_V6_BLOOM,
+            flags::WL_BLOOM_HI_V6,
+            IpAddr::V6(v6(5)),
+            IpAddr::V6("2001:db8:bb::77".parse().unwrap()),
+        ),
+    ] {
+        let base = if slots::read_config(&dp.paths).unwrap().flags & hi != 0 {
+            limits::WL_BLOOM_WORDS
+        } else {
+            0
+        };
         let mut words: aya::maps::Array<MapData, u64> =
             pins::open_map(&dp.paths, name).unwrap().try_into().unwrap();
-        let w = words.get(&(bit / 64), 0).unwrap();
-        assert_ne!(w & (1 << (bit % 64)), 0, "{a}'s bit is set");
-        let frame = match a {
-            IpAddr::V4(_) => v4_tcp(&a.to_string(), LOCAL4, 1, 22, SYN),
-            IpAddr::V6(_) => v6_tcp(&a.to_string(), LOCAL6, 1, 22, SYN),
-        };
-        words.set(bit / 64, &(w & !(1 << (bit % 64))), 0).unwrap();
-        dp.expect(&frame, XDP_DROP, Reason::DropNotWhitelisted, "bit cleared");
-        words.set(bit / 64, &w, 0).unwrap();
-        dp.expect(&frame, XDP_PASS, Reason::PassWhitelist, "bit back");
-    }
-    // Unlisted IPv6 sources: find one whose bit is set (taken by a listed address) and one
-    // whose bit is clear. With 65,536 of 2^24 bits set, both turn up within a few thousand.
-    let listed: std::collections::HashSet<u32> = (0..n)
-        .map(|i| wl_filter_bit(AF_INET6, &v6(i).octets()))
-        .collect();
-    let stranger = |i: u32| Ipv6Addr::new(0x2001, 0xdb8, 0xbb, 0, 0, 0, (i >> 16) as u16, i as u16);
-    let bit_set = (0..200_000)
-        .map(stranger)
-        .find(|a| listed.contains(&wl_filter_bit(AF_INET6, &a.octets())))
-        .expect("an unlisted address whose bit is set");
-    let bit_clear = (0..200_000)
-        .map(stranger)
-        .find(|a| !listed.contains(&wl_filter_bit(AF_INET6, &a.octets())))
-        .expect("an unlisted address whose bit is clear");
-    for a in [bit_set, bit_clear] {
-        let s = a.to_string();
+        let (w, m) = wl_bloom(family, &key(a));
+        let old = words.get(&(base + w), 0).unwrap();
+        assert_eq!(old & m, m, "{a}'s bits are set");
+        words.set(base + w, &(old & !m), 0).unwrap();
+        dp.expect(&frame(a), XDP_DROP, Reason::DropNotWhitelisted, "bits cleared");
+        words.set(base + w, &old, 0).unwrap();
+        dp.expect(&frame(a), XDP_PASS, Reason::PassWhitelist, "bits back");
+        let (w, m) = wl_bloom(family, &key(stranger));
+        let old = words.get(&(base + w), 0).unwrap();
+        dp.expect(&frame(stranger), XDP_DROP, Reason::DropNotWhitelisted, "stranger");
+        words.set(base + w, &(old | m), 0).unwrap();
         dp.expect(
-            &v6_tcp(&s, LOCAL6, 1, 22, SYN),
+            &frame(stranger),
             XDP_DROP,
             Reason::DropNotWhitelisted,
-            &s,
+            "a stranger whose bits are set",
         );
+        words.set(base + w, &old, 0).unwrap();
     }
     // Back under the threshold (a whole-policy sync shrinks the hashes): filters off, the
     // remaining entries still pass.
@@ -946,5 +952,130 @@ fn a_big_whitelist_is_filtered_by_its_bits_first() {
         XDP_DROP,
         Reason::DropNotWhitelisted,
         "gone",
+    );
+}
+
+/// The live half of `name`'s filter, read whole, and whether it is the second half.
+fn live_bloom_half(paths: &Paths, name: &str, hi_flag: u32) -> (Vec<u64>, bool) {
+    use isolation_common::limits::WL_BLOOM_WORDS;
+    let hi = slots::read_config(paths).unwrap().flags & hi_flag != 0;
+    let a = pins::SharedArray::open(paths, name).unwrap();
+    // SAFETY: the mapping holds WL_BLOOM_LEN words (at least two halves), page-aligned;
+    // it is only read here, while `a` lives.
+    let words = unsafe {
+        std::slice::from_raw_parts(a.as_mut_ptr() as *const u64, 2 * WL_BLOOM_WORDS as usize)
+    };
+    let base = if hi { WL_BLOOM_WORDS as usize } else { 0 };
+    (words[base..base + WL_BLOOM_WORDS as usize].to_vec(), hi)
+}
+
+/// The half a filter holding exactly `addrs` has.
+fn bloom_of(addrs: &[std::net::Ipv6Addr]) -> Vec<u64> {
+    use isolation_common::{AF_INET6, limits::WL_BLOOM_WORDS, wl_bloom};
+    let mut half = vec![0u64; WL_BLOOM_WORDS as usize];
+    for a in addrs {
+        let (w, m) = wl_bloom(AF_INET6, &a.octets());
+        half[w as usize] |= m;
+    }
+    half
+}
+
+/// Deleted addresses leave their bits set; once deletions pass a fifth of the keys the
+/// filter counts, the next edit rebuilds the other half from the hash's keys and swaps it
+/// in. After churn the live half holds exactly the bits of the addresses listed, listed
+/// ones pass and deleted ones are dropped. An upgrade (`forget_filters`, then `refresh`)
+/// switches the filter off first, so the datapath reads the hash alone while a build of
+/// another design may have added keys without bits, then rebuilds it.
+#[test]
+fn churn_rebuilds_the_whitelist_filter_beside_the_live_one() {
+    use isolation_common::limits;
+    use isolation_user::backend::{Backend as _, ebpf::whitelist};
+    use std::net::{IpAddr, Ipv6Addr};
+    let Some(dp) = Dp::new(&[]) else { return };
+    let n = limits::WL_BLOOM_FROM + 4096;
+    let v6 = |i: u32| Ipv6Addr::new(0x2001, 0xdb8, 0xcc, 0, 0, 0, (i >> 16) as u16, i as u16);
+    let net = |a: Ipv6Addr| ipnet::IpNet::from(IpAddr::V6(a));
+    let mut b = isolation_user::backend::ebpf::Ebpf::new(dp.paths.clone());
+    let all: Vec<Ipv6Addr> = (0..n).map(v6).collect();
+    let nets: Vec<ipnet::IpNet> = all.iter().copied().map(net).collect();
+    b.edit_whitelist(&nets, &[], 2, &mut |_| {}).unwrap();
+    let (half, hi0) = live_bloom_half(&dp.paths, maps::WL_V6_BLOOM, flags::WL_BLOOM_HI_V6);
+    assert!(half == bloom_of(&all), "a fresh filter holds the bits of every entry");
+    let on = |dp: &Dp| slots::read_config(&dp.paths).unwrap().flags & flags::WL_BLOOM_V6 != 0;
+    assert!(on(&dp), "a big hash's filter is consulted");
+    // A tenth deleted: under a fifth of the keys, so the stale bits stay.
+    let tenth = (n / 10) as usize;
+    b.edit_whitelist(&[], &nets[..tenth], 3, &mut |_| {}).unwrap();
+    let (half, hi) = live_bloom_half(&dp.paths, maps::WL_V6_BLOOM, flags::WL_BLOOM_HI_V6);
+    assert_eq!(hi, hi0, "few deletions: the same half");
+    assert!(half == bloom_of(&all), "deleted entries keep their bits");
+    let gone = all[0].to_string();
+    dp.expect(
+        &v6_tcp(&gone, LOCAL6, 1, 22, SYN),
+        XDP_DROP,
+        Reason::DropNotWhitelisted,
+        "deleted, bits still set: the hash refuses it",
+    );
+    // An eighth more: past a fifth. The other half is built from the keys left and swapped
+    // in.
+    let cut = tenth + (n / 8) as usize;
+    b.edit_whitelist(&[], &nets[tenth..cut], 4, &mut |_| {})
+        .unwrap();
+    let (half, hi) = live_bloom_half(&dp.paths, maps::WL_V6_BLOOM, flags::WL_BLOOM_HI_V6);
+    assert_ne!(hi, hi0, "rebuilt in the other half");
+    assert!(on(&dp), "still consulted");
+    assert!(
+        half == bloom_of(&all[cut..]),
+        "the rebuilt half holds exactly the bits of the entries left"
+    );
+    for (a, action, reason) in [
+        (all[cut], XDP_PASS, Reason::PassWhitelist),
+        (all[n as usize - 1], XDP_PASS, Reason::PassWhitelist),
+        (all[0], XDP_DROP, Reason::DropNotWhitelisted),
+        (all[cut - 1], XDP_DROP, Reason::DropNotWhitelisted),
+    ] {
+        let s = a.to_string();
+        dp.expect(&v6_tcp(&s, LOCAL6, 1, 22, SYN), action, reason, &s);
+    }
+    // An upgrade. Zero the live half by hand, as keys added by a build that kept no bits
+    // would leave it: once the filter is forgotten the hash alone decides, so a listed
+    // address passes; `refresh` rebuilds the filter and switches it on again.
+    whitelist::forget_filters(&dp.paths).unwrap();
+    assert!(!on(&dp), "forgotten: not consulted");
+    let (_, hi) = live_bloom_half(&dp.paths, maps::WL_V6_BLOOM, flags::WL_BLOOM_HI_V6);
+    {
+        let a = pins::SharedArray::open(&dp.paths, maps::WL_V6_BLOOM).unwrap();
+        let base = if hi { limits::WL_BLOOM_WORDS as usize } else { 0 };
+        // SAFETY: the live half, inside the mapping (WL_BLOOM_LEN words, page-aligned).
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                (a.as_mut_ptr() as *mut u64).add(base),
+                limits::WL_BLOOM_WORDS as usize,
+            )
+            .fill(0)
+        };
+    }
+    let kept = all[cut + 1].to_string();
+    dp.expect(
+        &v6_tcp(&kept, LOCAL6, 1, 22, SYN),
+        XDP_PASS,
+        Reason::PassWhitelist,
+        "filter forgotten: the hash decides",
+    );
+    whitelist::refresh(&dp.paths).unwrap();
+    assert!(on(&dp), "refreshed: consulted again");
+    let (half, _) = live_bloom_half(&dp.paths, maps::WL_V6_BLOOM, flags::WL_BLOOM_HI_V6);
+    assert!(half == bloom_of(&all[cut..]), "refresh rebuilt it");
+    dp.expect(
+        &v6_tcp(&kept, LOCAL6, 1, 22, SYN),
+        XDP_PASS,
+        Reason::PassWhitelist,
+        "refreshed",
+    );
+    dp.expect(
+        &v6_tcp(&gone, LOCAL6, 1, 22, SYN),
+        XDP_DROP,
+        Reason::DropNotWhitelisted,
+        "refreshed, deleted",
     );
 }

@@ -134,7 +134,13 @@ impl Backend for Ebpf {
             }
         } else if replace {
             // Before anything else: a build whose maps do not fit is refused untouched.
+            whitelist::forget_filters(paths)?;
             replaced = Some(pins::replace_programs(paths)?);
+            // Until this is done the datapath reads the whitelist's hashes without their
+            // filters: slower under a flood, never wrong, so a failure here is only a warning.
+            if let Err(e) = whitelist::refresh(paths) {
+                tracing::warn!("the whitelist filters were not rebuilt after the upgrade: {e:#}");
+            }
         }
         let mut done = Installed {
             fresh,

@@ -17,7 +17,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow};
 use aya::maps::{ArrayOfMaps, HashMap, LpmTrie, Map, MapData, lpm_trie::Key};
 use ipnet::IpNet;
-use isolation_common::{WlEntry, flags, limits, maps};
+use isolation_common::{WlEntry, bloom_meta, flags, limits, maps};
 
 use super::pins::{error_chain, not_found, open_map};
 use crate::{backend::WhitelistDelta, state::Paths};
@@ -53,20 +53,20 @@ struct Exact<K> {
     filter: Filter,
 }
 
-/// A key of an exact hash: the address it stands for, and its bit in the filter.
+/// A key of an exact hash: the address it stands for, and its word and bits in the filter.
 pub trait ExactKey: Copy {
     fn to_net(&self) -> IpNet;
-    fn filter_bit(&self) -> u32;
+    fn bloom(&self) -> (u32, u64);
 }
 
 impl ExactKey for u32 {
     fn to_net(&self) -> IpNet {
         IpNet::from(IpAddr::V4(Ipv4Addr::from(self.to_ne_bytes())))
     }
-    fn filter_bit(&self) -> u32 {
+    fn bloom(&self) -> (u32, u64) {
         let mut a = [0u8; 16];
         a[..4].copy_from_slice(&self.to_ne_bytes());
-        isolation_common::wl_filter_bit(isolation_common::AF_INET, &a)
+        isolation_common::wl_bloom(isolation_common::AF_INET, &a)
     }
 }
 
@@ -74,42 +74,137 @@ impl ExactKey for [u8; 16] {
     fn to_net(&self) -> IpNet {
         IpNet::from(IpAddr::V6(Ipv6Addr::from(*self)))
     }
-    fn filter_bit(&self) -> u32 {
-        isolation_common::wl_filter_bit(isolation_common::AF_INET6, self)
+    fn bloom(&self) -> (u32, u64) {
+        isolation_common::wl_bloom(isolation_common::AF_INET6, self)
     }
 }
 
-/// A family's whitelist filter (`maps::WL_V4_FILTER`), mapped into this process: bits are
-/// set here, before their addresses enter the hash, and read by the datapath. The loader is
-/// its only writer (under the engine's lock), so plain read-modify-writes are safe.
-struct Filter(super::pins::SharedArray);
+/// A family's whitelist filter (`maps::WL_V4_BLOOM`), mapped into this process: bits are
+/// set here, in the live half, before their addresses enter the hash, and read by the
+/// datapath. The loader is its only writer (under the engine's lock), so plain
+/// read-modify-writes are safe.
+struct Filter {
+    map: super::pins::SharedArray,
+    /// `flags::WL_BLOOM_V4` / `_V6`: the datapath consults this filter.
+    on_flag: u32,
+    /// `flags::WL_BLOOM_HI_V4` / `_V6`: the live half is the second.
+    hi_flag: u32,
+    /// The live half, as the config says (changed only by `build`).
+    hi: bool,
+    paths: Paths,
+}
+
+/// Words of one half.
+const HALF: usize = limits::WL_BLOOM_WORDS as usize;
 
 impl Filter {
-    fn open(paths: &Paths, name: &str) -> Result<Filter> {
-        let a = super::pins::SharedArray::open(paths, name)?;
-        debug_assert_eq!(a.len(), limits::WL_FILTER_WORDS as usize * 8);
-        Ok(Filter(a))
+    fn open(paths: &Paths, name: &str, on_flag: u32, hi_flag: u32) -> Result<Filter> {
+        let map = super::pins::SharedArray::open(paths, name)?;
+        let want = limits::WL_BLOOM_LEN as usize * 8;
+        if map.len() != want {
+            return Err(anyhow!(
+                "the pinned map {name} holds {} bytes where this build needs {want} (run \
+                 `isolation-user unload` then `load`)",
+                map.len()
+            ));
+        }
+        let hi = super::slots::read_config(paths)?.flags & hi_flag != 0;
+        Ok(Filter {
+            map,
+            on_flag,
+            hi_flag,
+            hi,
+            paths: paths.clone(),
+        })
     }
 
+    fn word(&self, i: usize) -> *mut u64 {
+        debug_assert!(i < limits::WL_BLOOM_LEN as usize);
+        // SAFETY: i < WL_BLOOM_LEN, the array's length in words (checked in `open`): inside
+        // the mapping, which is page-aligned.
+        unsafe { (self.map.as_mut_ptr() as *mut u64).add(i) }
+    }
+
+    fn meta(&self, m: u32) -> u64 {
+        // SAFETY: a word of the mapping (`word`); volatile: shared with other processes.
+        unsafe { std::ptr::read_volatile(self.word(2 * HALF + m as usize)) }
+    }
+
+    fn set_meta(&mut self, m: u32, v: u64) {
+        // SAFETY: as in `meta`.
+        unsafe { std::ptr::write_volatile(self.word(2 * HALF + m as usize), v) }
+    }
+
+    /// Sets the bits of `keys` in the live half.
     fn set<K: ExactKey>(&mut self, keys: impl Iterator<Item = K>) {
-        let words = self.0.as_mut_ptr() as *mut u64;
+        let base = if self.hi { HALF } else { 0 };
+        let mut n = 0;
         for k in keys {
-            let b = k.filter_bit() as usize;
-            // SAFETY: b < 2^WL_FILTER_BITS, so b / 64 < WL_FILTER_WORDS, the array's length:
-            // inside the mapping, which is page-aligned. Volatile: the datapath reads it.
+            let (w, m) = k.bloom();
+            let p = self.word(base + w as usize);
+            // SAFETY: a word of the mapping (`word`). Volatile: the datapath reads it; the
+            // word is written only when it changes.
             unsafe {
-                let w = words.add(b / 64);
-                let v = std::ptr::read_volatile(w);
-                if v & (1 << (b % 64)) == 0 {
-                    std::ptr::write_volatile(w, v | (1 << (b % 64)));
+                let v = std::ptr::read_volatile(p);
+                if v & m != m {
+                    std::ptr::write_volatile(p, v | m);
                 }
             }
+            n += 1;
         }
+        let keys = self.meta(bloom_meta::KEYS).saturating_add(n);
+        self.set_meta(bloom_meta::KEYS, keys);
+    }
+
+    /// Counts keys deleted from the hash: their bits stay set until the next build.
+    fn deleted(&mut self, n: usize) {
+        let d = self.meta(bloom_meta::DELETED).saturating_add(n as u64);
+        self.set_meta(bloom_meta::DELETED, d);
+    }
+
+    /// Does the live half hold the bits of every key, with few enough stale ones? A build
+    /// is due when the keys deleted since the last one pass a fifth of those it counts
+    /// (then more than a quarter of the live keys' worth of bits are stale).
+    fn fresh(&self) -> bool {
+        let deleted = self.meta(bloom_meta::DELETED);
+        self.meta(bloom_meta::COMPLETE) == 1
+            && (deleted < STALE_FLOOR || deleted.saturating_mul(5) <= self.meta(bloom_meta::KEYS))
+    }
+
+    /// Builds the half not in use from `keys` (every key the hash will hold when this
+    /// returns) and makes it the live one with one config write.
+    fn build<K: ExactKey>(&mut self, keys: &[K]) -> Result<()> {
+        let base = if self.hi { 0 } else { HALF };
+        // SAFETY: the half not in use: HALF words from `base`, inside the mapping; the
+        // datapath reads it only after the config write below.
+        let half = unsafe { std::slice::from_raw_parts_mut(self.word(base), HALF) };
+        half.fill(0);
+        for k in keys {
+            let (w, m) = k.bloom();
+            half[w as usize] |= m;
+        }
+        let hi = !self.hi;
+        let bit = self.hi_flag;
+        super::slots::update_config(&self.paths, |c| {
+            if hi {
+                c.flags |= bit;
+            } else {
+                c.flags &= !bit;
+            }
+        })?;
+        self.hi = hi;
+        self.set_meta(bloom_meta::KEYS, keys.len() as u64);
+        self.set_meta(bloom_meta::DELETED, 0);
+        self.set_meta(bloom_meta::COMPLETE, 1);
+        Ok(())
     }
 }
 
+/// Deletions under this many never call for a build of the filter.
+const STALE_FLOOR: u64 = 4096;
+
 impl<K: aya::Pod + bytemuck::Pod + Eq + std::hash::Hash + Send + Sync + ExactKey> Exact<K> {
-    fn open(paths: &Paths, name: &'static str, filter: &str, bits: u32) -> Result<Self> {
+    fn open(paths: &Paths, name: &'static str, filter: Filter, bits: u32) -> Result<Self> {
         let outer: ArrayOfMaps<MapData, MapData> = open_map(paths, name)?.try_into()?;
         let (map, raw) = Self::current(&outer, name)?;
         Ok(Exact {
@@ -118,7 +213,7 @@ impl<K: aya::Pod + bytemuck::Pod + Eq + std::hash::Hash + Send + Sync + ExactKey
             map,
             raw,
             value: WlEntry { prefix_len: bits },
-            filter: Filter::open(paths, filter)?,
+            filter,
         })
     }
 
@@ -159,6 +254,23 @@ impl<K: aya::Pod + bytemuck::Pod + Eq + std::hash::Hash + Send + Sync + ExactKey
         Ok((Map::from_map_data(get()?)?.try_into()?, get()?))
     }
 
+    /// The config bits of this family's filter: which half is live, and whether the
+    /// datapath consults it, which it does once the hash is big (`limits::WL_BLOOM_FROM`).
+    /// A big hash's filter is first rebuilt from the hash's keys if it may lack some (never
+    /// built by this design, or after an upgrade) or holds too many stale bits.
+    fn filter_flags(&mut self) -> Result<u32> {
+        if self.max_entries() < limits::WL_BLOOM_FROM as usize {
+            return Ok(if self.filter.hi { self.filter.hi_flag } else { 0 });
+        }
+        if !self.filter.fresh() {
+            let keys = self
+                .keys()
+                .with_context(|| format!("cannot read the keys of {}", self.name))?;
+            self.filter.build(&keys)?;
+        }
+        Ok(self.filter.on_flag | if self.filter.hi { self.filter.hi_flag } else { 0 })
+    }
+
     fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
         std::os::fd::AsFd::as_fd(self.raw.fd())
     }
@@ -187,14 +299,17 @@ impl<K: aya::Pod + bytemuck::Pod + Eq + std::hash::Hash + Send + Sync + ExactKey
             return Err(std::io::Error::from_raw_os_error(libc::E2BIG).into());
         }
         let fresh = Self::create(self.name, size_for.max(entries.len()))?;
-        // Their filter bits before the datapath can find them.
-        self.filter.set(entries.iter().map(|e| e.0));
         let fd = std::os::fd::AsFd::as_fd(fresh.fd());
         let (_, r) = parallel_update(fd, entries, progress);
         r?;
+        // The swap leaves the live filter half in front of the new hash for a moment: it
+        // holds the bits of every key the old and the new hash share, so no address both
+        // admit is refused (one the new hash adds may be, until the build below).
         self.outer
             .set(0, &fresh, 0)
             .with_context(|| format!("cannot swap the new hash into {}", self.name))?;
+        let keys: Vec<K> = entries.iter().map(|e| e.0).collect();
+        self.filter.build(&keys)?;
         let (map, raw) = Self::current(&self.outer, self.name)?;
         self.map = map;
         self.raw = raw;
@@ -294,9 +409,19 @@ fn wl_value(n: &IpNet) -> WlEntry {
 impl WhitelistMaps {
     pub fn open(paths: &Paths) -> Result<Self> {
         Ok(WhitelistMaps {
-            v4: Exact::open(paths, maps::WL_V4, maps::WL_V4_FILTER, 32)?,
+            v4: Exact::open(
+                paths,
+                maps::WL_V4,
+                Filter::open(paths, maps::WL_V4_BLOOM, flags::WL_BLOOM_V4, flags::WL_BLOOM_HI_V4)?,
+                32,
+            )?,
             v4_lpm: open_map(paths, maps::WL_V4_LPM)?.try_into()?,
-            v6: Exact::open(paths, maps::WL_V6, maps::WL_V6_FILTER, 128)?,
+            v6: Exact::open(
+                paths,
+                maps::WL_V6,
+                Filter::open(paths, maps::WL_V6_BLOOM, flags::WL_BLOOM_V6, flags::WL_BLOOM_HI_V6)?,
+                128,
+            )?,
             v6_lpm: open_map(paths, maps::WL_V6_LPM)?.try_into()?,
         })
     }
@@ -461,7 +586,14 @@ impl WhitelistMaps {
                 .remove(&Key::new(n.prefix_len() as u32, n.addr().octets())),
         };
         match r {
-            Ok(()) => Ok(true),
+            Ok(()) => {
+                match n {
+                    IpNet::V4(n) if n.prefix_len() == 32 => self.v4.filter.deleted(1),
+                    IpNet::V6(n) if n.prefix_len() == 128 => self.v6.filter.deleted(1),
+                    _ => {}
+                }
+                Ok(true)
+            }
             Err(e) if not_found(&e) => Ok(false),
             Err(e) => Err(e).with_context(|| format!("cannot remove {n} from the whitelist maps")),
         }
@@ -492,9 +624,11 @@ impl WhitelistMaps {
         }
         let gone4 = batch_delete(&self.v4.raw, &v4, &mut progress)
             .context("cannot remove IPv4 addresses")?;
+        self.v4.filter.deleted(gone4.len());
         removed.extend(gone4.iter().map(ExactKey::to_net));
         let gone6 = batch_delete(&self.v6.raw, &v6, &mut progress)
             .context("cannot remove IPv6 addresses")?;
+        self.v6.filter.deleted(gone6.len());
         removed.extend(gone6.iter().map(ExactKey::to_net));
         Ok(removed)
     }
@@ -666,7 +800,7 @@ pub fn with_map_flags<T>(
         super::slots::update_config(paths, |c| c.flags |= early)?;
     }
     let r = f();
-    let m = WhitelistMaps::open(paths)?;
+    let mut m = WhitelistMaps::open(paths)?;
     let mut now = 0;
     if m.v4_lpm.keys().next().is_some() {
         now |= flags::WL_CIDR_V4;
@@ -674,17 +808,47 @@ pub fn with_map_flags<T>(
     if m.v6_lpm.keys().next().is_some() {
         now |= flags::WL_CIDR_V6;
     }
-    let big = limits::WL_FILTER_FROM as usize;
-    if m.v4.max_entries() >= big {
-        now |= flags::WL_FILTER_V4;
-    }
-    if m.v6.max_entries() >= big {
-        now |= flags::WL_FILTER_V6;
-    }
+    now |= m.v4.filter_flags()? | m.v6.filter_flags()?;
     super::slots::update_config(paths, |c| {
         c.flags = (c.flags & !flags::WL_FOLLOW_MAPS) | now
     })?;
     r
+}
+
+/// Before the programs are replaced (an upgrade): the datapath stops consulting the
+/// filters, and their live halves count as incomplete (a build of another design, run in
+/// between, may have added keys without their bits), so `refresh` rebuilds them.
+pub fn forget_filters(paths: &Paths) -> Result<()> {
+    super::slots::update_config(paths, |c| {
+        c.flags &= !(flags::WL_BLOOM_V4
+            | flags::WL_BLOOM_V6
+            | flags::RETIRED_FILTER_V4
+            | flags::RETIRED_FILTER_V6)
+    })?;
+    for (name, on, hi) in [
+        (maps::WL_V4_BLOOM, flags::WL_BLOOM_V4, flags::WL_BLOOM_HI_V4),
+        (maps::WL_V6_BLOOM, flags::WL_BLOOM_V6, flags::WL_BLOOM_HI_V6),
+    ] {
+        if paths.map(name).exists() {
+            Filter::open(paths, name, on, hi)?.set_meta(bloom_meta::COMPLETE, 0);
+        }
+    }
+    Ok(())
+}
+
+/// After the programs were replaced: builds the filters of big hashes and switches them on,
+/// and removes the pins of the filters earlier builds used.
+pub fn refresh(paths: &Paths) -> Result<()> {
+    with_map_flags(paths, &[], || Ok(()))?;
+    for name in maps::RETIRED {
+        match std::fs::remove_file(paths.map(name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("cannot remove the retired pin {name}"));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Puts an empty hash of the smallest size into each exact map (a fresh load).
