@@ -216,7 +216,10 @@ pub fn wl_bloom_of(hash: u64) -> (u32, u64) {
     let word = (h >> (64 - limits::WL_BLOOM_WORD_BITS)) as u32;
     let bit = |shift: u32| 1u64 << ((h >> shift) & 63);
     let top = 64 - limits::WL_BLOOM_WORD_BITS;
-    (word, bit(top - 6) | bit(top - 12) | bit(top - 18) | bit(top - 24))
+    (
+        word,
+        bit(top - 6) | bit(top - 12) | bit(top - 18) | bit(top - 24),
+    )
 }
 
 /// The loader's bookkeeping words after the two halves of a whitelist filter (index

@@ -46,11 +46,9 @@ pub const BPF_F_MMAPABLE: usize = 1 << 10;
 /// flood from random sources a big whitelist's miss reads one word, not a bucket and an
 /// element in DRAM.
 #[btf_map]
-static WL_V4_BLOOM: Array<u64, { limits::WL_BLOOM_LEN as usize }, BPF_F_MMAPABLE> =
-    Array::new();
+static WL_V4_BLOOM: Array<u64, { limits::WL_BLOOM_LEN as usize }, BPF_F_MMAPABLE> = Array::new();
 #[btf_map]
-static WL_V6_BLOOM: Array<u64, { limits::WL_BLOOM_LEN as usize }, BPF_F_MMAPABLE> =
-    Array::new();
+static WL_V6_BLOOM: Array<u64, { limits::WL_BLOOM_LEN as usize }, BPF_F_MMAPABLE> = Array::new();
 
 /// May `src` be in the family's exact hash? Asked only of big hashes (`flags::WL_BLOOM_*`);
 /// `hi` picks the live half.

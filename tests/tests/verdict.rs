@@ -911,12 +911,22 @@ fn a_big_whitelist_is_filtered_by_its_bits_first() {
         let old = words.get(&(base + w), 0).unwrap();
         assert_eq!(old & m, m, "{a}'s bits are set");
         words.set(base + w, &(old & !m), 0).unwrap();
-        dp.expect(&frame(a), XDP_DROP, Reason::DropNotWhitelisted, "bits cleared");
+        dp.expect(
+            &frame(a),
+            XDP_DROP,
+            Reason::DropNotWhitelisted,
+            "bits cleared",
+        );
         words.set(base + w, &old, 0).unwrap();
         dp.expect(&frame(a), XDP_PASS, Reason::PassWhitelist, "bits back");
         let (w, m) = wl_bloom(family, &key(stranger));
         let old = words.get(&(base + w), 0).unwrap();
-        dp.expect(&frame(stranger), XDP_DROP, Reason::DropNotWhitelisted, "stranger");
+        dp.expect(
+            &frame(stranger),
+            XDP_DROP,
+            Reason::DropNotWhitelisted,
+            "stranger",
+        );
         words.set(base + w, &(old | m), 0).unwrap();
         dp.expect(
             &frame(stranger),
@@ -1000,12 +1010,16 @@ fn churn_rebuilds_the_whitelist_filter_beside_the_live_one() {
     let nets: Vec<ipnet::IpNet> = all.iter().copied().map(net).collect();
     b.edit_whitelist(&nets, &[], 2, &mut |_| {}).unwrap();
     let (half, hi0) = live_bloom_half(&dp.paths, maps::WL_V6_BLOOM, flags::WL_BLOOM_HI_V6);
-    assert!(half == bloom_of(&all), "a fresh filter holds the bits of every entry");
+    assert!(
+        half == bloom_of(&all),
+        "a fresh filter holds the bits of every entry"
+    );
     let on = |dp: &Dp| slots::read_config(&dp.paths).unwrap().flags & flags::WL_BLOOM_V6 != 0;
     assert!(on(&dp), "a big hash's filter is consulted");
     // A tenth deleted: under a fifth of the keys, so the stale bits stay.
     let tenth = (n / 10) as usize;
-    b.edit_whitelist(&[], &nets[..tenth], 3, &mut |_| {}).unwrap();
+    b.edit_whitelist(&[], &nets[..tenth], 3, &mut |_| {})
+        .unwrap();
     let (half, hi) = live_bloom_half(&dp.paths, maps::WL_V6_BLOOM, flags::WL_BLOOM_HI_V6);
     assert_eq!(hi, hi0, "few deletions: the same half");
     assert!(half == bloom_of(&all), "deleted entries keep their bits");
@@ -1045,7 +1059,11 @@ fn churn_rebuilds_the_whitelist_filter_beside_the_live_one() {
     let (_, hi) = live_bloom_half(&dp.paths, maps::WL_V6_BLOOM, flags::WL_BLOOM_HI_V6);
     {
         let a = pins::SharedArray::open(&dp.paths, maps::WL_V6_BLOOM).unwrap();
-        let base = if hi { limits::WL_BLOOM_WORDS as usize } else { 0 };
+        let base = if hi {
+            limits::WL_BLOOM_WORDS as usize
+        } else {
+            0
+        };
         // SAFETY: the live half, inside the mapping (WL_BLOOM_LEN words, page-aligned).
         unsafe {
             std::slice::from_raw_parts_mut(

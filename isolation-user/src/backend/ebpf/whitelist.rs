@@ -260,7 +260,11 @@ impl<K: aya::Pod + bytemuck::Pod + Eq + std::hash::Hash + Send + Sync + ExactKey
     /// built by this design, or after an upgrade) or holds too many stale bits.
     fn filter_flags(&mut self) -> Result<u32> {
         if self.max_entries() < limits::WL_BLOOM_FROM as usize {
-            return Ok(if self.filter.hi { self.filter.hi_flag } else { 0 });
+            return Ok(if self.filter.hi {
+                self.filter.hi_flag
+            } else {
+                0
+            });
         }
         if !self.filter.fresh() {
             let keys = self
@@ -268,7 +272,12 @@ impl<K: aya::Pod + bytemuck::Pod + Eq + std::hash::Hash + Send + Sync + ExactKey
                 .with_context(|| format!("cannot read the keys of {}", self.name))?;
             self.filter.build(&keys)?;
         }
-        Ok(self.filter.on_flag | if self.filter.hi { self.filter.hi_flag } else { 0 })
+        Ok(self.filter.on_flag
+            | if self.filter.hi {
+                self.filter.hi_flag
+            } else {
+                0
+            })
     }
 
     fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
@@ -412,14 +421,24 @@ impl WhitelistMaps {
             v4: Exact::open(
                 paths,
                 maps::WL_V4,
-                Filter::open(paths, maps::WL_V4_BLOOM, flags::WL_BLOOM_V4, flags::WL_BLOOM_HI_V4)?,
+                Filter::open(
+                    paths,
+                    maps::WL_V4_BLOOM,
+                    flags::WL_BLOOM_V4,
+                    flags::WL_BLOOM_HI_V4,
+                )?,
                 32,
             )?,
             v4_lpm: open_map(paths, maps::WL_V4_LPM)?.try_into()?,
             v6: Exact::open(
                 paths,
                 maps::WL_V6,
-                Filter::open(paths, maps::WL_V6_BLOOM, flags::WL_BLOOM_V6, flags::WL_BLOOM_HI_V6)?,
+                Filter::open(
+                    paths,
+                    maps::WL_V6_BLOOM,
+                    flags::WL_BLOOM_V6,
+                    flags::WL_BLOOM_HI_V6,
+                )?,
                 128,
             )?,
             v6_lpm: open_map(paths, maps::WL_V6_LPM)?.try_into()?,
