@@ -52,19 +52,20 @@ static FRAGS: LruHashMap<FragKey, u64, { limits::FRAGS as usize }> = LruHashMap:
 #[btf_map]
 static PEERS: Array<u64, { limits::PEER_WORDS as usize }, BPF_F_MMAPABLE> = Array::new();
 
-/// The byte of `a`'s slot, inside its element of PEERS.
+/// The byte of the slot of an address hashed to `hash` (`addr_hash`), inside its element
+/// of PEERS.
 #[inline(always)]
-fn peer_byte(family: u8, a: &Addr) -> Option<*mut u8> {
-    let slot = isolation_common::peer_slot_of(isolation_common::addr_hash(family, a));
+fn peer_byte(hash: u64) -> Option<*mut u8> {
+    let slot = isolation_common::peer_slot_of(hash);
     let w = PEERS.get_ptr_mut(slot >> 3)?;
     // SAFETY: slot & 7 < 8, the element's size: inside the map value.
     Some(unsafe { (w as *mut u8).add((slot & 7) as usize) })
 }
 
-/// Could `a` be the remote end of a recorded flow?
+/// Could the address hashed to `hash` be the remote end of a recorded flow?
 #[inline(always)]
-fn maybe_peer(family: u8, a: &Addr) -> bool {
-    match peer_byte(family, a) {
+fn maybe_peer(hash: u64) -> bool {
+    match peer_byte(hash) {
         // SAFETY: a byte of a PEERS element, which lives as long as the program.
         Some(b) => unsafe { *b != 0 },
         None => true,
@@ -75,7 +76,7 @@ fn maybe_peer(family: u8, a: &Addr) -> bool {
 /// flow comes through here, and a write would pull the line away from other CPUs).
 #[inline(always)]
 fn mark_peer(family: u8, a: &Addr) {
-    if let Some(b) = peer_byte(family, a) {
+    if let Some(b) = peer_byte(isolation_common::addr_hash(family, a)) {
         // SAFETY: as in maybe_peer; a byte store touches no other slot.
         unsafe {
             if *b == 0 {
@@ -178,8 +179,9 @@ fn find(key: &FlowKey, now: u64) -> Option<*mut FlowValue> {
 }
 
 /// Is this incoming packet a reply of a flow that left us? Marks the flow answered.
+/// `src_hash` is `addr_hash` of its source (computed once per packet).
 #[inline(always)]
-pub fn is_reply(pkt: &Packet) -> bool {
+pub fn is_reply(pkt: &Packet, src_hash: u64) -> bool {
     if pkt.l4 != L4::Ok {
         return false;
     }
@@ -187,7 +189,7 @@ pub fn is_reply(pkt: &Packet) -> bool {
     if pkt.proto == IPPROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         return false;
     }
-    if !maybe_peer(pkt.family, &pkt.src) {
+    if !maybe_peer(src_hash) {
         return false;
     }
     let key = FlowKey {

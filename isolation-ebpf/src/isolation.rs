@@ -140,7 +140,7 @@ pub fn judge(
     if conntracked.is_some() {
         return conntracked;
     }
-    if conntrack::is_reply(pkt) {
+    if conntrack::is_reply(pkt, isolation_common::addr_hash(pkt.family, &pkt.src)) {
         conntrack::remember_fragment(pkt);
         return Some(Reason::PassEstablished);
     }

@@ -108,12 +108,14 @@ mod programs {
         if parse::is_neighbour_discovery(&pkt) && for_this_link(ctx, &pkt) {
             return Reason::PassNeighbour;
         }
-        // Stage 1, the host whitelist: who may reach this host at all.
+        // Stage 1, the host whitelist: who may reach this host at all. The source's hash
+        // serves both filters (the whitelist's and the remote hosts').
+        let src_hash = isolation_common::addr_hash(pkt.family, &pkt.src);
         let admitted = if !enforce {
             Reason::PassWhitelistOff
-        } else if whitelist::whitelisted(&pkt, cfg.flags) {
+        } else if whitelist::whitelisted(&pkt, cfg.flags, src_hash) {
             Reason::PassWhitelist
-        } else if conntrack::is_reply(&pkt) {
+        } else if conntrack::is_reply(&pkt, src_hash) {
             conntrack::remember_fragment(&pkt);
             Reason::PassEstablished
         } else if conntrack::is_related(start, end, &pkt) {
@@ -176,11 +178,9 @@ mod programs {
         p.family = 10; // the kernel's AF_INET6
         p.l4_protocol = parse::IPPROTO_ICMPV6;
         p.ifindex = ingress_ifindex(ctx);
-        // SAFETY: [u8; 16] and [u32; 4] have the same size; both stay in network order.
-        unsafe {
-            p.__bindgen_anon_3.ipv6_src = core::mem::transmute::<[u8; 16], [u32; 4]>(pkt.src.0);
-            p.__bindgen_anon_4.ipv6_dst = core::mem::transmute::<[u8; 16], [u32; 4]>(pkt.dst.0);
-        }
+        // Words in memory order: both stay in network order.
+        p.__bindgen_anon_3.ipv6_src = pkt.src.words();
+        p.__bindgen_anon_4.ipv6_dst = pkt.dst.words();
         // SAFETY: the helper reads and writes only `p`, whose size it is given.
         let r = unsafe {
             fib_lookup(

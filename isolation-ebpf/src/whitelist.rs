@@ -10,7 +10,7 @@ use aya_ebpf::{
     btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, lpm_trie::Key},
     macros::btf_map,
 };
-use isolation_common::{AF_INET, Addr, WlEntry, flags, limits};
+use isolation_common::{AF_INET, WlEntry, flags, limits};
 
 use crate::parse::Packet;
 
@@ -50,16 +50,15 @@ static WL_V4_BLOOM: Array<u64, { limits::WL_BLOOM_LEN as usize }, BPF_F_MMAPABLE
 #[btf_map]
 static WL_V6_BLOOM: Array<u64, { limits::WL_BLOOM_LEN as usize }, BPF_F_MMAPABLE> = Array::new();
 
-/// May `src` be in the family's exact hash? Asked only of big hashes (`flags::WL_BLOOM_*`);
-/// `hi` picks the live half.
+/// May the source hashed to `src_hash` (`addr_hash`) be in the family's exact hash? Asked
+/// only of big hashes (`flags::WL_BLOOM_*`); `hi` picks the live half.
 #[inline(always)]
 fn in_filter(
     filter: &Array<u64, { limits::WL_BLOOM_LEN as usize }, BPF_F_MMAPABLE>,
-    family: u8,
-    src: &Addr,
+    src_hash: u64,
     hi: bool,
 ) -> bool {
-    let (w, m) = isolation_common::wl_bloom_of(isolation_common::addr_hash(family, src));
+    let (w, m) = isolation_common::wl_bloom_of(src_hash);
     let i = if hi { w + limits::WL_BLOOM_WORDS } else { w };
     match filter.get(i) {
         Some(v) => *v & m == m,
@@ -68,16 +67,16 @@ fn in_filter(
 }
 
 /// Is the source whitelisted? `cfg_flags` says which CIDR tries hold anything (an empty
-/// trie is not looked up) and which exact hashes are big enough for their filter.
+/// trie is not looked up) and which exact hashes are big enough for their filter;
+/// `src_hash` is `addr_hash` of the source.
 #[inline(always)]
-pub fn whitelisted(pkt: &Packet, cfg_flags: u32) -> bool {
+pub fn whitelisted(pkt: &Packet, cfg_flags: u32, src_hash: u64) -> bool {
     if pkt.family == AF_INET {
         let a = pkt.src.words()[0];
         if (cfg_flags & flags::WL_BLOOM_V4 == 0
             || in_filter(
                 &WL_V4_BLOOM,
-                AF_INET,
-                &pkt.src,
+                src_hash,
                 cfg_flags & flags::WL_BLOOM_HI_V4 != 0,
             ))
             && WL_V4.get_value_ptr_mut(0, &a).is_some()
@@ -92,8 +91,7 @@ pub fn whitelisted(pkt: &Packet, cfg_flags: u32) -> bool {
         if (cfg_flags & flags::WL_BLOOM_V6 == 0
             || in_filter(
                 &WL_V6_BLOOM,
-                pkt.family,
-                &pkt.src,
+                src_hash,
                 cfg_flags & flags::WL_BLOOM_HI_V6 != 0,
             ))
             && WL_V6.get_value_ptr_mut(0, &pkt.src.0).is_some()
