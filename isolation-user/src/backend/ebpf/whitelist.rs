@@ -98,7 +98,14 @@ struct Filter {
 const HALF: usize = limits::WL_BLOOM_WORDS as usize;
 
 impl Filter {
-    fn open(paths: &Paths, name: &str, on_flag: u32, hi_flag: u32) -> Result<Filter> {
+    /// `cfg_flags`: the datapath's config switches now (they say which half is live).
+    fn open(
+        paths: &Paths,
+        name: &str,
+        cfg_flags: u32,
+        on_flag: u32,
+        hi_flag: u32,
+    ) -> Result<Filter> {
         let map = super::pins::SharedArray::open(paths, name)?;
         let want = limits::WL_BLOOM_LEN as usize * 8;
         if map.len() != want {
@@ -108,7 +115,7 @@ impl Filter {
                 map.len()
             ));
         }
-        let hi = super::slots::read_config(paths)?.flags & hi_flag != 0;
+        let hi = cfg_flags & hi_flag != 0;
         Ok(Filter {
             map,
             on_flag,
@@ -116,6 +123,11 @@ impl Filter {
             hi,
             paths: paths.clone(),
         })
+    }
+
+    /// The config bit that says which half is live, as it should be now.
+    fn hi_bits(&self) -> u32 {
+        if self.hi { self.hi_flag } else { 0 }
     }
 
     fn word(&self, i: usize) -> *mut u64 {
@@ -173,15 +185,17 @@ impl Filter {
 
     /// Builds the half not in use from `keys` (every key the hash will hold when this
     /// returns) and makes it the live one with one config write.
-    fn build<K: ExactKey>(&mut self, keys: &[K]) -> Result<()> {
+    fn build<K: ExactKey>(&mut self, keys: impl Iterator<Item = K>) -> Result<()> {
         let base = if self.hi { 0 } else { HALF };
         // SAFETY: the half not in use: HALF words from `base`, inside the mapping; the
         // datapath reads it only after the config write below.
         let half = unsafe { std::slice::from_raw_parts_mut(self.word(base), HALF) };
         half.fill(0);
+        let mut n = 0u64;
         for k in keys {
             let (w, m) = k.bloom();
             half[w as usize] |= m;
+            n += 1;
         }
         let hi = !self.hi;
         let bit = self.hi_flag;
@@ -193,7 +207,7 @@ impl Filter {
             }
         })?;
         self.hi = hi;
-        self.set_meta(bloom_meta::KEYS, keys.len() as u64);
+        self.set_meta(bloom_meta::KEYS, n);
         self.set_meta(bloom_meta::DELETED, 0);
         self.set_meta(bloom_meta::COMPLETE, 1);
         Ok(())
@@ -260,24 +274,15 @@ impl<K: aya::Pod + bytemuck::Pod + Eq + std::hash::Hash + Send + Sync + ExactKey
     /// built by this design, or after an upgrade) or holds too many stale bits.
     fn filter_flags(&mut self) -> Result<u32> {
         if self.max_entries() < limits::WL_BLOOM_FROM as usize {
-            return Ok(if self.filter.hi {
-                self.filter.hi_flag
-            } else {
-                0
-            });
+            return Ok(self.filter.hi_bits());
         }
         if !self.filter.fresh() {
             let keys = self
                 .keys()
                 .with_context(|| format!("cannot read the keys of {}", self.name))?;
-            self.filter.build(&keys)?;
+            self.filter.build(keys.into_iter())?;
         }
-        Ok(self.filter.on_flag
-            | if self.filter.hi {
-                self.filter.hi_flag
-            } else {
-                0
-            })
+        Ok(self.filter.on_flag | self.filter.hi_bits())
     }
 
     fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
@@ -317,8 +322,7 @@ impl<K: aya::Pod + bytemuck::Pod + Eq + std::hash::Hash + Send + Sync + ExactKey
         self.outer
             .set(0, &fresh, 0)
             .with_context(|| format!("cannot swap the new hash into {}", self.name))?;
-        let keys: Vec<K> = entries.iter().map(|e| e.0).collect();
-        self.filter.build(&keys)?;
+        self.filter.build(entries.iter().map(|e| e.0))?;
         let (map, raw) = Self::current(&self.outer, self.name)?;
         self.map = map;
         self.raw = raw;
@@ -417,6 +421,7 @@ fn wl_value(n: &IpNet) -> WlEntry {
 
 impl WhitelistMaps {
     pub fn open(paths: &Paths) -> Result<Self> {
+        let cfg = super::slots::read_config(paths)?.flags;
         Ok(WhitelistMaps {
             v4: Exact::open(
                 paths,
@@ -424,6 +429,7 @@ impl WhitelistMaps {
                 Filter::open(
                     paths,
                     maps::WL_V4_BLOOM,
+                    cfg,
                     flags::WL_BLOOM_V4,
                     flags::WL_BLOOM_HI_V4,
                 )?,
@@ -436,6 +442,7 @@ impl WhitelistMaps {
                 Filter::open(
                     paths,
                     maps::WL_V6_BLOOM,
+                    cfg,
                     flags::WL_BLOOM_V6,
                     flags::WL_BLOOM_HI_V6,
                 )?,
@@ -849,7 +856,7 @@ pub fn forget_filters(paths: &Paths) -> Result<()> {
         (maps::WL_V6_BLOOM, flags::WL_BLOOM_V6, flags::WL_BLOOM_HI_V6),
     ] {
         if paths.map(name).exists() {
-            Filter::open(paths, name, on, hi)?.set_meta(bloom_meta::COMPLETE, 0);
+            Filter::open(paths, name, 0, on, hi)?.set_meta(bloom_meta::COMPLETE, 0);
         }
     }
     Ok(())
