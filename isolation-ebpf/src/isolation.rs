@@ -117,6 +117,7 @@ pub fn judge(
     len: u64,
     can_reject: bool,
     conntracked: Option<Reason>,
+    src_hash: u64,
 ) -> Option<Reason> {
     let (slot, flags) = (live.slot & 1, live.flags);
     if flags & iso_flags::ENABLED == 0 {
@@ -140,7 +141,7 @@ pub fn judge(
     if conntracked.is_some() {
         return conntracked;
     }
-    if conntrack::is_reply(pkt, isolation_common::addr_hash(pkt.family, &pkt.src)) {
+    if conntrack::is_reply(pkt, src_hash) {
         conntrack::remember_fragment(pkt);
         return Some(Reason::PassEstablished);
     }

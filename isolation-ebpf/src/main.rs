@@ -109,7 +109,7 @@ mod programs {
             return Reason::PassNeighbour;
         }
         // Stage 1, the host whitelist: who may reach this host at all. The source's hash
-        // serves both filters (the whitelist's and the remote hosts').
+        // serves both filters (the whitelist's and the remote hosts'), here and in stage 2.
         let src_hash = isolation_common::addr_hash(pkt.family, &pkt.src);
         let admitted = if !enforce {
             Reason::PassWhitelistOff
@@ -157,7 +157,7 @@ mod programs {
                 Reason::PassEstablished | Reason::PassRelated | Reason::PassFragment
             )
             .then_some(admitted);
-            let v = isolation::judge(live, start, end, &pkt, len, true, conntracked);
+            let v = isolation::judge(live, start, end, &pkt, len, true, conntracked, src_hash);
             if let Some(r) = v
                 && r.is_drop()
             {
@@ -263,7 +263,8 @@ mod programs {
             Parsed::Ip(ipkt) => {
                 // Inside a tunnel a deny is a drop: the answer would have to be tunnelled too.
                 // The outer header's connection says nothing about the inner packet's.
-                match isolation::judge(live, istart, end, &ipkt, len, false, None) {
+                let h = isolation_common::addr_hash(ipkt.family, &ipkt.src);
+                match isolation::judge(live, istart, end, &ipkt, len, false, None, h) {
                     None => admitted,
                     Some(r) => {
                         if r.is_drop() {
