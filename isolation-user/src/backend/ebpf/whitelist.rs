@@ -296,6 +296,13 @@ impl<K: aya::Pod + bytemuck::Pod + Eq + std::hash::Hash + Send + Sync + ExactKey
             .unwrap_or(usize::MAX)
     }
 
+    /// Removes one key; its bits stay in the filter, counted as stale.
+    fn remove(&mut self, k: &K) -> Result<(), aya::maps::MapError> {
+        self.map.remove(k)?;
+        self.filter.deleted(1);
+        Ok(())
+    }
+
     fn keys(&self) -> std::io::Result<Vec<K>> {
         super::syscall::keys::<K>(self.fd(), std::mem::size_of::<WlEntry>())
     }
@@ -601,25 +608,18 @@ impl WhitelistMaps {
     pub fn remove(&mut self, n: &IpNet) -> Result<bool> {
         let r = match n {
             IpNet::V4(n) if n.prefix_len() == 32 => {
-                self.v4.map.remove(&u32::from_ne_bytes(n.addr().octets()))
+                self.v4.remove(&u32::from_ne_bytes(n.addr().octets()))
             }
             IpNet::V4(n) => self
                 .v4_lpm
                 .remove(&Key::new(n.prefix_len() as u32, n.addr().octets())),
-            IpNet::V6(n) if n.prefix_len() == 128 => self.v6.map.remove(&n.addr().octets()),
+            IpNet::V6(n) if n.prefix_len() == 128 => self.v6.remove(&n.addr().octets()),
             IpNet::V6(n) => self
                 .v6_lpm
                 .remove(&Key::new(n.prefix_len() as u32, n.addr().octets())),
         };
         match r {
-            Ok(()) => {
-                match n {
-                    IpNet::V4(n) if n.prefix_len() == 32 => self.v4.filter.deleted(1),
-                    IpNet::V6(n) if n.prefix_len() == 128 => self.v6.filter.deleted(1),
-                    _ => {}
-                }
-                Ok(true)
-            }
+            Ok(()) => Ok(true),
             Err(e) if not_found(&e) => Ok(false),
             Err(e) => Err(e).with_context(|| format!("cannot remove {n} from the whitelist maps")),
         }
