@@ -949,6 +949,25 @@ fn cli_figures(
                 "after `load` and a whitelist of 3 addresses|every map of the datapath".into(),
                 raw::memlock_of(&iso.paths(), &[])?,
             ));
+            // The connection tables, sized by `[connections] max`: the default, then the
+            // fixed size of earlier builds and a big host's, set by `apply`.
+            let tables = [
+                isolation_common::maps::CONNTRACK,
+                isolation_common::maps::ESTABLISHED,
+            ];
+            for max in [
+                isolation_user::policy::Connections::DEFAULT_MAX,
+                1 << 18,
+                1 << 20,
+            ] {
+                let p = iso.policy(&format!("[connections]\nmax = {max}\n"));
+                iso.ok(&["apply", &p]);
+                kernel.push((
+                    format!("`[connections] max = {max}`|the two connection tables"),
+                    raw::memlock_of(&iso.paths(), &tables)?,
+                ));
+            }
+            iso.ok(&["apply", &iso.policy("")]);
             iso.ok(&["whitelist", "del", "192.0.2.1", "192.0.2.2", "2001:db8::1"]);
         }
         report::Runs::push(
@@ -1022,6 +1041,22 @@ fn cli_figures(
         ),
         met: ipset_s / ours_s >= 4.0,
     });
+    if let Some((_, conn)) = kernel
+        .iter()
+        .find(|(what, _)| what.contains("the two connection tables"))
+    {
+        targets.push(report::Target {
+            what:
+                "the connection tables a default load reserves: ≤ 20 MiB (earlier builds: ~66 MiB)"
+                    .into(),
+            measured: format!(
+                "{:.1} MiB for two tables of {} entries",
+                *conn as f64 / 1048576.0,
+                isolation_user::policy::Connections::DEFAULT_MAX
+            ),
+            met: *conn <= 20 << 20,
+        });
+    }
     if let Some((_, small)) = kernel.first().filter(|_| !v6) {
         let small = *small;
         targets.push(report::Target {

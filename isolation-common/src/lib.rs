@@ -132,9 +132,10 @@ pub mod limits {
     pub const WL_BLOOM_FROM: u32 = 1 << 16;
     /// CIDRs per family (LPM tries are always allocated on demand).
     pub const WL_LPM: u32 = 1 << 20;
-    /// New (unconfirmed) connections, and established ones: two tables of this size.
-    pub const CONNTRACK: u32 = 1 << 18;
-    pub const ESTABLISHED: u32 = 1 << 18;
+    /// New (unconfirmed) connections, and established ones: two tables of this size by
+    /// default. The loader sizes both from the policy (`[connections] max`).
+    pub const CONNTRACK: u32 = 1 << 16;
+    pub const ESTABLISHED: u32 = CONNTRACK;
     /// Slots of the remote-host filter in front of the connection tables: 2^PEER_BITS
     /// bytes, kept as 64-bit array elements of 8 slots (128 KiB: small enough to stay in a
     /// CPU's L2 cache under a flood from random sources).

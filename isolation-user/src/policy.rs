@@ -133,12 +133,37 @@ pub struct Whitelist {
     pub allow: Vec<IpNet>,
 }
 
+/// How many connections the datapath remembers (`[connections]`): each of its two tables,
+/// new flows and established ones, holds up to `max`. The iptables backend leaves this to
+/// the kernel's conntrack (`net.netfilter.nf_conntrack_max`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Connections {
+    pub max: u32,
+}
+
+impl Connections {
+    /// 65,536 per table: ~8 MiB of kernel memory each, a host's worth of connections.
+    pub const DEFAULT_MAX: u32 = isolation_common::limits::CONNTRACK;
+    pub const MIN: u32 = 1 << 10;
+    /// 4M per table (~0.5 GiB each).
+    pub const MAX: u32 = 1 << 22;
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Connections {
+            max: Self::DEFAULT_MAX,
+        }
+    }
+}
+
 /// A validated policy. `Policy::default()` is the built-in allow-all.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Policy {
     pub isolation: Isolation,
     pub networks: BTreeMap<String, Vec<IpNet>>,
     pub whitelist: Whitelist,
+    pub connections: Connections,
 }
 
 // --- the file as written, with spans for error lines ---
@@ -151,6 +176,13 @@ struct RawPolicy<'a> {
     networks: BTreeMap<Spanned<String>, Spanned<RawNetwork>>,
     #[serde(borrow)]
     whitelist: Option<Spanned<RawWhitelist<'a>>>,
+    connections: Option<Spanned<RawConnections>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConnections {
+    max: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -252,6 +284,13 @@ pub fn parse_endpoint(
 
 /// Checks a policy built in code (live edits) as `parse` checks a file.
 pub fn validate(p: &Policy) -> Result<(), String> {
+    let (lo, hi) = (Connections::MIN, Connections::MAX);
+    if !(lo..=hi).contains(&p.connections.max) {
+        return Err(format!(
+            "connections: max = {} is out of range: expected {lo} to {hi}",
+            p.connections.max
+        ));
+    }
     for (name, subnets) in &p.networks {
         check_network_name(name)?;
         if subnets.is_empty() {
@@ -514,6 +553,23 @@ pub fn parse_with_lines(file: &str, text: &str) -> Result<(Policy, Lines), Polic
                 .collect();
         }
     }
+    if let Some(c) = &raw.connections
+        && let Some(m) = &c.get_ref().max
+    {
+        let (lo, hi) = (Connections::MIN, Connections::MAX);
+        policy.connections.max = match u32::try_from(*m.get_ref()) {
+            Ok(v) if (lo..=hi).contains(&v) => v,
+            _ => {
+                return cx.err(
+                    m.span(),
+                    format!(
+                        "connections: max = {} is out of range: expected {lo} to {hi}",
+                        m.get_ref()
+                    ),
+                );
+            }
+        };
+    }
     Ok((policy, lines))
 }
 
@@ -634,6 +690,10 @@ pub fn to_toml(p: &Policy) -> String {
         out.push_str(&format!("  \"{s}\",\n"));
     }
     out.push_str("]\n");
+    // Written only when it is not the default, so policies that never set it read as before.
+    if p.connections != Connections::default() {
+        out.push_str(&format!("\n[connections]\nmax = {}\n", p.connections.max));
+    }
     out
 }
 

@@ -441,3 +441,87 @@ fn load_is_idempotent() {
     assert!(tcp_ok(&lab.cx, sa(SRV4_X), PASS_WAIT));
     assert!(!tcp_ok(&lab.cw, sa(SRV4_W), DROP_WAIT));
 }
+
+/// `[connections] max` sizes the two connection tables at load, and an `apply` that
+/// changes it swaps in tables of the new size with the remembered connections carried
+/// over: the stranger's session, opened before load (and so remembered), keeps working
+/// through each resize with the stranger speaking first (only its remembered entry can let
+/// it in), while the stranger's new connections are dropped beside it.
+#[test]
+fn connection_tables_are_sized_by_the_policy_and_resized_keeping_connections() {
+    let Some(lab) = Lab::new("ebpf") else { return };
+    let _srv = Echo::start(&lab.srv, &[sa("0.0.0.0:8080")]);
+    let sized = |max: u32| format!("{POLICY}\n[connections]\nmax = {max}\n");
+    let tables = |lab: &Lab| -> Vec<(u64, u64)> {
+        let st: serde_json::Value =
+            serde_json::from_str(&lab.iso.ok(&["status", "--json"])).unwrap();
+        ["CONNTRACK", "ESTABLISHED"]
+            .iter()
+            .map(|t| {
+                let m = st["maps"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|m| m["name"] == *t)
+                    .unwrap_or_else(|| panic!("{t} in status: {st}"));
+                (
+                    m["entries"].as_u64().unwrap(),
+                    m["max_entries"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    // Out of range: refused with its line, nothing loaded.
+    let bad = lab.iso.policy(&sized(10));
+    let err = lab
+        .iso
+        .fails(&["load", "--iface", "s1", "--iface", "s2", "--policy", &bad]);
+    assert!(
+        err.contains(&format!("{bad}:8:")) && err.contains("max = 10 is out of range"),
+        "{err}"
+    );
+    let mut conn = tcp_open(&lab.cx, sa(SRV4_X));
+    assert!(round_trip(&mut conn, PASS_WAIT), "connected before load");
+    lab.load(&sized(4096));
+    assert!(
+        tables(&lab).iter().all(|&(_, max)| max == 4096),
+        "{:?}",
+        tables(&lab)
+    );
+    assert!(
+        round_trip(&mut conn, PASS_WAIT),
+        "the session works after load"
+    );
+    assert!(
+        !tcp_ok(&lab.cx, sa(SRV4_X), DROP_WAIT),
+        "the stranger's own connection is dropped"
+    );
+    assert!(
+        tables(&lab)[1].0 >= 1,
+        "the session is in the established table"
+    );
+    for max in [16384, 2048] {
+        let p = lab.iso.policy(&sized(max));
+        let plan = lab.iso.ok(&["apply", "--dry-run", &p]);
+        assert!(plan.contains("connections max"), "{plan}");
+        lab.iso.ok(&["apply", &p]);
+        let t = tables(&lab);
+        assert!(t.iter().all(|&(_, m)| m == max as u64), "{t:?}");
+        // The stranger speaks first: only the entry carried over can let it in.
+        assert!(
+            round_trip(&mut conn, PASS_WAIT),
+            "the session still works with tables of {max}"
+        );
+        assert!(tables(&lab)[1].0 >= 1, "the established table kept it");
+        assert!(
+            !tcp_ok(&lab.cx, sa(SRV4_X), DROP_WAIT),
+            "and the stranger's own connections are still dropped"
+        );
+    }
+    // Back to the default (no section): 65,536 each, written nowhere in `save`.
+    let p = lab.iso.policy(POLICY);
+    lab.iso.ok(&["apply", &p]);
+    assert!(tables(&lab).iter().all(|&(_, m)| m == 65536));
+    assert!(round_trip(&mut conn, PASS_WAIT), "and after the default");
+    assert!(!lab.iso.ok(&["save"]).contains("[connections]"));
+}

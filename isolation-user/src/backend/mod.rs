@@ -263,8 +263,14 @@ pub trait Backend {
     /// Loads the datapath if needed and attaches it to `ifaces` (those not attached yet).
     /// With `replace`, a datapath already in place gets this build's programs, its maps
     /// (policy, connections, counters) kept. All or nothing: on failure what this call did
-    /// is undone.
-    fn install(&mut self, ifaces: &[IfaceState], replace: bool) -> Result<Installed>;
+    /// is undone. A datapath with connection tables of its own sizes them from
+    /// `connections` when it creates or replaces them.
+    fn install(
+        &mut self,
+        ifaces: &[IfaceState],
+        replace: bool,
+        connections: crate::policy::Connections,
+    ) -> Result<Installed>;
     /// Undoes an `install` (a later step of its transaction failed).
     fn uninstall(&mut self, done: &Installed) -> Vec<String>;
     /// Makes the datapath enforce `policy`, whose whitelist entries are `whitelist`, or are

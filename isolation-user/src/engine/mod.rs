@@ -179,7 +179,7 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
             let replace = b.is_installed()
                 && (replace_programs
                     || (!st.object_hash.is_empty() && st.object_hash != b.build()));
-            let done = match b.install(&new, replace) {
+            let done = match b.install(&new, replace, policy.connections) {
                 Ok(d) => d,
                 // `auto`: programs the kernel would not load or attach → the fallback
                 // backend; any other error is the operator's to see.
@@ -194,7 +194,7 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
                     st = State::new(b.kind());
                     check_whole(&policy, lines.as_ref(), b.as_ref(), opts.force)?;
                     new = b.preflight(&st, &ifaces)?;
-                    b.install(&new, false)?
+                    b.install(&new, false, policy.connections)?
                 }
             };
             if let Err(e) = b.apply(

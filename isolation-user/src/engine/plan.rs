@@ -116,6 +116,11 @@ pub(super) fn diff_and_delta(old: &Policy, new: &Policy) -> (Plan, Vec<IpNet>, V
         old.whitelist.log.to_string(),
         new.whitelist.log.to_string(),
     );
+    setting(
+        "connections max",
+        old.connections.max.to_string(),
+        new.connections.max.to_string(),
+    );
     let (added, removed) = whitelist_delta(&old.whitelist.allow, &new.whitelist.allow);
     (p.whitelist_added, p.whitelist_removed) = (added.len(), removed.len());
     (p, added, removed)

@@ -20,6 +20,7 @@ pub fn compact(p: &Policy) -> Vec<u8> {
             log: p.whitelist.log,
             allow: Vec::new(),
         },
+        connections: p.connections,
     });
     let mut out =
         Vec::with_capacity(COMPACT_MAGIC.len() + 4 + head.len() + p.whitelist.allow.len() * 5);

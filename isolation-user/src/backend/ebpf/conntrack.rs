@@ -1,6 +1,8 @@
 //! The connection map seen from userspace: flows written before the programs see a packet.
 
-use anyhow::Result;
+use std::os::fd::BorrowedFd;
+
+use anyhow::{Context as _, Result};
 use aya::maps::{HashMap, MapData};
 use isolation_common::{FlowKey, FlowValue, flow_origin, flow_state, maps};
 
@@ -53,4 +55,48 @@ fn mark_peers(paths: &Paths, flows: &[FlowKey]) -> Result<()> {
         unsafe { (*slots.add(slot)).store(1, Ordering::Relaxed) };
     }
     Ok(())
+}
+
+/// The two connection tables, each of `[connections] max` entries.
+pub const TABLES: [&str; 2] = [maps::CONNTRACK, maps::ESTABLISHED];
+
+/// How many entries each pinned connection table holds at most.
+pub fn table_size(paths: &Paths) -> Result<u32> {
+    let m = MapData::from_pin(paths.map(maps::CONNTRACK))
+        .with_context(|| format!("cannot open the pinned map {}", maps::CONNTRACK))?;
+    Ok(m.info()?.max_entries())
+}
+
+/// Copies the entries of connection table `from` into `to` (a table of another size that
+/// takes its place), oldest first: when `to` is smaller, what its LRU pushes out is the
+/// flows idle longest. With `missing_only`, entries `to` has already (the datapath wrote
+/// them since the last copy) are left as they are. Returns how many were written.
+pub fn copy_table(from: BorrowedFd<'_>, to: BorrowedFd<'_>, missing_only: bool) -> Result<usize> {
+    use super::syscall;
+    let (keys, vals) = syscall::entries::<FlowKey, FlowValue>(from)
+        .context("cannot read the connection table being replaced")?;
+    let mut order: Vec<usize> = (0..keys.len()).collect();
+    if missing_only {
+        let (have, _) = syscall::entries::<FlowKey, FlowValue>(to)
+            .context("cannot read the new connection table")?;
+        let have: std::collections::HashSet<FlowKey> = have.into_iter().collect();
+        order.retain(|&i| !have.contains(&keys[i]));
+    }
+    order.sort_unstable_by_key(|&i| vals[i].last_seen_ns);
+    let k: Vec<FlowKey> = order.iter().map(|&i| keys[i]).collect();
+    let v: Vec<FlowValue> = order.iter().map(|&i| vals[i]).collect();
+    // In chunks: an update batch holds its keys and values in kernel memory at once.
+    let mut n = 0;
+    for (kc, vc) in k.chunks(16 * 1024).zip(v.chunks(16 * 1024)) {
+        let (done, r) = syscall::update(
+            to,
+            bytemuck::cast_slice(kc),
+            bytemuck::cast_slice(vc),
+            kc.len(),
+            0,
+        );
+        n += done;
+        r.context("cannot copy the remembered connections into the new table")?;
+    }
+    Ok(n)
 }

@@ -52,9 +52,45 @@ pub fn kernel_refused(e: &anyhow::Error) -> bool {
 }
 
 /// Loads the object and pins its maps and programs, nothing attached: the exact whitelist
-/// hashes, empty and small, go in before any program can run.
+/// hashes, empty and small, go in before any program can run. The connection tables get
+/// the default size (`[connections]` unset).
 pub fn load_and_pin(paths: &Paths) -> Result<()> {
-    pins::load_and_pin(paths, whitelist::install_empty)
+    load_and_pin_sized(paths, crate::policy::Connections::default())
+}
+
+/// `load_and_pin` with connection tables of `connections.max` entries each.
+pub fn load_and_pin_sized(paths: &Paths, connections: crate::policy::Connections) -> Result<()> {
+    pins::load_and_pin(paths, connections.max, whitelist::install_empty)
+}
+
+/// Gives the connection tables `connections.max` entries each if they have another size:
+/// new tables filled from the old ones, taken over by this build's programs
+/// (`pins::replace_programs`). Returns the size they had when it changed it.
+fn resize_connections(
+    paths: &Paths,
+    connections: crate::policy::Connections,
+) -> Result<Option<u32>> {
+    let size = conntrack::table_size(paths)?;
+    if size == connections.max {
+        return Ok(None);
+    }
+    replace_keeping_filters(paths, Some(connections.max))?;
+    Ok(Some(size))
+}
+
+/// `pins::replace_programs`, with the whitelist filters the new programs read rebuilt.
+fn replace_keeping_filters(paths: &Paths, connections: Option<u32>) -> Result<usize> {
+    // Before anything else: a build whose maps do not fit is refused untouched.
+    whitelist::forget_filters(paths)?;
+    let n = pins::replace_programs(paths, connections)?;
+    // Until this is done the datapath reads the whitelist's hashes without their
+    // filters: slower under a flood, never wrong, so a failure here is only a warning.
+    if let Err(e) = whitelist::refresh(paths) {
+        tracing::warn!(
+            "the whitelist filters were not rebuilt after the programs were replaced: {e:#}"
+        );
+    }
+    Ok(n)
 }
 
 pub struct Ebpf {
@@ -122,25 +158,23 @@ impl Backend for Ebpf {
         pins::object_hash()
     }
 
-    fn install(&mut self, ifaces: &[IfaceState], replace: bool) -> Result<Installed> {
+    fn install(
+        &mut self,
+        ifaces: &[IfaceState],
+        replace: bool,
+        connections: crate::policy::Connections,
+    ) -> Result<Installed> {
         let paths = &self.paths;
         let fresh = !pins::is_loaded(paths);
         let mut replaced = None;
         if fresh {
             pins::ensure_pin_dir(paths)?;
-            if let Err(e) = load_and_pin(paths) {
+            if let Err(e) = load_and_pin_sized(paths, connections) {
                 pins::remove_pins(paths);
                 return Err(e);
             }
         } else if replace {
-            // Before anything else: a build whose maps do not fit is refused untouched.
-            whitelist::forget_filters(paths)?;
-            replaced = Some(pins::replace_programs(paths)?);
-            // Until this is done the datapath reads the whitelist's hashes without their
-            // filters: slower under a flood, never wrong, so a failure here is only a warning.
-            if let Err(e) = whitelist::refresh(paths) {
-                tracing::warn!("the whitelist filters were not rebuilt after the upgrade: {e:#}");
-            }
+            replaced = Some(replace_keeping_filters(paths, Some(connections.max))?);
         }
         let mut done = Installed {
             fresh,
@@ -195,45 +229,17 @@ impl Backend for Ebpf {
         // kernel refuses changes nothing the datapath reads.
         let compiled = compile::compile(policy).map_err(anyhow::Error::msg)?;
         let paths = &self.paths;
-        let slot = slots::prepare(paths, &compiled)?;
-        // The whitelist maps have no slots (two copies of millions of entries would double
-        // their memory), so the whitelist changes around the isolation flip, in the order
-        // that gives every packet the old policy's verdict or the new one's: a packet must
-        // pass both stages, and while the old whitelist is enforced its maps only lose
-        // entries the new one lacks before the flip and gain the new ones after it. So no
-        // moment admits what neither policy admits, nor drops what both admit.
-        let was_on = slots::read_config(paths)?.flags & flags::WHITELIST_ENABLED != 0;
-        let (before, after) = match whitelist {
-            None => (Step::None, Step::None),
-            // The old policy reads no map: all of the new whitelist goes in before the flip.
-            Some(_) if !was_on => (Step::Whole, Step::None),
-            Some(_) if policy.whitelist.enabled => (Step::Narrow, Step::Widen),
-            // The new policy reads no map: the old whitelist stays until the flip.
-            Some(_) => (Step::None, Step::Whole),
-        };
-        let wl = whitelist.unwrap_or_default();
-        let mut done = WhitelistDelta::default();
-        let mut to_add = Vec::new();
-        run_step(paths, before, wl, &mut done, &mut to_add, &mut *progress)?;
-        let undo_before = |done: &WhitelistDelta| {
-            let _ =
-                whitelist::with_map_flags(paths, &done.removed, || whitelist::revert(paths, done));
-        };
-        let old = match slots::flip(paths, policy, slot, generation) {
-            Ok(old) => old,
-            Err(e) => {
-                undo_before(&done);
-                return Err(e);
-            }
-        };
-        if let Err(e) = run_step(paths, after, wl, &mut done, &mut to_add, progress) {
-            // Each step is all or nothing (a failed one left `done` as it was): back to the
-            // old slot, then the old entries.
-            let _ = slots::flip_back(paths, &old);
-            undo_before(&done);
-            return Err(e);
+        // Connection tables of another size first (their flows carried over): a failure
+        // there changes nothing, and a later one puts the old size back.
+        let resized = resize_connections(paths, policy.connections)?;
+        let result = apply_compiled(paths, policy, whitelist, generation, progress, &compiled);
+        if result.is_err()
+            && let Some(old) = resized
+            && let Err(e) = replace_keeping_filters(paths, Some(old))
+        {
+            tracing::warn!("the connection tables keep their new size: {e:#}");
         }
-        Ok(())
+        result
     }
 
     fn edit_whitelist(
@@ -342,6 +348,55 @@ impl Backend for Ebpf {
     fn teardown(&mut self) -> Vec<String> {
         pins::remove_pins(&self.paths)
     }
+}
+
+/// `apply` once the policy is compiled and the connection tables have their size.
+fn apply_compiled(
+    paths: &Paths,
+    policy: &Policy,
+    whitelist: Option<&[IpNet]>,
+    generation: u32,
+    progress: &mut dyn FnMut(u64),
+    compiled: &compile::Compiled,
+) -> Result<()> {
+    let slot = slots::prepare(paths, compiled)?;
+    // The whitelist maps have no slots (two copies of millions of entries would double
+    // their memory), so the whitelist changes around the isolation flip, in the order
+    // that gives every packet the old policy's verdict or the new one's: a packet must
+    // pass both stages, and while the old whitelist is enforced its maps only lose
+    // entries the new one lacks before the flip and gain the new ones after it. So no
+    // moment admits what neither policy admits, nor drops what both admit.
+    let was_on = slots::read_config(paths)?.flags & flags::WHITELIST_ENABLED != 0;
+    let (before, after) = match whitelist {
+        None => (Step::None, Step::None),
+        // The old policy reads no map: all of the new whitelist goes in before the flip.
+        Some(_) if !was_on => (Step::Whole, Step::None),
+        Some(_) if policy.whitelist.enabled => (Step::Narrow, Step::Widen),
+        // The new policy reads no map: the old whitelist stays until the flip.
+        Some(_) => (Step::None, Step::Whole),
+    };
+    let wl = whitelist.unwrap_or_default();
+    let mut done = WhitelistDelta::default();
+    let mut to_add = Vec::new();
+    run_step(paths, before, wl, &mut done, &mut to_add, &mut *progress)?;
+    let undo_before = |done: &WhitelistDelta| {
+        let _ = whitelist::with_map_flags(paths, &done.removed, || whitelist::revert(paths, done));
+    };
+    let old = match slots::flip(paths, policy, slot, generation) {
+        Ok(old) => old,
+        Err(e) => {
+            undo_before(&done);
+            return Err(e);
+        }
+    };
+    if let Err(e) = run_step(paths, after, wl, &mut done, &mut to_add, progress) {
+        // Each step is all or nothing (a failed one left `done` as it was): back to the
+        // old slot, then the old entries.
+        let _ = slots::flip_back(paths, &old);
+        undo_before(&done);
+        return Err(e);
+    }
+    Ok(())
 }
 
 /// A part of an apply's whitelist sync, before or after the isolation flip.

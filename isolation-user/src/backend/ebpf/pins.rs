@@ -1,7 +1,7 @@
 //! The BPF object and its pins: loading it into the kernel, pinning maps and programs
 //! under the pin dir (so the datapath outlives this process), and removing them.
 
-use std::{ffi::CString, fs, path::Path};
+use std::{ffi::CString, fs, os::fd::AsFd as _, path::Path};
 
 use super::refused;
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -11,6 +11,8 @@ use aya::{
     programs::{SchedClassifier, Xdp},
 };
 use isolation_common::{maps, progs};
+
+use super::conntrack;
 
 use crate::state::Paths;
 
@@ -91,10 +93,19 @@ pub fn is_loaded(paths: &Paths) -> bool {
 }
 
 /// Loads the object into the kernel and pins its maps and programs. Nothing is attached.
-/// `fill` runs once the maps are pinned and before any program is loaded (the exact
-/// whitelist hashes go in there: no program may ever run without them).
-pub fn load_and_pin(paths: &Paths, fill: impl FnOnce(&Paths) -> Result<()>) -> Result<()> {
-    let mut ebpf: Ebpf = EbpfLoader::new().load(OBJECT).map_err(|e| {
+/// The connection tables hold `connections` entries each. `fill` runs once the maps are
+/// pinned and before any program is loaded (the exact whitelist hashes go in there: no
+/// program may ever run without them).
+pub fn load_and_pin(
+    paths: &Paths,
+    connections: u32,
+    fill: impl FnOnce(&Paths) -> Result<()>,
+) -> Result<()> {
+    let mut loader = EbpfLoader::new();
+    for name in conntrack::TABLES {
+        loader.map_max_entries(name, connections);
+    }
+    let mut ebpf: Ebpf = loader.load(OBJECT).map_err(|e| {
         refused!(
             "the kernel refused the isolation BPF object: {}",
             error_chain(&e)
@@ -151,31 +162,73 @@ pub fn load_and_pin(paths: &Paths, fill: impl FnOnce(&Paths) -> Result<()>) -> R
 
 /// Swaps this build's programs in for the pinned ones, keeping every map (and so the
 /// policy, the whitelist, the remembered connections and the counters), for an upgrade to
-/// a new build or `load --replace-programs`:
+/// a new build, `load --replace-programs`, or connection tables of another size:
 ///
 /// 1. the object is loaded with every map taken from its pin (aya checks each pinned map
 ///    against the new object's definition: a build whose maps changed shape is refused
-///    here, before anything live changes);
+///    here, before anything live changes), except the connection tables when
+///    `connections` asks for another size than theirs: those are created anew at that
+///    size, pinned beside the old ones and filled from them;
 /// 2. the new programs pass the verifier and are pinned beside the old ones;
 /// 3. each pinned link (XDP, TC ingress and egress, on every interface) is switched to its
 ///    new program with BPF_LINK_UPDATE, and the VXLAN tail call with one JUMP write: a
 ///    packet meets the old program or the new one, never no program;
-/// 4. the new pins are renamed over the old ones; the old programs go with their last
-///    reference.
+/// 4. new tables get what the old programs recorded in the meantime; the new pins are
+///    renamed over the old ones; the old programs and tables go with their last reference.
 ///
 /// A failure in 3 switches the links already switched back to the old programs.
-pub fn replace_programs(paths: &Paths) -> Result<usize> {
+pub fn replace_programs(paths: &Paths, connections: Option<u32>) -> Result<usize> {
+    let staged_map = |name: &str| paths.pin_dir.join(format!("new_map_{name}"));
     let mut loader = EbpfLoader::new();
     for name in maps::ALL {
         loader.map_pin_path(name, paths.map(name));
     }
-    let mut ebpf: Ebpf = loader.load(OBJECT).map_err(|e| {
-        anyhow!(
-            "this build's BPF object cannot take over the pinned maps (run `isolation-user \
-             unload` then `load` to change to it, which forgets the remembered connections): {}",
-            error_chain(&e)
-        )
-    })?;
+    let size = conntrack::table_size(paths)?;
+    let resize = connections.filter(|&n| n != size);
+    for name in conntrack::TABLES {
+        let _ = fs::remove_file(staged_map(name));
+        match resize {
+            // aya creates the map at the staged path, as it finds none there.
+            Some(n) => loader
+                .map_max_entries(name, n)
+                .map_pin_path(name, staged_map(name)),
+            None => loader.map_max_entries(name, size),
+        };
+    }
+    let unstage_maps = || {
+        for name in conntrack::TABLES {
+            let _ = fs::remove_file(staged_map(name));
+        }
+    };
+    let mut ebpf: Ebpf = match loader.load(OBJECT) {
+        Ok(e) => e,
+        Err(e) => {
+            unstage_maps();
+            bail!(
+                "this build's BPF object cannot take over the pinned maps (run `isolation-user \
+                 unload` then `load` to change to it, which forgets the remembered connections): {}",
+                error_chain(&e)
+            )
+        }
+    };
+    // The tables taking over: (old pinned table, new table), filled before any packet
+    // meets them.
+    let mut tables = Vec::new();
+    if resize.is_some() {
+        let filled = (|| -> Result<()> {
+            for name in conntrack::TABLES {
+                let old = MapData::from_pin(paths.map(name))?;
+                let new = MapData::from_pin(staged_map(name))?;
+                conntrack::copy_table(old.fd().as_fd(), new.fd().as_fd(), false)?;
+                tables.push((name, old, new));
+            }
+            Ok(())
+        })();
+        if let Err(e) = filled {
+            unstage_maps();
+            return Err(e);
+        }
+    }
     // (pin name, program in the object, XDP?)
     let progs = [
         ("xdp", progs::XDP_INGRESS, true),
@@ -199,6 +252,7 @@ pub fn replace_programs(paths: &Paths) -> Result<usize> {
         for (name, _, _) in progs {
             let _ = fs::remove_file(staged(name));
         }
+        unstage_maps();
     };
     let mut new_fds = std::collections::HashMap::new();
     let loaded = (|| -> Result<()> {
@@ -258,7 +312,6 @@ pub fn replace_programs(paths: &Paths) -> Result<usize> {
     let mut switched: Vec<(std::path::PathBuf, &str)> = Vec::new();
     let mut result = Ok(());
     for (path, kind) in &links {
-        use std::os::fd::AsFd as _;
         if let Err(e) = super::syscall::update_pinned_link(path, new_fds[kind].as_fd()) {
             result = Err(anyhow!(
                 "cannot switch the link {} to the new program: {e}",
@@ -275,13 +328,22 @@ pub fn replace_programs(paths: &Paths) -> Result<usize> {
     }
     if let Err(e) = result {
         for (path, kind) in &switched {
-            use std::os::fd::AsFd as _;
             if let Ok(fd) = old(kind) {
                 let _ = super::syscall::update_pinned_link(path, fd.as_fd());
             }
         }
         unstage();
         return Err(e);
+    }
+    // The old programs may have recorded flows since the first copy: those the new tables
+    // lack go in now (the new programs' own entries are newer and stay). A failure here
+    // costs those flows' next replies at most, never the switch.
+    for (name, old, new) in &tables {
+        if let Err(e) = conntrack::copy_table(old.fd().as_fd(), new.fd().as_fd(), true) {
+            tracing::warn!("{name}: flows recorded during the switch were not carried over: {e:#}");
+        }
+        fs::rename(staged_map(name), paths.map(name))
+            .with_context(|| format!("cannot pin the new {name}"))?;
     }
     for (name, _, _) in progs {
         fs::rename(staged(name), paths.prog(name))
@@ -387,7 +449,7 @@ impl SharedArray {
             .with_context(|| format!("cannot open the pinned map {name}"))?;
         let info = map.info()?;
         let len = info.max_entries() as usize * (info.value_size() as usize).next_multiple_of(8);
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(map.fd()));
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&map.fd().as_fd());
         // SAFETY: a shared read-write mapping of `len` bytes of an mmapable array, unmapped
         // on drop; the mapping outlives the fd.
         let p = unsafe {

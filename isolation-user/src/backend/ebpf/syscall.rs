@@ -124,6 +124,47 @@ pub fn keys<K: bytemuck::Pod>(fd: BorrowedFd<'_>, value_size: usize) -> std::io:
     }
 }
 
+/// Every entry of a hash map, read in batches: its keys and, in the same order, its values.
+pub fn entries<K: bytemuck::Pod, V: bytemuck::Pod>(
+    fd: BorrowedFd<'_>,
+) -> std::io::Result<(Vec<K>, Vec<V>)> {
+    const CHUNK: usize = 16 * 1024;
+    let (mut keys, mut vals) = (Vec::new(), Vec::new());
+    let mut k: Vec<K> = vec![K::zeroed(); CHUNK];
+    let mut v: Vec<V> = vec![V::zeroed(); CHUNK];
+    let (mut tok_in, mut tok_out) = (0u64, 0u64);
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &tok_in as *const u64 as u64
+            },
+            out_batch: &mut tok_out as *mut u64 as u64,
+            keys: k.as_mut_ptr() as u64,
+            values: v.as_mut_ptr() as u64,
+            count: CHUNK as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let r = sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let n = (attr.count as usize).min(CHUNK);
+        keys.extend_from_slice(&k[..n]);
+        vals.extend_from_slice(&v[..n]);
+        if let Err(e) = r {
+            // ENOENT: the walk is over (the last entries came with it).
+            return if e.raw_os_error() == Some(libc::ENOENT) {
+                Ok((keys, vals))
+            } else {
+                Err(e)
+            };
+        }
+        tok_in = tok_out;
+        first = false;
+    }
+}
+
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 
 /// One update with flags (BPF_NOEXIST allowed here). Returns (1, Ok) when written.

@@ -41,7 +41,7 @@ use super::{
     WhitelistDelta,
 };
 use crate::{
-    policy::Policy,
+    policy::{self, Policy},
     state::{IfaceState, Paths, State, write_atomic},
 };
 
@@ -214,8 +214,14 @@ impl Backend for Iptables {
         format!("iptables:{}", env!("CARGO_PKG_VERSION"))
     }
 
-    /// `replace` needs nothing here: every apply renders the whole chains anew.
-    fn install(&mut self, ifaces: &[IfaceState], _replace: bool) -> Result<Installed> {
+    /// `replace` needs nothing here: every apply renders the whole chains anew. The
+    /// connections are the kernel's conntrack's (sized by `nf_conntrack_max`, not by us).
+    fn install(
+        &mut self,
+        ifaces: &[IfaceState],
+        _replace: bool,
+        _connections: policy::Connections,
+    ) -> Result<Installed> {
         let v = self.variant()?;
         let live = self.live(v)?;
         let fresh = !live[0].installed(&self.names) || self.record().is_none();
