@@ -792,6 +792,31 @@ allow = ["203.0.113.7", "192.0.2.0/24", "0.0.0.0/0", "2001:db8::1"]
         assert_eq!(p, again);
     }
 
+    /// `[connections] max`: the default when absent, bounds refused with their line, written
+    /// by `save` only when set, and read back equal.
+    #[test]
+    fn connections_max_is_bounded_and_round_trips() {
+        assert_eq!(parse("p", "").unwrap().connections.max, 65536);
+        assert!(!to_toml(&Policy::default()).contains("[connections]"));
+        let p = parse("p", "[connections]\nmax = 262144\n").unwrap();
+        assert_eq!(p.connections.max, 262144);
+        assert!(to_toml(&p).contains("[connections]\nmax = 262144\n"));
+        assert_eq!(parse("saved", &to_toml(&p)).unwrap(), p);
+        for bad in ["1023", "4194305", "-1", "99999999999"] {
+            let e = parse("p", &format!("[isolation]\n[connections]\nmax = {bad}\n")).unwrap_err();
+            assert_eq!(e.line, 3, "{e}");
+            assert!(
+                e.reason.contains("out of range: expected 1024 to 4194304"),
+                "{e}"
+            );
+        }
+        let e = parse("p", "[connections]\nmaxx = 5\n").unwrap_err();
+        assert_eq!(e.line, 2, "{e}");
+        let mut v = Policy::default();
+        v.connections.max = 10;
+        assert!(validate(&v).unwrap_err().contains("out of range"));
+    }
+
     #[test]
     fn empty_file_is_allow_all() {
         let p = parse("p", "").unwrap();
