@@ -379,7 +379,44 @@ pub struct Config {
     pub generation: u32,
     /// The isolation slot in use (0 or 1).
     pub slot: u32,
-    pub _pad: u32,
+    /// The generations of the remote-host filter (`maps::PEERS`, see `peer_gen`): byte 0
+    /// the one the datapath marks slots with, byte 1 an older one still accepted while
+    /// the loader rebuilds the filter. 0 (a datapath from before generations): any
+    /// marked slot counts.
+    pub peers: u32,
+}
+
+/// Generations of the remote-host filter. A slot holds the generation it was marked in,
+/// and counts only while that generation is accepted; a rebuild moves to the next
+/// generation, marks the slots of the remembered flows with it, then stops accepting the
+/// old one. Slots of hosts no flow needs any more so empty out without a write, and
+/// nothing the datapath marks meanwhile is lost.
+pub mod peer_gen {
+    /// The byte a slot is marked with under the `Config::peers` word `peers`.
+    #[inline(always)]
+    pub fn mark(peers: u32) -> u8 {
+        match peers as u8 {
+            0 => 1,
+            g => g,
+        }
+    }
+
+    /// Does a slot holding `b` count under `peers`?
+    #[inline(always)]
+    pub fn accepts(peers: u32, b: u8) -> bool {
+        let g = peers as u8;
+        b != 0 && (g == 0 || b == g || b == (peers >> 8) as u8)
+    }
+
+    /// The generation after the one marked under `peers` (1 to 255, never 0).
+    pub fn next(peers: u32) -> u8 {
+        mark(peers) % 255 + 1
+    }
+
+    /// The `Config::peers` word that marks `mark` and also accepts `also`.
+    pub fn word(mark: u8, also: u8) -> u32 {
+        mark as u32 | (also as u32) << 8
+    }
 }
 
 /// Bits of `PolicyMeta::flags`.

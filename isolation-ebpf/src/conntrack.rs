@@ -53,7 +53,7 @@ static FRAGS: LruHashMap<FragKey, u64, { limits::FRAGS as usize }> = LruHashMap:
 static PEERS: Array<u64, { limits::PEER_WORDS as usize }, BPF_F_MMAPABLE> = Array::new();
 
 /// The byte of the slot of an address hashed to `hash` (`addr_hash`), inside its element
-/// of PEERS.
+/// of PEERS. A slot holds the generation it was marked in (`peer_gen`).
 #[inline(always)]
 fn peer_byte(hash: u64) -> Option<*mut u8> {
     let slot = isolation_common::peer_slot_of(hash);
@@ -62,25 +62,28 @@ fn peer_byte(hash: u64) -> Option<*mut u8> {
     Some(unsafe { (w as *mut u8).add((slot & 7) as usize) })
 }
 
-/// Could the address hashed to `hash` be the remote end of a recorded flow?
+/// Could the address hashed to `hash` be the remote end of a recorded flow? `peers` is
+/// `Config::peers`.
 #[inline(always)]
-fn maybe_peer(hash: u64) -> bool {
+fn maybe_peer(hash: u64, peers: u32) -> bool {
     match peer_byte(hash) {
         // SAFETY: a byte of a PEERS element, which lives as long as the program.
-        Some(b) => unsafe { *b != 0 },
+        Some(b) => isolation_common::peer_gen::accepts(peers, unsafe { *b }),
         None => true,
     }
 }
 
-/// Marks `a` as the remote end of a flow (written only when it changes: every packet of a
-/// flow comes through here, and a write would pull the line away from other CPUs).
+/// Marks `a` as the remote end of a flow with the current generation (written only when
+/// it changes: every packet of a flow comes through here, and a write would pull the line
+/// away from other CPUs).
 #[inline(always)]
-fn mark_peer(family: u8, a: &Addr) {
+fn mark_peer(family: u8, a: &Addr, peers: u32) {
     if let Some(b) = peer_byte(isolation_common::addr_hash(family, a)) {
+        let g = isolation_common::peer_gen::mark(peers);
         // SAFETY: as in maybe_peer; a byte store touches no other slot.
         unsafe {
-            if *b == 0 {
-                core::ptr::write_volatile(b, 1);
+            if *b != g {
+                core::ptr::write_volatile(b, g);
             }
         }
     }
@@ -179,9 +182,10 @@ fn find(key: &FlowKey, now: u64) -> Option<*mut FlowValue> {
 }
 
 /// Is this incoming packet a reply of a flow that left us? Marks the flow answered.
-/// `src_hash` is `addr_hash` of its source (computed once per packet).
+/// `src_hash` is `addr_hash` of its source (computed once per packet), `peers`
+/// `Config::peers`.
 #[inline(always)]
-pub fn is_reply(pkt: &Packet, src_hash: u64) -> bool {
+pub fn is_reply(pkt: &Packet, src_hash: u64, peers: u32) -> bool {
     if pkt.l4 != L4::Ok {
         return false;
     }
@@ -189,7 +193,7 @@ pub fn is_reply(pkt: &Packet, src_hash: u64) -> bool {
     if pkt.proto == IPPROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         return false;
     }
-    if !maybe_peer(src_hash) {
+    if !maybe_peer(src_hash, peers) {
         return false;
     }
     let key = FlowKey {
@@ -308,9 +312,9 @@ fn refresh(v: *mut FlowValue, now: u64) {
 }
 
 /// Egress: record, refresh or confirm the flow of an outgoing packet. The reason says
-/// which (`EgressIgnored` when the packet opens nothing).
+/// which (`EgressIgnored` when the packet opens nothing). `peers` is `Config::peers`.
 #[inline(always)]
-pub fn track(pkt: &Packet) -> Reason {
+pub fn track(pkt: &Packet, peers: u32) -> Reason {
     if pkt.l4 != L4::Ok {
         return Reason::EgressIgnored;
     }
@@ -322,7 +326,7 @@ pub fn track(pkt: &Packet) -> Reason {
     }
     let key = flow_of(pkt);
     // Before the flow is recorded: its replies must never find the slot empty.
-    mark_peer(pkt.family, &pkt.dst);
+    mark_peer(pkt.family, &pkt.dst, peers);
     let close = close_bits(pkt, flow_state::FIN_OUT);
     // A SYN on a tuple whose connection was closing (FIN or RST seen) opens a new one, as
     // the kernel's conntrack does: it must not inherit the short close timeout.

@@ -85,6 +85,8 @@ fn count_rule(index: u32, len: u64) {
 pub struct Live {
     pub slot: u32,
     pub flags: u32,
+    /// `Config::peers`.
+    pub peers: u32,
 }
 
 /// The switches of the live slot.
@@ -141,7 +143,7 @@ pub fn judge(
     if conntracked.is_some() {
         return conntracked;
     }
-    if conntrack::is_reply(pkt, src_hash) {
+    if conntrack::is_reply(pkt, src_hash, live.peers) {
         conntrack::remember_fragment(pkt);
         return Some(Reason::PassEstablished);
     }
@@ -163,7 +165,7 @@ pub fn judge(
         // is recorded where the packet leaves, if the kernel lets it.
         conntrack::remember_fragment(pkt);
         if crate::mutants::RECORD_AT_INGRESS {
-            let _ = conntrack::track(pkt);
+            let _ = conntrack::track(pkt, live.peers);
         }
         return Some(Reason::PassAllow);
     }

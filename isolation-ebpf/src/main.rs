@@ -115,7 +115,7 @@ mod programs {
             Reason::PassWhitelistOff
         } else if whitelist::whitelisted(&pkt, cfg.flags, src_hash) {
             Reason::PassWhitelist
-        } else if conntrack::is_reply(&pkt, src_hash) {
+        } else if conntrack::is_reply(&pkt, src_hash, cfg.peers) {
             conntrack::remember_fragment(&pkt);
             Reason::PassEstablished
         } else if conntrack::is_related(start, end, &pkt) {
@@ -143,6 +143,7 @@ mod programs {
         let live = isolation::Live {
             slot: cfg.slot,
             flags: meta.flags,
+            peers: cfg.peers,
         };
         let verdict = if isolation::is_vxlan(meta, &pkt) {
             // VXLAN: the outer header passed the whitelist; the inner packet is judged by
@@ -251,6 +252,7 @@ mod programs {
         let live = isolation::Live {
             slot: cfg.slot,
             flags: meta.flags,
+            peers: cfg.peers,
         };
         // UDP header (8) and VXLAN header (8), then the inner Ethernet frame.
         let off = h.udp_off as usize;
@@ -280,9 +282,9 @@ mod programs {
 
     /// Egress: remember the flow inside an outgoing VXLAN datagram (not inlined, as above).
     #[inline(never)]
-    fn track_vxlan(udp: usize, end: usize) {
+    fn track_vxlan(udp: usize, end: usize, peers: u32) {
         if let Parsed::Ip(inner) = parse::parse_inner(udp + 16, end) {
-            let _ = conntrack::track(&inner);
+            let _ = conntrack::track(&inner, peers);
         }
     }
 
@@ -291,13 +293,13 @@ mod programs {
         let (start, end) = (ctx.data(), ctx.data_end());
         let reason = match parse::parse(start, end) {
             Parsed::Ip(pkt) => {
-                let reason = conntrack::track(&pkt);
-                // VXLAN: also remember the inner flow, so overlay replies pass isolation.
                 let cfg = CONFIG.get(0).copied().unwrap_or_default();
+                let reason = conntrack::track(&pkt, cfg.peers);
+                // VXLAN: also remember the inner flow, so overlay replies pass isolation.
                 if let Some(meta) = isolation::meta(cfg.slot)
                     && isolation::is_vxlan(meta, &pkt)
                 {
-                    track_vxlan(start + pkt.l4_off, end);
+                    track_vxlan(start + pkt.l4_off, end, cfg.peers);
                 }
                 reason
             }

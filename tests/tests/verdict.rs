@@ -1097,3 +1097,80 @@ fn churn_rebuilds_the_whitelist_filter_beside_the_live_one() {
         "refreshed, deleted",
     );
 }
+
+/// The remote-host filter in front of the connection tables is rebuilt from the flows the
+/// tables remember: after the host talked to 24,000 hosts whose flows are gone, the
+/// service's upkeep finds a sixth of the slots counting and rebuilds; the slots stop
+/// counting but the one of the flow still remembered, whose next reply passes (it would
+/// be dropped, had the rebuild not marked its slot again), and a flow opened after the
+/// rebuild is marked and answered as before. Below the threshold the upkeep does nothing.
+#[test]
+fn the_remote_host_filter_is_rebuilt_from_the_remembered_flows() {
+    use aya::maps::HashMap;
+    use isolation_common::{FlowKey, FlowValue};
+    use isolation_user::backend::{Backend as _, ebpf::conntrack};
+    let Some(dp) = Dp::new(WL) else { return };
+    let remote = |i: u32| format!("2001:db8:77::{:x}:{:x}", i >> 16, i & 0xffff);
+    const HOSTS: u32 = 24_000;
+    for i in 0..HOSTS {
+        assert_eq!(
+            dp.egress(&v6_tcp(LOCAL6, &remote(i), 40000, 443, SYN)),
+            TCX_NEXT
+        );
+    }
+    // The one flow that stays: answered and confirmed (it moves to the established table).
+    let kept = remote(7);
+    dp.expect(
+        &v6_tcp(&kept, LOCAL6, 443, 40000, SYN | ACK),
+        XDP_PASS,
+        Reason::PassEstablished,
+        "the kept flow's SYN-ACK",
+    );
+    dp.egress(&v6_tcp(LOCAL6, &kept, 40000, 443, ACK));
+    let before = conntrack::peers_counted(&dp.paths).unwrap();
+    assert!(
+        before >= (isolation_common::limits::PEER_SLOTS / 8) as usize,
+        "{before} slots count"
+    );
+    // The other flows end (as if they expired): the new-flow table emptied.
+    let mut new: HashMap<MapData, FlowKey, FlowValue> = pins::open_map(&dp.paths, maps::CONNTRACK)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let keys: Vec<FlowKey> = new.keys().map(|k| k.unwrap()).collect();
+    for k in &keys {
+        new.remove(k).unwrap();
+    }
+    let mut ebpf = isolation_user::backend::ebpf::Ebpf::new(dp.paths.clone());
+    let did = ebpf
+        .upkeep()
+        .unwrap()
+        .expect("the upkeep rebuilds the filter");
+    assert!(did.contains(&format!("{before} before")), "{did}");
+    dp.expect(
+        &v6_tcp(&kept, LOCAL6, 443, 40000, ACK),
+        XDP_PASS,
+        Reason::PassEstablished,
+        "the kept flow's reply after the rebuild",
+    );
+    let after = conntrack::peers_counted(&dp.paths).unwrap();
+    assert_eq!(after, 1, "only the kept flow's slot counts");
+    // A host whose flow is gone: dropped (it is no friend), as before the rebuild.
+    dp.expect(
+        &v6_tcp(&remote(8), LOCAL6, 443, 40000, ACK),
+        XDP_DROP,
+        Reason::DropNotWhitelisted,
+        "a forgotten host",
+    );
+    // New flows are marked with the new generation and answered.
+    let fresh = "2001:db8:78::1";
+    dp.egress(&v6_tcp(LOCAL6, fresh, 40001, 443, SYN));
+    dp.expect(
+        &v6_tcp(fresh, LOCAL6, 443, 40001, SYN | ACK),
+        XDP_PASS,
+        Reason::PassEstablished,
+        "a flow opened after the rebuild",
+    );
+    assert_eq!(conntrack::peers_counted(&dp.paths).unwrap(), 2);
+    assert_eq!(ebpf.upkeep().unwrap(), None, "below the threshold: nothing");
+}

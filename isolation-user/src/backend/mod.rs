@@ -296,6 +296,11 @@ pub trait Backend {
     /// The verdict the live datapath gives a new connection. `live` names the rules.
     fn check(&self, live: &Policy, q: &Query) -> Result<Answer>;
     fn status(&self, state: &State) -> Result<Status>;
+    /// Upkeep of what the datapath derives from traffic (run by the service now and then):
+    /// what it did, in words, when it did something.
+    fn upkeep(&mut self) -> Result<Option<String>> {
+        Ok(None)
+    }
     /// Detaches from one interface.
     fn detach(&mut self, iface: &str) -> Vec<String>;
     /// Removes everything it created, going on past errors; returns them all.

@@ -467,6 +467,17 @@ pub struct Unloaded {
     pub detached: Option<String>,
 }
 
+/// The backend's upkeep (`Backend::upkeep`), under the lock: what it did, if anything.
+/// Nothing loaded: nothing to do.
+pub fn upkeep(paths: &Paths) -> Result<Option<String>> {
+    let _lock = paths.lock()?;
+    let state = State::load(paths)?;
+    if state.is_none() {
+        return Ok(None);
+    }
+    backend::installed(paths, state.as_ref())?.upkeep()
+}
+
 /// Detaches from one interface, or removes everything (the last interface, or all).
 pub fn unload(paths: &Paths, iface: Option<&str>) -> Result<Unloaded> {
     let _lock = paths.lock()?;

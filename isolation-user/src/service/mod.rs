@@ -241,6 +241,7 @@ async fn serve(paths: Paths, cfg: Config) -> Result<()> {
         tracing::info!("serving Prometheus metrics on http://{addr}/metrics");
         tokio::spawn(http::serve_metrics(listener, paths.clone(), health.clone()));
     }
+    tokio::spawn(upkeep(paths.clone()));
     let (hup_tx, hup_rx) = mpsc::channel::<()>(4);
     if let Source::Etcd { .. } = &cfg.source {
         tokio::spawn(supervise_follower(
@@ -437,6 +438,26 @@ fn log_drops(paths: Paths, stop: Arc<AtomicBool>) -> impl FnOnce() + Send + 'sta
                     last = now;
                 }
             }
+        }
+    }
+}
+
+/// How often the service runs the backend's upkeep (`engine::upkeep`).
+const UPKEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// The backend's upkeep, every `UPKEEP_EVERY`: logged when it does something or fails
+/// (and then tried again at the next tick); the policy is never touched.
+async fn upkeep(paths: Paths) {
+    let mut tick = tokio::time::interval(UPKEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let p = paths.clone();
+        match blocking(move || crate::engine::upkeep(&p)).await {
+            Ok(Some(what)) => tracing::info!("upkeep: {what}"),
+            Ok(None) => {}
+            Err(e) => tracing::warn!("upkeep failed (tried again in a minute): {e:#}"),
         }
     }
 }

@@ -1,10 +1,13 @@
 //! The connection map seen from userspace: flows written before the programs see a packet.
 
-use std::os::fd::BorrowedFd;
+use std::{
+    os::fd::{AsFd as _, BorrowedFd},
+    sync::atomic::{AtomicU8, Ordering},
+};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{HashMap, MapData};
-use isolation_common::{FlowKey, FlowValue, flow_origin, flow_state, maps};
+use isolation_common::{FlowKey, FlowValue, flow_origin, flow_state, maps, peer_gen};
 
 use super::pins::{SharedArray, open_map};
 use crate::state::Paths;
@@ -39,22 +42,95 @@ pub fn seed_flows(paths: &Paths, flows: &[FlowKey]) -> Result<usize> {
     Ok(n)
 }
 
-/// Sets the peer slots of the flows' remote ends, one byte store each on a shared mapping
-/// of the PEERS array, as the datapath sets them: neither can undo the other's slot.
+/// Sets the peer slots of the flows' remote ends to the generation the datapath marks
+/// with, one byte store each on a shared mapping of the PEERS array, as the datapath sets
+/// them: neither can undo the other's slot.
 fn mark_peers(paths: &Paths, flows: &[FlowKey]) -> Result<()> {
-    use std::sync::atomic::{AtomicU8, Ordering};
     if flows.is_empty() {
         return Ok(());
     }
-    let peers = SharedArray::open(paths, maps::PEERS)?;
-    let slots = peers.as_mut_ptr() as *const AtomicU8;
+    let g = peer_gen::mark(super::slots::read_config(paths)?.peers);
+    let peers = Peers::open(paths)?;
     for k in flows {
-        let slot = isolation_common::peer_slot(k.family, &k.dst) as usize;
-        debug_assert!(slot < peers.len());
-        // SAFETY: slot < PEER_SLOTS = PEER_WORDS * 8, the array's length in bytes.
-        unsafe { (*slots.add(slot)).store(1, Ordering::Relaxed) };
+        peers.set(isolation_common::peer_slot(k.family, &k.dst), g);
     }
     Ok(())
+}
+
+/// The PEERS array, mapped shared: one byte per slot.
+struct Peers(SharedArray);
+
+impl Peers {
+    fn open(paths: &Paths) -> Result<Peers> {
+        Ok(Peers(SharedArray::open(paths, maps::PEERS)?))
+    }
+
+    fn slots(&self) -> &[AtomicU8] {
+        // SAFETY: the mapping is `len()` bytes, alive as long as `self`; the datapath
+        // writes its bytes concurrently, so they are read and written as atomics.
+        unsafe { std::slice::from_raw_parts(self.0.as_mut_ptr() as *const AtomicU8, self.0.len()) }
+    }
+
+    fn set(&self, slot: u32, g: u8) {
+        if let Some(b) = self.slots().get(slot as usize) {
+            b.store(g, Ordering::Relaxed);
+        }
+    }
+
+    /// How many slots count under the `Config::peers` word `word`.
+    fn counted(&self, word: u32) -> usize {
+        self.slots()
+            .iter()
+            .filter(|b| peer_gen::accepts(word, b.load(Ordering::Relaxed)))
+            .count()
+    }
+}
+
+/// What a rebuild of the remote-host filter did: slots that counted before and after.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeersRebuilt {
+    pub before: usize,
+    pub after: usize,
+}
+
+/// How many slots of the remote-host filter count now.
+pub fn peers_counted(paths: &Paths) -> Result<usize> {
+    let word = super::slots::read_config(paths)?.peers;
+    Ok(Peers::open(paths)?.counted(word))
+}
+
+/// Rebuilds the remote-host filter from the flows the connection tables remember: the
+/// datapath moves to the next generation (marking with it, still accepting the current
+/// one), the slots of the remembered flows' remote ends are marked with it (twice over, so
+/// a flow recorded by a program that read the old word still gets its slot), then only
+/// the new generation counts. Slots of remote hosts no flow remembers stop counting;
+/// nothing marked meanwhile is lost.
+pub fn rebuild_peers(paths: &Paths) -> Result<PeersRebuilt> {
+    use super::slots::update_config;
+    let peers = Peers::open(paths)?;
+    let word = super::slots::read_config(paths)?.peers;
+    let before = peers.counted(word);
+    let (cur, next) = (peer_gen::mark(word), peer_gen::next(word));
+    update_config(paths, |c| c.peers = peer_gen::word(next, cur))?;
+    let mark_all = || -> Result<()> {
+        for name in TABLES {
+            let m = MapData::from_pin(paths.map(name))
+                .with_context(|| format!("cannot open the pinned map {name}"))?;
+            let (keys, _) = super::syscall::entries::<FlowKey, FlowValue>(m.fd().as_fd())
+                .with_context(|| format!("cannot read {name}"))?;
+            for k in keys {
+                peers.set(isolation_common::peer_slot(k.family, &k.dst), next);
+            }
+        }
+        Ok(())
+    };
+    // On failure the word still accepts both generations: no slot stopped counting.
+    mark_all().and_then(|()| mark_all())?;
+    let done = update_config(paths, |c| c.peers = peer_gen::word(next, next))?;
+    Ok(PeersRebuilt {
+        before,
+        after: peers.counted(done.peers),
+    })
 }
 
 /// The two connection tables, each of `[connections] max` entries.

@@ -341,6 +341,24 @@ impl Backend for Ebpf {
         })
     }
 
+    /// The remote-host filter in front of the connection tables fills up as the host
+    /// talks to ever more hosts (the datapath never clears a slot): once an eighth of its
+    /// slots count, a packet from a random source has that chance of paying the two table
+    /// lookups it exists to save, so it is rebuilt from the flows the tables remember.
+    fn upkeep(&mut self) -> Result<Option<String>> {
+        let counted = conntrack::peers_counted(&self.paths)?;
+        if counted < (limits::PEER_SLOTS / 8) as usize {
+            return Ok(None);
+        }
+        let r = conntrack::rebuild_peers(&self.paths)?;
+        Ok(Some(format!(
+            "rebuilt the remote-host filter from the remembered connections: {} of {} slots set, {} before",
+            r.after,
+            limits::PEER_SLOTS,
+            r.before
+        )))
+    }
+
     fn detach(&mut self, iface: &str) -> Vec<String> {
         attach::detach(&self.paths, iface)
     }
