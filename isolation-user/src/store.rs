@@ -9,7 +9,9 @@
 //!   not 1M. Replaying it is idempotent (the last record of an entry decides), so a crash
 //!   between a compaction's snapshot and its truncation of the journal loses nothing;
 //! - `store.json`: generation and entry counts, so an edit checks the limits without
-//!   reading the whitelist.
+//!   reading the whitelist; and the digest of the policy file text the live generation was
+//!   applied from, so that applying the same text again is known to change nothing
+//!   without parsing it (a million entries: most of a no-op apply's time).
 //!
 //! The journal is compacted into the snapshot when it outgrows it.
 
@@ -40,6 +42,25 @@ pub struct Meta {
     pub whitelist: WhitelistSizes,
     pub snapshot_entries: u64,
     pub journal_records: u64,
+    /// The text a generation was applied from (`text_digest`), valid while that
+    /// generation is the live one: every other change moves the generation on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<TextDigest>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TextDigest {
+    pub generation: u32,
+    pub sha256: String,
+}
+
+/// The digest a policy file's text is known by (SHA-256, hex).
+pub fn text_digest(text: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 pub struct Store {
@@ -152,7 +173,23 @@ impl Store {
             whitelist: WhitelistSizes::of(&p.whitelist.allow),
             snapshot_entries: p.whitelist.allow.len() as u64,
             journal_records: 0,
+            text: None,
         })
+    }
+
+    /// Records that the live generation was applied from a text of this digest.
+    pub fn put_text(&self, generation: u32, sha256: String) -> Result<()> {
+        let mut m = self.meta()?;
+        m.text = Some(TextDigest { generation, sha256 });
+        self.put_meta(&m)
+    }
+
+    /// Is the live policy the one applied from a text of this digest?
+    pub fn is_live_text(&self, sha256: &str) -> Result<bool> {
+        let m = self.meta()?;
+        Ok(m.generation != 0
+            && m.text
+                .is_some_and(|t| t.generation == m.generation && t.sha256 == sha256))
     }
 
     /// Replaces the rules (a live isolation edit); the whitelist entries stay.

@@ -758,3 +758,51 @@ fn an_unconfirmed_apply_rolls_back_after_the_session_is_killed_at_logout() {
         "A is back"
     );
 }
+
+/// An `apply` of the very text the live policy was applied from is known unchanged without
+/// being parsed, and only while nothing else changed the policy: a live whitelist edit in
+/// between makes the same text a real change again (the stranger it let in is dropped
+/// after it, the positive control before), and a text that differs by a comment is parsed
+/// and found unchanged the slow way.
+#[rstest]
+#[case::ebpf("ebpf")]
+#[case::iptables("iptables")]
+fn applying_the_live_text_again_is_a_no_op_only_while_nothing_else_changed(#[case] backend: &str) {
+    if !tests::can_run("end-to-end apply test") {
+        return;
+    }
+    let TwoClients {
+        ns: _ns,
+        srv,
+        cw,
+        cx,
+    } = TwoClients::new("aptx");
+    let iso = Iso::with_backend(&srv, backend);
+    let _echo = Echo::start(&srv, &[sa("0.0.0.0:8080")]);
+    let listed = || tcp_ok(&cw, sa("192.0.2.1:8080"), PASS_WAIT);
+    let stranger = |wait| tcp_ok(&cx, sa("198.51.100.1:8080"), wait);
+    let a = iso.policy(A);
+    iso.ok(&["load", "--iface", "s1", "--iface", "s2", "--policy", &a]);
+    let g = generation(&iso);
+    let out = iso.ok(&["apply", &a]);
+    assert!(out.contains("nothing changed"), "{out}");
+    assert_eq!(generation(&iso), g);
+    // A live edit: the stranger is let in.
+    iso.ok(&["whitelist", "add", "198.51.100.2"]);
+    assert!(stranger(PASS_WAIT), "the edit let the stranger in");
+    // The same text is a change now: applied, it drops the stranger again.
+    let out = iso.ok(&["apply", &a]);
+    assert!(!out.contains("nothing changed"), "{out}");
+    assert!(listed() && !stranger(DROP_WAIT), "A again");
+    assert_eq!(generation(&iso), g + 2);
+    let out = iso.ok(&["apply", &a]);
+    assert!(out.contains("nothing changed"), "{out}");
+    // Another text of the same policy: parsed, unchanged, and known by its digest after.
+    let a2 = iso.policy(&format!("{A}# the same policy\n"));
+    for _ in 0..2 {
+        let out = iso.ok(&["apply", &a2]);
+        assert!(out.contains("nothing changed"), "{out}");
+    }
+    assert_eq!(generation(&iso), g + 2);
+    assert!(listed() && !stranger(DROP_WAIT), "still A");
+}

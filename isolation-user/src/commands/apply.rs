@@ -70,7 +70,16 @@ pub fn print_plan(p: &Plan) {
 }
 
 pub fn apply(paths: &Paths, a: ApplyArgs) -> Result<()> {
-    let (policy, lines) = engine::read_policy_file(&a.file)?;
+    let text = engine::read_policy_text(&a.file)?;
+    let digest = engine::text_digest(&text);
+    // The text the live policy was applied from, nothing changed since: said unparsed.
+    if !a.dry_run
+        && let Some(out) = engine::unchanged_text(paths, &digest)?
+    {
+        return render(&a, out);
+    }
+    let (policy, lines) = engine::parse_policy_file(&a.file, &text)?;
+    drop(text);
     if a.dry_run {
         let plan = engine::plan(paths, &policy, Some(&lines), a.force)?;
         if a.json {
@@ -99,6 +108,7 @@ pub fn apply(paths: &Paths, a: ApplyArgs) -> Result<()> {
             policy,
             lines: Some(lines),
             confirm,
+            text_digest: Some(digest),
         },
         Options {
             force: a.force,
@@ -106,7 +116,11 @@ pub fn apply(paths: &Paths, a: ApplyArgs) -> Result<()> {
         },
     );
     bar.finish_and_clear();
-    let out = out?;
+    render(&a, out?)
+}
+
+/// What `apply` did, in words or JSON.
+fn render(a: &ApplyArgs, out: engine::Outcome) -> Result<()> {
     if a.json {
         println!("{}", serde_json::to_string(&out)?);
         return Ok(());

@@ -82,12 +82,19 @@ pub fn load(paths: &Paths, a: LoadArgs) -> Result<()> {
         let d = PathBuf::from(state::DEFAULT_POLICY);
         d.exists().then_some(d)
     });
-    let (policy, lines, source) = match &path {
+    let (policy, lines, source, text_digest) = match &path {
         Some(p) => {
-            let (policy, lines) = engine::read_policy_file(p)?;
-            (policy, Some(lines), p.display().to_string())
+            let text = engine::read_policy_text(p)?;
+            let (policy, lines) = engine::parse_policy_file(p, &text)?;
+            let d = engine::text_digest(&text);
+            (policy, Some(lines), p.display().to_string(), Some(d))
         }
-        None => (Policy::default(), None, "built-in allow-all".to_string()),
+        None => (
+            Policy::default(),
+            None,
+            "built-in allow-all".to_string(),
+            None,
+        ),
     };
     let ifaces = interfaces(&a.ifaces, a.mode)?;
     let change = Change::Load {
@@ -96,6 +103,7 @@ pub fn load(paths: &Paths, a: LoadArgs) -> Result<()> {
         policy,
         lines,
         replace_programs: a.replace_programs,
+        text_digest,
     };
     let out = engine::commit(paths, change, Options::quiet(a.force))?;
     if let Done::Loaded {

@@ -18,6 +18,7 @@ mod limits;
 mod plan;
 mod read;
 
+pub use crate::store::text_digest;
 pub use limits::check_limits;
 pub use plan::{Plan, diff, plan, whitelist_delta};
 pub use read::{
@@ -58,6 +59,8 @@ pub enum Change {
         /// Swap this build's programs in even if the pinned ones came from it (a datapath
         /// from another build gets them in any case: an upgrade).
         replace_programs: bool,
+        /// The digest of the file text the policy was read from (`store::text_digest`).
+        text_digest: Option<String>,
     },
     /// Replace the whole policy, whitelist included.
     Replace {
@@ -66,6 +69,10 @@ pub enum Change {
         /// `apply --confirm-within`: the policy this replaces comes back by itself unless
         /// `confirm` runs in time (`rollback`).
         confirm: Option<Confirm>,
+        /// The digest of the file text the policy was read from (`store::text_digest`):
+        /// recorded, so that the same text applied again is known unchanged unparsed
+        /// (`unchanged_text`).
+        text_digest: Option<String>,
     },
     /// The rollback of an unconfirmed apply, run by its helper (this process): restores
     /// the policy the apply replaced, if the apply is still pending and due.
@@ -167,6 +174,7 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
             policy,
             lines,
             replace_programs,
+            text_digest,
         } => {
             let (mut b, mut why) = backend::select(paths, backend, state.as_ref())?;
             let mut st = match state {
@@ -207,6 +215,9 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
                 return Err(e);
             }
             store.put_whole(&policy, generation)?;
+            if let Some(d) = text_digest {
+                store.put_text(generation, d)?;
+            }
             st.backend = b.kind();
             st.why = why;
             if st.object_hash.is_empty() || done.fresh || done.replaced.is_some() {
@@ -233,12 +244,16 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
             policy,
             lines,
             confirm,
+            text_digest,
         } => {
             let mut b = backend::installed(paths, state.as_ref())?;
             check_whole(&policy, lines.as_ref(), b.as_ref(), opts.force)?;
             let old = store.whole()?;
             let delta = diff_and_delta(&old, &policy);
             if delta.0.is_empty() {
+                if let Some(d) = text_digest {
+                    store.put_text(meta.generation, d)?;
+                }
                 return Ok(outcome(meta.generation, b.as_ref(), Done::Unchanged));
             }
             // Armed under the lock: the policy saved is the one replaced here.
@@ -257,6 +272,9 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
                     rollback::disarm(paths);
                 }
                 return Err(e);
+            }
+            if let Some(d) = text_digest {
+                store.put_text(generation, d)?;
             }
             let mut out = outcome(generation, b.as_ref(), Done::Replaced);
             out.armed = armed.map(|p| Armed {
@@ -465,6 +483,27 @@ pub struct Unloaded {
     pub was_loaded: bool,
     /// Only this interface was detached; the datapath stays on the others.
     pub detached: Option<String>,
+}
+
+/// Is the policy file text of this digest (`text_digest`) the one the live policy was
+/// applied from, nothing changed since? Then applying it would change nothing, and this says so as `commit` would,
+/// without parsing it (a million entries: most of a no-op apply's time). None: parse it and
+/// commit it.
+pub fn unchanged_text(paths: &Paths, digest: &str) -> Result<Option<Outcome>> {
+    let _read = paths.read_lock();
+    let store = Store::new(paths);
+    let Some(state) = State::load(paths)? else {
+        return Ok(None);
+    };
+    let b = backend::installed(paths, Some(&state))?;
+    if !store.is_live_text(digest)? {
+        return Ok(None);
+    }
+    Ok(Some(outcome(
+        store.meta()?.generation,
+        b.as_ref(),
+        Done::Unchanged,
+    )))
 }
 
 /// The backend's upkeep (`Backend::upkeep`), under the lock: what it did, if anything.

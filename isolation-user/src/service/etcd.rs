@@ -14,7 +14,7 @@ use anyhow::{Result, anyhow, bail};
 use etcd_client::Client;
 use tokio::sync::mpsc;
 
-use super::{Config, Health, Source, Trigger, apply_parsed, blocking};
+use super::{Config, Health, Read, Source, Trigger, apply_parsed, blocking};
 use crate::state::unix_now;
 use crate::{engine, fleet, state::Paths};
 
@@ -196,7 +196,8 @@ impl Follower {
         let name = format!("{}@{rev}", self.url.policy_key());
         let why = if self.loaded { why } else { Trigger::Start };
         let (p, c, h) = (self.paths.clone(), self.cfg.clone(), self.health.clone());
-        let res = blocking(move || apply_parsed(&p, &c, Ok(parsed), &name, why, &h)).await;
+        let read = Ok(Read::Parsed(parsed.0, parsed.1, None));
+        let res = blocking(move || apply_parsed(&p, &c, read, &name, why, &h)).await;
         match res {
             Ok(_) => {
                 self.loaded = true;

@@ -101,7 +101,7 @@ fn reload(paths: &Paths, cfg: &Config, why: Trigger, health: &Mutex<Health>) -> 
     let Source::File(file) = &cfg.source else {
         unreachable!("only a file is reloaded from disk")
     };
-    let parsed = engine::read_policy_text(file).and_then(|text| {
+    let read = engine::read_policy_text(file).and_then(|text| {
         // An empty file is what an in-place write (`cat new > policy.toml`) shows before
         // its first bytes land; applied, it would be the built-in allow-all and lift the
         // policy. While a policy runs it is refused; a policy meant to filter nothing says
@@ -112,9 +112,24 @@ fn reload(paths: &Paths, cfg: &Config, why: Trigger, health: &Mutex<Health>) -> 
                 file.display()
             );
         }
-        engine::parse_policy_file(file, &text)
+        // The text the live policy was applied from, nothing changed since: unparsed.
+        let digest = engine::text_digest(&text);
+        if why != Trigger::Start
+            && let Some(out) = engine::unchanged_text(paths, &digest)?
+        {
+            return Ok(Read::Live(out));
+        }
+        let (policy, lines) = engine::parse_policy_file(file, &text)?;
+        Ok(Read::Parsed(policy, lines, Some(digest)))
     });
-    apply_parsed(paths, cfg, parsed, &file.display().to_string(), why, health)
+    apply_parsed(paths, cfg, read, &file.display().to_string(), why, health)
+}
+
+/// A policy to apply: parsed (with the digest of its file's text, if it came from one), or
+/// known to be the live one without parsing (`engine::unchanged_text`).
+pub(crate) enum Read {
+    Parsed(crate::policy::Policy, crate::policy::Lines, Option<String>),
+    Live(engine::Outcome),
 }
 
 /// Applies a parsed policy (named `name` in the log), or logs why it could not be read;
@@ -123,14 +138,17 @@ fn reload(paths: &Paths, cfg: &Config, why: Trigger, health: &Mutex<Health>) -> 
 fn apply_parsed(
     paths: &Paths,
     cfg: &Config,
-    parsed: Result<(crate::policy::Policy, crate::policy::Lines)>,
+    read: Result<Read>,
     name: &str,
     why: Trigger,
     health: &Mutex<Health>,
 ) -> Result<Done> {
     let t0 = std::time::Instant::now();
     let res = (|| -> Result<engine::Outcome> {
-        let (policy, lines) = parsed?;
+        let (policy, lines, text_digest) = match read? {
+            Read::Live(out) => return Ok(out),
+            Read::Parsed(p, l, d) => (p, l, d),
+        };
         let change = match why {
             Trigger::Start => Change::Load {
                 ifaces: cfg.ifaces.clone(),
@@ -138,11 +156,13 @@ fn apply_parsed(
                 policy,
                 lines: Some(lines),
                 replace_programs: false,
+                text_digest,
             },
             Trigger::File | Trigger::Hangup | Trigger::Etcd => Change::Replace {
                 confirm: None,
                 policy,
                 lines: Some(lines),
+                text_digest,
             },
         };
         engine::commit(paths, change, Options::quiet(cfg.force))
@@ -360,6 +380,7 @@ async fn first_file_load(
                 policy: live,
                 lines: None,
                 replace_programs: false,
+                text_digest: None,
             },
             Options::quiet(true),
         )
