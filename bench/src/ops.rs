@@ -265,11 +265,25 @@ fn latency(md: &mut String, targets: &mut Vec<report::Target>, o: &OpsOpts) -> R
             });
             // The client is sending (and being dropped) before the write.
             std::thread::sleep(Duration::from_millis(50));
+            let before = generation(&svc);
             let t0 = Instant::now();
             replace(&out("192.0.2.2"))?;
             match client.join().unwrap() {
                 Some(t) => ms.push((t - t0).as_secs_f64() * 1000.0),
                 None => bail!("no echo 5 s after the write: {}", svc.log_text()),
+            }
+            // The apply is whole before the next round writes again: its map edits (which
+            // let the echo through) come before its new generation, and a write landing
+            // before that would be taken with this one as a single change.
+            let t = Instant::now();
+            while generation(&svc) == before {
+                if t.elapsed() > Duration::from_secs(5) {
+                    bail!(
+                        "the service did not finish applying the file: {}",
+                        svc.log_text()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(5));
             }
         }
         drop(svc);
