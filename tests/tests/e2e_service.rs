@@ -232,6 +232,23 @@ fn service_reloads_logs_and_serves_metrics(#[case] backend: &str) {
         "the table of new connections"
     );
     assert!(after.contains_key("isolation_connections{table=\"established\"}"));
+    // The remote-host filter where the backend has one: its slots, some set by the
+    // connections made above, and the same count in `stats --json`.
+    assert_eq!(
+        after.get("isolation_connection_filter_slots{}").copied(),
+        counts_lost.then_some(131072.0),
+        "the remote-host filter's size"
+    );
+    assert_eq!(
+        uncounted.contains(&"connections.filter_set"),
+        !counts_lost,
+        "{uncounted:?}"
+    );
+    if counts_lost {
+        let set = after["isolation_connection_filter_slots_set{}"];
+        assert!(set >= 1.0, "slots set: {set}");
+        assert!(stats["connections"]["filter_set"].as_u64().unwrap() >= 1);
+    }
 
     // A write of the file: the stranger passes within 1 s of it.
     let b = A.replace(

@@ -117,6 +117,9 @@ pub struct Uncounted {
     pub log_lost: bool,
     /// New (unconfirmed) connections apart from established ones (`connections.new`).
     pub new_connections: bool,
+    /// A filter of remote hosts in front of the connection tables
+    /// (`connections.filter_set`, `connections.filter_slots`).
+    pub connection_filter: bool,
 }
 
 impl Uncounted {
@@ -128,6 +131,10 @@ impl Uncounted {
         }
         if self.new_connections {
             out.push("connections.new");
+        }
+        if self.connection_filter {
+            out.push("connections.filter_set");
+            out.push("connections.filter_slots");
         }
         out
     }
@@ -141,6 +148,11 @@ pub struct Connections {
     pub new_max: u64,
     pub established: u64,
     pub established_max: u64,
+    /// Slots set in the filter of remote hosts in front of the tables, of how many: a
+    /// packet from a source whose slot is clear skips the tables (rebuilt by the service's
+    /// upkeep once an eighth are set).
+    pub filter_set: u64,
+    pub filter_slots: u64,
 }
 
 /// A new connection to judge (`check`).

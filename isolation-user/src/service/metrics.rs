@@ -210,6 +210,22 @@ fn datapath(r: &mut Registry, paths: &Paths) -> Result<()> {
             .get_or_create(&vec![("table", k.into())])
             .set(m as i64);
     }
+    if !c.uncounted.connection_filter {
+        let set: Fam<Gauge> = fam(
+            r,
+            "connection_filter_slots_set",
+            "Slots set in the filter of remote hosts in front of the connection tables",
+        );
+        set.get_or_create(&vec![])
+            .set(c.connections.filter_set as i64);
+        let all: Fam<Gauge> = fam(
+            r,
+            "connection_filter_slots",
+            "Slots of the filter of remote hosts in front of the connection tables",
+        );
+        all.get_or_create(&vec![])
+            .set(c.connections.filter_slots as i64);
+    }
     let fill: Fam<Gauge> = fam(r, "map_entries", "Entries in each map (set)");
     let cap: Fam<Gauge> = fam(r, "map_max_entries", "Capacity of each map (set)");
     for m in &s.maps {

@@ -99,6 +99,8 @@ pub fn connections(paths: &Paths) -> Result<crate::backend::Connections> {
         new_max: new_max as u64,
         established,
         established_max: established_max as u64,
+        filter_set: super::conntrack::peers_counted(paths)? as u64,
+        filter_slots: isolation_common::limits::PEER_SLOTS as u64,
     })
 }
 

@@ -95,12 +95,15 @@ impl Iptables {
                 new_max: 0,
                 established: proc("nf_conntrack_count"),
                 established_max: proc("nf_conntrack_max"),
+                filter_set: 0,
+                filter_slots: 0,
             },
             // NFLOG has no ring whose losses could be counted, and conntrack keeps new and
             // established connections in one table.
             uncounted: Uncounted {
                 log_lost: true,
                 new_connections: true,
+                connection_filter: true,
             },
         })
     }
