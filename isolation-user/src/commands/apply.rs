@@ -71,16 +71,8 @@ pub fn print_plan(p: &Plan) {
 
 pub fn apply(paths: &Paths, a: ApplyArgs) -> Result<()> {
     let text = engine::read_policy_text(&a.file)?;
-    let digest = engine::text_digest(&text);
-    // The text the live policy was applied from, nothing changed since: said unparsed.
-    if !a.dry_run
-        && let Some(out) = engine::unchanged_text(paths, &digest)?
-    {
-        return render(&a, out);
-    }
-    let (policy, lines) = engine::parse_policy_file(&a.file, &text)?;
-    drop(text);
     if a.dry_run {
+        let (policy, lines) = engine::parse_policy_file(&a.file, &text)?;
         let plan = engine::plan(paths, &policy, Some(&lines), a.force)?;
         if a.json {
             println!("{}", serde_json::to_string_pretty(&plan)?);
@@ -101,6 +93,13 @@ pub fn apply(paths: &Paths, a: ApplyArgs) -> Result<()> {
         }),
         None => None,
     };
+    // The text the live policy was applied from, nothing changed since: said unparsed.
+    let digest = engine::text_digest(&text);
+    if let Some(out) = engine::unchanged_text(paths, &digest)? {
+        return render(&a, out);
+    }
+    let (policy, lines) = engine::parse_policy_file(&a.file, &text)?;
+    drop(text);
     let bar = super::whitelist::progress(policy.whitelist.allow.len());
     let out = engine::commit(
         paths,

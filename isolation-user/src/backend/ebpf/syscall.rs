@@ -85,10 +85,14 @@ pub fn delete(fd: BorrowedFd<'_>, keys: &[u8], count: usize) -> (usize, std::io:
     batch(BPF_MAP_DELETE_BATCH, fd, keys, None, count, 0)
 }
 
-/// Every key of a hash map, read in batches (one syscall per `chunk` keys).
-pub fn keys<K: bytemuck::Pod>(fd: BorrowedFd<'_>, value_size: usize) -> std::io::Result<Vec<K>> {
+/// Walks a hash map in batch lookups of up to 16Ki entries, calling `each` with every
+/// batch's keys and its values (`value_size` bytes each, back to back).
+fn lookup_batches<K: bytemuck::Pod>(
+    fd: BorrowedFd<'_>,
+    value_size: usize,
+    mut each: impl FnMut(&[K], &[u8]),
+) -> std::io::Result<()> {
     const CHUNK: usize = 16 * 1024;
-    let mut out: Vec<K> = Vec::new();
     let mut keys: Vec<K> = vec![K::zeroed(); CHUNK];
     let mut vals = vec![0u8; value_size * CHUNK];
     // The hash map's batch token is a bucket index; 8 bytes covers it.
@@ -109,12 +113,12 @@ pub fn keys<K: bytemuck::Pod>(fd: BorrowedFd<'_>, value_size: usize) -> std::io:
             ..Default::default()
         };
         let r = sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
-        let n = attr.count as usize;
-        out.extend_from_slice(&keys[..n.min(CHUNK)]);
+        let n = (attr.count as usize).min(CHUNK);
+        each(&keys[..n], &vals[..n * value_size]);
         if let Err(e) = r {
-            // ENOENT: the walk is over (the last keys came with it).
+            // ENOENT: the walk is over (the last entries came with it).
             return if e.raw_os_error() == Some(libc::ENOENT) {
-                Ok(out)
+                Ok(())
             } else {
                 Err(e)
             };
@@ -124,45 +128,27 @@ pub fn keys<K: bytemuck::Pod>(fd: BorrowedFd<'_>, value_size: usize) -> std::io:
     }
 }
 
+/// Every key of a hash map whose values are `value_size` bytes, read in batches.
+pub fn keys<K: bytemuck::Pod>(fd: BorrowedFd<'_>, value_size: usize) -> std::io::Result<Vec<K>> {
+    let mut out = Vec::new();
+    lookup_batches::<K>(fd, value_size, |k, _| out.extend_from_slice(k))?;
+    Ok(out)
+}
+
 /// Every entry of a hash map, read in batches: its keys and, in the same order, its values.
 pub fn entries<K: bytemuck::Pod, V: bytemuck::Pod>(
     fd: BorrowedFd<'_>,
 ) -> std::io::Result<(Vec<K>, Vec<V>)> {
-    const CHUNK: usize = 16 * 1024;
     let (mut keys, mut vals) = (Vec::new(), Vec::new());
-    let mut k: Vec<K> = vec![K::zeroed(); CHUNK];
-    let mut v: Vec<V> = vec![V::zeroed(); CHUNK];
-    let (mut tok_in, mut tok_out) = (0u64, 0u64);
-    let mut first = true;
-    loop {
-        let mut attr = BatchAttr {
-            in_batch: if first {
-                0
-            } else {
-                &tok_in as *const u64 as u64
-            },
-            out_batch: &mut tok_out as *mut u64 as u64,
-            keys: k.as_mut_ptr() as u64,
-            values: v.as_mut_ptr() as u64,
-            count: CHUNK as u32,
-            map_fd: fd.as_raw_fd() as u32,
-            ..Default::default()
-        };
-        let r = sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
-        let n = (attr.count as usize).min(CHUNK);
-        keys.extend_from_slice(&k[..n]);
-        vals.extend_from_slice(&v[..n]);
-        if let Err(e) = r {
-            // ENOENT: the walk is over (the last entries came with it).
-            return if e.raw_os_error() == Some(libc::ENOENT) {
-                Ok((keys, vals))
-            } else {
-                Err(e)
-            };
-        }
-        tok_in = tok_out;
-        first = false;
-    }
+    lookup_batches::<K>(fd, std::mem::size_of::<V>(), |k, v| {
+        keys.extend_from_slice(k);
+        // Copied out value by value: the byte buffer need not be aligned for V.
+        vals.extend(
+            v.chunks_exact(std::mem::size_of::<V>().max(1))
+                .map(bytemuck::pod_read_unaligned::<V>),
+        );
+    })?;
+    Ok((keys, vals))
 }
 
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
