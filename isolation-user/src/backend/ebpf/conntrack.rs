@@ -116,7 +116,7 @@ pub fn rebuild_peers(paths: &Paths) -> Result<PeersRebuilt> {
         for name in TABLES {
             let m = MapData::from_pin(paths.map(name))
                 .with_context(|| format!("cannot open the pinned map {name}"))?;
-            let (keys, _) = super::syscall::entries::<FlowKey, FlowValue>(m.fd().as_fd())
+            let keys = super::syscall::keys::<FlowKey>(m.fd().as_fd(), size_of::<FlowValue>())
                 .with_context(|| format!("cannot read {name}"))?;
             for k in keys {
                 peers.set(isolation_common::peer_slot(k.family, &k.dst), next);
