@@ -30,6 +30,12 @@ pub mod maps {
     pub const RETIRED: &[&str] = &["WL_V4_FILTER", "WL_V6_FILTER"];
     /// IPv6 whitelist CIDRs; /128s live in `WL_V6`.
     pub const WL_V6_LPM: &str = "WL_V6_LPM";
+    /// Blocked IPv4 / IPv6 addresses (hashes, allocated as they fill) and CIDRs (LPM
+    /// tries): source → `BlockDeadline`.
+    pub const BL_V4: &str = "BL_V4";
+    pub const BL_V4_LPM: &str = "BL_V4_LPM";
+    pub const BL_V6: &str = "BL_V6";
+    pub const BL_V6_LPM: &str = "BL_V6_LPM";
     /// New connections: seen leaving an attached interface (original direction), not yet
     /// confirmed by an answer. LRU: a flood of new flows evicts only other new flows.
     pub const CONNTRACK: &str = "CONNTRACK";
@@ -78,6 +84,10 @@ pub mod maps {
         WL_V6_LPM,
         WL_V4_BLOOM,
         WL_V6_BLOOM,
+        BL_V4,
+        BL_V4_LPM,
+        BL_V6,
+        BL_V6_LPM,
         CONNTRACK,
         ESTABLISHED,
         PEERS,
@@ -132,6 +142,10 @@ pub mod limits {
     pub const WL_BLOOM_FROM: u32 = 1 << 16;
     /// CIDRs per family (LPM tries are always allocated on demand).
     pub const WL_LPM: u32 = 1 << 20;
+    /// Blocked addresses and blocked CIDRs, each per family (allocated as they fill: an
+    /// empty blocklist costs no memory).
+    pub const BL_EXACT: u32 = 1 << 20;
+    pub const BL_LPM: u32 = 1 << 20;
     /// New (unconfirmed) connections, and established ones: two tables of this size by
     /// default. The loader sizes both from the policy (`[connections] max`).
     pub const CONNTRACK: u32 = 1 << 16;
@@ -358,6 +372,16 @@ pub mod flags {
     /// The live half of the family's filter is the second one (words `WL_BLOOM_WORDS..`).
     pub const WL_BLOOM_HI_V4: u32 = 1 << 9;
     pub const WL_BLOOM_HI_V6: u32 = 1 << 10;
+    /// The blocklist is enforced (before anything else), and its drops are logged.
+    pub const BLOCKLIST: u32 = 1 << 11;
+    pub const BL_LOG: u32 = 1 << 12;
+    /// The blocklist's IPv4 / IPv6 address hash, or CIDR trie, holds entries: clear, the
+    /// datapath skips it. Set before an entry is added, cleared once the map is empty.
+    pub const BL_V4: u32 = 1 << 13;
+    pub const BL_V6: u32 = 1 << 14;
+    pub const BL_CIDR_V4: u32 = 1 << 15;
+    pub const BL_CIDR_V6: u32 = 1 << 16;
+    pub const BL_FOLLOW_MAPS: u32 = BL_V4 | BL_V6 | BL_CIDR_V4 | BL_CIDR_V6;
     /// The switches that follow the whitelist maps, not the policy text.
     pub const WL_FOLLOW_MAPS: u32 = WL_CIDRS
         | RETIRED_FILTER_V4
@@ -366,6 +390,22 @@ pub mod flags {
         | WL_BLOOM_V6
         | WL_BLOOM_HI_V4
         | WL_BLOOM_HI_V6;
+    /// Every switch that follows maps: what a policy's apply keeps as it is.
+    pub const FOLLOW_MAPS: u32 = WL_FOLLOW_MAPS | BL_FOLLOW_MAPS;
+}
+
+/// When a blocklist entry stops matching: `CLOCK_BOOTTIME` nanoseconds
+/// (`bpf_ktime_get_boot_ns`), or `PERMANENT`. An entry holds the latest deadline of
+/// itself and every blocked CIDR that contains it, so the longest prefix a lookup finds
+/// never hides a shorter one that still holds.
+pub mod block_deadline {
+    pub const PERMANENT: u64 = u64::MAX;
+
+    /// Does an entry of this deadline block at `now` (boot ns)?
+    #[inline(always)]
+    pub fn holds(deadline: u64, now: u64) -> bool {
+        now < deadline
+    }
 }
 
 /// Written by the loader at index 0 of `CONFIG`. A zeroed config (before any policy
@@ -585,10 +625,13 @@ pub enum Reason {
     EgressNew = 20,
     /// Egress: the packet confirming an answered connection, moved to the established table.
     EgressConfirmed = 21,
+    /// Source in the blocklist (an entry whose deadline has not passed): dropped before
+    /// anything else is asked.
+    DropBlocked = 22,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 22;
+    pub const COUNT: u32 = 23;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::PassNonIp,
         Reason::PassNeighbour,
@@ -612,6 +655,7 @@ impl Reason {
         Reason::DropRejectLimited,
         Reason::EgressNew,
         Reason::EgressConfirmed,
+        Reason::DropBlocked,
     ];
 
     pub fn from_u32(v: u32) -> Option<Reason> {
@@ -643,6 +687,7 @@ impl Reason {
             Reason::DropRejectLimited => "isolated-reject-limited",
             Reason::EgressNew => "egress-new",
             Reason::EgressConfirmed => "egress-confirmed",
+            Reason::DropBlocked => "blocked",
         }
     }
 
@@ -650,6 +695,7 @@ impl Reason {
         matches!(
             self,
             Reason::DropNotWhitelisted
+                | Reason::DropBlocked
                 | Reason::DropMalformed
                 | Reason::DropTooManyVlans
                 | Reason::DropIsolated

@@ -1,7 +1,8 @@
 //! The isolation datapath. A packet's journey, top to bottom:
 //!
 //! XDP ingress: parse (what cannot be judged whole is dropped once anything is enforced) →
-//! non-IP / the link's own neighbour discovery pass → whitelist (exact hash, then CIDR
+//! non-IP passes → blocklist (a blocked source is dropped before anything else) → the
+//! link's own neighbour discovery passes → whitelist (exact hash, then CIDR
 //! trie) → reply of a flow that left us → ICMP error about one → later fragment of an
 //! admitted datagram → otherwise drop and log. Then isolation: source and destination
 //! networks → except → hairpin → established → allow rules → default. Every exit is
@@ -12,6 +13,8 @@
 //! let the packet go.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
+#[cfg(target_arch = "bpf")]
+mod blocklist;
 #[cfg(target_arch = "bpf")]
 mod conntrack;
 #[cfg(target_arch = "bpf")]
@@ -46,7 +49,7 @@ mod programs {
     use isolation_common::{Config, Reason, flags, iso_flags};
 
     use crate::{
-        conntrack, isolation,
+        blocklist, conntrack, isolation,
         parse::{self, Parsed},
         reject, stats, trace, whitelist,
     };
@@ -89,7 +92,11 @@ mod programs {
             Parsed::Ip(pkt) => pkt,
             // What cannot be judged whole is dropped as soon as anything is enforced: the
             // kernel may still find an IP packet in it (it strips priority tags).
-            _ if cfg.flags & (flags::WHITELIST_ENABLED | flags::ISOLATION) == 0 => {
+            // A blocklist enforces once it holds anything.
+            _ if cfg.flags & (flags::WHITELIST_ENABLED | flags::ISOLATION) == 0
+                && (cfg.flags & flags::BLOCKLIST == 0
+                    || cfg.flags & flags::BL_FOLLOW_MAPS == 0) =>
+            {
                 return Reason::PassWhitelistOff;
             }
             // Rare paths only: debug logs (aya-log, `trace --debug`) never touch the hot path.
@@ -105,6 +112,13 @@ mod programs {
                 return Reason::DropMalformed;
             }
         };
+        // Stage 0, the blocklist: before neighbour discovery, replies, anything.
+        if cfg.flags & flags::BLOCKLIST != 0 && blocklist::blocked(&pkt, cfg.flags) {
+            if cfg.flags & flags::BL_LOG != 0 {
+                trace::log(&pkt, Reason::DropBlocked as u32, ingress_ifindex(ctx), len);
+            }
+            return Reason::DropBlocked;
+        }
         if parse::is_neighbour_discovery(&pkt) && for_this_link(ctx, &pkt) {
             return Reason::PassNeighbour;
         }

@@ -7,6 +7,7 @@
 //! `policy` (the file format, pure; knows no backend).
 
 pub mod backend;
+pub mod blocklist;
 pub mod commands;
 pub mod engine;
 pub mod fleet;
@@ -102,6 +103,20 @@ pub enum Cmd {
         )
     )]
     Whitelist(commands::whitelist::WhitelistCmd),
+    /// Live edits of the blocklist: sources dropped before anything else, for good or
+    /// until a timeout (what fail2ban and CrowdSec feed).
+    #[command(subcommand)]
+    #[command(
+        after_help = examples!(
+            "isolation-user block add 198.51.100.7 --timeout 4h",
+            "isolation-user block add 203.0.113.0/24   # permanent: the policy's [blocklist] entries",
+            "isolation-user block add --file bad.txt --timeout 7d   # one entry a line, - = stdin",
+            "isolation-user block del 198.51.100.7",
+            "isolation-user block list --json",
+            "isolation-user block flush"
+        )
+    )]
+    Block(commands::block::BlockCmd),
     /// Packets and bytes per verdict reason, like `iptables -L -v -n`.
     #[command(
         after_help = examples!(
@@ -248,6 +263,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Unload(a) => commands::load::unload(&paths, a),
         Cmd::Status(a) => commands::status::run(&paths, a),
         Cmd::Whitelist(c) => commands::whitelist::run(&paths, c),
+        Cmd::Block(c) => commands::block::run(&paths, c),
         Cmd::Stats(a) => commands::stats::run(&paths, a),
         Cmd::Trace(a) => commands::trace::run(&paths, a),
         Cmd::Network(c) => commands::edit::network(&paths, c),

@@ -74,6 +74,9 @@ pub fn ssh_client() -> Option<IpAddr> {
 pub fn check_policy(p: &Policy, force: bool) -> Result<()> {
     let s = session();
     check_client(&p.whitelist, s.map(|s| s.client), force)?;
+    if p.blocklist.enabled {
+        check_block_client(&p.blocklist.entries, s.map(|s| s.client), force)?;
+    }
     check_isolation_for(p, s, force)
 }
 
@@ -101,6 +104,29 @@ fn check_isolation_for(p: &Policy, s: Option<Session>, force: bool) -> Result<()
         );
     }
     Ok(())
+}
+
+/// Errors if blocking `nets` would drop the SSH session's client (or there is no session,
+/// or `force`).
+pub fn check_block(nets: &[ipnet::IpNet], force: bool) -> Result<()> {
+    check_block_client(nets, ssh_client(), force)
+}
+
+pub fn check_block_client(
+    nets: &[ipnet::IpNet],
+    client: Option<IpAddr>,
+    force: bool,
+) -> Result<()> {
+    match client {
+        Some(c) if !force => match nets.iter().find(|n| n.contains(&c)) {
+            Some(n) => bail!(
+                "refusing: blocking {n} would drop {c}, the client of this SSH session \
+                 (SSH_CONNECTION), and every new session from it. Pass --force if you are sure"
+            ),
+            None => Ok(()),
+        },
+        _ => Ok(()),
+    }
 }
 
 pub fn admits(wl: &Whitelist, addr: IpAddr) -> bool {

@@ -133,6 +133,43 @@ pub struct Whitelist {
     pub allow: Vec<IpNet>,
 }
 
+/// Sources dropped before anything else is asked (`[blocklist]`). The permanent entries
+/// are the policy's; entries with a deadline (`block add --timeout`, the feeds) are live
+/// state the store keeps beside it (`crate::blocklist`). On unless a policy says
+/// `enabled = false`: a feed's bans hold without a `[blocklist]` section.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Blocklist {
+    pub enabled: bool,
+    pub log: bool,
+    pub entries: Vec<IpNet>,
+}
+
+impl Default for Blocklist {
+    fn default() -> Self {
+        Blocklist {
+            enabled: true,
+            log: true,
+            entries: vec![],
+        }
+    }
+}
+
+/// Why a blocklist entry is refused: a /0 blocks every source of its family (and neither
+/// ipset's `hash:net` nor an operator means that).
+pub fn check_block_entry(n: &IpNet) -> Result<(), String> {
+    if n.prefix_len() == 0 {
+        return Err(format!(
+            "'{n}' would block every {} source: block narrower prefixes",
+            if matches!(n, IpNet::V4(_)) {
+                "IPv4"
+            } else {
+                "IPv6"
+            }
+        ));
+    }
+    Ok(())
+}
+
 /// How many connections the datapath remembers (`[connections]`): each of its two tables,
 /// new flows and established ones, holds up to `max`. The iptables backend leaves this to
 /// the kernel's conntrack (`net.netfilter.nf_conntrack_max`).
@@ -164,6 +201,7 @@ pub struct Policy {
     pub networks: BTreeMap<String, Vec<IpNet>>,
     pub whitelist: Whitelist,
     pub connections: Connections,
+    pub blocklist: Blocklist,
 }
 
 // --- the file as written, with spans for error lines ---
@@ -177,6 +215,16 @@ struct RawPolicy<'a> {
     #[serde(borrow)]
     whitelist: Option<Spanned<RawWhitelist<'a>>>,
     connections: Option<Spanned<RawConnections>>,
+    blocklist: Option<Spanned<RawBlocklist>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBlocklist {
+    enabled: Option<bool>,
+    log: Option<bool>,
+    #[serde(default)]
+    entries: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -311,6 +359,9 @@ pub fn validate(p: &Policy) -> Result<(), String> {
         known(&r.from)?;
         known(&r.to)?;
     }
+    for n in &p.blocklist.entries {
+        check_block_entry(n).map_err(|e| format!("blocklist: {e}"))?;
+    }
     Ok(())
 }
 
@@ -391,6 +442,9 @@ pub struct Lines {
     /// The `[whitelist]` section, and each (distinct) entry.
     pub whitelist: usize,
     pub whitelist_entries: Vec<usize>,
+    /// The `[blocklist]` section, and each (distinct) entry.
+    pub blocklist: usize,
+    pub blocklist_entries: Vec<usize>,
 }
 
 /// `parse`, and where each item was written.
@@ -553,6 +607,22 @@ pub fn parse_with_lines(file: &str, text: &str) -> Result<(Policy, Lines), Polic
                 .collect();
         }
     }
+    if let Some(bl) = &raw.blocklist {
+        lines.blocklist = cx.line(bl.span().start);
+        let bl = bl.get_ref();
+        policy.blocklist.enabled = bl.enabled.unwrap_or(true);
+        policy.blocklist.log = bl.log.unwrap_or(true);
+        let mut seen = std::collections::HashSet::new();
+        for e in &bl.entries {
+            let net = parse_net(e.get_ref())
+                .and_then(|n| check_block_entry(&n).map(|()| n))
+                .or_else(|r| cx.err(e.span(), format!("blocklist: {r}")))?;
+            if seen.insert(net) {
+                policy.blocklist.entries.push(net);
+                lines.blocklist_entries.push(cx.line(e.span().start));
+            }
+        }
+    }
     if let Some(c) = &raw.connections
         && let Some(m) = &c.get_ref().max
     {
@@ -693,6 +763,17 @@ pub fn to_toml(p: &Policy) -> String {
     // Written only when it is not the default, so policies that never set it read as before.
     if p.connections != Connections::default() {
         out.push_str(&format!("\n[connections]\nmax = {}\n", p.connections.max));
+    }
+    if p.blocklist != Blocklist::default() {
+        let bl = &p.blocklist;
+        out.push_str(&format!(
+            "\n[blocklist]\nenabled = {}\nlog = {}\nentries = [\n",
+            bl.enabled, bl.log
+        ));
+        for e in &bl.entries {
+            out.push_str(&format!("  \"{}\",\n", crate::store::show(e)));
+        }
+        out.push_str("]\n");
     }
     out
 }

@@ -13,6 +13,9 @@
 //!   applied from, so that applying the same text again is known to change nothing
 //!   without parsing it (a million entries: most of a no-op apply's time).
 //!
+//! - `blocklist.timed.json`: the blocklist entries with a deadline (`block add --timeout`,
+//!   the feeds): live state beside the policy, which holds the permanent ones.
+//!
 //! The journal is compacted into the snapshot when it outgrows it.
 
 use std::{
@@ -86,6 +89,25 @@ impl Store {
     fn meta_file(&self) -> PathBuf {
         self.dir.join("store.json")
     }
+    fn timed_file(&self) -> PathBuf {
+        self.dir.join("blocklist.timed.json")
+    }
+
+    /// The blocklist entries with a deadline, passed ones included until they are swept.
+    pub fn timed(&self) -> Result<Vec<crate::blocklist::Timed>> {
+        let f = self.timed_file();
+        match fs::read(&f) {
+            Ok(b) => {
+                serde_json::from_slice(&b).with_context(|| format!("{} is corrupt", f.display()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", f.display())),
+        }
+    }
+
+    pub fn put_timed(&self, t: &[crate::blocklist::Timed]) -> Result<()> {
+        write_atomic(&self.timed_file(), &serde_json::to_vec(t)?)
+    }
 
     /// Every file of the store (what `unload` removes).
     pub fn files(&self) -> Vec<PathBuf> {
@@ -94,6 +116,7 @@ impl Store {
             self.snapshot_file(),
             self.journal_file(),
             self.meta_file(),
+            self.timed_file(),
         ]
     }
 

@@ -39,6 +39,9 @@ pub struct Limits {
     pub whitelist_addresses: usize,
     /// Whitelisted CIDRs (shorter than a host route), per family.
     pub whitelist_cidrs: usize,
+    /// Blocked addresses and blocked CIDRs (permanent and timed together), per family.
+    pub blocklist_addresses: usize,
+    pub blocklist_cidrs: usize,
 }
 
 impl Limits {
@@ -54,6 +57,8 @@ impl Limits {
             prefixes: limits::NET_PREFIXES as usize,
             whitelist_addresses: limits::WL_EXACT as usize,
             whitelist_cidrs: limits::WL_LPM as usize,
+            blocklist_addresses: limits::BL_EXACT as usize,
+            blocklist_cidrs: limits::BL_LPM as usize,
         }
     }
 }
@@ -293,6 +298,15 @@ pub trait Backend {
         whitelist: Option<&[IpNet]>,
         generation: u32,
         progress: &mut dyn FnMut(u64),
+    ) -> Result<()>;
+    /// Makes the blocklist hold `view` (prefix → deadline) in place of `old`, from which it
+    /// differs by `changed` (prefixes added, removed, or given another deadline). The
+    /// blocklist's switches (`[blocklist] enabled`, `log`) come with `apply`. All or nothing.
+    fn edit_blocklist(
+        &mut self,
+        old: &crate::blocklist::View,
+        view: &crate::blocklist::View,
+        changed: &[IpNet],
     ) -> Result<()>;
     /// Adds and removes whitelist entries. All or nothing.
     fn edit_whitelist(

@@ -67,6 +67,10 @@ pub fn print_plan(p: &Plan) {
         "whitelist: +{} -{} entries",
         p.whitelist_added, p.whitelist_removed
     );
+    println!(
+        "blocklist: +{} -{} permanent entries (entries with a timeout stay as they are)",
+        p.blocklist_added, p.blocklist_removed
+    );
 }
 
 pub fn apply(paths: &Paths, a: ApplyArgs) -> Result<()> {

@@ -1,5 +1,6 @@
 //! One module per verb, each with its clap arguments and a `run`.
 pub mod apply;
+pub mod block;
 pub mod check;
 pub mod docs;
 pub mod edit;

@@ -52,7 +52,7 @@ pub struct EditArgs {
 }
 
 /// Reads and validates every entry before anything is changed.
-fn collect(a: &EditArgs) -> Result<Vec<IpNet>> {
+pub(crate) fn collect(a: &EditArgs) -> Result<Vec<IpNet>> {
     let mut out = Vec::new();
     for s in &a.addrs {
         out.push(policy::parse_net(s).map_err(anyhow::Error::msg)?);

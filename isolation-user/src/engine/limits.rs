@@ -131,7 +131,46 @@ pub fn check_limits(
             }
         }
     }
-    check_whitelist_sizes(sizes, l, backend)
+    check_whitelist_sizes(sizes, l, backend)?;
+    // The blocklist's permanent entries, by the same rule.
+    let bmax = blocklist_limits(l);
+    let total = WhitelistSizes::of(&p.blocklist.entries).as_array();
+    let mut count = [0usize; 4];
+    for (i, n) in p.blocklist.entries.iter().enumerate() {
+        let k = WhitelistSizes::kind(n);
+        count[k] += 1;
+        if count[k] == bmax[k] + 1 {
+            let line = lines.and_then(|x| x.blocklist_entries.get(i).copied());
+            let what = format!("blocked {}", WHITELIST_KINDS[k]);
+            return Err(over(line, total[k], &what, bmax[k]));
+        }
+    }
+    Ok(())
+}
+
+fn blocklist_limits(l: &Limits) -> [usize; 4] {
+    [
+        l.blocklist_addresses,
+        l.blocklist_cidrs,
+        l.blocklist_addresses,
+        l.blocklist_cidrs,
+    ]
+}
+
+/// The blocklist a change leaves (permanent and timed entries together) against the
+/// backend's limits.
+pub(super) fn check_blocklist_sizes(s: WhitelistSizes, l: &Limits, backend: &str) -> Result<()> {
+    let max = blocklist_limits(l);
+    for (k, n) in s.as_array().into_iter().enumerate() {
+        if n > max[k] {
+            bail!(
+                "the blocklist would have {n} blocked {}; the {backend} backend holds at most {}, so nothing was changed",
+                WHITELIST_KINDS[k],
+                max[k]
+            );
+        }
+    }
+    Ok(())
 }
 
 /// What each kind of whitelist entry (`WhitelistSizes::kind`) may number.
@@ -172,6 +211,8 @@ mod tests {
             prefixes: 2,
             whitelist_addresses: 2,
             whitelist_cidrs: 1,
+            blocklist_addresses: 1,
+            blocklist_cidrs: 1,
         }
     }
 
@@ -216,6 +257,13 @@ mod tests {
         );
         assert!(
             e.starts_with("p.toml:6: the policy has 3 whitelisted IPv4 addresses"),
+            "{e}"
+        );
+        let e = err(
+            "[blocklist]\nentries = [\n\"192.0.2.0/24\",\n\"192.0.2.1\",\n\"198.51.100.0/24\",\n]\n",
+        );
+        assert!(
+            e.starts_with("p.toml:5: the policy has 2 blocked IPv4 CIDRs"),
             "{e}"
         );
         let e = err("[isolation]\nvxlan_ports = [4789,\n 8472]\n");

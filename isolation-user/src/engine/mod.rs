@@ -22,22 +22,26 @@ pub use crate::store::text_digest;
 pub use limits::check_limits;
 pub use plan::{Plan, diff, plan, whitelist_delta};
 pub use read::{
-    check, counters, generation, open, parse_policy_file, read_policy_file, read_policy_text,
-    rules, saved, whitelist, whole,
+    Blocked, blocked, check, counters, generation, open, parse_policy_file, read_policy_file,
+    read_policy_text, rules, saved, whitelist, whole,
 };
 
-use std::{collections::HashSet, fs};
+use std::{
+    collections::{HashMap, HashSet},
+    fs,
+};
 
 use anyhow::{Result, anyhow, bail};
 use ipnet::IpNet;
 use serde::Serialize;
 
 use self::{
-    limits::check_whitelist_sizes,
+    limits::{check_blocklist_sizes, check_whitelist_sizes},
     plan::{DELTA_MAX, diff_and_delta},
 };
 use crate::{
     backend::{self, Backend, Choice, Profile},
+    blocklist::{self, Timed, View},
     lockout,
     policy::{self, Lines, Policy, WhitelistSizes},
     rollback,
@@ -82,6 +86,25 @@ pub enum Change {
     WhitelistAdd(Vec<IpNet>),
     WhitelistDel(Vec<IpNet>),
     WhitelistFlush,
+    Block(BlockEdit),
+}
+
+/// A change to the blocklist.
+pub enum BlockEdit {
+    /// Blocks prefixes: for good (the policy's `[blocklist] entries`) when `deadline` is
+    /// None, else until it (live state, with where it came from). An entry already there
+    /// gets the new deadline.
+    Add {
+        nets: Vec<IpNet>,
+        deadline: Option<crate::blocklist::Deadline>,
+        origin: String,
+    },
+    /// Unblocks prefixes, permanent or not.
+    Del(Vec<IpNet>),
+    /// Unblocks everything.
+    Flush,
+    /// Removes the entries whose deadline passed (they stopped matching then already).
+    Sweep,
 }
 
 /// An apply that undoes itself unless confirmed: the file's name (for messages) and the
@@ -139,6 +162,13 @@ pub enum Done {
         added: usize,
         removed: usize,
         flushed: bool,
+    },
+    Blocklist {
+        asked: usize,
+        /// Prefixes whose blocking changed (added, removed, a new deadline).
+        changed: usize,
+        /// Entries past their deadline removed on the way.
+        swept: usize,
     },
 }
 
@@ -205,15 +235,24 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
                     b.install(&new, false, policy.connections)?
                 }
             };
-            if let Err(e) = b.apply(
-                &policy,
-                Some(&policy.whitelist.allow),
-                generation,
-                opts.progress,
-            ) {
+            let old_entries = store.rules()?.blocklist.entries;
+            let bl = BlockSync::new(&store, &old_entries, &policy.blocklist.entries, done.fresh)?;
+            bl.check(b.as_ref())?;
+            if let Err(e) = bl.write(b.as_mut()).and_then(|()| {
+                b.apply(
+                    &policy,
+                    Some(&policy.whitelist.allow),
+                    generation,
+                    opts.progress,
+                )
+            }) {
+                if !done.fresh {
+                    bl.undo(b.as_mut());
+                }
                 b.uninstall(&done);
                 return Err(e);
             }
+            bl.save(&store)?;
             store.put_whole(&policy, generation)?;
             if let Some(d) = text_digest {
                 store.put_text(generation, d)?;
@@ -267,12 +306,25 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
                 )?),
                 None => None,
             };
-            if let Err(e) = replace(&store, b.as_mut(), delta, &policy, generation, opts) {
+            let bl = BlockSync::new(
+                &store,
+                &old.blocklist.entries,
+                &policy.blocklist.entries,
+                false,
+            )?;
+            let replaced = bl.check(b.as_ref()).and_then(|()| {
+                bl.write(b.as_mut())?;
+                replace(&store, b.as_mut(), delta, &policy, generation, opts).inspect_err(|_| {
+                    bl.undo(b.as_mut());
+                })
+            });
+            if let Err(e) = replaced {
                 if armed.is_some() {
                     rollback::disarm(paths);
                 }
                 return Err(e);
             }
+            bl.save(&store)?;
             if let Some(d) = text_digest {
                 store.put_text(generation, d)?;
             }
@@ -293,11 +345,21 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
             let restored =
                 read_policy_file(&rollback::previous_file(paths)).and_then(|(previous, lines)| {
                     check_whole(&previous, Some(&lines), b.as_ref(), true)?;
-                    let delta = diff_and_delta(&store.whole()?, &previous);
+                    let live = store.whole()?;
+                    let delta = diff_and_delta(&live, &previous);
                     if delta.0.is_empty() {
                         return Ok(false);
                     }
-                    replace(&store, b.as_mut(), delta, &previous, generation, opts)?;
+                    let bl = BlockSync::new(
+                        &store,
+                        &live.blocklist.entries,
+                        &previous.blocklist.entries,
+                        false,
+                    )?;
+                    bl.write(b.as_mut())?;
+                    replace(&store, b.as_mut(), delta, &previous, generation, opts)
+                        .inspect_err(|_| bl.undo(b.as_mut()))?;
+                    bl.save(&store)?;
                     Ok(true)
                 });
             let (now, error) = match &restored {
@@ -410,6 +472,171 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
                 },
             ))
         }
+        Change::Block(edit) => {
+            let mut b = backend::installed(paths, state.as_ref())?;
+            let mut rules = store.rules()?;
+            let stored = store.timed()?;
+            let now = blocklist::now_ms();
+            // What the datapath may hold (passed entries too, until they are removed).
+            let old = blocklist::view(&rules.blocklist.entries, &stored, 0);
+            let mut timed: Vec<Timed> = stored
+                .iter()
+                .filter(|t| t.deadline > now)
+                .cloned()
+                .collect();
+            let swept = stored.len() - timed.len();
+            let permanent = rules.blocklist.entries.clone();
+            let asked = match edit {
+                BlockEdit::Add {
+                    nets,
+                    deadline,
+                    origin,
+                } => {
+                    for n in &nets {
+                        policy::check_block_entry(n)
+                            .map_err(|e| anyhow!("refused, nothing was changed: {e}"))?;
+                    }
+                    if rules.blocklist.enabled {
+                        lockout::check_block(&nets, opts.force)?;
+                    }
+                    match deadline {
+                        None => {
+                            let mut have: HashSet<IpNet> = permanent.iter().copied().collect();
+                            for n in &nets {
+                                if have.insert(*n) {
+                                    rules.blocklist.entries.push(*n);
+                                }
+                            }
+                        }
+                        Some(d) => {
+                            let mut at: HashMap<IpNet, usize> =
+                                timed.iter().enumerate().map(|(i, t)| (t.net, i)).collect();
+                            for n in &nets {
+                                match at.get(n) {
+                                    Some(&i) => {
+                                        timed[i].deadline = d;
+                                        timed[i].origin = origin.clone();
+                                    }
+                                    None => {
+                                        at.insert(*n, timed.len());
+                                        timed.push(Timed {
+                                            net: *n,
+                                            deadline: d,
+                                            origin: origin.clone(),
+                                        });
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    nets.len()
+                }
+                BlockEdit::Del(nets) => {
+                    let gone: HashSet<IpNet> = nets.iter().copied().collect();
+                    rules.blocklist.entries.retain(|n| !gone.contains(n));
+                    timed.retain(|t| !gone.contains(&t.net));
+                    nets.len()
+                }
+                BlockEdit::Flush => {
+                    let n = rules.blocklist.entries.len() + timed.len();
+                    rules.blocklist.entries.clear();
+                    timed.clear();
+                    n
+                }
+                BlockEdit::Sweep => 0,
+            };
+            let new = blocklist::view(&rules.blocklist.entries, &timed, now);
+            check_blocklist_sizes(WhitelistSizes::of(new.keys()), &b.limits(), b.kind().name())?;
+            let changed = blocklist::changed(&old, &new);
+            if !changed.is_empty() {
+                b.edit_blocklist(&old, &new, &changed)?;
+            }
+            if timed != stored {
+                store.put_timed(&timed)?;
+            }
+            // Permanent entries are the policy's: a new generation. Timed ones are not.
+            let generation = if rules.blocklist.entries != permanent {
+                store.put_rules(&rules, generation)?;
+                generation
+            } else {
+                meta.generation
+            };
+            Ok(outcome(
+                generation,
+                b.as_ref(),
+                Done::Blocklist {
+                    asked,
+                    changed: changed.len(),
+                    swept,
+                },
+            ))
+        }
+    }
+}
+
+/// The blocklist across a whole-policy change: its permanent entries go from `old` to
+/// `new`, the timed ones stay (those past their deadline are removed on the way).
+struct BlockSync {
+    old: View,
+    new: View,
+    changed: Vec<IpNet>,
+    /// The timed entries still running, when some passed (to be saved).
+    swept: Option<Vec<Timed>>,
+}
+
+impl BlockSync {
+    /// `fresh`: the datapath was just created and holds nothing.
+    fn new(store: &Store, old: &[IpNet], new: &[IpNet], fresh: bool) -> Result<BlockSync> {
+        let stored = store.timed()?;
+        let now = blocklist::now_ms();
+        let timed: Vec<Timed> = stored
+            .iter()
+            .filter(|t| t.deadline > now)
+            .cloned()
+            .collect();
+        let old = if fresh {
+            View::new()
+        } else {
+            blocklist::view(old, &stored, 0)
+        };
+        let new = blocklist::view(new, &timed, now);
+        Ok(BlockSync {
+            changed: blocklist::changed(&old, &new),
+            swept: (timed.len() != stored.len()).then_some(timed),
+            old,
+            new,
+        })
+    }
+
+    fn check(&self, b: &dyn Backend) -> Result<()> {
+        check_blocklist_sizes(
+            WhitelistSizes::of(self.new.keys()),
+            &b.limits(),
+            b.kind().name(),
+        )
+    }
+
+    fn write(&self, b: &mut dyn Backend) -> Result<()> {
+        if self.changed.is_empty() {
+            return Ok(());
+        }
+        b.edit_blocklist(&self.old, &self.new, &self.changed)
+    }
+
+    /// Puts back what `write` changed (a later step failed).
+    fn undo(&self, b: &mut dyn Backend) {
+        if !self.changed.is_empty()
+            && let Err(e) = b.edit_blocklist(&self.new, &self.old, &self.changed)
+        {
+            tracing::warn!("the blocklist edit could not be undone: {e:#}");
+        }
+    }
+
+    fn save(&self, store: &Store) -> Result<()> {
+        match &self.swept {
+            Some(t) => store.put_timed(t),
+            None => Ok(()),
+        }
     }
 }
 
@@ -435,9 +662,12 @@ fn replace(
     opts: Options<'_>,
 ) -> Result<()> {
     let (plan, add, del) = delta;
+    // The blocklist's entries were written before this (`BlockSync`).
     let only_whitelist = Plan {
         whitelist_added: 0,
         whitelist_removed: 0,
+        blocklist_added: 0,
+        blocklist_removed: 0,
         ..plan.clone()
     }
     .is_empty();
@@ -508,13 +738,31 @@ pub fn unchanged_text(paths: &Paths, digest: &str) -> Result<Option<Outcome>> {
 
 /// The backend's upkeep (`Backend::upkeep`), under the lock: what it did, if anything.
 /// Nothing loaded: nothing to do.
+/// Then the blocklist entries past their deadline are removed (they stopped matching at it
+/// already; removed, they hold no capacity).
 pub fn upkeep(paths: &Paths) -> Result<Option<String>> {
-    let _lock = paths.lock()?;
-    let state = State::load(paths)?;
-    if state.is_none() {
-        return Ok(None);
+    let did = {
+        let _lock = paths.lock()?;
+        let state = State::load(paths)?;
+        if state.is_none() {
+            return Ok(None);
+        }
+        backend::installed(paths, state.as_ref())?.upkeep()?
+    };
+    let now = blocklist::now_ms();
+    if !Store::new(paths).timed()?.iter().any(|t| t.deadline <= now) {
+        return Ok(did);
     }
-    backend::installed(paths, state.as_ref())?.upkeep()
+    let out = commit(paths, Change::Block(BlockEdit::Sweep), Options::quiet(true))?;
+    let swept = match out.what {
+        Done::Blocklist { swept, .. } => swept,
+        _ => 0,
+    };
+    let line = format!("removed {swept} blocklist entries past their deadline");
+    Ok(Some(match did {
+        Some(d) => format!("{d}; {line}"),
+        None => line,
+    }))
 }
 
 /// Detaches from one interface, or removes everything (the last interface, or all).

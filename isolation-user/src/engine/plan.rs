@@ -28,6 +28,10 @@ pub struct Plan {
     pub settings: Vec<String>,
     pub whitelist_added: usize,
     pub whitelist_removed: usize,
+    /// Permanent blocklist entries (`[blocklist] entries`) added and removed; the timed
+    /// ones are live state an apply leaves alone.
+    pub blocklist_added: usize,
+    pub blocklist_removed: usize,
 }
 
 impl Plan {
@@ -121,6 +125,24 @@ pub(super) fn diff_and_delta(old: &Policy, new: &Policy) -> (Plan, Vec<IpNet>, V
         old.connections.max.to_string(),
         new.connections.max.to_string(),
     );
+    setting(
+        "blocklist enabled",
+        old.blocklist.enabled.to_string(),
+        new.blocklist.enabled.to_string(),
+    );
+    setting(
+        "blocklist log",
+        old.blocklist.log.to_string(),
+        new.blocklist.log.to_string(),
+    );
+    let (b_added, b_removed) = whitelist_delta(&old.blocklist.entries, &new.blocklist.entries);
+    (p.blocklist_added, p.blocklist_removed) = (b_added.len(), b_removed.len());
+    // The file order of entries is kept too (`save` writes it): a reorder is a change.
+    if p.blocklist_added + p.blocklist_removed == 0
+        && old.blocklist.entries != new.blocklist.entries
+    {
+        p.settings.push("blocklist entries: reordered".into());
+    }
     let (added, removed) = whitelist_delta(&old.whitelist.allow, &new.whitelist.allow);
     (p.whitelist_added, p.whitelist_removed) = (added.len(), removed.len());
     (p, added, removed)

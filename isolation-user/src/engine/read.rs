@@ -7,7 +7,8 @@ use anyhow::Result;
 use ipnet::IpNet;
 
 use crate::{
-    backend::{self, Answer, Backend, Counters, Profile, Query},
+    backend::{self, Answer, Backend, Counters, Profile, Query, Verdict},
+    blocklist,
     policy::{self, Lines, Policy},
     state::{Paths, State},
     store::Store,
@@ -29,11 +30,75 @@ pub fn counters(paths: &Paths) -> Result<(Counters, Profile)> {
     Ok((b.counters(&rules(paths)?)?, b.profile()))
 }
 
-/// The verdict the live datapath gives a new connection.
+/// The verdict the live datapath gives a new connection: the blocklist first (what the
+/// store says the datapath holds, deadlines included), then the backend's own answer.
 pub fn check(paths: &Paths, q: &Query) -> Result<Answer> {
     let _read = paths.read_lock();
     let (b, _) = open(paths)?;
-    b.check(&rules(paths)?, q)
+    let live = rules(paths)?;
+    if live.blocklist.enabled {
+        let now = blocklist::now_ms();
+        let view = blocklist::view(&live.blocklist.entries, &Store::new(paths).timed()?, now);
+        if let Some((n, d)) = blocklist::blocking(&view, q.src) {
+            let left = match d {
+                blocklist::PERMANENT => "permanent".to_string(),
+                _ => blocklist::left(d, now),
+            };
+            return Ok(Answer {
+                verdict: Verdict::Drop,
+                stage: "blocklist",
+                reason: format!("blocked by {}, {left}", crate::store::show(&n)),
+                generation: Store::new(paths).meta()?.generation,
+            });
+        }
+    }
+    b.check(&live, q)
+}
+
+/// One blocklist entry as `block list` shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Blocked {
+    pub entry: String,
+    /// "policy" (a permanent entry), or where a timed one came from ("cli", "crowdsec",
+    /// "fail2ban").
+    pub origin: String,
+    /// Unix seconds, None for a permanent entry.
+    pub deadline: Option<f64>,
+    /// Seconds left, None for a permanent entry.
+    pub seconds_left: Option<f64>,
+}
+
+/// The blocklist: permanent entries in policy order, then the timed ones still running,
+/// soonest deadline first.
+pub fn blocked(paths: &Paths) -> Result<Vec<Blocked>> {
+    let _read = paths.read_lock();
+    let store = Store::new(paths);
+    let now = blocklist::now_ms();
+    let mut out: Vec<Blocked> = store
+        .rules()?
+        .blocklist
+        .entries
+        .iter()
+        .map(|n| Blocked {
+            entry: crate::store::show(n),
+            origin: blocklist::ORIGIN_POLICY.into(),
+            deadline: None,
+            seconds_left: None,
+        })
+        .collect();
+    let mut timed: Vec<_> = store
+        .timed()?
+        .into_iter()
+        .filter(|t| t.deadline > now)
+        .collect();
+    timed.sort_by_key(|t| t.deadline);
+    out.extend(timed.into_iter().map(|t| Blocked {
+        entry: crate::store::show(&t.net),
+        origin: t.origin,
+        deadline: Some(t.deadline as f64 / 1000.0),
+        seconds_left: Some((t.deadline - now) as f64 / 1000.0),
+    }));
+    Ok(out)
 }
 
 /// The live policy, whitelist included (`save`); an error when nothing is loaded.

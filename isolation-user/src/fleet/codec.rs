@@ -21,6 +21,8 @@ pub fn compact(p: &Policy) -> Vec<u8> {
             allow: Vec::new(),
         },
         connections: p.connections,
+        // Permanent entries travel in the head, as the policy file writes them.
+        blocklist: p.blocklist.clone(),
     });
     let mut out =
         Vec::with_capacity(COMPACT_MAGIC.len() + 4 + head.len() + p.whitelist.allow.len() * 5);

@@ -196,7 +196,7 @@ impl Follower {
         let name = format!("{}@{rev}", self.url.policy_key());
         let why = if self.loaded { why } else { Trigger::Start };
         let (p, c, h) = (self.paths.clone(), self.cfg.clone(), self.health.clone());
-        let read = Ok(Read::Parsed(parsed.0, parsed.1, None));
+        let read = Ok(Read::Parsed(Box::new(parsed.0), parsed.1, None));
         let res = blocking(move || apply_parsed(&p, &c, read, &name, why, &h)).await;
         match res {
             Ok(_) => {

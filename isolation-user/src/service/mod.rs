@@ -120,7 +120,7 @@ fn reload(paths: &Paths, cfg: &Config, why: Trigger, health: &Mutex<Health>) -> 
             return Ok(Read::Live(out));
         }
         let (policy, lines) = engine::parse_policy_file(file, &text)?;
-        Ok(Read::Parsed(policy, lines, Some(digest)))
+        Ok(Read::Parsed(Box::new(policy), lines, Some(digest)))
     });
     apply_parsed(paths, cfg, read, &file.display().to_string(), why, health)
 }
@@ -128,7 +128,11 @@ fn reload(paths: &Paths, cfg: &Config, why: Trigger, health: &Mutex<Health>) -> 
 /// A policy to apply: parsed (with the digest of its file's text, if it came from one), or
 /// known to be the live one without parsing (`engine::unchanged_text`).
 pub(crate) enum Read {
-    Parsed(crate::policy::Policy, crate::policy::Lines, Option<String>),
+    Parsed(
+        Box<crate::policy::Policy>,
+        crate::policy::Lines,
+        Option<String>,
+    ),
     Live(engine::Outcome),
 }
 
@@ -147,7 +151,7 @@ fn apply_parsed(
     let res = (|| -> Result<engine::Outcome> {
         let (policy, lines, text_digest) = match read? {
             Read::Live(out) => return Ok(out),
-            Read::Parsed(p, l, d) => (p, l, d),
+            Read::Parsed(p, l, d) => (*p, l, d),
         };
         let change = match why {
             Trigger::Start => Change::Load {

@@ -12,8 +12,13 @@ pub fn counters(paths: &Paths) -> Result<Vec<(Reason, Counter)>> {
     let a: PerCpuArray<MapData, Counter> = open_map(paths, maps::COUNTERS)?.try_into()?;
     let mut out = Vec::new();
     for r in Reason::ALL {
-        let per_cpu = a.get(&(r as u32), 0)?;
         let mut c = Counter::default();
+        // A datapath of an earlier build (its programs replaced in place) keeps its
+        // shorter counter array: the reasons it lacks count 0 until `unload` and `load`.
+        let Ok(per_cpu) = a.get(&(r as u32), 0) else {
+            out.push((r, c));
+            continue;
+        };
         for v in per_cpu.iter() {
             c.packets += v.packets;
             c.bytes += v.bytes;
@@ -71,6 +76,10 @@ pub fn fill_levels(paths: &Paths) -> Result<Vec<(&'static str, u64, u32)>> {
         maps::WL_V4_LPM,
         maps::WL_V6,
         maps::WL_V6_LPM,
+        maps::BL_V4,
+        maps::BL_V4_LPM,
+        maps::BL_V6,
+        maps::BL_V6_LPM,
         maps::CONNTRACK,
         maps::ESTABLISHED,
         maps::FRAGS,

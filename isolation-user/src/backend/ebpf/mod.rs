@@ -4,6 +4,7 @@
 //! the raw bpf(2) calls aya lacks.
 
 pub mod attach;
+pub mod blocklist;
 pub mod compile;
 pub mod conntrack;
 pub mod counters;
@@ -240,6 +241,15 @@ impl Backend for Ebpf {
             tracing::warn!("the connection tables keep their new size: {e:#}");
         }
         result
+    }
+
+    fn edit_blocklist(
+        &mut self,
+        _old: &crate::blocklist::View,
+        view: &crate::blocklist::View,
+        changed: &[IpNet],
+    ) -> Result<()> {
+        blocklist::edit(&self.paths, view, changed)
     }
 
     fn edit_whitelist(

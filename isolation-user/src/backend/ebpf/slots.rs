@@ -37,6 +37,12 @@ pub fn config_flags(policy: &Policy) -> u32 {
     if policy.whitelist.log {
         f |= flags::LOG;
     }
+    if policy.blocklist.enabled {
+        f |= flags::BLOCKLIST;
+    }
+    if policy.blocklist.log {
+        f |= flags::BL_LOG;
+    }
     f
 }
 
@@ -57,8 +63,8 @@ pub fn flip(paths: &Paths, policy: &Policy, slot: u32, generation: u32) -> Resul
     update_config(paths, |c| {
         before = *c;
         // The CIDR and filter bits follow the maps, not the policy text (see
-        // `whitelist::with_map_flags`).
-        c.flags = config_flags(policy) | (c.flags & flags::WL_FOLLOW_MAPS);
+        // `whitelist::with_map_flags`, `blocklist::edit`).
+        c.flags = config_flags(policy) | (c.flags & flags::FOLLOW_MAPS);
         c.generation = generation;
         c.slot = slot;
     })?;
@@ -80,7 +86,7 @@ pub fn flip(paths: &Paths, policy: &Policy, slot: u32, generation: u32) -> Resul
 /// switches and generation in one write; the map bits stay as the maps say.
 pub fn flip_back(paths: &Paths, before: &Config) -> Result<()> {
     update_config(paths, |c| {
-        c.flags = (before.flags & !flags::WL_FOLLOW_MAPS) | (c.flags & flags::WL_FOLLOW_MAPS);
+        c.flags = (before.flags & !flags::FOLLOW_MAPS) | (c.flags & flags::FOLLOW_MAPS);
         c.generation = before.generation;
         c.slot = before.slot;
     })?;

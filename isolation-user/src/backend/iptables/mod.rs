@@ -27,7 +27,7 @@ pub mod tools;
 
 use std::{collections::HashSet, fs, path::PathBuf};
 
-use anyhow::{Result, anyhow};
+use anyhow::{Context as _, Result, anyhow};
 use ipnet::IpNet;
 use isolation_common::limits;
 use serde::{Deserialize, Serialize};
@@ -41,6 +41,7 @@ use super::{
     WhitelistDelta,
 };
 use crate::{
+    blocklist::View,
     policy::{self, Policy},
     state::{IfaceState, Paths, State, write_atomic},
 };
@@ -310,6 +311,13 @@ impl Backend for Iptables {
         })?;
         let live = self.live(v)?;
         let mut sets = render::network_sets(policy, &self.names, generation);
+        // The blocklist's sets are there before any rule names them (kept across applies).
+        tools::ipset_restore_exist(
+            &Fam::BOTH
+                .map(|f| render::blocklist_create(&self.names, f))
+                .concat(),
+        )
+        .context("ipset refused the blocklist's sets; nothing was changed")?;
         let existing: HashSet<String> = tools::set_names()?.into_iter().collect();
         let wl_gen = match whitelist {
             Some(entries) => {
@@ -388,12 +396,47 @@ impl Backend for Iptables {
             .iter()
             .map(|f| self.whitelist_sets(&new_rec, *f).set)
             .collect();
+        let bl = Fam::BOTH.map(|f| self.names.blocklist(f));
         let old: Vec<String> = existing
             .into_iter()
-            .filter(|n| self.names.owns_set(n) && !created.contains(n) && !wl.contains(n))
+            .filter(|n| {
+                self.names.owns_set(n) && !created.contains(n) && !wl.contains(n) && !bl.contains(n)
+            })
             .collect();
         for e in tools::destroy_sets(&old) {
             tracing::warn!("{e}");
+        }
+        Ok(())
+    }
+
+    /// ipset's timeouts do the datapath's job here: each entry goes in with the seconds it
+    /// has left (0: permanent), and `hash:net` tries the longest prefix first, then the
+    /// shorter ones, skipping entries whose timeout passed.
+    fn edit_blocklist(&mut self, old: &View, view: &View, changed: &[IpNet]) -> Result<()> {
+        let text = |v: &View| {
+            let now = crate::blocklist::now_ms();
+            let mut t = Fam::BOTH
+                .map(|f| render::blocklist_create(&self.names, f))
+                .concat();
+            for n in changed {
+                let set = self.names.blocklist(Fam::of(n));
+                match v.get(n) {
+                    Some(&d) if d == crate::blocklist::PERMANENT => {
+                        t.push_str(&format!("add {set} {n} timeout 0\n"))
+                    }
+                    Some(&d) if d > now => t.push_str(&format!(
+                        "add {set} {n} timeout {}\n",
+                        (d - now).div_ceil(1000)
+                    )),
+                    _ => t.push_str(&format!("del {set} {n}\n")),
+                }
+            }
+            t
+        };
+        if let Err(e) = tools::ipset_restore_exist(&text(view)) {
+            // `ipset restore` stops at the refused line: what went before is put back.
+            let _ = tools::ipset_restore_exist(&text(old));
+            return Err(e.context("ipset refused the blocklist edit; nothing was changed"));
         }
         Ok(())
     }

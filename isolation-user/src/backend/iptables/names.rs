@@ -133,6 +133,12 @@ impl Names {
     pub fn set(&self, generation: u32, what: &str, f: Fam) -> String {
         format!("{}-{generation}-{what}{}", self.set, f.tag())
     }
+    /// The blocklist's set of a family: one for the life of the instance (its entries
+    /// carry their own timeouts, which a set built beside it would have to copy), named
+    /// as generation 0, which no policy has.
+    pub fn blocklist(&self, f: Fam) -> String {
+        self.set(0, "bl", f)
+    }
     /// Is this set one of ours (any generation)? Only names of the exact form `set` gives
     /// (`{set}-{generation}-{all|wl|nN|probe}{v4|v6}`, and a whitelist's `-t` being
     /// rebuilt): an operator's own set that merely starts like ours (`isolation-2024-servers`)
@@ -154,7 +160,7 @@ impl Names {
             return false;
         };
         digits(generation)
-            && (["all", "wl", "probe"].contains(&what)
+            && (["all", "wl", "bl", "probe"].contains(&what)
                 || what.strip_prefix('n').is_some_and(digits))
     }
     /// The NFLOG group `trace` listens on: one per instance.

@@ -97,6 +97,20 @@ pub fn rules(p: &Policy, names: &Names, generation: u32, wl: &WhitelistSets, f: 
     };
     let group = names.nflog_group();
     let nflog = |prefix: &str| format!("NFLOG --nflog-group {group} --nflog-prefix {prefix}");
+    // Stage 0: the blocklist, before anything else (its set's entries time out by
+    // themselves).
+    if p.blocklist.enabled {
+        let m = format!("-m set --match-set {} src", names.blocklist(f));
+        if p.blocklist.log {
+            push(
+                Chain::Input,
+                format!("{m} {}", log_limit()),
+                "isolation:log".into(),
+                nflog(Reason::DropBlocked.name()),
+            );
+        }
+        push(Chain::Input, m, key(Reason::DropBlocked), "DROP".into());
+    }
     // Stage 1: the whitelist. The order puts what a flood pays first and least: one set
     // lookup, one conntrack match, (IPv6) one protocol compare, DROP.
     if p.whitelist.enabled {
@@ -430,6 +444,12 @@ pub fn export(p: &Policy, names: &Names, ifaces: &[String]) -> String {
     let mut s = String::from("# ipset restore\n");
     s.push_str(&ipset_text(&sets));
     for f in Fam::BOTH {
+        s.push_str(&blocklist_create(names, f));
+        for n in p.blocklist.entries.iter().filter(|n| Fam::of(n) == f) {
+            let _ = writeln!(s, "add {} {n} timeout 0", names.blocklist(f));
+        }
+    }
+    for f in Fam::BOTH {
         let _ = writeln!(s, "# {}-restore --noflush", f.iptables());
         let rules = rules(
             p,
@@ -450,6 +470,17 @@ pub fn export(p: &Policy, names: &Names, ifaces: &[String]) -> String {
         s.push_str("COMMIT\n");
     }
     s
+}
+
+/// The blocklist set of a family (`ipset restore -exist` input): entries with timeouts, as
+/// many as the eBPF datapath holds (addresses and CIDRs).
+pub fn blocklist_create(names: &Names, f: Fam) -> String {
+    format!(
+        "create {} hash:net family {} timeout 0 maxelem {}\n",
+        names.blocklist(f),
+        f.inet(),
+        2 * isolation_common::limits::BL_EXACT
+    )
 }
 
 #[cfg(test)]
@@ -474,6 +505,9 @@ pub(crate) mod tests {
             .map(|r| rule_line(&n, r))
             .collect();
         let want = [
+            // The blocklist first (on unless a policy turns it off).
+            "-A ISOLATION-IN -m set --match-set isolation-0-blv4 src -m limit --limit 20/sec --limit-burst 100 -m comment --comment isolation:log -j NFLOG --nflog-group 4200 --nflog-prefix blocked",
+            "-A ISOLATION-IN -m set --match-set isolation-0-blv4 src -m comment --comment isolation:blocked -j DROP",
             "-A ISOLATION-IN -m set --match-set isolation-3-wlv4 src -m comment --comment isolation:whitelisted -g ISOLATION-ISO",
             "-A ISOLATION-IN -m conntrack --ctstate ESTABLISHED,RELATED -m comment --comment isolation:conntrack -g ISOLATION-CT",
             "-A ISOLATION-CT -m conntrack --ctstate RELATED -m comment --comment isolation:related -j RETURN",
@@ -507,11 +541,11 @@ pub(crate) mod tests {
         // IPv6: ICMPv6 not whitelisted goes to the neighbour-discovery chain, which passes
         // ND from the link and drops the rest.
         assert!(
-            v6[4].contains("-p ipv6-icmp") && v6[4].ends_with("-g ISOLATION-ND"),
+            v6[6].contains("-p ipv6-icmp") && v6[6].ends_with("-g ISOLATION-ND"),
             "{v6:#?}"
         );
         assert!(
-            v6[5].starts_with(
+            v6[7].starts_with(
                 "-A ISOLATION-ND -p ipv6-icmp -m icmp6 --icmpv6-type 133 -m hl --hl-eq 255"
             ),
             "{v6:#?}"

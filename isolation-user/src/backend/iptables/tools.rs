@@ -103,6 +103,15 @@ pub fn ipset_restore(text: &str) -> Result<()> {
     run("ipset", &["restore"], Some(text)).map(|_| ())
 }
 
+/// `ipset restore -exist`: adding what is there sets its timeout anew, deleting what is
+/// not there is no error.
+pub fn ipset_restore_exist(text: &str) -> Result<()> {
+    if text.is_empty() {
+        return Ok(());
+    }
+    run("ipset", &["restore", "-exist"], Some(text)).map(|_| ())
+}
+
 /// Which of `types` this kernel's ipset has: a set of each is created (named after this
 /// instance, so nobody else's) and destroyed at once.
 pub fn set_types_present(names: &Names, types: &[&str]) -> Vec<String> {

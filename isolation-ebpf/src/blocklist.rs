@@ -1,0 +1,71 @@
+//! The blocklist: sources dropped before anything else is asked, each until its deadline
+//! (`isolation_common::block_deadline`). Exact addresses in hashes, CIDRs in LPM tries, both
+//! allocated as they fill (an empty blocklist reserves nothing). An entry holds the latest
+//! deadline of itself and of every blocked CIDR containing it (the loader writes it so), so
+//! one lookup answers: the exact hash first, the trie's longest prefix on a miss.
+//!
+//! A deadline is checked here, on the packet: an entry stops matching when it passes, not
+//! when the loader gets round to removing it.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{HashMap, LpmTrie, lpm_trie::Key},
+    helpers::bpf_ktime_get_boot_ns,
+    macros::btf_map,
+};
+use isolation_common::{AF_INET, block_deadline, flags, limits};
+
+use crate::parse::Packet;
+
+const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
+
+#[btf_map]
+static BL_V4: HashMap<u32, u64, { limits::BL_EXACT as usize }, NO_PREALLOC> = HashMap::new();
+/// Trie values are the deadline's bytes (an LPM value may not be aligned beyond its key).
+#[btf_map]
+static BL_V4_LPM: LpmTrie<[u8; 4], [u8; 8], { limits::BL_LPM as usize }> = LpmTrie::new();
+#[btf_map]
+static BL_V6: HashMap<[u8; 16], u64, { limits::BL_EXACT as usize }, NO_PREALLOC> = HashMap::new();
+#[btf_map]
+static BL_V6_LPM: LpmTrie<[u8; 16], [u8; 8], { limits::BL_LPM as usize }> = LpmTrie::new();
+
+/// Does an entry with this deadline still block? Permanent entries never read the clock.
+#[inline(always)]
+fn holds(deadline: u64) -> bool {
+    deadline == block_deadline::PERMANENT
+        // SAFETY: a helper without arguments.
+        || block_deadline::holds(deadline, unsafe { bpf_ktime_get_boot_ns() })
+}
+
+/// Is the source blocked? `cfg_flags` says which maps hold anything.
+#[inline(always)]
+pub fn blocked(pkt: &Packet, cfg_flags: u32) -> bool {
+    if pkt.family == AF_INET {
+        let a = pkt.src.words()[0];
+        // SAFETY: the value is a plain u64 the loader writes whole; a torn read cannot
+        // happen on an aligned 8-byte word.
+        if cfg_flags & flags::BL_V4 != 0
+            && let Some(d) = unsafe { BL_V4.get(&a) }
+        {
+            return holds(*d);
+        }
+        if cfg_flags & flags::BL_CIDR_V4 != 0
+            && let Some(d) = BL_V4_LPM.get(&Key::new(32, a.to_ne_bytes()))
+        {
+            return holds(u64::from_ne_bytes(*d));
+        }
+    } else {
+        // SAFETY: as for IPv4.
+        if cfg_flags & flags::BL_V6 != 0
+            && let Some(d) = unsafe { BL_V6.get(&pkt.src.0) }
+        {
+            return holds(*d);
+        }
+        if cfg_flags & flags::BL_CIDR_V6 != 0
+            && let Some(d) = BL_V6_LPM.get(&Key::new(128, pkt.src.0))
+        {
+            return holds(u64::from_ne_bytes(*d));
+        }
+    }
+    false
+}

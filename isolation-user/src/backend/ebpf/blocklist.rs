@@ -1,0 +1,193 @@
+//! The blocklist maps: a hash of addresses and an LPM trie of CIDRs per family, each entry
+//! the deadline the datapath checks on the packet (`isolation_common::block_deadline`, in
+//! `CLOCK_BOOTTIME`), the latest of its own and of the CIDRs containing it
+//! (`crate::blocklist::writes` says which entries a change touches and what they hold).
+
+use std::net::IpAddr;
+
+use anyhow::{Context as _, Result};
+use aya::maps::{HashMap, LpmTrie, MapData, lpm_trie::Key};
+use ipnet::IpNet;
+use isolation_common::{block_deadline, flags, maps};
+
+use super::pins::open_map;
+use crate::{
+    blocklist::{self, Deadline, PERMANENT, View},
+    state::Paths,
+};
+
+/// `CLOCK_BOOTTIME` now, in nanoseconds: the datapath's clock (`bpf_ktime_get_boot_ns`).
+fn boot_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, which `ts` is.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// A deadline (Unix ms) on the datapath's clock, given the two clocks read together.
+fn on_boot_clock(d: Deadline, unix_ms: u64, boot: u64) -> u64 {
+    if d == PERMANENT {
+        return block_deadline::PERMANENT;
+    }
+    // Passed already: 0 never holds.
+    match d.checked_sub(unix_ms) {
+        Some(ms) => boot.saturating_add(ms.saturating_mul(1_000_000)),
+        None => 0,
+    }
+}
+
+/// The four maps, opened.
+struct Maps {
+    v4: HashMap<MapData, u32, u64>,
+    v6: HashMap<MapData, [u8; 16], u64>,
+    v4_lpm: LpmTrie<MapData, [u8; 4], [u8; 8]>,
+    v6_lpm: LpmTrie<MapData, [u8; 16], [u8; 8]>,
+}
+
+impl Maps {
+    fn open(paths: &Paths) -> Result<Maps> {
+        Ok(Maps {
+            v4: open_map(paths, maps::BL_V4)?.try_into()?,
+            v6: open_map(paths, maps::BL_V6)?.try_into()?,
+            v4_lpm: open_map(paths, maps::BL_V4_LPM)?.try_into()?,
+            v6_lpm: open_map(paths, maps::BL_V6_LPM)?.try_into()?,
+        })
+    }
+
+    /// What the map holds for `n` (boot ns), if anything.
+    fn get(&self, n: &IpNet) -> Option<u64> {
+        let exact = n.prefix_len() == n.max_prefix_len();
+        match n.addr() {
+            IpAddr::V4(a) if exact => self.v4.get(&u32::from_ne_bytes(a.octets()), 0).ok(),
+            IpAddr::V6(a) if exact => self.v6.get(&a.octets(), 0).ok(),
+            IpAddr::V4(a) => self
+                .v4_lpm
+                .get(&Key::new(n.prefix_len() as u32, a.octets()), 0)
+                .ok()
+                .map(u64::from_ne_bytes),
+            IpAddr::V6(a) => self
+                .v6_lpm
+                .get(&Key::new(n.prefix_len() as u32, a.octets()), 0)
+                .ok()
+                .map(u64::from_ne_bytes),
+        }
+    }
+
+    /// Writes `n`'s entry (Some) or removes it (None; absent already is no error).
+    fn put(&mut self, n: &IpNet, v: Option<u64>) -> Result<()> {
+        let exact = n.prefix_len() == n.max_prefix_len();
+        let len = n.prefix_len() as u32;
+        let r = match (n.addr(), v) {
+            (IpAddr::V4(a), Some(v)) if exact => {
+                self.v4.insert(&u32::from_ne_bytes(a.octets()), &v, 0)
+            }
+            (IpAddr::V6(a), Some(v)) if exact => self.v6.insert(&a.octets(), &v, 0),
+            (IpAddr::V4(a), Some(v)) => {
+                self.v4_lpm
+                    .insert(&Key::new(len, a.octets()), &v.to_ne_bytes(), 0)
+            }
+            (IpAddr::V6(a), Some(v)) => {
+                self.v6_lpm
+                    .insert(&Key::new(len, a.octets()), &v.to_ne_bytes(), 0)
+            }
+            (IpAddr::V4(a), None) if exact => {
+                self.v4.remove(&u32::from_ne_bytes(a.octets())).or(Ok(()))
+            }
+            (IpAddr::V6(a), None) if exact => self.v6.remove(&a.octets()).or(Ok(())),
+            (IpAddr::V4(a), None) => self.v4_lpm.remove(&Key::new(len, a.octets())).or(Ok(())),
+            (IpAddr::V6(a), None) => self.v6_lpm.remove(&Key::new(len, a.octets())).or(Ok(())),
+        };
+        r.with_context(|| format!("the kernel refused the blocklist entry {n}"))
+    }
+
+    /// The map switches (`flags::BL_*`) for what the maps hold now.
+    fn flags(&self) -> u32 {
+        let mut f = 0;
+        if self.v4.keys().next().is_some() {
+            f |= flags::BL_V4;
+        }
+        if self.v6.keys().next().is_some() {
+            f |= flags::BL_V6;
+        }
+        if self.v4_lpm.keys().next().is_some() {
+            f |= flags::BL_CIDR_V4;
+        }
+        if self.v6_lpm.keys().next().is_some() {
+            f |= flags::BL_CIDR_V6;
+        }
+        f
+    }
+}
+
+/// The switch of the map an entry goes to.
+fn flag_of(n: &IpNet) -> u32 {
+    match (
+        matches!(n, IpNet::V6(_)),
+        n.prefix_len() == n.max_prefix_len(),
+    ) {
+        (false, true) => flags::BL_V4,
+        (true, true) => flags::BL_V6,
+        (false, false) => flags::BL_CIDR_V4,
+        (true, false) => flags::BL_CIDR_V6,
+    }
+}
+
+/// Makes the maps hold `view` where `changed` says it differs. A map's switch is set before
+/// its first entry goes in and cleared once it is empty; a refused write puts back what
+/// this call wrote.
+pub fn edit(paths: &Paths, view: &View, changed: &[IpNet]) -> Result<()> {
+    let writes = blocklist::writes(view, changed);
+    if writes.is_empty() {
+        return Ok(());
+    }
+    let mut m = Maps::open(paths)?;
+    let (unix, boot) = (blocklist::now_ms(), boot_ns());
+    let gaining = writes
+        .iter()
+        .filter(|(_, h)| h.is_some())
+        .fold(0, |f, (n, _)| f | flag_of(n));
+    if gaining != 0 {
+        super::slots::update_config(paths, |c| c.flags |= gaining)?;
+    }
+    let mut done: Vec<(IpNet, Option<u64>)> = Vec::new();
+    let mut result = Ok(());
+    for (n, h) in &writes {
+        let before = m.get(n);
+        let v = h.map(|d| on_boot_clock(d, unix, boot));
+        if let Err(e) = m.put(n, v) {
+            result = Err(e);
+            break;
+        }
+        done.push((*n, before));
+    }
+    if result.is_err() {
+        for (n, before) in done.iter().rev() {
+            let _ = m.put(n, *before);
+        }
+    }
+    let now = m.flags();
+    super::slots::update_config(paths, |c| {
+        c.flags = (c.flags & !flags::BL_FOLLOW_MAPS) | now
+    })?;
+    result
+}
+
+/// How many entries each map holds: IPv4 addresses, IPv4 CIDRs, IPv6 addresses, IPv6
+/// CIDRs (for `status`).
+pub const MAPS: [&str; 4] = [maps::BL_V4, maps::BL_V4_LPM, maps::BL_V6, maps::BL_V6_LPM];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadlines_move_to_the_boot_clock() {
+        assert_eq!(on_boot_clock(PERMANENT, 5, 7), block_deadline::PERMANENT);
+        assert_eq!(on_boot_clock(1_500, 1_000, 10), 10 + 500_000_000);
+        assert_eq!(on_boot_clock(999, 1_000, 10), 0);
+        assert!(!block_deadline::holds(0, 0));
+    }
+}

@@ -1,0 +1,217 @@
+//! End-to-end: the blocklist on both backends, with real traffic. Both clients are
+//! whitelisted, so every drop here is the blocklist's (it comes before the whitelist and
+//! before replies), each beside a positive control: the other client, or the other family.
+//!
+//!   cw (192.0.2.2, 2001:db8:1::2) --s1-- srv --s2-- cx (198.51.100.2, 2001:db8:2::2)
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use rstest::rstest;
+
+use tests::{
+    iso::Iso,
+    netns::{Netns, TwoClients},
+    traffic::{Echo, ping_ok, tcp_ok, udp_ok},
+};
+
+const PASS_WAIT: Duration = Duration::from_secs(3);
+/// A dropped connection attempt is given this long before it counts as blocked.
+const DROP_WAIT: Duration = Duration::from_millis(400);
+
+const POLICY: &str = r#"
+[whitelist]
+enabled = true
+log = true
+allow = ["192.0.2.0/24", "198.51.100.0/24", "2001:db8:1::/64", "2001:db8:2::/64"]
+"#;
+
+struct Lab {
+    // Dropped in order: the datapath is unloaded before its namespaces go.
+    iso: Iso,
+    _ns: Netns,
+    srv: String,
+    cw: String,
+    cx: String,
+    policy: String,
+}
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+const SRV4_W: &str = "192.0.2.1:8080";
+const SRV4_X: &str = "198.51.100.1:8080";
+const SRV6_X: &str = "[2001:db8:2::1]:8080";
+
+impl Lab {
+    fn new(backend: &str) -> Option<Lab> {
+        if !tests::can_run("end-to-end test") {
+            return None;
+        }
+        let TwoClients { ns, srv, cw, cx } = TwoClients::new("bl");
+        let iso = Iso::with_backend(&srv, backend);
+        let policy = iso.policy(POLICY);
+        Some(Lab {
+            iso,
+            _ns: ns,
+            srv,
+            cw,
+            cx,
+            policy,
+        })
+    }
+
+    /// Does the stranger's IPv4 / IPv6 TCP get through?
+    fn x4(&self, wait: Duration) -> bool {
+        tcp_ok(&self.cx, sa(SRV4_X), wait)
+    }
+    fn x6(&self, wait: Duration) -> bool {
+        tcp_ok(&self.cx, sa(SRV6_X), wait)
+    }
+    fn w4(&self) -> bool {
+        tcp_ok(&self.cw, sa(SRV4_W), PASS_WAIT)
+    }
+}
+
+#[rstest]
+#[case::ebpf("ebpf")]
+#[case::iptables("iptables")]
+fn blocked_sources_are_dropped_before_anything_else(#[case] backend: &str) {
+    let Some(lab) = Lab::new(backend) else { return };
+    let _echo = Echo::start(
+        &lab.srv,
+        &[sa("0.0.0.0:8080"), sa("[2001:db8:1::1]:8080"), sa(SRV6_X)],
+    );
+    lab.iso.ok(&[
+        "load",
+        "--iface",
+        "s1",
+        "--iface",
+        "s2",
+        "--policy",
+        &lab.policy,
+    ]);
+    assert!(
+        lab.x4(PASS_WAIT) && lab.x6(PASS_WAIT) && lab.w4(),
+        "all whitelisted"
+    );
+
+    // A permanent entry: IPv4 TCP, UDP and ping of the stranger dropped, though it is
+    // whitelisted; its IPv6 and the other client pass.
+    let out = lab.iso.ok(&["block", "add", "198.51.100.2"]);
+    assert!(out.contains("blocked 1 entry permanently"), "{out}");
+    let (_, d) = lab.iso.deltas(&["blocked"], || {
+        assert!(!lab.x4(DROP_WAIT), "blocked tcp");
+        assert!(!udp_ok(&lab.cx, sa(SRV4_X), DROP_WAIT), "blocked udp");
+        assert!(!ping_ok(&lab.cx, "198.51.100.1"), "blocked ping");
+    });
+    assert!(d[0] >= 3, "the drops are counted as blocked: {d:?}");
+    assert!(lab.x6(PASS_WAIT), "the stranger's IPv6 is not blocked");
+    assert!(lab.w4(), "the other client is not blocked");
+    // Replies too: the server's own ping to the blocked host gets no answer in.
+    assert!(!ping_ok(&lab.srv, "198.51.100.2"), "a blocked host's reply");
+    assert!(
+        ping_ok(&lab.srv, "2001:db8:2::2"),
+        "an unblocked host's reply"
+    );
+    let check = lab.iso.ok(&["check", "198.51.100.2", "198.51.100.1"]);
+    assert_eq!(check.trim(), "DROP: blocked by 198.51.100.2, permanent");
+    let saved = lab.iso.ok(&["save"]);
+    assert!(
+        saved.contains("[blocklist]") && saved.contains("\"198.51.100.2\""),
+        "{saved}"
+    );
+
+    // A CIDR with a deadline around an address with a shorter one: the address stays
+    // blocked by the CIDR once its own deadline passes (the longest prefix never hides a
+    // shorter one that still holds).
+    lab.iso.ok(&["block", "del", "198.51.100.2"]);
+    assert!(lab.x4(PASS_WAIT), "unblocked");
+    lab.iso
+        .ok(&["block", "add", "198.51.100.0/24", "--timeout", "60"]);
+    lab.iso
+        .ok(&["block", "add", "198.51.100.2", "--timeout", "1"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !lab.x4(DROP_WAIT),
+        "blocked by the /24 after the /32 passed"
+    );
+    let list: serde_json::Value =
+        serde_json::from_str(&lab.iso.ok(&["block", "list", "--json"])).unwrap();
+    let entries = list.as_array().unwrap();
+    assert_eq!(entries.len(), 1, "the passed entry is not listed: {list}");
+    assert_eq!(entries[0]["entry"], "198.51.100.0/24");
+    assert_eq!(entries[0]["origin"], "cli");
+    let left = entries[0]["seconds_left"].as_f64().unwrap();
+    assert!((50.0..=60.0).contains(&left), "{list}");
+    lab.iso.ok(&["block", "del", "198.51.100.0/24"]);
+    assert!(
+        lab.x4(PASS_WAIT),
+        "the /24 removed, its /32 passed long ago"
+    );
+
+    // A 3 s timeout is exact on the packet: dropped at 2.5 s, passing at 4 s, and neither
+    // an `apply` of the policy file nor a `load` again in between changes it. The apply
+    // does remove the permanent entry the file does not have (they are the policy's).
+    lab.iso.ok(&["block", "add", "198.51.100.7"]);
+    let t0 = Instant::now();
+    lab.iso
+        .ok(&["block", "add", "2001:db8:2::/64", "--timeout", "3"]);
+    lab.iso.ok(&["apply", &lab.policy]);
+    lab.iso.ok(&[
+        "load",
+        "--iface",
+        "s1",
+        "--iface",
+        "s2",
+        "--policy",
+        &lab.policy,
+    ]);
+    let list = lab.iso.ok(&["block", "list"]);
+    assert!(
+        list.contains("2001:db8:2::/64") && !list.contains("198.51.100.7"),
+        "{list}"
+    );
+    sleep_until(t0 + Duration::from_millis(2000));
+    assert!(!lab.x6(DROP_WAIT), "dropped before its deadline");
+    assert!(
+        t0.elapsed() < Duration::from_millis(2900),
+        "checked in time"
+    );
+    assert!(lab.x4(PASS_WAIT), "the other family passes meanwhile");
+    sleep_until(t0 + Duration::from_millis(4000));
+    assert!(
+        lab.x6(Duration::from_millis(900)),
+        "passing after its deadline"
+    );
+
+    // Flush removes everything; the SSH guard refuses to block this session's client.
+    lab.iso
+        .ok(&["block", "add", "198.51.100.0/24", "2001:db8:2::2"]);
+    assert!(!lab.x4(DROP_WAIT) && !lab.x6(DROP_WAIT));
+    lab.iso.ok(&["block", "flush"]);
+    assert!(lab.x4(PASS_WAIT) && lab.x6(PASS_WAIT), "flushed");
+    let err = String::from_utf8_lossy(
+        &lab.iso
+            .cmd(&["block", "add", "198.51.100.0/24"])
+            .env("SSH_CONNECTION", "198.51.100.2 50000 198.51.100.1 22")
+            .output()
+            .unwrap()
+            .stderr,
+    )
+    .into_owned();
+    assert!(
+        err.contains("refusing: blocking 198.51.100.0/24 would drop 198.51.100.2"),
+        "{err}"
+    );
+    assert!(lab.x4(PASS_WAIT), "the refused block changed nothing");
+}
+
+fn sleep_until(t: Instant) {
+    if let Some(d) = t.checked_duration_since(Instant::now()) {
+        std::thread::sleep(d);
+    }
+}
