@@ -39,6 +39,7 @@ fn main() -> anyhow::Result<()> {
         "reject-as-drop",
         "skip-cidr-trie",
         "record-at-ingress",
+        "blocked-after-replies",
     ] {
         let var = format!(
             "CARGO_FEATURE_MUTANT_{}",

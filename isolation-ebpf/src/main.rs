@@ -113,7 +113,10 @@ mod programs {
             }
         };
         // Stage 0, the blocklist: before neighbour discovery, replies, anything.
-        if cfg.flags & flags::BLOCKLIST != 0 && blocklist::blocked(&pkt, cfg.flags) {
+        if !crate::mutants::BLOCKED_AFTER_REPLIES
+            && cfg.flags & flags::BLOCKLIST != 0
+            && blocklist::blocked(&pkt, cfg.flags)
+        {
             if cfg.flags & flags::BL_LOG != 0 {
                 trace::log(&pkt, Reason::DropBlocked as u32, ingress_ifindex(ctx), len);
             }
@@ -129,6 +132,11 @@ mod programs {
             Reason::PassWhitelistOff
         } else if whitelist::whitelisted(&pkt, cfg.flags, src_hash) {
             Reason::PassWhitelist
+        } else if crate::mutants::BLOCKED_AFTER_REPLIES
+            && cfg.flags & flags::BLOCKLIST != 0
+            && blocklist::blocked(&pkt, cfg.flags)
+        {
+            return Reason::DropBlocked;
         } else if conntrack::is_reply(&pkt, src_hash, cfg.peers) {
             conntrack::remember_fragment(&pkt);
             Reason::PassEstablished

@@ -11,3 +11,6 @@ pub const HAIRPIN_OFF: bool = cfg!(feature = "mutant-hairpin-off");
 pub const RECORD_AT_INGRESS: bool = cfg!(feature = "mutant-record-at-ingress");
 /// A denial that should be answered is dropped silently.
 pub const REJECT_AS_DROP: bool = cfg!(feature = "mutant-reject-as-drop");
+/// The blocklist is asked after replies, related errors and fragments (a blocked host's
+/// replies get in).
+pub const BLOCKED_AFTER_REPLIES: bool = cfg!(feature = "mutant-blocked-after-replies");

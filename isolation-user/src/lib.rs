@@ -10,6 +10,7 @@ pub mod backend;
 pub mod blocklist;
 pub mod commands;
 pub mod engine;
+pub mod feeds;
 pub mod fleet;
 pub mod iface;
 pub mod import;

@@ -459,6 +459,11 @@ impl<'p> Oracle<'p> {
             rule: None,
             tunnelled: false,
         };
+        // Stage 0: the blocklist, before anything else (replies included).
+        let bl = &self.policy.blocklist;
+        if bl.enabled && bl.entries.iter().any(|n| n.contains(&p.src)) {
+            return done(Reason::DropBlocked);
+        }
         // Stage 1: the host whitelist.
         let mut conntracked = None;
         let admitted = if !wl.enabled {

@@ -39,6 +39,10 @@ impl Paths {
     pub fn state_file(&self) -> PathBuf {
         self.state_dir.join("state.json")
     }
+    /// The service's record of its decisions feed (what `status` shows of it).
+    pub fn feed_file(&self) -> PathBuf {
+        self.state_dir.join("decisions.json")
+    }
 
     /// Serialises the engine's transactions (two `whitelist add` at once would otherwise
     /// race on the store). Released when the returned file is dropped.

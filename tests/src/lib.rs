@@ -3,6 +3,7 @@
 //! A test that cannot run here (not root, no BPF) skips with a reason, unless
 //! `ISOLATION_REQUIRE_E2E=1` (set by `cargo xtask test` and CI) turns the skip into a failure.
 
+pub mod crowdsec;
 pub mod dump;
 pub mod fleet;
 pub mod iso;

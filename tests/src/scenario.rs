@@ -234,6 +234,22 @@ pub fn build(v: &[u32]) -> Scenario {
             }
         }
     }
+    // A blocklist: an address or a prefix of the pool, sometimes switched off.
+    if c.chance(30) {
+        for _ in 0..1 + c.below(2) {
+            let pre = *c.pick(&prefixes);
+            let e = if c.chance(60) {
+                IpNet::from(inside(&mut c, &pre))
+            } else {
+                pre
+            };
+            if e.prefix_len() > 0 && !p.blocklist.entries.contains(&e) {
+                p.blocklist.entries.push(e);
+            }
+        }
+        p.blocklist.enabled = !c.chance(15);
+        p.blocklist.log = c.chance(50);
+    }
     let toml = render(&p, &mut c);
     let steps = packets(&mut c, &p, &prefixes);
     Scenario {
@@ -313,6 +329,22 @@ fn render(p: &Policy, c: &mut Choices) -> String {
         writeln!(s, "allow = [\n  {}\n]", list.join(",\n  ")).unwrap();
     } else if c.chance(20) {
         s.push_str("\n[whitelist]\nenabled = false\nallow = []\n");
+    }
+    let bl = &p.blocklist;
+    if !bl.entries.is_empty() || !bl.enabled {
+        s.push_str("\n[blocklist]\n");
+        if !bl.enabled || c.chance(50) {
+            writeln!(s, "enabled = {}", bl.enabled).unwrap();
+        }
+        if !bl.log || c.chance(50) {
+            writeln!(s, "log = {}", bl.log).unwrap();
+        }
+        let list: Vec<String> = bl
+            .entries
+            .iter()
+            .map(|n| format!("\"{}\"", cidr(n, c)))
+            .collect();
+        writeln!(s, "entries = [{}]", list.join(", ")).unwrap();
     }
     s
 }
@@ -836,6 +868,7 @@ fn ip_frame(p: &Packet, proto: u8, l4: &[u8]) -> Vec<u8> {
 
 /// The decisions the differential must reach, each on at least 1% of the packets.
 pub const DECISIONS: &[&str] = &[
+    "blocked",
     "whitelist-off",
     "whitelisted",
     "established",

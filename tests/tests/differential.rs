@@ -48,6 +48,8 @@ struct Dp {
     reject_bucket: PerCpuArray<MapData, LogBucket>,
     cpus: usize,
     generation: u32,
+    /// What the blocklist maps hold (the engine writes them beside `apply`).
+    blocklist: isolation_user::blocklist::View,
 }
 
 impl Drop for Dp {
@@ -71,6 +73,7 @@ impl Dp {
             tc,
             paths,
             generation: 0,
+            blocklist: Default::default(),
         }
     }
 
@@ -149,6 +152,12 @@ fn check(dp: &mut Dp, sc: &Scenario, hist: &mut Histogram) -> Result<(), TestCas
             &mut |_| {},
         )
         .map_err(|e| TestCaseError::fail(format!("apply: {e:#}\n{}", sc.toml)))?;
+    let blocklist = isolation_user::blocklist::view(&parsed.blocklist.entries, &[], 0);
+    let changed = isolation_user::blocklist::changed(&dp.blocklist, &blocklist);
+    dp.backend
+        .edit_blocklist(&dp.blocklist, &blocklist, &changed)
+        .map_err(|e| TestCaseError::fail(format!("blocklist: {e:#}\n{}", sc.toml)))?;
+    dp.blocklist = blocklist;
     for m in [maps::CONNTRACK, maps::ESTABLISHED, maps::FRAGS] {
         counters::clear_map(&dp.paths, m).unwrap();
     }

@@ -215,3 +215,191 @@ fn sleep_until(t: Instant) {
         std::thread::sleep(d);
     }
 }
+
+/// Polls until `f` is true, at most `limit`; how long it took.
+fn within(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        if f() {
+            return Some(t0.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
+}
+
+/// The service as a bouncer of a real CrowdSec Local API polled every second: a banned
+/// client is dropped within two polls and passes again after the decision's duration; a
+/// deleted decision is lifted; a second, longer decision keeps the address blocked when the
+/// first ends; the LAPI killed and started again changes nothing enforced.
+#[rstest]
+#[case::ebpf("ebpf", 19311)]
+#[case::iptables("iptables", 19312)]
+fn crowdsec_decisions_are_enforced(#[case] backend: &str, #[case] port: u16) {
+    let Some(lab) = Lab::new(backend) else { return };
+    let _echo = Echo::start(
+        &lab.srv,
+        &[sa("0.0.0.0:8080"), sa("[2001:db8:1::1]:8080"), sa(SRV6_X)],
+    );
+    let mut lapi = tests::crowdsec::Lapi::start(&lab.srv);
+    let key = lapi.bouncer_key_file("isolation");
+    let url = format!("crowdsec+http://127.0.0.1:{}", tests::crowdsec::PORT);
+    let svc = tests::service::Service::start(
+        &lab.iso,
+        &[
+            "--iface",
+            "s1",
+            "--iface",
+            "s2",
+            "--policy",
+            &lab.policy,
+            "--decisions",
+            &url,
+            "--crowdsec-key-file",
+            key.to_str().unwrap(),
+            "--decisions-every",
+            "1s",
+        ],
+        port,
+    );
+    assert!(
+        svc.wait_log(
+            "decisions from crowdsec+http://127.0.0.1:18080",
+            Duration::from_secs(10)
+        ),
+        "the first poll: {}",
+        svc.log_text()
+    );
+    assert!(lab.x4(PASS_WAIT) && lab.w4(), "before any decision");
+
+    // A ban: dropped within two polls (2 s; 3 s with the time the check itself takes).
+    lapi.cscli(&[
+        "decisions",
+        "add",
+        "--ip",
+        "198.51.100.2",
+        "--duration",
+        "8s",
+    ]);
+    let t0 = Instant::now();
+    let took = within(Duration::from_secs(3), || {
+        !lab.x4(Duration::from_millis(300))
+    });
+    assert!(
+        took.is_some(),
+        "not dropped within two polls: {}",
+        svc.log_text()
+    );
+    assert!(
+        lab.w4() && lab.x6(PASS_WAIT),
+        "the other client and family pass"
+    );
+    let list = lab.iso.ok(&["block", "list"]);
+    assert!(
+        list.contains("198.51.100.2") && list.contains("crowdsec"),
+        "{list}"
+    );
+    // ... and passes again after its duration.
+    sleep_until(t0 + Duration::from_secs(8));
+    assert!(
+        within(Duration::from_secs(3), || lab
+            .x4(Duration::from_millis(300)))
+        .is_some(),
+        "passing after the decision's duration"
+    );
+
+    // A deleted decision is lifted within two polls.
+    lapi.cscli(&[
+        "decisions",
+        "add",
+        "--range",
+        "198.51.100.0/24",
+        "--duration",
+        "1h",
+    ]);
+    assert!(
+        within(Duration::from_secs(3), || !lab
+            .x4(Duration::from_millis(300)))
+        .is_some()
+    );
+    lapi.cscli(&["decisions", "delete", "--range", "198.51.100.0/24"]);
+    assert!(
+        within(Duration::from_secs(3), || lab
+            .x4(Duration::from_millis(300)))
+        .is_some(),
+        "the deleted decision is lifted"
+    );
+
+    // A ban added again with a longer duration extends the deadline (the LAPI sends the
+    // longer one alone: it must replace the first, not be taken as already there).
+    lapi.cscli(&[
+        "decisions",
+        "add",
+        "--ip",
+        "198.51.100.2",
+        "--duration",
+        "3s",
+    ]);
+    let t1 = Instant::now();
+    assert!(
+        within(Duration::from_secs(3), || !lab
+            .x4(Duration::from_millis(300)))
+        .is_some()
+    );
+    lapi.cscli(&[
+        "decisions",
+        "add",
+        "--ip",
+        "198.51.100.2",
+        "--duration",
+        "1h",
+        "--reason",
+        "again",
+    ]);
+    std::thread::sleep(Duration::from_millis(1500));
+    sleep_until(t1 + Duration::from_secs(5));
+    assert!(
+        !lab.x4(DROP_WAIT),
+        "still blocked after the first duration: the deadline was extended"
+    );
+
+    // The LAPI killed: what is enforced stays, and the service says so; started again, the
+    // same.
+    lapi.kill();
+    assert!(
+        within(Duration::from_secs(5), || svc
+            .scrape()
+            .contains("isolation_decisions_up 0"))
+        .is_some(),
+        "{}",
+        svc.scrape()
+    );
+    let status = lab.iso.ok(&["status"]);
+    assert!(status.contains("UNREACHABLE"), "{status}");
+    assert!(!lab.x4(DROP_WAIT), "still blocked with the LAPI down");
+    assert!(lab.w4(), "the other client passes with the LAPI down");
+    lapi.restart();
+    assert!(
+        within(Duration::from_secs(5), || svc
+            .scrape()
+            .contains("isolation_decisions_up 1"))
+        .is_some(),
+        "{}",
+        svc.log_text()
+    );
+    assert!(!lab.x4(DROP_WAIT), "still blocked with the LAPI back");
+    let m = svc.scrape();
+    assert!(
+        m.contains(
+            "isolation_blocklist_entries{family=\"ipv4\",kind=\"address\",origin=\"crowdsec\"} 1"
+        ),
+        "{m}"
+    );
+    lapi.cscli(&["decisions", "delete", "--ip", "198.51.100.2"]);
+    assert!(
+        within(Duration::from_secs(3), || lab
+            .x4(Duration::from_millis(300)))
+        .is_some(),
+        "lifted once both decisions are deleted"
+    );
+}

@@ -30,6 +30,7 @@ const CONTENTS: &[&str] = &[
     "/etc/isolation/policy.toml",
     "/usr/share/isolation/prometheus/alerts.yml",
     "/usr/share/isolation/grafana/isolation.json",
+    "/usr/share/isolation/fail2ban/action.d/isolation.conf",
     "/usr/share/bash-completion/completions/isolation-user",
     "/usr/share/zsh/vendor-completions/_isolation-user",
     "/usr/share/fish/vendor_completions.d/isolation-user.fish",

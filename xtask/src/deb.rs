@@ -103,6 +103,11 @@ pub fn run(o: Options) -> Result<PathBuf> {
         &read("packaging/grafana/isolation.json")?,
         0o644,
     )?;
+    put(
+        "/usr/share/isolation/fail2ban/action.d/isolation.conf",
+        &read("packaging/fail2ban/action.d/isolation.conf")?,
+        0o644,
+    )?;
     for (shell, dst) in [
         (
             "bash",

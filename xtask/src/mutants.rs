@@ -52,6 +52,11 @@ pub const MUTANTS: &[(&str, &str, Harness)] = &[
         Harness::Datapath,
     ),
     (
+        "mutant-blocked-after-replies",
+        "datapath: the blocklist is asked after replies (a blocked host's replies get in)",
+        Harness::Datapath,
+    ),
+    (
         "mutant-iptables-hairpin-off",
         "iptables backend: the hairpin rules are left out",
         Harness::Backends,

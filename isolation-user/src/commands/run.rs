@@ -42,6 +42,24 @@ pub struct RunArgs {
     /// Apply a whitelist even if it would not admit this SSH session's client.
     #[arg(long)]
     pub force: bool,
+    /// Enforce the ban decisions of a CrowdSec Local API: crowdsec+http://HOST:PORT.
+    #[arg(long, value_name = "URL", requires = "crowdsec_key_file")]
+    pub decisions: Option<crate::feeds::crowdsec::Lapi>,
+    /// The bouncer key `cscli bouncers add NAME -o raw` printed, in a file only root can
+    /// change.
+    #[arg(long, value_name = "FILE", requires = "decisions")]
+    pub crowdsec_key_file: Option<PathBuf>,
+    /// How often the Local API is asked for changes: 10s, 1m...
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = every)]
+    pub decisions_every: std::time::Duration,
+}
+
+fn every(s: &str) -> Result<std::time::Duration, String> {
+    let d = crate::blocklist::parse_duration(s)?;
+    if d > std::time::Duration::from_secs(3600) {
+        return Err(format!("'{s}': ask at least once an hour"));
+    }
+    Ok(d)
 }
 
 pub fn run(paths: Paths, a: RunArgs) -> Result<()> {
@@ -53,6 +71,15 @@ pub fn run(paths: Paths, a: RunArgs) -> Result<()> {
         },
         None => service::Source::File(std::path::absolute(&a.policy)?),
     };
+    // The key is read now: a missing or unsafe key file stops the start, not a poll later.
+    let decisions = match (a.decisions, a.crowdsec_key_file) {
+        (Some(lapi), Some(f)) => Some(service::Decisions {
+            lapi,
+            key: crate::feeds::crowdsec::read_key(&f)?,
+            every: a.decisions_every,
+        }),
+        _ => None,
+    };
     service::run(
         paths,
         service::Config {
@@ -63,6 +90,7 @@ pub fn run(paths: Paths, a: RunArgs) -> Result<()> {
             detach_on_exit: a.detach_on_exit,
             force: a.force,
             log_drops: !a.no_drop_log,
+            decisions,
         },
     )
 }

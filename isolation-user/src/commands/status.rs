@@ -34,6 +34,15 @@ pub fn run(paths: &Paths, a: StatusArgs) -> Result<()> {
     };
     let s = b.status(&st)?;
     let source = crate::fleet::SourceStatus::load(paths);
+    let blocked = engine::blocked(paths)?;
+    let blocklist_enabled = engine::rules(paths)?.blocklist.enabled;
+    let permanent = blocked
+        .iter()
+        .filter(|e| e.origin == crate::blocklist::ORIGIN_POLICY)
+        .count();
+    let feed: Option<crate::service::FeedHealth> = std::fs::read(paths.feed_file())
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
     let pending = crate::rollback::pending(paths)?.map(|p| {
         json!({
             "file": p.file, "deadline": p.deadline,
@@ -56,6 +65,7 @@ pub fn run(paths: &Paths, a: StatusArgs) -> Result<()> {
                 "backend_why": st.why, "pin_dir": paths.pin_dir,
                 "state_dir": paths.state_dir, "generation": s.generation,
                 "whitelist_enabled": s.whitelist_enabled,
+                "blocklist": { "enabled": blocklist_enabled, "entries": blocked.len(), "permanent": permanent, "decisions": feed },
                 "programs": { "xdp": id("xdp"), "tc_egress": id("tc_egress"), "tc_ingress": id("tc_ingress") },
                 "interfaces": s.interfaces, "maps": s.maps,
                 "pending_confirmation": pending,
@@ -100,6 +110,25 @@ pub fn run(paths: &Paths, a: StatusArgs) -> Result<()> {
             "off"
         }
     );
+    println!(
+        "blocklist:   {}, {} entries ({permanent} permanent, {} with a deadline)",
+        if blocklist_enabled { "enforced" } else { "off" },
+        blocked.len(),
+        blocked.len() - permanent
+    );
+    if let Some(f) = &feed {
+        let ago = (crate::state::unix_now() - f.last_ok_time).max(0.0);
+        println!(
+            "decisions:   {}: {}",
+            f.source,
+            match (&f.last_error, f.up) {
+                (_, true) => format!("answered {ago:.0} s ago"),
+                (Some(e), false) =>
+                    format!("UNREACHABLE (the blocklist stays as it is; retrying): {e}"),
+                (None, false) => "not asked yet".into(),
+            }
+        );
+    }
     if let Some(s) = &source {
         println!(
             "source:      {} as node {}: {}, running revision {}{}",

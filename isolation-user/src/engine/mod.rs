@@ -105,6 +105,15 @@ pub enum BlockEdit {
     Flush,
     /// Removes the entries whose deadline passed (they stopped matching then already).
     Sweep,
+    /// What a feed (CrowdSec) says: its entries removed (all of them first, with `whole`:
+    /// its full list follows), then its new ones, each with its own deadline. Entries of
+    /// other origins are removed only when the feed names them in `add` (it takes them over).
+    Feed {
+        origin: String,
+        whole: bool,
+        add: Vec<(IpNet, crate::blocklist::Deadline)>,
+        del: Vec<IpNet>,
+    },
 }
 
 /// An apply that undoes itself unless confirmed: the file's name (for messages) and the
@@ -544,6 +553,36 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
                     n
                 }
                 BlockEdit::Sweep => 0,
+                BlockEdit::Feed {
+                    origin,
+                    whole,
+                    add,
+                    del,
+                } => {
+                    let gone: HashSet<IpNet> = del.iter().copied().collect();
+                    timed.retain(|t| !(t.origin == origin && (whole || gone.contains(&t.net))));
+                    let mut at: HashMap<IpNet, usize> =
+                        timed.iter().enumerate().map(|(i, t)| (t.net, i)).collect();
+                    for (n, d) in &add {
+                        policy::check_block_entry(n)
+                            .map_err(|e| anyhow!("refused, nothing was changed: {e}"))?;
+                        match at.get(n) {
+                            Some(&i) => {
+                                timed[i].deadline = *d;
+                                timed[i].origin = origin.clone();
+                            }
+                            None => {
+                                at.insert(*n, timed.len());
+                                timed.push(Timed {
+                                    net: *n,
+                                    deadline: *d,
+                                    origin: origin.clone(),
+                                });
+                            }
+                        }
+                    }
+                    add.len() + del.len()
+                }
             };
             let new = blocklist::view(&rules.blocklist.entries, &timed, now);
             check_blocklist_sizes(WhitelistSizes::of(new.keys()), &b.limits(), b.kind().name())?;
@@ -736,33 +775,44 @@ pub fn unchanged_text(paths: &Paths, digest: &str) -> Result<Option<Outcome>> {
     )))
 }
 
-/// The backend's upkeep (`Backend::upkeep`), under the lock: what it did, if anything.
-/// Nothing loaded: nothing to do.
-/// Then the blocklist entries past their deadline are removed (they stopped matching at it
-/// already; removed, they hold no capacity).
-pub fn upkeep(paths: &Paths) -> Result<Option<String>> {
+/// What the upkeep did.
+#[derive(Clone, Debug, Default)]
+pub struct Upkeep {
+    /// In words, when it did something.
+    pub did: Option<String>,
+    /// Blocklist entries removed after their deadline.
+    pub expired: usize,
+}
+
+/// The backend's upkeep (`Backend::upkeep`), under the lock; then the blocklist entries past
+/// their deadline are removed (they stopped matching at it already; removed, they hold no
+/// capacity). Nothing loaded: nothing to do.
+pub fn upkeep(paths: &Paths) -> Result<Upkeep> {
     let did = {
         let _lock = paths.lock()?;
         let state = State::load(paths)?;
         if state.is_none() {
-            return Ok(None);
+            return Ok(Upkeep::default());
         }
         backend::installed(paths, state.as_ref())?.upkeep()?
     };
     let now = blocklist::now_ms();
     if !Store::new(paths).timed()?.iter().any(|t| t.deadline <= now) {
-        return Ok(did);
+        return Ok(Upkeep { did, expired: 0 });
     }
     let out = commit(paths, Change::Block(BlockEdit::Sweep), Options::quiet(true))?;
-    let swept = match out.what {
+    let expired = match out.what {
         Done::Blocklist { swept, .. } => swept,
         _ => 0,
     };
-    let line = format!("removed {swept} blocklist entries past their deadline");
-    Ok(Some(match did {
-        Some(d) => format!("{d}; {line}"),
-        None => line,
-    }))
+    let line = format!("removed {expired} blocklist entries past their deadline");
+    Ok(Upkeep {
+        did: Some(match did {
+            Some(d) => format!("{d}; {line}"),
+            None => line,
+        }),
+        expired,
+    })
 }
 
 /// Detaches from one interface, or removes everything (the last interface, or all).
@@ -791,6 +841,7 @@ pub fn unload(paths: &Paths, iface: Option<&str>) -> Result<Unloaded> {
     errs.extend(b.teardown());
     let mut files = Store::new(paths).files();
     files.push(paths.state_file());
+    files.push(paths.feed_file());
     for f in files {
         if let Err(e) = fs::remove_file(&f)
             && e.kind() != std::io::ErrorKind::NotFound

@@ -92,6 +92,46 @@ pub fn render(paths: &Paths, health: &Health) -> String {
             restarts,
         );
     }
+    if let Some(f) = &health.decisions {
+        gauge(
+            &mut r,
+            "decisions_up",
+            "1 if the last poll of the decisions feed (CrowdSec LAPI) was answered and enforced",
+            f.up as i64,
+        );
+        let polls: Fam<Counter> = fam(
+            &mut r,
+            "decisions_polls",
+            "Polls of the decisions feed, by result",
+        );
+        polls
+            .get_or_create(&vec![("result", "ok".into())])
+            .inc_by(f.polls_ok);
+        polls
+            .get_or_create(&vec![("result", "error".into())])
+            .inc_by(f.polls_failed);
+        let t = FloatGauge::default();
+        t.set(f.last_ok_time);
+        r.register(
+            "decisions_last_success_timestamp_seconds",
+            "When the decisions feed was last answered and enforced (Unix time; 0: never)",
+            t,
+        );
+        let ign = Counter::<u64>::default();
+        ign.inc_by(f.ignored);
+        r.register(
+            "decisions_ignored",
+            "Decisions received and not enforced (not a ban of an Ip or a Range)",
+            ign,
+        );
+    }
+    let expired = Counter::<u64>::default();
+    expired.inc_by(health.blocklist_expired);
+    r.register(
+        "blocklist_expired",
+        "Blocklist entries removed after their deadline (they stopped matching at it)",
+        expired,
+    );
     // Without the engine's lock: a scrape must never hold off a change. A read that met a
     // change halfway (the iptables backend's sets being swapped) is tried once more
     // (`datapath` reads everything before it registers anything).
@@ -115,6 +155,27 @@ pub fn render(paths: &Paths, health: &Health) -> String {
     // Writing to a String cannot fail.
     let _ = encode(&mut out, &r);
     out
+}
+
+/// Blocklist entries in force by (family, kind, origin).
+fn blocked_counts(
+    paths: &Paths,
+) -> Result<std::collections::BTreeMap<(&'static str, &'static str, String), u64>> {
+    let mut out = std::collections::BTreeMap::new();
+    for e in engine::blocked(paths)? {
+        let family = if e.entry.contains(':') {
+            "ipv6"
+        } else {
+            "ipv4"
+        };
+        let kind = if e.entry.contains('/') {
+            "cidr"
+        } else {
+            "address"
+        };
+        *out.entry((family, kind, e.origin)).or_insert(0) += 1;
+    }
+    Ok(out)
 }
 
 /// What the backend says: verdicts, rules, map fill, ring losses, generation, backend.
@@ -232,6 +293,34 @@ fn datapath(r: &mut Registry, paths: &Paths) -> Result<()> {
         let l = vec![("map", m.name.clone())];
         fill.get_or_create(&l).set(m.entries as i64);
         cap.get_or_create(&l).set(m.max_entries as i64);
+    }
+    let (entries, max) = (blocked_counts(paths)?, b.limits());
+    let be: Fam<Gauge> = fam(
+        r,
+        "blocklist_entries",
+        "Blocklist entries in force, by family, kind and origin (policy: permanent)",
+    );
+    for ((family, kind, origin), n) in entries {
+        be.get_or_create(&vec![
+            ("family", family.into()),
+            ("kind", kind.into()),
+            ("origin", origin),
+        ])
+        .set(n as i64);
+    }
+    let bc: Fam<Gauge> = fam(
+        r,
+        "blocklist_capacity",
+        "How many blocklist entries the backend holds, per family and kind",
+    );
+    for family in ["ipv4", "ipv6"] {
+        for (kind, n) in [
+            ("address", max.blocklist_addresses),
+            ("cidr", max.blocklist_cidrs),
+        ] {
+            bc.get_or_create(&vec![("family", family.into()), ("kind", kind.into())])
+                .set(n as i64);
+        }
     }
     let att: Fam<Gauge> = fam(
         r,

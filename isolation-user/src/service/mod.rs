@@ -69,6 +69,16 @@ pub struct Config {
     pub force: bool,
     /// Log every logged drop as a line (the trace ring); off leaves the ring to `trace`.
     pub log_drops: bool,
+    /// A CrowdSec Local API whose ban decisions feed the blocklist.
+    pub decisions: Option<Decisions>,
+}
+
+/// `run --decisions`: the Local API, the bouncer's key, how often it is asked.
+#[derive(Clone, Debug)]
+pub struct Decisions {
+    pub lapi: crate::feeds::crowdsec::Lapi,
+    pub key: String,
+    pub every: Duration,
 }
 
 /// The service's own record of its reloads, for `/metrics`.
@@ -85,6 +95,26 @@ pub struct Health {
     pub source_revision: i64,
     /// etcd: how often the follower died and was started again.
     pub follower_restarts: u64,
+    /// The decisions feed (None: none configured).
+    pub decisions: Option<FeedHealth>,
+    /// Blocklist entries removed by the upkeep after their deadline.
+    pub blocklist_expired: u64,
+}
+
+/// The decisions feed's record, for `/metrics` and the state file `status` reads.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct FeedHealth {
+    pub source: String,
+    /// The last poll was answered and its changes enforced.
+    pub up: bool,
+    pub polls_ok: u64,
+    pub polls_failed: u64,
+    /// Unix time of the last poll answered and enforced (0: none yet).
+    pub last_ok_time: f64,
+    /// What went wrong last, while `up` is false.
+    pub last_error: Option<String>,
+    /// Decisions received that are not enforced (not a ban of an Ip or a Range).
+    pub ignored: u64,
 }
 
 /// Why a reload runs.
@@ -265,7 +295,10 @@ async fn serve(paths: Paths, cfg: Config) -> Result<()> {
         tracing::info!("serving Prometheus metrics on http://{addr}/metrics");
         tokio::spawn(http::serve_metrics(listener, paths.clone(), health.clone()));
     }
-    tokio::spawn(upkeep(paths.clone()));
+    tokio::spawn(upkeep(paths.clone(), health.clone()));
+    if let Some(d) = &cfg.decisions {
+        tokio::spawn(follow_decisions(paths.clone(), d.clone(), health.clone()));
+    }
     let (hup_tx, hup_rx) = mpsc::channel::<()>(4);
     if let Source::Etcd { .. } = &cfg.source {
         tokio::spawn(supervise_follower(
@@ -467,12 +500,88 @@ fn log_drops(paths: Paths, stop: Arc<AtomicBool>) -> impl FnOnce() + Send + 'sta
     }
 }
 
+/// Follows a CrowdSec Local API: every active decision at start (`startup=true`), then the
+/// changes, each answer committed as one blocklist change. LAPI unreachable: what is enforced
+/// stays (entries end at their own deadlines), the feed says so and asks again at the next
+/// tick. An answer that could not be committed is not lost: the next poll asks for the full
+/// list again.
+async fn follow_decisions(paths: Paths, d: Decisions, health: Arc<Mutex<Health>>) {
+    use crate::feeds::crowdsec;
+    let mut feed = FeedHealth {
+        source: d.lapi.to_string(),
+        ..FeedHealth::default()
+    };
+    let mut startup = true;
+    let mut tick = tokio::time::interval(d.every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let timeout = d.every.max(Duration::from_secs(30));
+        let result = match crowdsec::poll(&d.lapi, &d.key, startup, timeout).await {
+            Ok(stream) => {
+                let c = crowdsec::changes(&stream, crowdsec::now());
+                feed.ignored += c.ignored as u64;
+                if startup || !c.add.is_empty() || !c.del.is_empty() {
+                    let p = paths.clone();
+                    let what = crowdsec::summary(&c);
+                    let edit = engine::BlockEdit::Feed {
+                        origin: crowdsec::ORIGIN.into(),
+                        whole: startup,
+                        add: c.add,
+                        del: c.del,
+                    };
+                    blocking(move || engine::commit(&p, Change::Block(edit), Options::quiet(true)))
+                        .await
+                        .map(|_| tracing::info!("decisions from {}: {what}", d.lapi))
+                        .map_err(|e| anyhow::anyhow!("the decisions could not be enforced: {e:#}"))
+                } else {
+                    Ok(())
+                }
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => {
+                if !feed.up && feed.polls_failed > 0 {
+                    tracing::info!("decisions: {} answers again", d.lapi);
+                }
+                startup = false;
+                feed.up = true;
+                feed.polls_ok += 1;
+                feed.last_ok_time = unix_now();
+                feed.last_error = None;
+            }
+            Err(e) => {
+                if feed.up || feed.polls_failed == 0 {
+                    tracing::warn!(
+                        "decisions: {e:#} (the blocklist stays as it is; asked again every {} s)",
+                        d.every.as_secs()
+                    );
+                }
+                // Changes may have been handed out and not enforced: the whole list next.
+                startup = true;
+                feed.up = false;
+                feed.polls_failed += 1;
+                feed.last_error = Some(format!("{e:#}"));
+            }
+        }
+        if let Ok(mut h) = health.lock() {
+            h.decisions = Some(feed.clone());
+        }
+        if let Ok(text) = serde_json::to_vec(&feed)
+            && let Err(e) = crate::state::write_atomic(&paths.feed_file(), &text)
+        {
+            tracing::warn!("cannot record the decisions feed's state: {e:#}");
+        }
+    }
+}
+
 /// How often the service runs the backend's upkeep (`engine::upkeep`).
 const UPKEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// The backend's upkeep, every `UPKEEP_EVERY`: logged when it does something or fails
 /// (and then tried again at the next tick); the policy is never touched.
-async fn upkeep(paths: Paths) {
+async fn upkeep(paths: Paths, health: Arc<Mutex<Health>>) {
     let mut tick = tokio::time::interval(UPKEEP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
@@ -480,8 +589,14 @@ async fn upkeep(paths: Paths) {
         tick.tick().await;
         let p = paths.clone();
         match blocking(move || crate::engine::upkeep(&p)).await {
-            Ok(Some(what)) => tracing::info!("upkeep: {what}"),
-            Ok(None) => {}
+            Ok(u) => {
+                if let Some(what) = u.did {
+                    tracing::info!("upkeep: {what}");
+                }
+                if let Ok(mut h) = health.lock() {
+                    h.blocklist_expired += u.expired as u64;
+                }
+            }
             Err(e) => tracing::warn!("upkeep failed (tried again in a minute): {e:#}"),
         }
     }
