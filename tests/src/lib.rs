@@ -5,6 +5,7 @@
 
 pub mod crowdsec;
 pub mod dump;
+pub mod fail2ban;
 pub mod fleet;
 pub mod iso;
 pub mod netns;

@@ -52,7 +52,15 @@ const PACKAGES: &[(&str, &str)] = &[
     ("prometheus", "/usr/bin/promtool"),
     // libFuzzer (C++, built by libfuzzer-sys) for `cargo xtask fuzz`.
     ("g++", "/usr/bin/g++"),
+    // The blocklist's feeds: a real CrowdSec Local API and a real fail2ban.
+    ("crowdsec", "/usr/bin/crowdsec"),
+    ("fail2ban", "/usr/bin/fail2ban-server"),
 ];
+
+/// Offline, crowdsec's postinst would try to register with CrowdSec's online Central API
+/// and fail the install; credentials already there (any content) make it skip that. The
+/// tests run a Local API of their own and never talk to the Central API.
+const CROWDSEC_CAPI: &str = "/etc/crowdsec/online_api_credentials.yaml";
 
 impl Options {
     pub fn quiet() -> Options {
@@ -84,6 +92,13 @@ fn packages(verbose: bool) -> Result<()> {
             "missing Debian packages {}: run `cargo xtask setup` as root",
             missing.join(" ")
         );
+    }
+    if missing.contains(&"crowdsec") && !std::path::Path::new(CROWDSEC_CAPI).exists() {
+        std::fs::create_dir_all("/etc/crowdsec")?;
+        std::fs::write(
+            CROWDSEC_CAPI,
+            "# isolation's setup: no Central API on this machine (offline install)\nurl: http://127.0.0.1:1/\n",
+        )?;
     }
     eprintln!("setup: installing {}", missing.join(" "));
     exec(Command::new("apt-get").args(["update", "-q"]))?;
