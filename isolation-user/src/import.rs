@@ -33,6 +33,8 @@ pub struct Imported {
 struct Set {
     kind: String,
     members: Vec<String>,
+    /// Each member's `timeout` (0: none, or `timeout 0`: for good).
+    timeouts: Vec<u64>,
 }
 
 fn parse_ipset(text: &str) -> Result<Vec<(String, Set)>, String> {
@@ -49,6 +51,7 @@ fn parse_ipset(text: &str) -> Result<Vec<(String, Set)>, String> {
                 Set {
                     kind: kind.to_string(),
                     members: vec![],
+                    timeouts: vec![],
                 },
             )),
             (Some("add"), Some(name), Some(member)) => {
@@ -59,6 +62,14 @@ fn parse_ipset(text: &str) -> Result<Vec<(String, Set)>, String> {
                     ));
                 };
                 s.members.push(member.to_string());
+                let rest: Vec<&str> = w.collect();
+                let timeout = rest
+                    .iter()
+                    .position(|x| *x == "timeout")
+                    .and_then(|i| rest.get(i + 1))
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or(0);
+                s.timeouts.push(timeout);
             }
             _ => {
                 return Err(format!("line {}: not an `ipset save` line: '{l}'", i + 1));
@@ -245,6 +256,28 @@ fn drop_empty_networks(imported: &mut Imported) {
     }
 }
 
+/// A blocklist set's members into `p.blocklist.entries`: those for good (no timeout, or
+/// `timeout 0`); those with a timeout are live bans, not policy, and are counted in a note.
+fn take_blocklist(p: &mut Policy, name: &str, s: &Set, notes: &mut Vec<String>) {
+    let mut timed = 0;
+    for (i, m) in s.members.iter().enumerate() {
+        if s.timeouts.get(i).copied().unwrap_or(0) > 0 {
+            timed += 1;
+            continue;
+        }
+        let Some(n) = net(m) else { continue };
+        if crate::policy::check_block_entry(&n).is_ok() && !p.blocklist.entries.contains(&n) {
+            p.blocklist.entries.push(n);
+        }
+    }
+    if timed > 0 {
+        notes.push(format!(
+            "{timed} member(s) of '{name}' have a timeout: live bans, not policy, so left out \
+             (their feed adds them again; by hand: isolation-user block add ADDR --timeout D)"
+        ));
+    }
+}
+
 /// What this tool's iptables backend loads.
 fn import_ours(sets: &[(String, Set)], rules: &[Rule], prefix: &str) -> Imported {
     let mut notes = Vec::new();
@@ -299,6 +332,13 @@ fn import_ours(sets: &[(String, Set)], rules: &[Rule], prefix: &str) -> Imported
     let mut allow: BTreeMap<usize, AllowRule> = BTreeMap::new();
     let mut except: BTreeMap<usize, ExceptRule> = BTreeMap::new();
     let mut wl_sets = Vec::new();
+    // The blocklist: the sets of the rule counted as `blocked`.
+    let bl_sets: Vec<String> = rules
+        .iter()
+        .filter(|r| r.chain == input && key(r).ends_with(":blocked"))
+        .flat_map(|r| r.sets().into_iter().map(|s| s.0))
+        .collect();
+    let (mut blocked, mut blocked_log) = (false, false);
     let mut default = DefaultAction::Accept;
     let mut reject = false;
     for r in rules {
@@ -306,9 +346,12 @@ fn import_ours(sets: &[(String, Set)], rules: &[Rule], prefix: &str) -> Imported
         let mut parts = k.split(':');
         let (_, reason, kind, idx) = (parts.next(), parts.next(), parts.next(), parts.next());
         if r.chain == input {
+            let on_blocklist = r.sets().iter().any(|s| bl_sets.contains(&s.0));
             match reason {
                 Some("whitelisted") => wl_sets.extend(r.sets().into_iter().map(|s| s.0)),
                 Some("not-whitelisted") => p.whitelist.enabled = true,
+                Some("blocked") => blocked = true,
+                _ if r.target() == Some("NFLOG") && on_blocklist => blocked_log = true,
                 _ if r.target() == Some("NFLOG") => p.whitelist.log = true,
                 _ => {}
             }
@@ -374,6 +417,13 @@ fn import_ours(sets: &[(String, Set)], rules: &[Rule], prefix: &str) -> Imported
         allow: allow.into_values().collect(),
         except: except.into_values().collect(),
     };
+    p.blocklist.enabled = blocked;
+    p.blocklist.log = blocked_log;
+    for name in &bl_sets {
+        if let Some((_, s)) = sets.iter().find(|(n, _)| n == name) {
+            take_blocklist(&mut p, name, s, &mut notes);
+        }
+    }
     Imported { policy: p, notes }
 }
 
@@ -585,6 +635,30 @@ fn import_recipe(sets: &[(String, Set)], rules: Option<&[Rule]>) -> Imported {
             "except entries apply in both directions here (the recipe's set matched src,dst only)"
                 .into(),
         );
+    }
+    // The blocklist: hash:ip / hash:net sets matched on the source by a rule that drops
+    // (`-m set --match-set S src -j DROP`, what fail2ban's and CrowdSec's ipset actions
+    // write). Without rules nothing says a set is one.
+    if let Some(rules) = rules {
+        let mut found: Vec<&str> = Vec::new();
+        for (name, s) in sets {
+            if used.contains(name.as_str()) || !(s.kind == "hash:ip" || s.kind == "hash:net") {
+                continue;
+            }
+            let dropping = rules.iter().any(|r| {
+                r.target() == Some("DROP")
+                    && matches!(r.sets().as_slice(), [(n, d, false)] if n == name && d == "src")
+            });
+            if dropping {
+                used.insert(name);
+                found.push(name);
+                take_blocklist(&mut p, name, s, &mut notes);
+            }
+        }
+        p.blocklist.log = rules.iter().any(|r| {
+            matches!(r.target(), Some("LOG" | "NFLOG"))
+                && r.sets().iter().any(|(n, ..)| found.contains(&n.as_str()))
+        });
     }
     // The whitelist: hash:ip / hash:net sets not used as networks, matched on the source in a
     // chain that ends in DROP (or, without rules, every such set).
@@ -802,5 +876,51 @@ COMMIT
         assert!(back.notes.is_empty(), "{:?}", back.notes);
         let again = export(&paths, Format::Iptables, &back.policy, &[]);
         assert_eq!(first, again);
+        // With a blocklist: its permanent entries and switches come back too.
+        let text = format!(
+            "{}\n[blocklist]\nlog = false\nentries = [\"203.0.113.0/24\", \"2001:db8:bad::1\"]\n",
+            policy::tests::EVERY_KIND
+        );
+        let p = policy::parse("p.toml", &text).unwrap();
+        let first = export(&paths, Format::Iptables, &p, &[]);
+        let (ipset, iptables) = first.split_once("# iptables-restore").unwrap();
+        let back = import(ipset, Some(iptables)).unwrap();
+        assert_eq!(back.policy.blocklist, p.blocklist);
+        assert_eq!(export(&paths, Format::Iptables, &back.policy, &[]), first);
+    }
+
+    /// A fail2ban- or CrowdSec-style set (`timeout`, and a DROP rule matching it) becomes
+    /// `[blocklist]`: its entries for good go in, those with a timeout are live bans and
+    /// are left out with a note. It is not taken for a whitelist.
+    #[test]
+    fn a_set_with_timeouts_and_a_drop_rule_becomes_the_blocklist() {
+        let ipset = "create f2b-sshd hash:ip family inet hashsize 1024 maxelem 65536 timeout 600\n\
+                     add f2b-sshd 198.51.100.7 timeout 0\n\
+                     add f2b-sshd 198.51.100.9 timeout 412\n\
+                     create admins hash:net family inet hashsize 1024 maxelem 65536\n\
+                     add admins 192.0.2.0/24\n";
+        let iptables = "*filter\n:INPUT DROP [0:0]\n\
+                        -A INPUT -m set --match-set f2b-sshd src -j DROP\n\
+                        -A INPUT -m set --match-set admins src -j ACCEPT\n\
+                        -A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT\n\
+                        -A INPUT -j DROP\nCOMMIT\n";
+        let got = import(ipset, Some(iptables)).unwrap();
+        let p = &got.policy;
+        assert_eq!(
+            p.blocklist.entries,
+            vec!["198.51.100.7/32".parse::<IpNet>().unwrap()]
+        );
+        assert!(p.blocklist.enabled && !p.blocklist.log);
+        assert_eq!(
+            p.whitelist.allow,
+            vec!["192.0.2.0/24".parse::<IpNet>().unwrap()]
+        );
+        assert!(
+            got.notes
+                .iter()
+                .any(|n| n.contains("1 member(s) of 'f2b-sshd' have a timeout")),
+            "{:?}",
+            got.notes
+        );
     }
 }

@@ -416,12 +416,21 @@ fn fail2ban_bans_through_the_blocklist(#[case] backend: &str) {
         &lab.srv,
         &[sa("0.0.0.0:8080"), sa("[2001:db8:1::1]:8080"), sa(SRV6_X)],
     );
-    lab.iso
-        .ok(&["load", "--iface", "s1", "--iface", "s2", "--policy", &lab.policy]);
+    lab.iso.ok(&[
+        "load",
+        "--iface",
+        "s1",
+        "--iface",
+        "s2",
+        "--policy",
+        &lab.policy,
+    ]);
     let f2b = tests::fail2ban::Fail2ban::start(&lab.iso, 4);
     assert!(lab.x4(PASS_WAIT) && lab.w4(), "before any failure");
     f2b.fail("198.51.100.2", 3);
-    let took = within(Duration::from_secs(10), || !lab.x4(Duration::from_millis(300)));
+    let took = within(Duration::from_secs(10), || {
+        !lab.x4(Duration::from_millis(300))
+    });
     assert!(took.is_some(), "not banned: {}", f2b.log());
     let t0 = Instant::now();
     assert!(lab.w4(), "the other client is not banned");
@@ -429,13 +438,19 @@ fn fail2ban_bans_through_the_blocklist(#[case] backend: &str) {
     let list: serde_json::Value =
         serde_json::from_str(&lab.iso.ok(&["block", "list", "--json"])).unwrap();
     let e = &list[0];
-    assert_eq!((&e["entry"], &e["origin"]), (&"198.51.100.2".into(), &"fail2ban".into()), "{list}");
+    assert_eq!(
+        (&e["entry"], &e["origin"]),
+        (&"198.51.100.2".into(), &"fail2ban".into()),
+        "{list}"
+    );
     let left = e["seconds_left"].as_f64().expect("a deadline");
     assert!(left > 0.0 && left <= 4.0, "{list}");
     sleep_until(t0 + Duration::from_millis(1500));
     assert!(!lab.x4(DROP_WAIT), "banned for the jail's bantime");
     assert!(
-        within(Duration::from_secs(6), || lab.x4(Duration::from_millis(300))).is_some(),
+        within(Duration::from_secs(6), || lab
+            .x4(Duration::from_millis(300)))
+        .is_some(),
         "passing after the bantime: {}",
         f2b.log()
     );
