@@ -41,6 +41,18 @@ const MANY_BITS: u32 = 20;
 /// whitelist ends as big as it began after `CHURN_ROUNDS * big` adds and deletes.
 const CHURN_ROUNDS: u32 = 10;
 
+/// The covering entries of the blocklist receivers: the one source, and the /108 of the
+/// random sources.
+const BLOCKED_V6_RANGE: &str = "2001:db8:eeee::/108";
+
+fn blocklist_label(what: &str, n: u32) -> String {
+    if n == 1 {
+        format!("{what}: blocked, 1 entry per family")
+    } else {
+        format!("{what}: blocked, {n} entries per family")
+    }
+}
+
 fn churn_label(big: u32) -> String {
     format!(
         "isolation-user after churn ({} adds and deletes of IPv6 addresses), {big} addresses per family",
@@ -485,6 +497,33 @@ pub fn run(md: &mut String, targets: &mut Vec<report::Target>, o: &LiveOpts) -> 
             format!("isolation-user --backend iptables, {big} addresses per family"),
             "iptbig",
         ),
+        // The blocklist: every frame's source is blocked (the one source by its address, the
+        // random IPv6 sources by the /108 they are in), entries with a deadline as a feed
+        // adds them; `big`: besides, big - 1 other addresses per family.
+        (blocklist_label("isolation-user blocklist", 1), "oursblock:1"),
+        (blocklist_label("isolation-user blocklist", big), "oursblock:big"),
+        (
+            format!(
+                "xdp-filter ({xdp_filter}) deny list (default allow, `-f ipv4,ipv6`), the one source's address (exact addresses only: the random sources' /108 cannot be listed)"
+            ),
+            "xdpfilterdeny",
+        ),
+        (
+            blocklist_label("nftables netdev ingress, `ip saddr @s drop` (IPv6 set with intervals)", 1),
+            "nftblock:1",
+        ),
+        (
+            blocklist_label("nftables netdev ingress, `ip saddr @s drop` (IPv6 set with intervals)", big),
+            "nftblock:big",
+        ),
+        (
+            blocklist_label("iptables filter INPUT `-m set --match-set S src -j DROP`, ipset hash:net with timeouts", 1),
+            "iptblock:1",
+        ),
+        (
+            blocklist_label("iptables filter INPUT `-m set --match-set S src -j DROP`, ipset hash:net with timeouts", big),
+            "iptblock:big",
+        ),
     ];
     let specs: Vec<(String, &str)> = specs
         .into_iter()
@@ -603,6 +642,121 @@ pub fn run(md: &mut String, targets: &mut Vec<report::Target>, o: &LiveOpts) -> 
                     } else {
                         Counter::Ours(paths)
                     }
+                }
+                k if k.starts_with("oursblock:") => {
+                    let n = if k.ends_with("big") { big } else { 1 };
+                    let iso = Iso::with_bin(&ns, o.bin.into());
+                    // No whitelist: the blocklist alone decides (logged, as by default).
+                    let policy = iso.policy("[whitelist]\nenabled = false\nallow = []\n");
+                    iso.ok(&[
+                        "load", "--iface", &dev, "--mode", "native", "--policy", &policy,
+                    ]);
+                    let list = tmp.join(format!("r{i}.txt"));
+                    let mut text = format!("{SOURCE}\n{BLOCKED_V6_RANGE}\n");
+                    for k in 1..n {
+                        writeln!(text, "{}", crate::v4_key(k))?;
+                        writeln!(text, "{}", crate::v6_key(k))?;
+                    }
+                    std::fs::write(&list, text)?;
+                    // With a deadline, as a feed adds them (the datapath reads its clock).
+                    iso.ok(&[
+                        "block",
+                        "add",
+                        "--file",
+                        list.to_str().unwrap(),
+                        "--timeout",
+                        "7d",
+                    ]);
+                    let paths = iso.paths();
+                    instances.push(iso);
+                    Counter::Ours(paths)
+                }
+                "xdpfilterdeny" => {
+                    if xdp_filter_devs.is_empty() && Path::new("/sys/fs/bpf/xdp-filter").exists() {
+                        bail!(
+                            "/sys/fs/bpf/xdp-filter exists: xdp-filter is in use on this machine, and the benchmark would change its maps"
+                        );
+                    }
+                    in_ns(
+                        &ns,
+                        &[
+                            "xdp-filter",
+                            "load",
+                            &dev,
+                            "-m",
+                            "native",
+                            "-p",
+                            "allow",
+                            "-f",
+                            "ipv4,ipv6",
+                        ],
+                    )?;
+                    xdp_filter_devs.push((ns.clone(), dev.clone()));
+                    in_ns(&ns, &["xdp-filter", "ip", SOURCE, "-m", "src"])?;
+                    Counter::XdpDrops
+                }
+                k if k.starts_with("nftblock:") => {
+                    let n = if k.ends_with("big") { big } else { 1 };
+                    let mut v4: Vec<String> = vec![SOURCE.to_string()];
+                    let mut v6: Vec<String> = vec![BLOCKED_V6_RANGE.to_string()];
+                    for k in 1..n {
+                        v4.push(crate::v4_key(k).to_string());
+                        v6.push(crate::v6_key(k).to_string());
+                    }
+                    let nft = format!(
+                        "table netdev bench {{\n set s {{\n  type ipv4_addr\n  size {}\n  elements = {{ {} }}\n }}\n set s6 {{\n  type ipv6_addr\n  flags interval\n  elements = {{ {} }}\n }}\n chain ingress {{\n  type filter hook ingress device {dev} priority 0;\n  ip saddr @s counter drop\n  ip6 saddr @s6 counter drop\n }}\n}}\n",
+                        (n * 2).max(64),
+                        v4.join(", "),
+                        v6.join(", ")
+                    );
+                    let file = tmp.join(format!("r{i}.nft"));
+                    std::fs::write(&file, nft)?;
+                    in_ns(&ns, &["nft", "-f", file.to_str().unwrap()])?;
+                    Counter::Nft
+                }
+                k if k.starts_with("iptblock:") => {
+                    let n = if k.ends_with("big") { big } else { 1 };
+                    let mut restore = String::new();
+                    for (set, family, first) in [
+                        ("blocked", "inet", SOURCE),
+                        ("blocked6", "inet6", BLOCKED_V6_RANGE),
+                    ] {
+                        writeln!(
+                            restore,
+                            "create {set} hash:net family {family} timeout 0 hashsize {} maxelem {}",
+                            n.next_power_of_two().max(64),
+                            (n * 2).max(64)
+                        )?;
+                        writeln!(restore, "add {set} {first} timeout 604800")?;
+                        for k in 1..n {
+                            if family == "inet" {
+                                writeln!(restore, "add {set} {} timeout 604800", crate::v4_key(k))?;
+                            } else {
+                                writeln!(restore, "add {set} {} timeout 604800", crate::v6_key(k))?;
+                            }
+                        }
+                    }
+                    let file = tmp.join(format!("r{i}.ipset"));
+                    std::fs::write(&file, restore)?;
+                    in_ns(&ns, &["ipset", "restore", "-file", file.to_str().unwrap()])?;
+                    for (tool, set) in [("iptables", "blocked"), ("ip6tables", "blocked6")] {
+                        in_ns(
+                            &ns,
+                            &[
+                                tool,
+                                "-A",
+                                "INPUT",
+                                "-m",
+                                "set",
+                                "--match-set",
+                                set,
+                                "src",
+                                "-j",
+                                "DROP",
+                            ],
+                        )?;
+                    }
+                    Counter::Iptables("filter", "INPUT")
                 }
                 k if k.starts_with("recipe:") => {
                     let n = if k.ends_with("big") { big } else { 1 };
@@ -812,6 +966,51 @@ pub fn run(md: &mut String, targets: &mut Vec<report::Target>, o: &LiveOpts) -> 
             ),
             met: fresh / rebuilt <= 1.1,
         });
+        // The blocklist: a flood from blocked sources.
+        let xdeny = rows
+            .iter()
+            .find(|r| r.generator == one.label && r.receiver.contains("deny list"))
+            .map(|r| r.mpps)
+            .unwrap_or(f64::NAN);
+        for g in [one.label, many.label] {
+            for n in [1, big] {
+                let label = |what: &str| blocklist_label(what, n);
+                let ours = rate(g, &label("isolation-user blocklist"));
+                let nft = rate(
+                    g,
+                    &label("nftables netdev ingress, `ip saddr @s drop` (IPv6 set with intervals)"),
+                );
+                let ipt = rate(
+                    g,
+                    &label(
+                        "iptables filter INPUT `-m set --match-set S src -j DROP`, ipset hash:net with timeouts",
+                    ),
+                );
+                let vs_filter = if g == one.label && n == 1 {
+                    format!(
+                        ", {:.2}× xdp-filter's deny list ({xdeny:.2} Mpps)",
+                        ours / xdeny
+                    )
+                } else {
+                    String::new()
+                };
+                targets.push(report::Target {
+                    what: format!(
+                        "blocked flood: ≥ 3× nftables' and ipset's set drop{}: {g}, {n} blocklist entr{} per family",
+                        if g == one.label && n == 1 { ", ≥ 1.0× xdp-filter's deny-list hit" } else { "" },
+                        if n == 1 { "y" } else { "ies" }
+                    ),
+                    measured: format!(
+                        "{ours:.2} Mpps: {:.2}× nftables ({nft:.2}), {:.2}× ipset ({ipt:.2}){vs_filter}",
+                        ours / nft,
+                        ours / ipt
+                    ),
+                    met: ours >= 3.0 * nft
+                        && ours >= 3.0 * ipt
+                        && (vs_filter.is_empty() || ours >= xdeny),
+                });
+            }
+        }
         for g in [one.label, many.label] {
             for size in ["1 ", &format!("{big} ")] {
                 let ours = rate(g, &format!("isolation-user, {size}"));

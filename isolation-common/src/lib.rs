@@ -394,8 +394,9 @@ pub mod flags {
     pub const FOLLOW_MAPS: u32 = WL_FOLLOW_MAPS | BL_FOLLOW_MAPS;
 }
 
-/// When a blocklist entry stops matching: `CLOCK_BOOTTIME` nanoseconds
-/// (`bpf_ktime_get_boot_ns`), or `PERMANENT`. An entry holds the latest deadline of
+/// When a blocklist entry stops matching: `CLOCK_MONOTONIC` nanoseconds, read by the
+/// datapath as its coarse clock (`bpf_ktime_get_coarse_ns`, at most a tick behind), or
+/// `PERMANENT`. An entry holds the latest deadline of
 /// itself and every blocked CIDR that contains it, so the longest prefix a lookup finds
 /// never hides a shorter one that still holds.
 pub mod block_deadline {

@@ -113,12 +113,20 @@ mod programs {
             }
         };
         // Stage 0, the blocklist: before neighbour discovery, replies, anything.
+        let mut now = 0;
         if !crate::mutants::BLOCKED_AFTER_REPLIES
             && cfg.flags & flags::BLOCKLIST != 0
-            && blocklist::blocked(&pkt, cfg.flags)
+            && blocklist::blocked(&pkt, cfg.flags, &mut now)
         {
             if cfg.flags & flags::BL_LOG != 0 {
-                trace::log(&pkt, Reason::DropBlocked as u32, ingress_ifindex(ctx), len);
+                // The clock the deadline was checked with serves the log's rate limit.
+                let now = if now != 0 {
+                    now
+                } else {
+                    crate::ratelimit::now_coarse()
+                };
+                let reason = Reason::DropBlocked as u32;
+                trace::log_at(&pkt, reason, ingress_ifindex(ctx), len, now);
             }
             return Reason::DropBlocked;
         }
@@ -134,7 +142,7 @@ mod programs {
             Reason::PassWhitelist
         } else if crate::mutants::BLOCKED_AFTER_REPLIES
             && cfg.flags & flags::BLOCKLIST != 0
-            && blocklist::blocked(&pkt, cfg.flags)
+            && blocklist::blocked(&pkt, cfg.flags, &mut now)
         {
             return Reason::DropBlocked;
         } else if conntrack::is_reply(&pkt, src_hash, cfg.peers) {

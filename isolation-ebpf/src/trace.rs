@@ -35,13 +35,14 @@ fn bump(stat: LogStat) {
 /// path's code stays small.
 #[inline(always)]
 pub fn log(pkt: &Packet, reason: u32, ifindex: u32, len: u64) {
+    log_at(pkt, reason, ifindex, len, ratelimit::now_coarse())
+}
+
+/// `log`, with the coarse clock already read (`now`).
+#[inline(always)]
+pub fn log_at(pkt: &Packet, reason: u32, ifindex: u32, len: u64, now: u64) {
     let bucket = LOG_BUCKET.get_ptr_mut(0);
-    if !ratelimit::take(
-        bucket,
-        ratelimit::now_coarse(),
-        timing::LOG_RATE_PER_SEC,
-        timing::LOG_BURST,
-    ) {
+    if !ratelimit::take(bucket, now, timing::LOG_RATE_PER_SEC, timing::LOG_BURST) {
         bump(LogStat::Suppressed);
         return;
     }

@@ -16,25 +16,26 @@ use crate::{
     state::Paths,
 };
 
-/// `CLOCK_BOOTTIME` now, in nanoseconds: the datapath's clock (`bpf_ktime_get_boot_ns`).
-fn boot_ns() -> u64 {
+/// `CLOCK_MONOTONIC` now, in nanoseconds: the datapath's clock (`bpf_ktime_get_coarse_ns`
+/// reads it as of the last tick, so an entry holds at most a tick longer).
+fn mono_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime writes one timespec, which `ts` is.
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// A deadline (Unix ms) on the datapath's clock, given the two clocks read together.
-fn on_boot_clock(d: Deadline, unix_ms: u64, boot: u64) -> u64 {
+fn on_datapath_clock(d: Deadline, unix_ms: u64, mono: u64) -> u64 {
     if d == PERMANENT {
         return block_deadline::PERMANENT;
     }
     // Passed already: 0 never holds.
     match d.checked_sub(unix_ms) {
-        Some(ms) => boot.saturating_add(ms.saturating_mul(1_000_000)),
+        Some(ms) => mono.saturating_add(ms.saturating_mul(1_000_000)),
         None => 0,
     }
 }
@@ -57,7 +58,7 @@ impl Maps {
         })
     }
 
-    /// What the map holds for `n` (boot ns), if anything.
+    /// What the map holds for `n` (monotonic ns), if anything.
     fn get(&self, n: &IpNet) -> Option<u64> {
         let exact = n.prefix_len() == n.max_prefix_len();
         match n.addr() {
@@ -144,7 +145,7 @@ pub fn edit(paths: &Paths, view: &View, changed: &[IpNet]) -> Result<()> {
         return Ok(());
     }
     let mut m = Maps::open(paths)?;
-    let (unix, boot) = (blocklist::now_ms(), boot_ns());
+    let (unix, mono) = (blocklist::now_ms(), mono_ns());
     let gaining = writes
         .iter()
         .filter(|(_, h)| h.is_some())
@@ -156,7 +157,7 @@ pub fn edit(paths: &Paths, view: &View, changed: &[IpNet]) -> Result<()> {
     let mut result = Ok(());
     for (n, h) in &writes {
         let before = m.get(n);
-        let v = h.map(|d| on_boot_clock(d, unix, boot));
+        let v = h.map(|d| on_datapath_clock(d, unix, mono));
         if let Err(e) = m.put(n, v) {
             result = Err(e);
             break;
@@ -184,10 +185,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn deadlines_move_to_the_boot_clock() {
-        assert_eq!(on_boot_clock(PERMANENT, 5, 7), block_deadline::PERMANENT);
-        assert_eq!(on_boot_clock(1_500, 1_000, 10), 10 + 500_000_000);
-        assert_eq!(on_boot_clock(999, 1_000, 10), 0);
+    fn deadlines_move_to_the_datapath_clock() {
+        assert_eq!(
+            on_datapath_clock(PERMANENT, 5, 7),
+            block_deadline::PERMANENT
+        );
+        assert_eq!(on_datapath_clock(1_500, 1_000, 10), 10 + 500_000_000);
+        assert_eq!(on_datapath_clock(999, 1_000, 10), 0);
         assert!(!block_deadline::holds(0, 0));
     }
 }
