@@ -3,6 +3,7 @@
 //! figure is a median of interleaved rounds in one run, next to its baseline, with the
 //! spread; the verdict is the ratio, since the machine is shared and noisy.
 
+mod feeds;
 mod fleet;
 mod live;
 mod ops;
@@ -57,7 +58,7 @@ struct Opts {
     #[arg(long, value_delimiter = ',')]
     fleet_nodes: Vec<usize>,
     /// Run only these parts (default: all).
-    #[arg(long, value_delimiter = ',', value_parser = ["verdict", "live", "load", "ops", "fleet"])]
+    #[arg(long, value_delimiter = ',', value_parser = ["verdict", "live", "load", "ops", "feeds", "fleet"])]
     only: Vec<String>,
 }
 
@@ -210,6 +211,17 @@ fn main() -> Result<()> {
                 prefixes: if o.quick { 1024 } else { 1 << 16 },
                 rounds: if o.quick { 1 } else { 3 },
                 latency_rounds: if o.quick { 3 } else { 21 },
+            },
+        )?;
+    }
+    if part("feeds") {
+        feeds::run(
+            &mut md,
+            &mut targets,
+            &feeds::FeedsOpts {
+                bin: &o.bin,
+                decisions: if o.quick { 2_000 } else { 100_000 },
+                rounds: if o.quick { 1 } else { 3 },
             },
         )?;
     }

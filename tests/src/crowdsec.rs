@@ -33,7 +33,7 @@ impl Lapi {
              config_paths:\n  config_dir: /etc/crowdsec/\n  data_dir: {d}/data/\n  simulation_path: /etc/crowdsec/simulation.yaml\n  hub_dir: /var/lib/crowdsec/hub/\n  index_path: /var/lib/crowdsec/hub/.index.json\n  notification_dir: /etc/crowdsec/notifications/\n  plugin_dir: /usr/lib/crowdsec/plugins/\n\
              crowdsec_service:\n  acquisition_path: /etc/crowdsec/acquis.yaml\n\
              cscli:\n  output: human\n\
-             db_config:\n  log_level: info\n  type: sqlite\n  use_wal: true\n  db_path: {d}/data/crowdsec.db\n\
+             db_config:\n  log_level: info\n  type: sqlite\n  use_wal: true\n  max_open_conns: 1\n  db_path: {d}/data/crowdsec.db\n\
              api:\n  client:\n    insecure_skip_verify: false\n    credentials_path: {d}/local_api_credentials.yaml\n  server:\n    log_level: info\n    listen_uri: 127.0.0.1:{PORT}\n    profiles_path: /etc/crowdsec/profiles.yaml\n    trusted_ips:\n      - 127.0.0.1\n\
              prometheus:\n  enabled: false\n"
         );

@@ -55,6 +55,11 @@ const PACKAGES: &[(&str, &str)] = &[
     // The blocklist's feeds: a real CrowdSec Local API and a real fail2ban.
     ("crowdsec", "/usr/bin/crowdsec"),
     ("fail2ban", "/usr/bin/fail2ban-server"),
+    // The bench compares the CrowdSec feed with Debian's own bouncer (nftables mode).
+    (
+        "crowdsec-firewall-bouncer",
+        "/usr/bin/crowdsec-firewall-bouncer",
+    ),
 ];
 
 /// Offline, crowdsec's postinst would try to register with CrowdSec's online Central API

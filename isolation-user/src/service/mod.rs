@@ -517,8 +517,10 @@ async fn follow_decisions(paths: Paths, d: Decisions, health: Arc<Mutex<Health>>
     loop {
         tick.tick().await;
         let timeout = d.every.max(Duration::from_secs(30));
+        let asked = std::time::Instant::now();
         let result = match crowdsec::poll(&d.lapi, &d.key, startup, timeout).await {
             Ok(stream) => {
+                let answered = asked.elapsed();
                 let c = crowdsec::changes(&stream, crowdsec::now());
                 feed.ignored += c.ignored as u64;
                 if startup || !c.add.is_empty() || !c.del.is_empty() {
@@ -532,7 +534,14 @@ async fn follow_decisions(paths: Paths, d: Decisions, health: Arc<Mutex<Health>>
                     };
                     blocking(move || engine::commit(&p, Change::Block(edit), Options::quiet(true)))
                         .await
-                        .map(|_| tracing::info!("decisions from {}: {what}", d.lapi))
+                        .map(|_| {
+                            tracing::info!(
+                                "decisions from {}: {what} (answered in {:.3} s, enforced {:.3} s after the poll began)",
+                                d.lapi,
+                                answered.as_secs_f64(),
+                                asked.elapsed().as_secs_f64()
+                            )
+                        })
                         .map_err(|e| anyhow::anyhow!("the decisions could not be enforced: {e:#}"))
                 } else {
                     Ok(())
