@@ -88,3 +88,21 @@ pub fn uncompact(name: &str, b: &[u8]) -> Result<Policy, String> {
     p.whitelist.allow = allow;
     Ok(p)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A big policy's encoding carries every section, the blocklist included: a node reads
+    /// back the policy that was pushed.
+    #[test]
+    fn the_encoding_round_trips_every_section() {
+        let text = format!(
+            "{}\n[connections]\nmax = 4096\n\n[blocklist]\nlog = false\nentries = [\"203.0.113.0/24\", \"2001:db8:bad::1\"]\n",
+            crate::policy::tests::EVERY_KIND
+        );
+        let p = policy::parse("p.toml", &text).unwrap();
+        assert_eq!(p.blocklist.entries.len(), 2);
+        assert_eq!(uncompact("policy", &compact(&p)).unwrap(), p);
+    }
+}

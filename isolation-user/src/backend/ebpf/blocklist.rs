@@ -58,25 +58,6 @@ impl Maps {
         })
     }
 
-    /// What the map holds for `n` (monotonic ns), if anything.
-    fn get(&self, n: &IpNet) -> Option<u64> {
-        let exact = n.prefix_len() == n.max_prefix_len();
-        match n.addr() {
-            IpAddr::V4(a) if exact => self.v4.get(&u32::from_ne_bytes(a.octets()), 0).ok(),
-            IpAddr::V6(a) if exact => self.v6.get(&a.octets(), 0).ok(),
-            IpAddr::V4(a) => self
-                .v4_lpm
-                .get(&Key::new(n.prefix_len() as u32, a.octets()), 0)
-                .ok()
-                .map(u64::from_ne_bytes),
-            IpAddr::V6(a) => self
-                .v6_lpm
-                .get(&Key::new(n.prefix_len() as u32, a.octets()), 0)
-                .ok()
-                .map(u64::from_ne_bytes),
-        }
-    }
-
     /// Writes `n`'s entry (Some) or removes it (None; absent already is no error).
     fn put(&mut self, n: &IpNet, v: Option<u64>) -> Result<()> {
         let exact = n.prefix_len() == n.max_prefix_len();
@@ -136,10 +117,11 @@ fn flag_of(n: &IpNet) -> u32 {
     }
 }
 
-/// Makes the maps hold `view` where `changed` says it differs. A map's switch is set before
-/// its first entry goes in and cleared once it is empty; a refused write puts back what
-/// this call wrote.
-pub fn edit(paths: &Paths, view: &View, changed: &[IpNet]) -> Result<()> {
+/// Makes the maps hold `view` where `changed` says it differs from `old`, what they hold
+/// now. A map's switch is set before its first entry goes in and cleared once it is empty;
+/// a refused write puts back what `old` says for the entries this call touched (one write
+/// an entry: nothing is read back first).
+pub fn edit(paths: &Paths, old: &View, view: &View, changed: &[IpNet]) -> Result<()> {
     let writes = blocklist::writes(view, changed);
     if writes.is_empty() {
         return Ok(());
@@ -153,20 +135,17 @@ pub fn edit(paths: &Paths, view: &View, changed: &[IpNet]) -> Result<()> {
     if gaining != 0 {
         super::slots::update_config(paths, |c| c.flags |= gaining)?;
     }
-    let mut done: Vec<(IpNet, Option<u64>)> = Vec::new();
     let mut result = Ok(());
-    for (n, h) in &writes {
-        let before = m.get(n);
+    for (i, (n, h)) in writes.iter().enumerate() {
         let v = h.map(|d| on_datapath_clock(d, unix, mono));
         if let Err(e) = m.put(n, v) {
+            // What `old` holds for the entries written so far, written back.
+            let touched: Vec<IpNet> = writes[..i].iter().map(|(n, _)| *n).collect();
+            for (n, h) in blocklist::writes(old, &touched) {
+                let _ = m.put(&n, h.map(|d| on_datapath_clock(d, unix, mono)));
+            }
             result = Err(e);
             break;
-        }
-        done.push((*n, before));
-    }
-    if result.is_err() {
-        for (n, before) in done.iter().rev() {
-            let _ = m.put(n, *before);
         }
     }
     let now = m.flags();

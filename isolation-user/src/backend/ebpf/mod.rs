@@ -245,11 +245,11 @@ impl Backend for Ebpf {
 
     fn edit_blocklist(
         &mut self,
-        _old: &crate::blocklist::View,
+        old: &crate::blocklist::View,
         view: &crate::blocklist::View,
         changed: &[IpNet],
     ) -> Result<()> {
-        blocklist::edit(&self.paths, view, changed)
+        blocklist::edit(&self.paths, old, view, changed)
     }
 
     fn edit_whitelist(
