@@ -64,6 +64,27 @@ impl Lab {
         })
     }
 
+    /// The echo servers both clients talk to.
+    fn echo(&self) -> Echo {
+        Echo::start(
+            &self.srv,
+            &[sa("0.0.0.0:8080"), sa("[2001:db8:1::1]:8080"), sa(SRV6_X)],
+        )
+    }
+
+    /// `load` on both links with the lab's policy (again: idempotent).
+    fn load(&self) {
+        self.iso.ok(&[
+            "load",
+            "--iface",
+            "s1",
+            "--iface",
+            "s2",
+            "--policy",
+            &self.policy,
+        ]);
+    }
+
     /// Does the stranger's IPv4 / IPv6 TCP get through?
     fn x4(&self, wait: Duration) -> bool {
         tcp_ok(&self.cx, sa(SRV4_X), wait)
@@ -81,19 +102,8 @@ impl Lab {
 #[case::iptables("iptables")]
 fn blocked_sources_are_dropped_before_anything_else(#[case] backend: &str) {
     let Some(lab) = Lab::new(backend) else { return };
-    let _echo = Echo::start(
-        &lab.srv,
-        &[sa("0.0.0.0:8080"), sa("[2001:db8:1::1]:8080"), sa(SRV6_X)],
-    );
-    lab.iso.ok(&[
-        "load",
-        "--iface",
-        "s1",
-        "--iface",
-        "s2",
-        "--policy",
-        &lab.policy,
-    ]);
+    let _echo = lab.echo();
+    lab.load();
     assert!(
         lab.x4(PASS_WAIT) && lab.x6(PASS_WAIT) && lab.w4(),
         "all whitelisted"
@@ -161,15 +171,7 @@ fn blocked_sources_are_dropped_before_anything_else(#[case] backend: &str) {
     lab.iso
         .ok(&["block", "add", "2001:db8:2::/64", "--timeout", "3"]);
     lab.iso.ok(&["apply", &lab.policy]);
-    lab.iso.ok(&[
-        "load",
-        "--iface",
-        "s1",
-        "--iface",
-        "s2",
-        "--policy",
-        &lab.policy,
-    ]);
+    lab.load();
     let list = lab.iso.ok(&["block", "list"]);
     assert!(
         list.contains("2001:db8:2::/64") && !list.contains("198.51.100.7"),
@@ -237,10 +239,7 @@ fn within(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
 #[case::iptables("iptables", 19312)]
 fn crowdsec_decisions_are_enforced(#[case] backend: &str, #[case] port: u16) {
     let Some(lab) = Lab::new(backend) else { return };
-    let _echo = Echo::start(
-        &lab.srv,
-        &[sa("0.0.0.0:8080"), sa("[2001:db8:1::1]:8080"), sa(SRV6_X)],
-    );
+    let _echo = lab.echo();
     let mut lapi = tests::crowdsec::Lapi::start(&lab.srv);
     let key = lapi.bouncer_key_file("isolation");
     let url = format!("crowdsec+http://127.0.0.1:{}", tests::crowdsec::PORT);
@@ -412,19 +411,8 @@ fn crowdsec_decisions_are_enforced(#[case] backend: &str, #[case] port: u16) {
 #[case::iptables("iptables")]
 fn fail2ban_bans_through_the_blocklist(#[case] backend: &str) {
     let Some(lab) = Lab::new(backend) else { return };
-    let _echo = Echo::start(
-        &lab.srv,
-        &[sa("0.0.0.0:8080"), sa("[2001:db8:1::1]:8080"), sa(SRV6_X)],
-    );
-    lab.iso.ok(&[
-        "load",
-        "--iface",
-        "s1",
-        "--iface",
-        "s2",
-        "--policy",
-        &lab.policy,
-    ]);
+    let _echo = lab.echo();
+    lab.load();
     let f2b = tests::fail2ban::Fail2ban::start(&lab.iso, 4);
     assert!(lab.x4(PASS_WAIT) && lab.w4(), "before any failure");
     f2b.fail("198.51.100.2", 3);
