@@ -93,7 +93,7 @@ fn talk_to_many_hosts(paths: &isolation_user::state::Paths, rebuild: bool) -> Re
         raw::test_run(fd, &frame, 1)?;
     }
     let mut new: HashMap<MapData, FlowKey, FlowValue> =
-        isolation_user::backend::ebpf::pins::open_map(paths, maps::CONNTRACK)?.try_into()?;
+        isolation_user::backend::ebpf::pinned::open_map(paths, maps::CONNTRACK)?.try_into()?;
     let keys: Vec<FlowKey> = new.keys().collect::<Result<_, _>>()?;
     for k in &keys {
         new.remove(k)?;

@@ -391,7 +391,7 @@ pub fn run_measured(c: &mut Command) -> Result<(f64, u64)> {
 /// when `names` is empty. An array of maps counts with the map it holds.
 pub fn memlock_of(paths: &isolation_user::state::Paths, names: &[&str]) -> Result<u64> {
     use aya::maps::MapData;
-    use isolation_user::backend::ebpf::pins::held_map;
+    use isolation_user::backend::ebpf::pinned::held_map;
     let names: Vec<String> = if names.is_empty() {
         std::fs::read_dir(&paths.pin_dir)?
             .flatten()

@@ -696,6 +696,15 @@ impl WhitelistSizes {
     }
 }
 
+/// An entry as operators write it: a host route as a plain address, else the CIDR.
+pub fn show_net(n: &IpNet) -> String {
+    if n.prefix_len() == n.max_prefix_len() {
+        n.addr().to_string()
+    } else {
+        n.to_string()
+    }
+}
+
 fn quote(s: impl fmt::Display) -> String {
     format!("\"{s}\"")
 }
@@ -751,13 +760,7 @@ pub fn to_toml(p: &Policy) -> String {
     ));
     out.push_str("allow = [\n");
     for a in &wl.allow {
-        // Host routes are written as plain addresses, as operators write them.
-        let s = if a.prefix_len() == a.max_prefix_len() {
-            a.addr().to_string()
-        } else {
-            a.to_string()
-        };
-        out.push_str(&format!("  \"{s}\",\n"));
+        out.push_str(&format!("  \"{}\",\n", show_net(a)));
     }
     out.push_str("]\n");
     // Written only when it is not the default, so policies that never set it read as before.
@@ -771,7 +774,7 @@ pub fn to_toml(p: &Policy) -> String {
             bl.enabled, bl.log
         ));
         for e in &bl.entries {
-            out.push_str(&format!("  \"{}\",\n", crate::store::show(e)));
+            out.push_str(&format!("  \"{}\",\n", show_net(e)));
         }
         out.push_str("]\n");
     }

@@ -308,11 +308,7 @@ impl Store {
 
 /// Host routes as plain addresses, as operators write them.
 pub fn show(n: &IpNet) -> String {
-    if n.prefix_len() == n.max_prefix_len() {
-        n.addr().to_string()
-    } else {
-        n.to_string()
-    }
+    policy::show_net(n)
 }
 
 /// One entry and a newline, as `parse_net` reads it back. Host routes are written by hand

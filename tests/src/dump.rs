@@ -33,7 +33,7 @@ pub fn policy_maps(pin: &Path) -> Dump {
             // An array of maps (the exact whitelist hashes): the contents of the map it holds.
             let m = MapData::from_pin(pin.join(name))
                 .map_err(anyhow::Error::from)
-                .and_then(isolation_user::backend::ebpf::pins::held_map)
+                .and_then(isolation_user::backend::ebpf::pinned::held_map)
                 .unwrap_or_else(|e| panic!("open pinned map {name}: {e:#}"));
             let info = m.info().unwrap();
             let fd = std::os::fd::AsFd::as_fd(m.fd());

@@ -9,7 +9,7 @@ use aya::{
 };
 use isolation_common::{LogEvent, LogStat, Reason, flags, maps};
 use isolation_user::{
-    backend::ebpf::{counters, pins, slots},
+    backend::ebpf::{counters, pinned, pins, slots},
     policy::{Policy, Whitelist},
     state::Paths,
 };
@@ -435,7 +435,7 @@ fn drops_are_logged_with_a_rate_limit() {
         "burst bounds the log: {written} written"
     );
     assert_eq!(written + suppressed + stats[LogStat::Lost as usize], 300);
-    let mut rb: RingBuf<MapData> = pins::open_map(&dp.paths, maps::EVENTS)
+    let mut rb: RingBuf<MapData> = pinned::open_map(&dp.paths, maps::EVENTS)
         .unwrap()
         .try_into()
         .unwrap();
@@ -905,8 +905,10 @@ fn a_big_whitelist_is_filtered_by_its_bits_first() {
         } else {
             0
         };
-        let mut words: aya::maps::Array<MapData, u64> =
-            pins::open_map(&dp.paths, name).unwrap().try_into().unwrap();
+        let mut words: aya::maps::Array<MapData, u64> = pinned::open_map(&dp.paths, name)
+            .unwrap()
+            .try_into()
+            .unwrap();
         let (w, m) = wl_bloom(family, &key(a));
         let old = words.get(&(base + w), 0).unwrap();
         assert_eq!(old & m, m, "{a}'s bits are set");
@@ -969,7 +971,7 @@ fn a_big_whitelist_is_filtered_by_its_bits_first() {
 fn live_bloom_half(paths: &Paths, name: &str, hi_flag: u32) -> (Vec<u64>, bool) {
     use isolation_common::limits::WL_BLOOM_WORDS;
     let hi = slots::read_config(paths).unwrap().flags & hi_flag != 0;
-    let a = pins::SharedArray::open(paths, name).unwrap();
+    let a = pinned::SharedArray::open(paths, name).unwrap();
     // SAFETY: the mapping holds WL_BLOOM_LEN words (at least two halves), page-aligned;
     // it is only read here, while `a` lives.
     let words = unsafe {
@@ -1058,7 +1060,7 @@ fn churn_rebuilds_the_whitelist_filter_beside_the_live_one() {
     assert!(!on(&dp), "forgotten: not consulted");
     let (_, hi) = live_bloom_half(&dp.paths, maps::WL_V6_BLOOM, flags::WL_BLOOM_HI_V6);
     {
-        let a = pins::SharedArray::open(&dp.paths, maps::WL_V6_BLOOM).unwrap();
+        let a = pinned::SharedArray::open(&dp.paths, maps::WL_V6_BLOOM).unwrap();
         let base = if hi {
             limits::WL_BLOOM_WORDS as usize
         } else {
@@ -1133,10 +1135,11 @@ fn the_remote_host_filter_is_rebuilt_from_the_remembered_flows() {
         "{before} slots count"
     );
     // The other flows end (as if they expired): the new-flow table emptied.
-    let mut new: HashMap<MapData, FlowKey, FlowValue> = pins::open_map(&dp.paths, maps::CONNTRACK)
-        .unwrap()
-        .try_into()
-        .unwrap();
+    let mut new: HashMap<MapData, FlowKey, FlowValue> =
+        pinned::open_map(&dp.paths, maps::CONNTRACK)
+            .unwrap()
+            .try_into()
+            .unwrap();
     let keys: Vec<FlowKey> = new.keys().map(|k| k.unwrap()).collect();
     for k in &keys {
         new.remove(k).unwrap();

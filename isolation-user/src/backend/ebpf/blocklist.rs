@@ -10,7 +10,7 @@ use aya::maps::{HashMap, LpmTrie, MapData, lpm_trie::Key};
 use ipnet::IpNet;
 use isolation_common::{block_deadline, flags, maps};
 
-use super::pins::open_map;
+use super::pinned::open_map;
 use crate::{
     blocklist::{self, Deadline, PERMANENT, View},
     state::Paths,

@@ -9,7 +9,7 @@ use anyhow::{Context as _, Result};
 use aya::maps::{HashMap, MapData};
 use isolation_common::{FlowKey, FlowValue, flow_origin, flow_state, maps, peer_gen};
 
-use super::pins::{SharedArray, open_map};
+use super::pinned::{SharedArray, open_map};
 use crate::state::Paths;
 
 /// Clock of `bpf_ktime_get_ns`.

@@ -4,7 +4,7 @@ use anyhow::{Context as _, Result};
 use aya::maps::{MapData, PerCpuArray};
 use isolation_common::{Counter, LogStat, Reason, maps};
 
-use super::pins::open_map;
+use super::pinned::open_map;
 use crate::state::Paths;
 
 /// Sums of the per-CPU counters, by reason.
@@ -90,7 +90,7 @@ pub fn fill_levels(paths: &Paths) -> Result<Vec<(&'static str, u64, u32)>> {
 }
 
 fn fill(paths: &Paths, name: &str) -> Result<(u64, u32)> {
-    let data = super::pins::held_map(MapData::from_pin(paths.map(name))?)
+    let data = super::pinned::held_map(MapData::from_pin(paths.map(name))?)
         .with_context(|| format!("cannot read {name}"))?;
     let info = data.info()?;
     let fd = std::os::fd::AsFd::as_fd(data.fd());

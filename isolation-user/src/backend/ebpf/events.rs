@@ -11,7 +11,7 @@ use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
 use isolation_common::{LogEvent, maps};
 
-use super::{attach, counters, pins::open_map};
+use super::{attach, counters, pinned::open_map};
 use crate::{
     backend::{Event, Events, LogCounts},
     state::Paths,

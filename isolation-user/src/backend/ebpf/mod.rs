@@ -9,6 +9,7 @@ pub mod compile;
 pub mod conntrack;
 pub mod counters;
 pub mod events;
+pub mod pinned;
 pub mod pins;
 pub mod slots;
 pub mod syscall;

@@ -8,7 +8,7 @@ use aya::maps::{Array, LpmTrie, MapData, PerCpuArray, lpm_trie::Key};
 use ipnet::IpNet;
 use isolation_common::{Config, Counter, NetEntry, PolicyMeta, flags, maps};
 
-use super::pins::{not_found, open_map};
+use super::pinned::{not_found, open_map};
 use crate::{policy::Policy, state::Paths};
 
 pub fn update_config(paths: &Paths, f: impl FnOnce(&mut Config)) -> Result<Config> {

@@ -19,7 +19,10 @@ use aya::maps::{ArrayOfMaps, HashMap, LpmTrie, Map, MapData, lpm_trie::Key};
 use ipnet::IpNet;
 use isolation_common::{WlEntry, bloom_meta, flags, limits, maps};
 
-use super::pins::{error_chain, not_found, open_map};
+use super::{
+    pinned::{not_found, open_map},
+    pins::error_chain,
+};
 use crate::{backend::WhitelistDelta, state::Paths};
 
 /// The four whitelist maps, opened.
@@ -84,7 +87,7 @@ impl ExactKey for [u8; 16] {
 /// datapath. The loader is its only writer (under the engine's lock), so plain
 /// read-modify-writes are safe.
 struct Filter {
-    map: super::pins::SharedArray,
+    map: super::pinned::SharedArray,
     /// `flags::WL_BLOOM_V4` / `_V6`: the datapath consults this filter.
     on_flag: u32,
     /// `flags::WL_BLOOM_HI_V4` / `_V6`: the live half is the second.
@@ -106,7 +109,7 @@ impl Filter {
         on_flag: u32,
         hi_flag: u32,
     ) -> Result<Filter> {
-        let map = super::pins::SharedArray::open(paths, name)?;
+        let map = super::pinned::SharedArray::open(paths, name)?;
         let want = limits::WL_BLOOM_LEN as usize * 8;
         if map.len() != want {
             return Err(anyhow!(
