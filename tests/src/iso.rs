@@ -148,6 +148,10 @@ impl Iso {
 impl Drop for Iso {
     fn drop(&mut self) {
         let _ = self.run(&["unload"]);
+        // A pin dir outside a bpffs got one mounted by `load`: unmounted here, or the
+        // mount (and the files dir under it) would outlive the test. Elsewhere umount
+        // refuses ("not mounted") and nothing happens.
+        let _ = std::process::Command::new("umount").arg(&self.pin).output();
         let _ = fs::remove_dir_all(&self.pin);
         let _ = fs::remove_dir_all(&self.state);
         let _ = fs::remove_dir_all(self.files_dir());
