@@ -17,7 +17,8 @@ pub struct Options {
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// Debian packages: (package, a file it installs that proves it is there).
+/// Debian packages: (package, a file it installs that proves it is there), one a line.
+#[rustfmt::skip]
 const PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "/usr/sbin/ip"),
     ("iptables", "/usr/sbin/iptables"),
@@ -56,10 +57,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("crowdsec", "/usr/bin/crowdsec"),
     ("fail2ban", "/usr/bin/fail2ban-server"),
     // The bench compares the CrowdSec feed with Debian's own bouncer (nftables mode).
-    (
-        "crowdsec-firewall-bouncer",
-        "/usr/bin/crowdsec-firewall-bouncer",
-    ),
+    ("crowdsec-firewall-bouncer", "/usr/bin/crowdsec-firewall-bouncer"),
 ];
 
 /// Offline, crowdsec's postinst would try to register with CrowdSec's online Central API
