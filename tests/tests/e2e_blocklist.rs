@@ -92,6 +92,14 @@ impl Lab {
     fn x6(&self, wait: Duration) -> bool {
         tcp_ok(&self.cx, sa(SRV6_X), wait)
     }
+    /// Does the stranger's IPv4 TCP get dropped (passes) within `limit`, tried every
+    /// 100 ms with 300 ms attempts? For changes that land with a poll.
+    fn x4_dropped_within(&self, limit: Duration) -> bool {
+        within(limit, || !self.x4(Duration::from_millis(300))).is_some()
+    }
+    fn x4_passes_within(&self, limit: Duration) -> bool {
+        within(limit, || self.x4(Duration::from_millis(300))).is_some()
+    }
     fn w4(&self) -> bool {
         tcp_ok(&self.cw, sa(SRV4_W), PASS_WAIT)
     }
@@ -281,11 +289,8 @@ fn crowdsec_decisions_are_enforced(#[case] backend: &str, #[case] port: u16) {
         "8s",
     ]);
     let t0 = Instant::now();
-    let took = within(Duration::from_secs(3), || {
-        !lab.x4(Duration::from_millis(300))
-    });
     assert!(
-        took.is_some(),
+        lab.x4_dropped_within(Duration::from_secs(3)),
         "not dropped within two polls: {}",
         svc.log_text()
     );
@@ -301,9 +306,7 @@ fn crowdsec_decisions_are_enforced(#[case] backend: &str, #[case] port: u16) {
     // ... and passes again after its duration.
     sleep_until(t0 + Duration::from_secs(8));
     assert!(
-        within(Duration::from_secs(3), || lab
-            .x4(Duration::from_millis(300)))
-        .is_some(),
+        lab.x4_passes_within(Duration::from_secs(3)),
         "passing after the decision's duration"
     );
 
@@ -316,16 +319,10 @@ fn crowdsec_decisions_are_enforced(#[case] backend: &str, #[case] port: u16) {
         "--duration",
         "1h",
     ]);
-    assert!(
-        within(Duration::from_secs(3), || !lab
-            .x4(Duration::from_millis(300)))
-        .is_some()
-    );
+    assert!(lab.x4_dropped_within(Duration::from_secs(3)));
     lapi.cscli(&["decisions", "delete", "--range", "198.51.100.0/24"]);
     assert!(
-        within(Duration::from_secs(3), || lab
-            .x4(Duration::from_millis(300)))
-        .is_some(),
+        lab.x4_passes_within(Duration::from_secs(3)),
         "the deleted decision is lifted"
     );
 
@@ -340,11 +337,7 @@ fn crowdsec_decisions_are_enforced(#[case] backend: &str, #[case] port: u16) {
         "3s",
     ]);
     let t1 = Instant::now();
-    assert!(
-        within(Duration::from_secs(3), || !lab
-            .x4(Duration::from_millis(300)))
-        .is_some()
-    );
+    assert!(lab.x4_dropped_within(Duration::from_secs(3)));
     lapi.cscli(&[
         "decisions",
         "add",
@@ -396,9 +389,7 @@ fn crowdsec_decisions_are_enforced(#[case] backend: &str, #[case] port: u16) {
     );
     lapi.cscli(&["decisions", "delete", "--ip", "198.51.100.2"]);
     assert!(
-        within(Duration::from_secs(3), || lab
-            .x4(Duration::from_millis(300)))
-        .is_some(),
+        lab.x4_passes_within(Duration::from_secs(3)),
         "lifted once both decisions are deleted"
     );
 }
@@ -416,10 +407,11 @@ fn fail2ban_bans_through_the_blocklist(#[case] backend: &str) {
     let f2b = tests::fail2ban::Fail2ban::start(&lab.iso, 4);
     assert!(lab.x4(PASS_WAIT) && lab.w4(), "before any failure");
     f2b.fail("198.51.100.2", 3);
-    let took = within(Duration::from_secs(10), || {
-        !lab.x4(Duration::from_millis(300))
-    });
-    assert!(took.is_some(), "not banned: {}", f2b.log());
+    assert!(
+        lab.x4_dropped_within(Duration::from_secs(10)),
+        "not banned: {}",
+        f2b.log()
+    );
     let t0 = Instant::now();
     assert!(lab.w4(), "the other client is not banned");
     // A timed entry (the jail's bantime, counted by the datapath), not a permanent one.
@@ -436,9 +428,7 @@ fn fail2ban_bans_through_the_blocklist(#[case] backend: &str) {
     sleep_until(t0 + Duration::from_millis(1500));
     assert!(!lab.x4(DROP_WAIT), "banned for the jail's bantime");
     assert!(
-        within(Duration::from_secs(6), || lab
-            .x4(Duration::from_millis(300)))
-        .is_some(),
+        lab.x4_passes_within(Duration::from_secs(6)),
         "passing after the bantime: {}",
         f2b.log()
     );
