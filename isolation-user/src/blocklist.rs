@@ -72,6 +72,32 @@ pub fn view(permanent: &[IpNet], timed: &[Timed], now: Deadline) -> View {
     v
 }
 
+/// Adds timed entries from `origin`, each with its deadline; an entry already there (from
+/// any origin) takes the new deadline and origin.
+pub fn upsert(
+    timed: &mut Vec<Timed>,
+    entries: impl IntoIterator<Item = (IpNet, Deadline)>,
+    origin: &str,
+) {
+    let mut at: HashMap<IpNet, usize> = timed.iter().enumerate().map(|(i, t)| (t.net, i)).collect();
+    for (net, deadline) in entries {
+        match at.get(&net) {
+            Some(&i) => {
+                timed[i].deadline = deadline;
+                timed[i].origin = origin.to_string();
+            }
+            None => {
+                at.insert(net, timed.len());
+                timed.push(Timed {
+                    net,
+                    deadline,
+                    origin: origin.to_string(),
+                });
+            }
+        }
+    }
+}
+
 /// The prefixes whose deadline differs between two views (added, removed, changed).
 pub fn changed(old: &View, new: &View) -> Vec<IpNet> {
     let mut out: Vec<IpNet> = new

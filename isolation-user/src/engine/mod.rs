@@ -26,10 +26,7 @@ pub use read::{
     read_policy_text, rules, saved, whitelist, whole,
 };
 
-use std::{
-    collections::{HashMap, HashSet},
-    fs,
-};
+use std::{collections::HashSet, fs};
 
 use anyhow::{Result, anyhow, bail};
 use ipnet::IpNet;
@@ -518,24 +515,7 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
                             }
                         }
                         Some(d) => {
-                            let mut at: HashMap<IpNet, usize> =
-                                timed.iter().enumerate().map(|(i, t)| (t.net, i)).collect();
-                            for n in &nets {
-                                match at.get(n) {
-                                    Some(&i) => {
-                                        timed[i].deadline = d;
-                                        timed[i].origin = origin.clone();
-                                    }
-                                    None => {
-                                        at.insert(*n, timed.len());
-                                        timed.push(Timed {
-                                            net: *n,
-                                            deadline: d,
-                                            origin: origin.clone(),
-                                        });
-                                    }
-                                }
-                            }
+                            blocklist::upsert(&mut timed, nets.iter().map(|n| (*n, d)), &origin);
                         }
                     }
                     nets.len()
@@ -561,26 +541,11 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
                 } => {
                     let gone: HashSet<IpNet> = del.iter().copied().collect();
                     timed.retain(|t| !(t.origin == origin && (whole || gone.contains(&t.net))));
-                    let mut at: HashMap<IpNet, usize> =
-                        timed.iter().enumerate().map(|(i, t)| (t.net, i)).collect();
-                    for (n, d) in &add {
+                    for (n, _) in &add {
                         policy::check_block_entry(n)
                             .map_err(|e| anyhow!("refused, nothing was changed: {e}"))?;
-                        match at.get(n) {
-                            Some(&i) => {
-                                timed[i].deadline = *d;
-                                timed[i].origin = origin.clone();
-                            }
-                            None => {
-                                at.insert(*n, timed.len());
-                                timed.push(Timed {
-                                    net: *n,
-                                    deadline: *d,
-                                    origin: origin.clone(),
-                                });
-                            }
-                        }
                     }
+                    blocklist::upsert(&mut timed, add.iter().copied(), &origin);
                     add.len() + del.len()
                 }
             };
