@@ -13,7 +13,7 @@ use aya_ebpf::{
     helpers::bpf_ktime_get_coarse_ns,
     macros::btf_map,
 };
-use isolation_common::{AF_INET, block_deadline, flags, limits};
+use isolation_common::{AF_INET, Addr, block_deadline, flags, limits};
 
 use crate::parse::Packet;
 
@@ -47,8 +47,14 @@ fn holds(deadline: u64, now: &mut u64) -> bool {
 /// clock when it was read (0 otherwise).
 #[inline(always)]
 pub fn blocked(pkt: &Packet, cfg_flags: u32, now: &mut u64) -> bool {
-    if pkt.family == AF_INET {
-        let a = pkt.src.words()[0];
+    source_blocked(pkt.family, &pkt.src, cfg_flags, now)
+}
+
+/// `blocked`, for a source read without a full parse (`parse::source`).
+#[inline(always)]
+pub fn source_blocked(family: u8, src: &Addr, cfg_flags: u32, now: &mut u64) -> bool {
+    if family == AF_INET {
+        let a = src.words()[0];
         // SAFETY: the value is a plain u64 the loader writes whole; a torn read cannot
         // happen on an aligned 8-byte word.
         if cfg_flags & flags::BL_V4 != 0
@@ -64,12 +70,12 @@ pub fn blocked(pkt: &Packet, cfg_flags: u32, now: &mut u64) -> bool {
     } else {
         // SAFETY: as for IPv4.
         if cfg_flags & flags::BL_V6 != 0
-            && let Some(d) = unsafe { BL_V6.get(&pkt.src.0) }
+            && let Some(d) = unsafe { BL_V6.get(&src.0) }
         {
             return holds(*d, now);
         }
         if cfg_flags & flags::BL_CIDR_V6 != 0
-            && let Some(d) = BL_V6_LPM.get(&Key::new(128, pkt.src.0))
+            && let Some(d) = BL_V6_LPM.get(&Key::new(128, src.0))
         {
             return holds(u64::from_ne_bytes(*d), now);
         }

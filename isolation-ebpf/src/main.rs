@@ -1,8 +1,8 @@
 //! The isolation datapath. A packet's journey, top to bottom:
 //!
-//! XDP ingress: parse (what cannot be judged whole is dropped once anything is enforced) →
-//! non-IP passes → blocklist (a blocked source is dropped before anything else) → the
-//! link's own neighbour discovery passes → whitelist (exact hash, then CIDR
+//! XDP ingress: blocklist, from the source alone (a blocked source is dropped before the
+//! rest of the frame is even parsed) → parse (what cannot be judged whole is dropped once
+//! anything is enforced) → non-IP passes → the link's own neighbour discovery passes → whitelist (exact hash, then CIDR
 //! trie) → reply of a flow that left us → ICMP error about one → later fragment of an
 //! admitted datagram → otherwise drop and log. Then isolation: source and destination
 //! networks → except → hairpin → established → allow rules → default. Every exit is
@@ -83,10 +83,62 @@ mod programs {
         }
     }
 
+    /// What stage 0 found before the full parse: the source is not blocked (or the frame
+    /// is not one `parse::source` reads)…
+    const FIRST_PASS: u32 = 0;
+    /// … it is blocked…
+    const FIRST_DROP: u32 = 1;
+    /// … it is blocked and the log's rate limit let one more event through.
+    const FIRST_DROP_LOG: u32 = 2;
+
+    /// Stage 0: is the frame's source blocked? Read and looked up before anything else is
+    /// parsed. Out of line: every way through it returns to the caller in one state but
+    /// its answer (inline, its paths multiplied the verifier's states of all that follows).
+    #[inline(never)]
+    fn blocked_first(start: usize, end: usize) -> u32 {
+        // Its own read of the switches: what the caller learns from them stays its own.
+        let cfg_flags = CONFIG.get(0).map(|c| c.flags).unwrap_or_default();
+        if cfg_flags & flags::BLOCKLIST == 0 {
+            return FIRST_PASS;
+        }
+        let Some((family, src)) = parse::source(start, end) else {
+            return FIRST_PASS;
+        };
+        let mut now = 0;
+        if !blocklist::source_blocked(family, &src, cfg_flags, &mut now) {
+            return FIRST_PASS;
+        }
+        if cfg_flags & flags::BL_LOG == 0 {
+            return FIRST_DROP;
+        }
+        // The clock the deadline was checked with serves the log's rate limit.
+        let now = if now != 0 {
+            now
+        } else {
+            crate::ratelimit::now_coarse()
+        };
+        if trace::token(now) {
+            FIRST_DROP_LOG
+        } else {
+            FIRST_DROP
+        }
+    }
+
     #[inline(always)]
     fn ingress_verdict(ctx: &XdpContext, start: usize, end: usize, len: u64) -> Reason {
         let cfg = CONFIG.get(0).copied().unwrap_or_default();
         let enforce = cfg.flags & flags::WHITELIST_ENABLED != 0;
+        // Stage 0, the blocklist, first of all: the source is read and looked up before the
+        // rest of the frame is parsed (a flood from blocked sources pays the least work
+        // there is); whatever does not parse as IP is judged below, as before.
+        let first = if crate::mutants::BLOCKED_AFTER_REPLIES {
+            FIRST_PASS
+        } else {
+            blocked_first(start, end)
+        };
+        if first == FIRST_DROP {
+            return Reason::DropBlocked;
+        }
         let pkt = match parse::parse(start, end) {
             Parsed::NonIp => return Reason::PassNonIp,
             Parsed::Ip(pkt) => pkt,
@@ -112,22 +164,9 @@ mod programs {
                 return Reason::DropMalformed;
             }
         };
-        // Stage 0, the blocklist: before neighbour discovery, replies, anything.
-        let mut now = 0;
-        if !crate::mutants::BLOCKED_AFTER_REPLIES
-            && cfg.flags & flags::BLOCKLIST != 0
-            && blocklist::blocked(&pkt, cfg.flags, &mut now)
-        {
-            if cfg.flags & flags::BL_LOG != 0 {
-                // The clock the deadline was checked with serves the log's rate limit.
-                let now = if now != 0 {
-                    now
-                } else {
-                    crate::ratelimit::now_coarse()
-                };
-                let reason = Reason::DropBlocked as u32;
-                trace::log_at(&pkt, reason, ingress_ifindex(ctx), len, now);
-            }
+        // Stage 0's event, rare (rate-limited): written from the parsed packet.
+        if first == FIRST_DROP_LOG {
+            trace::write(&pkt, Reason::DropBlocked as u32, ingress_ifindex(ctx), len);
             return Reason::DropBlocked;
         }
         if parse::is_neighbour_discovery(&pkt) && for_this_link(ctx, &pkt) {
@@ -142,7 +181,7 @@ mod programs {
             Reason::PassWhitelist
         } else if crate::mutants::BLOCKED_AFTER_REPLIES
             && cfg.flags & flags::BLOCKLIST != 0
-            && blocklist::blocked(&pkt, cfg.flags, &mut now)
+            && blocklist::blocked(&pkt, cfg.flags, &mut 0)
         {
             return Reason::DropBlocked;
         } else if conntrack::is_reply(&pkt, src_hash, cfg.peers) {

@@ -35,22 +35,27 @@ fn bump(stat: LogStat) {
 /// path's code stays small.
 #[inline(always)]
 pub fn log(pkt: &Packet, reason: u32, ifindex: u32, len: u64) {
-    log_at(pkt, reason, ifindex, len, ratelimit::now_coarse())
+    if token(ratelimit::now_coarse()) {
+        write(pkt, reason, ifindex, len);
+    }
 }
 
-/// `log`, with the coarse clock already read (`now`).
+/// The rate limit alone: may one more event be written at `now` (coarse clock)? A no is
+/// counted as suppressed. `log` is both; the blocklist's first stage asks alone, and has the
+/// packet parsed for `write` only when the answer is yes.
 #[inline(always)]
-pub fn log_at(pkt: &Packet, reason: u32, ifindex: u32, len: u64, now: u64) {
+pub fn token(now: u64) -> bool {
     let bucket = LOG_BUCKET.get_ptr_mut(0);
     if !ratelimit::take(bucket, now, timing::LOG_RATE_PER_SEC, timing::LOG_BURST) {
         bump(LogStat::Suppressed);
-        return;
+        return false;
     }
-    write(pkt, reason, ifindex, len);
+    true
 }
 
+/// Writes one event (the rate limit already said yes).
 #[inline(never)]
-fn write(pkt: &Packet, reason: u32, ifindex: u32, len: u64) {
+pub fn write(pkt: &Packet, reason: u32, ifindex: u32, len: u64) {
     let Some(mut entry) = EVENTS.reserve(0) else {
         bump(LogStat::Lost);
         return;

@@ -1177,3 +1177,79 @@ fn the_remote_host_filter_is_rebuilt_from_the_remembered_flows() {
     assert_eq!(conntrack::peers_counted(&dp.paths).unwrap(), 2);
     assert_eq!(ebpf.upkeep().unwrap(), None, "below the threshold: nothing");
 }
+
+/// The blocklist is asked first, from the source alone, before the rest of the frame is
+/// parsed: a blocked source is dropped as `blocked` untagged and behind one or two VLAN tags,
+/// in IPv4 and IPv6, with its L4 header cut off too; the same frames from another source
+/// pass (the control); three tags and a cut-off IP header are judged as they were (the
+/// blocklist enforces, so they are dropped as such); the event of a logged blocked drop
+/// carries the whole packet, ports included.
+#[test]
+fn blocked_sources_are_dropped_first_tagged_or_not() {
+    use isolation_user::backend::Backend as _;
+    let Some(dp) = Dp::new(&[]) else { return };
+    let text = format!(
+        "[whitelist]\nenabled = false\n[blocklist]\nentries = [\"{STRANGER4}\", \"2001:db8:9::/48\"]\n"
+    );
+    let policy = isolation_user::policy::parse("p", &text).unwrap();
+    tests::apply(&dp.paths, &policy, 2);
+    let view = isolation_user::blocklist::view(&policy.blocklist.entries, &[], 0);
+    let changed = isolation_user::blocklist::changed(&Default::default(), &view);
+    isolation_user::backend::ebpf::Ebpf::new(dp.paths.clone())
+        .edit_blocklist(&Default::default(), &view, &changed)
+        .expect("the blocklist written");
+    pin_to_one_cpu();
+    let v4 = |src: &str| V4::new(src, LOCAL4, UDP).build(&udp(41000, 53, b"x"));
+    let v6 = |src: &str| V6::new(src, LOCAL6, UDP).build(&udp(41000, 53, b"x"));
+    for (blocked, other, ether_type) in [
+        (v4(STRANGER4), v4(FRIEND4), 0x0800),
+        (v6(STRANGER6), v6(FRIEND6), 0x86dd),
+    ] {
+        for tags in [&[][..], &[7], &[7, 8]] {
+            let what = format!("{} tag(s), EtherType {ether_type:#x}", tags.len());
+            let f = vlan_eth(tags, ether_type, &blocked);
+            dp.expect(
+                &f,
+                XDP_DROP,
+                Reason::DropBlocked,
+                &format!("blocked, {what}"),
+            );
+            let f = vlan_eth(tags, ether_type, &other);
+            dp.expect(
+                &f,
+                XDP_PASS,
+                Reason::PassWhitelistOff,
+                &format!("control, {what}"),
+            );
+            // Only the IP header is needed: a cut-off UDP header is blocked all the same.
+            let ip_len = if ether_type == 0x0800 { 20 } else { 40 };
+            let f = vlan_eth(tags, ether_type, &blocked[..ip_len + 2]);
+            dp.expect(
+                &f,
+                XDP_DROP,
+                Reason::DropBlocked,
+                &format!("cut L4, {what}"),
+            );
+        }
+        let f = vlan_eth(&[7, 8, 9], ether_type, &blocked);
+        dp.expect(&f, XDP_DROP, Reason::DropTooManyVlans, "blocked, 3 tags");
+        let f = eth(ether_type, &blocked[..12]);
+        dp.expect(
+            &f,
+            XDP_DROP,
+            Reason::DropMalformed,
+            "blocked, IP header cut off",
+        );
+    }
+    // The log's first event (the bucket starts full) is the first blocked drop above.
+    let mut rb: RingBuf<MapData> = pinned::open_map(&dp.paths, maps::EVENTS)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let item = rb.next().expect("an event in the ring buffer");
+    let e: LogEvent = *bytemuck::from_bytes(&item[..std::mem::size_of::<LogEvent>()]);
+    assert_eq!(
+        isolation_user::render::format_line(&e, "eth0"),
+        "isolation DROP blocked: IN=eth0 SRC=198.51.100.9 DST=192.0.2.1 LEN=43 TTL=64 PROTO=UDP SPT=41000 DPT=53"
+    );
+}
