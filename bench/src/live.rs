@@ -544,7 +544,7 @@ pub fn run(md: &mut String, targets: &mut Vec<report::Target>, o: &LiveOpts) -> 
     let tmp = std::env::temp_dir().join(&gen_ns);
     std::fs::create_dir_all(&tmp)?;
     let bare_drop = raw::load_xdp_ret(raw::XDP_DROP)?;
-    let mut xdp_filter_devs: Vec<(String, String)> = Vec::new();
+    let mut xdp_filter_devs: Vec<(String, String, Option<std::path::PathBuf>)> = Vec::new();
     let mut instances: Vec<Iso> = Vec::new();
     let result = (|| -> Result<()> {
         for (i, (label, kind)) in specs.iter().enumerate() {
@@ -599,7 +599,7 @@ pub fn run(md: &mut String, targets: &mut Vec<report::Target>, o: &LiveOpts) -> 
                         load.extend(["-f", "ipv4,ipv6"]);
                     }
                     in_ns(&ns, &load)?;
-                    xdp_filter_devs.push((ns.clone(), dev.clone()));
+                    xdp_filter_devs.push((ns.clone(), dev.clone(), None));
                     // Default deny: the listed sources are the ones allowed.
                     for a in [crate::v4_key(0).to_string(), crate::v6_key(0).to_string()] {
                         in_ns(&ns, &["xdp-filter", "ip", &a, "-m", "src"])?;
@@ -677,27 +677,54 @@ pub fn run(md: &mut String, targets: &mut Vec<report::Target>, o: &LiveOpts) -> 
                     Counter::Ours(paths)
                 }
                 "xdpfilterdeny" => {
-                    if xdp_filter_devs.is_empty() && Path::new("/sys/fs/bpf/xdp-filter").exists() {
-                        bail!(
-                            "/sys/fs/bpf/xdp-filter exists: xdp-filter is in use on this machine, and the benchmark would change its maps"
-                        );
-                    }
-                    in_ns(
-                        &ns,
-                        &[
-                            "xdp-filter",
-                            "load",
-                            &dev,
-                            "-m",
-                            "native",
-                            "-p",
-                            "allow",
-                            "-f",
-                            "ipv4,ipv6",
-                        ],
-                    )?;
-                    xdp_filter_devs.push((ns.clone(), dev.clone()));
-                    in_ns(&ns, &["xdp-filter", "ip", SOURCE, "-m", "src"])?;
+                    // xdp-filter pins one set of maps under /sys/fs/bpf/xdp-filter, which a
+                    // second load reuses: this source in the deny list would be let through
+                    // by the whitelist receivers (default deny) too. This one runs in a
+                    // mount namespace of its own with a bpffs of its own on /sys/fs/bpf.
+                    let dir = tmp.join("xdp-filter-deny");
+                    std::fs::create_dir_all(&dir)?;
+                    let d = dir.to_str().unwrap();
+                    sh_ok(&["mount", "--bind", d, d])?;
+                    sh_ok(&["mount", "--make-private", d])?;
+                    let mnt = dir.join("mnt");
+                    std::fs::write(&mnt, "")?;
+                    let m = mnt.to_str().unwrap();
+                    sh_ok(&[
+                        "unshare",
+                        &format!("--mount={m}"),
+                        "--propagation",
+                        "private",
+                        "true",
+                    ])?;
+                    xdp_filter_devs.push((ns.clone(), dev.clone(), Some(dir.clone())));
+                    sh_ok(&[
+                        "nsenter",
+                        &format!("--mount={m}"),
+                        "mount",
+                        "-t",
+                        "bpf",
+                        "bpf",
+                        "/sys/fs/bpf",
+                    ])?;
+                    let run = |args: &[&str]| {
+                        let mut c = Command::new("nsenter");
+                        c.arg(format!("--mount={m}"))
+                            .arg(format!("--net=/run/netns/{ns}"))
+                            .args(args);
+                        output_ok(&mut c)
+                    };
+                    run(&[
+                        "xdp-filter",
+                        "load",
+                        &dev,
+                        "-m",
+                        "native",
+                        "-p",
+                        "allow",
+                        "-f",
+                        "ipv4,ipv6",
+                    ])?;
+                    run(&["xdp-filter", "ip", SOURCE, "-m", "src"])?;
                     Counter::XdpDrops
                 }
                 k if k.starts_with("nftblock:") => {
@@ -1054,8 +1081,19 @@ pub fn run(md: &mut String, targets: &mut Vec<report::Target>, o: &LiveOpts) -> 
         }
         Ok(())
     })();
-    for (ns, dev) in xdp_filter_devs {
-        let _ = in_ns(&ns, &["xdp-filter", "unload", &dev]);
+    for (ns, dev, own) in xdp_filter_devs {
+        let mut unload = Command::new("nsenter");
+        if let Some(dir) = &own {
+            unload.arg(format!("--mount={}", dir.join("mnt").display()));
+        }
+        unload
+            .arg(format!("--net=/run/netns/{ns}"))
+            .args(["xdp-filter", "unload", &dev]);
+        let _ = output_ok(&mut unload);
+        if let Some(dir) = own {
+            let _ = sh_ok(&["umount", dir.join("mnt").to_str().unwrap()]);
+            let _ = sh_ok(&["umount", dir.to_str().unwrap()]);
+        }
     }
     // Our instances unload before their namespaces go.
     drop(instances);
