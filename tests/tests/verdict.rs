@@ -82,6 +82,17 @@ impl Dp {
             .packets
     }
 
+    /// The oldest event in the log's ring buffer, as `trace` prints it (on eth0).
+    fn first_event(&self) -> String {
+        let mut rb: RingBuf<MapData> = pinned::open_map(&self.paths, maps::EVENTS)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let item = rb.next().expect("an event in the ring buffer");
+        let e: LogEvent = *bytemuck::from_bytes(&item[..std::mem::size_of::<LogEvent>()]);
+        isolation_user::render::format_line(&e, "eth0")
+    }
+
     /// Asserts the verdict and that exactly this reason's counter moved by one.
     fn expect(&self, frame: &[u8], action: u32, reason: Reason, what: &str) {
         let before = self.count(reason);
@@ -435,15 +446,8 @@ fn drops_are_logged_with_a_rate_limit() {
         "burst bounds the log: {written} written"
     );
     assert_eq!(written + suppressed + stats[LogStat::Lost as usize], 300);
-    let mut rb: RingBuf<MapData> = pinned::open_map(&dp.paths, maps::EVENTS)
-        .unwrap()
-        .try_into()
-        .unwrap();
-    let item = rb.next().expect("an event in the ring buffer");
-    let e: LogEvent = *bytemuck::from_bytes(&item[..std::mem::size_of::<LogEvent>()]);
-    let line = isolation_user::render::format_line(&e, "eth0");
     assert_eq!(
-        line,
+        dp.first_event(),
         "isolation DROP not-whitelisted: IN=eth0 SRC=198.51.100.9 DST=192.0.2.1 LEN=54 TTL=64 PROTO=TCP SPT=41000 DPT=22 SYN"
     );
 }
@@ -1242,14 +1246,8 @@ fn blocked_sources_are_dropped_first_tagged_or_not() {
         );
     }
     // The log's first event (the bucket starts full) is the first blocked drop above.
-    let mut rb: RingBuf<MapData> = pinned::open_map(&dp.paths, maps::EVENTS)
-        .unwrap()
-        .try_into()
-        .unwrap();
-    let item = rb.next().expect("an event in the ring buffer");
-    let e: LogEvent = *bytemuck::from_bytes(&item[..std::mem::size_of::<LogEvent>()]);
     assert_eq!(
-        isolation_user::render::format_line(&e, "eth0"),
+        dp.first_event(),
         "isolation DROP blocked: IN=eth0 SRC=198.51.100.9 DST=192.0.2.1 LEN=43 TTL=64 PROTO=UDP SPT=41000 DPT=53"
     );
 }
