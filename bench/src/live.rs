@@ -685,6 +685,8 @@ pub fn run(md: &mut String, targets: &mut Vec<report::Target>, o: &LiveOpts) -> 
                     std::fs::create_dir_all(&dir)?;
                     let d = dir.to_str().unwrap();
                     sh_ok(&["mount", "--bind", d, d])?;
+                    // Unmounted at the end, whatever fails from here on.
+                    xdp_filter_devs.push((ns.clone(), dev.clone(), Some(dir.clone())));
                     sh_ok(&["mount", "--make-private", d])?;
                     let mnt = dir.join("mnt");
                     std::fs::write(&mnt, "")?;
@@ -696,7 +698,6 @@ pub fn run(md: &mut String, targets: &mut Vec<report::Target>, o: &LiveOpts) -> 
                         "private",
                         "true",
                     ])?;
-                    xdp_filter_devs.push((ns.clone(), dev.clone(), Some(dir.clone())));
                     sh_ok(&[
                         "nsenter",
                         &format!("--mount={m}"),
