@@ -208,10 +208,11 @@ fn connect_within(ns: &str, addr: SocketAddr, wait: Duration) -> End {
     })
 }
 
-/// Runs `probe` in a loop on its own thread until `stop` (bounded in count and time),
-/// recording when each probe started and how it ended.
+/// Runs `probe` in a loop on its own thread until `stop` (bounded in count and time), at
+/// most once per `pace`, recording when each probe started and how it ended.
 fn prober<T: Send + 'static>(
     stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pace: Duration,
     mut probe: impl FnMut() -> Vec<T> + Send + 'static,
 ) -> std::thread::JoinHandle<Vec<(std::time::Instant, T)>> {
     let stop = stop.clone();
@@ -224,8 +225,7 @@ fn prober<T: Send + 'static>(
         {
             let at = std::time::Instant::now();
             seen.extend(probe().into_iter().map(|r| (at, r)));
-            // Paced under the REJECT rate limits.
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(pace.saturating_sub(at.elapsed()));
         }
         seen
     })
@@ -300,8 +300,13 @@ fn connections_across_100_applies_get_the_old_or_the_new_verdict(#[case] backend
     assert_eq!(connect(&hr, sa("198.51.100.2:83")), End::Passed);
     assert_eq!(x83(Duration::from_millis(700)), End::TimedOut);
 
+    // Paced under the REJECT rate limit (200 answers a second, on one CPU or in one
+    // iptables rule): at most 2 refusals every 20 ms from hr and 1 every 25 ms from x, 140
+    // a second. A refusal over the limit is dropped, and a SYN dropped twice times out: a
+    // faster pace made that happen once in 5,000 connections, and would hide a real mix.
+    let limited = iso.packets("isolated-reject-limited");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let from_hr = prober(&stop, {
+    let from_hr = prober(&stop, Duration::from_millis(20), {
         let hr = hr.clone();
         move || {
             [80u16, 81, 82]
@@ -315,19 +320,17 @@ fn connections_across_100_applies_get_the_old_or_the_new_verdict(#[case] backend
         }
     });
     // x's SYNs are answered within a millisecond or dropped: a short timeout keeps the
-    // probers sending through every apply (a slow answer only counts as dropped).
-    let from_x: Vec<_> = (0..2)
-        .map(|_| {
-            let x = x.clone();
-            prober(&stop, move || {
-                vec![syn_answered(
-                    &x,
-                    sa("198.51.100.2:83"),
-                    Duration::from_millis(20),
-                )]
-            })
-        })
-        .collect();
+    // prober sending through every apply (a slow answer only counts as dropped).
+    let from_x = prober(&stop, Duration::from_millis(25), {
+        let x = x.clone();
+        move || {
+            vec![syn_answered(
+                &x,
+                sa("198.51.100.2:83"),
+                Duration::from_millis(20),
+            )]
+        }
+    });
     let mut applied = Vec::new();
     for i in 0..100 {
         applied.push(Instant::now());
@@ -336,7 +339,7 @@ fn connections_across_100_applies_get_the_old_or_the_new_verdict(#[case] backend
     applied.push(Instant::now());
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let seen = from_hr.join().unwrap();
-    let seen_x: Vec<(Instant, End)> = from_x.into_iter().flat_map(|p| p.join().unwrap()).collect();
+    let seen_x: Vec<(Instant, End)> = from_x.join().unwrap();
     let covered = applied
         .windows(2)
         .filter(|w| seen.iter().any(|(at, _)| (w[0]..w[1]).contains(at)))
@@ -345,6 +348,15 @@ fn connections_across_100_applies_get_the_old_or_the_new_verdict(#[case] backend
         "{backend}: {} connections from hr and {} from x during 100 applies; {covered} applies saw one start",
         seen.len(),
         seen_x.len()
+    );
+    // Counters of the iptables backend restart with each apply's rules: only those of the
+    // last apply are left to see.
+    let limited = iso
+        .packets("isolated-reject-limited")
+        .saturating_sub(limited);
+    assert_eq!(
+        limited, 0,
+        "{limited} refusals were over the REJECT rate limit (dropped, not answered): the probes outran it"
     );
     let wrong: Vec<_> = seen
         .iter()
