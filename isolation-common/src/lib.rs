@@ -36,6 +36,10 @@ pub mod maps {
     pub const BL_V4_LPM: &str = "BL_V4_LPM";
     pub const BL_V6: &str = "BL_V6";
     pub const BL_V6_LPM: &str = "BL_V6_LPM";
+    /// The filters in front of the blocklist's address hashes once they are big: as
+    /// `WL_V4_BLOOM`, one per family.
+    pub const BL_V4_BLOOM: &str = "BL_V4_BLOOM";
+    pub const BL_V6_BLOOM: &str = "BL_V6_BLOOM";
     /// New connections: seen leaving an attached interface (original direction), not yet
     /// confirmed by an answer. LRU: a flood of new flows evicts only other new flows.
     pub const CONNTRACK: &str = "CONNTRACK";
@@ -88,6 +92,8 @@ pub mod maps {
         BL_V4_LPM,
         BL_V6,
         BL_V6_LPM,
+        BL_V4_BLOOM,
+        BL_V6_BLOOM,
         CONNTRACK,
         ESTABLISHED,
         PEERS,
@@ -381,7 +387,21 @@ pub mod flags {
     pub const BL_V6: u32 = 1 << 14;
     pub const BL_CIDR_V4: u32 = 1 << 15;
     pub const BL_CIDR_V6: u32 = 1 << 16;
-    pub const BL_FOLLOW_MAPS: u32 = BL_V4 | BL_V6 | BL_CIDR_V4 | BL_CIDR_V6;
+    /// The blocklist's IPv4 / IPv6 address hash is big: consult its filter
+    /// (`maps::BL_V4_BLOOM`) first, as `WL_BLOOM_V4`; and which half of it is live.
+    pub const BL_BLOOM_V4: u32 = 1 << 17;
+    pub const BL_BLOOM_V6: u32 = 1 << 18;
+    pub const BL_BLOOM_HI_V4: u32 = 1 << 19;
+    pub const BL_BLOOM_HI_V6: u32 = 1 << 20;
+    /// The switches that follow the blocklist maps.
+    pub const BL_FOLLOW_MAPS: u32 = BL_V4
+        | BL_V6
+        | BL_CIDR_V4
+        | BL_CIDR_V6
+        | BL_BLOOM_V4
+        | BL_BLOOM_V6
+        | BL_BLOOM_HI_V4
+        | BL_BLOOM_HI_V6;
     /// The switches that follow the whitelist maps, not the policy text.
     pub const WL_FOLLOW_MAPS: u32 = WL_CIDRS
         | RETIRED_FILTER_V4

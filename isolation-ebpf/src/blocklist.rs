@@ -9,13 +9,16 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{HashMap, LpmTrie, lpm_trie::Key},
+    btf_maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
     helpers::bpf_ktime_get_coarse_ns,
     macros::btf_map,
 };
-use isolation_common::{AF_INET, Addr, block_deadline, flags, limits};
+use isolation_common::{AF_INET, Addr, addr_hash, block_deadline, flags, limits};
 
-use crate::parse::Packet;
+use crate::{
+    parse::Packet,
+    whitelist::{BPF_F_MMAPABLE, in_filter},
+};
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
 
@@ -28,6 +31,28 @@ static BL_V4_LPM: LpmTrie<[u8; 4], [u8; 8], { limits::BL_LPM as usize }> = LpmTr
 static BL_V6: HashMap<[u8; 16], u64, { limits::BL_EXACT as usize }, NO_PREALLOC> = HashMap::new();
 #[btf_map]
 static BL_V6_LPM: LpmTrie<[u8; 16], [u8; 8], { limits::BL_LPM as usize }> = LpmTrie::new();
+
+/// The filters in front of the address hashes once they are big (`flags::BL_BLOOM_V4`):
+/// as the whitelist's, a flood of random sources that the hash does not hold reads one word
+/// each instead of a bucket and an element in DRAM (the blocklist's CIDRs are asked after
+/// the hash misses, so a flood from a blocked range goes through that miss first).
+#[btf_map]
+static BL_V4_BLOOM: Array<u64, { limits::WL_BLOOM_LEN as usize }, BPF_F_MMAPABLE> = Array::new();
+#[btf_map]
+static BL_V6_BLOOM: Array<u64, { limits::WL_BLOOM_LEN as usize }, BPF_F_MMAPABLE> = Array::new();
+
+/// Is the hash worth a lookup? Yes unless the family's filter is on and says no.
+#[inline(always)]
+fn maybe_held(
+    filter: &Array<u64, { limits::WL_BLOOM_LEN as usize }, BPF_F_MMAPABLE>,
+    family: u8,
+    src: &Addr,
+    cfg_flags: u32,
+    on: u32,
+    hi: u32,
+) -> bool {
+    cfg_flags & on == 0 || in_filter(filter, addr_hash(family, src), cfg_flags & hi != 0)
+}
 
 /// Does an entry with this deadline still block? Permanent entries never read the clock;
 /// timed ones read the coarse one (the tick's cached time: measured on the bench VM, the
@@ -58,6 +83,14 @@ pub fn source_blocked(family: u8, src: &Addr, cfg_flags: u32, now: &mut u64) -> 
         // SAFETY: the value is a plain u64 the loader writes whole; a torn read cannot
         // happen on an aligned 8-byte word.
         if cfg_flags & flags::BL_V4 != 0
+            && maybe_held(
+                &BL_V4_BLOOM,
+                family,
+                src,
+                cfg_flags,
+                flags::BL_BLOOM_V4,
+                flags::BL_BLOOM_HI_V4,
+            )
             && let Some(d) = unsafe { BL_V4.get(&a) }
         {
             return holds(*d, now);
@@ -70,6 +103,14 @@ pub fn source_blocked(family: u8, src: &Addr, cfg_flags: u32, now: &mut u64) -> 
     } else {
         // SAFETY: as for IPv4.
         if cfg_flags & flags::BL_V6 != 0
+            && maybe_held(
+                &BL_V6_BLOOM,
+                family,
+                src,
+                cfg_flags,
+                flags::BL_BLOOM_V6,
+                flags::BL_BLOOM_HI_V6,
+            )
             && let Some(d) = unsafe { BL_V6.get(&src.0) }
         {
             return holds(*d, now);

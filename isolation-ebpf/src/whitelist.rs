@@ -51,9 +51,9 @@ static WL_V4_BLOOM: Array<u64, { limits::WL_BLOOM_LEN as usize }, BPF_F_MMAPABLE
 static WL_V6_BLOOM: Array<u64, { limits::WL_BLOOM_LEN as usize }, BPF_F_MMAPABLE> = Array::new();
 
 /// May the source hashed to `src_hash` (`addr_hash`) be in the family's exact hash? Asked
-/// only of big hashes (`flags::WL_BLOOM_*`); `hi` picks the live half.
+/// only of big hashes (`flags::WL_BLOOM_*`, `flags::BL_BLOOM_*`); `hi` picks the live half.
 #[inline(always)]
-fn in_filter(
+pub fn in_filter(
     filter: &Array<u64, { limits::WL_BLOOM_LEN as usize }, BPF_F_MMAPABLE>,
     src_hash: u64,
     hi: bool,

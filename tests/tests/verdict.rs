@@ -971,6 +971,164 @@ fn a_big_whitelist_is_filtered_by_its_bits_first() {
     );
 }
 
+/// A blocklist big enough for its filters: they switch on, every blocked address is still
+/// dropped (v4 and v6) and others pass. The datapath does read them: a blocked address whose
+/// bits are cleared by hand passes (and is dropped again once they are back), a stranger
+/// given all its bits by hand still passes (the hash has the last word). Deletions past a
+/// fifth of the keys rebuild the other half, which then holds exactly the bits of the
+/// addresses left; shrunk below the threshold, the filters switch off, and what is left is
+/// still dropped.
+#[test]
+fn a_big_blocklist_is_filtered_by_its_bits_first() {
+    use isolation_common::{AF_INET6, limits, wl_bloom};
+    use isolation_user::backend::Backend as _;
+    use isolation_user::blocklist::{PERMANENT, View, changed};
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let Some(dp) = Dp::new(&[]) else { return };
+    let policy =
+        isolation_user::policy::parse("p", "[whitelist]\nenabled = false\n[blocklist]\n").unwrap();
+    tests::apply(&dp.paths, &policy, 2);
+    let n = limits::WL_BLOOM_FROM;
+    let v4 = |i: u32| Ipv4Addr::from(0x0a00_0000 + i);
+    let v6 = |i: u32| Ipv6Addr::new(0x2001, 0xdb8, 0xaa, 0, 0, 0, (i >> 16) as u16, i as u16);
+    let view_of = |r: std::ops::Range<u32>| -> View {
+        r.flat_map(|i| [IpAddr::V4(v4(i)).into(), IpAddr::V6(v6(i)).into()])
+            .map(|net| (net, PERMANENT))
+            .collect()
+    };
+    let mut b = isolation_user::backend::ebpf::Ebpf::new(dp.paths.clone());
+    let mut live = View::default();
+    let mut edit = |b: &mut isolation_user::backend::ebpf::Ebpf, next: View| {
+        b.edit_blocklist(&live, &next, &changed(&live, &next))
+            .expect("the blocklist written");
+        live = next;
+    };
+    // 20,000 more than the threshold, so that deleting them keeps the filters on.
+    let extra = 20_000;
+    edit(&mut b, view_of(0..n + extra));
+    let bits = |dp: &Dp| {
+        slots::read_config(&dp.paths).unwrap().flags & (flags::BL_BLOOM_V4 | flags::BL_BLOOM_V6)
+    };
+    assert_eq!(
+        bits(&dp),
+        flags::BL_BLOOM_V4 | flags::BL_BLOOM_V6,
+        "both hashes are big: their filters are consulted"
+    );
+    let frame = |a: IpAddr| match a {
+        IpAddr::V4(_) => eth(
+            0x0800,
+            &V4::new(&a.to_string(), LOCAL4, UDP).build(&udp(41000, 53, b"x")),
+        ),
+        IpAddr::V6(_) => eth(
+            0x86dd,
+            &V6::new(&a.to_string(), LOCAL6, UDP).build(&udp(41000, 53, b"x")),
+        ),
+    };
+    let blocked = |dp: &Dp, a: IpAddr, what: &str| {
+        dp.expect(
+            &frame(a),
+            XDP_DROP,
+            Reason::DropBlocked,
+            &format!("{a}: {what}"),
+        )
+    };
+    let passes = |dp: &Dp, a: IpAddr, what: &str| {
+        dp.expect(
+            &frame(a),
+            XDP_PASS,
+            Reason::PassWhitelistOff,
+            &format!("{a}: {what}"),
+        )
+    };
+    for i in [0, 1, n / 2, n + extra - 1] {
+        blocked(&dp, IpAddr::V4(v4(i)), "listed");
+        blocked(&dp, IpAddr::V6(v6(i)), "listed");
+    }
+    let key = |a: IpAddr| {
+        let mut key = [0u8; 16];
+        match a {
+            IpAddr::V4(x) => key[..4].copy_from_slice(&x.octets()),
+            IpAddr::V6(x) => key = x.octets(),
+        }
+        key
+    };
+    for (family, name, hi, a, stranger) in [
+        (
+            isolation_common::AF_INET,
+            maps::BL_V4_BLOOM,
+            flags::BL_BLOOM_HI_V4,
+            IpAddr::V4(v4(5)),
+            IpAddr::V4(Ipv4Addr::new(192, 0, 2, 77)),
+        ),
+        (
+            AF_INET6,
+            maps::BL_V6_BLOOM,
+            flags::BL_BLOOM_HI_V6,
+            IpAddr::V6(v6(5)),
+            IpAddr::V6("2001:db8:bb::77".parse().unwrap()),
+        ),
+    ] {
+        let base = if slots::read_config(&dp.paths).unwrap().flags & hi != 0 {
+            limits::WL_BLOOM_WORDS
+        } else {
+            0
+        };
+        let mut words: aya::maps::Array<MapData, u64> = pinned::open_map(&dp.paths, name)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let (w, m) = wl_bloom(family, &key(a));
+        let old = words.get(&(base + w), 0).unwrap();
+        assert_eq!(old & m, m, "{a}'s bits are set");
+        words.set(base + w, &(old & !m), 0).unwrap();
+        passes(&dp, a, "bits cleared");
+        words.set(base + w, &old, 0).unwrap();
+        blocked(&dp, a, "bits back");
+        let (w, m) = wl_bloom(family, &key(stranger));
+        let old = words.get(&(base + w), 0).unwrap();
+        passes(&dp, stranger, "stranger");
+        words.set(base + w, &(old | m), 0).unwrap();
+        passes(&dp, stranger, "a stranger whose bits are set");
+        words.set(base + w, &old, 0).unwrap();
+    }
+    // Deleting the 20,000 extra addresses (over a fifth of the keys counted) rebuilds the
+    // other half: the live half flips and holds exactly the bits of those left.
+    let (_, hi_before) = live_bloom_half(&dp.paths, maps::BL_V6_BLOOM, flags::BL_BLOOM_HI_V6);
+    edit(&mut b, view_of(0..n));
+    let (half, hi_after) = live_bloom_half(&dp.paths, maps::BL_V6_BLOOM, flags::BL_BLOOM_HI_V6);
+    assert_ne!(
+        hi_before, hi_after,
+        "the other half was built and swapped in"
+    );
+    let left: Vec<Ipv6Addr> = (0..n).map(v6).collect();
+    assert!(
+        half == bloom_of(&left),
+        "the new half holds exactly the addresses left"
+    );
+    assert_eq!(bits(&dp), flags::BL_BLOOM_V4 | flags::BL_BLOOM_V6);
+    passes(&dp, IpAddr::V6(v6(n + 1)), "deleted");
+    blocked(&dp, IpAddr::V6(v6(n - 1)), "kept");
+    // An upgrade: the filters are switched off (the hashes alone still block), then rebuilt
+    // and switched on again.
+    let upgrade = isolation_user::backend::ebpf::blocklist::forget_filters;
+    upgrade(&dp.paths).unwrap();
+    assert_eq!(bits(&dp), 0, "forgotten: the hashes alone");
+    blocked(&dp, IpAddr::V4(v4(n - 1)), "no filter");
+    let (_, hi_before) = live_bloom_half(&dp.paths, maps::BL_V6_BLOOM, flags::BL_BLOOM_HI_V6);
+    isolation_user::backend::ebpf::blocklist::refresh(&dp.paths).unwrap();
+    assert_eq!(bits(&dp), flags::BL_BLOOM_V4 | flags::BL_BLOOM_V6);
+    let (half, hi_after) = live_bloom_half(&dp.paths, maps::BL_V6_BLOOM, flags::BL_BLOOM_HI_V6);
+    assert_ne!(hi_before, hi_after, "rebuilt after the upgrade");
+    assert!(half == bloom_of(&left), "rebuilt from the hash's keys");
+    blocked(&dp, IpAddr::V6(v6(n - 1)), "after the upgrade");
+    // Below the threshold: filters off, what is left still blocked, the rest passes.
+    edit(&mut b, view_of(0..20));
+    assert_eq!(bits(&dp), 0, "small hashes: no filter");
+    blocked(&dp, IpAddr::V4(v4(3)), "kept, small");
+    blocked(&dp, IpAddr::V6(v6(3)), "kept, small");
+    passes(&dp, IpAddr::V6(v6(n - 1)), "gone");
+}
+
 /// The live half of `name`'s filter, read whole, and whether it is the second half.
 fn live_bloom_half(paths: &Paths, name: &str, hi_flag: u32) -> (Vec<u64>, bool) {
     use isolation_common::limits::WL_BLOOM_WORDS;

@@ -2,15 +2,20 @@
 //! the deadline the datapath checks on the packet (`isolation_common::block_deadline`, in
 //! `CLOCK_BOOTTIME`), the latest of its own and of the CIDRs containing it
 //! (`crate::blocklist::writes` says which entries a change touches and what they hold).
+//! Once an address hash is big, a bit filter sits in front of it (`super::bloom`): a flood
+//! from random sources the hash does not hold reads one word each, not DRAM.
 
 use std::net::IpAddr;
 
 use anyhow::{Context as _, Result};
 use aya::maps::{HashMap, LpmTrie, MapData, lpm_trie::Key};
 use ipnet::IpNet;
-use isolation_common::{block_deadline, flags, maps};
+use isolation_common::{block_deadline, flags, limits, maps};
 
-use super::pinned::open_map;
+use super::{
+    bloom::{ExactKey, Filter},
+    pinned::open_map,
+};
 use crate::{
     blocklist::{self, Deadline, PERMANENT, View},
     state::Paths,
@@ -104,6 +109,94 @@ impl Maps {
     }
 }
 
+/// The filters in front of the two address hashes.
+struct Filters {
+    v4: Filter,
+    v6: Filter,
+}
+
+/// (filter map, its switch, its live-half bit), IPv4 then IPv6.
+const FILTERS: [(&str, u32, u32); 2] = [
+    (maps::BL_V4_BLOOM, flags::BL_BLOOM_V4, flags::BL_BLOOM_HI_V4),
+    (maps::BL_V6_BLOOM, flags::BL_BLOOM_V6, flags::BL_BLOOM_HI_V6),
+];
+
+impl Filters {
+    fn open(paths: &Paths) -> Result<Filters> {
+        let cfg = super::slots::read_config(paths)?.flags;
+        let [(n4, on4, hi4), (n6, on6, hi6)] = FILTERS;
+        Ok(Filters {
+            v4: Filter::open(paths, n4, cfg, on4, hi4)?,
+            v6: Filter::open(paths, n6, cfg, on6, hi6)?,
+        })
+    }
+
+    /// Before `n` is written: an address going in gets its bits first (counted as a new
+    /// key unless `old` already held it); one going out is counted as a stale key.
+    fn note(&mut self, n: &IpNet, going_in: bool, held: bool) {
+        if n.prefix_len() != n.max_prefix_len() {
+            return;
+        }
+        match (n.addr(), going_in, held) {
+            (IpAddr::V4(a), true, false) => self.v4.set(std::iter::once(v4_key(a))),
+            (IpAddr::V4(a), true, true) => self.v4.reassert(std::iter::once(v4_key(a))),
+            (IpAddr::V6(a), true, false) => self.v6.set(std::iter::once(a.octets())),
+            (IpAddr::V6(a), true, true) => self.v6.reassert(std::iter::once(a.octets())),
+            (IpAddr::V4(_), false, _) => self.v4.deleted(1),
+            (IpAddr::V6(_), false, _) => self.v6.deleted(1),
+        }
+    }
+
+    /// The filter switches for hashes holding `n4` and `n6` addresses: a filter is
+    /// consulted once its hash holds `limits::WL_BLOOM_FROM` (below, the hash's buckets
+    /// stay in cache), after it is rebuilt from the hash's keys if it may lack some (new,
+    /// or after an upgrade) or holds too many stale bits.
+    fn flags(&mut self, paths: &Paths, n4: usize, n6: usize) -> Result<u32> {
+        let from = limits::WL_BLOOM_FROM as usize;
+        let mut f = 0;
+        if n4 >= from {
+            if !self.v4.fresh() {
+                self.v4
+                    .build(hash_keys::<u32>(paths, maps::BL_V4)?.into_iter())?;
+            }
+            f |= self.v4.on_bits();
+        } else {
+            f |= self.v4.hi_bits();
+        }
+        if n6 >= from {
+            if !self.v6.fresh() {
+                self.v6
+                    .build(hash_keys::<[u8; 16]>(paths, maps::BL_V6)?.into_iter())?;
+            }
+            f |= self.v6.on_bits();
+        } else {
+            f |= self.v6.hi_bits();
+        }
+        Ok(f)
+    }
+}
+
+fn v4_key(a: std::net::Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(a.octets())
+}
+
+/// Every key of an address hash.
+fn hash_keys<K: bytemuck::Pod + ExactKey>(paths: &Paths, name: &str) -> Result<Vec<K>> {
+    let data = MapData::from_pin(paths.map(name)).with_context(|| format!("cannot open {name}"))?;
+    super::syscall::keys::<K>(std::os::fd::AsFd::as_fd(data.fd()), 8)
+        .with_context(|| format!("cannot read the keys of {name}"))
+}
+
+/// Addresses (not CIDRs) per family in `view`: what the hashes hold once it is written.
+fn exact_counts(view: &View) -> (usize, usize) {
+    view.keys()
+        .filter(|n| n.prefix_len() == n.max_prefix_len())
+        .fold((0, 0), |(a, b), n| match n {
+            IpNet::V4(_) => (a + 1, b),
+            IpNet::V6(_) => (a, b + 1),
+        })
+}
+
 /// The switch of the map an entry goes to.
 fn flag_of(n: &IpNet) -> u32 {
     match (
@@ -127,6 +220,7 @@ pub fn edit(paths: &Paths, old: &View, view: &View, changed: &[IpNet]) -> Result
         return Ok(());
     }
     let mut m = Maps::open(paths)?;
+    let mut filters = Filters::open(paths)?;
     let (unix, mono) = (blocklist::now_ms(), mono_ns());
     let gaining = writes
         .iter()
@@ -138,21 +232,54 @@ pub fn edit(paths: &Paths, old: &View, view: &View, changed: &[IpNet]) -> Result
     let mut result = Ok(());
     for (i, (n, h)) in writes.iter().enumerate() {
         let v = h.map(|d| on_datapath_clock(d, unix, mono));
+        filters.note(n, v.is_some(), old.contains_key(n));
         if let Err(e) = m.put(n, v) {
             // What `old` holds for the entries written so far, written back.
             let touched: Vec<IpNet> = writes[..i].iter().map(|(n, _)| *n).collect();
             for (n, h) in blocklist::writes(old, &touched) {
+                filters.note(&n, h.is_some(), true);
                 let _ = m.put(&n, h.map(|d| on_datapath_clock(d, unix, mono)));
             }
             result = Err(e);
             break;
         }
     }
-    let now = m.flags();
+    let held = if result.is_ok() { view } else { old };
+    let (n4, n6) = exact_counts(held);
+    let now = m.flags() | filters.flags(paths, n4, n6)?;
     super::slots::update_config(paths, |c| {
         c.flags = (c.flags & !flags::BL_FOLLOW_MAPS) | now
     })?;
     result
+}
+
+/// Before the programs are replaced (an upgrade): as `whitelist::forget_filters`, for the
+/// blocklist's filters.
+pub fn forget_filters(paths: &Paths) -> Result<()> {
+    super::slots::update_config(paths, |c| {
+        c.flags &= !(flags::BL_BLOOM_V4 | flags::BL_BLOOM_V6)
+    })?;
+    for (name, on, hi) in FILTERS {
+        if paths.map(name).exists() {
+            Filter::open(paths, name, 0, on, hi)?.forget();
+        }
+    }
+    Ok(())
+}
+
+/// After the programs were replaced: builds the filters of big hashes and switches them on.
+pub fn refresh(paths: &Paths) -> Result<()> {
+    let count = |name: &str| -> Result<usize> {
+        let data = MapData::from_pin(paths.map(name))?;
+        let fd = std::os::fd::AsFd::as_fd(data.fd());
+        let n = super::syscall::count_keys(fd, if name == maps::BL_V4 { 4 } else { 16 })?;
+        Ok(n as usize)
+    };
+    let (n4, n6) = (count(maps::BL_V4)?, count(maps::BL_V6)?);
+    let f = Filters::open(paths)?.flags(paths, n4, n6)?;
+    let mask = FILTERS.iter().fold(0, |m, (_, on, hi)| m | on | hi);
+    super::slots::update_config(paths, |c| c.flags = (c.flags & !mask) | f)?;
+    Ok(())
 }
 
 /// How many entries each map holds: IPv4 addresses, IPv4 CIDRs, IPv6 addresses, IPv6

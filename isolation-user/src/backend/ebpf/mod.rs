@@ -5,6 +5,7 @@
 
 pub mod attach;
 pub mod blocklist;
+mod bloom;
 pub mod compile;
 pub mod conntrack;
 pub mod counters;
@@ -84,12 +85,18 @@ fn resize_connections(
 fn replace_keeping_filters(paths: &Paths, connections: Option<u32>) -> Result<usize> {
     // Before anything else: a build whose maps do not fit is refused untouched.
     whitelist::forget_filters(paths)?;
+    blocklist::forget_filters(paths)?;
     let n = pins::replace_programs(paths, connections)?;
     // Until this is done the datapath reads the whitelist's hashes without their
     // filters: slower under a flood, never wrong, so a failure here is only a warning.
     if let Err(e) = whitelist::refresh(paths) {
         tracing::warn!(
             "the whitelist filters were not rebuilt after the programs were replaced: {e:#}"
+        );
+    }
+    if let Err(e) = blocklist::refresh(paths) {
+        tracing::warn!(
+            "the blocklist filters were not rebuilt after the programs were replaced: {e:#}"
         );
     }
     Ok(n)
