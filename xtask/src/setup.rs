@@ -58,6 +58,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("fail2ban", "/usr/bin/fail2ban-server"),
     // The bench compares the CrowdSec feed with Debian's own bouncer (nftables mode).
     ("crowdsec-firewall-bouncer", "/usr/bin/crowdsec-firewall-bouncer"),
+    // The bench's independent live-drop method (bench/reference/): a C generator on
+    // libbpf and a BPF program, built with clang in every run.
+    ("clang", "/usr/bin/clang"),
+    ("libbpf-dev", "/usr/include/bpf/libbpf.h"),
 ];
 
 /// Offline, crowdsec's postinst would try to register with CrowdSec's online Central API
