@@ -15,10 +15,7 @@ use aya_ebpf::{
 };
 use isolation_common::{AF_INET, Addr, addr_hash, block_deadline, flags, limits};
 
-use crate::{
-    parse::Packet,
-    whitelist::{BPF_F_MMAPABLE, in_filter},
-};
+use crate::whitelist::{BPF_F_MMAPABLE, in_filter};
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
 
@@ -69,13 +66,8 @@ fn holds(deadline: u64, now: &mut u64) -> bool {
 }
 
 /// Is the source blocked? `cfg_flags` says which maps hold anything; `now` gets the coarse
-/// clock when it was read (0 otherwise).
-#[inline(always)]
-pub fn blocked(pkt: &Packet, cfg_flags: u32, now: &mut u64) -> bool {
-    source_blocked(pkt.family, &pkt.src, cfg_flags, now)
-}
-
-/// `blocked`, for a source read without a full parse (`parse::source`).
+/// clock when it was read (0 otherwise). The source is read without a full parse
+/// (`parse::source`), or taken from a parsed packet.
 #[inline(always)]
 pub fn source_blocked(family: u8, src: &Addr, cfg_flags: u32, now: &mut u64) -> bool {
     if family == AF_INET {

@@ -181,7 +181,7 @@ mod programs {
             Reason::PassWhitelist
         } else if crate::mutants::BLOCKED_AFTER_REPLIES
             && cfg.flags & flags::BLOCKLIST != 0
-            && blocklist::blocked(&pkt, cfg.flags, &mut 0)
+            && blocklist::source_blocked(pkt.family, &pkt.src, cfg.flags, &mut 0)
         {
             return Reason::DropBlocked;
         } else if conntrack::is_reply(&pkt, src_hash, cfg.peers) {

@@ -481,15 +481,9 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
         Change::Block(edit) => {
             let mut b = backend::installed(paths, state.as_ref())?;
             let mut rules = store.rules()?;
-            let stored = store.timed()?;
-            let now = blocklist::now_ms();
+            let (stored, mut timed, now) = timed_entries(&store)?;
             // What the datapath may hold (passed entries too, until they are removed).
             let old = blocklist::view(&rules.blocklist.entries, &stored, 0);
-            let mut timed: Vec<Timed> = stored
-                .iter()
-                .filter(|t| t.deadline > now)
-                .cloned()
-                .collect();
             let swept = stored.len() - timed.len();
             let permanent = rules.blocklist.entries.clone();
             let asked = match edit {
@@ -578,6 +572,19 @@ pub fn commit(paths: &Paths, change: Change, opts: Options<'_>) -> Result<Outcom
     }
 }
 
+/// The timed blocklist entries as stored (the datapath may still hold those whose deadline
+/// passed, until they are removed), those still running, and the moment that says which.
+fn timed_entries(store: &Store) -> Result<(Vec<Timed>, Vec<Timed>, blocklist::Deadline)> {
+    let stored = store.timed()?;
+    let now = blocklist::now_ms();
+    let running = stored
+        .iter()
+        .filter(|t| t.deadline > now)
+        .cloned()
+        .collect();
+    Ok((stored, running, now))
+}
+
 /// The blocklist across a whole-policy change: its permanent entries go from `old` to
 /// `new`, the timed ones stay (those past their deadline are removed on the way).
 struct BlockSync {
@@ -591,13 +598,7 @@ struct BlockSync {
 impl BlockSync {
     /// `fresh`: the datapath was just created and holds nothing.
     fn new(store: &Store, old: &[IpNet], new: &[IpNet], fresh: bool) -> Result<BlockSync> {
-        let stored = store.timed()?;
-        let now = blocklist::now_ms();
-        let timed: Vec<Timed> = stored
-            .iter()
-            .filter(|t| t.deadline > now)
-            .cloned()
-            .collect();
+        let (stored, timed, now) = timed_entries(store)?;
         let old = if fresh {
             View::new()
         } else {
