@@ -837,7 +837,7 @@ fn seeded_connections_pass_before_any_egress() {
 /// the filter switches off again.
 #[test]
 fn a_big_whitelist_is_filtered_by_its_bits_first() {
-    use isolation_common::{AF_INET6, limits, wl_bloom};
+    use isolation_common::limits;
     use isolation_user::backend::Backend as _;
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
     let Some(dp) = Dp::new(&[]) else { return };
@@ -872,14 +872,6 @@ fn a_big_whitelist_is_filtered_by_its_bits_first() {
             &b6,
         );
     }
-    let key = |a: IpAddr| {
-        let mut key = [0u8; 16];
-        match a {
-            IpAddr::V4(x) => key[..4].copy_from_slice(&x.octets()),
-            IpAddr::V6(x) => key = x.octets(),
-        }
-        key
-    };
     let frame = |a: IpAddr| match a {
         IpAddr::V4(_) => v4_tcp(&a.to_string(), LOCAL4, 1, 22, SYN),
         IpAddr::V6(_) => v6_tcp(&a.to_string(), LOCAL6, 1, 22, SYN),
@@ -888,59 +880,27 @@ fn a_big_whitelist_is_filtered_by_its_bits_first() {
     // bits cleared by hand, that address is refused (v4 and v6), and passes again once the
     // bits are back. An unlisted address given all its bits by hand (a false positive) is
     // still refused: the hash has the last word.
-    for (family, name, hi, a, stranger) in [
+    let held = |dp: &Dp, a: IpAddr, what: &str| {
+        dp.expect(&frame(a), XDP_PASS, Reason::PassWhitelist, what)
+    };
+    let not_held = |dp: &Dp, a: IpAddr, what: &str| {
+        dp.expect(&frame(a), XDP_DROP, Reason::DropNotWhitelisted, what)
+    };
+    for (name, hi, a, stranger) in [
         (
-            isolation_common::AF_INET,
             maps::WL_V4_BLOOM,
             flags::WL_BLOOM_HI_V4,
             IpAddr::V4(v4(5)),
             IpAddr::V4(Ipv4Addr::new(192, 0, 2, 77)),
         ),
         (
-            AF_INET6,
             maps::WL_V6_BLOOM,
             flags::WL_BLOOM_HI_V6,
             IpAddr::V6(v6(5)),
             IpAddr::V6("2001:db8:bb::77".parse().unwrap()),
         ),
     ] {
-        let base = if slots::read_config(&dp.paths).unwrap().flags & hi != 0 {
-            limits::WL_BLOOM_WORDS
-        } else {
-            0
-        };
-        let mut words: aya::maps::Array<MapData, u64> = pinned::open_map(&dp.paths, name)
-            .unwrap()
-            .try_into()
-            .unwrap();
-        let (w, m) = wl_bloom(family, &key(a));
-        let old = words.get(&(base + w), 0).unwrap();
-        assert_eq!(old & m, m, "{a}'s bits are set");
-        words.set(base + w, &(old & !m), 0).unwrap();
-        dp.expect(
-            &frame(a),
-            XDP_DROP,
-            Reason::DropNotWhitelisted,
-            "bits cleared",
-        );
-        words.set(base + w, &old, 0).unwrap();
-        dp.expect(&frame(a), XDP_PASS, Reason::PassWhitelist, "bits back");
-        let (w, m) = wl_bloom(family, &key(stranger));
-        let old = words.get(&(base + w), 0).unwrap();
-        dp.expect(
-            &frame(stranger),
-            XDP_DROP,
-            Reason::DropNotWhitelisted,
-            "stranger",
-        );
-        words.set(base + w, &(old | m), 0).unwrap();
-        dp.expect(
-            &frame(stranger),
-            XDP_DROP,
-            Reason::DropNotWhitelisted,
-            "a stranger whose bits are set",
-        );
-        words.set(base + w, &old, 0).unwrap();
+        filter_is_consulted(&dp, name, hi, a, stranger, &held, &not_held);
     }
     // Back under the threshold (a whole-policy sync shrinks the hashes): filters off, the
     // remaining entries still pass.
@@ -980,7 +940,7 @@ fn a_big_whitelist_is_filtered_by_its_bits_first() {
 /// still dropped.
 #[test]
 fn a_big_blocklist_is_filtered_by_its_bits_first() {
-    use isolation_common::{AF_INET6, limits, wl_bloom};
+    use isolation_common::limits;
     use isolation_user::backend::Backend as _;
     use isolation_user::blocklist::{PERMANENT, View, changed};
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -1044,52 +1004,21 @@ fn a_big_blocklist_is_filtered_by_its_bits_first() {
         blocked(&dp, IpAddr::V4(v4(i)), "listed");
         blocked(&dp, IpAddr::V6(v6(i)), "listed");
     }
-    let key = |a: IpAddr| {
-        let mut key = [0u8; 16];
-        match a {
-            IpAddr::V4(x) => key[..4].copy_from_slice(&x.octets()),
-            IpAddr::V6(x) => key = x.octets(),
-        }
-        key
-    };
-    for (family, name, hi, a, stranger) in [
+    for (name, hi, a, stranger) in [
         (
-            isolation_common::AF_INET,
             maps::BL_V4_BLOOM,
             flags::BL_BLOOM_HI_V4,
             IpAddr::V4(v4(5)),
             IpAddr::V4(Ipv4Addr::new(192, 0, 2, 77)),
         ),
         (
-            AF_INET6,
             maps::BL_V6_BLOOM,
             flags::BL_BLOOM_HI_V6,
             IpAddr::V6(v6(5)),
             IpAddr::V6("2001:db8:bb::77".parse().unwrap()),
         ),
     ] {
-        let base = if slots::read_config(&dp.paths).unwrap().flags & hi != 0 {
-            limits::WL_BLOOM_WORDS
-        } else {
-            0
-        };
-        let mut words: aya::maps::Array<MapData, u64> = pinned::open_map(&dp.paths, name)
-            .unwrap()
-            .try_into()
-            .unwrap();
-        let (w, m) = wl_bloom(family, &key(a));
-        let old = words.get(&(base + w), 0).unwrap();
-        assert_eq!(old & m, m, "{a}'s bits are set");
-        words.set(base + w, &(old & !m), 0).unwrap();
-        passes(&dp, a, "bits cleared");
-        words.set(base + w, &old, 0).unwrap();
-        blocked(&dp, a, "bits back");
-        let (w, m) = wl_bloom(family, &key(stranger));
-        let old = words.get(&(base + w), 0).unwrap();
-        passes(&dp, stranger, "stranger");
-        words.set(base + w, &(old | m), 0).unwrap();
-        passes(&dp, stranger, "a stranger whose bits are set");
-        words.set(base + w, &old, 0).unwrap();
+        filter_is_consulted(&dp, name, hi, a, stranger, &blocked, &passes);
     }
     // Deleting the 20,000 extra addresses (over a fifth of the keys counted) rebuilds the
     // other half: the live half flips and holds exactly the bits of those left.
@@ -1127,6 +1056,60 @@ fn a_big_blocklist_is_filtered_by_its_bits_first() {
     blocked(&dp, IpAddr::V4(v4(3)), "kept, small");
     blocked(&dp, IpAddr::V6(v6(3)), "kept, small");
     passes(&dp, IpAddr::V6(v6(n - 1)), "gone");
+}
+
+/// The datapath reads the live half of the filter `name` (`hi_flag`: its half bit): `a`,
+/// which the hash holds, is treated as not held (`not_held`) once its bits are cleared by
+/// hand and as held (`held`) when they are back; `stranger`, which the hash does not hold,
+/// stays not held even with all its bits set by hand (a false positive: the hash has the
+/// last word).
+fn filter_is_consulted(
+    dp: &Dp,
+    name: &str,
+    hi_flag: u32,
+    a: std::net::IpAddr,
+    stranger: std::net::IpAddr,
+    held: &dyn Fn(&Dp, std::net::IpAddr, &str),
+    not_held: &dyn Fn(&Dp, std::net::IpAddr, &str),
+) {
+    use isolation_common::{AF_INET, AF_INET6, limits::WL_BLOOM_WORDS, wl_bloom};
+    use std::net::IpAddr;
+    let bits = |a: IpAddr| {
+        let mut key = [0u8; 16];
+        let family = match a {
+            IpAddr::V4(x) => {
+                key[..4].copy_from_slice(&x.octets());
+                AF_INET
+            }
+            IpAddr::V6(x) => {
+                key = x.octets();
+                AF_INET6
+            }
+        };
+        wl_bloom(family, &key)
+    };
+    let base = if slots::read_config(&dp.paths).unwrap().flags & hi_flag != 0 {
+        WL_BLOOM_WORDS
+    } else {
+        0
+    };
+    let mut words: aya::maps::Array<MapData, u64> = pinned::open_map(&dp.paths, name)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let (w, m) = bits(a);
+    let old = words.get(&(base + w), 0).unwrap();
+    assert_eq!(old & m, m, "{a}'s bits are set");
+    words.set(base + w, &(old & !m), 0).unwrap();
+    not_held(dp, a, "bits cleared");
+    words.set(base + w, &old, 0).unwrap();
+    held(dp, a, "bits back");
+    let (w, m) = bits(stranger);
+    let old = words.get(&(base + w), 0).unwrap();
+    not_held(dp, stranger, "stranger");
+    words.set(base + w, &(old | m), 0).unwrap();
+    not_held(dp, stranger, "a stranger whose bits are set");
+    words.set(base + w, &old, 0).unwrap();
 }
 
 /// The live half of `name`'s filter, read whole, and whether it is the second half.
