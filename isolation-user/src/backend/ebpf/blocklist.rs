@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use anyhow::{Context as _, Result};
 use aya::maps::{HashMap, LpmTrie, MapData, lpm_trie::Key};
 use ipnet::IpNet;
-use isolation_common::{block_deadline, flags, limits, maps};
+use isolation_common::{block_deadline, flags, maps};
 
 use super::{
     bloom::{ExactKey, Filter},
@@ -147,32 +147,14 @@ impl Filters {
         }
     }
 
-    /// The filter switches for hashes holding `n4` and `n6` addresses: a filter is
-    /// consulted once its hash holds `limits::WL_BLOOM_FROM` (below, the hash's buckets
-    /// stay in cache), after it is rebuilt from the hash's keys if it may lack some (new,
-    /// or after an upgrade) or holds too many stale bits.
+    /// The filter switches for hashes holding `n4` and `n6` addresses (`Filter::switch`).
     fn flags(&mut self, paths: &Paths, n4: usize, n6: usize) -> Result<u32> {
-        let from = limits::WL_BLOOM_FROM as usize;
-        let mut f = 0;
-        if n4 >= from {
-            if !self.v4.fresh() {
-                self.v4
-                    .build(hash_keys::<u32>(paths, maps::BL_V4)?.into_iter())?;
-            }
-            f |= self.v4.on_bits();
-        } else {
-            f |= self.v4.hi_bits();
-        }
-        if n6 >= from {
-            if !self.v6.fresh() {
-                self.v6
-                    .build(hash_keys::<[u8; 16]>(paths, maps::BL_V6)?.into_iter())?;
-            }
-            f |= self.v6.on_bits();
-        } else {
-            f |= self.v6.hi_bits();
-        }
-        Ok(f)
+        Ok(self
+            .v4
+            .switch(n4, || hash_keys::<u32>(paths, maps::BL_V4))?
+            | self
+                .v6
+                .switch(n6, || hash_keys::<[u8; 16]>(paths, maps::BL_V6))?)
     }
 }
 

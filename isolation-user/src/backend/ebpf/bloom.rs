@@ -92,9 +92,23 @@ impl Filter {
         if self.hi { self.hi_flag } else { 0 }
     }
 
-    /// The config bits of a filter the datapath consults: its switch and its live half.
-    pub fn on_bits(&self) -> u32 {
-        self.on_flag | self.hi_bits()
+    /// The config bits of this filter in front of a hash of `size` entries: which half is
+    /// live, and whether the datapath consults it, which it does once the hash is big
+    /// (`limits::WL_BLOOM_FROM`: below, the hash's buckets stay in cache). A big hash's
+    /// filter is first rebuilt from `keys` (every key of the hash) if it may lack some
+    /// (never built by this design, or after an upgrade) or holds too many stale bits.
+    pub fn switch<K: ExactKey>(
+        &mut self,
+        size: usize,
+        keys: impl FnOnce() -> Result<Vec<K>>,
+    ) -> Result<u32> {
+        if size < limits::WL_BLOOM_FROM as usize {
+            return Ok(self.hi_bits());
+        }
+        if !self.fresh() {
+            self.build(keys()?.into_iter())?;
+        }
+        Ok(self.on_flag | self.hi_bits())
     }
 
     /// The live half no longer counts as holding every key (the programs are being
@@ -162,7 +176,7 @@ impl Filter {
     /// Does the live half hold the bits of every key, with few enough stale ones? A build
     /// is due when the keys deleted since the last one pass a fifth of those it counts
     /// (then more than a quarter of the live keys' worth of bits are stale).
-    pub fn fresh(&self) -> bool {
+    fn fresh(&self) -> bool {
         let deleted = self.meta(bloom_meta::DELETED);
         self.meta(bloom_meta::COMPLETE) == 1
             && (deleted < STALE_FLOOR || deleted.saturating_mul(5) <= self.meta(bloom_meta::KEYS))

@@ -108,21 +108,18 @@ impl<K: aya::Pod + bytemuck::Pod + Eq + std::hash::Hash + Send + Sync + ExactKey
         Ok((Map::from_map_data(get()?)?.try_into()?, get()?))
     }
 
-    /// The config bits of this family's filter: which half is live, and whether the
-    /// datapath consults it, which it does once the hash is big (`limits::WL_BLOOM_FROM`).
-    /// A big hash's filter is first rebuilt from the hash's keys if it may lack some (never
-    /// built by this design, or after an upgrade) or holds too many stale bits.
+    /// The config bits of this family's filter (`Filter::switch`), the hash's size being
+    /// its capacity.
     fn filter_flags(&mut self) -> Result<u32> {
-        if self.max_entries() < limits::WL_BLOOM_FROM as usize {
-            return Ok(self.filter.hi_bits());
-        }
-        if !self.filter.fresh() {
-            let keys = self
-                .keys()
-                .with_context(|| format!("cannot read the keys of {}", self.name))?;
-            self.filter.build(keys.into_iter())?;
-        }
-        Ok(self.filter.on_bits())
+        let size = self.max_entries();
+        let (filter, raw, name) = (&mut self.filter, &self.raw, self.name);
+        filter.switch(size, || {
+            super::syscall::keys::<K>(
+                std::os::fd::AsFd::as_fd(raw.fd()),
+                std::mem::size_of::<WlEntry>(),
+            )
+            .with_context(|| format!("cannot read the keys of {name}"))
+        })
     }
 
     fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
