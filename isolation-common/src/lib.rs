@@ -57,6 +57,9 @@ pub mod maps {
     pub const LOG_STATS: &str = "LOG_STATS";
     /// Per-CPU token bucket of the log rate limit.
     pub const LOG_BUCKET: &str = "LOG_BUCKET";
+    /// Per-CPU copy of the coarse clock, renewed when jiffies moves (the datapath's clock
+    /// of deadlines and rate limits).
+    pub const CLOCK: &str = "CLOCK";
     /// Ring buffer of `LogEvent`s read by `trace`.
     pub const EVENTS: &str = "EVENTS";
     /// Isolation, in two slots (0 and 1) so that a whole policy swaps in one step: the
@@ -101,6 +104,7 @@ pub mod maps {
         COUNTERS,
         LOG_STATS,
         LOG_BUCKET,
+        CLOCK,
         EVENTS,
         NET_V4[0],
         NET_V4[1],

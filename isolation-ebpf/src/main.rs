@@ -16,6 +16,8 @@
 #[cfg(target_arch = "bpf")]
 mod blocklist;
 #[cfg(target_arch = "bpf")]
+mod clock;
+#[cfg(target_arch = "bpf")]
 mod conntrack;
 #[cfg(target_arch = "bpf")]
 mod isolation;
@@ -104,20 +106,13 @@ mod programs {
         let Some((family, src)) = parse::source(start, end) else {
             return FIRST_PASS;
         };
-        let mut now = 0;
-        if !blocklist::source_blocked(family, &src, cfg_flags, &mut now) {
+        if !blocklist::source_blocked(family, &src, cfg_flags) {
             return FIRST_PASS;
         }
         if cfg_flags & flags::BL_LOG == 0 {
             return FIRST_DROP;
         }
-        // The clock the deadline was checked with serves the log's rate limit.
-        let now = if now != 0 {
-            now
-        } else {
-            crate::ratelimit::now_coarse()
-        };
-        if trace::token(now) {
+        if trace::token(crate::clock::now_coarse()) {
             FIRST_DROP_LOG
         } else {
             FIRST_DROP
@@ -181,7 +176,7 @@ mod programs {
             Reason::PassWhitelist
         } else if crate::mutants::BLOCKED_AFTER_REPLIES
             && cfg.flags & flags::BLOCKLIST != 0
-            && blocklist::source_blocked(pkt.family, &pkt.src, cfg.flags, &mut 0)
+            && blocklist::source_blocked(pkt.family, &pkt.src, cfg.flags)
         {
             return Reason::DropBlocked;
         } else if conntrack::is_reply(&pkt, src_hash, cfg.peers) {

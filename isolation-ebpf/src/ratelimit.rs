@@ -1,19 +1,12 @@
 //! The token bucket behind the log and the REJECT answers: one per CPU (in a per-CPU
 //! array), so no lock, and a flood on one CPU cannot starve the others.
 //!
-//! It runs for every dropped packet of a flood, so it is kept cheap: the coarse clock (no
-//! TSC read; a tick of resolution is plenty for tens of tokens a second), and a 64-bit
+//! It runs for every dropped packet of a flood, so it is kept cheap: the coarse clock
+//! (`clock`: a tick of resolution is plenty for tens of tokens a second), and a 64-bit
 //! division only when a refill is due (BPF has no multiply-high, so a division by a
 //! constant stays a real `div`).
 
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use isolation_common::{LogBucket, timing};
-
-/// Now, for rate limiting only (CLOCK_MONOTONIC at tick resolution).
-#[inline(always)]
-pub fn now_coarse() -> u64 {
-    unsafe { bpf_ktime_get_coarse_ns() }
-}
 
 /// Takes a token from `bucket` (a per-CPU map slot) if one is left, refilling at
 /// `rate_per_sec` up to `burst`. False when the bucket is empty or missing.

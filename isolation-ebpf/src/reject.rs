@@ -87,7 +87,7 @@ fn unicast(family: u8, a: &[u8; 16]) -> bool {
 pub fn hand_over(ctx: &XdpContext) -> bool {
     if !ratelimit::take(
         REJECT_BUCKET.get_ptr_mut(0),
-        ratelimit::now_coarse(),
+        crate::clock::now_coarse(),
         RATE_PER_SEC,
         BURST,
     ) {

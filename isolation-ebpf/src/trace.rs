@@ -35,7 +35,7 @@ fn bump(stat: LogStat) {
 /// path's code stays small.
 #[inline(always)]
 pub fn log(pkt: &Packet, reason: u32, ifindex: u32, len: u64) {
-    if token(ratelimit::now_coarse()) {
+    if token(crate::clock::now_coarse()) {
         write(pkt, reason, ifindex, len);
     }
 }
