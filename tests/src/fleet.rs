@@ -1,6 +1,7 @@
 //! A fleet's management network: a hub namespace with a bridge (203.0.113.1/24) where a
-//! real etcd (Debian's `etcd-server`) listens, and nodes, each in a namespace of its own,
-//! joined to the bridge by a veth `m0`. etcd is killed and its data dir removed on drop.
+//! real etcd (Debian's `etcd-server`: one member, or a cluster of three) listens, and
+//! nodes, each in a namespace of its own, joined to the bridge by a veth `m0`. etcd is
+//! killed and its data dirs removed on drop.
 
 use std::{
     net::{SocketAddr, TcpStream},
@@ -13,11 +14,22 @@ use crate::{netns::Netns, traffic::in_ns, unique};
 
 pub const ETCD_ADDR: &str = "203.0.113.1:2379";
 
+/// One etcd member: clients reach it on the bridge's address at `client`, the other
+/// members on the hub's loopback at `peer`.
+struct Member {
+    name: String,
+    client: u16,
+    peer: u16,
+    data: PathBuf,
+    child: Option<Child>,
+}
+
 pub struct Hub {
     pub ns: Netns,
     pub hub: String,
-    etcd: Option<Child>,
-    data: PathBuf,
+    members: Vec<Member>,
+    /// etcd's `--initial-cluster`: every member's name and peer URL.
+    initial_cluster: String,
     next: u32,
     /// With TLS: where the CA, server and client certificates are.
     tls: Option<PathBuf>,
@@ -26,52 +38,106 @@ pub struct Hub {
 }
 
 impl Hub {
+    /// One etcd member on 203.0.113.1:2379.
     pub fn new() -> Hub {
-        Hub::build(false)
+        Hub::build(false, 1)
     }
 
     /// etcd over TLS, requiring a client certificate signed by the test's own CA (made
     /// with openssl); `client_args` are the options a client needs.
     pub fn with_tls() -> Hub {
-        Hub::build(true)
+        Hub::build(true, 1)
     }
 
-    fn build(tls: bool) -> Hub {
+    /// A cluster of `n` members (a production etcd is three or five), on 203.0.113.1
+    /// ports 2379, 2389, 2399…; `url` names them all.
+    pub fn cluster(n: usize) -> Hub {
+        Hub::build(false, n)
+    }
+
+    fn build(tls: bool, n: usize) -> Hub {
         let hub = unique("fhub");
         let ns = Netns::new(&[&hub]);
         for args in [
             vec!["link", "add", "br0", "type", "bridge"],
             vec!["addr", "add", "203.0.113.1/24", "dev", "br0"],
             vec!["link", "set", "br0", "up"],
+            vec!["link", "set", "lo", "up"],
         ] {
             let mut a = vec!["ip", "-n", &hub];
             a.extend(args);
             crate::netns::ok(&a);
         }
-        let data = std::env::temp_dir().join(unique("etcd"));
-        let tls = tls.then(|| make_certs(&data.with_extension("tls")));
+        let base = std::env::temp_dir().join(unique("etcd"));
+        std::fs::create_dir_all(&base).unwrap();
+        let tls = tls.then(|| make_certs(&base.with_extension("tls")));
+        let members: Vec<Member> = (0..n)
+            .map(|i| Member {
+                name: format!("m{i}"),
+                client: 2379 + 10 * i as u16,
+                peer: 2380 + 10 * i as u16,
+                data: base.join(format!("m{i}")),
+                child: None,
+            })
+            .collect();
+        let initial_cluster = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer))
+            .collect::<Vec<_>>()
+            .join(",");
         let mut h = Hub {
             ns,
             hub,
-            etcd: None,
-            data,
+            members,
+            initial_cluster,
             next: 0,
             tls,
             user: None,
         };
-        h.start_etcd();
+        // Started together: a member waits for a quorum before it serves.
+        for i in 0..n {
+            h.spawn_member(i);
+        }
+        for i in 0..n {
+            h.wait_member(i);
+        }
         h
     }
 
-    /// Starts etcd (again, on the same data dir) and waits until it accepts connections.
+    /// Starts etcd again (every member that is down), on the same data dirs, and waits
+    /// until they accept connections.
     pub fn start_etcd(&mut self) {
-        assert!(self.etcd.is_none(), "etcd runs already");
+        assert!(
+            self.members.iter().any(|m| m.child.is_none()),
+            "etcd runs already"
+        );
+        let down: Vec<usize> = (0..self.members.len())
+            .filter(|&i| self.members[i].child.is_none())
+            .collect();
+        for &i in &down {
+            self.spawn_member(i);
+        }
+        for &i in &down {
+            self.wait_member(i);
+        }
+    }
+
+    /// Starts member `i` again (after `kill_member`) and waits until it accepts connections.
+    pub fn start_member(&mut self, i: usize) {
+        assert!(self.members[i].child.is_none(), "member {i} runs already");
+        self.spawn_member(i);
+        self.wait_member(i);
+    }
+
+    fn spawn_member(&mut self, i: usize) {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let m = &self.members[i];
+        let client = format!("203.0.113.1:{}", m.client);
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{}", self.hub))
             .arg("etcd")
-            .args(["--name", "fleet-test", "--data-dir"])
-            .arg(&self.data);
+            .args(["--name", &m.name, "--data-dir"])
+            .arg(&m.data);
         if let Some(dir) = &self.tls {
             cmd.arg("--cert-file")
                 .arg(dir.join("server.pem"))
@@ -84,15 +150,17 @@ impl Hub {
         let child = cmd
             .args([
                 "--listen-client-urls",
-                &format!("{scheme}://{ETCD_ADDR},{scheme}://127.0.0.1:2379"),
+                &format!("{scheme}://{client},{scheme}://127.0.0.1:{}", m.client),
                 "--advertise-client-urls",
-                &format!("{scheme}://{ETCD_ADDR}"),
+                &format!("{scheme}://{client}"),
                 "--listen-peer-urls",
-                "http://127.0.0.1:2380",
+                &format!("http://127.0.0.1:{}", m.peer),
                 "--initial-advertise-peer-urls",
-                "http://127.0.0.1:2380",
+                &format!("http://127.0.0.1:{}", m.peer),
                 "--initial-cluster",
-                "fleet-test=http://127.0.0.1:2380",
+                &self.initial_cluster,
+                "--initial-cluster-token",
+                &self.hub,
                 "--log-level",
                 "error",
             ])
@@ -100,9 +168,14 @@ impl Hub {
             .stderr(Stdio::null())
             .spawn()
             .expect("start etcd (cargo xtask setup installs etcd-server)");
-        self.etcd = Some(child);
+        self.members[i].child = Some(child);
+    }
+
+    fn wait_member(&self, i: usize) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        let addr: SocketAddr = ETCD_ADDR.parse().unwrap();
+        let addr: SocketAddr = format!("203.0.113.1:{}", self.members[i].client)
+            .parse()
+            .unwrap();
         while Instant::now() < deadline {
             let up = in_ns(&self.hub, move || {
                 TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
@@ -112,15 +185,63 @@ impl Hub {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("etcd did not start within 20 s");
+        panic!("etcd member {i} did not start within 20 s");
     }
 
-    /// Kills etcd (SIGKILL, as a crash would).
+    /// Kills every member (SIGKILL, as a crash would).
     pub fn kill_etcd(&mut self) {
-        if let Some(mut c) = self.etcd.take() {
+        for i in 0..self.members.len() {
+            self.kill_member(i);
+        }
+    }
+
+    /// Kills member `i` (SIGKILL).
+    pub fn kill_member(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// The process of member `i`, while it runs.
+    pub fn member_pid(&self, i: usize) -> Option<u32> {
+        self.members[i].child.as_ref().map(|c| c.id())
+    }
+
+    /// The member that leads the cluster now, as its members answer (None: no member
+    /// names one, as during an election).
+    pub fn leader(&self) -> Option<usize> {
+        let eps: Vec<(usize, String)> = self
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.child.is_some())
+            .map(|(i, m)| (i, format!("http://203.0.113.1:{}", m.client)))
+            .collect();
+        in_ns(&self.hub, move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                // Each member's own id and the leader it knows.
+                let mut ids = Vec::new();
+                for (i, ep) in eps {
+                    let opts = etcd_client::ConnectOptions::new()
+                        .with_connect_timeout(Duration::from_secs(1))
+                        .with_timeout(Duration::from_secs(1));
+                    let Ok(mut c) = etcd_client::Client::connect([ep], Some(opts)).await else {
+                        continue;
+                    };
+                    if let Ok(s) = c.status().await {
+                        let me = s.header().map(|h| h.member_id()).unwrap_or(0);
+                        ids.push((i, me, s.leader()));
+                    }
+                }
+                let leader = ids.iter().map(|x| x.2).find(|l| *l != 0)?;
+                ids.iter().find(|x| x.1 == leader).map(|x| x.0)
+            })
+        })
     }
 
     /// What a client passes to reach this etcd: the TLS options (the CA and a client
@@ -146,9 +267,14 @@ impl Hub {
         self.user = Some(user_password.to_string());
     }
 
-    /// `etcd://203.0.113.1:2379/PREFIX`.
+    /// `etcd://203.0.113.1:2379/PREFIX` (every member: `etcd://A,B,C/PREFIX`).
     pub fn url(&self, prefix: &str) -> String {
-        format!("etcd://{ETCD_ADDR}/{prefix}")
+        let eps: Vec<String> = self
+            .members
+            .iter()
+            .map(|m| format!("203.0.113.1:{}", m.client))
+            .collect();
+        format!("etcd://{}/{prefix}", eps.join(","))
     }
 
     /// Joins namespace `node` to the bridge as `m0` with address `addr` (in 203.0.113.0/24).
@@ -184,7 +310,9 @@ impl Default for Hub {
 impl Drop for Hub {
     fn drop(&mut self) {
         self.kill_etcd();
-        let _ = std::fs::remove_dir_all(&self.data);
+        if let Some(base) = self.members.first().and_then(|m| m.data.parent()) {
+            let _ = std::fs::remove_dir_all(base);
+        }
         if let Some(d) = &self.tls {
             let _ = std::fs::remove_dir_all(d);
         }

@@ -216,7 +216,7 @@ fn a_fleet_of_20_follows_every_push() {
         String::from_utf8_lossy(&fleet(&hub, &["status", "--etcd", &url]).stdout).into_owned();
     assert!(
         text.contains(&format!(
-            "{N} node(s): {N} on revision {rev_b}, 0 lagging, 0 failed"
+            "{N} node(s): {N} on revision {rev_b}, 0 lagging, 0 refused"
         )),
         "{text}"
     );
@@ -954,6 +954,495 @@ fn nodes_with_least_privilege_follow_and_write_only_their_own_record() {
     // Its own record it may write (the positive control of the refusal above).
     let own = serde_json::to_vec(&status(&hub, &url)["nodes"][0]).unwrap();
     put_as(&hub, &url, "nodes/lp0", own, Some("node-lp0:pw-lp0")).expect("its own record");
+    drop(services);
+    drop(isos);
+    drop(ns);
+}
+
+/// Compacts etcd's history up to the store's current revision (what `etcdctl compact` or
+/// `--auto-compaction-retention` does); that revision.
+fn compact(hub: &Hub, url: &str) -> i64 {
+    let url: isolation_user::fleet::EtcdUrl = url.parse().unwrap();
+    tests::traffic::in_ns(&hub.hub, move || {
+        block_on(async move {
+            let opts = isolation_user::fleet::EtcdOpts::default();
+            let mut c = isolation_user::fleet::connect(&url, &opts, Duration::from_secs(5))
+                .await
+                .unwrap();
+            let at = c
+                .get(url.policy_key(), None)
+                .await
+                .unwrap()
+                .header()
+                .unwrap()
+                .revision();
+            c.compact(
+                at,
+                Some(etcd_client::CompactionOptions::new().with_physical()),
+            )
+            .await
+            .unwrap();
+            at
+        })
+    })
+}
+
+/// A whitelist of `n` IPv6 addresses (2001:db8:aa::/48) and `v4`: over 1 MiB of text from
+/// ~50,000 addresses on, so stored in parts.
+fn whitelist_of(n: u32, v4: &str) -> String {
+    use std::fmt::Write as _;
+    let mut p = format!("[whitelist]\nenabled = true\nlog = false\nallow = [\n\"{v4}\",\n");
+    for i in 0..n {
+        let a = std::net::Ipv6Addr::from(0x2001_0db8_00aa_0000_0000_0000_0000_0000u128 + i as u128);
+        let _ = writeln!(p, "\"{a}\",");
+    }
+    p.push_str("]\n");
+    p
+}
+
+/// TCP and UDP echo on port 8080 of every node.
+fn echo_on_every(nodes: &[String]) -> Vec<Echo> {
+    nodes
+        .iter()
+        .map(|n| Echo::start(n, &["0.0.0.0:8080".parse().unwrap()]))
+        .collect()
+}
+
+/// Node `i`'s echo port (203.0.113.10 + i).
+fn to(i: usize) -> SocketAddr {
+    format!("203.0.113.{}:8080", 10 + i).parse().unwrap()
+}
+
+/// A service on every node, following `url` as node0, node1…
+fn follow_all(hub: &Hub, isos: &[Iso], url: &str) -> Vec<Service> {
+    isos.iter()
+        .enumerate()
+        .map(|(i, iso)| follower(hub, iso, url, &format!("node{i}")))
+        .collect()
+}
+
+/// `fleet status --check`: its exit status and what it said.
+fn check(hub: &Hub, url: &str) -> (bool, String) {
+    let o = fleet(hub, &["status", "--check", "--etcd", url]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (o.status.success(), text)
+}
+
+/// Production etcd is a cluster: three members, and nodes given all three endpoints. The
+/// leader is killed while the nodes watch, then again in the middle of a run of pushes.
+/// Every push either lands (and the fleet ends on the last one that did) or says that it
+/// did not land; the nodes keep enforcing, re-establish their watch on the members left and
+/// converge on the latest revision, with the traffic to show it; the member comes back.
+#[test]
+fn a_three_member_cluster_loses_its_leader() {
+    if !tests::can_run("end-to-end fleet fault test") {
+        return;
+    }
+    const M: usize = 2;
+    let Fleet {
+        mut hub,
+        ns,
+        probe,
+        other,
+        nodes,
+        isos,
+        dir,
+    } = Fleet::on(Hub::cluster(3), "l", M);
+    let url = hub.url("fleet-leader");
+    assert_eq!(url.matches(',').count(), 2, "{url}");
+    let (a, b) = (
+        write(&dir, "a.toml", &policy("203.0.113.2")),
+        write(&dir, "b.toml", &policy("203.0.113.3")),
+    );
+    let _echo = echo_on_every(&nodes);
+    let rev_a = push(&hub, &url, &a, &[]).unwrap();
+    let services = follow_all(&hub, &isos, &url);
+    converge(&hub, &url, rev_a, M);
+    for i in 0..M {
+        only(&probe, &other, to(i), "A, before the fault");
+    }
+    let leader = |hub: &Hub| -> usize {
+        let t0 = Instant::now();
+        loop {
+            if let Some(l) = hub.leader() {
+                return l;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(20), "no leader elected");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+
+    // The leader dies while the nodes watch: a push through the two members left reaches
+    // both nodes; what they enforced meanwhile stayed.
+    let first = leader(&hub);
+    hub.kill_member(first);
+    for i in 0..M {
+        only(&probe, &other, to(i), "A, with the leader gone");
+    }
+    let rev_b = push(&hub, &url, &b, &[]).unwrap();
+    let took = converge(&hub, &url, rev_b, M);
+    eprintln!("leader m{first} killed: {M} nodes on revision {rev_b} in {took:?}");
+    for i in 0..M {
+        only(&other, &probe, to(i), "B, pushed with the leader gone");
+    }
+    hub.start_member(first);
+
+    // The leader dies in the middle of a run of pushes (A and B in turn, one after the
+    // other, from a thread), killed half a second in.
+    let second = leader(&hub);
+    let pid = hub.member_pid(second).unwrap();
+    let files = [&a, &b];
+    let (landed, lost) = std::thread::scope(|s| {
+        let pushes = s.spawn(|| {
+            let (mut landed, mut lost): (Vec<(i64, usize)>, Vec<String>) = (vec![], vec![]);
+            let t0 = Instant::now();
+            for round in 0..40 {
+                if t0.elapsed() > Duration::from_secs(4) && !landed.is_empty() {
+                    break;
+                }
+                let which = round % 2;
+                match push(&hub, &url, files[which], &[]) {
+                    Ok(rev) => landed.push((rev, which)),
+                    Err(e) => {
+                        assert!(
+                            e.contains("did not land") && !e.contains("not known"),
+                            "round {round}: a push that fails must say it did not land: {e}"
+                        );
+                        lost.push(e);
+                    }
+                }
+            }
+            (landed, lost)
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        // SAFETY: kill(2) on the member's pid, a child of this process not yet reaped.
+        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+        pushes.join().unwrap()
+    });
+    hub.kill_member(second);
+    eprintln!(
+        "leader m{second} killed during pushes: {} landed, {} did not: {lost:?}",
+        landed.len(),
+        lost.len()
+    );
+    let &(last, which) = landed.last().expect("pushes landed after the election");
+    assert_eq!(
+        status(&hub, &url)["revision"],
+        last,
+        "the fleet's revision is the last push that landed"
+    );
+    let took = converge(&hub, &url, last, M);
+    eprintln!("{M} nodes on revision {last} in {took:?}");
+    let (allowed, denied) = if which == 0 {
+        (&probe, &other)
+    } else {
+        (&other, &probe)
+    };
+    for i in 0..M {
+        only(allowed, denied, to(i), "the last push that landed");
+    }
+
+    // The member comes back; a push reaches every node (the positive control).
+    hub.start_member(second);
+    let next = push(&hub, &url, files[1 - which], &[]).unwrap();
+    converge(&hub, &url, next, M);
+    for i in 0..M {
+        only(denied, allowed, to(i), "after the member came back");
+    }
+    drop(services);
+    drop(isos);
+    drop(ns);
+}
+
+/// A node away while etcd compacts the history it would need, and a node that refuses a
+/// policy. Back, the node reads the current policy whole, and for one stored in parts
+/// reads them although their revision was compacted away (before, it retried for ever:
+/// "required revision has been compacted"). `fleet rollback` after the previous version was
+/// compacted says so in one sentence and writes nothing. A policy that the nodes refuse is
+/// shown as refused, not converged, and `fleet status --check` fails until a policy they
+/// take is pushed.
+#[test]
+fn nodes_converge_across_compaction_and_refusals() {
+    if !tests::can_run("end-to-end fleet fault test") {
+        return;
+    }
+    const M: usize = 2;
+    let Fleet {
+        hub,
+        ns,
+        probe,
+        other,
+        nodes,
+        isos,
+        dir,
+    } = Fleet::new("c", M);
+    let url = hub.url("fleet-compact");
+    let a = write(&dir, "a.toml", &policy("203.0.113.2"));
+    let b = write(&dir, "b.toml", &policy("203.0.113.3"));
+    let big = write(&dir, "big.toml", &whitelist_of(60_000, "203.0.113.3"));
+    let _echo = echo_on_every(&nodes[1..]);
+    let to1 = to(1);
+    let start = |i: usize| follower(&hub, &isos[i], &url, &format!("node{i}"));
+    let rev_a = push(&hub, &url, &a, &[]).unwrap();
+    let mut services: Vec<Service> = (0..M).map(start).collect();
+    converge(&hub, &url, rev_a, M);
+    let (ok, text) = check(&hub, &url);
+    assert!(ok, "converged on A: {text}");
+    only(&probe, &other, to1, "A");
+
+    // node1 goes away; a small push and a big one while it is down; etcd compacts.
+    let mut away = services.pop().unwrap();
+    assert!(away.stop().success());
+    drop(away);
+    push(&hub, &url, &b, &[]).unwrap();
+    let o = fleet(&hub, &["push", &big, "--etcd", &url]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(out.contains(" parts ("), "stored in parts: {out}");
+    let rev_big = push_revision(&out);
+    converge(&hub, &url, rev_big, 1);
+    let at = compact(&hub, &url);
+    assert!(
+        at > rev_big,
+        "compacted past the big push ({at} > {rev_big})"
+    );
+
+    // It comes back and converges on the big policy.
+    services.push(start(M - 1));
+    let took = converge(&hub, &url, rev_big, M);
+    eprintln!("node1 back after compaction at {at}: on revision {rev_big} in {took:?}");
+    only(&other, &probe, to1, "the big policy on node1");
+
+    // Rollback: the version before was compacted away. One sentence; nothing written.
+    let o = fleet(&hub, &["rollback", "--etcd", &url]);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "rollback after compaction succeeded");
+    assert!(
+        err.contains("compacted") && err.contains("nothing was written"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one sentence: {err}");
+    assert_eq!(status(&hub, &url)["revision"], rev_big, "nothing written");
+
+    // A value the nodes refuse (written as whoever can write etcd could): they keep the
+    // big policy, and the fleet is shown as not converged.
+    let bad = put(
+        &hub,
+        &url,
+        "policy",
+        b"[whitelist]\nallow = [\"not-an-address\"]\n".to_vec(),
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let (ok, text) = loop {
+        let s = status(&hub, &url);
+        let refused = s["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["refused_revision"] == bad)
+            .count();
+        if refused == M {
+            break check(&hub, &url);
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "not refused: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!ok, "--check passed with every node refusing: {text}");
+    assert!(
+        text.contains(&format!("REFUSED revision {bad}"))
+            && text.contains(&format!(
+                "{M} node(s): 0 on revision {bad}, 0 lagging, {M} refused"
+            ))
+            && text.contains("has not converged"),
+        "{text}"
+    );
+    only(&other, &probe, to1, "the big policy stays on node1");
+
+    // A policy they take: converged, and --check passes (the positive control).
+    let rev = push(&hub, &url, &a, &[]).unwrap();
+    converge(&hub, &url, rev, M);
+    let (ok, text) = check(&hub, &url);
+    assert!(ok, "{text}");
+    only(&probe, &other, to1, "A again");
+    drop(services);
+    drop(isos);
+    drop(ns);
+}
+
+/// Two admins push at once, without `--expect-revision`: whenever both read the same
+/// revision, exactly one lands and the other is refused and writes nothing. Both are
+/// started together, over and over, until that race was hit 20 times.
+#[test]
+fn two_admins_pushing_at_once_one_wins() {
+    if !tests::can_run("end-to-end fleet fault test") {
+        return;
+    }
+    let hub = Hub::new();
+    let url = hub.url("fleet-race");
+    let dir = std::env::temp_dir().join(unique("frace"));
+    std::fs::create_dir_all(&dir).unwrap();
+    struct Rm(std::path::PathBuf);
+    impl Drop for Rm {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _rm = Rm(dir.clone());
+    let spawn = |file: &str| {
+        std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", hub.hub))
+            .arg(tests::bin())
+            .args(["fleet", "push", file, "--etcd", &url])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (mut hits, mut rounds) = (0, 0);
+    let t0 = Instant::now();
+    while hits < 20 {
+        assert!(
+            rounds < 400 && t0.elapsed() < Duration::from_secs(240),
+            "the race was hit {hits} times in {rounds} rounds"
+        );
+        // Files that differ from each other and from every earlier round.
+        let x = write(
+            &dir,
+            "x.toml",
+            &policy(&format!("198.51.100.{}", rounds % 250)),
+        );
+        let y = write(
+            &dir,
+            "y.toml",
+            &policy(&format!("192.0.2.{}", rounds % 250)),
+        );
+        rounds += 1;
+        let (px, py) = (spawn(&x), spawn(&y));
+        let (ox, oy) = (
+            px.wait_with_output().unwrap(),
+            py.wait_with_output().unwrap(),
+        );
+        let text = |o: &std::process::Output| {
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        };
+        match (ox.status.success(), oy.status.success()) {
+            // One after the other: both landed, no race this round.
+            (true, true) => {
+                let (rx, ry) = (push_revision(&text(&ox)), push_revision(&text(&oy)));
+                assert_ne!(rx, ry, "two pushes landed as one revision");
+            }
+            (true, false) | (false, true) => {
+                let (won, lost) = if ox.status.success() {
+                    (&ox, &oy)
+                } else {
+                    (&oy, &ox)
+                };
+                let why = text(lost);
+                assert!(
+                    why.contains("changed since it was read")
+                        && why.contains("nothing was written"),
+                    "the loser is told: {why}"
+                );
+                let rev = push_revision(&text(won));
+                assert_eq!(
+                    status(&hub, &url)["revision"],
+                    rev,
+                    "the winner's revision is the fleet's: the loser wrote nothing"
+                );
+                hits += 1;
+            }
+            (false, false) => panic!("both pushes failed: {} / {}", text(&ox), text(&oy)),
+        }
+    }
+    eprintln!("the race was hit {hits} times in {rounds} rounds");
+}
+
+/// A node cut off from etcd, its process alive (its packets to etcd dropped in the hub, a
+/// silent partition): its record expires with its lease and `fleet status` stops listing
+/// it, its datapath keeps enforcing, and when the link returns it converges on what was
+/// pushed meanwhile, without a restart. The other node follows throughout (the control).
+#[test]
+fn a_partitioned_node_keeps_enforcing_and_comes_back() {
+    if !tests::can_run("end-to-end fleet fault test") {
+        return;
+    }
+    const M: usize = 2;
+    let Fleet {
+        hub,
+        ns,
+        probe,
+        other,
+        nodes,
+        isos,
+        dir,
+    } = Fleet::new("p", M);
+    let url = hub.url("fleet-partition");
+    let a = write(&dir, "a.toml", &policy("203.0.113.2"));
+    let b = write(&dir, "b.toml", &policy("203.0.113.3"));
+    let _echo = echo_on_every(&nodes);
+    let rev_a = push(&hub, &url, &a, &[]).unwrap();
+    let services = follow_all(&hub, &isos, &url);
+    converge(&hub, &url, rev_a, M);
+    for i in 0..M {
+        only(&probe, &other, to(i), "A, before the cut");
+    }
+
+    // Cut node1 (203.0.113.11) from etcd, both ways: its packets to the client port and
+    // etcd's to it are dropped (one way only, etcd's watch events still reach it).
+    let rules: [[&str; 6]; 2] = [
+        ["INPUT", "-s", "203.0.113.11", "--dport", "2379", "-j"],
+        ["OUTPUT", "-d", "203.0.113.11", "--sport", "2379", "-j"],
+    ];
+    let ipt = |op: &str| {
+        for r in &rules {
+            let mut a = vec!["ip", "netns", "exec", &hub.hub, "iptables", op, r[0], r[1]];
+            a.extend([r[2], "-p", "tcp", r[3], r[4], r[5], "DROP"]);
+            tests::netns::ok(&a);
+        }
+    };
+    ipt("-I");
+    struct Heal<'a>(&'a dyn Fn(&str));
+    impl Drop for Heal<'_> {
+        fn drop(&mut self) {
+            (self.0)("-D");
+        }
+    }
+    let heal = Heal(&ipt);
+    let t0 = Instant::now();
+    let listed = |s: &serde_json::Value| {
+        s["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["node"] == "node1")
+    };
+    while listed(&status(&hub, &url)) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(40),
+            "node1's record did not expire"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    eprintln!("node1's record expired {:?} after the cut", t0.elapsed());
+    let rev_b = push(&hub, &url, &b, &[]).unwrap();
+    converge(&hub, &url, rev_b, 1);
+    only(&other, &probe, to(0), "B on node0");
+    only(&probe, &other, to(1), "node1, cut off, still enforces A");
+
+    // The link returns: node1 converges on B by itself.
+    drop(heal);
+    let took = converge(&hub, &url, rev_b, M);
+    eprintln!("node1 back on revision {rev_b} {took:?} after the link returned");
+    only(&other, &probe, to(1), "B on node1");
     drop(services);
     drop(isos);
     drop(ns);

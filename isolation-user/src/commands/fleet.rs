@@ -48,10 +48,14 @@ pub enum FleetCmd {
         #[command(flatten)]
         to: Target,
     },
-    /// Every node's applied revision, result and backend; who lags, who failed.
+    /// Every node's applied revision, result and backend; who lags, who refused.
     Status {
         #[arg(long)]
         json: bool,
+        /// Exit with an error unless every node runs the current revision (none lags,
+        /// none refused it, at least one reports): for scripts and CI after a push.
+        #[arg(long)]
+        check: bool,
         #[command(flatten)]
         to: Target,
     },
@@ -80,7 +84,7 @@ pub fn run(c: FleetCmd) -> Result<()> {
             expect_revision,
             to,
         } => push(&file, expect_revision, &to),
-        FleetCmd::Status { json, to } => status(json, &to),
+        FleetCmd::Status { json, check, to } => status(json, check, &to),
         FleetCmd::Diff { file, json, to } => diff(&file, json, &to),
         FleetCmd::Rollback { to } => rollback(&to),
     }
@@ -182,7 +186,7 @@ fn rollback(to: &Target) -> Result<()> {
     })
 }
 
-fn status(json: bool, to: &Target) -> Result<()> {
+fn status(json: bool, check: bool, to: &Target) -> Result<()> {
     runtime()?.block_on(async {
         let mut c = fleet::connect(&to.etcd, &to.opts, TIMEOUT).await?;
         // The revision only: a value no node takes still has one, and the nodes say why.
@@ -200,8 +204,55 @@ fn status(json: bool, to: &Target) -> Result<()> {
                 status_text(&nodes, revision, now, &to.etcd.policy_key())
             );
         }
+        let t = Tally::of(&nodes, revision);
+        if check && !t.converged() {
+            anyhow::bail!(
+                "the fleet has not converged on revision {revision}: {} of {} node(s) run it, \
+                 {} lag, {} refused it",
+                t.current,
+                t.nodes,
+                t.nodes - t.current - t.refused,
+                t.refused
+            );
+        }
         Ok(())
     })
+}
+
+/// The nodes by where they stand against the fleet's revision. A node that refused a
+/// revision (its record's `result` is the reason) runs an older one: it counts as refused,
+/// not as lagging (waiting will not bring it there).
+#[derive(Debug, Default, PartialEq)]
+struct Tally {
+    nodes: usize,
+    current: usize,
+    refused: usize,
+    malformed: usize,
+}
+
+impl Tally {
+    fn of(nodes: &[fleet::NodeEntry], revision: i64) -> Tally {
+        let mut t = Tally::default();
+        for e in nodes {
+            match &e.record {
+                Ok(n) => {
+                    t.nodes += 1;
+                    if n.result != "ok" {
+                        t.refused += 1;
+                    } else if n.revision == revision {
+                        t.current += 1;
+                    }
+                }
+                Err(_) => t.malformed += 1,
+            }
+        }
+        t
+    }
+
+    /// Every node runs the revision, and there is at least one.
+    fn converged(&self) -> bool {
+        self.nodes > 0 && self.current == self.nodes
+    }
 }
 
 /// `fleet status --json`: the well-formed records (each with `current` and `failed`), and
@@ -240,26 +291,26 @@ pub fn status_text(nodes: &[fleet::NodeEntry], revision: i64, now: f64, key: &st
         "{:<24} {:>9} {:<9} {:>6}  result",
         "node", "revision", "backend", "age"
     );
-    let (mut current, mut failed, mut good) = (0, 0, 0);
     for e in nodes {
         match &e.record {
             Ok(n) => {
-                good += 1;
-                current += (n.revision == revision) as usize;
-                failed += (n.result != "ok") as usize;
-                let lag = if n.revision == revision {
-                    ""
+                let result = if n.result != "ok" {
+                    match n.refused_revision {
+                        Some(r) => format!("REFUSED revision {r}: {}", printable(&n.result)),
+                        None => format!("REFUSED: {}", printable(&n.result)),
+                    }
+                } else if n.revision == revision {
+                    "ok".to_string()
                 } else {
-                    " (lags)"
+                    "ok (lags)".to_string()
                 };
                 let _ = writeln!(
                     out,
-                    "{:<24} {:>9} {:<9} {:>5.0}s  {}{lag}",
+                    "{:<24} {:>9} {:<9} {:>5.0}s  {result}",
                     printable(&n.node),
                     n.revision,
                     printable(&n.backend),
                     (now - n.time).max(0.0),
-                    printable(&n.result)
                 );
             }
             Err(why) => {
@@ -272,13 +323,16 @@ pub fn status_text(nodes: &[fleet::NodeEntry], revision: i64, now: f64, key: &st
             }
         }
     }
-    let bad = nodes.len() - good;
+    let t = Tally::of(nodes, revision);
     let _ = writeln!(
         out,
-        "{good} node(s): {current} on revision {revision}, {} lagging, {failed} failed{}",
-        good - current,
-        if bad > 0 {
-            format!("; {bad} malformed record(s)")
+        "{} node(s): {} on revision {revision}, {} lagging, {} refused{}",
+        t.nodes,
+        t.current,
+        t.nodes - t.current - t.refused,
+        t.refused,
+        if t.malformed > 0 {
+            format!("; {} malformed record(s)", t.malformed)
         } else {
             String::new()
         }
@@ -341,12 +395,55 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("2 node(s): 2 on revision 7, 0 lagging, 1 failed; 2 malformed record(s)"),
+            text.contains(
+                "2 node(s): 1 on revision 7, 0 lagging, 1 refused; 2 malformed record(s)"
+            ),
             "{text}"
         );
         let json = status_json(&nodes, 7);
         assert_eq!(json["nodes"].as_array().unwrap().len(), 2, "{json}");
         assert_eq!(json["malformed"].as_array().unwrap().len(), 2, "{json}");
         assert!(!json.to_string().contains('\x1b'), "{json}");
+    }
+
+    /// `--check` passes only when every node runs the revision: a node that refused it is
+    /// counted as refused (not lagging), a node behind as lagging, no node at all fails.
+    #[test]
+    fn check_wants_every_node_on_the_revision() {
+        let entry = |n: &str, rev: i64, result: &str, refused: Option<i64>| {
+            let mut r: NodeRecord = serde_json::from_slice(&record(n, rev, result)).unwrap();
+            r.refused_revision = refused;
+            NodeEntry::read(n, &serde_json::to_vec(&r).unwrap())
+        };
+        let all = vec![entry("a", 9, "ok", None), entry("b", 9, "ok", None)];
+        assert!(Tally::of(&all, 9).converged());
+        assert!(!Tally::of(&[], 9).converged(), "no node reports");
+        let lag = vec![entry("a", 9, "ok", None), entry("b", 8, "ok", None)];
+        assert_eq!(
+            Tally::of(&lag, 9),
+            Tally {
+                nodes: 2,
+                current: 1,
+                refused: 0,
+                malformed: 0
+            }
+        );
+        assert!(!Tally::of(&lag, 9).converged());
+        let refused = vec![
+            entry("a", 9, "ok", None),
+            entry("b", 8, "the policy is over the limits", Some(9)),
+        ];
+        let t = Tally::of(&refused, 9);
+        assert_eq!((t.current, t.refused), (1, 1), "{t:?}");
+        assert!(!t.converged());
+        let text = status_text(&refused, 9, 0.0, "P/policy");
+        assert!(
+            text.contains("REFUSED revision 9: the policy is over the limits"),
+            "{text}"
+        );
+        assert!(
+            text.contains("2 node(s): 1 on revision 9, 0 lagging, 1 refused"),
+            "{text}"
+        );
     }
 }

@@ -70,13 +70,7 @@ pub async fn resolve(
             Some(b) => b,
             None => {
                 let key = url.part_key(h);
-                let r = c
-                    .get(
-                        key.clone(),
-                        Some(etcd_client::GetOptions::new().with_revision(rev)),
-                    )
-                    .await
-                    .with_context(|| format!("cannot read {key} at revision {rev}"))?;
+                let r = read_part(c, &key, rev).await?;
                 let Some(kv) = r.kvs().first() else {
                     return Err(Unresolved::Refused(format!(
                         "{key}, named by the manifest of revision {rev}, is missing"
@@ -112,6 +106,29 @@ pub async fn resolve(
         ..Default::default()
     };
     Ok((p, lines))
+}
+
+/// A part, read at the revision of the manifest that names it, so that a push or a clean-up
+/// meanwhile cannot hand a node a mix. Once etcd has compacted that revision away (routine
+/// with `--auto-compaction-retention`: a node that starts an hour after the push), the
+/// part's current value: a part is named by its hash, which the caller checks, so it is the
+/// same bytes; a part removed since belongs to a version a newer one replaced, which the
+/// node reads next (the caller says the part is missing; the follower reads again).
+async fn read_part(c: &mut Client, key: &str, rev: i64) -> Result<etcd_client::GetResponse> {
+    let at = Some(etcd_client::GetOptions::new().with_revision(rev));
+    match c.get(key, at).await {
+        Err(e) if is_compacted(&e) => c
+            .get(key, None)
+            .await
+            .with_context(|| format!("cannot read {key}")),
+        r => r.with_context(|| format!("cannot read {key} at revision {rev}")),
+    }
+}
+
+/// etcd's answer to a read at a revision its compaction has removed.
+fn is_compacted(e: &etcd_client::Error) -> bool {
+    e.to_string()
+        .contains("required revision has been compacted")
 }
 
 /// The raw value of `P/policy` and its mod revision (None when absent).
@@ -154,9 +171,25 @@ pub async fn read_policy(c: &mut Client, url: &EtcdUrl) -> Result<Option<(Policy
 /// compare-and-swap on `rev`: its value as it was (a big policy's parts are kept for this,
 /// see `clean_parts`). Ok((the restored version's revision, the new revision)).
 pub async fn rollback(c: &mut Client, url: &EtcdUrl, rev: i64) -> Result<(i64, i64)> {
-    let (value, prev) = read_raw(c, url, Some(rev - 1))
-        .await?
-        .ok_or_else(|| anyhow!("{} has no version before revision {rev}", url.policy_key()))?;
+    let key = url.policy_key();
+    let before = match c
+        .get(
+            key.clone(),
+            Some(etcd_client::GetOptions::new().with_revision(rev - 1)),
+        )
+        .await
+    {
+        Err(e) if is_compacted(&e) => bail!(
+            "the version of {key} before revision {rev} is gone: etcd compacted its history \
+             past it; nothing was written (push the file you want instead)"
+        ),
+        r => r.with_context(|| format!("cannot read {key} at revision {}", rev - 1))?,
+    };
+    let (value, prev) = before
+        .kvs()
+        .first()
+        .map(|kv| (kv.value().to_vec(), kv.mod_revision()))
+        .ok_or_else(|| anyhow!("{key} has no version before revision {rev}"))?;
     // Its parts must still be there (they are, unless removed by hand or a failed push's
     // clean-up raced it): checked before anything is written.
     match resolve(c, url, &value, prev, &mut PartCache::new()).await {
@@ -237,14 +270,39 @@ pub async fn push(
     let key = url.policy_key();
     let mut written = std::collections::HashSet::new();
     if enc.manifest.is_some() {
-        let (kept, _) = parts_in_use(c, url).await?;
+        let t0 = std::time::Instant::now();
+        let kept = loop {
+            match parts_in_use(c, url).await {
+                Err(e) if passing(&e) && t0.elapsed() < SETTLE_FOR => {}
+                r => {
+                    break r
+                        .with_context(|| format!("the push did not land ({key} is unchanged)"))?
+                        .0;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        };
         for (h, bytes) in enc.parts() {
             if kept.contains(h) || !written.insert(h.to_string()) {
                 continue;
             }
-            c.put(url.part_key(h), bytes, None)
-                .await
-                .with_context(|| format!("cannot write {}", url.part_key(h)))?;
+            // A part is named by its hash: writing it twice writes the same bytes.
+            let t0 = std::time::Instant::now();
+            loop {
+                match c.put(url.part_key(h), bytes, None).await {
+                    Err(e) if outcome_unknown(&e) && t0.elapsed() < SETTLE_FOR => {}
+                    r => {
+                        r.with_context(|| {
+                            format!(
+                                "cannot write {}; the push did not land ({key} is unchanged)",
+                                url.part_key(h)
+                            )
+                        })?;
+                        break;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
         }
     }
     let txn = Txn::new()
@@ -254,7 +312,17 @@ pub async fn push(
             expected,
         )])
         .and_then([TxnOp::put(key.clone(), enc.value.clone(), None)]);
-    let r = c.txn(txn).await?;
+    let r = match c.txn(txn).await {
+        Ok(r) => r,
+        Err(e) if outcome_unknown(&e) => {
+            let revision = settle(c, url, &enc.value, expected, &e).await?;
+            return Ok((revision, written.len()));
+        }
+        Err(e) => {
+            return Err(anyhow::Error::new(e)
+                .context(format!("the push did not land ({key} is unchanged)")));
+        }
+    };
     let revision = r.header().map(|h| h.revision()).unwrap_or(0);
     if !r.succeeded() {
         let now = read_raw(c, url, None).await?.map(|(_, r)| r).unwrap_or(0);
@@ -272,6 +340,77 @@ pub async fn push(
         );
     }
     Ok((revision, written.len()))
+}
+
+/// Whether a failed request may still have been applied: the connection or the member went
+/// away, or the cluster gave up waiting (a leader election, a lost quorum), as opposed to a
+/// refusal (permission, size, a bad request), which changed nothing. gRPC codes: Cancelled,
+/// Unknown, DeadlineExceeded, Aborted, Internal, Unavailable.
+fn outcome_unknown(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => matches!(s.code() as i32, 1 | 2 | 4 | 10 | 13 | 14),
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        _ => false,
+    }
+}
+
+/// An error of a request that asking again may cure (`outcome_unknown`), wrapped or not.
+fn passing(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<etcd_client::Error>()
+        .is_some_and(outcome_unknown)
+}
+
+/// How long a push asks again through a moment etcd cannot answer (a leader election
+/// takes a second or two), and how long `settle` asks.
+const SETTLE_FOR: Duration = Duration::from_secs(15);
+
+/// The answer to the compare-and-swap of a push was lost (`lost`: the member that had it
+/// died, or a leader election outlasted the request): it may or may not have been applied.
+/// Asked again until a member answers, `P/policy` says which: our value at a revision past
+/// `expected`, it landed (Ok: that revision); still at `expected` or someone else's, it did
+/// not. A read answered by the cluster (linearizable) comes after the new leader committed
+/// what the old one had replicated, so the answer does not change afterwards.
+async fn settle(
+    c: &mut Client,
+    url: &EtcdUrl,
+    value: &[u8],
+    expected: i64,
+    lost: &etcd_client::Error,
+) -> Result<i64> {
+    let key = url.policy_key();
+    let t0 = std::time::Instant::now();
+    let mut last = None;
+    while t0.elapsed() < SETTLE_FOR {
+        match read_raw(c, url, None).await {
+            Ok(Some((v, rev))) if rev > expected && v == value => {
+                tracing::warn!("etcd's answer to the push was lost ({lost}); it landed");
+                return Ok(rev);
+            }
+            Ok(now) => {
+                let now = now.map(|(_, r)| r).unwrap_or(0);
+                if now == expected {
+                    bail!(
+                        "the push did not land: etcd's answer was lost ({lost}), and {key} is \
+                         still at revision {now}; nothing was written: push again"
+                    );
+                }
+                bail!(
+                    "the push did not land: etcd's answer was lost ({lost}), and {key} changed \
+                     to revision {now}, not this file; nothing was written: look at it \
+                     (`isolation-user fleet diff`), then push again"
+                );
+            }
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    bail!(
+        "etcd's answer to the push was lost ({lost}) and no member answered for {} s since \
+         ({}): whether it landed is not known until one does (`fleet status` shows {key}'s \
+         revision)",
+        SETTLE_FOR.as_secs(),
+        last.map(|e| format!("{e:#}")).unwrap_or_default()
+    )
 }
 
 /// What `push_file` did.
@@ -297,7 +436,19 @@ pub async fn push_file(
     policy: &Policy,
     expect: Option<i64>,
 ) -> Result<Pushed> {
-    let before = read_value(c, url).await?;
+    // A read changes nothing: asked again while the cluster elects a leader.
+    let t0 = std::time::Instant::now();
+    let before = loop {
+        match read_value(c, url).await {
+            Err(e) if passing(&e) && t0.elapsed() < SETTLE_FOR => {}
+            r => {
+                break r.with_context(|| {
+                    format!("the push did not land ({} is unchanged)", url.policy_key())
+                })?;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
     let expected = expect.unwrap_or(before.as_ref().map(|(_, r)| *r).unwrap_or(0));
     // Encoded once: compared with what etcd holds, then pushed.
     let enc = super::encode(text, policy);

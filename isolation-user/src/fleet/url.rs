@@ -174,20 +174,64 @@ pub async fn connect(url: &EtcdUrl, o: &EtcdOpts, timeout: Duration) -> Result<C
         opts = opts.with_user(u, p).with_auto_token_refresh(true);
         if scheme == "http" {
             tracing::warn!(
-                "etcd: the login of {u} to {url} goes over plaintext: anyone on the path reads                  the password; give --etcd-cacert (TLS)"
+                "etcd: the login of {u} to {url} goes over plaintext: anyone on the path reads \
+                 the password; give --etcd-cacert (TLS)"
             );
         }
     }
-    let endpoints: Vec<String> = url
+    let mut endpoints: Vec<String> = url
         .endpoints
         .iter()
         .map(|e| format!("{scheme}://{e}"))
         .collect();
+    if endpoints.len() > 1 {
+        endpoints = live_members(url, &endpoints, &opts, timeout).await?;
+    }
     let c = tokio::time::timeout(timeout, Client::connect(endpoints, Some(opts)))
         .await
         .map_err(|_| anyhow!("etcd at {url} did not answer within {timeout:?}"))?
         .with_context(|| format!("cannot reach etcd at {url}"))?;
     Ok(c)
+}
+
+/// The members that answer a read of `P/policy` now. etcd-client spreads requests over
+/// every endpoint it is given, and a request that lands on a member that is down fails
+/// (etcdv3/etcd-client#39): given several, it gets only those that answered. A member that
+/// dies later fails the requests sent to it: a push asks again (`fleet::etcd`), a node's
+/// session ends and the next one connects anew (`service::etcd`).
+async fn live_members(
+    url: &EtcdUrl,
+    endpoints: &[String],
+    opts: &ConnectOptions,
+    timeout: Duration,
+) -> Result<Vec<String>> {
+    let wait = timeout.min(Duration::from_secs(2));
+    let probe = opts.clone().with_connect_timeout(wait).with_timeout(wait);
+    let mut live = Vec::new();
+    let mut failed = Vec::new();
+    for ep in endpoints {
+        let answer = tokio::time::timeout(wait * 2, async {
+            let mut c = Client::connect([ep.as_str()], Some(probe.clone())).await?;
+            c.get(
+                url.policy_key(),
+                Some(etcd_client::GetOptions::new().with_count_only()),
+            )
+            .await
+        })
+        .await;
+        match answer {
+            Ok(Ok(_)) => live.push(ep.clone()),
+            Ok(Err(e)) => failed.push(format!("{ep}: {e}")),
+            Err(_) => failed.push(format!("{ep}: no answer within {:?}", wait * 2)),
+        }
+    }
+    if live.is_empty() {
+        bail!("no member of etcd at {url} answered: {}", failed.join("; "));
+    }
+    if !failed.is_empty() {
+        tracing::warn!("etcd: going on without {}", failed.join("; "));
+    }
+    Ok(live)
 }
 
 #[cfg(test)]
