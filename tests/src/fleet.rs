@@ -390,3 +390,109 @@ fn make_certs(dir: &std::path::Path) -> PathBuf {
     }
     dir.to_path_buf()
 }
+
+/// A slow link to etcd: a TCP proxy in the hub that forwards `203.0.113.1:port` to a member
+/// and delivers every chunk `delay` late in each direction (this machine's kernel has no
+/// netem). Nodes given `url` reach etcd through it; stopped on drop.
+pub struct SlowLink {
+    pub port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
+    accept: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SlowLink {
+    /// A proxy on 203.0.113.1:`port` to member 0, `delay` each way.
+    pub fn start(hub: &Hub, port: u16, delay: Duration) -> SlowLink {
+        use std::sync::{Arc, Mutex, atomic::AtomicBool};
+        let stop = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
+        let upstream: SocketAddr = format!("127.0.0.1:{}", hub.members[0].client)
+            .parse()
+            .unwrap();
+        let (ns, s, c) = (hub.hub.clone(), stop.clone(), conns.clone());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let accept = std::thread::spawn(move || {
+            crate::traffic::enter(&ns);
+            let l = std::net::TcpListener::bind(("203.0.113.1", port)).unwrap();
+            l.set_nonblocking(true).unwrap();
+            ready_tx.send(()).unwrap();
+            // Bounded by the stop flag, which the drop sets.
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok((down, _)) = l.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                let _ = down.set_nonblocking(false);
+                let Ok(up) = TcpStream::connect(upstream) else {
+                    continue;
+                };
+                let _ = (down.set_nodelay(true), up.set_nodelay(true));
+                let mut held = c.lock().unwrap();
+                for (from, to) in [(&down, &up), (&up, &down)] {
+                    let (from, to) = (from.try_clone().unwrap(), to.try_clone().unwrap());
+                    held.push(from.try_clone().unwrap());
+                    delay_pipe(from, to, delay);
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the slow link listens");
+        SlowLink {
+            port,
+            stop,
+            conns,
+            accept: Some(accept),
+        }
+    }
+
+    /// `etcd://203.0.113.1:PORT/PREFIX`, through the slow link.
+    pub fn url(&self, prefix: &str) -> String {
+        format!("etcd://203.0.113.1:{}/{prefix}", self.port)
+    }
+}
+
+/// Copies `from` to `to`, each chunk written `delay` after it was read (a reader and a
+/// writer thread, joined by a channel of timestamped chunks); ends when either side closes.
+fn delay_pipe(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
+    use std::io::{Read as _, Write as _};
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if tx
+                        .send((Instant::now() + delay, buf[..n].to_vec()))
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        while let Ok((due, bytes)) = rx.recv() {
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            if to.write_all(&bytes).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    });
+}
+
+impl Drop for SlowLink {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(a) = self.accept.take() {
+            let _ = a.join();
+        }
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
