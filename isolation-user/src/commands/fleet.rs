@@ -211,7 +211,7 @@ fn status(json: bool, check: bool, to: &Target) -> Result<()> {
                  {} lag, {} refused it",
                 t.current,
                 t.nodes,
-                t.nodes - t.current - t.refused,
+                t.lagging(),
                 t.refused
             );
         }
@@ -219,9 +219,27 @@ fn status(json: bool, check: bool, to: &Target) -> Result<()> {
     })
 }
 
-/// The nodes by where they stand against the fleet's revision. A node that refused a
-/// revision (its record's `result` is the reason) runs an older one: it counts as refused,
-/// not as lagging (waiting will not bring it there).
+/// Where a node stands against the fleet's revision. A node that refused a revision (its
+/// record's `result` is the reason) runs an older one: refused, not lagging (waiting will
+/// not bring it there).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Standing {
+    Current,
+    Lagging,
+    Refused,
+}
+
+fn standing(n: &fleet::NodeRecord, revision: i64) -> Standing {
+    if n.result != "ok" {
+        Standing::Refused
+    } else if n.revision == revision {
+        Standing::Current
+    } else {
+        Standing::Lagging
+    }
+}
+
+/// The nodes by `standing`, and the records that are none.
 #[derive(Debug, Default, PartialEq)]
 struct Tally {
     nodes: usize,
@@ -237,16 +255,20 @@ impl Tally {
             match &e.record {
                 Ok(n) => {
                     t.nodes += 1;
-                    if n.result != "ok" {
-                        t.refused += 1;
-                    } else if n.revision == revision {
-                        t.current += 1;
+                    match standing(n, revision) {
+                        Standing::Current => t.current += 1,
+                        Standing::Refused => t.refused += 1,
+                        Standing::Lagging => {}
                     }
                 }
                 Err(_) => t.malformed += 1,
             }
         }
         t
+    }
+
+    fn lagging(&self) -> usize {
+        self.nodes - self.current - self.refused
     }
 
     /// Every node runs the revision, and there is at least one.
@@ -294,15 +316,13 @@ pub fn status_text(nodes: &[fleet::NodeEntry], revision: i64, now: f64, key: &st
     for e in nodes {
         match &e.record {
             Ok(n) => {
-                let result = if n.result != "ok" {
-                    match n.refused_revision {
-                        Some(r) => format!("REFUSED revision {r}: {}", printable(&n.result)),
-                        None => format!("REFUSED: {}", printable(&n.result)),
+                let result = match (standing(n, revision), n.refused_revision) {
+                    (Standing::Refused, Some(r)) => {
+                        format!("REFUSED revision {r}: {}", printable(&n.result))
                     }
-                } else if n.revision == revision {
-                    "ok".to_string()
-                } else {
-                    "ok (lags)".to_string()
+                    (Standing::Refused, None) => format!("REFUSED: {}", printable(&n.result)),
+                    (Standing::Current, _) => "ok".to_string(),
+                    (Standing::Lagging, _) => "ok (lags)".to_string(),
                 };
                 let _ = writeln!(
                     out,
@@ -329,7 +349,7 @@ pub fn status_text(nodes: &[fleet::NodeEntry], revision: i64, now: f64, key: &st
         "{} node(s): {} on revision {revision}, {} lagging, {} refused{}",
         t.nodes,
         t.current,
-        t.nodes - t.current - t.refused,
+        t.lagging(),
         t.refused,
         if t.malformed > 0 {
             format!("; {} malformed record(s)", t.malformed)
