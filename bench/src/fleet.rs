@@ -2,6 +2,9 @@
 //! and 50 nodes (each a service in a namespace of its own, filtering its own interface, all
 //! on one bridge with a real etcd), with a small policy and with a 1M-entry whitelist.
 //!
+//! Each fleet runs on a one-member etcd, then on a three-member cluster, whose leader is
+//! also killed during a push (the time from the kill to the last node converged).
+//!
 //! The clock starts when the `fleet push` command starts (it reads, checks and writes the
 //! file, as an operator runs it) and stops at the `time` the last node wrote in its record
 //! (after its engine transaction), so the poll that notices the end adds nothing.
@@ -27,6 +30,10 @@ pub struct FleetOpts<'a> {
     pub big: u32,
     pub rounds_small: usize,
     pub rounds_big: usize,
+    /// etcd cluster sizes, each with a fleet of its own (the nodes given every member).
+    pub members: &'a [usize],
+    /// Rounds of the leader-loss case, on clusters of more than one member.
+    pub rounds_leader: usize,
 }
 
 /// One push: (first node, last node) in seconds after the push command started, and the
@@ -41,9 +48,14 @@ fn small(allow: &str) -> String {
     format!("[whitelist]\nenabled = true\nlog = false\nallow = [\"{allow}\"]\n")
 }
 
+/// The policy files every cluster's fleet is pushed.
+struct Files {
+    small: [String; 2],
+    big_a: String,
+    big_b: String,
+}
+
 pub fn run(md: &mut String, targets: &mut Vec<report::Target>, o: &FleetOpts) -> Result<()> {
-    let mut hub = Hub::new();
-    let url = hub.url("bench");
     let dir = std::env::temp_dir().join(tests::unique("isobf"));
     std::fs::create_dir_all(&dir)?;
     let write = |name: &str, text: &str| -> Result<String> {
@@ -51,10 +63,7 @@ pub fn run(md: &mut String, targets: &mut Vec<report::Target>, o: &FleetOpts) ->
         std::fs::write(&p, text)?;
         Ok(p.display().to_string())
     };
-    let small_a = write("small-a.toml", &small("192.0.2.1"))?;
-    let small_b = write("small-b.toml", &small("192.0.2.2"))?;
     let big_text = crate::ops::whitelist_policy(o.big);
-    let big_a = write("big-a.toml", &big_text)?;
     // The same whitelist with one address in the middle changed.
     let mid = format!(
         "\"{}\",",
@@ -63,8 +72,15 @@ pub fn run(md: &mut String, targets: &mut Vec<report::Target>, o: &FleetOpts) ->
     if !big_text.contains(&mid) {
         bail!("{mid} is not in the big policy");
     }
-    let big_b = write("big-b.toml", &big_text.replacen(&mid, "\"192.0.2.77\",", 1))?;
-    let push_size = std::fs::metadata(&big_a)?.len() as f64 / (1 << 20) as f64;
+    let files = Files {
+        small: [
+            write("small-a.toml", &small("192.0.2.1"))?,
+            write("small-b.toml", &small("192.0.2.2"))?,
+        ],
+        big_a: write("big-a.toml", &big_text)?,
+        big_b: write("big-b.toml", &big_text.replacen(&mid, "\"192.0.2.77\",", 1))?,
+    };
+    let push_size = std::fs::metadata(&files.big_a)?.len() as f64 / (1 << 20) as f64;
     let parsed = isolation_user::policy::parse("big", &big_text)?;
     let stored = match fleet::encode(&big_text, &parsed).manifest {
         Some(m) => format!(
@@ -83,7 +99,8 @@ pub fn run(md: &mut String, targets: &mut Vec<report::Target>, o: &FleetOpts) ->
     writeln!(
         md,
         "N services (`run --policy-source etcd://…`), each in a namespace of its own filtering \
-         its own veth, all on one bridge with a real etcd (Debian's 3.4, defaults), all on this \
+         its own veth, all on one bridge with a real etcd (Debian's 3.4, defaults: one member, \
+         then a cluster of {} members the nodes and `fleet push` are given all of), all on this \
          machine's 2 cores. The clock starts as the `fleet push` command starts and stops at the \
          time the last node wrote in its record, after its engine transaction; *first* is the \
          first node's. *small*: a whitelist of one address, changed; *small → {big}*: a \
@@ -91,21 +108,76 @@ pub fn run(md: &mut String, targets: &mut Vec<report::Target>, o: &FleetOpts) ->
          one; *{big}, one address changed*: the next push, one line edited; *{big} → small*: \
          back. {} rounds for the small policy, {} for the big ones; median (spread). *push*: the \
          `fleet push` command's own time.\n",
+        o.members.iter().max().copied().unwrap_or(1),
         o.rounds_small,
         o.rounds_big,
         big = o.big,
     )?;
     writeln!(
         md,
-        "| nodes | change | first node | last node | push |\n| ---: | --- | ---: | ---: | ---: |"
+        "| etcd members | nodes | change | first node | last node | push |\n\
+         | ---: | ---: | --- | ---: | ---: | ---: |"
     )?;
+    let mut peak_rss = 0u64;
+    let mut leader_rows = Vec::new();
+    for &m in o.members {
+        cluster(md, targets, o, m, &files, &mut peak_rss, &mut leader_rows)?;
+    }
+    writeln!(
+        md,
+        "\nThe most memory a node's service held (peak RSS, `VmHWM`) over these pushes: {:.0} MiB.\n",
+        peak_rss as f64 / 1024.0
+    )?;
+    if !leader_rows.is_empty() {
+        writeln!(
+            md,
+            "**The leader lost.** With the cluster of {} members, its leader is killed (SIGKILL, \
+             as a crash) and at once the small policy is pushed (`fleet push` gets an answer \
+             once the members left have elected a new leader); the clock starts at the kill and \
+             stops at the time the last node wrote in its record. The killed member is started \
+             again between rounds. {} rounds; median (spread).\n",
+            o.members.iter().max().copied().unwrap_or(1),
+            o.rounds_leader
+        )?;
+        writeln!(
+            md,
+            "| nodes | fault → first node | fault → last node | push |\n| ---: | ---: | ---: | ---: |"
+        )?;
+        for (n, v) in &leader_rows {
+            let v: &Vec<Took> = v;
+            writeln!(
+                md,
+                "| {n} | {} | {} | {} |",
+                cell(&v.iter().map(|t| t.first).collect::<Vec<_>>()),
+                cell(&v.iter().map(|t| t.last).collect::<Vec<_>>()),
+                cell(&v.iter().map(|t| t.push).collect::<Vec<_>>())
+            )?;
+        }
+        writeln!(md)?;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
 
-    let mut rev = push(&hub, o.bin, &small_a)?.0;
+/// One etcd of `members` members and a fleet grown to each of `o.sizes` on it: the rows of
+/// the table, and (with more than one member) the leader-loss rounds.
+fn cluster(
+    md: &mut String,
+    targets: &mut Vec<report::Target>,
+    o: &FleetOpts,
+    members: usize,
+    files: &Files,
+    peak_rss: &mut u64,
+    leader_rows: &mut Vec<(usize, Vec<Took>)>,
+) -> Result<()> {
+    let mut hub = Hub::cluster(members);
+    let url = hub.url("bench");
+    let [small_a, small_b] = &files.small;
+    let mut rev = push(&hub, o.bin, small_a)?.0;
     let mut spaces: Vec<Netns> = Vec::new();
     let mut services: Vec<Service> = Vec::new();
     let mut names: Vec<String> = Vec::new();
     let mut isos: Vec<Iso> = Vec::new();
-    let mut peak_rss = 0u64;
     for &n in o.sizes {
         let add: Vec<String> = (names.len()..n).map(|_| tests::unique("isobn")).collect();
         let refs: Vec<&str> = add.iter().map(String::as_str).collect();
@@ -137,22 +209,22 @@ pub fn run(md: &mut String, targets: &mut Vec<report::Target>, o: &FleetOpts) ->
         let mut rows: Vec<(String, Vec<Took>)> = Vec::new();
         let mut s = Vec::new();
         for r in 0..o.rounds_small {
-            let f = if r % 2 == 0 { &small_b } else { &small_a };
+            let f = if r % 2 == 0 { small_b } else { small_a };
             s.push(measure(&hub, o.bin, &url, f, n)?.0);
         }
         rows.push(("small".into(), s));
         let (mut up, mut edit, mut down) = (vec![], vec![], vec![]);
         for _ in 0..o.rounds_big {
-            let (t, _) = measure(&hub, o.bin, &url, &big_a, n)?;
+            let (t, _) = measure(&hub, o.bin, &url, &files.big_a, n)?;
             up.push(t);
-            let (t, _) = measure(&hub, o.bin, &url, &big_b, n)?;
+            let (t, _) = measure(&hub, o.bin, &url, &files.big_b, n)?;
             edit.push(t);
-            peak_rss = peak_rss.max(services.iter().map(vm_hwm).max().unwrap_or(0));
+            *peak_rss = (*peak_rss).max(services.iter().map(vm_hwm).max().unwrap_or(0));
             // Back to the small policy the fleet was not on before.
             let back = if down.len() % 2 == 0 {
-                &small_a
+                small_a
             } else {
-                &small_b
+                small_b
             };
             let (t, r2) = measure(&hub, o.bin, &url, back, n)?;
             down.push(t);
@@ -167,36 +239,73 @@ pub fn run(md: &mut String, targets: &mut Vec<report::Target>, o: &FleetOpts) ->
             let p: Vec<f64> = v.iter().map(|t| t.push).collect();
             writeln!(
                 md,
-                "| {n} | {what} | {} | {} | {} |",
+                "| {members} | {n} | {what} | {} | {} | {} |",
                 cell(&f),
                 cell(&l),
                 cell(&p)
             )?;
         }
-        let last: Vec<f64> = rows[0].1.iter().map(|t| t.last).collect();
-        let worst = last.iter().cloned().fold(0.0, f64::max);
-        targets.push(report::Target {
-            what: format!(
-                "`fleet push` → last of {n} nodes applied, small policy ≤ 1 s (worst round)"
-            ),
-            measured: format!(
-                "{:.0} ms (median {:.0} ms)",
-                worst * 1e3,
-                median(&last) * 1e3
-            ),
-            met: worst <= 1.0,
-        });
+        if members == 1 {
+            let last: Vec<f64> = rows[0].1.iter().map(|t| t.last).collect();
+            let worst = last.iter().cloned().fold(0.0, f64::max);
+            targets.push(report::Target {
+                what: format!(
+                    "`fleet push` → last of {n} nodes applied, small policy ≤ 1 s (worst round)"
+                ),
+                measured: format!(
+                    "{:.0} ms (median {:.0} ms)",
+                    worst * 1e3,
+                    median(&last) * 1e3
+                ),
+                met: worst <= 1.0,
+            });
+        }
+        if members > 1 {
+            let mut v = Vec::new();
+            for r in 0..o.rounds_leader {
+                let f = if r % 2 == 0 { small_b } else { small_a };
+                let (t, r2) = leader_lost(&mut hub, o.bin, &url, f, n)?;
+                v.push(t);
+                rev = r2;
+            }
+            leader_rows.push((n, v));
+        }
     }
-    writeln!(
-        md,
-        "\nThe most memory a node's service held (peak RSS, `VmHWM`) over these pushes: {:.0} MiB.\n",
-        peak_rss as f64 / 1024.0
-    )?;
     drop(services);
     drop(isos);
     drop(spaces);
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// Kills the cluster's leader, pushes `file` at once and waits until all `n` nodes recorded
+/// it: the times from the kill. The member killed is started again before this returns.
+fn leader_lost(hub: &mut Hub, bin: &Path, url: &str, file: &str, n: usize) -> Result<(Took, i64)> {
+    let t = Instant::now();
+    let leader = loop {
+        if let Some(l) = hub.leader() {
+            break l;
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            bail!("the etcd cluster named no leader within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let t0 = unix_now();
+    hub.kill_member(leader);
+    let pushed = push(hub, bin, file);
+    let measured = pushed.and_then(|(rev, push_s)| {
+        let times = wait_all(hub, url, n, rev, Duration::from_secs(120))?;
+        Ok((
+            Took {
+                first: times.iter().cloned().fold(f64::MAX, f64::min) - t0,
+                last: times.iter().cloned().fold(f64::MIN, f64::max) - t0,
+                push: push_s,
+            },
+            rev,
+        ))
+    });
+    hub.start_member(leader);
+    measured
 }
 
 fn cell(v: &[f64]) -> String {

@@ -239,6 +239,8 @@ fn main() -> Result<()> {
                 big: if o.quick { 10_000 } else { 1_000_000 },
                 rounds_small: if o.quick { 2 } else { 11 },
                 rounds_big: if o.quick { 1 } else { 3 },
+                members: &[1, 3],
+                rounds_leader: if o.quick { 2 } else { 5 },
             },
         )?;
     }
