@@ -3,16 +3,23 @@
 //! instead of timing out.
 //!
 //! XDP cannot answer itself: behind a plain veth whose peer has no XDP program, frames sent
-//! with XDP_TX are dropped by the kernel. So XDP tags the packet with metadata and passes
-//! it; the TC ingress program of the same interface (attached first in the chain) rewrites
-//! it in place into the answer and redirects it out of the interface it came in by. A
-//! tagged packet that cannot be answered is dropped, never passed.
+//! with XDP_TX are dropped by the kernel. So XDP tags the packet and passes it; the TC
+//! ingress program of the same interface (attached first in the chain) rewrites it in place
+//! into the answer and redirects it out of the interface it came in by. A tagged packet
+//! that cannot be answered is dropped, never passed.
+//!
+//! The tag is the frame's ether type, replaced by one of IEEE 802's two "local
+//! experimental" types (`TAG_V4`, `TAG_V6`), not XDP metadata: some kernels refuse
+//! `bpf_xdp_adjust_meta` to XDP programs at load (this project's CI machine's among them),
+//! and drivers without metadata support fail it at run time. No protocol handler takes
+//! those types, so a tagged frame that TC does not answer (its program detached, an answer
+//! that cannot be built) is dropped by the stack: it never reaches IP.
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{__sk_buff, TC_ACT_SHOT},
     btf_maps::PerCpuArray,
-    helpers::{bpf_redirect, bpf_xdp_adjust_meta},
+    helpers::bpf_redirect,
     macros::btf_map,
     programs::{TcContext, XdpContext},
 };
@@ -23,8 +30,12 @@ use crate::{
     ratelimit,
 };
 
-/// "REJECT" tag XDP leaves in the packet's metadata for TC ingress.
-const META_MAGIC: u32 = 0x1501_7E1E;
+/// The ether types XDP writes over a denied IPv4 (0x0800) or IPv6 (0x86DD) frame's own
+/// to ask TC ingress for an answer: IEEE 802's "local experimental" 1 and 2.
+const TAG_V4: u16 = 0x88B5;
+const TAG_V6: u16 = 0x88B6;
+const ETHERTYPE_IPV4: u16 = 0x0800;
+const ETHERTYPE_IPV6: u16 = 0x86DD;
 
 /// Answers per second per CPU, and the burst: a flood of denied packets must not become
 /// a flood of answers.
@@ -81,8 +92,9 @@ fn unicast(family: u8, a: &[u8; 16]) -> bool {
     }
 }
 
-/// XDP side: tag the packet for TC ingress. False when rate-limited or the metadata could
-/// not be written (then the packet is dropped without an answer).
+/// XDP side: tag the packet for TC ingress. False when rate-limited or the frame is not
+/// plain Ethernet carrying IP (a VLAN tag, say: TC answers only those): then the packet is
+/// dropped without an answer.
 #[inline(always)]
 pub fn hand_over(ctx: &XdpContext) -> bool {
     if !ratelimit::take(
@@ -93,14 +105,19 @@ pub fn hand_over(ctx: &XdpContext) -> bool {
     ) {
         return false;
     }
-    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -4) } != 0 {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + ETH_LEN > end {
         return false;
     }
-    let (meta, data) = unsafe { ((*ctx.ctx).data_meta as usize, (*ctx.ctx).data as usize) };
-    if meta + 4 > data {
-        return false;
-    }
-    unsafe { *(meta as *mut u32) = META_MAGIC };
+    let at = (data + 12) as *mut [u8; 2];
+    // SAFETY: bytes 12..14 of the frame, within data_end as checked above.
+    let tag = match u16::from_be_bytes(unsafe { *at }) {
+        ETHERTYPE_IPV4 => TAG_V4,
+        ETHERTYPE_IPV6 => TAG_V6,
+        _ => return false,
+    };
+    // SAFETY: as above; XDP may write the frame it holds.
+    unsafe { *at = tag.to_be_bytes() };
     true
 }
 
@@ -109,15 +126,15 @@ fn skb_ptr(ctx: &TcContext) -> *mut __sk_buff {
     ctx.as_ptr() as *mut __sk_buff
 }
 
-/// TC side: is this packet tagged for an answer?
+/// TC side: is this packet tagged for an answer? Its own ether type if so.
 #[inline(always)]
-fn tagged(ctx: &TcContext) -> bool {
-    let skb = skb_ptr(ctx);
-    let (meta, data) = unsafe { ((*skb).data_meta as usize, (*skb).data as usize) };
-    if meta + 4 > data {
-        return false;
+fn tagged(ctx: &TcContext) -> Option<u16> {
+    let t: [u8; 2] = ctx.load(12).ok()?;
+    match u16::from_be_bytes(t) {
+        TAG_V4 => Some(ETHERTYPE_IPV4),
+        TAG_V6 => Some(ETHERTYPE_IPV6),
+        _ => None,
     }
-    unsafe { *(meta as *const u32) == META_MAGIC }
 }
 
 /// One's-complement sum of 16-bit big-endian words (an odd last byte is padded).
@@ -151,25 +168,24 @@ const BUF_V6: usize = 40 + 128;
 /// TC ingress: answer a tagged packet. None: not ours, carry on.
 #[inline(always)]
 pub fn answer(ctx: &TcContext) -> Option<i32> {
-    if !tagged(ctx) {
-        return None;
-    }
-    Some(build(ctx).unwrap_or(TC_ACT_SHOT))
+    let ether_type = tagged(ctx)?;
+    Some(build(ctx, ether_type).unwrap_or(TC_ACT_SHOT))
 }
 
+/// Rewrites the tagged frame (whose own ether type was `ether_type`) into the answer, with
+/// that type back and the addresses swapped, and sends it out where it came in.
 #[inline(always)]
-fn build(ctx: &TcContext) -> Result<i32, i64> {
+fn build(ctx: &TcContext, ether_type: u16) -> Result<i32, i64> {
     let mut eth: [u8; ETH_LEN] = ctx.load(0)?;
     // The answer goes back to the previous hop.
     let mut swapped = [0u8; 12];
     swapped[..6].copy_from_slice(&eth[6..12]);
     swapped[6..].copy_from_slice(&eth[..6]);
     eth[..12].copy_from_slice(&swapped);
-    let ether_type = u16::from_be_bytes([eth[12], eth[13]]);
+    eth[12..].copy_from_slice(&ether_type.to_be_bytes());
     let len = match ether_type {
-        0x0800 => build_v4(ctx)?,
-        0x86DD => build_v6(ctx)?,
-        _ => return Err(-1),
+        ETHERTYPE_IPV4 => build_v4(ctx)?,
+        _ => build_v6(ctx)?,
     };
     let _ = len;
     ctx.store(0, &eth, 0)?;
