@@ -1097,10 +1097,26 @@ fn a_three_member_cluster_loses_its_leader() {
         }
     };
 
-    // The leader dies while the nodes watch: a push through the two members left reaches
-    // both nodes; what they enforced meanwhile stayed.
+    // The leader dies while the nodes watch: the operator's read-only commands, run at
+    // once, answer through the election (before: "leader changed" or a dead connection);
+    // a push through the two members left reaches both nodes; what they enforced meanwhile
+    // stayed.
     let first = leader(&hub);
     hub.kill_member(first);
+    let (st, diff) = std::thread::scope(|s| {
+        let st = s.spawn(|| fleet(&hub, &["status", "--json", "--etcd", &url]));
+        let diff = s.spawn(|| fleet(&hub, &["diff", &b, "--json", "--etcd", &url]));
+        (st.join().unwrap(), diff.join().unwrap())
+    });
+    for (what, o) in [("status", &st), ("diff", &diff)] {
+        assert!(
+            o.status.success(),
+            "fleet {what} run as the leader died: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["revision"], rev_a, "fleet {what}: {v}");
+    }
     for i in 0..M {
         only(&probe, &other, to(i), "A, with the leader gone");
     }
@@ -1174,6 +1190,24 @@ fn a_three_member_cluster_loses_its_leader() {
     for i in 0..M {
         only(denied, allowed, to(i), "after the member came back");
     }
+
+    // The leader dies once more and the operator rolls back at once: the rollback answers
+    // through the election, and the fleet goes back to the version before.
+    let third = leader(&hub);
+    hub.kill_member(third);
+    let o = fleet(&hub, &["rollback", "--etcd", &url]);
+    assert!(
+        o.status.success(),
+        "fleet rollback run as the leader died: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let back = status(&hub, &url)["revision"].as_i64().unwrap();
+    assert!(back > next, "the rollback wrote a new revision: {back}");
+    converge(&hub, &url, back, M);
+    for i in 0..M {
+        only(allowed, denied, to(i), "rolled back with the leader gone");
+    }
+    hub.start_member(third);
     drop(services);
     drop(isos);
     drop(ns);

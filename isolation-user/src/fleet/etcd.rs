@@ -10,6 +10,7 @@ use super::{
     EtcdUrl, NodeEntry, NodeRecord,
     chunks::{Encoded, PART_MAX, manifest_of, sha256_hex},
     codec::uncompact,
+    url::SETTLE_FOR,
 };
 use crate::policy::{self, Policy};
 
@@ -153,18 +154,23 @@ async fn read_raw(
         .map(|kv| (kv.value().to_vec(), kv.mod_revision())))
 }
 
-/// The value of `P/policy` as stored (a policy file or a manifest) and its mod revision.
+/// The value of `P/policy` as stored (a policy file or a manifest) and its mod revision;
+/// asked again through a leader election (`asking_again`), as every read an operator's
+/// command makes.
 pub async fn read_value(c: &mut Client, url: &EtcdUrl) -> Result<Option<(Vec<u8>, i64)>> {
-    read_raw(c, url, None).await
+    asking_again(async || read_raw(c, url, None).await).await
 }
 
 /// The fleet's policy and its mod revision (None when absent).
 pub async fn read_policy(c: &mut Client, url: &EtcdUrl) -> Result<Option<(Policy, i64)>> {
-    let Some((v, rev)) = read_raw(c, url, None).await? else {
-        return Ok(None);
-    };
-    let (p, _) = resolve(c, url, &v, rev, &mut PartCache::new()).await?;
-    Ok(Some((p, rev)))
+    asking_again(async || {
+        let Some((v, rev)) = read_raw(c, url, None).await? else {
+            return Ok(None);
+        };
+        let (p, _) = resolve(c, url, &v, rev, &mut PartCache::new()).await?;
+        Ok(Some((p, rev)))
+    })
+    .await
 }
 
 /// Puts back the version of `P/policy` before the current one (`rev`), with a
@@ -172,19 +178,15 @@ pub async fn read_policy(c: &mut Client, url: &EtcdUrl) -> Result<Option<(Policy
 /// see `clean_parts`). Ok((the restored version's revision, the new revision)).
 pub async fn rollback(c: &mut Client, url: &EtcdUrl, rev: i64) -> Result<(i64, i64)> {
     let key = url.policy_key();
-    let before = match c
-        .get(
-            key.clone(),
-            Some(etcd_client::GetOptions::new().with_revision(rev - 1)),
-        )
-        .await
-    {
+    let at = || Some(etcd_client::GetOptions::new().with_revision(rev - 1));
+    let before = asking_again(async || match c.get(key.clone(), at()).await {
         Err(e) if is_compacted(&e) => bail!(
             "the version of {key} before revision {rev} is gone: etcd compacted its history \
              past it; nothing was written (push the file you want instead)"
         ),
-        r => r.with_context(|| format!("cannot read {key} at revision {}", rev - 1))?,
-    };
+        r => r.with_context(|| format!("cannot read {key} at revision {}", rev - 1)),
+    })
+    .await?;
     let (value, prev) = before
         .kvs()
         .first()
@@ -192,12 +194,17 @@ pub async fn rollback(c: &mut Client, url: &EtcdUrl, rev: i64) -> Result<(i64, i
         .ok_or_else(|| anyhow!("{key} has no version before revision {rev}"))?;
     // Its parts must still be there (they are, unless removed by hand or a failed push's
     // clean-up raced it): checked before anything is written.
-    match resolve(c, url, &value, prev, &mut PartCache::new()).await {
-        Ok(_) => {}
-        Err(Unresolved::Etcd(e)) => return Err(e),
-        Err(Unresolved::Refused(why)) => {
-            bail!("the version of revision {prev} cannot be restored: {why}")
-        }
+    let refused =
+        asking_again(
+            async || match resolve(c, url, &value, prev, &mut PartCache::new()).await {
+                Ok(_) => Ok(None),
+                Err(Unresolved::Etcd(e)) => Err(e),
+                Err(Unresolved::Refused(why)) => Ok(Some(why)),
+            },
+        )
+        .await?;
+    if let Some(why) = refused {
+        bail!("the version of revision {prev} cannot be restored: {why}")
     }
     let (new, _) = push(c, url, &Encoded::whole(value), rev).await?;
     Ok((prev, new))
@@ -206,12 +213,8 @@ pub async fn rollback(c: &mut Client, url: &EtcdUrl, rev: i64) -> Result<(i64, i
 /// Every key under `P/nodes/`, by name.
 pub async fn read_nodes(c: &mut Client, url: &EtcdUrl) -> Result<Vec<NodeEntry>> {
     let prefix = url.nodes_prefix();
-    let r = c
-        .get(
-            prefix.as_str(),
-            Some(etcd_client::GetOptions::new().with_prefix()),
-        )
-        .await?;
+    let all = || Some(etcd_client::GetOptions::new().with_prefix());
+    let r = asking_again(async || Ok(c.get(prefix.as_str(), all()).await?)).await?;
     let mut out: Vec<NodeEntry> = r
         .kvs()
         .iter()
@@ -270,39 +273,23 @@ pub async fn push(
     let key = url.policy_key();
     let mut written = std::collections::HashSet::new();
     if enc.manifest.is_some() {
-        let t0 = std::time::Instant::now();
-        let kept = loop {
-            match parts_in_use(c, url).await {
-                Err(e) if passing(&e) && t0.elapsed() < SETTLE_FOR => {}
-                r => {
-                    break r
-                        .with_context(|| format!("the push did not land ({key} is unchanged)"))?
-                        .0;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        };
+        let kept = asking_again(async || parts_in_use(c, url).await)
+            .await
+            .with_context(|| format!("the push did not land ({key} is unchanged)"))?
+            .0;
         for (h, bytes) in enc.parts() {
             if kept.contains(h) || !written.insert(h.to_string()) {
                 continue;
             }
             // A part is named by its hash: writing it twice writes the same bytes.
-            let t0 = std::time::Instant::now();
-            loop {
-                match c.put(url.part_key(h), bytes, None).await {
-                    Err(e) if outcome_unknown(&e) && t0.elapsed() < SETTLE_FOR => {}
-                    r => {
-                        r.with_context(|| {
-                            format!(
-                                "cannot write {}; the push did not land ({key} is unchanged)",
-                                url.part_key(h)
-                            )
-                        })?;
-                        break;
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
+            asking_again(async || Ok(c.put(url.part_key(h), bytes, None).await?))
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot write {}; the push did not land ({key} is unchanged)",
+                        url.part_key(h)
+                    )
+                })?;
         }
     }
     let txn = Txn::new()
@@ -360,9 +347,21 @@ fn passing(e: &anyhow::Error) -> bool {
         .is_some_and(outcome_unknown)
 }
 
-/// How long a push asks again through a moment etcd cannot answer (a leader election
-/// takes a second or two), and how long `settle` asks.
-const SETTLE_FOR: Duration = Duration::from_secs(15);
+/// `req`, asked again every 300 ms for up to `SETTLE_FOR` while etcd cannot answer
+/// (`passing`: a leader election, a member gone): only for requests that change nothing or
+/// write the same bytes again. Any other error, or the last one, is returned as it is.
+async fn asking_again<T>(mut req: impl AsyncFnMut() -> Result<T>) -> Result<T> {
+    let t0 = std::time::Instant::now();
+    loop {
+        match req().await {
+            Err(e) if passing(&e) && t0.elapsed() < SETTLE_FOR => {
+                tracing::debug!("etcd did not answer ({e:#}); asking again");
+            }
+            r => return r,
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
 
 /// The answer to the compare-and-swap of a push was lost (`lost`: the member that had it
 /// died, or a leader election outlasted the request): it may or may not have been applied.
@@ -378,39 +377,33 @@ async fn settle(
     lost: &etcd_client::Error,
 ) -> Result<i64> {
     let key = url.policy_key();
-    let t0 = std::time::Instant::now();
-    let mut last = None;
-    while t0.elapsed() < SETTLE_FOR {
-        match read_raw(c, url, None).await {
-            Ok(Some((v, rev))) if rev > expected && v == value => {
-                tracing::warn!("etcd's answer to the push was lost ({lost}); it landed");
-                return Ok(rev);
-            }
-            Ok(now) => {
-                let now = now.map(|(_, r)| r).unwrap_or(0);
-                if now == expected {
-                    bail!(
-                        "the push did not land: etcd's answer was lost ({lost}), and {key} is \
-                         still at revision {now}; nothing was written: push again"
-                    );
-                }
+    let now = read_value(c, url).await.map_err(|e| {
+        anyhow!(
+            "etcd's answer to the push was lost ({lost}) and reading {key} back failed \
+             ({e:#}): whether it landed is not known until a member answers (`fleet status` \
+             shows {key}'s revision)"
+        )
+    })?;
+    match now {
+        Some((v, rev)) if rev > expected && v == value => {
+            tracing::warn!("etcd's answer to the push was lost ({lost}); it landed");
+            Ok(rev)
+        }
+        now => {
+            let now = now.map(|(_, r)| r).unwrap_or(0);
+            if now == expected {
                 bail!(
-                    "the push did not land: etcd's answer was lost ({lost}), and {key} changed \
-                     to revision {now}, not this file; nothing was written: look at it \
-                     (`isolation-user fleet diff`), then push again"
+                    "the push did not land: etcd's answer was lost ({lost}), and {key} is \
+                     still at revision {now}; nothing was written: push again"
                 );
             }
-            Err(e) => last = Some(e),
+            bail!(
+                "the push did not land: etcd's answer was lost ({lost}), and {key} changed \
+                 to revision {now}, not this file; nothing was written: look at it \
+                 (`isolation-user fleet diff`), then push again"
+            )
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    bail!(
-        "etcd's answer to the push was lost ({lost}) and no member answered for {} s since \
-         ({}): whether it landed is not known until one does (`fleet status` shows {key}'s \
-         revision)",
-        SETTLE_FOR.as_secs(),
-        last.map(|e| format!("{e:#}")).unwrap_or_default()
-    )
 }
 
 /// What `push_file` did.
@@ -436,19 +429,9 @@ pub async fn push_file(
     policy: &Policy,
     expect: Option<i64>,
 ) -> Result<Pushed> {
-    // A read changes nothing: asked again while the cluster elects a leader.
-    let t0 = std::time::Instant::now();
-    let before = loop {
-        match read_value(c, url).await {
-            Err(e) if passing(&e) && t0.elapsed() < SETTLE_FOR => {}
-            r => {
-                break r.with_context(|| {
-                    format!("the push did not land ({} is unchanged)", url.policy_key())
-                })?;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
+    let before = read_value(c, url)
+        .await
+        .with_context(|| format!("the push did not land ({} is unchanged)", url.policy_key()))?;
     let expected = expect.unwrap_or(before.as_ref().map(|(_, r)| *r).unwrap_or(0));
     // Encoded once: compared with what etcd holds, then pushed.
     let enc = super::encode(text, policy);

@@ -194,44 +194,94 @@ pub async fn connect(url: &EtcdUrl, o: &EtcdOpts, timeout: Duration) -> Result<C
     Ok(c)
 }
 
+/// How long a request is asked again through a moment etcd cannot answer (a leader
+/// election takes a second or two): the probe of `live_members`, a push, an admin's read.
+pub(super) const SETTLE_FOR: Duration = Duration::from_secs(15);
+
+/// What a member answered the probe of `live_members`.
+enum Member {
+    /// A read of the cluster's current state (linearizable).
+    Live,
+    /// Not that, but a read of its own copy (serializable): up, without a leader (an
+    /// election, or cut off from the majority). Why it failed.
+    Electing(String),
+    /// Nothing: down, unreachable, or refusing (why).
+    Down(String),
+}
+
 /// The members that answer a read of `P/policy` now. etcd-client spreads requests over
 /// every endpoint it is given, and a request that lands on a member that is down fails
-/// (etcdv3/etcd-client#39): given several, it gets only those that answered. A member that
-/// dies later fails the requests sent to it: a push asks again (`fleet::etcd`), a node's
-/// session ends and the next one connects anew (`service::etcd`).
+/// (etcdv3/etcd-client#39): given several, it gets only those that answered. While no
+/// member answers but some are up without a leader (an election), it asks again for up to
+/// `SETTLE_FOR`. A member that dies later fails the requests sent to it: a push and an
+/// admin's reads ask again (`fleet::etcd`), a node's session ends and the next one connects
+/// anew (`service::etcd`).
 async fn live_members(
     url: &EtcdUrl,
     endpoints: &[String],
     opts: &ConnectOptions,
     timeout: Duration,
 ) -> Result<Vec<String>> {
+    let t0 = std::time::Instant::now();
+    loop {
+        // All at once: a member cut off silently costs its timeout once, not once each.
+        let mut asked = tokio::task::JoinSet::new();
+        for (i, ep) in endpoints.iter().enumerate() {
+            let (url, ep, opts) = (url.clone(), ep.clone(), opts.clone());
+            asked.spawn(async move { (i, probe(&url, &ep, &opts, timeout).await) });
+        }
+        let mut answers = asked.join_all().await;
+        answers.sort_by_key(|(i, _)| *i);
+        let mut live = Vec::new();
+        let mut failed = Vec::new();
+        let mut electing = 0;
+        for (ep, (_, answer)) in endpoints.iter().zip(answers) {
+            match answer {
+                Member::Live => live.push(ep.clone()),
+                Member::Electing(why) => {
+                    electing += 1;
+                    failed.push(format!("{ep}: {why}"));
+                }
+                Member::Down(why) => failed.push(format!("{ep}: {why}")),
+            }
+        }
+        if !live.is_empty() {
+            if !failed.is_empty() {
+                tracing::warn!("etcd: going on without {}", failed.join("; "));
+            }
+            return Ok(live);
+        }
+        if electing == 0 || t0.elapsed() >= SETTLE_FOR {
+            bail!("no member of etcd at {url} answered: {}", failed.join("; "));
+        }
+        tracing::debug!("etcd: no leader yet ({}); asking again", failed.join("; "));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// One member's answer to a count-only read of `P/policy`.
+async fn probe(url: &EtcdUrl, ep: &str, opts: &ConnectOptions, timeout: Duration) -> Member {
     let wait = timeout.min(Duration::from_secs(2));
     let probe = opts.clone().with_connect_timeout(wait).with_timeout(wait);
-    let mut live = Vec::new();
-    let mut failed = Vec::new();
-    for ep in endpoints {
-        let answer = tokio::time::timeout(wait * 2, async {
-            let mut c = Client::connect([ep.as_str()], Some(probe.clone())).await?;
-            c.get(
-                url.policy_key(),
-                Some(etcd_client::GetOptions::new().with_count_only()),
-            )
-            .await
-        })
-        .await;
-        match answer {
-            Ok(Ok(_)) => live.push(ep.clone()),
-            Ok(Err(e)) => failed.push(format!("{ep}: {e}")),
-            Err(_) => failed.push(format!("{ep}: no answer within {:?}", wait * 2)),
+    let count = || etcd_client::GetOptions::new().with_count_only();
+    let answer = tokio::time::timeout(wait * 2, async {
+        let mut c = match Client::connect([ep], Some(probe)).await {
+            Ok(c) => c,
+            Err(e) => return Member::Down(e.to_string()),
+        };
+        match c.get(url.policy_key(), Some(count())).await {
+            Ok(_) => Member::Live,
+            Err(e) => match c
+                .get(url.policy_key(), Some(count().with_serializable()))
+                .await
+            {
+                Ok(_) => Member::Electing(e.to_string()),
+                Err(_) => Member::Down(e.to_string()),
+            },
         }
-    }
-    if live.is_empty() {
-        bail!("no member of etcd at {url} answered: {}", failed.join("; "));
-    }
-    if !failed.is_empty() {
-        tracing::warn!("etcd: going on without {}", failed.join("; "));
-    }
-    Ok(live)
+    })
+    .await;
+    answer.unwrap_or_else(|_| Member::Down(format!("no answer within {:?}", wait * 2)))
 }
 
 #[cfg(test)]
