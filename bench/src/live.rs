@@ -516,6 +516,27 @@ fn blast(
     Ok((sent, el, c1.saturating_sub(c0)))
 }
 
+/// The section and the target of a run on a kernel that refuses live frames (`why`): the
+/// generator cannot send, so nothing here is measured, and the report says so.
+pub fn not_measured(md: &mut String, targets: &mut Vec<report::Target>, why: &str) -> Result<()> {
+    writeln!(
+        md,
+        "## Drop rate on a live veth path\n\n**Not measured in this run.** The generator \
+         sends its frames with `BPF_PROG_TEST_RUN` and `BPF_F_TEST_XDP_LIVE_FRAMES`, and this \
+         kernel refused that ({why}), as it refuses it to the independent reference method, \
+         which sends the same way. The drop rates of the blocklist, the whitelist and the \
+         baselines need another generator on such a kernel.\n"
+    )?;
+    targets.push(report::Target {
+        what: "live drop rates (blocklist and whitelist against xdp-filter, nftables, ipset; \
+               the harness against the reference method)"
+            .into(),
+        measured: format!("not measured: the kernel refuses live frames ({why})"),
+        met: false,
+    });
+    Ok(())
+}
+
 pub fn run(md: &mut String, targets: &mut Vec<report::Target>, o: &LiveOpts) -> Result<()> {
     let gen_ns = tests::unique("isolg");
     let mut names = vec![gen_ns.clone()];

@@ -175,7 +175,11 @@ fn main() -> Result<()> {
 
     // 2. Loading a whitelist, and 3. live-edit latency, through the CLI as an operator runs it.
     let n = if o.quick { 10_000 } else { 1_000_000 };
-    if part("live") {
+    if part("live")
+        && let Some(why) = raw::live_frames_refused()?
+    {
+        live::not_measured(&mut md, &mut targets, &why)?;
+    } else if part("live") {
         live::run(
             &mut md,
             &mut targets,

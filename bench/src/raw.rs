@@ -334,6 +334,19 @@ pub fn test_run_live(fd: RawFd, frame: &[u8], ifindex: u32, repeat: u32) -> Resu
     Ok(())
 }
 
+/// Why this kernel will not run XDP programs on live frames (`BPF_F_TEST_XDP_LIVE_FRAMES`,
+/// which the live harness's generator sends with), or None when it does: one frame through
+/// a bare XDP_DROP program on the loopback device. Some kernels refuse it (EPERM).
+pub fn live_frames_refused() -> Result<Option<String>> {
+    let fd = load_xdp_ret(XDP_DROP)?;
+    let mut frame = [0u8; 64];
+    frame[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    let r = test_run_live(fd, &frame, 1, 1);
+    // SAFETY: closes the program's fd, opened above and not used after.
+    unsafe { libc::close(fd) };
+    Ok(r.err().map(|e| format!("{e:#}")))
+}
+
 pub fn fd<P>(p: &P) -> Result<RawFd>
 where
     P: HasFd,
