@@ -172,8 +172,14 @@ fn cluster(
 ) -> Result<()> {
     let mut hub = Hub::cluster(members);
     let url = hub.url("bench");
-    let [small_a, small_b] = &files.small;
-    let mut rev = push(&hub, o.bin, small_a)?.0;
+    // Each small push is the small policy the fleet was not on last (the same file again
+    // would be refused as pushed already).
+    let mut rev = push(&hub, o.bin, &files.small[0])?.0;
+    let mut on = 0;
+    let mut other_small = || {
+        on = 1 - on;
+        &files.small[on]
+    };
     let mut spaces: Vec<Netns> = Vec::new();
     let mut services: Vec<Service> = Vec::new();
     let mut names: Vec<String> = Vec::new();
@@ -208,9 +214,8 @@ fn cluster(
 
         let mut rows: Vec<(String, Vec<Took>)> = Vec::new();
         let mut s = Vec::new();
-        for r in 0..o.rounds_small {
-            let f = if r % 2 == 0 { small_b } else { small_a };
-            s.push(measure(&hub, o.bin, &url, f, n)?.0);
+        for _ in 0..o.rounds_small {
+            s.push(measure(&hub, o.bin, &url, other_small(), n)?.0);
         }
         rows.push(("small".into(), s));
         let (mut up, mut edit, mut down) = (vec![], vec![], vec![]);
@@ -221,12 +226,7 @@ fn cluster(
             edit.push(t);
             *peak_rss = (*peak_rss).max(services.iter().map(vm_hwm).max().unwrap_or(0));
             // Back to the small policy the fleet was not on before.
-            let back = if down.len() % 2 == 0 {
-                small_a
-            } else {
-                small_b
-            };
-            let (t, r2) = measure(&hub, o.bin, &url, back, n)?;
+            let (t, r2) = measure(&hub, o.bin, &url, other_small(), n)?;
             down.push(t);
             rev = r2;
         }
@@ -262,9 +262,8 @@ fn cluster(
         }
         if members > 1 {
             let mut v = Vec::new();
-            for r in 0..o.rounds_leader {
-                let f = if r % 2 == 0 { small_b } else { small_a };
-                let (t, r2) = leader_lost(&mut hub, o.bin, &url, f, n)?;
+            for _ in 0..o.rounds_leader {
+                let (t, r2) = leader_lost(&mut hub, o.bin, &url, other_small(), n)?;
                 v.push(t);
                 rev = r2;
             }
