@@ -279,30 +279,12 @@ fn cluster(
 /// Kills the cluster's leader, pushes `file` at once and waits until all `n` nodes recorded
 /// it: the times from the kill. The member killed is started again before this returns.
 fn leader_lost(hub: &mut Hub, bin: &Path, url: &str, file: &str, n: usize) -> Result<(Took, i64)> {
-    let t = Instant::now();
-    let leader = loop {
-        if let Some(l) = hub.leader() {
-            break l;
-        }
-        if t.elapsed() > Duration::from_secs(30) {
-            bail!("the etcd cluster named no leader within 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let leader = hub
+        .wait_leader(Duration::from_secs(30))
+        .context("the etcd cluster named no leader within 30 s")?;
     let t0 = unix_now();
     hub.kill_member(leader);
-    let pushed = push(hub, bin, file);
-    let measured = pushed.and_then(|(rev, push_s)| {
-        let times = wait_all(hub, url, n, rev, Duration::from_secs(120))?;
-        Ok((
-            Took {
-                first: times.iter().cloned().fold(f64::MAX, f64::min) - t0,
-                last: times.iter().cloned().fold(f64::MIN, f64::max) - t0,
-                push: push_s,
-            },
-            rev,
-        ))
-    });
+    let measured = converged(hub, bin, url, file, n, t0, Duration::from_secs(120));
     hub.start_member(leader);
     measured
 }
@@ -353,9 +335,22 @@ fn push(hub: &Hub, bin: &Path, file: &str) -> Result<(i64, f64)> {
 
 /// Pushes `file` and waits until all `n` nodes recorded its revision: the times.
 fn measure(hub: &Hub, bin: &Path, url: &str, file: &str, n: usize) -> Result<(Took, i64)> {
-    let t0 = unix_now();
+    converged(hub, bin, url, file, n, unix_now(), Duration::from_secs(600))
+}
+
+/// Pushes `file` and waits up to `limit` until all `n` nodes recorded its revision: the
+/// times from `t0` (a unix time), and the revision.
+fn converged(
+    hub: &Hub,
+    bin: &Path,
+    url: &str,
+    file: &str,
+    n: usize,
+    t0: f64,
+    limit: Duration,
+) -> Result<(Took, i64)> {
     let (rev, push_s) = push(hub, bin, file)?;
-    let times = wait_all(hub, url, n, rev, Duration::from_secs(600))?;
+    let times = wait_all(hub, url, n, rev, limit)?;
     let first = times.iter().cloned().fold(f64::MAX, f64::min) - t0;
     let last = times.iter().cloned().fold(f64::MIN, f64::max) - t0;
     Ok((

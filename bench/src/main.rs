@@ -175,22 +175,22 @@ fn main() -> Result<()> {
 
     // 2. Loading a whitelist, and 3. live-edit latency, through the CLI as an operator runs it.
     let n = if o.quick { 10_000 } else { 1_000_000 };
-    if part("live")
-        && let Some(why) = raw::live_frames_refused()?
-    {
-        live::not_measured(&mut md, &mut targets, &why)?;
-    } else if part("live") {
-        live::run(
-            &mut md,
-            &mut targets,
-            &live::LiveOpts {
-                bin: &o.bin,
-                big: if o.quick { 1000 } else { 1_000_000 },
-                seconds: o.live_seconds.unwrap_or(if o.quick { 0.2 } else { 2.0 }),
-                rounds: if o.quick { 1 } else { 3 },
-                receivers: &o.live_receivers,
-            },
-        )?;
+    if part("live") {
+        if let Some(why) = raw::live_frames_refused()? {
+            live::not_measured(&mut md, &mut targets, &why)?;
+        } else {
+            live::run(
+                &mut md,
+                &mut targets,
+                &live::LiveOpts {
+                    bin: &o.bin,
+                    big: if o.quick { 1000 } else { 1_000_000 },
+                    seconds: o.live_seconds.unwrap_or(if o.quick { 0.2 } else { 2.0 }),
+                    rounds: if o.quick { 1 } else { 3 },
+                    receivers: &o.live_receivers,
+                },
+            )?;
+        }
     }
     if part("load") {
         isolation_load(&mut md, &o.bin, if o.quick { 1024 } else { 1 << 16 })?;

@@ -244,6 +244,21 @@ impl Hub {
         })
     }
 
+    /// The member that leads the cluster once one is elected, asked every 100 ms for up to
+    /// `limit` (None: no leader by then).
+    pub fn wait_leader(&self, limit: Duration) -> Option<usize> {
+        let t0 = std::time::Instant::now();
+        loop {
+            if let Some(l) = self.leader() {
+                return Some(l);
+            }
+            if t0.elapsed() > limit {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// What a client passes to reach this etcd: the TLS options (the CA and a client
     /// certificate) and the login, where the hub has them.
     pub fn client_args(&self) -> Vec<String> {

@@ -1087,14 +1087,8 @@ fn a_three_member_cluster_loses_its_leader() {
         only(&probe, &other, to(i), "A, before the fault");
     }
     let leader = |hub: &Hub| -> usize {
-        let t0 = Instant::now();
-        loop {
-            if let Some(l) = hub.leader() {
-                return l;
-            }
-            assert!(t0.elapsed() < Duration::from_secs(20), "no leader elected");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        hub.wait_leader(Duration::from_secs(20))
+            .expect("no leader elected within 20 s")
     };
 
     // The leader dies while the nodes watch: the operator's read-only commands, run at
